@@ -1,0 +1,21 @@
+"""The ``recsys`` console script: the operations people run by hand.
+
+Each concern registers its commands from its own module; imports of heavy
+libraries (Dagster, polars) stay inside the commands so ``recsys --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="recsys",
+    help="Capture weblogs, train, serve and keep a recommender fresh.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+# Command modules register themselves on ``app`` when imported.
+from recsys_assets.cli import acquisition as _acquisition  # noqa: E402,F401
+from recsys_assets.cli import simulate as _simulate  # noqa: E402,F401

@@ -1,0 +1,37 @@
+"""Helpers shared by CLI commands: settings, console, progress bars, fatal errors."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+
+console = Console(stderr=True)
+out = Console()
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def progress(bytes_mode: bool = False) -> Progress:
+    columns = [SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn()]
+    columns += [TransferSpeedColumn()] if bytes_mode else [MofNCompleteColumn()]
+    columns += [TimeElapsedColumn()]
+    return Progress(*columns, console=console, transient=False)
+
+
+def summary(message: str) -> None:
+    """The one-line summary every long command ends with (on stdout, for scripts)."""
+    out.print(message, highlight=False, soft_wrap=True)

@@ -1,0 +1,1 @@
+"""The weblog event contract and the intake path shared by the collector and the CLI."""

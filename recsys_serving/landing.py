@@ -1,0 +1,257 @@
+"""Durable, append-only landing of NDJSON micro-batches in the lake.
+
+The collector must not answer ``202`` before an event is safe, yet thousands of
+tiny objects would make the weblogs asset slow. On a local lake each writer
+appends to an open segment per event date and fsyncs before returning; a segment
+is sealed (renamed, never rewritten) when it is old or large. On S3 every flush is
+one PUT, which is atomic and durable when it returns. Sealed file names start with
+the seal time in nanoseconds, which is what the landing sensor's cursor follows.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from recsys_serving.lake import Lake, LocalLake
+
+LANDING_AREA = "landing"
+INTAKE_QUARANTINE_AREA = "quarantine/intake"
+OPEN_DIR = "_open"
+ORPHAN_AFTER_SECONDS = 600.0
+
+_SEALED = re.compile(
+    r"^(?P<area>.+)/date=(?P<date>\d{4}-\d{2}-\d{2})/(?P<ns>\d{19})-(?P<writer>[A-Za-z0-9_.-]+)\.ndjson$"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LandingFile:
+    key: str
+    date: str
+    seal_ns: int
+    size: int
+
+
+def parse_sealed_key(key: str, area: str = LANDING_AREA) -> LandingFile | None:
+    m = _SEALED.match(key)
+    if not m or m["area"] != area:
+        return None
+    return LandingFile(key=key, date=m["date"], seal_ns=int(m["ns"]), size=0)
+
+
+def list_sealed(lake: Lake, area: str = LANDING_AREA, date: str | None = None) -> list[LandingFile]:
+    """Sealed segments of an area (optionally one date), in seal order."""
+    prefix = f"{area}/date={date}/" if date else f"{area}/"
+    files = []
+    for obj in lake.list(prefix):
+        parsed = parse_sealed_key(obj.key, area)
+        if parsed is not None:
+            files.append(LandingFile(obj.key, parsed.date, parsed.seal_ns, obj.size))
+    files.sort(key=lambda f: (f.seal_ns, f.key))
+    return files
+
+
+def default_writer_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40]
+    return f"{host}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class _OpenSegment:
+    fd: int
+    path: Path
+    seq: int
+    opened_at: float
+    size: int = 0
+
+
+class SegmentWriter:
+    """Appends NDJSON bytes per date partition; durable when ``append`` returns."""
+
+    def __init__(
+        self,
+        lake: Lake,
+        area: str,
+        writer_id: str | None = None,
+        max_bytes: int = 64 * 1024 * 1024,
+        max_age_seconds: float = 10.0,
+    ) -> None:
+        self.lake = lake
+        self.area = area
+        self.writer_id = writer_id or default_writer_id()
+        self.max_bytes = max_bytes
+        self.max_age_seconds = max_age_seconds
+        self._lock = threading.Lock()
+        self._open: dict[str, _OpenSegment] = {}
+        self._seq = 0
+        self._last_ns = 0
+        self._local_root = lake.root if isinstance(lake, LocalLake) else None
+
+    def _next_ns(self) -> int:
+        ns = max(time.time_ns(), self._last_ns + 1)
+        self._last_ns = ns
+        return ns
+
+    def _sealed_key(self, date: str, seq: int) -> str:
+        return f"{self.area}/date={date}/{self._next_ns():019d}-{self.writer_id}-{seq:06d}.ndjson"
+
+    def append(self, by_date: dict[str, bytes]) -> None:
+        by_date = {d: b for d, b in by_date.items() if b}
+        if not by_date:
+            return
+        with self._lock:
+            if self._local_root is None:
+                for date, data in by_date.items():
+                    self._seq += 1
+                    self.lake.put_bytes(self._sealed_key(date, self._seq), data)
+                return
+            touched = []
+            for date, data in by_date.items():
+                seg = self._segment_for(date, len(data))
+                view = memoryview(data)
+                while view:
+                    written = os.write(seg.fd, view)
+                    view = view[written:]
+                seg.size += len(data)
+                touched.append(seg)
+            for seg in touched:
+                os.fsync(seg.fd)
+
+    def _segment_for(self, date: str, incoming: int) -> _OpenSegment:
+        seg = self._open.get(date)
+        now = time.monotonic()
+        if seg is not None and (
+            seg.size + incoming > self.max_bytes
+            or now - seg.opened_at > self.max_age_seconds
+            or not seg.path.exists()  # recovered as an orphan by someone else
+        ):
+            self._seal(date)
+            seg = None
+        if seg is None:
+            assert self._local_root is not None
+            self._seq += 1
+            path = self._local_root / self.area / OPEN_DIR / f"date={date}"
+            path.mkdir(parents=True, exist_ok=True)
+            path = path / f"{self.writer_id}-{self._seq:06d}.ndjson"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            seg = _OpenSegment(fd=fd, path=path, seq=self._seq, opened_at=now)
+            self._open[date] = seg
+        return seg
+
+    def _seal(self, date: str) -> None:
+        seg = self._open.pop(date, None)
+        if seg is None:
+            return
+        os.close(seg.fd)
+        if seg.size == 0 or not seg.path.exists():
+            seg.path.unlink(missing_ok=True)
+            return
+        assert self._local_root is not None
+        target = self._local_root / self._sealed_key(date, seg.seq)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(seg.path, target)
+        _fsync_dir(target.parent)
+
+    def seal_expired(self) -> int:
+        """Seal segments past their age so idle traffic still becomes visible downstream."""
+        now = time.monotonic()
+        with self._lock:
+            expired = [d for d, s in self._open.items() if now - s.opened_at > self.max_age_seconds]
+            for date in expired:
+                self._seal(date)
+        return len(expired)
+
+    def close(self) -> None:
+        with self._lock:
+            for date in list(self._open):
+                self._seal(date)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def recover_orphans(
+    lake: Lake, area: str = LANDING_AREA, older_than_seconds: float = ORPHAN_AFTER_SECONDS
+) -> list[str]:
+    """Seal open segments left by a crashed writer.
+
+    Bytes after the last newline were never acknowledged (a writer fsyncs whole
+    batches before answering), but they are still moved to quarantine rather than
+    dropped, so an operator can see what a crash cut off.
+    """
+    if not isinstance(lake, LocalLake):
+        return []
+    open_root = lake.root / area / OPEN_DIR
+    if not open_root.exists():
+        return []
+    sealed = []
+    cutoff = time.time() - older_than_seconds
+    writer = SegmentWriter(lake, area, writer_id=f"recovered.{uuid.uuid4().hex[:6]}")
+    for path in sorted(open_root.glob("date=*/*.ndjson")):
+        try:
+            if path.stat().st_mtime > cutoff:
+                continue
+        except FileNotFoundError:
+            continue
+        date = path.parent.name.removeprefix("date=")
+        data = path.read_bytes()
+        cut = data.rfind(b"\n") + 1
+        if cut < len(data):
+            _quarantine_tail(lake, area, path, data[cut:])
+            with open(path, "r+b") as fh:
+                fh.truncate(cut)
+                os.fsync(fh.fileno())
+        if cut == 0:
+            path.unlink(missing_ok=True)
+            continue
+        target = lake.root / writer._sealed_key(date, 0)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        sealed.append(target.relative_to(lake.root).as_posix())
+    return sealed
+
+
+def _quarantine_tail(lake: Lake, area: str, path: Path, tail: bytes) -> None:
+    from recsys_serving.events.intake import quarantine_record
+
+    record = quarantine_record(
+        raw=tail,
+        reason="partial write cut off by a writer crash (never acknowledged)",
+        code="partial_write",
+        source=f"recovery:{area}",
+        locator=path.name,
+    )
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    writer = SegmentWriter(lake, INTAKE_QUARANTINE_AREA, writer_id="recovery")
+    writer.append({day: record})
+    writer.close()
+
+
+def iter_lines(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """Lines with 1-based numbers; a final line without newline is still a line."""
+    start = 0
+    line_no = 0
+    n = len(data)
+    while start < n:
+        end = data.find(b"\n", start)
+        if end == -1:
+            end = n
+        line_no += 1
+        line = data[start:end]
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        yield line_no, line
+        start = end + 1
