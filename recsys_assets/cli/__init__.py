@@ -6,7 +6,13 @@ libraries (Dagster, polars) stay inside the commands so ``recsys --help`` is fas
 
 from __future__ import annotations
 
+import warnings
+
 import typer
+
+# Dagster flags beta parameters (backfill_policy) on every import; the CLI's users
+# cannot act on that, so keep their terminal for what matters.
+warnings.filterwarnings("ignore", message=".*currently in (beta|preview).*")
 
 app = typer.Typer(
     name="recsys",

@@ -43,6 +43,7 @@ class IntakeResult:
     rejected: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
     errors: list[dict[str, Any]] = field(default_factory=list)
+    days: set[str] = field(default_factory=set)
 
     def reject(self, locator: str, code: str, reason: str, event_id: Any = None) -> None:
         self.rejected += 1
@@ -58,6 +59,7 @@ class IntakeResult:
         self.accepted += other.accepted
         self.rejected += other.rejected
         self.reasons.update(other.reasons)
+        self.days |= other.days
         room = MAX_ERRORS_LISTED - len(self.errors)
         if room > 0:
             self.errors.extend(other.errors[:room])
@@ -143,7 +145,8 @@ class EventIntake:
 
         def reject(ev: RawEvent, code: str, reason: str, event_id: Any = None) -> None:
             result.reject(ev.locator, code, reason, event_id)
-            quarantined.append(quarantine_record(ev.raw, reason, code, source, ev.locator))
+            raw = ev.raw if ev.raw or ev.parsed is None else orjson.dumps(ev.parsed)
+            quarantined.append(quarantine_record(raw, reason, code, source, ev.locator))
 
         with self._recent_lock:
             for ev in events:
@@ -162,9 +165,6 @@ class EventIntake:
                         code, reason = _json_error(ev.raw, exc)
                         reject(ev, code, reason)
                         continue
-                elif len(ev.raw) > max_event:
-                    reject(ev, "too_large", f"event larger than {max_event} bytes")
-                    continue
                 if not isinstance(obj, dict):
                     reject(ev, "not_an_object", f"event must be a JSON object, got {_kind(obj)}")
                     continue
@@ -184,9 +184,7 @@ class EventIntake:
                 batch_ids.add(event.event_id)
                 # Out-of-range timestamps land under the arrival date so the weblogs
                 # asset quarantines them with the business rule that explains why.
-                day = (
-                    _day(event.ts) if self._epoch <= event.ts <= latest_ok else arrival_day
-                )
+                day = _day(event.ts) if self._epoch <= event.ts <= latest_ok else arrival_day
                 landed.setdefault(day, []).append(orjson.dumps(normalize(event)) + b"\n")
                 result.accepted += 1
             # Durable before answering: quarantine first so a crash between the two
@@ -196,7 +194,14 @@ class EventIntake:
             self.landing.append({d: b"".join(lines) for d, lines in landed.items()})
             for event_id in batch_ids:
                 self.recent.add(event_id)
+            for day in landed:
+                result.days.add(day)
         return result
+
+    def quarantine_raw(self, raw: bytes, code: str, reason: str, source: str, locator: str) -> None:
+        """Keep bytes that never became events (an unparseable body, a cut-off file tail)."""
+        day = datetime.now(UTC).strftime("%Y-%m-%d")
+        self.quarantine.append({day: quarantine_record(raw, reason, code, source, locator)})
 
     def seal_expired(self) -> None:
         self.landing.seal_expired()

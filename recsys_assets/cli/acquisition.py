@@ -1,0 +1,201 @@
+"""Data acquisition commands: ingest, process, status, schema, collector, ui."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from recsys_assets.cli import app
+from recsys_assets.cli.common import console, fail, out, progress, summary
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _settings():
+    from recsys_serving.settings import Settings
+
+    return Settings()
+
+
+@app.command()
+def ingest(
+    files: Annotated[list[Path], typer.Argument(help="NDJSON or JSON-array files (.gz ok).")],
+    process: Annotated[
+        bool, typer.Option(help="Materialize the touched weblogs partitions in one run.")
+    ] = True,
+    show_errors: Annotated[int, typer.Option(help="Rejections to print (file:line).")] = 20,
+) -> None:
+    """Land events from log files (backfills, own log shippers) and process them."""
+    from recsys_assets.ingest import count_lines, ingest_files
+    from recsys_serving.events.intake import EventIntake
+    from recsys_serving.lake import open_lake
+
+    settings = _settings()
+    lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
+    intake = EventIntake(lake, settings)
+    started = time.perf_counter()
+    shown = 0
+    with progress() as bar:
+        total = sum(count_lines(f) for f in files if f.is_file() and f.suffix != ".gz") or None
+        task = bar.add_task("ingesting", total=total)
+
+        def on_progress(path: Path, n: int, result) -> None:
+            nonlocal shown
+            bar.update(task, advance=n, description=f"ingesting {path.name}")
+            for err in result.errors:
+                if shown < show_errors:
+                    bar.console.print(f"[yellow]{err['at']}[/]: {err['code']}: {err['reason']}")
+                    shown += 1
+
+        report = ingest_files(
+            files,
+            intake,
+            on_progress=on_progress,
+            on_file_error=lambda m: bar.console.print(f"[bold red]{m}[/]"),
+        )
+    r = report.result
+    elapsed = time.perf_counter() - started
+    reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(r.reasons.items()))
+    summary(
+        f"ingested {r.received:,} events from {report.files} file(s): {r.accepted:,} landed, "
+        f"{r.rejected:,} quarantined{f' ({reasons})' if reasons else ''} in {elapsed:.1f}s "
+        f"({r.received / max(elapsed, 1e-9):,.0f} events/s)"
+    )
+    failed = bool(report.failed_files)
+    if process and r.days:
+        failed |= not _process_days(settings, sorted(r.days))
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("process")
+def process_cmd(
+    start: Annotated[str | None, typer.Option(help="First date (YYYY-MM-DD).")] = None,
+    end: Annotated[str | None, typer.Option(help="Last date (YYYY-MM-DD).")] = None,
+) -> None:
+    """Re-run weblogs partitions (all dates with landed data, or a date range)."""
+    from recsys_serving.lake import open_lake
+    from recsys_serving.landing import list_sealed
+
+    settings = _settings()
+    lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
+    days = sorted({f.date for f in list_sealed(lake)})
+    days = [d for d in days if (start is None or d >= start) and (end is None or d <= end)]
+    if start and end:
+        days = sorted(set(days) | {start, end})
+    if not days:
+        fail("no landed data in that range; run `recsys ingest` or POST /events first")
+    if not _process_days(settings, days):
+        raise typer.Exit(1)
+
+
+def _process_days(settings, days: list[str]) -> bool:
+    from recsys_assets.runs import materialize_weblogs
+
+    started = time.perf_counter()
+    with console.status(f"processing weblogs {days[0]}..{days[-1]} ({len(days)} dates)"):
+        outcome = materialize_weblogs(settings, days)
+    meta = outcome.materialized.get("weblogs", {})
+    passed = sum(outcome.checks.values())
+    for name, ok in sorted(outcome.checks.items()):
+        console.print(f"  check {name}: {'[green]passed[/]' if ok else '[red]FAILED[/]'}")
+    if outcome.failure:
+        console.print(f"[red]run failed:[/] {outcome.failure}")
+    summary(
+        f"weblogs {days[0]}..{days[-1]}: {meta.get('dagster/row_count', 0):,} rows, "
+        f"{meta.get('quarantined', 0):,} quarantined; checks {passed}/{len(outcome.checks)} "
+        f"passed; run {outcome.run_id[:8]} {'succeeded' if outcome.success else 'FAILED'} "
+        f"in {time.perf_counter() - started:.1f}s"
+    )
+    return outcome.success
+
+
+@app.command()
+def status() -> None:
+    """What is in the lake: landing, weblogs partitions, quarantine."""
+    from recsys_assets.weblogs.processing import WEBLOGS_AREA, WEBLOGS_QUARANTINE_AREA
+    from recsys_serving.lake import open_lake, read_parquet
+    from recsys_serving.landing import INTAKE_QUARANTINE_AREA, list_sealed
+
+    settings = _settings()
+    lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
+    landing = list_sealed(lake)
+    intake_q = list_sealed(lake, INTAKE_QUARANTINE_AREA)
+    parts = [o.key for o in lake.list(f"{WEBLOGS_AREA}/") if o.key.endswith(".parquet")]
+    qparts = [o.key for o in lake.list(f"{WEBLOGS_QUARANTINE_AREA}/") if o.key.endswith(".parquet")]
+    rows = sum(read_parquet(lake, k, ["event_id"]).height for k in parts)
+    qrows = sum(read_parquet(lake, k, ["reason"]).height for k in qparts)
+    intake_rows = sum(lake.get_bytes(f.key).count(b"\n") for f in intake_q)
+    dates = sorted(k.split("date=")[1][:10] for k in parts)
+    out.print(f"lake: {lake.uri}")
+    out.print(f"landing: {len(landing):,} sealed files, {sum(f.size for f in landing):,} bytes")
+    out.print(f"intake quarantine: {intake_rows:,} events in {len(intake_q):,} files")
+    span = f" ({dates[0]}..{dates[-1]})" if dates else ""
+    out.print(f"weblogs: {len(parts):,} partitions{span}, {rows:,} rows")
+    out.print(f"weblogs quarantine: {qrows:,} rows")
+    summary(f"lake {lake.uri}: {rows:,} weblog rows in {len(parts)} partitions")
+
+
+@app.command()
+def schema(
+    out_path: Annotated[Path | None, typer.Option("--out", help="Write to a file.")] = None,
+) -> None:
+    """Print the weblog event JSON Schema (the contract log shippers follow)."""
+    from recsys_serving.events.schema import json_schema
+
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if out_path:
+        out_path.write_text(text)
+        summary(f"wrote {out_path}")
+    else:
+        sys.stdout.write(text)
+
+
+@app.command()
+def collector(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+) -> None:
+    """Run the event collector alone (POST /events, GET /healthz)."""
+    import uvicorn
+
+    uvicorn.run(
+        "recsys_serving.api.app:collector_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="warning",
+    )
+
+
+@app.command()
+def ui(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 3000,
+) -> None:
+    """Open the Dagster UI (and daemon) on this project's instance under RECSYS_HOME."""
+    from recsys_assets.instance import ensure_dagster_home
+
+    home = ensure_dagster_home(_settings())
+    console.print(f"Dagster instance: {home}  UI: http://{host}:{port}")
+    dagster = Path(sys.executable).with_name("dagster")
+    cmd = [
+        str(dagster),
+        "dev",
+        "-w",
+        str(PROJECT_ROOT / "workspace.yaml"),
+        "-h",
+        host,
+        "-p",
+        str(port),
+    ]
+    raise typer.Exit(subprocess.call(cmd, cwd=PROJECT_ROOT, env=os.environ.copy()))

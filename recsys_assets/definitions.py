@@ -1,0 +1,28 @@
+"""The recsys code location: every asset, check, job, sensor and resource in one place."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from recsys_assets.alerts.notifier import NotifierResource
+from recsys_assets.resources import LakeResource, RecsysConfig
+from recsys_assets.weblogs.assets import landing_weblogs, weblogs
+from recsys_assets.weblogs.freshness import weblog_freshness_sensor
+from recsys_assets.weblogs.sensors import landing_files_sensor, weblogs_job
+from recsys_serving.settings import Settings, get_settings
+
+
+def build_resources(settings: Settings) -> dict[str, object]:
+    return {
+        "lake": LakeResource.from_settings(settings),
+        "recsys_config": RecsysConfig.from_settings(settings),
+        "notifier": NotifierResource.from_settings(settings),
+    }
+
+
+defs = dg.Definitions(
+    assets=[landing_weblogs, weblogs],
+    jobs=[weblogs_job],
+    sensors=[landing_files_sensor, weblog_freshness_sensor],
+    resources=build_resources(get_settings()),
+)

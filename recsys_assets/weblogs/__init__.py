@@ -1,0 +1,1 @@
+"""Data acquisition: landing files -> processed, partitioned weblogs in the lake."""

@@ -1,0 +1,1 @@
+"""HTTP API: the event collector now, the recommendation service as it grows."""
