@@ -20,9 +20,14 @@ def build_resources(settings: Settings) -> dict[str, object]:
     }
 
 
-defs = dg.Definitions(
-    assets=[landing_weblogs, weblogs],
-    jobs=[weblogs_job],
-    sensors=[landing_files_sensor, weblog_freshness_sensor],
-    resources=build_resources(get_settings()),
-)
+def make_definitions(settings: Settings) -> dg.Definitions:
+    """The code location for one configuration (tests and the CLI pass their own)."""
+    return dg.Definitions(
+        assets=[landing_weblogs, weblogs],
+        jobs=[weblogs_job],
+        sensors=[landing_files_sensor, weblog_freshness_sensor],
+        resources=build_resources(settings),
+    )
+
+
+defs = make_definitions(get_settings())

@@ -32,8 +32,9 @@ def materialize_weblogs(
     settings: Settings, days: list[str], instance: dg.DagsterInstance | None = None
 ) -> RunOutcome:
     """Process a contiguous range of weblogs partitions in one run."""
-    from recsys_assets.definitions import defs
+    from recsys_assets.definitions import make_definitions
 
+    defs = make_definitions(settings)
     instance = instance or get_instance(settings)
     start, end = min(days), max(days)
     job = defs.resolve_job_def("weblogs_job")

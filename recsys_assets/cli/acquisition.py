@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from recsys_assets.cli import app
 from recsys_assets.cli.common import console, fail, out, progress, summary
@@ -51,14 +52,17 @@ def ingest(
             bar.update(task, advance=n, description=f"ingesting {path.name}")
             for err in result.errors:
                 if shown < show_errors:
-                    bar.console.print(f"[yellow]{err['at']}[/]: {err['code']}: {err['reason']}")
+                    bar.console.print(
+                        f"[yellow]{escape(err['at'])}[/]: {err['code']}: {escape(err['reason'])}",
+                        soft_wrap=True,
+                    )
                     shown += 1
 
         report = ingest_files(
             files,
             intake,
             on_progress=on_progress,
-            on_file_error=lambda m: bar.console.print(f"[bold red]{m}[/]"),
+            on_file_error=lambda m: bar.console.print(f"[bold red]{escape(m)}[/]", soft_wrap=True),
         )
     r = report.result
     elapsed = time.perf_counter() - started

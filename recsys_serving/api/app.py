@@ -54,7 +54,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(events.router)
     app.include_router(events.router, prefix="/v1")
+    _document_event_contract(app)
     return app
+
+
+def _document_event_contract(app: FastAPI) -> None:
+    """Publish the weblog contract in OpenAPI (the request body is read raw for speed)."""
+    from fastapi.openapi.utils import get_openapi
+
+    from recsys_serving.events.schema import json_schema
+
+    def openapi() -> dict[str, object]:
+        if app.openapi_schema is None:
+            spec = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            contract = {k: v for k, v in json_schema().items() if not k.startswith("$")}
+            spec.setdefault("components", {}).setdefault("schemas", {})["WeblogEvent"] = contract
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def _seal_periodically(intake: EventIntake, settings: Settings) -> None:

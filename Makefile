@@ -1,0 +1,45 @@
+# recsys: the two commands a fresh machine needs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export RECSYS_HOME ?= $(CURDIR)/.recsys
+export DAGSTER_HOME ?= $(RECSYS_HOME)/dagster
+export GX_ANALYTICS_ENABLED ?= false
+
+.PHONY: demo test lint format ui install bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## Simulate weblogs, push some through the collector, process them in Dagster, print where to look.
+demo: $(STAMP)
+	$(BIN)/recsys demo
+
+## The whole test suite (slow end-to-end tests included) plus lint.
+test: $(STAMP)
+	$(BIN)/ruff check recsys_assets recsys_serving tests bench
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check recsys_assets recsys_serving tests bench
+	$(BIN)/ruff format --check recsys_assets recsys_serving tests bench
+
+format: $(STAMP)
+	$(BIN)/ruff format recsys_assets recsys_serving tests bench
+	$(BIN)/ruff check --fix recsys_assets recsys_serving tests bench
+
+## Dagster UI + daemon on the project's instance ($(DAGSTER_HOME)).
+ui: $(STAMP)
+	$(BIN)/recsys ui
+
+bench: $(STAMP)
+	$(BIN)/python bench/ingest.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,137 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email import message_from_bytes
+from email.message import EmailMessage
+from email.policy import default as default_policy
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+# --- alert channel servers (tests/test_notifier.py, tests/test_freshness.py) ---------
+# Real servers on 127.0.0.1, so the notifier is tested over real SMTP and HTTP.
+
+
+def _free_localhost_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class CapturedMail:
+    mail_from: str
+    rcpt_tos: list[str]
+    message: EmailMessage
+    login: str | None
+
+
+@dataclass
+class AlertSmtpServer:
+    host: str
+    port: int
+    user: str
+    password: str
+    messages: list[CapturedMail] = field(default_factory=list)
+
+
+class _MailSink:
+    def __init__(self, server: AlertSmtpServer) -> None:
+        self.server = server
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        message = message_from_bytes(envelope.content, policy=default_policy)
+        assert isinstance(message, EmailMessage)
+        auth = session.auth_data
+        login = auth.login.decode() if auth is not None else None
+        self.server.messages.append(
+            CapturedMail(envelope.mail_from, list(envelope.rcpt_tos), message, login)
+        )
+        return "250 Message accepted for delivery"
+
+
+@pytest.fixture
+def alert_smtp_server() -> Iterator[AlertSmtpServer]:
+    """An aiosmtpd server capturing messages; AUTH (plain/login) optional, no TLS."""
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import AuthResult, LoginPassword
+
+    server = AlertSmtpServer("127.0.0.1", _free_localhost_port(), "alerts", "s3cret")
+
+    def authenticate(
+        _server: Any, _session: Any, _envelope: Any, _mechanism: str, data: Any
+    ) -> AuthResult:
+        ok = (
+            isinstance(data, LoginPassword)
+            and data.login.decode() == server.user
+            and data.password.decode() == server.password
+        )
+        return AuthResult(success=ok, handled=False, auth_data=data if ok else None)
+
+    controller = Controller(
+        _MailSink(server),
+        hostname=server.host,
+        port=server.port,
+        authenticator=authenticate,
+        auth_require_tls=False,
+    )
+    controller.start()
+    try:
+        yield server
+    finally:
+        controller.stop()
+
+
+@dataclass
+class AlertWebhookServer:
+    url: str
+    status: int = 200
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    content_types: list[str] = field(default_factory=list)
+
+
+@pytest.fixture
+def alert_webhook_server() -> Iterator[AlertWebhookServer]:
+    """A stdlib HTTP server recording JSON POST bodies; set ``.status`` to make it fail."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    capture = AlertWebhookServer(url=f"http://127.0.0.1:{httpd.server_address[1]}/hooks/alerts")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            capture.requests.append(json.loads(body))
+            capture.content_types.append(self.headers.get("Content-Type", ""))
+            reply = b"ok" if capture.status < 300 else b"internal error"
+            self.send_response(capture.status)
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    httpd.RequestHandlerClass = Handler
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield capture
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def closed_localhost_port() -> int:
+    """A 127.0.0.1 port nothing listens on: connecting is refused at once."""
+    return _free_localhost_port()
+
+
+# --- end of alert channel servers ----------------------------------------------------

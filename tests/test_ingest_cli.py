@@ -1,0 +1,117 @@
+"""``recsys ingest``: file backfills through the intake, errors naming file and line."""
+
+from __future__ import annotations
+
+import gzip
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+from recsys_assets.cli import app
+from recsys_serving.lake import LocalLake, read_parquet
+from support import ndjson_lines
+
+runner = CliRunner()
+T = time.time() - 2 * 86_400
+
+
+def ev(i: int) -> dict[str, object]:
+    return {
+        "event_id": f"e{i}",
+        "event_type": "view",
+        "user_id": f"u{i % 3}",
+        "item_id": "i",
+        "ts": T + i,
+    }
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home" / "dagster"))
+    monkeypatch.delenv("RECSYS_LAKE_URI", raising=False)
+    yield tmp_path / "home"
+
+
+def test_ndjson_with_bad_lines_then_processed_with_full_accounting(
+    home: Path, tmp_path: Path
+) -> None:
+    f = tmp_path / "logs.ndjson"
+    lines = [orjson.dumps(ev(i)) for i in range(50)]
+    lines[10] = b'{"event_id": "e10", "event_ty'
+    lines[20] = orjson.dumps({**ev(20), "event_type": "wink"})
+    lines[30] = b"\xff\xfe garbage"
+    lines.append(orjson.dumps(ev(1)))  # a duplicate
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    result = runner.invoke(app, ["ingest", str(f)])
+    assert result.exit_code == 0, result.output
+    assert f"{f}:11: truncated" in result.output
+    assert f"{f}:21: schema" in result.output and "event_type" in result.output
+    assert f"{f}:31: not_utf8" in result.output
+    assert "ingested 51 events from 1 file(s): 47 landed, 4 quarantined" in result.output
+    assert "checks 5/5 passed" in result.output and "succeeded" in result.output
+    lake = LocalLake(home / "lake")
+    landed = ndjson_lines(lake, "landing/")
+    quarantined = ndjson_lines(lake, "quarantine/intake/")
+    weblog_rows = sum(
+        read_parquet(lake, o.key).height
+        for o in lake.list("weblogs/")
+        if o.key.endswith(".parquet")
+    )
+    rejected_later = sum(
+        read_parquet(lake, o.key).height
+        for o in lake.list("quarantine/weblogs/")
+        if o.key.endswith(".parquet")
+    )
+    assert len(landed) + len(quarantined) == 51
+    assert weblog_rows + rejected_later == len(landed) == 47
+    assert {q["at"] for q in quarantined} == {f"{f}:{n}" for n in (11, 21, 31, 51)}
+
+
+def test_json_array_and_gzip_files(home: Path, tmp_path: Path) -> None:
+    arr = tmp_path / "a.json"
+    arr.write_bytes(orjson.dumps([ev(i) for i in range(5)] + [{"event_id": "bad"}]))
+    gz = tmp_path / "b.ndjson.gz"
+    gz.write_bytes(gzip.compress(b"\n".join(orjson.dumps(ev(100 + i)) for i in range(7))))
+    result = runner.invoke(app, ["ingest", str(arr), str(gz), "--no-process"])
+    assert result.exit_code == 0, result.output
+    assert f"{arr}:item 5: schema" in result.output
+    assert "ingested 13 events from 2 file(s): 12 landed, 1 quarantined" in result.output
+
+
+def test_malformed_json_array_names_file_line_and_column(home: Path, tmp_path: Path) -> None:
+    f = tmp_path / "broken.json"
+    f.write_text('[\n  {"event_id": "a"},\n  {"event_id": oops}\n]\n')
+    result = runner.invoke(app, ["ingest", str(f), "--no-process"])
+    assert result.exit_code == 1
+    assert f"{f}:3:" in result.output and "malformed JSON" in result.output
+
+
+def test_missing_file_is_reported_and_others_still_ingested(home: Path, tmp_path: Path) -> None:
+    good = tmp_path / "good.ndjson"
+    good.write_bytes(orjson.dumps(ev(1)) + b"\n")
+    result = runner.invoke(
+        app, ["ingest", str(tmp_path / "nope.ndjson"), str(good), "--no-process"]
+    )
+    assert result.exit_code == 1
+    assert "nope.ndjson: no such file" in result.output
+    assert "1 landed" in result.output
+
+
+def test_schema_command_prints_the_contract(home: Path) -> None:
+    result = runner.invoke(app, ["schema"])
+    assert result.exit_code == 0
+    assert orjson.loads(result.stdout)["title"] == "WeblogEvent"
+
+
+def test_status_after_ingest(home: Path, tmp_path: Path) -> None:
+    f = tmp_path / "l.ndjson"
+    f.write_bytes(b"\n".join(orjson.dumps(ev(i)) for i in range(4)))
+    assert runner.invoke(app, ["ingest", str(f)]).exit_code == 0
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 0
+    assert "4 weblog rows" in result.output

@@ -1,0 +1,176 @@
+"""Business rules of the weblogs partition: coercion, dedup, bots, time, sessions, atomicity."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import polars as pl
+import pytest
+from support import land
+
+from recsys_assets.weblogs.processing import (
+    Rules,
+    partition_key,
+    process_partition,
+    process_partitions,
+    quarantine_key,
+)
+from recsys_serving.lake import LocalLake, read_parquet
+from recsys_serving.landing import LANDING_AREA, SegmentWriter
+
+DAY = "2026-11-20"
+T0 = datetime(2026, 11, 20, 12, tzinfo=UTC).timestamp()
+RULES = Rules(
+    catalog_epoch=date(2020, 1, 1),
+    now=datetime(2026, 11, 25, tzinfo=UTC),
+    bot_max_events_per_minute=50,
+    session_gap_minutes=30,
+)
+
+
+def ev(i: int, ts: float, user: str = "u1", **extra: object) -> dict[str, object]:
+    return {
+        "event_id": f"e{i}",
+        "event_type": "view",
+        "user_id": user,
+        "item_id": "i1",
+        "ts": ts,
+        **extra,
+    }
+
+
+def write_landing(lake: LocalLake, day: str, lines: list[bytes]) -> None:
+    """What an external agent (or a hand-copied file) could leave in landing."""
+    w = SegmentWriter(lake, LANDING_AREA, writer_id="agent")
+    w.append({day: b"".join(line + b"\n" for line in lines)})
+    w.close()
+
+
+def test_clean_partition_round_trip(tmp_path: Path) -> None:
+    lake = LocalLake(tmp_path)
+    land(lake, [ev(i, T0 + i, session_id="s1", context={"d": "ios"}) for i in range(10)])
+    result = process_partition(lake, DAY, RULES)
+    assert (result.landing_rows, result.rows, result.quarantined) == (10, 10, 0)
+    df = read_parquet(lake, partition_key(DAY))
+    assert df.schema["ts"] == pl.Datetime("us", "UTC")
+    assert df["event_id"].to_list() == [f"e{i}" for i in range(10)]
+    assert json.loads(df["context"][0]) == {"d": "ios"}
+
+
+def test_duplicates_keep_the_first_landed_copy(tmp_path: Path) -> None:
+    lake = LocalLake(tmp_path)
+    land(lake, [ev(1, T0, item_id="first"), ev(2, T0)])
+    land(lake, [ev(1, T0 + 5, item_id="second")])  # resent by another writer later
+    result = process_partition(lake, DAY, RULES)
+    df = read_parquet(lake, partition_key(DAY))
+    assert df.filter(pl.col("event_id") == "e1")["item_id"].to_list() == ["first"]
+    assert result.reasons == {"duplicate_event_id": 1}
+    q = read_parquet(lake, quarantine_key(DAY))
+    assert q["item_id"].to_list() == ["second"]
+
+
+def test_bots_by_implausible_event_rate_are_quarantined_whole_day(tmp_path: Path) -> None:
+    lake = LocalLake(tmp_path)
+    bot = [ev(i, T0 + i * 0.5, user="bot") for i in range(80)]  # 80 in 40 seconds
+    human = [ev(1000 + i, T0 + i * 30, user="human") for i in range(40)]
+    land(lake, bot + human)
+    result = process_partition(lake, DAY, RULES)
+    assert result.reasons == {"bot_rate": 80}
+    q = read_parquet(lake, quarantine_key(DAY))
+    assert (
+        q["detail"][0].startswith("80 events in one minute")
+        or "events in one minute" in q["detail"][0]
+    )
+    assert set(read_parquet(lake, partition_key(DAY))["user_id"]) == {"human"}
+
+
+def test_timestamps_in_future_before_epoch_or_outside_partition(tmp_path: Path) -> None:
+    lake = LocalLake(tmp_path)
+    future = datetime(2026, 12, 31, tzinfo=UTC).timestamp()
+    write_landing(
+        lake,
+        DAY,
+        [
+            b'{"event_id":"ok","event_type":"view","user_id":"u","item_id":"i","ts":%d}' % T0,
+            b'{"event_id":"f","event_type":"view","user_id":"u","item_id":"i","ts":%d}' % future,
+            b'{"event_id":"old","event_type":"view","user_id":"u","item_id":"i","ts":1000}',
+            b'{"event_id":"o","event_type":"view","user_id":"u","item_id":"i","ts":%d}'
+            % (T0 + 86_400),
+            b'{"event_id":"t","event_type":"teleport","user_id":"u","item_id":"i","ts":%d}' % T0,
+            b'{"event_id":"m","event_type":"view","item_id":"i","ts":%d}' % T0,
+            b'{"event_id": "cut',
+        ],
+    )
+    result = process_partition(lake, DAY, RULES)
+    assert result.rows == 1
+    assert result.reasons == {
+        "before_catalog_epoch": 1,
+        "corrupt_landing_line": 1,
+        "future_timestamp": 1,
+        "missing_required": 1,
+        "outside_partition": 1,
+        "unknown_event_type": 1,
+    }
+    assert result.landing_rows == result.rows + result.quarantined == 7
+
+
+def test_sessions_are_inferred_only_where_missing_and_deterministically(tmp_path: Path) -> None:
+    lake = LocalLake(tmp_path)
+    events = [ev(1, T0), ev(2, T0 + 60), ev(3, T0 + 60 * 45), ev(4, T0 + 10, session_id="given")]
+    events += [ev(5, T0 + 5, user="u2")]
+    land(lake, events)
+    process_partition(lake, DAY, RULES)
+    df = read_parquet(lake, partition_key(DAY)).sort("event_id")
+    sessions = dict(zip(df["event_id"], df["session_id"], strict=True))
+    assert sessions["e1"] == sessions["e2"] != sessions["e3"]
+    assert sessions["e4"] == "given"
+    assert sessions["e5"].startswith("auto:u2:")
+    assert df.filter(pl.col("event_id") == "e4")["session_inferred"].to_list() == [False]
+    assert df["session_inferred"].sum() == 4
+
+
+def test_rerun_is_idempotent(tmp_path: Path) -> None:
+    lake = LocalLake(tmp_path)
+    land(lake, [ev(i, T0 + i * 100, user=f"u{i % 3}") for i in range(50)])
+    process_partition(lake, DAY, RULES)
+    first = read_parquet(lake, partition_key(DAY))
+    process_partition(lake, DAY, RULES)
+    assert read_parquet(lake, partition_key(DAY)).equals(first)
+
+
+def test_failed_write_leaves_previous_partition_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lake = LocalLake(tmp_path)
+    land(lake, [ev(1, T0)])
+    process_partition(lake, DAY, RULES)
+    before = (tmp_path / partition_key(DAY)).read_bytes()
+    land(lake, [ev(2, T0)])
+
+    def broken(self: pl.DataFrame, file: object, **kw: object) -> None:
+        Path(str(file)).write_bytes(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", broken)
+    with pytest.raises(OSError, match="disk full"):
+        process_partition(lake, DAY, RULES)
+    monkeypatch.undo()
+    assert (tmp_path / partition_key(DAY)).read_bytes() == before
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_batches_handed_to_the_validator_are_bounded(tmp_path: Path) -> None:
+    lake = LocalLake(tmp_path)
+    days = ["2026-11-18", "2026-11-19", "2026-11-20"]
+    for k, day in enumerate(days):
+        t = datetime.fromisoformat(day).replace(hour=1, tzinfo=UTC).timestamp()
+        land(lake, [ev(k * 100 + i, t + i, user=f"u{i}") for i in range(30)])
+    batches: list[tuple[int, list[str]]] = []
+    run = process_partitions(
+        lake, days, RULES, on_batch=lambda e, ids, p: batches.append((e.height, p)), batch_rows=40
+    )
+    assert run.rows == 90
+    assert batches == [(60, days[:2]), (30, days[2:])]

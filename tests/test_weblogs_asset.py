@@ -1,0 +1,140 @@
+"""The weblogs asset under Dagster: range runs, metadata, and blocking quality checks."""
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
+
+from recsys_assets.definitions import build_resources
+from recsys_assets.weblogs.assets import WEBLOG_PARTITIONS, landing_weblogs, weblogs
+from recsys_serving.lake import LocalLake, read_parquet
+from recsys_serving.settings import Settings
+from support import land
+
+DAYS = ["2026-11-18", "2026-11-19", "2026-11-20"]
+
+
+@dg.asset(
+    partitions_def=WEBLOG_PARTITIONS, deps=[weblogs], backfill_policy=dg.BackfillPolicy.single_run()
+)
+def downstream_training(context: dg.AssetExecutionContext) -> None:
+    """Stands in for the training assets a failing blocking check must stop."""
+
+
+def events_for(day: str, n: int, prefix: str = "e") -> list[dict[str, object]]:
+    t = datetime.fromisoformat(day).replace(hour=6, tzinfo=UTC).timestamp()
+    out: list[dict[str, object]] = []
+    for i in range(n):
+        rid = f"{day}-r{i // 4}"
+        out.append(
+            {
+                "event_id": f"{prefix}{day}-{i}",
+                "event_type": "impression",
+                "user_id": f"u{i % 9}",
+                "item_id": f"i{i % 13}",
+                "ts": t + i * 20,
+                "request_id": rid,
+                "position": i % 4,
+            }
+        )
+    return out
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(home=tmp_path, catalog_epoch="2020-01-01")
+
+
+def run_range(settings: Settings, start: str, end: str) -> dg.ExecuteInProcessResult:
+    job = dg.Definitions(
+        assets=[landing_weblogs, weblogs, downstream_training],
+        jobs=[
+            dg.define_asset_job(
+                "both", selection=[weblogs, downstream_training], partitions_def=WEBLOG_PARTITIONS
+            )
+        ],
+        resources=build_resources(settings),
+    ).resolve_job_def("both")
+    with dg.instance_for_test() as instance:
+        return job.execute_in_process(
+            instance=instance,
+            tags={ASSET_PARTITION_RANGE_START_TAG: start, ASSET_PARTITION_RANGE_END_TAG: end},
+            raise_on_error=False,
+        )
+
+
+def test_materialize_one_partition_with_metadata_and_checks(settings: Settings) -> None:
+    lake = LocalLake(settings.resolved_lake_uri)
+    land(lake, events_for(DAYS[0], 40))
+    result = dg.materialize(
+        [landing_weblogs, weblogs], partition_key=DAYS[0], resources=build_resources(settings)
+    )
+    assert result.success
+    mat = result.asset_materializations_for_node("weblogs")[0]
+    assert mat.metadata["dagster/row_count"].value == 40
+    assert mat.metadata["landing_rows"].value == 40
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks == {
+        "required_columns_not_null": True,
+        "event_type_allowed": True,
+        "ts_inside_partition": True,
+        "clicks_not_above_impressions": True,
+        "duplicate_rate_below_threshold": True,
+    }
+
+
+def test_a_range_backfills_in_one_run(settings: Settings) -> None:
+    lake = LocalLake(settings.resolved_lake_uri)
+    for day in DAYS:
+        land(lake, events_for(day, 20))
+    result = run_range(settings, DAYS[0], DAYS[-1])
+    assert result.success
+    partitions = {m.partition for m in result.asset_materializations_for_node("weblogs")}
+    assert partitions == set(DAYS)
+    assert {
+        m.partition for m in result.asset_materializations_for_node("downstream_training")
+    } == set(DAYS)
+    for day in DAYS:
+        assert read_parquet(lake, f"weblogs/date={day}/part-0.parquet").height == 20
+
+
+def test_failing_blocking_check_stops_downstream(settings: Settings) -> None:
+    lake = LocalLake(settings.resolved_lake_uri)
+    day = DAYS[0]
+    events = events_for(day, 40)
+    land(lake, events)
+    land(lake, events)  # the same file shipped twice: 50% duplicates
+    result = run_range(settings, day, day)
+    assert not result.success
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert checks["duplicate_rate_below_threshold"].passed is False
+    assert checks["duplicate_rate_below_threshold"].metadata["duplicate_rate"].value == 0.5
+    assert result.asset_materializations_for_node("downstream_training") == []
+
+
+def test_clicks_above_impressions_fails_its_check(settings: Settings) -> None:
+    lake = LocalLake(settings.resolved_lake_uri)
+    day = DAYS[1]
+    events = events_for(day, 8)
+    t = events[0]["ts"]
+    clicks = [
+        {**events[0], "event_id": f"c{i}", "event_type": "click", "ts": t + 1 + i} for i in range(6)
+    ]
+    land(lake, events + clicks)
+    result = run_range(settings, day, day)
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks["clicks_not_above_impressions"] is False
+    assert not result.success
+
+
+def test_partitions_cover_the_catalog_epoch_to_tomorrow() -> None:
+    keys = WEBLOG_PARTITIONS.get_partition_keys()
+    assert keys[0] == Settings().catalog_epoch.isoformat()
+    tomorrow = time.strftime("%Y-%m-%d", time.gmtime(time.time() + 86_400))
+    assert keys[-1] in {time.strftime("%Y-%m-%d", time.gmtime()), tomorrow}
