@@ -55,6 +55,31 @@ class Settings(BaseSettings):
     landing_segment_max_age_seconds: float = 10.0
     dedup_cache_size: int = 200_000
 
+    # Stores: users and content (MongoDB API), candidate index (embedded or Elasticsearch).
+    mongo_uri: str | None = Field(
+        default=None,
+        description="mongodb://... for MongoDB/DocumentDB; unset or mongomock:// = embedded.",
+    )
+    mongo_db: str = "recsys"
+    es_url: str | None = Field(
+        default=None, description="Elasticsearch URL for the candidate index; unset = embedded."
+    )
+    es_index_prefix: str = "recsys-items"
+    es_api_key: str | None = None
+
+    # Training.
+    train_window_days: float | None = Field(
+        default=None, description="Days of weblogs to train on (unset = all history)."
+    )
+    holdout_days: float = Field(
+        default=1.0, description="The last days of the window held out for evaluation."
+    )
+    label_days: float = Field(
+        default=1.0, description="Days after the feature cut-off whose actions label ranking rows."
+    )
+    seed: int = 42
+    threads: int = Field(default=0, description="Threads for ALS/LightGBM (0 = all cores).")
+
     # Freshness alarm and notifier channels (the log channel is always on).
     freshness_minutes: float = 15.0
     smtp_host: str | None = None
@@ -88,6 +113,14 @@ class Settings(BaseSettings):
     @property
     def dagster_home(self) -> Path:
         return self.resolved_home / "dagster"
+
+    @property
+    def embedded_mongo(self) -> bool:
+        return not self.mongo_uri or self.mongo_uri.startswith("mongomock://")
+
+    @property
+    def docstore_path(self) -> Path:
+        return self.resolved_home / "docstore" / f"{self.mongo_db}.json"
 
     @property
     def alert_recipients(self) -> list[str]:
