@@ -10,11 +10,11 @@ from pathlib import Path
 import orjson
 import pytest
 from fastapi.testclient import TestClient
-from support import ndjson_lines
 
 from recsys_serving.api.app import create_app
 from recsys_serving.landing import list_sealed
 from recsys_serving.settings import Settings
+from support import ndjson_lines
 
 NOW = time.time()
 

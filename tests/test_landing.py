@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import orjson
-from support import ndjson_lines
 
 from recsys_serving.lake import LocalLake
 from recsys_serving.landing import (
@@ -18,6 +17,7 @@ from recsys_serving.landing import (
     parse_sealed_key,
     recover_orphans,
 )
+from support import ndjson_lines
 
 
 def test_append_is_visible_on_disk_before_sealing(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from support import land
 
 from recsys_assets.weblogs.processing import (
     Rules,
@@ -19,6 +18,7 @@ from recsys_assets.weblogs.processing import (
 )
 from recsys_serving.lake import LocalLake, read_parquet
 from recsys_serving.landing import LANDING_AREA, SegmentWriter
+from support import land
 
 DAY = "2026-11-20"
 T0 = datetime(2026, 11, 20, 12, tzinfo=UTC).timestamp()
