@@ -79,6 +79,88 @@ class Settings(BaseSettings):
     )
     seed: int = 42
     threads: int = Field(default=0, description="Threads for ALS/LightGBM (0 = all cores).")
+    interaction_half_life_days: float | None = Field(
+        default=None,
+        description="Exponential time decay of interaction weights (unset = no decay).",
+    )
+    eval_k: int = Field(default=10, description="K of the offline ranking metrics.")
+
+    # Model registry (in the lake) and the promotion rule.
+    promotion_metric: str = Field(
+        default="ndcg@10", description="Primary offline metric a challenger must beat."
+    )
+    promotion_min_lift: float = Field(
+        default=0.01, description="Relative lift over production required to promote."
+    )
+    promotion_guardrails: dict[str, float] = Field(
+        default_factory=lambda: {"recall@10": 0.05, "coverage@10": 0.20},
+        description="Metric -> largest relative drop tolerated (JSON in the environment).",
+    )
+
+    # Serving.
+    api_keys: dict[str, list[str]] | None = Field(
+        default=None,
+        description='Keys injected by the deployment: JSON {"<key>": ["recommend", "events"]}.',
+    )
+    auth_enabled: bool = Field(default=True, description="Require X-API-Key on API routes.")
+    rate_limit_rps: float = Field(default=200.0, description="Default per-key requests/second.")
+    rate_limit_burst: int = Field(default=400, description="Default per-key burst.")
+    model_poll_seconds: float = Field(
+        default=2.0, description="How often each worker checks the registry aliases."
+    )
+    store_timeout_ms: float = Field(
+        default=50.0, description="Budget for a document store or index call before fallback."
+    )
+    candidate_pool: int = Field(default=200, description="Candidates the ranker scores per request.")
+    canary_ramp: list[float] = Field(
+        default_factory=lambda: [0.1, 0.5, 1.0],
+        description="Shares of users a candidate model is phased in to, step by step.",
+    )
+    model_cache_dir: Path | None = Field(
+        default=None, description="Where workers unpack bundles; defaults to <home>/cache/models."
+    )
+
+    # Closed loop: online CTR monitoring, retraining and the canary judge.
+    ctr_bucket_seconds: int = Field(default=60, description="Time bucket of online CTR series.")
+    ctr_recent_minutes: float = Field(default=10.0, description="Window tested for a CTR drop.")
+    ctr_baseline_minutes: float = Field(
+        default=60.0, description="Window before the recent one that sets the baseline CTR."
+    )
+    ctr_min_impressions: int = Field(
+        default=500, description="Impressions each window needs before any verdict."
+    )
+    ctr_alpha: float = Field(default=0.01, description="Significance level of the drop test.")
+    ctr_min_relative_drop: float = Field(
+        default=0.10, description="Smallest relative CTR drop worth a retraining."
+    )
+    retrain_cooldown_minutes: float = Field(
+        default=60.0, description="After a triggered retraining, no new trigger for this long."
+    )
+    canary_min_impressions: int = Field(
+        default=1000, description="Impressions per arm before the canary judge decides."
+    )
+    canary_alpha: float = Field(default=0.05, description="Significance level of the canary test.")
+    canary_max_minutes: float = Field(
+        default=60.0, description="A canary without a verdict after this long is rolled back."
+    )
+    nightly_retrain_enabled: bool = Field(
+        default=True, description="Retrain on a schedule even without a CTR drop."
+    )
+    nightly_retrain_cron: str = "0 3 * * *"
+
+    # Packaging: the promoted model as an OCI artifact.
+    oci_repository: str | None = Field(
+        default=None,
+        description="host[:port]/repo the promoted model is pushed to (ECR or any registry).",
+    )
+    oci_insecure: bool = Field(default=False, description="Plain HTTP to the OCI registry.")
+    oci_username: str | None = None
+    oci_password: str | None = None
+
+    # Production Dagster instance.
+    dagster_pg_url: str | None = Field(
+        default=None, description="postgresql://... switches Dagster storage to PostgreSQL."
+    )
 
     # Freshness alarm and notifier channels (the log channel is always on).
     freshness_minutes: float = 15.0
@@ -113,6 +195,10 @@ class Settings(BaseSettings):
     @property
     def dagster_home(self) -> Path:
         return self.resolved_home / "dagster"
+
+    @property
+    def resolved_model_cache_dir(self) -> Path:
+        return (self.model_cache_dir or self.resolved_home / "cache" / "models").expanduser()
 
     @property
     def embedded_mongo(self) -> bool:
