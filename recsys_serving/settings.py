@@ -111,7 +111,9 @@ class Settings(BaseSettings):
     store_timeout_ms: float = Field(
         default=50.0, description="Budget for a document store or index call before fallback."
     )
-    candidate_pool: int = Field(default=200, description="Candidates the ranker scores per request.")
+    candidate_pool: int = Field(
+        default=200, description="Candidates the ranker scores per request."
+    )
     canary_ramp: list[float] = Field(
         default_factory=lambda: [0.1, 0.5, 1.0],
         description="Shares of users a candidate model is phased in to, step by step.",
