@@ -1,0 +1,79 @@
+"""Run ``process_partitions`` over every landed date, without Dagster or great-expectations.
+
+Started as a subprocess by ``bench/ingest.py`` so its peak RSS is its own and so the
+figure separates the business rules + Parquet writes from the asset's GX checks and
+Dagster bookkeeping. ``RECSYS_HOME`` (from the environment) names the lake.
+Prints progress to stderr and one JSON object as the last stdout line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+from datetime import UTC, datetime
+
+import orjson
+
+from recsys_assets.weblogs.processing import PartitionResult, Rules, process_partitions
+from recsys_serving.lake import open_lake
+from recsys_serving.landing import list_sealed
+from recsys_serving.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--profile", type=int, default=0, help="print the top N cProfile rows")
+    args = parser.parse_args(argv)
+
+    settings = Settings()
+    lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
+    days = sorted({f.date for f in list_sealed(lake)})
+    rules = Rules(
+        catalog_epoch=settings.catalog_epoch,
+        now=datetime.now(UTC),
+        future_tolerance_seconds=settings.future_tolerance_seconds,
+        bot_max_events_per_minute=settings.bot_max_events_per_minute,
+        session_gap_minutes=settings.session_gap_minutes,
+    )
+    done = 0
+
+    def on_partition(result: PartitionResult) -> None:
+        nonlocal done
+        done += 1
+        if done % 5 == 0 or done == len(days):
+            print(
+                f"    process: {done}/{len(days)} partitions ({result.partition}: "
+                f"{result.landing_rows:,} rows)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    profiler = cProfile.Profile() if args.profile else None
+    started = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
+    run = process_partitions(lake, days, rules, on_partition=on_partition)
+    if profiler is not None:
+        profiler.disable()
+    elapsed = time.perf_counter() - started
+    if profiler is not None:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(args.profile)
+        print(text.getvalue(), file=sys.stderr)
+    result = {
+        "partitions": len(days),
+        "landing_rows": run.landing_rows,
+        "rows": run.rows,
+        "quarantined": run.quarantined,
+        "reasons": run.reasons,
+        "work_s": elapsed,
+    }
+    sys.stdout.write(orjson.dumps(result).decode() + "\n")
+
+
+if __name__ == "__main__":
+    main()
