@@ -132,6 +132,10 @@ class Settings(BaseSettings):
         default=500, description="Impressions each window needs before any verdict."
     )
     ctr_alpha: float = Field(default=0.01, description="Significance level of the drop test.")
+    ctr_click_delay_seconds: float = Field(
+        default=60.0,
+        description="Impressions younger than this are not judged yet: their clicks may be late.",
+    )
     ctr_min_relative_drop: float = Field(
         default=0.10, description="Smallest relative CTR drop worth a retraining."
     )
@@ -142,6 +146,10 @@ class Settings(BaseSettings):
         default=1000, description="Impressions per arm before the canary judge decides."
     )
     canary_alpha: float = Field(default=0.05, description="Significance level of the canary test.")
+    canary_margin: float = Field(
+        default=0.05,
+        description="Relative CTR shortfall a candidate may have and still count as not worse.",
+    )
     canary_max_minutes: float = Field(
         default=60.0, description="A canary without a verdict after this long is rolled back."
     )
