@@ -121,6 +121,16 @@ class Settings(BaseSettings):
     model_cache_dir: Path | None = Field(
         default=None, description="Where workers unpack bundles; defaults to <home>/cache/models."
     )
+    model_uri: str | None = Field(
+        default=None,
+        description="Pin the served model (oci://host/repo@sha256:... or a bundle directory) "
+        "instead of following the registry aliases.",
+    )
+    run_dir: Path | None = Field(
+        default=None,
+        description="Directory the workers of one server share (token buckets, worker model "
+        "state); `recsys serve` creates one. Unset = private to the process.",
+    )
 
     # Closed loop: online CTR monitoring, retraining and the canary judge.
     ctr_bucket_seconds: int = Field(default=60, description="Time bucket of online CTR series.")
