@@ -77,15 +77,15 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _jsonable(value: Any) -> Any:
+def to_jsonable(value: Any) -> Any:
     """Make manifest values strict JSON: numpy scalars/arrays, dates, paths, sets; NaN/inf
     become ``null`` so any JSON reader (jq, browsers) can read the manifest."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [to_jsonable(v) for v in value]
     if isinstance(value, set | frozenset):
-        return sorted(_jsonable(v) for v in value)
+        return sorted(to_jsonable(v) for v in value)
     if isinstance(value, bool) or value is None or isinstance(value, str | int):
         return value
     if isinstance(value, float):
@@ -96,11 +96,12 @@ def _jsonable(value: Any) -> Any:
         return str(value)
     tolist = getattr(value, "tolist", None)  # numpy scalars and arrays
     if callable(tolist):
-        return _jsonable(tolist())
+        return to_jsonable(tolist())
     raise TypeError(f"manifest value of type {type(value).__name__} is not JSON: {value!r}")
 
 
-def _check_relative(name: str, bundle: Path) -> None:
+def check_file_name(name: str, where: str) -> None:
+    """Refuse manifest entries that would escape the bundle directory when copied."""
     pure = PurePosixPath(name)
     if (
         not name
@@ -110,7 +111,7 @@ def _check_relative(name: str, bundle: Path) -> None:
         or pure.as_posix() != name
         or name == MANIFEST
     ):
-        raise BundleError(f"{bundle / MANIFEST}: invalid file entry {name!r} in 'files'")
+        raise BundleError(f"{where}: invalid file entry {name!r} in 'files'")
 
 
 def scan_files(root: Path) -> dict[str, dict[str, Any]]:
@@ -191,7 +192,7 @@ class BundleWriter:
         manifest["format"] = BUNDLE_FORMAT
         manifest["version"] = self.version
         manifest["files"] = files
-        text = json.dumps(_jsonable(manifest), indent=2, sort_keys=True, allow_nan=False)
+        text = json.dumps(to_jsonable(manifest), indent=2, sort_keys=True, allow_nan=False)
         with open(self.path / MANIFEST, "w", encoding="utf-8") as fh:
             fh.write(text + "\n")
             fh.flush()
@@ -231,6 +232,7 @@ def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
             or not isinstance(entry.get("size"), int)
         ):
             raise BundleError(f"{where}: entry for {name!r} needs 'sha256' and 'size'")
+        check_file_name(name, where)
     return manifest
 
 
@@ -243,10 +245,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise BundleError(f"{manifest_path}: missing (not a bundle, or incomplete)") from exc
     except OSError as exc:
         raise BundleError(f"{manifest_path}: cannot read ({exc})") from exc
-    manifest = parse_manifest(data, str(manifest_path))
-    for name in manifest["files"]:
-        _check_relative(name, Path(path))
-    return manifest
+    return parse_manifest(data, str(manifest_path))
 
 
 def verify_bundle(path: str | Path) -> dict[str, Any]:
