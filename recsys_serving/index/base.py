@@ -8,6 +8,7 @@ configuration, not code, chooses one.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -15,6 +16,18 @@ from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
+
+
+class CandidateIndexError(RuntimeError):
+    """The index backend failed to answer (unreachable, refused, rejected the request).
+
+    Backends translate their client's errors into this type so the server can fall
+    back to popularity without knowing which backend is configured.
+    """
+
+
+class CandidateIndexTimeout(CandidateIndexError):
+    """The index backend did not answer within its budget (``store_timeout_ms``)."""
 
 
 @dataclass(frozen=True)
@@ -140,3 +153,10 @@ class IndexPublisher(Protocol):
 
     def publish(self, artifact: IndexArtifact) -> str:
         """Build the version's index and switch readers to it; returns where it lives."""
+
+    def prune(self, keep_versions: Iterable[str]) -> list[str]:
+        """Delete indices of versions not in ``keep_versions``; returns what was deleted.
+
+        The registry's production and candidate versions must stay: each model
+        version queries the index built from its own item vectors.
+        """
