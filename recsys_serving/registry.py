@@ -1,0 +1,825 @@
+"""The model registry: versioned bundles and the aliases that say which one serves.
+
+It lives in the lake (local directory or S3), so every process that can read the lake
+(Dagster runs, serving workers on other machines, the CLI) sees the same registry with no
+extra service. Layout::
+
+    registry/models/<version>/<files>      the bundle's files, uploaded first
+    registry/models/<version>/manifest.json uploaded LAST: without it the version does
+                                            not exist for any reader
+    registry/registrations/<version>.json  tags and registration time (before the manifest)
+    registry/aliases/<alias>.json          one object per alias, replaced in one write
+    registry/history/<ts>-<alias>-<n>.json one immutable record per alias move
+
+Alias moves are single-object writes (local: write + fsync + rename; S3: one PUT), so a
+serving worker polling ``alias()`` sees the old record or the new one, never a torn one.
+Compare-and-set (``expected=``) is a file lock on a local lake and a conditional PUT
+(``If-Match`` / ``If-None-Match``) on S3; on an S3-compatible store that ignores those
+headers the registry assumes a single writer (the closed loop runs one move at a time).
+
+``decide_promotion`` is THE promotion rule: the evaluation asset, the closed loop and the
+CLI all call it, so "better model" means one thing everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext, suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from filelock import FileLock
+from filelock import Timeout as LockTimeout
+
+from recsys_serving.lake import Lake, S3Lake
+from recsys_serving.logging import get_logger
+from recsys_serving.model.bundle import (
+    MANIFEST,
+    BundleError,
+    is_version,
+    parse_manifest,
+    to_jsonable,
+    verify_bundle,
+)
+
+log = get_logger(__name__)
+
+PRODUCTION = "production"
+CANDIDATE = "candidate"
+PREFIX = "registry"
+MODELS = f"{PREFIX}/models"
+REGISTRATIONS = f"{PREFIX}/registrations"
+ALIASES = f"{PREFIX}/aliases"
+HISTORY = f"{PREFIX}/history"
+ALIAS_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+MAX_PREVIOUS = 20  # rollback depth kept in an alias record
+LOCK_TIMEOUT_SECONDS = 30.0
+
+
+class RegistryError(Exception):
+    """A registry operation was refused; the message says why in one line."""
+
+
+class UnknownVersion(RegistryError):
+    """The version is not registered (or its upload never completed)."""
+
+
+class AliasConflict(RegistryError):
+    """Compare-and-set failed: the alias moved since the caller looked at it."""
+
+
+class NothingToRollBack(RegistryError):
+    """Rollback asked for, but there is no candidate and no previous production model."""
+
+
+class _Any:
+    def __repr__(self) -> str:
+        return "ANY"
+
+
+ANY: Any = _Any()
+"""Default of ``expected=``: move the alias whatever it points to now."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _dumps(value: Any) -> bytes:
+    return (
+        json.dumps(to_jsonable(value), indent=2, sort_keys=True, allow_nan=False) + "\n"
+    ).encode()
+
+
+def _check_alias(name: str) -> None:
+    if not ALIAS_NAME.match(name):
+        raise RegistryError(f"invalid alias name {name!r} (lowercase letters, digits, - and _)")
+
+
+def _check_version(version: str) -> None:
+    if not isinstance(version, str) or not is_version(version):
+        raise UnknownVersion(
+            f"{version!r} is not a model version (expected v<YYYYmmddHHMMSS>-<8 hex>)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelVersion:
+    """A registered bundle as readers see it."""
+
+    version: str
+    manifest: dict[str, Any]
+    metrics: dict[str, Any]
+    created_at: datetime | None
+    registered_at: datetime | None
+    tags: dict[str, str]
+
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        return self.manifest["files"]
+
+    @property
+    def size(self) -> int:
+        return sum(int(f["size"]) for f in self.files.values())
+
+
+@dataclass(frozen=True, slots=True)
+class AliasState:
+    """Where an alias points now; ``share`` is the fraction of users it serves."""
+
+    alias: str
+    version: str
+    share: float
+    updated_at: datetime
+    reason: str
+    previous: str | None
+    evidence: dict[str, Any]
+    previous_versions: tuple[str, ...] = ()
+    seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AliasEvent:
+    """One immutable audit record of an alias move (``version`` is None for a clear)."""
+
+    key: str
+    at: datetime
+    alias: str
+    action: Literal["set", "clear"]
+    version: str | None
+    previous: str | None
+    share: float | None
+    reason: str
+    evidence: dict[str, Any]
+    seq: int
+
+
+# --- object transfer: stream files instead of holding bundles in memory -------------
+
+
+def _s3_location(lake: S3Lake, key: str) -> tuple[str, str]:
+    bucket, _, full = lake.uri_for(key).removeprefix("s3://").partition("/")
+    return bucket, full
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _put_file(lake: Lake, key: str, source: Path) -> None:
+    """Upload one file so that the object appears whole or not at all."""
+    local = lake.local_path(key)
+    if local is not None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            shutil.copyfile(source, tmp)
+            _fsync(tmp)
+            os.replace(tmp, local)
+            _fsync(local.parent)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    elif isinstance(lake, S3Lake):
+        bucket, full = _s3_location(lake, key)
+        lake.client.upload_file(str(source), bucket, full)  # multipart for large files
+    else:
+        lake.put_bytes(key, source.read_bytes())
+
+
+def _get_file(lake: Lake, key: str, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    local = lake.local_path(key)
+    if local is not None:
+        try:
+            shutil.copyfile(local, dest)
+        except FileNotFoundError as exc:
+            raise BundleError(f"{lake.uri_for(key)}: missing from the registry") from exc
+    elif isinstance(lake, S3Lake):
+        from botocore.exceptions import ClientError
+
+        bucket, full = _s3_location(lake, key)
+        try:
+            lake.client.download_file(bucket, full, str(dest))
+        except ClientError as exc:
+            raise BundleError(f"{lake.uri_for(key)}: cannot download ({exc})") from exc
+    else:
+        dest.write_bytes(lake.get_bytes(key))
+
+
+# --- alias objects: one atomic write each, optional compare-and-set -----------------
+
+
+class _AliasObjects:
+    """Reads and conditionally replaces alias objects; the one place that knows how
+    compare-and-set works on each kind of lake."""
+
+    def __init__(self, lake: Lake) -> None:
+        self.lake = lake
+        lock_path = lake.local_path(f"{PREFIX}/.aliases.lock")
+        self._lock: FileLock | None = None
+        if lock_path is not None:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = FileLock(lock_path, timeout=LOCK_TIMEOUT_SECONDS)
+
+    def locked(self) -> AbstractContextManager[Any]:
+        return self._lock if self._lock is not None else nullcontext()
+
+    def read(self, key: str) -> tuple[bytes | None, str | None]:
+        """(object bytes or None, a token for ``write``); exactly one object read."""
+        if isinstance(self.lake, S3Lake):
+            from botocore.exceptions import ClientError
+
+            bucket, full = _s3_location(self.lake, key)
+            try:
+                response = self.lake.client.get_object(Bucket=bucket, Key=full)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
+                    return None, None
+                raise
+            return response["Body"].read(), response.get("ETag")
+        local = self.lake.local_path(key)
+        if local is not None:
+            try:
+                return local.read_bytes(), None
+            except FileNotFoundError:
+                return None, None
+        return (self.lake.get_bytes(key) if self.lake.exists(key) else None), None
+
+    def write(self, key: str, data: bytes, token: str | None, existed: bool) -> None:
+        if not isinstance(self.lake, S3Lake):
+            self.lake.put_bytes(key, data)  # under the file lock (local) or single writer
+            return
+        from botocore.exceptions import ClientError
+
+        bucket, full = _s3_location(self.lake, key)
+        condition = {"IfMatch": token} if existed and token else {"IfNoneMatch": "*"}
+        try:
+            self.lake.client.put_object(Bucket=bucket, Key=full, Body=data, **condition)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in {"PreconditionFailed", "ConditionalRequestConflict"} or status in {
+                409,
+                412,
+            }:
+                raise AliasConflict(
+                    f"alias object {key} changed while it was being moved; retry"
+                ) from exc
+            raise
+
+
+def _alias_from_record(name: str, record: Mapping[str, Any]) -> AliasState | None:
+    version = record.get("version")
+    if not version:
+        return None  # cleared
+    return AliasState(
+        alias=name,
+        version=str(version),
+        share=float(record.get("share", 1.0)),
+        updated_at=_parse_time(record.get("updated_at")) or datetime.fromtimestamp(0, UTC),
+        reason=str(record.get("reason", "")),
+        previous=record.get("previous"),
+        evidence=dict(record.get("evidence") or {}),
+        previous_versions=tuple(record.get("previous_versions") or ()),
+        seq=int(record.get("seq", 0)),
+    )
+
+
+def _event_from_record(key: str, record: Mapping[str, Any]) -> AliasEvent:
+    share = record.get("share")
+    return AliasEvent(
+        key=key,
+        at=_parse_time(record.get("at")) or datetime.fromtimestamp(0, UTC),
+        alias=str(record.get("alias", "")),
+        action="clear" if record.get("action") == "clear" else "set",
+        version=record.get("version"),
+        previous=record.get("previous"),
+        share=float(share) if share is not None else None,
+        reason=str(record.get("reason", "")),
+        evidence=dict(record.get("evidence") or {}),
+        seq=int(record.get("seq", 0)),
+    )
+
+
+def _history_alias(key: str) -> str:
+    """The alias of a ``<ts>-<alias>-<n>.json`` history key (aliases may contain '-')."""
+    return key.rsplit("/", 1)[-1].removesuffix(".json").split("-", 1)[-1].rsplit("-", 1)[0]
+
+
+# A move computes (new version or None to clear, share, previous_versions) from the
+# current record, under the lock, so read-decide-write is one step.
+_Plan = Callable[[dict[str, Any] | None], tuple[str | None, float | None, list[str]]]
+
+
+class ModelRegistry:
+    """Registered model versions and their aliases in a lake."""
+
+    def __init__(self, lake: Lake, *, clock: Callable[[], datetime] = _now) -> None:
+        self.lake = lake
+        self.clock = clock
+        self._aliases = _AliasObjects(lake)
+
+    # --- versions ------------------------------------------------------------------
+
+    @staticmethod
+    def model_key(version: str, name: str = MANIFEST) -> str:
+        return f"{MODELS}/{version}/{name}"
+
+    def uri(self, version: str) -> str:
+        return self.lake.uri_for(f"{MODELS}/{version}")
+
+    def exists(self, version: str) -> bool:
+        return is_version(version) and self.lake.exists(self.model_key(version))
+
+    def register(
+        self,
+        bundle_dir: str | Path,
+        *,
+        tags: Mapping[str, str] | None = None,
+        on_file: Callable[[str, int], None] | None = None,
+    ) -> ModelVersion:
+        """Verify a bundle and upload it; the manifest goes last, so a crash at any point
+        leaves no visible version and never touches an alias. Registering the same
+        version again (same files) returns the registered one; re-running after a crash
+        overwrites the partial upload."""
+        bundle = Path(bundle_dir)
+        manifest = verify_bundle(bundle)
+        version = manifest["version"]
+        clean_tags = {str(k): str(v) for k, v in (tags or {}).items()}
+        if self.exists(version):
+            existing = self.get(version)
+            if existing.files != manifest["files"]:
+                raise RegistryError(
+                    f"version {version} is already registered with different files; "
+                    "a bundle version must be unique"
+                )
+            log.info("registry.register.exists", version=version)
+            return existing
+        for name in sorted(manifest["files"]):
+            _put_file(self.lake, self.model_key(version, name), bundle / name)
+            if on_file is not None:
+                on_file(name, int(manifest["files"][name]["size"]))
+        registration = {
+            "version": version,
+            "registered_at": self.clock().isoformat(),
+            "tags": clean_tags,
+            "source": str(bundle.resolve()),
+        }
+        self.lake.put_bytes(f"{REGISTRATIONS}/{version}.json", _dumps(registration))
+        _put_file(self.lake, self.model_key(version), bundle / MANIFEST)  # commit point
+        log.info(
+            "registry.register",
+            version=version,
+            files=len(manifest["files"]),
+            bytes=sum(int(f["size"]) for f in manifest["files"].values()),
+            lake=self.lake.uri,
+        )
+        return self.get(version)
+
+    def _manifest_bytes(self, version: str) -> bytes:
+        _check_version(version)
+        key = self.model_key(version)
+        try:
+            return self.lake.get_bytes(key)
+        except FileNotFoundError as exc:
+            raise UnknownVersion(f"model version {version} is not registered") from exc
+        except Exception as exc:
+            if not self.lake.exists(key):
+                raise UnknownVersion(f"model version {version} is not registered") from exc
+            raise
+
+    def get(self, version: str) -> ModelVersion:
+        where = self.lake.uri_for(self.model_key(version))
+        manifest = parse_manifest(self._manifest_bytes(version), where)
+        if manifest["version"] != version:
+            raise BundleError(f"{where}: manifest says version {manifest['version']}")
+        registration: dict[str, Any] = {}
+        reg_key = f"{REGISTRATIONS}/{version}.json"
+        if self.lake.exists(reg_key):
+            registration = json.loads(self.lake.get_bytes(reg_key))
+        metrics = manifest.get("metrics")
+        return ModelVersion(
+            version=version,
+            manifest=manifest,
+            metrics=dict(metrics) if isinstance(metrics, dict) else {},
+            created_at=_parse_time(manifest.get("created_at")),
+            registered_at=_parse_time(registration.get("registered_at")),
+            tags=dict(registration.get("tags") or {}),
+        )
+
+    def version_ids(self) -> list[str]:
+        """Sorted versions whose upload completed (one listing, no object reads)."""
+        found: set[str] = set()
+        for obj in self.lake.list(f"{MODELS}/"):
+            parts = obj.key[len(MODELS) + 1 :].split("/")
+            if len(parts) == 2 and parts[1] == MANIFEST and is_version(parts[0]):
+                found.add(parts[0])
+        return sorted(found)
+
+    def versions(self) -> list[ModelVersion]:
+        return [self.get(v) for v in self.version_ids()]
+
+    def fetch(self, version: str, dest_root: str | Path) -> Path:
+        """Download ``version`` into ``dest_root/<version>`` and verify it.
+
+        Idempotent (an existing verified copy is returned; a corrupt one is replaced)
+        and safe when several processes fetch at once: a file lock per version
+        serializes them and the copy is built in a temp dir renamed into place.
+        """
+        _check_version(version)
+        root = Path(dest_root).expanduser()
+        root.mkdir(parents=True, exist_ok=True)
+        dest = root / version
+        with FileLock(root / f".{version}.lock"):
+            if dest.exists():
+                try:
+                    verify_bundle(dest)
+                    return dest
+                except BundleError as exc:
+                    log.warning("registry.fetch.corrupt_copy", version=version, error=str(exc))
+                    trash = root / f".{version}.{uuid.uuid4().hex[:8]}.corrupt"
+                    os.rename(dest, trash)
+                    shutil.rmtree(trash, ignore_errors=True)
+            manifest_bytes = self._manifest_bytes(version)
+            manifest = parse_manifest(manifest_bytes, self.lake.uri_for(self.model_key(version)))
+            tmp = root / f".{version}.{uuid.uuid4().hex[:8]}.tmp"
+            tmp.mkdir()
+            try:
+                for name in sorted(manifest["files"]):
+                    _get_file(self.lake, self.model_key(version, name), tmp / name)
+                (tmp / MANIFEST).write_bytes(manifest_bytes)
+                verify_bundle(tmp)
+                for dirpath, _dirs, files in os.walk(tmp):
+                    for f in files:
+                        _fsync(Path(dirpath) / f)
+                    _fsync(Path(dirpath))
+                os.rename(tmp, dest)
+                _fsync(root)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        log.info("registry.fetch", version=version, dest=str(dest))
+        return dest
+
+    # --- aliases -------------------------------------------------------------------
+
+    @staticmethod
+    def alias_key(name: str) -> str:
+        return f"{ALIASES}/{name}.json"
+
+    def _read_record(self, name: str) -> tuple[dict[str, Any] | None, str | None, bool]:
+        raw, token = self._aliases.read(self.alias_key(name))
+        if raw is None:
+            return None, None, False
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise RegistryError(f"{self.lake.uri_for(self.alias_key(name))}: {exc}") from exc
+        return record, token, True
+
+    def alias(self, name: str) -> AliasState | None:
+        """Where ``name`` points now (None if unset or cleared): one small object read."""
+        _check_alias(name)
+        record, _token, _ = self._read_record(name)
+        return _alias_from_record(name, record) if record else None
+
+    def aliases(self) -> dict[str, AliasState]:
+        found: dict[str, AliasState] = {}
+        for obj in self.lake.list(f"{ALIASES}/"):
+            name = obj.key.rsplit("/", 1)[-1].removesuffix(".json")
+            if ALIAS_NAME.match(name) and (state := self.alias(name)) is not None:
+                found[name] = state
+        return dict(sorted(found.items()))
+
+    def _move(
+        self,
+        name: str,
+        plan: _Plan,
+        *,
+        reason: str,
+        evidence: Mapping[str, Any] | None,
+        expected: Any,
+    ) -> AliasEvent:
+        _check_alias(name)
+        if not reason or not reason.strip():
+            raise RegistryError("an alias move needs a reason")
+        try:
+            with self._aliases.locked():
+                return self._move_locked(name, plan, reason, evidence, expected)
+        except LockTimeout as exc:
+            raise RegistryError(
+                f"another process has held the registry alias lock for over "
+                f"{LOCK_TIMEOUT_SECONDS:.0f}s ({exc.lock_file}); retry"
+            ) from exc
+
+    def _move_locked(
+        self,
+        name: str,
+        plan: _Plan,
+        reason: str,
+        evidence: Mapping[str, Any] | None,
+        expected: Any,
+    ) -> AliasEvent:
+        current, token, existed = self._read_record(name)
+        current_version = current.get("version") if current else None
+        if expected is not ANY and expected != current_version:
+            raise AliasConflict(
+                f"alias {name!r} points to {current_version or 'nothing'}, "
+                f"expected {expected or 'nothing'}"
+            )
+        version, share, stack = plan(current)
+        at = self.clock()
+        seq = int(current.get("seq", 0)) + 1 if current else 1
+        record = {
+            "alias": name,
+            "version": version,
+            "share": share,
+            "updated_at": at.isoformat(),
+            "reason": reason.strip(),
+            "previous": current_version,
+            "previous_versions": stack[:MAX_PREVIOUS],
+            "evidence": dict(evidence or {}),
+            "seq": seq,
+        }
+        self._aliases.write(self.alias_key(name), _dumps(record), token, existed)
+        event = {
+            "at": at.isoformat(),
+            "alias": name,
+            "action": "set" if version else "clear",
+            "version": version,
+            "previous": current_version,
+            "share": share,
+            "reason": record["reason"],
+            "evidence": record["evidence"],
+            "seq": seq,
+        }
+        key = f"{HISTORY}/{at.astimezone(UTC):%Y%m%dT%H%M%S%fZ}-{name}-{seq:06d}.json"
+        self.lake.put_bytes(key, _dumps(event))
+        log.info(
+            "registry.alias",
+            alias=name,
+            version=version,
+            previous=current_version,
+            share=share,
+            reason=record["reason"],
+        )
+        return _event_from_record(key, json.loads(_dumps(event)))
+
+    def set_alias(
+        self,
+        name: str,
+        version: str,
+        *,
+        reason: str,
+        share: float | None = None,
+        evidence: Mapping[str, Any] | None = None,
+        expected: Any = ANY,
+    ) -> AliasEvent:
+        """Point ``name`` at ``version`` in one atomic write and record it in history.
+
+        ``share`` is 1.0 for production (and the default for other aliases is refused:
+        a phased-in alias must say how many users it gets). ``expected`` (a version, or
+        None for "unset") makes the move a compare-and-set: ``AliasConflict`` if the
+        alias points elsewhere.
+        """
+        _check_alias(name)
+        if share is None:
+            if name != PRODUCTION:
+                raise RegistryError(f"alias {name!r} needs a share in (0, 1]")
+            share = 1.0
+        if not (0.0 < float(share) <= 1.0) or math.isnan(float(share)):
+            raise RegistryError(f"share must be in (0, 1], got {share}")
+        if name == PRODUCTION and float(share) != 1.0:
+            raise RegistryError("production always serves share 1.0; use the candidate alias")
+        if not self.exists(version):
+            raise UnknownVersion(f"model version {version} is not registered")
+
+        def plan(current: dict[str, Any] | None) -> tuple[str | None, float | None, list[str]]:
+            stack = list(current.get("previous_versions") or []) if current else []
+            old = current.get("version") if current else None
+            if old and old != version:
+                stack = [old, *stack]
+            return version, float(share), stack
+
+        return self._move(name, plan, reason=reason, evidence=evidence, expected=expected)
+
+    def clear_alias(
+        self,
+        name: str,
+        *,
+        reason: str,
+        evidence: Mapping[str, Any] | None = None,
+        expected: Any = ANY,
+    ) -> AliasEvent:
+        """Unset ``name`` (readers then get None); the record keeps what it pointed to."""
+
+        def plan(current: dict[str, Any] | None) -> tuple[str | None, float | None, list[str]]:
+            if not current or not current.get("version"):
+                raise NothingToRollBack(f"alias {name!r} is not set")
+            stack = list(current.get("previous_versions") or [])
+            return None, None, [current["version"], *stack]
+
+        return self._move(name, plan, reason=reason, evidence=evidence, expected=expected)
+
+    def promote(
+        self, version: str, *, reason: str, evidence: Mapping[str, Any] | None = None
+    ) -> AliasEvent:
+        """production <- ``version``; a candidate pointing at it is cleared (phase-in done)."""
+        event = self.set_alias(PRODUCTION, version, reason=reason, evidence=evidence)
+        candidate = self.alias(CANDIDATE)
+        if candidate is not None and candidate.version == version:
+            # If someone moved the candidate meanwhile, leave their decision alone.
+            with suppress(AliasConflict, NothingToRollBack):
+                self.clear_alias(
+                    CANDIDATE,
+                    reason=f"promoted to production: {reason}",
+                    evidence=evidence,
+                    expected=version,
+                )
+        return event
+
+    def rollback(
+        self,
+        *,
+        reason: str,
+        alias: str | None = None,
+        evidence: Mapping[str, Any] | None = None,
+    ) -> AliasEvent:
+        """Undo the last step: stop a candidate's phase-in if one is running (or if
+        ``alias="candidate"``), else move production back to its previous version."""
+        if alias is None:
+            alias = CANDIDATE if self.alias(CANDIDATE) is not None else PRODUCTION
+        _check_alias(alias)
+        if alias != PRODUCTION:
+            if self.alias(alias) is None:
+                raise NothingToRollBack(f"nothing to roll back: alias {alias!r} is not set")
+            return self.clear_alias(alias, reason=reason, evidence=evidence)
+
+        def plan(current: dict[str, Any] | None) -> tuple[str | None, float | None, list[str]]:
+            stack = list(current.get("previous_versions") or []) if current else []
+            now = current.get("version") if current else None
+            while stack and stack[0] == now:
+                stack.pop(0)
+            if not stack:
+                raise NothingToRollBack("nothing to roll back: production has no previous version")
+            target, rest = stack[0], stack[1:]
+            if not self.exists(target):
+                raise NothingToRollBack(
+                    f"cannot roll back: previous production version {target} is not registered"
+                )
+            return target, 1.0, rest
+
+        return self._move(PRODUCTION, plan, reason=reason, evidence=evidence, expected=ANY)
+
+    def history(self, limit: int = 100, *, alias: str | None = None) -> list[AliasEvent]:
+        """Alias moves, newest first."""
+        keys = sorted((o.key for o in self.lake.list(f"{HISTORY}/")), reverse=True)
+        events: list[AliasEvent] = []
+        for key in keys:
+            if len(events) >= limit:
+                break
+            if alias is not None and _history_alias(key) != alias:
+                continue
+            events.append(_event_from_record(key, json.loads(self.lake.get_bytes(key))))
+        return events
+
+
+# --- the promotion rule --------------------------------------------------------------
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+@dataclass(frozen=True, slots=True)
+class PromotionRule:
+    """Higher is better for every metric. ``min_lift`` and guardrail tolerances are
+    relative: 0.01 = the challenger must be 1% better; 0.05 = a guardrail metric may not
+    fall more than 5% below production."""
+
+    metric: str = "ndcg@10"
+    min_lift: float = 0.01
+    guardrails: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.min_lift) or self.min_lift < 0:
+            raise ValueError(f"min_lift must be a finite number >= 0, got {self.min_lift}")
+        for name, tolerance in self.guardrails.items():
+            if not math.isfinite(tolerance) or tolerance < 0:
+                raise ValueError(f"guardrail {name!r}: tolerance must be >= 0, got {tolerance}")
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> PromotionRule:
+        return cls(
+            metric=settings.promotion_metric,
+            min_lift=float(settings.promotion_min_lift),
+            guardrails={k: float(v) for k, v in settings.promotion_guardrails.items()},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PromotionDecision:
+    promote: bool
+    reason: str
+    evidence: dict[str, Any]
+
+
+def _relative_change(new: float, old: float) -> float:
+    if old == 0:
+        return 0.0 if new == old else math.copysign(math.inf, new - old)
+    return (new - old) / abs(old)
+
+
+def decide_promotion(
+    challenger_metrics: Mapping[str, Any],
+    production_metrics: Mapping[str, Any] | None,
+    rule: PromotionRule,
+) -> PromotionDecision:
+    """Promote the challenger iff it beats production on ``rule.metric`` by at least
+    ``rule.min_lift`` (relative) and no guardrail metric drops by more than its
+    tolerance. With no production model the first valid challenger is promoted. A
+    missing or non-finite metric never promotes: the reason names it."""
+    evidence: dict[str, Any] = {
+        "metric": rule.metric,
+        "min_lift": rule.min_lift,
+        "challenger": _finite(challenger_metrics.get(rule.metric)),
+        "production": None,
+        "lift": None,
+        "guardrails": {},
+    }
+    challenger = evidence["challenger"]
+    if challenger is None:
+        return PromotionDecision(
+            False,
+            f"challenger has no finite {rule.metric} (got {challenger_metrics.get(rule.metric)!r})",
+            evidence,
+        )
+    if production_metrics is None:
+        return PromotionDecision(
+            True, f"first model: no production model ({rule.metric}={challenger:.4g})", evidence
+        )
+    production = _finite(production_metrics.get(rule.metric))
+    evidence["production"] = production
+    if production is None:
+        return PromotionDecision(
+            False,
+            f"production has no finite {rule.metric} "
+            f"(got {production_metrics.get(rule.metric)!r}); cannot compare",
+            evidence,
+        )
+    lift = _relative_change(challenger, production)
+    evidence["lift"] = lift if math.isfinite(lift) else None
+    problems: list[str] = []
+    for name, tolerance in sorted(rule.guardrails.items()):
+        c = _finite(challenger_metrics.get(name))
+        p = _finite(production_metrics.get(name))
+        entry: dict[str, Any] = {"challenger": c, "production": p, "max_drop": tolerance}
+        evidence["guardrails"][name] = entry
+        if c is None or p is None:
+            entry["ok"] = False
+            side = "challenger" if c is None else "production"
+            problems.append(f"guardrail {name} missing or not finite for the {side}")
+            continue
+        drop = -_relative_change(c, p)
+        entry["drop"] = drop if math.isfinite(drop) else None
+        entry["ok"] = drop <= tolerance
+        if not entry["ok"]:
+            problems.append(f"guardrail {name} dropped {drop:.1%} (tolerance {tolerance:.1%})")
+    if problems:
+        return PromotionDecision(False, "; ".join(problems), evidence)
+    summary = f"{rule.metric} {challenger:.4g} vs production {production:.4g}"
+    if challenger > production and lift >= rule.min_lift:
+        lift_text = f"{lift:+.1%}" if math.isfinite(lift) else "from 0"
+        return PromotionDecision(
+            True, f"{summary} ({lift_text}, needs {rule.min_lift:+.1%})", evidence
+        )
+    return PromotionDecision(
+        False,
+        f"{summary} ({lift:+.1%}) does not beat production by {rule.min_lift:.1%}",
+        evidence,
+    )
