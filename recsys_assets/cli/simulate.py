@@ -1,4 +1,5 @@
-"""``recsys simulate``: synthetic historic weblogs (plus catalogue and ground truth)."""
+"""``recsys simulate``: synthetic historic weblogs (plus catalogue and ground truth), and
+``recsys simulate live``: simulated users playing against a running server."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Annotated
 import typer
 
 from recsys_assets.cli import app
-from recsys_assets.cli.common import fail, progress, summary
+from recsys_assets.cli.common import fail, out, progress, summary
 
 
 def _parse_end(value: str | None) -> datetime | None:
@@ -24,8 +25,17 @@ def _parse_end(value: str | None) -> datetime | None:
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
-@app.command("simulate")
+simulate_app = typer.Typer(
+    help="Synthetic weblogs from a ground-truth preference model; `live` plays users.",
+    no_args_is_help=False,
+    invoke_without_command=True,
+)
+app.add_typer(simulate_app, name="simulate")
+
+
+@simulate_app.callback(invoke_without_command=True)
 def simulate(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("data/sim"),
     users: Annotated[int, typer.Option(min=1, help="Number of users.")] = 2_000,
     items: Annotated[int, typer.Option(min=1, help="Number of items.")] = 1_000,
@@ -45,7 +55,12 @@ def simulate(
         int | None, typer.Option(min=1, help="Weblog part files (default: one per 2M events).")
     ] = None,
 ) -> None:
-    """Simulate users browsing a shop: weblogs, items, users and the hidden ground truth."""
+    """Simulate users browsing a shop: weblogs, items, users and the hidden ground truth.
+
+    With a subcommand (`recsys simulate live ...`) the options here are not used.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     from recsys_assets.simulation.history import simulate_history
 
     end_at = _parse_end(end)
@@ -77,3 +92,98 @@ def simulate(
         f"simulated {result.n_events:,} events ({result.n_corrupt:,} corrupt) for "
         f"{users:,} users x {items:,} items over {days:g} days -> {out} in {elapsed:.1f}s"
     )
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: str, option: str) -> float:
+    """Seconds from ``90``, ``90s``, ``5m`` or ``1.5h``."""
+    text = value.strip().lower()
+    scale = _UNITS.get(text[-1:])
+    number = text[:-1] if scale is not None else text
+    try:
+        seconds = float(number) * (scale or 1.0)
+    except ValueError:
+        fail(f"{option}: not a duration (try 90, 90s, 5m or 1h): {value!r}")
+    if seconds < 0:
+        fail(f"{option}: must not be negative: {value!r}")
+    return seconds
+
+
+@simulate_app.command("live")
+def live(
+    url: Annotated[str, typer.Option(help="Base URL of the running service.")] = (
+        "http://127.0.0.1:8000"
+    ),
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="RECSYS_API_KEY", help="X-API-Key (scopes: recommend, events)."),
+    ] = None,
+    truth: Annotated[
+        Path, typer.Option(help="Ground truth written by `recsys simulate` (truth.npz/.json).")
+    ] = Path("data/sim/truth"),
+    users: Annotated[
+        int, typer.Option(min=1, help="Simulated users (few users, many requests).")
+    ] = 200,
+    rps: Annotated[
+        float, typer.Option(min=0.01, help="Target recommendation requests/second.")
+    ] = 20.0,
+    duration: Annotated[str, typer.Option(help="How long to play: 90s, 5m, 1h.")] = "2m",
+    drift_at: Annotated[
+        str | None, typer.Option(help="When user tastes shift (after start): e.g. 60s.")
+    ] = None,
+    drift_strength: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="0 = no change, 1 = unrelated tastes.")
+    ] = 0.8,
+    new_items: Annotated[int, typer.Option(min=0, help="Items that appear at the drift.")] = 0,
+    k: Annotated[int, typer.Option(min=1, max=100, help="Items per recommendation.")] = 10,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at most.")] = 16,
+    interval: Annotated[str, typer.Option(help="Seconds between live lines.")] = "5s",
+    timeline: Annotated[
+        Path | None,
+        typer.Option(help="NDJSON timeline to write (default: live-<time>.ndjson beside truth)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of user choice, clicks and the drift.")] = 0,
+) -> None:
+    """Play users against a running server, with an optional preference drift mid-run.
+
+    Recommendations are asked for over HTTP, clicks are drawn from the ground truth
+    (position bias included) and posted with downstream events to `POST /events`.
+    """
+    from recsys_assets.simulation.live import LiveConfig, run_live
+    from recsys_assets.simulation.truth import GroundTruth
+
+    try:
+        world = GroundTruth.load(truth)
+    except FileNotFoundError as exc:
+        fail(f"--truth: {exc.filename} not found; run `recsys simulate` first")
+    except (ValueError, KeyError) as exc:
+        fail(f"--truth: {truth}: {exc}")
+    seconds = parse_duration(duration, "--duration")
+    drift = parse_duration(drift_at, "--drift-at") if drift_at is not None else None
+    if timeline is None:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        timeline = Path(truth).parent / f"live-{stamp}.ndjson"
+    try:
+        config = LiveConfig(
+            base_url=url,
+            api_key=api_key,
+            users=users,
+            rps=rps,
+            duration=seconds,
+            drift_at=drift,
+            drift_strength=drift_strength,
+            drift_new_items=new_items,
+            k=k,
+            concurrency=concurrency,
+            interval=parse_duration(interval, "--interval") or 1.0,
+            seed=seed,
+            timeline_path=timeline,
+        )
+    except ValueError as exc:
+        fail(str(exc))
+    result = run_live(world, config, on_line=lambda line: out.print(line, highlight=False))
+    summary(result.describe() + f" -> {timeline}")
+    if result.requests == 0:
+        raise typer.Exit(1)
