@@ -167,6 +167,16 @@ class Settings(BaseSettings):
         default=True, description="Retrain on a schedule even without a CTR drop."
     )
     nightly_retrain_cron: str = "0 3 * * *"
+    closed_loop_tick_seconds: int = Field(
+        default=30, description="How often the CTR-drop and canary sensors evaluate."
+    )
+    online_ctr_cron: str = Field(
+        default="*/5 * * * *", description="When the online_ctr asset records a snapshot."
+    )
+    service_metrics_url: str | None = Field(
+        default=None,
+        description="The server's /metrics URL, scraped for service health (unset: skipped).",
+    )
 
     # Packaging: the promoted model as an OCI artifact.
     oci_repository: str | None = Field(
