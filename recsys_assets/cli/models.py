@@ -1,0 +1,388 @@
+"""``recsys models``: inspect the model registry and move its aliases by hand.
+
+Manual moves go through the same registry calls as the closed loop, so they land in the
+same audit trail (reason ``manual: ...``) and send the same kind of alert: an operator's
+promotion or rollback is never invisible to the people on duty.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import socket
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich import box
+from rich.markup import escape
+from rich.table import Table
+
+from recsys_assets.cli import app
+from recsys_assets.cli.common import console, fail, out, progress, summary
+
+if TYPE_CHECKING:
+    from recsys_serving.registry import AliasEvent, ModelRegistry
+    from recsys_serving.settings import Settings
+
+models_app = typer.Typer(
+    name="models",
+    help="List, inspect, register, promote and roll back models in the registry.",
+    no_args_is_help=True,
+)
+app.add_typer(models_app)
+
+
+class AliasChoice(StrEnum):
+    candidate = "candidate"
+    production = "production"
+
+
+def _settings() -> Settings:
+    from recsys_serving.settings import Settings
+
+    return Settings()
+
+
+def _registry(settings: Settings) -> ModelRegistry:
+    from recsys_serving.lake import open_lake
+    from recsys_serving.registry import ModelRegistry
+
+    try:
+        lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
+    except ValueError as exc:
+        fail(f"RECSYS_LAKE_URI: {exc}")
+    return ModelRegistry(lake)
+
+
+def _refusals() -> tuple[type[BaseException], ...]:
+    """Errors that are the operator's or the registry's state, reported in one line."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from recsys_serving.model.bundle import BundleError
+    from recsys_serving.registry import RegistryError
+
+    return (RegistryError, BundleError, OSError, BotoCoreError, ClientError)
+
+
+def _manual(reason: str | None, default: str) -> str:
+    text = (reason or default).strip()
+    return text if text.startswith("manual:") else f"manual: {text}"
+
+
+def _who() -> dict[str, str]:
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = "unknown"
+    return {"by": user, "host": socket.gethostname(), "via": "recsys models"}
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, dict | list):
+        return json.dumps(value, sort_keys=True, default=str)
+    return str(value)
+
+
+def _size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _notify(settings: Settings, event: AliasEvent, title: str) -> None:
+    """Tell the people on duty; a failed channel is reported but never undoes the move."""
+    from recsys_assets.alerts.notifier import Alert, NotifierResource, was_delivered
+
+    alert = Alert(
+        key=f"model-alias-{event.alias}",
+        status="firing",
+        severity="info",
+        title=title,
+        summary=(
+            f"{event.alias}: {event.previous or 'nothing'} -> {event.version or 'cleared'} "
+            f"({event.reason})"
+        ),
+        details={
+            "alias": event.alias,
+            "version": event.version,
+            "previous": event.previous,
+            "share": event.share,
+            "reason": event.reason,
+            **event.evidence,
+        },
+        at=event.at,
+    )
+    results = NotifierResource.from_settings(settings).get().send(alert)
+    if not was_delivered(results):
+        failed = ", ".join(f"{r.channel}: {r.error}" for r in results if not r.ok)
+        console.print(f"[yellow]warning:[/] alert not delivered ({escape(failed)})")
+
+
+def _aliases_by_version(reg: ModelRegistry) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for name, state in reg.aliases().items():
+        label = name if state.share >= 1.0 else f"{name} {state.share:.0%}"
+        found.setdefault(state.version, []).append(label)
+    return found
+
+
+@models_app.command("list")
+def list_models(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Registered versions, oldest first, with the primary metric and their aliases."""
+    settings = _settings()
+    reg = _registry(settings)
+    metric = settings.promotion_metric
+    try:
+        versions = reg.versions()
+        aliases = _aliases_by_version(reg)
+    except _refusals() as exc:
+        fail(str(exc))
+    rows = [
+        {
+            "version": mv.version,
+            "created_at": mv.created_at.isoformat() if mv.created_at else None,
+            metric: mv.metrics.get(metric),
+            "aliases": aliases.get(mv.version, []),
+            "tags": mv.tags,
+        }
+        for mv in versions
+    ]
+    if as_json:
+        out.print_json(json.dumps(rows, default=str))
+        return
+    table = Table(title=f"models in {reg.lake.uri}", title_justify="left", box=box.SIMPLE)
+    table.add_column("version", no_wrap=True)
+    table.add_column("created (UTC)", no_wrap=True)
+    table.add_column(metric, justify="right", no_wrap=True)
+    table.add_column("aliases", no_wrap=True)
+    table.add_column("tags")
+    for mv, row in zip(versions, rows, strict=True):
+        created = mv.created_at.strftime("%Y-%m-%d %H:%M") if mv.created_at else "-"
+        table.add_row(
+            mv.version,
+            created,
+            _fmt(row[metric]),
+            escape(", ".join(row["aliases"])) or "-",
+            escape(", ".join(f"{k}={v}" for k, v in mv.tags.items())) or "-",
+        )
+    out.print(table)
+    summary(f"{len(rows)} model version(s); production: {_alias_text(reg, 'production')}")
+
+
+def _alias_text(reg: ModelRegistry, name: str) -> str:
+    state = reg.alias(name)
+    return state.version if state else "none"
+
+
+@models_app.command("show")
+def show(
+    version: Annotated[str, typer.Argument(help="A version, or an alias (production, ...).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw manifest.")] = False,
+) -> None:
+    """A version's manifest summary, metrics and files."""
+    from recsys_serving.model.bundle import is_version
+
+    settings = _settings()
+    reg = _registry(settings)
+    try:
+        if not is_version(version) and (state := reg.alias(version)) is not None:
+            version = state.version
+        mv = reg.get(version)
+        aliases = _aliases_by_version(reg).get(version, [])
+    except _refusals() as exc:
+        fail(str(exc))
+    if as_json:
+        out.print_json(json.dumps(mv.manifest, default=str))
+        return
+    m = mv.manifest
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold")
+    head.add_column()
+    for label, value in [
+        ("version", mv.version),
+        ("aliases", ", ".join(aliases) or "-"),
+        ("created", m.get("created_at")),
+        ("registered", mv.registered_at.isoformat() if mv.registered_at else None),
+        ("code", m.get("code_sha")),
+        ("format", m.get("format")),
+        ("seed", m.get("seed")),
+        ("index", m.get("index_version")),
+        ("features", len(m.get("feature_names") or []) or None),
+        ("data", m.get("data")),
+        ("params", m.get("params")),
+        ("tags", ", ".join(f"{k}={v}" for k, v in mv.tags.items()) or None),
+        ("location", reg.uri(mv.version)),
+    ]:
+        head.add_row(label, escape(_fmt(value)))
+    out.print(head)
+    if mv.metrics:
+        metrics = Table(title="metrics", title_justify="left")
+        metrics.add_column("metric")
+        metrics.add_column("value", justify="right")
+        for name, value in sorted(mv.metrics.items()):
+            metrics.add_row(escape(name), escape(_fmt(value)))
+        out.print(metrics)
+    files = Table(title="files", title_justify="left")
+    files.add_column("path")
+    files.add_column("size", justify="right")
+    files.add_column("sha256")
+    for name, entry in sorted(mv.files.items()):
+        files.add_row(escape(name), _size(int(entry["size"])), entry["sha256"][:16])
+    out.print(files)
+    summary(f"{mv.version}: {len(mv.files)} file(s), {_size(mv.size)}")
+
+
+@models_app.command("register")
+def register(
+    bundle: Annotated[
+        Path, typer.Argument(help="A bundle directory (manifest.json inside).", exists=True)
+    ],
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="key=value, repeatable.")] = None,
+) -> None:
+    """Verify a bundle built elsewhere and upload it to the registry (no alias moves)."""
+    from recsys_serving.model.bundle import read_manifest
+
+    tags: dict[str, str] = {}
+    for item in tag or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            fail(f"--tag {item!r}: expected key=value")
+        tags[key.strip()] = value.strip()
+    settings = _settings()
+    reg = _registry(settings)
+    try:
+        manifest = read_manifest(bundle)
+        total = sum(int(f["size"]) for f in manifest["files"].values())
+        with progress(bytes_mode=True) as bar:
+            task = bar.add_task(f"uploading {manifest['version']}", total=total)
+            mv = reg.register(
+                bundle, tags=tags, on_file=lambda _name, size: bar.advance(task, size)
+            )
+    except _refusals() as exc:
+        fail(str(exc))
+    summary(
+        f"registered {mv.version}: {len(mv.files)} file(s), {_size(mv.size)} "
+        f"in {reg.uri(mv.version)}"
+    )
+
+
+@models_app.command("promote")
+def promote(
+    version: Annotated[str, typer.Argument(help="The version to promote.")],
+    candidate: Annotated[
+        bool, typer.Option("--candidate", help="Phase it in as the candidate instead.")
+    ] = False,
+    share: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0, max=1.0, help="Share of users for --candidate (default: first ramp step)."
+        ),
+    ] = None,
+    reason: Annotated[str | None, typer.Option(help="Why; recorded as 'manual: ...'.")] = None,
+) -> None:
+    """Make VERSION the production model (or, with --candidate, phase it in)."""
+    from recsys_serving.registry import CANDIDATE, PRODUCTION
+
+    if share is not None and not candidate:
+        fail("--share only applies with --candidate (production always serves everyone)")
+    settings = _settings()
+    reg = _registry(settings)
+    evidence = _who()
+    try:
+        if candidate:
+            production = reg.alias(PRODUCTION)
+            if production is not None and production.version == version:
+                fail(f"{version} is already the production model; nothing to phase in")
+            share = share if share is not None else settings.canary_ramp[0]
+            why = _manual(reason, f"phase in {version} to {share:.0%} of users")
+            event = reg.set_alias(CANDIDATE, version, reason=why, share=share, evidence=evidence)
+            title = f"Model {version} phased in as candidate by hand"
+        else:
+            why = _manual(reason, f"promote {version} to production")
+            event = reg.promote(version, reason=why, evidence=evidence)
+            title = f"Model {version} promoted to production by hand"
+    except _refusals() as exc:
+        fail(str(exc))
+    _notify(settings, event, title)
+    share_text = f" at {event.share:.0%}" if event.alias != PRODUCTION else ""
+    summary(f"{event.alias}: {event.previous or 'none'} -> {event.version}{share_text} ({why})")
+
+
+@models_app.command("rollback")
+def rollback(
+    alias: Annotated[
+        AliasChoice | None,
+        typer.Option(help="What to roll back; default: the candidate if one is set."),
+    ] = None,
+    reason: Annotated[str | None, typer.Option(help="Why; recorded as 'manual: ...'.")] = None,
+) -> None:
+    """Stop a candidate's phase-in, or move production back to its previous version."""
+    settings = _settings()
+    reg = _registry(settings)
+    why = _manual(reason, "rolled back with recsys models rollback")
+    try:
+        event = reg.rollback(reason=why, alias=alias.value if alias else None, evidence=_who())
+    except _refusals() as exc:
+        fail(str(exc))
+    if event.action == "clear":
+        title = f"Candidate {event.previous} rolled back by hand"
+        text = f"candidate: {event.previous} -> none ({why})"
+    else:
+        title = f"Production rolled back to {event.version} by hand"
+        text = f"production: {event.previous} -> {event.version} ({why})"
+    _notify(settings, event, title)
+    summary(text)
+
+
+@models_app.command("history")
+def history(
+    limit: Annotated[int, typer.Option(min=1, help="Most recent moves to show.")] = 20,
+    alias: Annotated[AliasChoice | None, typer.Option(help="Only this alias.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Alias moves, newest first, with their reasons (the audit trail)."""
+    settings = _settings()
+    reg = _registry(settings)
+    try:
+        events = reg.history(limit=limit, alias=alias.value if alias else None)
+    except _refusals() as exc:
+        fail(str(exc))
+    if as_json:
+        rows = [
+            {
+                "at": e.at.isoformat(),
+                "alias": e.alias,
+                "action": e.action,
+                "version": e.version,
+                "previous": e.previous,
+                "share": e.share,
+                "reason": e.reason,
+                "evidence": e.evidence,
+            }
+            for e in events
+        ]
+        out.print_json(json.dumps(rows, default=str))
+        return
+    # Two lines per move instead of a table: reasons are long and must stay readable
+    # in an 80-column terminal.
+    for e in events:
+        at = e.at.strftime("%Y-%m-%d %H:%M:%S")
+        if e.version is None:
+            what = f"[bold]{e.alias}[/] cleared (was {e.previous})"
+        else:
+            share = f" ({e.share:.0%})" if e.share is not None and e.share < 1.0 else ""
+            what = f"[bold]{e.alias}[/] -> {e.version}{share}, was {e.previous or 'none'}"
+        out.print(f"{at}  {what}", highlight=False)
+        out.print(f"    {escape(e.reason)}", highlight=False)
+    summary(f"{len(events)} alias move(s) shown")
