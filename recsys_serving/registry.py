@@ -471,7 +471,11 @@ class ModelRegistry:
                 for name in sorted(manifest["files"]):
                     _get_file(self.lake, self.model_key(version, name), tmp / name)
                 (tmp / MANIFEST).write_bytes(manifest_bytes)
-                verify_bundle(tmp)
+                if verify_bundle(tmp)["version"] != version:
+                    raise BundleError(
+                        f"{self.lake.uri_for(self.model_key(version))}: "
+                        f"manifest says version {manifest['version']}"
+                    )
                 for dirpath, _dirs, files in os.walk(tmp):
                     for f in files:
                         _fsync(Path(dirpath) / f)

@@ -223,6 +223,43 @@ def test_compare_and_set(registry: ModelRegistry, bundles: Path) -> None:
     assert len(registry.history()) == 2
 
 
+def test_compare_and_set_from_racing_threads(tmp_path: Path, bundles: Path) -> None:
+    """Writers that each read the alias then move it with expected=<what they read>:
+    the lock makes every accepted move build on the one before (no lost update)."""
+    reg = ModelRegistry(LocalLake(tmp_path / "lake"))
+    versions = [reg.register(make_bundle(bundles, seconds=s)).version for s in (1, 2)]
+    reg.promote(versions[0], reason="first")
+    accepted: list[int] = []
+    conflicts: list[int] = []
+
+    def writer(n: int) -> None:
+        # Separate registries, as separate workers would have.
+        mine = ModelRegistry(LocalLake(tmp_path / "lake"))
+        for i in range(15):
+            seen = mine.alias(PRODUCTION)
+            assert seen is not None
+            target = versions[(i + n) % 2]
+            try:
+                mine.set_alias(PRODUCTION, target, reason=f"w{n}-{i}", expected=seen.version)
+                accepted.append(n)
+            except AliasConflict:
+                conflicts.append(n)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    final = reg.alias(PRODUCTION)
+    assert final is not None and final.seq == 1 + len(accepted)
+    events = reg.history(limit=1000)
+    assert len(events) == 1 + len(accepted)
+    assert sorted(e.seq for e in events) == list(range(1, len(events) + 1))
+    # each accepted move's "previous" is the version the move before it set
+    chain = sorted(events, key=lambda e: e.seq)
+    assert all(b.previous == a.version for a, b in itertools.pairwise(chain))
+
+
 def test_s3_alias_write_is_conditional(moto_s3: S3Server, bundles: Path) -> None:  # noqa: F811
     """Two writers that read the same alias: the second conditional PUT is refused."""
     lake = open_lake(
