@@ -37,7 +37,7 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings, collector_only=True)) as c:
         yield c
 
 
@@ -199,7 +199,7 @@ def test_events_route_by_event_date_and_out_of_range_by_arrival(client: TestClie
 
 def test_idle_segments_are_sealed_in_the_background(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path, landing_segment_max_age_seconds=0.2)
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings, collector_only=True)) as c:
         assert c.post("/events", json=[ev(1)]).status_code == 202
         deadline = time.time() + 5
         while not list_sealed(c.app.state.lake) and time.time() < deadline:

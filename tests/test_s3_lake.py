@@ -64,7 +64,7 @@ def test_collector_writes_to_s3(moto_s3: S3Server, tmp_path: Path) -> None:  # n
         lake_uri=f"s3://{moto_s3.bucket}/{prefix}",
         s3_endpoint_url=moto_s3.endpoint_url,
     )
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings, collector_only=True)) as client:
         now = time.time()
         r = client.post(
             "/events",

@@ -1,61 +1,185 @@
-"""Application factory: the collector alone, or the full service as later parts land."""
+"""Application factories: the full recommendation service, or the collector alone.
+
+``create_app(settings)`` builds the service: ``POST /events`` (scope ``events``),
+``/recommendations`` and ``/similar`` (scope ``recommend``), ``/admin`` (scope
+``admin``), ``/healthz``, ``/readyz`` and ``/metrics``; API routes also live under
+``/v1``. ``create_app(settings, collector_only=True)`` (``recsys collector``) is the
+log shipper's endpoint as it always was: ``POST /events``, ``/healthz``, ``/metrics``,
+no model and no API keys (deploy it inside the network, like the shipper).
+
+All state is created here, per app, so tests run several apps side by side.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
 
-from recsys_serving.api import events, health
+from recsys_serving.api import admin, events, health, metrics, recommendations
+from recsys_serving.api.auth import Guard, require
 from recsys_serving.api.errors import install_error_handlers
+from recsys_serving.api.impressions import ImpressionLog
+from recsys_serving.api.metrics import MetricsMiddleware, ServiceMetrics
+from recsys_serving.api.model_manager import (
+    ModelManager,
+    ModelSource,
+    PinnedSource,
+    RegistrySource,
+)
+from recsys_serving.api.serving import Recommending
+from recsys_serving.api.throttle import TokenBuckets
 from recsys_serving.events.intake import EventIntake
-from recsys_serving.lake import open_lake
+from recsys_serving.keys import KeyFile, KeyRing
+from recsys_serving.lake import Lake, open_lake
 from recsys_serving.logging import configure_logging, get_logger
 from recsys_serving.settings import Settings, get_settings
 
 log = get_logger(__name__)
 
+_DEFAULT: Any = object()
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app; state is created here so tests can run several apps side by side."""
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    collector_only: bool = False,
+    model_source: ModelSource | None = None,
+    loader: Callable[[Path], Any] | None = None,
+    docstore: Any = _DEFAULT,
+) -> FastAPI:
+    """Build the app. ``model_source``, ``loader`` and ``docstore`` replace the ones the
+    settings describe (tests inject failing stores or slow indexes through them)."""
     settings = settings or get_settings()
     configure_logging()
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        sealer = asyncio.create_task(_seal_periodically(app.state.intake, settings))
-        log.info("collector.started", lake=app.state.lake.uri)
-        try:
-            yield
-        finally:
-            sealer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sealer
-            app.state.intake.close()
-            log.info("collector.stopped")
-
     app = FastAPI(
         title="recsys",
         version="0.1.0",
-        description="Weblog collector and recommendation service.",
-        lifespan=lifespan,
+        description=(
+            "Weblog collector and recommendation service. API routes need an `X-API-Key` "
+            "with the right scope (`recommend`, `events`, `admin`) unless auth is disabled; "
+            "they are served both under `/v1` and unversioned."
+        ),
+        lifespan=_lifespan,
     )
     app.state.settings = settings
+    app.state.collector_only = collector_only
     app.state.lake = open_lake(
         settings.resolved_lake_uri,
         endpoint_url=settings.s3_endpoint_url,
         region=settings.aws_region,
     )
     app.state.intake = EventIntake(app.state.lake, settings)
+    app.state.metrics = ServiceMetrics(settings.run_dir)
     install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.include_router(health.router)
-    app.include_router(events.router)
-    app.include_router(events.router, prefix="/v1")
+    app.include_router(metrics.router)
+    if collector_only:
+        app.include_router(events.router)
+        app.include_router(events.router, prefix="/v1")
+    else:
+        _build_service(app, settings, model_source, loader, docstore)
     _document_event_contract(app)
     return app
+
+
+def _build_service(
+    app: FastAPI,
+    settings: Settings,
+    model_source: ModelSource | None,
+    loader: Callable[[Path], Any] | None,
+    docstore: Any,
+) -> None:
+    service_metrics: ServiceMetrics = app.state.metrics
+    app.state.keyring = KeyRing(KeyFile.in_home(settings.resolved_home), settings.api_keys)
+    app.state.guard = Guard(
+        settings,
+        app.state.keyring,
+        TokenBuckets.for_run_dir(settings.run_dir),
+        service_metrics,
+    )
+    if docstore is _DEFAULT:
+        docstore = _open_docstore(settings)
+    app.state.docstore = docstore
+    manager = ModelManager(
+        settings,
+        model_source or default_model_source(settings, app.state.lake),
+        loader or _recommender_loader(),
+        on_change=lambda s: service_metrics.set_models(s.versions(), s.ready, s.candidate_share),
+        on_refused=lambda reason: service_metrics.model_load_failures.labels(reason).inc(),
+        index_opener=_index_opener(settings),
+    )
+    app.state.manager = manager
+    app.state.impressions = ImpressionLog(app.state.intake, service_metrics)
+    app.state.recommending = Recommending(
+        settings, manager, docstore, service_metrics, app.state.impressions
+    )
+    events_scope = [Depends(require("events"))]
+    for prefix in ("", "/v1"):
+        app.include_router(events.router, prefix=prefix, dependencies=events_scope)
+        app.include_router(recommendations.router, prefix=prefix)
+        app.include_router(admin.router, prefix=prefix)
+    app.include_router(health.ready_router)
+
+
+def default_model_source(settings: Settings, lake: Lake) -> ModelSource:
+    """A pinned ``RECSYS_MODEL_URI`` if set, else the registry's aliases in the lake."""
+    cache = settings.resolved_model_cache_dir
+    if settings.model_uri:
+        return PinnedSource(settings.model_uri, cache, settings)
+    from recsys_serving.registry import ModelRegistry
+
+    return RegistrySource(ModelRegistry(lake), cache)
+
+
+def _recommender_loader() -> Callable[[Path], Any]:
+    from recsys_serving.model.recommender import Recommender
+
+    return Recommender.load
+
+
+def _open_docstore(settings: Settings) -> Any:
+    from recsys_serving.stores.docstore import open_docstore
+
+    return open_docstore(settings)
+
+
+def _index_opener(settings: Settings) -> Callable[[Any], Any] | None:
+    """With Elasticsearch configured, each model version queries its own ES index."""
+    if not settings.es_url:
+        return None
+    from recsys_serving.index import IndexArtifact, open_index
+    from recsys_serving.model.recommender import INDEX_DIR
+
+    return lambda model: open_index(settings, IndexArtifact.load(Path(model.path) / INDEX_DIR))
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    sealer = asyncio.create_task(_seal_periodically(app.state.intake, settings))
+    manager: ModelManager | None = getattr(app.state, "manager", None)
+    if manager is not None:
+        manager.start()
+    log.info("service.started", lake=app.state.lake.uri, collector_only=app.state.collector_only)
+    try:
+        yield
+    finally:
+        sealer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sealer
+        if manager is not None:
+            await run_in_threadpool(manager.stop)
+            app.state.recommending.close()
+            await run_in_threadpool(app.state.impressions.close)
+        app.state.intake.close()
+        log.info("service.stopped")
 
 
 def _document_event_contract(app: FastAPI) -> None:
@@ -93,4 +217,10 @@ async def _seal_periodically(intake: EventIntake, settings: Settings) -> None:
 
 def collector_app() -> FastAPI:
     """Entry point for ``uvicorn --factory recsys_serving.api.app:collector_app``."""
+    return create_app(collector_only=True)
+
+
+def service_app() -> FastAPI:
+    """Entry point for ``uvicorn --factory recsys_serving.api.app:service_app`` (each
+    worker builds its own app from the ``RECSYS_*`` environment)."""
     return create_app()

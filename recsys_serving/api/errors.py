@@ -11,6 +11,10 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from recsys_serving.logging import get_logger
+
+log = get_logger(__name__)
+
 
 def json_response(
     body: Any, status_code: int = 200, headers: dict[str, str] | None = None
@@ -64,6 +68,15 @@ def install_error_handlers(app: FastAPI) -> None:
             {"error": _CODES.get(exc.status_code, "error"), "detail": exc.detail},
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> Response:
+        # Still JSON for the client; the traceback goes to the server log.
+        log.error("http.unhandled", error=repr(exc), exc_info=exc)
+        return json_response(
+            {"error": "internal_error", "detail": "unexpected server error (logged)"},
+            status_code=500,
         )
 
     @app.exception_handler(RequestValidationError)

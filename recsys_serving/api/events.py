@@ -12,10 +12,11 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from recsys_serving.api.errors import ApiError, ErrorBody, json_response
-from recsys_serving.events.intake import EventIntake, RawEvent
+from recsys_serving.events.intake import EventIntake, IntakeResult, RawEvent
+from recsys_serving.events.schema import WeblogEvent
 from recsys_serving.landing import iter_lines
 from recsys_serving.settings import Settings
 
@@ -143,6 +144,10 @@ async def post_events(
             "split the batch",
         )
     result = await run_in_threadpool(intake.submit, events, "collector")
+    metrics = request.app.state.metrics
+    metrics.events_landed("collector", result.accepted, result.reasons)
+    for version, n in _accepted_clicks(events, result).items():
+        metrics.clicks.labels(version).inc(n)
     status = 202 if result.accepted > 0 else 422
     return json_response(result.as_dict(), status_code=status)
 
@@ -167,6 +172,49 @@ def _split(body: bytes, ctype: str, intake: EventIntake) -> list[RawEvent]:
             400, "invalid_json", "body must be a JSON array of events or one event object"
         )
     return [RawEvent(f"index {i}", b"", parsed=item) for i, item in enumerate(parsed)]
+
+
+def _accepted_clicks(events: list[RawEvent], result: IntakeResult) -> dict[str, int]:
+    """Accepted clicks that name the model that served them, by model version.
+
+    The intake reports rejections by locator (the first 100); beyond that, click
+    events not listed are re-validated against the contract, so only a duplicate in a
+    batch with over 100 rejections could be miscounted.
+    """
+    clicks: list[tuple[str, str, Any]] = []
+    for ev in events:
+        obj = ev.parsed
+        if obj is None:
+            if b'"click"' not in ev.raw or b"model_version" not in ev.raw:
+                continue
+            try:
+                obj = orjson.loads(ev.raw)
+            except orjson.JSONDecodeError:
+                continue
+        if (
+            isinstance(obj, dict)
+            and obj.get("event_type") == "click"
+            and isinstance(obj.get("model_version"), str)
+        ):
+            clicks.append((ev.locator, obj["model_version"], obj))
+    if not clicks:
+        return {}
+    rejected = {e["at"] for e in result.errors}
+    exact = result.rejected <= len(result.errors)
+    counts: dict[str, int] = {}
+    for locator, version, obj in clicks:
+        if locator in rejected or (not exact and not _valid(obj)):
+            continue
+        counts[version] = counts.get(version, 0) + 1
+    return counts
+
+
+def _valid(obj: dict[str, Any]) -> bool:
+    try:
+        WeblogEvent.model_validate(obj)
+    except ValidationError:
+        return False
+    return True
 
 
 def _describe_json_error(body: bytes, exc: orjson.JSONDecodeError) -> str:

@@ -1,0 +1,153 @@
+"""``GET /recommendations/{user_id}`` and ``GET /similar/{item_id}``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import orjson
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, Field, StringConstraints
+
+from recsys_serving.api.auth import Principal, require
+from recsys_serving.api.errors import ErrorBody
+from recsys_serving.api.serving import Answer, Recommending
+
+# The weblog contract's id rules, so every id the API accepts can be logged as-is.
+ID_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+MAX_ID = 256
+MAX_EXCLUDE = 1000
+MAX_CATEGORIES = 50
+
+ItemId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID, pattern=ID_PATTERN)]
+ServedBy = Literal["champion", "challenger", "fallback"]
+
+router = APIRouter(tags=["recommendations"])
+
+
+class RecommendedItem(BaseModel):
+    item_id: str
+    score: float = Field(description="Ranker score (popularity for fallback answers).")
+    rank: int = Field(ge=1, description="1-based; impressions log `position = rank - 1`.")
+    reason: str = Field(description="Why the item is here (e.g. `similar to i42`, `popular`).")
+
+
+class Recommendations(BaseModel):
+    user_id: str
+    items: list[RecommendedItem]
+    model_version: str
+    request_id: str = Field(description="Send it back with clicks (`POST /events`).")
+    served_by: ServedBy = Field(
+        description="`champion` (production), `challenger` (candidate in phase-in) or "
+        "`fallback` (popular items: a store or the index failed)."
+    )
+
+
+class SimilarItems(BaseModel):
+    item_id: str
+    items: list[RecommendedItem]
+    model_version: str
+    request_id: str
+    served_by: ServedBy
+
+
+def get_recommending(request: Request) -> Recommending:
+    return request.app.state.recommending
+
+
+def _items(answer: Answer) -> list[dict[str, object]]:
+    return [
+        {"item_id": it.item_id, "score": float(it.score), "rank": n, "reason": it.reason}
+        for n, it in enumerate(answer.items, 1)
+    ]
+
+
+def _respond(body: dict[str, object], request_id: str) -> Response:
+    # orjson straight to bytes: the response model documents the shape, the hot path
+    # skips a second validation of what the code just built.
+    return Response(
+        orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
+        media_type="application/json",
+        headers={"X-Request-ID": request_id},
+    )
+
+
+K = Annotated[int, Query(ge=1, le=100, description="How many items (1..100).")]
+Exclude = Annotated[
+    list[ItemId],
+    Query(max_length=MAX_EXCLUDE, description="Item ids never to return (repeat the parameter)."),
+]
+Category = Annotated[
+    list[ItemId],
+    Query(max_length=MAX_CATEGORIES, description="Keep items of any of these categories."),
+]
+ERRORS: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorBody, "description": "Missing, unknown or revoked API key."},
+    403: {"model": ErrorBody, "description": "The key lacks the `recommend` scope."},
+    422: {"model": ErrorBody, "description": "Invalid parameter (k out of 1..100, bad id)."},
+    429: {"model": ErrorBody, "description": "Rate limit of the key; see `Retry-After`."},
+    503: {"model": ErrorBody, "description": "No model loaded yet (`/readyz` is false)."},
+}
+
+
+@router.get(
+    "/recommendations/{user_id}",
+    response_model=Recommendations,
+    summary="Top-K items for a user",
+    description=(
+        "Already-seen items are excluded; unknown users get the cold-start list. Each "
+        "returned item is logged as an `impression` event (`request_id`, `position`, "
+        "`model_version`) before the answer leaves."
+    ),
+    responses=ERRORS,
+)
+async def get_recommendations(
+    user_id: Annotated[
+        str, Path(min_length=1, max_length=MAX_ID, pattern=ID_PATTERN, description="User id.")
+    ],
+    service: Annotated[Recommending, Depends(get_recommending)],
+    _: Annotated[Principal, Depends(require("recommend"))],
+    k: K = 10,
+    category: Category | None = None,
+    exclude: Exclude | None = None,
+) -> Response:
+    answer = await service.recommend(user_id, k, category or None, frozenset(exclude or ()))
+    return _respond(
+        {
+            "user_id": user_id,
+            "items": _items(answer),
+            "model_version": answer.model_version,
+            "request_id": answer.request_id,
+            "served_by": answer.served_by,
+        },
+        answer.request_id,
+    )
+
+
+@router.get(
+    "/similar/{item_id}",
+    response_model=SimilarItems,
+    summary="Items similar to an item",
+    description="Item-to-item neighbours from the production model's index.",
+    responses={**ERRORS, 404: {"model": ErrorBody, "description": "Unknown item."}},
+)
+async def get_similar(
+    item_id: Annotated[
+        str, Path(min_length=1, max_length=MAX_ID, pattern=ID_PATTERN, description="Item id.")
+    ],
+    service: Annotated[Recommending, Depends(get_recommending)],
+    _: Annotated[Principal, Depends(require("recommend"))],
+    k: K = 10,
+    exclude: Exclude | None = None,
+) -> Response:
+    answer = await service.similar(item_id, k, frozenset(exclude or ()))
+    return _respond(
+        {
+            "item_id": item_id,
+            "items": _items(answer),
+            "model_version": answer.model_version,
+            "request_id": answer.request_id,
+            "served_by": answer.served_by,
+        },
+        answer.request_id,
+    )
