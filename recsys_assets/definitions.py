@@ -5,6 +5,8 @@ from __future__ import annotations
 import dagster as dg
 
 from recsys_assets.alerts.notifier import NotifierResource
+from recsys_assets.catalog.assets import item_catalog, user_profiles
+from recsys_assets.catalog.resources import DocStoreResource
 from recsys_assets.packaging.assets import promoted_image
 from recsys_assets.packaging.resource import OciResource
 from recsys_assets.resources import LakeResource, RecsysConfig
@@ -20,13 +22,14 @@ def build_resources(settings: Settings) -> dict[str, object]:
         "recsys_config": RecsysConfig.from_settings(settings),
         "notifier": NotifierResource.from_settings(settings),
         "oci": OciResource.from_settings(settings),
+        "docstore": DocStoreResource.from_settings(settings),
     }
 
 
 def make_definitions(settings: Settings) -> dg.Definitions:
     """The code location for one configuration (tests and the CLI pass their own)."""
     return dg.Definitions(
-        assets=[landing_weblogs, weblogs, promoted_image],
+        assets=[landing_weblogs, weblogs, item_catalog, user_profiles, promoted_image],
         jobs=[weblogs_job],
         sensors=[landing_files_sensor, weblog_freshness_sensor],
         resources=build_resources(settings),

@@ -24,6 +24,7 @@ app = typer.Typer(
 
 # Command modules register themselves on ``app`` when imported.
 from recsys_assets.cli import acquisition as _acquisition  # noqa: E402,F401
+from recsys_assets.cli import catalog as _catalog  # noqa: E402,F401
 from recsys_assets.cli import demo as _demo  # noqa: E402,F401
 from recsys_assets.cli import models as _models  # noqa: E402,F401
 from recsys_assets.cli import simulate as _simulate  # noqa: E402,F401

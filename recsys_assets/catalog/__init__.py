@@ -1,0 +1,1 @@
+"""The catalog assets: Parquet snapshots of the document store's items and users."""
