@@ -199,17 +199,25 @@ class EmbeddedIndex:
         source: str,
     ) -> list[Candidate]:
         """The k best rows by (score desc, item id asc) among the allowed ones."""
+        candidates: npt.NDArray[np.intp] | None = None
+        pool = scores
         if mask is not None or excluded.size:
             allowed = np.ones(self._n, dtype=bool) if mask is None else mask
             if excluded.size:
                 allowed[excluded] = False
-            candidates = np.flatnonzero(allowed)
-            if candidates.size == 0:
+            valid = int(np.count_nonzero(allowed))
+            if valid == 0:
                 return []
-            pool = scores[candidates]
-        else:
-            candidates = None
-            pool = scores
+            if valid * 8 < self._n:
+                # A narrow filter: partition only the survivors.
+                candidates = np.flatnonzero(allowed)
+                pool = scores[candidates]
+            else:
+                # A broad one (the usual "not already seen"): masking with -inf is
+                # several times cheaper than gathering ~n survivors; k <= valid keeps
+                # the threshold finite, so no masked row can be picked.
+                pool = np.where(allowed, scores, np.float32(-np.inf))
+            k = min(k, valid)
         k = min(k, pool.shape[0])
         if k < pool.shape[0]:
             kth = np.argpartition(pool, pool.shape[0] - k)[pool.shape[0] - k]
