@@ -1,0 +1,399 @@
+"""The sensors that close the loop.
+
+* ``ctr_drop_sensor``: runs the drop test on the production model every tick; on a
+  significant drop it launches ``retrain_job`` with a run key and tags naming the
+  evidence. It holds while a retraining runs or a canary is being judged (the loop is
+  already repairing) and for ``retrain_cooldown_minutes`` after a trigger, so one drop
+  launches one retraining. Its cursor (JSON) holds the last trigger, and Dagster
+  persists cursors in the instance, so a daemon restart does not reset the cool-down.
+* ``promotion_sensor``: turns each new ``registered_model`` materialization whose
+  evaluation said ``promote`` into a canary (the ``candidate`` alias at the first ramp
+  share) and judges the running canary every tick (ramp, promote, roll back). Its
+  cursor is the last ``registered_model`` record it acted on; the canary's state is the
+  registry itself, so a restart resumes at the next tick. A failed retraining or
+  evaluation produces no ``registered_model`` materialization and therefore never
+  moves an alias.
+* ``retrain_failure_sensor``: tells a person when a retraining run fails.
+
+Each decision is reported as a ``production_model`` materialization (or an
+``online_ctr`` observation for a drop) with its evidence, appended to
+``monitoring/decisions/`` in the lake, and sent through the notifier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import dagster as dg
+import orjson
+
+from recsys_assets.alerts.notifier import Alert, NotifierResource, delivery_metadata
+from recsys_assets.monitoring.assets import ONLINE_CTR, PRODUCTION_MODEL
+from recsys_assets.monitoring.config import ClosedLoopConfig
+from recsys_assets.monitoring.ctr import DropVerdict, drop_test, load_ctr_series
+from recsys_assets.monitoring.promotion import (
+    Decision,
+    EvaluationOutcome,
+    record_decision,
+    start_canary,
+    step_canary,
+)
+from recsys_assets.resources import LakeResource
+from recsys_serving.lake import Lake
+from recsys_serving.registry import CANDIDATE, PRODUCTION, ModelRegistry
+
+RETRAIN_JOB = "retrain_job"
+PIPELINE_TAG = "recsys/pipeline"
+RETRAIN_PIPELINE = "retrain"
+TRIGGER_TAG = "recsys/trigger"
+EVALUATION = dg.AssetKey("model_evaluation")
+REGISTERED = dg.AssetKey("registered_model")
+IN_PROGRESS = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+
+
+def retrain_in_progress(instance: dg.DagsterInstance) -> str | None:
+    """The id of a queued or running retraining, if any."""
+    runs = instance.get_runs(
+        filters=dg.RunsFilter(tags={PIPELINE_TAG: RETRAIN_PIPELINE}, statuses=IN_PROGRESS),
+        limit=1,
+    )
+    return runs[0].run_id if runs else None
+
+
+def _alert(notifier: NotifierResource, decision: Decision, key: str) -> dict[str, str]:
+    results = notifier.get().send(
+        Alert(
+            key=key,
+            status="firing",
+            severity=decision.severity,
+            title=decision.title,
+            summary=decision.reason,
+            details={k: v for k, v in decision.as_dict().items() if k != "evidence"}
+            | {"evidence": decision.evidence},
+            at=decision.at,
+        )
+    )
+    return delivery_metadata(results)
+
+
+# ------------------------------------------------------------------ CTR drop -> retrain
+@dataclass
+class DropCursor:
+    last_trigger_at: str | None = None
+    last_run_key: str | None = None
+    last_version: str | None = None
+    last_outcome: str | None = None
+    triggers: int = 0
+
+    @classmethod
+    def parse(cls, raw: str | None) -> DropCursor:
+        if not raw:
+            return cls()
+        data = orjson.loads(raw)
+        return cls(**{k: data.get(k) for k in cls.__dataclass_fields__ if k in data})
+
+    def dump(self) -> str:
+        return orjson.dumps(self.__dict__).decode()
+
+    def cooling_until(self, cooldown: timedelta) -> datetime | None:
+        if not self.last_trigger_at:
+            return None
+        return datetime.fromisoformat(self.last_trigger_at) + cooldown
+
+
+@dataclass
+class DropTick:
+    skip_reason: str | None
+    verdict: DropVerdict | None = None
+    run_key: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def evaluate_drop(
+    lake: Lake,
+    config: ClosedLoopConfig,
+    cursor: DropCursor,
+    now: datetime,
+    *,
+    running_retrain: str | None,
+) -> DropTick:
+    """One tick of the drop sensor's logic; updates ``cursor`` when it triggers."""
+    until = cursor.cooling_until(config.cooldown)
+    if until is not None and now < until:
+        return DropTick(f"cool-down after {cursor.last_run_key} until {until:%Y-%m-%d %H:%M:%S}Z")
+    if running_retrain:
+        return DropTick(f"retraining run {running_retrain[:8]} is in progress")
+    registry = ModelRegistry(lake)
+    candidate = registry.alias(CANDIDATE)
+    if candidate is not None:
+        return DropTick(f"canary of {candidate.version} is being judged")
+    production = registry.alias(PRODUCTION)
+    policy = config.drop_policy()
+    series, _orphans = load_ctr_series(
+        lake, now, lookback=policy.lookback, bucket_seconds=policy.bucket_seconds
+    )
+    verdict = drop_test(series, production.version if production else None, now, policy)
+    cursor.last_outcome = verdict.outcome
+    if not verdict.dropped:
+        return DropTick(verdict.describe(), verdict)
+    assert verdict.recent is not None and verdict.baseline is not None
+    run_key = f"ctr-drop-{verdict.model_version}-{verdict.recent.start:%Y%m%dT%H%M%SZ}"
+    ev = verdict.evidence()
+    tags = {
+        PIPELINE_TAG: RETRAIN_PIPELINE,
+        TRIGGER_TAG: "ctr_drop",
+        "recsys/drop/model_version": str(verdict.model_version),
+        "recsys/drop/recent_window": f"{_hm(verdict.recent.start)}..{_hm(verdict.recent.end)}",
+        "recsys/drop/baseline_window": (
+            f"{_hm(verdict.baseline.start)}..{_hm(verdict.baseline.end)}"
+        ),
+        "recsys/drop/recent_ctr": f"{ev['recent']['ctr']:.4f}",
+        "recsys/drop/baseline_ctr": f"{ev['baseline']['ctr']:.4f}",
+        "recsys/drop/impressions": f"{verdict.recent.impressions}/{verdict.baseline.impressions}",
+        "recsys/drop/relative_drop": f"{ev['relative_drop']:.3f}",
+        "recsys/drop/p_value": f"{verdict.p_value:.3g}",
+        "recsys/drop/z": f"{ev['z']:.2f}",
+    }
+    cursor.last_trigger_at = now.isoformat()
+    cursor.last_run_key = run_key
+    cursor.last_version = verdict.model_version
+    cursor.triggers += 1
+    return DropTick(None, verdict, run_key, tags)
+
+
+def _hm(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def build_ctr_drop_sensor(tick_seconds: int) -> dg.SensorDefinition:
+    @dg.sensor(
+        name="ctr_drop_sensor",
+        job_name=RETRAIN_JOB,
+        minimum_interval_seconds=tick_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=(
+            "Launches retrain_job when the production model's recent online CTR is "
+            "significantly below its baseline (one-sided two-proportion z-test, minimum "
+            "impressions, minimum relative drop); one retraining per drop (cool-down)."
+        ),
+    )
+    def ctr_drop_sensor(
+        context: dg.SensorEvaluationContext,
+        lake: LakeResource,
+        closed_loop: ClosedLoopConfig,
+        notifier: NotifierResource,
+    ) -> dg.SensorResult:
+        now = datetime.now(UTC)
+        cursor = DropCursor.parse(context.cursor)
+        store = lake.get()
+        tick = evaluate_drop(
+            store,
+            closed_loop,
+            cursor,
+            now,
+            running_retrain=retrain_in_progress(context.instance),
+        )
+        if tick.run_key is None:
+            return dg.SensorResult(skip_reason=tick.skip_reason, cursor=cursor.dump())
+        verdict = tick.verdict
+        assert verdict is not None
+        context.log.warning(f"CTR drop, launching {RETRAIN_JOB}: {verdict.describe()}")
+        decision = Decision(
+            "drop_detected",
+            verdict.model_version,
+            verdict.describe(),
+            now,
+            production_version=verdict.model_version,
+            previous_production=verdict.model_version,
+            evidence={**verdict.evidence(), "run_key": tick.run_key},
+        )
+        record_decision(store, decision)
+        delivery = _alert(notifier, decision, f"recsys-ctr-drop-{verdict.model_version}")
+        observation = dg.AssetObservation(
+            asset_key=ONLINE_CTR,
+            metadata={
+                "event": "ctr_drop",
+                "model_version": verdict.model_version or "",
+                "recent_ctr": float(verdict.recent.ctr or 0.0),  # type: ignore[union-attr]
+                "baseline_ctr": float(verdict.baseline.ctr or 0.0),  # type: ignore[union-attr]
+                "p_value": float(verdict.p_value or 0.0),
+                "run_key": tick.run_key,
+                "evidence": dg.MetadataValue.json(verdict.evidence()),
+                **delivery,
+            },
+        )
+        return dg.SensorResult(
+            run_requests=[dg.RunRequest(run_key=tick.run_key, tags=tick.tags)],
+            cursor=cursor.dump(),
+            asset_events=[observation],
+        )
+
+    return ctr_drop_sensor
+
+
+# ------------------------------------------------------------------- promotion / canary
+@dataclass
+class PromotionCursor:
+    registered_after: int | None = None
+
+    @classmethod
+    def parse(cls, raw: str | None) -> PromotionCursor:
+        if not raw:
+            return cls()
+        return cls(orjson.loads(raw).get("registered_after"))
+
+    def dump(self) -> str:
+        return orjson.dumps({"registered_after": self.registered_after}).decode()
+
+
+def _value(metadata: dict[str, Any], key: str) -> Any:
+    raw = metadata.get(key)
+    return getattr(raw, "value", raw)
+
+
+def evaluation_for(
+    instance: dg.DagsterInstance, version: str, registered: dict[str, Any]
+) -> EvaluationOutcome | None:
+    """What ``model_evaluation`` said about ``version`` (newest evaluation that names it)."""
+    if _value(registered, "decision"):
+        return _outcome(version, registered, None)
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=EVALUATION), limit=50
+    ).records
+    for record in records:
+        mat = record.asset_materialization
+        if mat is None:
+            continue
+        if _value(mat.metadata, "challenger_version") == version:
+            return _outcome(version, mat.metadata, record.run_id)
+    return None
+
+
+def _outcome(version: str, meta: dict[str, Any], run_id: str | None) -> EvaluationOutcome:
+    metrics = _value(meta, "metrics")
+    if isinstance(metrics, str):
+        try:
+            metrics = orjson.loads(metrics)
+        except orjson.JSONDecodeError:
+            metrics = {"raw": metrics}
+    return EvaluationOutcome(
+        version=version,
+        decision=str(_value(meta, "decision") or ""),
+        reason=str(_value(meta, "decision_reason") or ""),
+        production_version=_value(meta, "production_version") or None,
+        metrics=metrics if isinstance(metrics, dict) else {},
+        run_id=run_id,
+    )
+
+
+def _materialization(decision: Decision, delivery: dict[str, str]) -> dg.AssetMaterialization:
+    return dg.AssetMaterialization(
+        asset_key=PRODUCTION_MODEL,
+        description=decision.title,
+        metadata={
+            **decision.metadata(),
+            "evidence": dg.MetadataValue.json(decision.evidence),
+            **delivery,
+        },
+    )
+
+
+def build_promotion_sensor(tick_seconds: int) -> dg.SensorDefinition:
+    @dg.sensor(
+        name="promotion_sensor",
+        minimum_interval_seconds=tick_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=(
+            "Phases a newly registered challenger in as the canary when model_evaluation "
+            "said promote, then judges candidate vs production online CTR each tick: ramp "
+            "through the configured shares, promote at 100%, or roll back."
+        ),
+    )
+    def promotion_sensor(
+        context: dg.SensorEvaluationContext,
+        lake: LakeResource,
+        closed_loop: ClosedLoopConfig,
+        notifier: NotifierResource,
+    ) -> dg.SensorResult:
+        now = datetime.now(UTC)
+        store = lake.get()
+        registry = ModelRegistry(store)
+        cursor = PromotionCursor.parse(context.cursor)
+        canary = closed_loop.canary_policy()
+        decisions: list[Decision] = []
+        records = context.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=REGISTERED, after_storage_id=cursor.registered_after),
+            limit=20,
+            ascending=True,
+        ).records
+        for record in records:
+            mat = record.asset_materialization
+            version = _value(mat.metadata, "version") if mat is not None else None
+            if version and registry.exists(str(version)):
+                outcome = evaluation_for(context.instance, str(version), dict(mat.metadata))
+                if outcome is None:
+                    context.log.warning(f"no model_evaluation names {version}; not promoting it")
+                else:
+                    decision = start_canary(registry, outcome, canary, now)
+                    if decision is not None:
+                        decisions.append(decision)
+            cursor.registered_after = record.storage_id
+        step = step_canary(registry, store, closed_loop.drop_policy(), canary, now)
+        if step.decision is not None:
+            decisions.append(step.decision)
+        events = []
+        for decision in decisions:
+            context.log.info(f"{decision.action}: {decision.reason}")
+            record_decision(store, decision)
+            delivery = _alert(notifier, decision, f"recsys-promotion-{decision.version}")
+            events.append(_materialization(decision, delivery))
+        if not events:
+            reason = f"canary {step.verdict.describe()}" if step.verdict else "no canary running"
+            return dg.SensorResult(skip_reason=reason, cursor=cursor.dump())
+        return dg.SensorResult(asset_events=events, cursor=cursor.dump())
+
+    return promotion_sensor
+
+
+# ------------------------------------------------------------------ failed retrainings
+def build_retrain_failure_sensor(tick_seconds: int) -> dg.SensorDefinition:
+    @dg.run_failure_sensor(
+        name="retrain_failure_sensor",
+        minimum_interval_seconds=tick_seconds,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Alerts when a retraining run fails (production is left untouched).",
+    )
+    def retrain_failure_sensor(
+        context: dg.RunFailureSensorContext, lake: LakeResource, notifier: NotifierResource
+    ) -> None:
+        run = context.dagster_run
+        if run.tags.get(PIPELINE_TAG) != RETRAIN_PIPELINE:
+            return
+        store = lake.get()
+        production = ModelRegistry(store).alias(PRODUCTION)
+        error = context.failure_event.message or "run failed"
+        decision = Decision(
+            "retrain_failed",
+            None,
+            f"run {run.run_id[:8]} of {run.job_name} failed: {error}",
+            datetime.now(UTC),
+            production_version=production.version if production else None,
+            previous_production=production.version if production else None,
+            evidence={
+                "run_id": run.run_id,
+                "job": run.job_name,
+                "trigger": run.tags.get(TRIGGER_TAG),
+                "tags": {k: v for k, v in run.tags.items() if k.startswith("recsys/")},
+            },
+        )
+        record_decision(store, decision)
+        _alert(notifier, decision, f"recsys-retrain-failed-{run.run_id}")
+
+    return retrain_failure_sensor

@@ -1,0 +1,155 @@
+"""ctr_drop_sensor on synthetic CTR series in a real lake, evaluated against a real
+Dagster instance: no trigger on noise, one trigger on a real drop (with the evidence in
+its tags), none during the cool-down or while a repair is under way, and a cursor that
+survives a daemon restart."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import numpy as np
+import orjson
+import pytest
+from monitoring_support import register_model, resources, write_feedback
+
+from recsys_assets.monitoring.promotion import read_decisions
+from recsys_assets.monitoring.sensors import DropCursor, build_ctr_drop_sensor
+from recsys_serving.lake import LocalLake
+from recsys_serving.registry import CANDIDATE, PRODUCTION, ModelRegistry
+
+sensor = build_ctr_drop_sensor(30)
+
+
+@dg.op
+def _stand_in() -> None:
+    """The sensor only needs a job called retrain_job to target."""
+
+
+@dg.job(name="retrain_job", tags={"recsys/pipeline": "retrain"})
+def retrain_job() -> None:
+    _stand_in()
+
+
+class World:
+    def __init__(self, root: Path, webhook_url: str | None = None, **config: Any) -> None:
+        self.lake = LocalLake(root / "lake")
+        self.registry = ModelRegistry(self.lake)
+        self.v1 = register_model(self.registry, root, "v1")
+        self.registry.set_alias(PRODUCTION, self.v1, reason="test")
+        self.resources = resources(self.lake, webhook_url, **config)
+        self.defs = dg.Definitions(sensors=[sensor], jobs=[retrain_job], resources=self.resources)
+        self.now = datetime.now(UTC)
+
+    def feedback(self, ctrs: list[float], version: str | None = None, seed: int = 0) -> None:
+        start = self.now - timedelta(minutes=len(ctrs))
+        rng = np.random.default_rng(seed)
+        write_feedback(self.lake, version or self.v1, start, len(ctrs), ctrs, rng)
+
+    def tick(self, instance: dg.DagsterInstance, cursor: str | None = None) -> dg.SensorResult:
+        context = dg.build_sensor_context(
+            instance=instance, definitions=self.defs, resources=self.resources, cursor=cursor
+        )
+        return sensor.evaluate_tick(context)
+
+
+@pytest.fixture
+def instance() -> Iterator[dg.DagsterInstance]:
+    with dg.instance_for_test() as inst:
+        yield inst
+
+
+def test_noise_does_not_trigger(tmp_path: Path, instance: dg.DagsterInstance) -> None:
+    world = World(tmp_path)
+    world.feedback([0.08] * 45)
+    result = world.tick(instance)
+    assert not result.run_requests
+    assert "no_drop" in (result.skip_message or "") or "small_drop" in (result.skip_message or "")
+    assert DropCursor.parse(result.cursor).triggers == 0
+
+
+def test_a_real_drop_launches_one_retraining_with_its_evidence(
+    tmp_path: Path, instance: dg.DagsterInstance, alert_webhook_server: Any
+) -> None:
+    world = World(tmp_path, alert_webhook_server.url)
+    world.feedback([0.08] * 33 + [0.03] * 12)
+    result = world.tick(instance)
+    assert len(result.run_requests) == 1
+    request = result.run_requests[0]
+    tags = request.tags
+    assert request.run_key.startswith(f"ctr-drop-{world.v1}-")
+    assert tags["recsys/pipeline"] == "retrain" and tags["recsys/trigger"] == "ctr_drop"
+    assert tags["recsys/drop/model_version"] == world.v1
+    assert float(tags["recsys/drop/p_value"]) < 0.01
+    assert float(tags["recsys/drop/recent_ctr"]) < float(tags["recsys/drop/baseline_ctr"])
+    assert ".." in tags["recsys/drop/recent_window"] and "/" in tags["recsys/drop/impressions"]
+
+    # The evidence is visible in the UI, the lake's decision log and the alert.
+    (observation,) = result.asset_events
+    assert observation.asset_key == dg.AssetKey("online_ctr")
+    assert observation.metadata["run_key"].value == request.run_key
+    (decision,) = read_decisions(world.lake)
+    assert decision["action"] == "drop_detected" and decision["evidence"]["run_key"]
+    (posted,) = alert_webhook_server.requests
+    assert "retraining launched" in posted["text"]
+
+    # Cool-down: the next ticks see the same drop and do nothing.
+    again = world.tick(instance, result.cursor)
+    assert not again.run_requests and "cool-down" in (again.skip_message or "")
+
+    # A daemon restart: the cursor Dagster stored is all a new process has.
+    with dg.instance_for_test() as restarted:
+        stored = orjson.loads(result.cursor or "")
+        assert stored["last_run_key"] == request.run_key and stored["triggers"] == 1
+        after_restart = world.tick(restarted, result.cursor)
+        assert not after_restart.run_requests
+        assert "cool-down" in (after_restart.skip_message or "")
+
+    # Once the cool-down is over a drop that is still there may retrain again.
+    expired = DropCursor.parse(result.cursor)
+    expired.last_trigger_at = (world.now - timedelta(minutes=31)).isoformat()
+    later = world.tick(instance, expired.dump())
+    assert len(later.run_requests) == 1
+    # Same windows, same run key: the daemon would not launch it twice.
+    assert later.run_requests[0].run_key == request.run_key
+
+
+def test_holds_while_a_retraining_runs_or_a_canary_is_judged(
+    tmp_path: Path, instance: dg.DagsterInstance
+) -> None:
+    world = World(tmp_path)
+    world.feedback([0.08] * 33 + [0.03] * 12)
+    run = instance.create_run_for_job(retrain_job, tags={"recsys/pipeline": "retrain"})
+    result = world.tick(instance)
+    assert not result.run_requests
+    assert f"retraining run {run.run_id[:8]} is in progress" in (result.skip_message or "")
+
+    instance.report_run_failed(run)
+    v2 = register_model(world.registry, tmp_path, "v2")
+    world.registry.set_alias(CANDIDATE, v2, share=0.1, reason="test canary")
+    held = world.tick(instance)
+    assert not held.run_requests and "canary" in (held.skip_message or "")
+    world.registry.clear_alias(CANDIDATE, reason="test")
+    assert len(world.tick(instance).run_requests) == 1
+
+
+def test_a_newly_promoted_model_is_not_blamed_for_its_predecessor(
+    tmp_path: Path, instance: dg.DagsterInstance
+) -> None:
+    world = World(tmp_path)
+    world.feedback([0.08] * 33 + [0.03] * 12)
+    v2 = register_model(world.registry, tmp_path, "v2")
+    world.registry.promote(v2, reason="test")
+    world.feedback([0.03] * 8, version=v2, seed=1)
+    result = world.tick(instance)
+    assert not result.run_requests and "thin_evidence" in (result.skip_message or "")
+
+
+def test_thin_traffic_never_triggers(tmp_path: Path, instance: dg.DagsterInstance) -> None:
+    world = World(tmp_path, ctr_min_impressions=5000)
+    world.feedback([0.08] * 33 + [0.0] * 12)
+    result = world.tick(instance)
+    assert not result.run_requests and "thin_evidence" in (result.skip_message or "")

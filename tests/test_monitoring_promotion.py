@@ -1,0 +1,206 @@
+"""promotion_sensor: an offline "promote" becomes a canary, the canary is judged on
+live CTR and ramped, promoted or rolled back, every decision is recorded (asset
+materialization, registry history, lake log, alert), and nothing moves without a
+successful registration."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import numpy as np
+import pytest
+from monitoring_support import register_model, resources, write_feedback
+
+from recsys_assets.monitoring.promotion import read_decisions
+from recsys_assets.monitoring.sensors import PromotionCursor, build_promotion_sensor
+from recsys_serving.lake import LocalLake
+from recsys_serving.registry import CANDIDATE, PRODUCTION, ModelRegistry
+
+sensor = build_promotion_sensor(30)
+
+
+class World:
+    def __init__(self, root: Path, instance: dg.DagsterInstance, **config: Any) -> None:
+        self.root = root
+        self.instance = instance
+        self.lake = LocalLake(root / "lake")
+        self.registry = ModelRegistry(self.lake)
+        self.v1 = register_model(self.registry, root, "v1")
+        self.registry.set_alias(PRODUCTION, self.v1, reason="first model")
+        self.webhook: Any = config.pop("webhook", None)
+        self.resources = resources(self.lake, self.webhook.url if self.webhook else None, **config)
+        self.defs = dg.Definitions(
+            assets=[dg.AssetSpec("model_evaluation"), dg.AssetSpec("registered_model")],
+            sensors=[sensor],
+            resources=self.resources,
+        )
+        self.cursor: str | None = None
+
+    def trained(self, tag: str, decision: str = "promote", register: bool = True) -> str:
+        """What a retraining run leaves behind: an evaluation, then (maybe) a registration."""
+        version = register_model(self.registry, self.root, tag)
+        self.instance.report_runless_asset_event(
+            dg.AssetMaterialization(
+                "model_evaluation",
+                metadata={
+                    "challenger_version": version,
+                    "production_version": self.v1,
+                    "decision": decision,
+                    "decision_reason": f"ndcg@10 +12% ({decision})",
+                    "metrics": dg.MetadataValue.json({"challenger": {"ndcg@10": 0.3}}),
+                },
+            )
+        )
+        if register:
+            self.instance.report_runless_asset_event(
+                dg.AssetMaterialization("registered_model", metadata={"version": version})
+            )
+        return version
+
+    def tick(self, cursor: str | None = None) -> dg.SensorResult:
+        context = dg.build_sensor_context(
+            instance=self.instance,
+            definitions=self.defs,
+            resources=self.resources,
+            cursor=cursor if cursor is not None else self.cursor,
+        )
+        result = sensor.evaluate_tick(context)
+        self.cursor = result.cursor
+        return result
+
+    def canary_running_since(self, version: str, minutes: int, share: float) -> None:
+        """Set the candidate as if its current step had begun ``minutes`` ago."""
+        started = datetime.now(UTC) - timedelta(minutes=minutes)
+        past = ModelRegistry(self.lake, clock=lambda: started)
+        evidence = {"canary_started_at": started.isoformat(), "offline": {"decision": "promote"}}
+        past.set_alias(CANDIDATE, version, share=share, reason="test step", evidence=evidence)
+
+    def traffic(self, version: str, minutes: int, ctr: float, per_minute: int, seed: int) -> None:
+        start = datetime.now(UTC) - timedelta(minutes=minutes)
+        rng = np.random.default_rng(seed)
+        write_feedback(self.lake, version, start, minutes, ctr, rng, per_minute=per_minute)
+
+
+@pytest.fixture
+def instance() -> Iterator[dg.DagsterInstance]:
+    with dg.instance_for_test() as inst:
+        yield inst
+
+
+def actions(result: dg.SensorResult) -> list[str]:
+    return [event.metadata["action"].value for event in result.asset_events]
+
+
+def test_promote_decision_starts_a_canary_then_ramps_and_promotes(
+    tmp_path: Path, instance: dg.DagsterInstance, alert_webhook_server: Any
+) -> None:
+    world = World(tmp_path, instance, webhook=alert_webhook_server)
+    v2 = world.trained("v2")
+    started = world.tick()
+    assert actions(started) == ["canary_started"]
+    candidate = world.registry.alias(CANDIDATE)
+    assert candidate is not None and candidate.version == v2 and candidate.share == 0.1
+    assert candidate.evidence["offline"]["decision"] == "promote"
+    meta = started.asset_events[0].metadata
+    assert meta["model_version"].value == v2 and meta["candidate_share"].value == 0.1
+    assert meta["evidence"].value["offline"]["reason"] == "ndcg@10 +12% (promote)"
+    assert meta["alert_webhook"].value == "delivered"
+
+    # Processed: a second tick (or a lost cursor) does not restart the canary.
+    assert world.tick().asset_events == []
+    assert world.tick(cursor="").asset_events == []
+    assert world.registry.alias(CANDIDATE).share == 0.1  # type: ignore[union-attr]
+
+    # 12 minutes of live traffic: the candidate is clearly better -> next share.
+    world.canary_running_since(v2, 12, 0.1)
+    world.traffic(v2, 12, 0.10, per_minute=100, seed=1)
+    world.traffic(world.v1, 12, 0.05, per_minute=900, seed=2)
+    ramped = world.tick()
+    assert actions(ramped) == ["ramp"]
+    assert world.registry.alias(CANDIDATE).share == 0.5  # type: ignore[union-attr]
+    meta = ramped.asset_events[0].metadata
+    assert meta["candidate_ctr"].value > meta["production_ctr"].value
+    assert meta["p_not_worse"].value < 0.05
+
+    world.canary_running_since(v2, 12, 0.5)
+    promoted = world.tick()
+    assert actions(promoted) == ["promote"]
+    assert world.registry.alias(PRODUCTION).version == v2  # type: ignore[union-attr]
+    assert world.registry.alias(CANDIDATE) is None
+    evidence = promoted.asset_events[0].metadata["evidence"].value
+    assert evidence["offline"]["decision"] == "promote"
+    assert evidence["online"]["action"] == "promote"
+
+    history = world.registry.history(alias=PRODUCTION)
+    assert history[0].version == v2 and history[0].evidence["online"]["candidate"]["impressions"]
+    logged = [d["action"] for d in read_decisions(world.lake)]
+    assert logged == ["canary_started", "ramp", "promote"]
+    titles = [r["text"].splitlines()[0] for r in alert_webhook_server.requests]
+    assert len(titles) == 3 and "promoted to production" in titles[-1]
+
+
+def test_worse_candidate_is_rolled_back_and_production_keeps_serving(
+    tmp_path: Path, instance: dg.DagsterInstance
+) -> None:
+    world = World(tmp_path, instance)
+    v2 = world.trained("v2")
+    world.tick()
+    world.canary_running_since(v2, 12, 0.1)
+    world.traffic(v2, 12, 0.03, per_minute=150, seed=3)
+    world.traffic(world.v1, 12, 0.08, per_minute=900, seed=4)
+    result = world.tick()
+    assert actions(result) == ["rollback"]
+    assert result.asset_events[0].metadata["p_worse"].value < 0.05
+    assert world.registry.alias(CANDIDATE) is None
+    assert world.registry.alias(PRODUCTION).version == world.v1  # type: ignore[union-attr]
+
+
+def test_thin_evidence_waits_and_a_stale_canary_times_out(
+    tmp_path: Path, instance: dg.DagsterInstance
+) -> None:
+    world = World(tmp_path, instance, canary_max_minutes=30)
+    v2 = world.trained("v2")
+    world.tick()
+    world.canary_running_since(v2, 10, 0.1)
+    world.traffic(v2, 10, 0.2, per_minute=20, seed=5)
+    world.traffic(world.v1, 10, 0.05, per_minute=180, seed=6)
+    waiting = world.tick()
+    assert waiting.asset_events == [] and "thin_evidence" in (waiting.skip_message or "")
+    assert world.registry.alias(CANDIDATE).version == v2  # type: ignore[union-attr]
+
+    world.canary_running_since(v2, 31, 0.1)
+    timed_out = world.tick()
+    assert actions(timed_out) == ["rollback"]
+    assert "timeout" in timed_out.asset_events[0].metadata["reason"].value
+
+
+def test_rejected_challenger_and_failed_registration_move_nothing(
+    tmp_path: Path, instance: dg.DagsterInstance
+) -> None:
+    world = World(tmp_path, instance)
+    world.trained("v2", decision="reject")
+    result = world.tick()
+    assert actions(result) == ["rejected"]
+    world.trained("v3", register=False)  # evaluation said promote, registration failed
+    assert world.tick().asset_events == []
+    assert world.registry.alias(CANDIDATE) is None
+    assert world.registry.alias(PRODUCTION).version == world.v1  # type: ignore[union-attr]
+    assert PromotionCursor.parse(world.cursor).registered_after is not None
+
+
+def test_newer_challenger_supersedes_a_running_canary(
+    tmp_path: Path, instance: dg.DagsterInstance
+) -> None:
+    world = World(tmp_path, instance)
+    world.trained("v2")
+    world.tick()
+    v3 = world.trained("v3")
+    result = world.tick()
+    assert actions(result) == ["canary_started"]
+    candidate = world.registry.alias(CANDIDATE)
+    assert candidate is not None and candidate.version == v3
+    assert candidate.evidence["superseded"] != v3
