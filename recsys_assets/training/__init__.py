@@ -1,0 +1,1 @@
+"""Training: interactions, features, retrieval, ranking, evaluation and registration."""

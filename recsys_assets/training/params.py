@@ -1,0 +1,142 @@
+"""Every training knob in one frozen dataclass, recorded in the bundle manifest.
+
+Defaults come from here, the window and seed from ``Settings``, and any field can be
+overridden with ``RECSYS_TRAIN_PARAMS`` (JSON, e.g. ``{"als_factors": 96}``), so the
+closed loop or a benchmark changes a horizon without touching code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from recsys_serving.settings import Settings
+
+# Implicit-feedback strength of each event type (ratings are mapped by value).
+DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
+    "view": 1.0,
+    "click": 2.0,
+    "add_to_cart": 4.0,
+    "purchase": 6.0,
+}
+# Relevance grade of a label-window action for the ranker (lambdarank gains).
+DEFAULT_LABEL_GRADES: dict[str, int] = {
+    "view": 1,
+    "click": 1,
+    "add_to_cart": 2,
+    "purchase": 3,
+}
+
+
+@dataclass(frozen=True)
+class TrainingParams:
+    seed: int = 42
+    threads: int = 0  # 0 = all cores
+    # Time handling (days; floats so minute-scale windows work for the closed loop).
+    train_window_days: float | None = None
+    holdout_days: float = 1.0
+    label_days: float = 1.0
+    # Windows widen until they hold this share of the positive events (sparse logs).
+    min_holdout_share: float = 0.02
+    min_label_share: float = 0.05
+    interaction_half_life_days: float | None = None  # decay of interaction weights
+    # Horizon of the "recent" features; None = the span holding the newest
+    # recent_share of events (adapts to logs spanning minutes or years).
+    recent_days: float | None = None
+    recent_share: float = 0.1
+    popularity_half_life_days: float | None = None  # None = like recent_days
+    fresh_days: float | None = None  # None = like recent_days
+    # Implicit feedback weights.
+    event_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
+    rating_min_weight: float = 1.0  # weight of the lowest rating
+    rating_max_weight: float = 5.0  # weight of the highest rating
+    rating_scale: tuple[float, float] = (1.0, 5.0)
+    label_grades: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_LABEL_GRADES))
+    rating_good: float = 4.0  # ratings at or above this are grade 2, below grade 1
+    # Retrieval: implicit ALS.
+    als_factors: int = 64
+    als_iterations: int = 15
+    als_regularization: float = 0.05
+    als_alpha: float = 10.0
+    als_bm25: bool = True
+    als_bm25_k1: float = 1.2
+    als_bm25_b: float = 0.75
+    # Retrieval: co-visitation within sessions.
+    covis_window: int = 5  # pairs up to this many events apart in a session
+    covis_backward_weight: float = 0.5  # b seen before a counts this much for a -> b
+    covis_top: int = 50  # neighbours kept per item
+    # User state.
+    recent_items: int = 20
+    recent_decay: float = 0.85  # weight of the r-th newest item: decay ** r
+    ctr_prior_strength: float = 20.0
+    # Candidates and ranking.
+    candidate_pool: int = 200
+    ranking_max_users: int = 10_000
+    ranking_valid_share: float = 0.2
+    lgb_num_leaves: int = 31
+    lgb_learning_rate: float = 0.05
+    lgb_rounds: int = 400
+    lgb_early_stopping: int = 40
+    lgb_min_data_in_leaf: int = 50
+    lgb_feature_fraction: float = 0.9
+    lgb_bagging_fraction: float = 0.8
+    lgb_lambda_l2: float = 1.0
+    # Evaluation.
+    eval_k: int = 10
+    eval_max_users: int = 5_000
+    ips_clip: float = 10.0
+    # A window with fewer positive events than this is refused.
+    min_events: int = 200
+    min_users: int = 10
+    min_items: int = 10
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> TrainingParams:
+        base: dict[str, Any] = {
+            "seed": settings.seed,
+            "threads": settings.threads,
+            "train_window_days": settings.train_window_days,
+            "holdout_days": settings.holdout_days,
+            "label_days": settings.label_days,
+            "interaction_half_life_days": settings.interaction_half_life_days,
+            "candidate_pool": settings.candidate_pool,
+            "eval_k": settings.eval_k,
+        }
+        extra = getattr(settings, "train_params", None) or {}
+        return cls.create(**{**base, **extra, **overrides})
+
+    @classmethod
+    def create(cls, **values: Any) -> TrainingParams:
+        """Build from a dict, refusing unknown names (a typo must not pass silently)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown training parameter(s): {', '.join(unknown)}")
+        if "rating_scale" in values:
+            values["rating_scale"] = tuple(values["rating_scale"])
+        params = cls(**values)
+        params.check()
+        return params
+
+    def check(self) -> None:
+        for name in ("holdout_days", "label_days"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+        if self.train_window_days is not None and not self.train_window_days > 0:
+            raise ValueError("train_window_days must be positive (or unset for all history)")
+        if self.als_factors < 1 or self.als_iterations < 1:
+            raise ValueError("als_factors and als_iterations must be at least 1")
+        if self.candidate_pool < 10:
+            raise ValueError("candidate_pool must be at least 10")
+
+    @property
+    def resolved_threads(self) -> int:
+        return self.threads if self.threads > 0 else (os.cpu_count() or 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrainingParams:
+        return dataclasses.replace(self, **changes)

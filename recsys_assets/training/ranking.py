@@ -1,0 +1,247 @@
+"""The ranking stage: a labelled candidate dataset and a LightGBM lambdarank model.
+
+Rows are built with the runtime's own candidate generation and feature function on
+the state as of the ranking cut-off. Each user's candidates are labelled by what the
+user did in the label window (grade by action strength); items logged as shown in
+that window are added as rows too, so "shown, not clicked" is a real negative.
+Users whose rows hold no positive teach lambdarank nothing and are left out (their
+share is reported as the candidate recall of the retrieval stage).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import polars as pl
+
+from recsys_assets.training.data import Encoded
+from recsys_assets.training.params import TrainingParams
+from recsys_serving.model import candidates as cand
+from recsys_serving.model.context import user_context
+from recsys_serving.model.features import FEATURE_NAMES, assemble_features
+from recsys_serving.model.state import ModelState
+
+
+@dataclass
+class RankingDataset:
+    features: npt.NDArray[np.float32]  # (rows, N_FEATURES)
+    labels: npt.NDArray[np.int8]
+    groups: npt.NDArray[np.int64]  # rows per user, in order
+    users: npt.NDArray[np.int64]  # user row per group
+    items: npt.NDArray[np.int64]  # item row per row
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def frame(self, state: ModelState) -> pl.DataFrame:
+        """As a table (for the lake and for inspection)."""
+        user_of_row = np.repeat(self.users, self.groups)
+        return pl.DataFrame(
+            {
+                "user_id": state.user_ids[user_of_row],
+                "item_id": state.item_ids[self.items],
+                "label": self.labels,
+                **{name: self.features[:, j] for j, name in enumerate(FEATURE_NAMES)},
+            }
+        )
+
+    @classmethod
+    def from_frame(cls, frame: pl.DataFrame, user_index: dict[str, int]) -> RankingDataset:
+        users = frame["user_id"].to_numpy()
+        change = np.ones(users.size, dtype=bool)
+        change[1:] = users[1:] != users[:-1]
+        starts = np.flatnonzero(change)
+        groups = np.diff(np.append(starts, users.size)).astype(np.int64)
+        return cls(
+            features=frame.select(list(FEATURE_NAMES)).to_numpy().astype(np.float32),
+            labels=frame["label"].to_numpy().astype(np.int8),
+            groups=groups,
+            users=np.asarray([user_index[str(u)] for u in users[starts]], dtype=np.int64),
+            items=np.zeros(frame.height, dtype=np.int64),
+        )
+
+
+def label_table(
+    enc: Encoded, start: float, end: float
+) -> tuple[dict[int, dict[int, int]], dict[int, set[int]]]:
+    """Grades per (user, item) in ``[start, end)`` and items shown there per user."""
+    mask = (enc.ts >= start) & (enc.ts < end)
+    frame = (
+        pl.DataFrame({"u": enc.user[mask], "i": enc.item[mask], "g": enc.grade[mask]})
+        .group_by("u", "i")
+        .agg(pl.col("g").max())
+        .sort("u", "i")
+    )
+    grades: dict[int, dict[int, int]] = {}
+    for u, i, g in frame.iter_rows():
+        if g > 0:
+            grades.setdefault(int(u), {})[int(i)] = int(g)
+    imask = (enc.imp_ts >= start) & (enc.imp_ts < end) & (enc.imp_user >= 0)
+    shown_frame = (
+        pl.DataFrame({"u": enc.imp_user[imask], "i": enc.imp_item[imask]}).unique().sort("u", "i")
+    )
+    shown: dict[int, set[int]] = {}
+    for u, i in shown_frame.iter_rows():
+        shown.setdefault(int(u), set()).add(int(i))
+    return grades, shown
+
+
+def build_ranking_dataset(
+    state: ModelState, enc: Encoded, label_end: float, params: TrainingParams
+) -> RankingDataset:
+    """Candidates for users active in ``[state.as_of, label_end)``, labelled by their actions."""
+    started = time.perf_counter()
+    grades, shown = label_table(enc, state.as_of, label_end)
+    users = np.asarray(sorted(grades), dtype=np.int64)
+    rng = np.random.default_rng([params.seed, 0x4A4B])
+    if users.size > params.ranking_max_users:
+        users = np.sort(rng.choice(users, size=params.ranking_max_users, replace=False))
+    feats: list[npt.NDArray[np.float32]] = []
+    labels: list[npt.NDArray[np.int8]] = []
+    items_out: list[npt.NDArray[np.int64]] = []
+    groups: list[int] = []
+    kept_users: list[int] = []
+    positives_total = positives_found = cold_users = 0
+    for u in users.tolist():
+        ctx = user_context(state, str(state.user_ids[u]))
+        allowed = cand.allowed_mask(state, ctx)
+        user_grades = {i: g for i, g in grades[u].items() if allowed[i]}
+        if not user_grades:
+            continue  # only re-interactions with seen items: nothing to rank
+        pool = cand.generate(state, ctx, allowed, params.candidate_pool)
+        rows = pool.items
+        positives_total += len(user_grades)
+        positives_found += int(np.isin(np.fromiter(user_grades, np.int64), rows).sum())
+        extra = [i for i in sorted(shown.get(u, ())) if allowed[i]]
+        if extra:
+            rows = np.unique(np.concatenate([rows, np.asarray(extra, dtype=np.int64)]))
+        label = np.asarray([user_grades.get(int(i), 0) for i in rows], dtype=np.int8)
+        if not label.any():
+            continue
+        feats.append(assemble_features(state, ctx, rows))
+        labels.append(label)
+        items_out.append(rows)
+        groups.append(rows.size)
+        kept_users.append(u)
+        cold_users += int(not ctx.known)
+    if not groups:
+        raise ValueError(
+            "the ranking dataset is empty: no user in the label window has a labelled "
+            "candidate (the window may be too small)"
+        )
+    features = np.concatenate(feats)
+    label_arr = np.concatenate(labels)
+    return RankingDataset(
+        features=features,
+        labels=label_arr,
+        groups=np.asarray(groups, dtype=np.int64),
+        users=np.asarray(kept_users, dtype=np.int64),
+        items=np.concatenate(items_out),
+        stats={
+            "rows": int(features.shape[0]),
+            "users": len(groups),
+            "users_in_label_window": len(grades),
+            "cold_users": cold_users,
+            "positive_rows": int((label_arr > 0).sum()),
+            "candidate_recall": positives_found / max(positives_total, 1),
+            "seconds": round(time.perf_counter() - started, 3),
+        },
+    )
+
+
+@dataclass
+class RankerFit:
+    booster: Any
+    best_iteration: int
+    valid_ndcg: float
+    train_ndcg: float
+    seconds: float
+    feature_importance: dict[str, float]
+
+
+def train_ranker(dataset: RankingDataset, params: TrainingParams) -> RankerFit:
+    """LightGBM lambdarank with early stopping on a validation split by user."""
+    import lightgbm as lgb
+
+    n_groups = dataset.groups.size
+    rng = np.random.default_rng([params.seed, 0x1B6])
+    is_valid = rng.random(n_groups) < params.ranking_valid_share
+    if n_groups >= 2 and (is_valid.all() or not is_valid.any()):
+        is_valid[:] = False
+        is_valid[rng.integers(0, n_groups)] = True
+    row_valid = np.repeat(is_valid, dataset.groups)
+    names = list(FEATURE_NAMES)
+    train_set = lgb.Dataset(
+        dataset.features[~row_valid],
+        label=dataset.labels[~row_valid],
+        group=dataset.groups[~is_valid],
+        feature_name=names,
+        free_raw_data=False,
+    )
+    lgb_params = {
+        "objective": "lambdarank",
+        "metric": "ndcg",
+        "eval_at": [params.eval_k],
+        "lambdarank_truncation_level": max(params.eval_k * 2, 20),
+        "num_leaves": params.lgb_num_leaves,
+        "learning_rate": params.lgb_learning_rate,
+        "min_data_in_leaf": params.lgb_min_data_in_leaf,
+        "feature_fraction": params.lgb_feature_fraction,
+        "bagging_fraction": params.lgb_bagging_fraction,
+        "bagging_freq": 1,
+        "lambda_l2": params.lgb_lambda_l2,
+        "num_threads": params.resolved_threads,
+        "seed": params.seed,
+        "deterministic": True,
+        "force_row_wise": True,
+        "verbosity": -1,
+    }
+    valid_sets = [train_set]
+    valid_names = ["train"]
+    if is_valid.any():
+        valid_set = lgb.Dataset(
+            dataset.features[row_valid],
+            label=dataset.labels[row_valid],
+            group=dataset.groups[is_valid],
+            reference=train_set,
+            feature_name=names,
+        )
+        valid_sets.append(valid_set)
+        valid_names.append("valid")
+    record: dict[str, Any] = {}
+    callbacks = [lgb.record_evaluation(record)]
+    if is_valid.any():
+        callbacks.append(lgb.early_stopping(params.lgb_early_stopping, verbose=False))
+    started = time.perf_counter()
+    booster = lgb.train(
+        lgb_params,
+        train_set,
+        num_boost_round=params.lgb_rounds,
+        valid_sets=valid_sets,
+        valid_names=valid_names,
+        callbacks=callbacks,
+    )
+    seconds = time.perf_counter() - started
+    best = int(booster.best_iteration or booster.current_iteration())
+    metric = f"ndcg@{params.eval_k}"
+    valid_curve = record.get("valid", {}).get(metric, [])
+    train_curve = record.get("train", {}).get(metric, [])
+    importance = booster.feature_importance(importance_type="gain", iteration=best)
+    total = float(importance.sum()) or 1.0
+    return RankerFit(
+        booster=booster,
+        best_iteration=best,
+        valid_ndcg=float(valid_curve[best - 1]) if valid_curve else float("nan"),
+        train_ndcg=float(train_curve[best - 1]) if train_curve else float("nan"),
+        seconds=seconds,
+        feature_importance={
+            n: round(float(v) / total, 4)
+            for n, v in sorted(zip(names, importance, strict=True), key=lambda x: -x[1])
+        },
+    )
+
+
+def save_ranker(fit: RankerFit, path: Any) -> None:
+    fit.booster.save_model(str(path), num_iteration=fit.best_iteration)

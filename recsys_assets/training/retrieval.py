@@ -1,0 +1,228 @@
+"""Retrieval components: implicit ALS factors and session co-visitation.
+
+ALS is fitted on interactions before a cut-off; user vectors for any later state are
+recomputed from that state's interactions with the item factors held fixed (one
+exact least-squares solve per user, implicit's ``recalculate_user``), so the served
+bundle reflects every interaction in the window without refitting the items.
+Items without interactions before the fit get a content vector: the mean factor of
+the items sharing their categories, so they can still be retrieved and scored.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import polars as pl
+import scipy.sparse as sp
+
+from recsys_assets.training.data import DAY, Encoded, Vocabulary
+from recsys_assets.training.params import TrainingParams
+from recsys_serving.model.state import Ragged
+
+
+@dataclass
+class AlsFit:
+    """Item factors (content vectors for cold items) of one ALS fit, plus its settings."""
+
+    item_factors: npt.NDArray[np.float32]
+    fitted_before: float
+    warm: npt.NDArray[np.bool_]  # items that had interactions before the fit
+    seconds: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def decay_weights(
+    ts: npt.NDArray[np.float64], as_of: float, half_life_days: float | None
+) -> npt.NDArray[np.float32]:
+    if half_life_days is None:
+        return np.ones(ts.size, dtype=np.float32)
+    age = np.maximum(as_of - ts, 0.0) / (half_life_days * DAY)
+    return np.power(0.5, age).astype(np.float32)
+
+
+def interaction_matrix(
+    enc: Encoded, n_users: int, n_items: int, as_of: float, params: TrainingParams
+) -> sp.csr_matrix:
+    """Users x items confidence before ``as_of`` (decayed, BM25-weighted if configured)."""
+    mask = enc.ts < as_of
+    weight = enc.weight[mask] * decay_weights(
+        enc.ts[mask], as_of, params.interaction_half_life_days
+    )
+    matrix = sp.csr_matrix(
+        (weight.astype(np.float32), (enc.user[mask], enc.item[mask])),
+        shape=(n_users, n_items),
+        dtype=np.float32,
+    )
+    matrix.sum_duplicates()
+    # Repeated interactions count with diminishing returns.
+    matrix.data = np.log1p(matrix.data).astype(np.float32)
+    if params.als_bm25 and matrix.nnz:
+        matrix = _bm25(matrix, params.als_bm25_k1, params.als_bm25_b)
+    return matrix
+
+
+def _bm25(matrix: sp.csr_matrix, k1: float, b: float) -> sp.csr_matrix:
+    """BM25 on user rows (items are the "terms"): damps very popular items and very
+    active users, which measurably helps ALS on skewed implicit data."""
+    n_users = matrix.shape[0]
+    df = np.bincount(matrix.indices, minlength=matrix.shape[1]).astype(np.float64)
+    idf = np.log(n_users / (1.0 + df))
+    idf = np.maximum(idf, 0.0) + 1e-3
+    row_sums = np.asarray(matrix.sum(axis=1)).ravel()
+    avg = row_sums.mean() if row_sums.size else 1.0
+    length_norm = (1.0 - b) + b * row_sums / max(avg, 1e-9)
+    rows = np.repeat(np.arange(n_users), np.diff(matrix.indptr))
+    data = matrix.data.astype(np.float64)
+    weighted = data * (k1 + 1.0) / (k1 * length_norm[rows] + data) * idf[matrix.indices]
+    out = matrix.copy()
+    out.data = weighted.astype(np.float32)
+    return out
+
+
+def _als_model(params: TrainingParams) -> Any:
+    """Build the model; call inside ``threadpool_limits`` after :func:`_load_implicit`."""
+    from implicit.cpu.als import AlternatingLeastSquares
+
+    return AlternatingLeastSquares(
+        factors=params.als_factors,
+        regularization=params.als_regularization,
+        alpha=params.als_alpha,
+        iterations=params.als_iterations,
+        random_state=params.seed,
+        num_threads=params.resolved_threads,
+        calculate_training_loss=False,
+    )
+
+
+def _load_implicit() -> None:
+    # Imported before threadpool_limits is entered: a BLAS library loaded inside the
+    # context would escape the limit.
+    import implicit.cpu.als  # noqa: F401
+
+
+def fit_als(enc: Encoded, vocab: Vocabulary, before: float, params: TrainingParams) -> AlsFit:
+    """Fit ALS on interactions before ``before``; cold items get content vectors."""
+    from threadpoolctl import threadpool_limits
+
+    _load_implicit()
+    n_users, n_items = vocab.user_ids.size, vocab.item_ids.size
+    matrix = interaction_matrix(enc, n_users, n_items, before, params)
+    started = time.perf_counter()
+    # implicit parallelises itself; a multi-threaded BLAS underneath only fights it.
+    with threadpool_limits(1, "blas"):
+        model = _als_model(params)
+        model.fit(matrix, show_progress=False)
+    seconds = time.perf_counter() - started
+    factors = np.asarray(model.item_factors, dtype=np.float32)
+    warm = np.diff(matrix.tocsc().indptr) > 0
+    factors = with_content_vectors(factors, warm, vocab)
+    return AlsFit(
+        item_factors=factors,
+        fitted_before=before,
+        warm=warm,
+        seconds=seconds,
+        stats={
+            "users": int((np.diff(matrix.indptr) > 0).sum()),
+            "items": int(warm.sum()),
+            "nnz": int(matrix.nnz),
+            "factors": int(factors.shape[1]),
+            "seconds": round(seconds, 3),
+        },
+    )
+
+
+def with_content_vectors(
+    factors: npt.NDArray[np.float32], warm: npt.NDArray[np.bool_], vocab: Vocabulary
+) -> npt.NDArray[np.float32]:
+    """Replace cold items' factors by the mean factor of warm items in their categories."""
+    factors = factors.copy()
+    factors[~warm] = 0.0
+    n_cat = vocab.categories.size
+    if n_cat == 0 or warm.all():
+        return factors
+    sums = np.zeros((n_cat, factors.shape[1]), dtype=np.float64)
+    counts = np.zeros(n_cat, dtype=np.float64)
+    for row in np.flatnonzero(warm).tolist():
+        for cat in vocab.item_categories[row]:
+            sums[cat] += factors[row]
+            counts[cat] += 1
+    means = sums / np.maximum(counts, 1.0)[:, None]
+    for row in np.flatnonzero(~warm).tolist():
+        cats = [c for c in vocab.item_categories[row] if counts[c] > 0]
+        if cats:
+            factors[row] = means[cats].mean(axis=0)
+    return factors
+
+
+def user_factors(
+    enc: Encoded,
+    vocab: Vocabulary,
+    item_factors: npt.NDArray[np.float32],
+    as_of: float,
+    params: TrainingParams,
+) -> npt.NDArray[np.float32]:
+    """Least-squares user vectors for interactions before ``as_of``, items fixed."""
+    from threadpoolctl import threadpool_limits
+
+    _load_implicit()
+    n_users, n_items = vocab.user_ids.size, vocab.item_ids.size
+    matrix = interaction_matrix(enc, n_users, n_items, as_of, params)
+    with threadpool_limits(1, "blas"):
+        model = _als_model(params)
+        model.item_factors = np.ascontiguousarray(item_factors, dtype=np.float32)
+        vectors = model.recalculate_user(np.arange(n_users), matrix)
+    vectors = np.asarray(vectors, dtype=np.float32).reshape(n_users, item_factors.shape[1])
+    vectors[np.diff(matrix.indptr) == 0] = 0.0
+    return vectors
+
+
+def covisitation(enc: Encoded, n_items: int, as_of: float, params: TrainingParams) -> Ragged:
+    """Top neighbours per item from items interacted with close together in a session.
+
+    Within a session (consecutive repeats of one item collapsed), item ``b`` at
+    distance ``d`` after ``a`` adds ``1/d`` to ``a -> b`` and
+    ``covis_backward_weight / d`` to ``b -> a``; weights decay with age when an
+    interaction half-life is set.
+    """
+    mask = enc.ts < as_of
+    session, item, ts = enc.session[mask], enc.item[mask], enc.ts[mask]
+    order = np.lexsort((ts, session))
+    session, item, ts = session[order], item[order], ts[order]
+    if item.size:
+        keep = np.ones(item.size, dtype=bool)
+        keep[1:] = (session[1:] != session[:-1]) | (item[1:] != item[:-1])
+        session, item, ts = session[keep], item[keep], ts[keep]
+    decay = decay_weights(ts, as_of, params.interaction_half_life_days)
+    src: list[npt.NDArray[np.int64]] = []
+    dst: list[npt.NDArray[np.int64]] = []
+    wts: list[npt.NDArray[np.float32]] = []
+    for d in range(1, params.covis_window + 1):
+        if item.size <= d:
+            break
+        same = (session[d:] == session[:-d]) & (item[d:] != item[:-d])
+        a, b = item[:-d][same], item[d:][same]
+        w = (decay[d:][same] / d).astype(np.float32)
+        src += [a, b]
+        dst += [b, a]
+        wts += [w, (w * params.covis_backward_weight).astype(np.float32)]
+    if not src:
+        return Ragged.empty(n_items)
+    pairs = pl.DataFrame(
+        {"a": np.concatenate(src), "b": np.concatenate(dst), "w": np.concatenate(wts)}
+    )
+    top = (
+        pairs.group_by("a", "b")
+        .agg(pl.col("w").sum())
+        .sort(["a", "w", "b"], descending=[False, True, False])
+        .filter(pl.int_range(pl.len()).over("a") < params.covis_top)
+    )
+    return Ragged.from_sorted_pairs(
+        n_items,
+        top["a"].to_numpy().astype(np.int64),
+        top["b"].to_numpy().astype(np.int64),
+        top["w"].to_numpy().astype(np.float32),
+    )

@@ -1,0 +1,352 @@
+"""Build a :class:`~recsys_serving.model.state.ModelState` as of one instant.
+
+The same function builds the state for the ranking dataset (as of the cut-off), for
+the holdout evaluation (as of the holdout start) and for serving (as of the end of
+the window), so features mean the same thing in all three. Only interactions strictly
+before ``as_of`` are used; items published after it are unavailable.
+
+The ``user_features`` / ``item_features`` assets write the tables this module
+computes (:func:`item_table`, :func:`user_table`, :func:`affinities`); the
+``retrieval_model`` asset adds factors and co-visitation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import polars as pl
+
+from recsys_assets.training.data import DAY, Encoded, Vocabulary
+from recsys_assets.training.params import TrainingParams
+from recsys_assets.training.retrieval import covisitation, decay_weights, user_factors
+from recsys_serving.model.candidates import CATEGORY_FANOUT, DEFAULT_QUOTAS
+from recsys_serving.model.features import ITEM_COLUMNS, USER_COLUMNS
+from recsys_serving.model.state import ModelState, Ragged
+
+FRESH_MAX = 500
+
+
+@dataclass(frozen=True)
+class Horizons:
+    """Resolved time horizons (days) of one state."""
+
+    recent_days: float
+    popularity_half_life_days: float
+    fresh_days: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "recent_days": self.recent_days,
+            "popularity_half_life_days": self.popularity_half_life_days,
+            "fresh_days": self.fresh_days,
+        }
+
+
+def horizons(ts_before: npt.NDArray[np.float64], as_of: float, params: TrainingParams) -> Horizons:
+    """Fixed horizons from params; unset ones span the newest ``recent_share`` of events."""
+    if ts_before.size:
+        q = float(np.quantile(ts_before, 1.0 - params.recent_share))
+        adaptive = max((as_of - q) / DAY, 1.0 / 24.0 / 60.0)
+    else:
+        adaptive = 1.0
+    recent = params.recent_days if params.recent_days is not None else adaptive
+    half_life = (
+        params.popularity_half_life_days if params.popularity_half_life_days is not None else recent
+    )
+    fresh = params.fresh_days if params.fresh_days is not None else recent
+    return Horizons(recent, half_life, fresh)
+
+
+def _log1p(x: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+    return np.log1p(np.maximum(x, 0.0)).astype(np.float32)
+
+
+def item_table(
+    enc: Encoded, vocab: Vocabulary, as_of: float, hz: Horizons, params: TrainingParams
+) -> tuple[npt.NDArray[np.float32], dict[str, Any]]:
+    """Per-item features (columns ITEM_COLUMNS) and the arrays popularity orders need."""
+    n = vocab.item_ids.size
+    mask = enc.ts < as_of
+    item, ts, w = enc.item[mask], enc.ts[mask], enc.weight[mask].astype(np.float64)
+    recent = ts >= as_of - hz.recent_days * DAY
+    decayed = w * decay_weights(ts, as_of, hz.popularity_half_life_days)
+    pop = np.bincount(item, weights=w, minlength=n)
+    pop_recent = np.bincount(item[recent], weights=w[recent], minlength=n)
+    pop_decayed = np.bincount(item, weights=decayed, minlength=n)
+    first = np.full(n, np.inf)
+    last = np.full(n, -np.inf)
+    np.minimum.at(first, item, ts)
+    np.maximum.at(last, item, ts)
+    has = pop > 0
+    users = (
+        pl.DataFrame({"i": item, "u": enc.user[mask]})
+        .group_by("i")
+        .agg(pl.col("u").n_unique().alias("n"))
+    )
+    n_users = np.zeros(n)
+    n_users[users["i"].to_numpy()] = users["n"].to_numpy()
+    rating = enc.rating[mask]
+    rated = np.isfinite(rating)
+    rating_sum = np.bincount(item[rated], weights=rating[rated], minlength=n)
+    rating_n = np.bincount(item[rated], minlength=n)
+
+    imask = (enc.imp_ts < as_of) & (enc.imp_item >= 0)
+    imp_item, clicked = enc.imp_item[imask], enc.imp_clicked[imask]
+    impressions = np.bincount(imp_item, minlength=n).astype(np.float64)
+    clicks = np.bincount(imp_item[clicked], minlength=n).astype(np.float64)
+    prior = float(clicks.sum() / impressions.sum()) if impressions.sum() else 0.0
+    m = params.ctr_prior_strength
+    ctr = (clicks + m * prior) / (impressions + m)
+
+    total, total_recent = max(pop.sum(), 1e-9), max(pop_recent.sum(), 1e-9)
+    trend = np.log((pop_recent + 1.0) / (total_recent + n)) - np.log((pop + 1.0) / (total + n))
+    published = vocab.published_at
+    age = np.where(np.isfinite(published), np.maximum(as_of - published, 0.0) / DAY, -1.0)
+    columns = {
+        "log_pop": _log1p(pop),
+        "log_pop_recent": _log1p(pop_recent),
+        "log_pop_decayed": _log1p(pop_decayed),
+        "trend": trend,
+        "ctr": ctr,
+        "log_impressions": _log1p(impressions),
+        "log_users": _log1p(n_users),
+        "age_days": age,
+        "first_seen_days": np.where(has, (as_of - first) / DAY, -1.0),
+        "last_seen_days": np.where(has, (as_of - last) / DAY, -1.0),
+        "mean_rating": np.where(rating_n > 0, rating_sum / np.maximum(rating_n, 1), 0.0),
+        "has_history": has.astype(np.float32),
+    }
+    table = np.column_stack([columns[c] for c in ITEM_COLUMNS]).astype(np.float32)
+    extra = {
+        "pop": pop,
+        "pop_recent": pop_recent,
+        "pop_decayed": pop_decayed,
+        "first": np.where(has, first, np.nan),
+        "ctr_prior": prior,
+    }
+    return table, extra
+
+
+def user_table(
+    enc: Encoded, vocab: Vocabulary, as_of: float, hz: Horizons, params: TrainingParams
+) -> tuple[npt.NDArray[np.float32], float]:
+    """Per-user features (columns USER_COLUMNS) and the CTR prior used for cold users."""
+    n = vocab.user_ids.size
+    mask = enc.ts < as_of
+    user, ts = enc.user[mask], enc.ts[mask]
+    recent = ts >= as_of - hz.recent_days * DAY
+    events = np.bincount(user, minlength=n).astype(np.float64)
+    events_recent = np.bincount(user[recent], minlength=n).astype(np.float64)
+    last = np.full(n, -np.inf)
+    np.maximum.at(last, user, ts)
+    distinct = (
+        pl.DataFrame({"u": user, "i": enc.item[mask]})
+        .group_by("u")
+        .agg(pl.col("i").n_unique().alias("n"))
+    )
+    n_items = np.zeros(n)
+    n_items[distinct["u"].to_numpy()] = distinct["n"].to_numpy()
+    imask = (enc.imp_ts < as_of) & (enc.imp_user >= 0)
+    imp_user, clicked = enc.imp_user[imask], enc.imp_clicked[imask]
+    impressions = np.bincount(imp_user, minlength=n).astype(np.float64)
+    clicks = np.bincount(imp_user[clicked], minlength=n).astype(np.float64)
+    prior = float(clicks.sum() / impressions.sum()) if impressions.sum() else 0.0
+    m = params.ctr_prior_strength
+    has = events > 0
+    columns = {
+        "log_events": _log1p(events),
+        "log_events_recent": _log1p(events_recent),
+        "days_since_last": np.where(has, (as_of - last) / DAY, -1.0),
+        "log_items": _log1p(n_items),
+        "ctr": (clicks + m * prior) / (impressions + m),
+    }
+    table = np.column_stack([columns[c] for c in USER_COLUMNS]).astype(np.float32)
+    # Users without history must look exactly like a cold user at serving time.
+    table[~has] = 0.0
+    table[~has, USER_COLUMNS.index("days_since_last")] = -1.0
+    table[~has, USER_COLUMNS.index("ctr")] = prior
+    return table, prior
+
+
+def affinities(
+    enc: Encoded, vocab: Vocabulary, as_of: float, hz: Horizons, params: TrainingParams
+) -> tuple[Ragged, Ragged]:
+    """Each user's share of (decayed) interaction weight per category: whole window, recent."""
+    n_users = vocab.user_ids.size
+    lengths = np.asarray([len(c) for c in vocab.item_categories], dtype=np.int64)
+    if vocab.categories.size == 0 or lengths.sum() == 0:
+        return Ragged.empty(n_users), Ragged.empty(n_users)
+    cat_indptr = np.concatenate([[0], np.cumsum(lengths)])
+    cat_flat = np.asarray([c for cats in vocab.item_categories for c in cats], dtype=np.int64)
+    mask = enc.ts < as_of
+    user, item, ts = enc.user[mask], enc.item[mask], enc.ts[mask]
+    w = enc.weight[mask] * decay_weights(ts, as_of, params.interaction_half_life_days)
+    recent = ts >= as_of - hz.recent_days * DAY
+
+    def shares(sel: npt.NDArray[np.bool_]) -> Ragged:
+        u, i, ww = user[sel], item[sel], w[sel]
+        reps = lengths[i]
+        if reps.sum() == 0:
+            return Ragged.empty(n_users)
+        starts = np.repeat(cat_indptr[i], reps)
+        offsets = np.arange(int(reps.sum())) - np.repeat(np.cumsum(reps) - reps, reps)
+        frame = pl.DataFrame(
+            {
+                "u": np.repeat(u, reps),
+                "c": cat_flat[starts + offsets],
+                # An item's weight is split over its categories.
+                "w": np.repeat(ww / np.maximum(reps, 1), reps),
+            }
+        )
+        agg = (
+            frame.group_by("u", "c")
+            .agg(pl.col("w").sum())
+            .with_columns((pl.col("w") / pl.col("w").sum().over("u")).alias("w"))
+            .sort("u", "c")
+        )
+        return Ragged.from_sorted_pairs(
+            n_users,
+            agg["u"].to_numpy().astype(np.int64),
+            agg["c"].to_numpy().astype(np.int64),
+            agg["w"].to_numpy().astype(np.float32),
+        )
+
+    return shares(np.ones(user.size, dtype=bool)), shares(recent)
+
+
+def seen_and_recent(
+    enc: Encoded, n_users: int, as_of: float, params: TrainingParams
+) -> tuple[Ragged, Ragged]:
+    mask = enc.ts < as_of
+    frame = pl.DataFrame({"u": enc.user[mask], "i": enc.item[mask], "t": enc.ts[mask]})
+    last = frame.group_by("u", "i").agg(pl.col("t").max())
+    seen = last.sort("u", "i")
+    recent = (
+        last.sort(["u", "t", "i"], descending=[False, True, False])
+        .with_columns(pl.int_range(pl.len()).over("u").alias("r"))
+        .filter(pl.col("r") < params.recent_items)
+    )
+    seen_r = Ragged.from_sorted_pairs(
+        n_users,
+        seen["u"].to_numpy().astype(np.int64),
+        seen["i"].to_numpy().astype(np.int64),
+        np.ones(seen.height, dtype=np.float32),
+    )
+    recent_r = Ragged.from_sorted_pairs(
+        n_users,
+        recent["u"].to_numpy().astype(np.int64),
+        recent["i"].to_numpy().astype(np.int64),
+        np.power(params.recent_decay, recent["r"].to_numpy()).astype(np.float32),
+    )
+    return seen_r, recent_r
+
+
+def _order(score: npt.NDArray[np.float64], rows: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """``rows`` by score desc, then row asc (deterministic ties)."""
+    return rows[np.lexsort((rows, -score[rows]))].astype(np.int64)
+
+
+def build_state(
+    enc: Encoded,
+    vocab: Vocabulary,
+    as_of: float,
+    item_factors: npt.NDArray[np.float32],
+    params: TrainingParams,
+    covisit: Ragged | None = None,
+    publish_until: float | None = None,
+) -> ModelState:
+    """The full runtime state as of ``as_of`` (user vectors recomputed from its history).
+
+    Catalogue items are available once published; ``publish_until`` (default
+    ``as_of``) moves that line later for the served state, so items the catalogue
+    published after the last logged event (but before training) can be recommended.
+    """
+    n_items, n_users = vocab.item_ids.size, vocab.user_ids.size
+    hz = horizons(enc.ts[enc.ts < as_of], as_of, params)
+    items, extra = item_table(enc, vocab, as_of, hz, params)
+    users, user_prior = user_table(enc, vocab, as_of, hz, params)
+    aff, aff_recent = affinities(enc, vocab, as_of, hz, params)
+    seen, recent = seen_and_recent(enc, n_users, as_of, params)
+    if covisit is None:
+        covisit = covisitation(enc, n_items, as_of, params)
+    vectors = user_factors(enc, vocab, item_factors, as_of, params)
+
+    published = vocab.published_at
+    first = extra["first"]
+    has_date = np.isfinite(published)
+    logged_ever = np.zeros(n_items, dtype=bool)
+    logged_ever[enc.item] = True
+    logged_ever[enc.imp_item[enc.imp_item >= 0]] = True
+    # Dated items exist once published; undated ones once they were first seen, or
+    # always when the catalogue lists them and the logs never mention them.
+    until = max(as_of, publish_until) if publish_until is not None else as_of
+    available = np.where(
+        has_date,
+        published <= until,
+        np.isfinite(first) | (vocab.in_catalog & ~logged_ever),
+    )
+    rows = np.flatnonzero(available).astype(np.int64)
+    popular = _order(extra["pop_decayed"] + 1e-6 * extra["pop"], rows)
+    trending = _order(extra["pop_recent"] + 1e-6 * extra["pop_decayed"], rows)
+    born = np.where(has_date, published, first)
+    is_fresh = available & np.isfinite(born) & (born >= as_of - hz.fresh_days * DAY)
+    fresh_rows = np.flatnonzero(is_fresh).astype(np.int64)
+    fresh = fresh_rows[np.lexsort((fresh_rows, -born[fresh_rows]))][:FRESH_MAX]
+
+    cat_rows: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]] = []
+    members: list[list[int]] = [[] for _ in range(vocab.categories.size)]
+    for row in popular.tolist():
+        for cat in vocab.item_categories[row]:
+            members[cat].append(row)
+    for cat_members in members:
+        arr = np.asarray(cat_members, dtype=np.int64)
+        cat_rows.append((arr, extra["pop_decayed"][arr].astype(np.float32)))
+    category_popular = Ragged.from_lists(cat_rows) if cat_rows else Ragged.empty(0)
+    cat_weight = np.asarray(
+        [float(extra["pop_decayed"][np.asarray(m, dtype=np.int64)].sum()) for m in members]
+    )
+    top_categories = np.lexsort((np.arange(cat_weight.size), -cat_weight))[: CATEGORY_FANOUT * 2]
+
+    item_categories = Ragged.from_lists(
+        [
+            (np.asarray(c, dtype=np.int64), np.ones(len(c), dtype=np.float32))
+            for c in vocab.item_categories
+        ]
+    )
+    state = ModelState(
+        as_of=float(as_of),
+        item_ids=vocab.item_ids,
+        user_ids=vocab.user_ids,
+        categories=vocab.categories,
+        item_factors=np.ascontiguousarray(item_factors, dtype=np.float32),
+        user_factors=vectors,
+        item_table=items,
+        item_columns=ITEM_COLUMNS,
+        user_table=users,
+        user_columns=USER_COLUMNS,
+        item_categories=item_categories,
+        user_affinity=aff,
+        user_affinity_recent=aff_recent,
+        seen=seen,
+        recent=recent,
+        covisit=covisit,
+        available=available.astype(bool),
+        popular=popular,
+        trending=trending,
+        fresh=fresh.astype(np.int64),
+        category_popular=category_popular,
+        published_at=published.astype(np.float64),
+        params={
+            "candidate_pool": params.candidate_pool,
+            "candidate_quotas": dict(DEFAULT_QUOTAS),
+            "top_categories": [int(c) for c in top_categories.tolist()],
+            "user_ctr_prior": user_prior,
+            "item_ctr_prior": extra["ctr_prior"],
+            "horizons": hz.as_dict(),
+        },
+    )
+    state.validate()
+    return state

@@ -1,0 +1,219 @@
+"""Candidate generation: a few hundred items worth ranking for one user.
+
+Sources, each with a quota (a share of the pool, in ``state.params["candidates"]``):
+
+* ``als``: top inner products with the user's ALS vector (the embedded index, or
+  an external :class:`~recsys_serving.index.base.CandidateIndex` such as Elasticsearch);
+* ``covis``: items co-visited in sessions with the user's recent items;
+* ``category``: popular items in the user's strongest categories (or the requested
+  ones, or a document's interests for a cold user; several categories for diversity);
+* ``popular`` and ``trending``: overall and recent-window popularity;
+* ``fresh``: newly published items, those in the user's categories first, so items
+  without any interaction can reach the ranker through their content features.
+
+Already-seen items, caller exclusions, items unavailable at ``as_of`` and (when
+asked) items outside the requested categories are never returned. Training calls
+the same function to build the ranking dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from recsys_serving.model.context import UserContext
+from recsys_serving.model.features import padded_categories
+from recsys_serving.model.state import IntArray, ModelState
+
+ALS, COVIS, CATEGORY, POPULAR, TRENDING, FRESH = range(6)
+SOURCE_NAMES = ("als", "covis", "category", "popular", "trending", "fresh")
+DEFAULT_QUOTAS: dict[str, float] = {
+    "als": 0.40,
+    "covis": 0.25,
+    "category": 0.12,
+    "popular": 0.10,
+    "trending": 0.06,
+    "fresh": 0.07,
+}
+DEFAULT_POOL = 200
+# Categories the category source draws from (the user's strongest, or the biggest).
+CATEGORY_FANOUT = 3
+
+# (vector, k, allowed mask) -> item rows, best first: the ALS retrieval step.
+Retriever = Callable[[npt.NDArray[np.float32], int, npt.NDArray[np.bool_]], IntArray]
+
+
+@dataclass
+class Candidates:
+    items: IntArray  # item rows, unique
+    source: npt.NDArray[np.int8]  # which source found each item first
+    ref: IntArray  # source detail: the co-visited item row or the category row; -1
+
+    def __len__(self) -> int:
+        return int(self.items.size)
+
+
+def quotas(state: ModelState, pool: int) -> dict[str, int]:
+    shares = {**DEFAULT_QUOTAS, **state.params.get("candidate_quotas", {})}
+    return {name: round(share * pool) for name, share in shares.items()}
+
+
+def allowed_mask(
+    state: ModelState,
+    ctx: UserContext,
+    exclude: IntArray | None = None,
+    categories: IntArray | None = None,
+) -> npt.NDArray[np.bool_]:
+    """Items that may be returned: available, unseen, not excluded, in the categories."""
+    if categories is not None:
+        allowed = np.zeros(state.n_items, dtype=bool)
+        for cat in categories.tolist():
+            members, _ = state.category_popular.row(cat)
+            allowed[members] = True
+        allowed &= state.available
+    else:
+        allowed = state.available.copy()
+    if ctx.seen.size:
+        allowed[ctx.seen] = False
+    if exclude is not None and exclude.size:
+        allowed[exclude] = False
+    return allowed
+
+
+def exact_retriever(state: ModelState) -> Retriever:
+    """Exact inner-product top-k over the state's item factors (the embedded index)."""
+
+    def retrieve(vector: npt.NDArray[np.float32], k: int, allowed: npt.NDArray[np.bool_]):
+        scores = state.item_factors @ vector
+        return top_k(scores, allowed, k)
+
+    return retrieve
+
+
+def top_k(scores: npt.NDArray[np.float32], allowed: npt.NDArray[np.bool_], k: int) -> IntArray:
+    """Rows of the k best allowed scores, best first; ties by lower row (deterministic)."""
+    rows = np.flatnonzero(allowed)
+    if rows.size == 0 or k <= 0:
+        return np.empty(0, dtype=np.int64)
+    pool = scores[rows]
+    if k < rows.size:
+        part = np.argpartition(-pool, k - 1)[:k]
+        rows, pool = rows[part], pool[part]
+    order = np.lexsort((rows, -pool))
+    return rows[order].astype(np.int64)
+
+
+def _walk(order: IntArray, allowed: npt.NDArray[np.bool_], n: int, taken: set[int]) -> list[int]:
+    """The first ``n`` allowed, not yet taken rows of a precomputed order."""
+    out: list[int] = []
+    if n <= 0:
+        return out
+    # Most rows of a popularity order are allowed: look at a short head first.
+    head = order[: 4 * n + 64]
+    for block in (head, order[head.size :]):
+        if not block.size:
+            continue
+        for row in block[allowed[block]].tolist():
+            if row not in taken:
+                out.append(row)
+                taken.add(row)
+                if len(out) >= n:
+                    return out
+    return out
+
+
+def generate(
+    state: ModelState,
+    ctx: UserContext,
+    allowed: npt.NDArray[np.bool_],
+    pool: int = DEFAULT_POOL,
+    categories: IntArray | None = None,
+    retrieve: Retriever | None = None,
+) -> Candidates:
+    """Merge the sources into at most ``pool`` unique candidates (first source wins)."""
+    want = quotas(state, pool)
+    items: list[int] = []
+    source: list[int] = []
+    ref: list[int] = []
+    taken: set[int] = set()
+
+    def add(rows: list[int], src: int, refs: list[int] | None = None) -> None:
+        for i, row in enumerate(rows):
+            if len(items) >= pool:
+                return
+            items.append(row)
+            source.append(src)
+            ref.append(refs[i] if refs is not None else -1)
+
+    if ctx.vector is not None and want["als"] > 0:
+        retriever = retrieve or exact_retriever(state)
+        found = retriever(ctx.vector, want["als"], allowed)
+        rows = [r for r in found.tolist() if r not in taken]
+        taken.update(rows)
+        add(rows, ALS)
+
+    if ctx.covis_items.size and want["covis"] > 0:
+        ok = allowed[ctx.covis_items]
+        cand, score, refs = ctx.covis_items[ok], ctx.covis_sum[ok], ctx.covis_ref[ok]
+        order = np.lexsort((cand, -score))
+        rows, refr = [], []
+        for j in order.tolist():
+            row = int(cand[j])
+            if row in taken:
+                continue
+            taken.add(row)
+            rows.append(row)
+            refr.append(int(refs[j]))
+            if len(rows) >= want["covis"]:
+                break
+        add(rows, COVIS, refr)
+
+    if categories is not None and categories.size:
+        cats = categories[: CATEGORY_FANOUT * 2]
+    else:
+        cats = ctx.top_categories(CATEGORY_FANOUT)
+        if not cats.size:
+            cats = np.asarray(state.params.get("top_categories", [])[:CATEGORY_FANOUT], np.int64)
+    if cats.size and want["category"] > 0:
+        per = max(1, -(-want["category"] // cats.size))
+        for cat in cats.tolist():
+            members, _ = state.category_popular.row(int(cat))
+            rows = _walk(members, allowed, per, taken)
+            add(rows, CATEGORY, [int(cat)] * len(rows))
+
+    add(_walk(state.popular, allowed, want["popular"], taken), POPULAR)
+    add(_walk(state.trending, allowed, want["trending"], taken), TRENDING)
+
+    if want["fresh"] > 0 and state.fresh.size:
+        fresh = state.fresh[allowed[state.fresh]]
+        if cats.size and fresh.size:
+            # Fresh items in the user's categories first: content is all they have.
+            padded = np.append(np.zeros(state.n_categories, dtype=bool), False)
+            padded[cats] = True
+            liked = padded[padded_categories(state)[fresh]].any(axis=1)
+            fresh = np.concatenate([fresh[liked], fresh[~liked]])
+        add(_walk(fresh, np.ones(state.n_items, dtype=bool), want["fresh"], taken), FRESH)
+
+    if len(items) < pool:
+        # Sources came up short (cold user, narrow filter): top up by popularity.
+        add(_walk(state.popular, allowed, pool - len(items), taken), POPULAR)
+
+    return Candidates(
+        items=np.asarray(items, dtype=np.int64),
+        source=np.asarray(source, dtype=np.int8),
+        ref=np.asarray(ref, dtype=np.int64),
+    )
+
+
+def reason(state: ModelState, source: int, ref: int) -> str:
+    """Where a candidate came from, in words for API answers and logs."""
+    if source == COVIS and ref >= 0:
+        return f"co-visited with {state.item_ids[ref]}"
+    if source == CATEGORY and ref >= 0:
+        return f"popular in {state.categories[ref]}"
+    if source == FRESH:
+        return "new item"
+    return SOURCE_NAMES[source]

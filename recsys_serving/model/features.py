@@ -1,0 +1,154 @@
+"""THE feature function: one row of ranking features per (user, candidate item).
+
+The ranking dataset (training) and every served request call
+:func:`assemble_features` with a :class:`~recsys_serving.model.state.ModelState`
+and a :class:`~recsys_serving.model.context.UserContext`, so train/serve skew can
+only come from the state, which the bundle carries verbatim.
+
+Features are finite by construction: "unknown" is an explicit sentinel plus a flag
+(``item_age_days = -1`` when the catalogue has no publication date, ``user_known =
+0`` for cold users), never NaN, so a NaN reaching the ranker is always a bug and the
+blocking asset check on the ranking dataset can treat it as one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from recsys_serving.model.context import UserContext
+from recsys_serving.model.state import IntArray, ModelState
+
+# Per-item columns of ModelState.item_table, computed at the state's as_of.
+ITEM_COLUMNS: tuple[str, ...] = (
+    "log_pop",  # log1p of the weighted interaction count over the window
+    "log_pop_recent",  # the same over the recent window
+    "log_pop_decayed",  # log1p of exponentially decayed weight (popularity half-life)
+    "trend",  # log ratio of recent share to overall share (rising items > 0)
+    "ctr",  # clicks / impressions, Bayesian-smoothed toward the global CTR
+    "log_impressions",
+    "log_users",  # distinct users who interacted
+    "age_days",  # as_of - published_at; -1 when unknown
+    "first_seen_days",  # as_of - first interaction; -1 when none
+    "last_seen_days",  # as_of - last interaction; -1 when none
+    "mean_rating",  # mean rating value; 0 when the item has no ratings
+    "has_history",  # 1 when the item has interactions before as_of
+)
+# Per-user columns of ModelState.user_table.
+USER_COLUMNS: tuple[str, ...] = (
+    "log_events",
+    "log_events_recent",
+    "days_since_last",  # as_of - last interaction; -1 when none
+    "log_items",  # distinct items interacted with
+    "ctr",  # clicks / impressions, smoothed
+)
+# Features that depend on the (user, item) pair.
+PAIR_FEATURES: tuple[str, ...] = (
+    "als_score",  # user factor . item factor (0 for users without a vector)
+    "als_cosine",
+    "covis_sum",  # co-visitation with the user's recent items, recency-weighted
+    "covis_max",
+    "last_item_sim",  # cosine to the user's newest item
+    "recent_sim",  # cosine to the mean of the user's recent items
+    "cat_affinity",  # the user's share of interactions in the item's categories
+    "cat_affinity_recent",  # the same over the recent window
+    "user_known",  # 1 when the state has history for the user
+)
+FEATURE_NAMES: tuple[str, ...] = (
+    PAIR_FEATURES
+    + tuple(f"item_{c}" for c in ITEM_COLUMNS)
+    + tuple(f"user_{c}" for c in USER_COLUMNS)
+)
+N_FEATURES = len(FEATURE_NAMES)
+MAX_CATEGORIES_PER_ITEM = 8
+
+
+def padded_categories(state: ModelState) -> npt.NDArray[np.int64]:
+    """Item categories as a fixed-width matrix (``n_categories`` pads), cached on the state.
+
+    Gathering a (candidates x width) block is much faster per request than slicing a
+    ragged structure item by item.
+    """
+    cached = getattr(state, "_padded_categories", None)
+    if cached is not None:
+        return cached
+    ragged = state.item_categories
+    lengths = np.diff(ragged.indptr)
+    width = int(min(max(int(lengths.max(initial=0)), 1), MAX_CATEGORIES_PER_ITEM))
+    out = np.full((state.n_items, width), state.n_categories, dtype=np.int64)
+    for slot in range(width):
+        has = lengths > slot
+        out[has, slot] = ragged.indices[ragged.indptr[:-1][has] + slot]
+    object.__setattr__(state, "_padded_categories", out)
+    return out
+
+
+def _affinity(
+    state: ModelState, affinity: npt.NDArray[np.float32], items: IntArray
+) -> npt.NDArray[np.float32]:
+    padded = np.append(affinity, np.float32(0.0))  # the pad column scores 0
+    return padded[padded_categories(state)[items]].sum(axis=1)
+
+
+def _cosine(
+    vectors: npt.NDArray[np.float32],
+    norms: npt.NDArray[np.float32],
+    unit: npt.NDArray[np.float32] | None,
+) -> npt.NDArray[np.float32]:
+    if unit is None:
+        return np.zeros(vectors.shape[0], dtype=np.float32)
+    return (vectors @ unit) / np.maximum(norms, 1e-12)
+
+
+def assemble_features(
+    state: ModelState, ctx: UserContext, items: IntArray
+) -> npt.NDArray[np.float32]:
+    """The (len(items), N_FEATURES) float32 feature matrix, columns in FEATURE_NAMES order."""
+    items = np.asarray(items, dtype=np.int64)
+    n = items.size
+    out = np.empty((n, N_FEATURES), dtype=np.float32)
+    vectors = state.item_factors[items]
+    norms = np.linalg.norm(vectors, axis=1).astype(np.float32)
+    if ctx.vector is not None:
+        als = vectors @ ctx.vector
+        user_norm = float(np.linalg.norm(ctx.vector))
+        cosine = als / np.maximum(norms * user_norm, 1e-12)
+    else:
+        als = cosine = np.zeros(n, dtype=np.float32)
+    covis_sum = np.zeros(n, dtype=np.float32)
+    covis_max = np.zeros(n, dtype=np.float32)
+    if ctx.covis_items.size:
+        pos = np.searchsorted(ctx.covis_items, items)
+        pos = np.minimum(pos, ctx.covis_items.size - 1)
+        hit = ctx.covis_items[pos] == items
+        covis_sum[hit] = ctx.covis_sum[pos[hit]]
+        covis_max[hit] = ctx.covis_max[pos[hit]]
+    out[:, 0] = als
+    out[:, 1] = cosine
+    out[:, 2] = covis_sum
+    out[:, 3] = covis_max
+    out[:, 4] = _cosine(vectors, norms, ctx.last_vector)
+    out[:, 5] = _cosine(vectors, norms, ctx.recent_vector)
+    out[:, 6] = _affinity(state, ctx.affinity, items)
+    out[:, 7] = _affinity(state, ctx.affinity_recent, items)
+    out[:, 8] = 1.0 if ctx.known else 0.0
+    p = len(PAIR_FEATURES)
+    out[:, p : p + len(ITEM_COLUMNS)] = state.item_table[items]
+    u0 = p + len(ITEM_COLUMNS)
+    if ctx.row is not None:
+        out[:, u0:] = state.user_table[ctx.row]
+    else:
+        out[:, u0:] = cold_user_row(state)
+    return out
+
+
+def cold_user_row(state: ModelState) -> npt.NDArray[np.float32]:
+    """The user-table row of a user the state has no history for.
+
+    Counts are zero, recency is the "unknown" sentinel and the CTR is the smoothing
+    prior, exactly what training writes for users without events before ``as_of``.
+    """
+    row = np.zeros(len(USER_COLUMNS), dtype=np.float32)
+    row[USER_COLUMNS.index("days_since_last")] = -1.0
+    row[USER_COLUMNS.index("ctr")] = float(state.params.get("user_ctr_prior", 0.0))
+    return row

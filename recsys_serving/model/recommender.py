@@ -1,0 +1,314 @@
+"""The runtime recommender the server calls: candidates -> features -> LightGBM -> top K.
+
+``Recommender.load(path)`` verifies the bundle's checksums, loads the state and the
+ranker once, and precomputes what requests share, so a request costs one user
+lookup, a few hundred-row numpy gathers and one single-threaded LightGBM predict
+(about a millisecond on a laptop core for a 200-item pool).
+
+Instances are immutable after loading and safe to share between threads: the
+server swaps whole instances (hot swap) instead of mutating one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from recsys_serving.index.base import CandidateIndex, CandidateQuery
+from recsys_serving.model import candidates as cand
+from recsys_serving.model.bundle import BundleError, verify_bundle
+from recsys_serving.model.context import UserContext, user_context
+from recsys_serving.model.features import FEATURE_NAMES, assemble_features, padded_categories
+from recsys_serving.model.state import IntArray, ModelState
+
+RANKER_FILE = "ranker.txt"
+STATE_DIR = "state"
+INDEX_DIR = "index"
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredItem:
+    item_id: str
+    score: float
+    reason: str
+
+
+class Ranker:
+    """A LightGBM booster scoring feature rows (higher is better)."""
+
+    def __init__(self, booster: Any, threads: int = 1) -> None:
+        self.booster = booster
+        self.threads = threads
+
+    @classmethod
+    def load(cls, path: Path, threads: int = 1) -> Ranker:
+        import lightgbm as lgb
+
+        return cls(lgb.Booster(model_file=str(path)), threads)
+
+    def score(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        if features.shape[0] == 0:
+            return np.empty(0, dtype=np.float64)
+        return np.asarray(
+            self.booster.predict(features, num_threads=self.threads, validate_features=False),
+            dtype=np.float64,
+        )
+
+
+class Recommender:
+    """A loaded model bundle: see docs/architecture.md ("Runtime API")."""
+
+    def __init__(
+        self,
+        state: ModelState,
+        ranker: Ranker,
+        manifest: Mapping[str, Any] | None = None,
+        path: Path | None = None,
+    ) -> None:
+        self.state = state
+        self.ranker = ranker
+        self.manifest: dict[str, Any] = dict(manifest or {})
+        self.path = path
+        self.version: str = str(self.manifest.get("version", "unversioned"))
+        self.pool = int(state.params.get("candidate_pool", cand.DEFAULT_POOL))
+        self._retrieve = cand.exact_retriever(state)
+        padded_categories(state)  # built once here, not on the first request
+        primary = padded_categories(state)[:, 0]
+        self._primary = np.where(primary < state.n_categories, primary, -1)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path: str | Path) -> Recommender:
+        """Verify and load a bundle directory; ``BundleError`` when it is unusable."""
+        root = Path(path)
+        manifest = verify_bundle(root)
+        names = manifest.get("feature_names")
+        if names is not None and tuple(names) != FEATURE_NAMES:
+            raise BundleError(
+                f"{root}: bundle features {len(names)} do not match this code's "
+                f"{len(FEATURE_NAMES)} (trained by another version of recsys)"
+            )
+        try:
+            state = ModelState.load(root / STATE_DIR)
+            ranker = Ranker.load(root / RANKER_FILE)
+        except (OSError, ValueError, KeyError) as exc:
+            raise BundleError(f"{root}: cannot load the model state ({exc})") from exc
+        except Exception as exc:  # LightGBM raises its own error type for a bad model file
+            raise BundleError(f"{root}: cannot load {RANKER_FILE} ({exc})") from exc
+        return cls(state, ranker, manifest, root)
+
+    # ------------------------------------------------------------------- lookup
+    def knows_user(self, user_id: str) -> bool:
+        return self.state.user_row(user_id) is not None
+
+    def seen(self, user_id: str) -> frozenset[str]:
+        row = self.state.user_row(user_id)
+        if row is None:
+            return frozenset()
+        items, _ = self.state.seen.row(row)
+        return frozenset(self.state.item_ids[items].tolist())
+
+    def knows_item(self, item_id: str) -> bool:
+        return item_id in self.state.item_index
+
+    # ----------------------------------------------------------------- requests
+    def recommend(
+        self,
+        user_id: str,
+        k: int,
+        categories: Sequence[str] | None = None,
+        exclude: Iterable[str] = frozenset(),
+        user_doc: Mapping[str, Any] | None = None,
+        index: CandidateIndex | None = None,
+    ) -> list[ScoredItem]:
+        """Top ``k`` unseen items for the user, best first, each with where it came from.
+
+        ``categories`` keeps items in any of them; ``exclude`` ids are never returned;
+        ``user_doc`` (the document store's record) gives cold users their stated
+        interests; ``index`` replaces the bundle's embedded ALS retrieval (e.g. with
+        Elasticsearch). Unknown users get a category-diverse popular/trending/new list.
+        """
+        if k <= 0:
+            return []
+        state = self.state
+        ctx = user_context(state, user_id, user_doc)
+        cat_rows = self._category_rows(categories)
+        exclude_rows = self._item_rows(exclude)
+        allowed = cand.allowed_mask(state, ctx, exclude_rows, cat_rows)
+        retrieve = self._retrieve
+        if index is not None:
+            retrieve = self._index_retriever(index, ctx, exclude, categories)
+        pool = cand.generate(state, ctx, allowed, max(self.pool, k), cat_rows, retrieve)
+        if not len(pool):
+            return []
+        scores = self.ranker.score(assemble_features(state, ctx, pool.items))
+        order = np.lexsort((pool.items, -scores))
+        if not ctx.known:
+            order = self._diversify(pool.items, order, k)
+        return [
+            ScoredItem(
+                str(state.item_ids[pool.items[i]]),
+                float(scores[i]),
+                cand.reason(state, int(pool.source[i]), int(pool.ref[i])),
+            )
+            for i in order[:k].tolist()
+        ]
+
+    def score_items(
+        self, user_id: str, item_ids: Sequence[str], user_doc: Mapping[str, Any] | None = None
+    ) -> npt.NDArray[np.float64]:
+        """Ranker scores of given items for a user (what ``recommend`` would assign)."""
+        ctx = user_context(self.state, user_id, user_doc)
+        rows = np.asarray([self.state.item_index[i] for i in item_ids], dtype=np.int64)
+        return self.ranker.score(assemble_features(self.state, ctx, rows))
+
+    def similar(
+        self,
+        item_id: str,
+        k: int,
+        exclude: Iterable[str] = frozenset(),
+        index: CandidateIndex | None = None,
+    ) -> list[ScoredItem]:
+        """Items like ``item_id``: co-visited in sessions, then nearest in ALS space.
+
+        Raises ``KeyError`` for an item the model does not know.
+        """
+        state = self.state
+        row = state.item_index.get(item_id)
+        if row is None:
+            raise KeyError(item_id)
+        if k <= 0:
+            return []
+        excluded = frozenset(exclude) | {item_id}
+        if index is not None:
+            found = index.similar(item_id, k + len(excluded), excluded)
+            return [
+                ScoredItem(c.item_id, float(c.score), f"similar to {item_id}")
+                for c in found
+                if c.item_id not in excluded
+            ][:k]
+        allowed = state.available.copy()
+        allowed[row] = False
+        allowed[self._item_rows(excluded)] = False
+        neighbours, weights = state.covisit.row(row)
+        keep = allowed[neighbours]
+        neighbours, weights = neighbours[keep], weights[keep]
+        out: list[ScoredItem] = []
+        top = float(weights[0]) if weights.size else 1.0
+        for r, w in zip(neighbours[:k].tolist(), weights[:k].tolist(), strict=True):
+            out.append(
+                ScoredItem(str(state.item_ids[r]), 1.0 + w / top, f"co-visited with {item_id}")
+            )
+            allowed[r] = False
+        if len(out) < k:
+            vector = state.item_factors[row]
+            norms = np.linalg.norm(state.item_factors, axis=1)
+            cosine = (state.item_factors @ vector) / np.maximum(
+                norms * float(np.linalg.norm(vector)), 1e-12
+            )
+            for r in cand.top_k(cosine, allowed, k - len(out)).tolist():
+                out.append(
+                    ScoredItem(str(state.item_ids[r]), float(cosine[r]), f"similar to {item_id}")
+                )
+        return out
+
+    def popular(
+        self,
+        k: int,
+        categories: Sequence[str] | None = None,
+        exclude: Iterable[str] = frozenset(),
+    ) -> list[ScoredItem]:
+        """The most popular available items (recent-decayed), touching nothing outside
+        the bundle: the answer of last resort when a store or the index fails."""
+        if k <= 0:
+            return []
+        state = self.state
+        allowed = state.available.copy()
+        allowed[self._item_rows(exclude)] = False
+        cat_rows = self._category_rows(categories)
+        if cat_rows is not None:
+            in_cats = np.zeros(state.n_items, dtype=bool)
+            for c in cat_rows.tolist():
+                in_cats[state.category_popular.row(c)[0]] = True
+            allowed &= in_cats
+        rows = cand._walk(state.popular, allowed, k, set())
+        popularity = state.item_column("log_pop_decayed")
+        wanted = set(cat_rows.tolist()) if cat_rows is not None else set()
+        out = []
+        for r in rows:
+            why = "popular"
+            for c in state.item_categories.row(r)[0].tolist():
+                if c in wanted:
+                    why = f"popular in {state.categories[c]}"
+                    break
+            out.append(ScoredItem(str(state.item_ids[r]), float(popularity[r]), why))
+        return out
+
+    # ---------------------------------------------------------------- internals
+    def _item_rows(self, item_ids: Iterable[str]) -> IntArray:
+        index = self.state.item_index
+        rows = [index[i] for i in item_ids if i in index]
+        return np.asarray(rows, dtype=np.int64)
+
+    def _category_rows(self, categories: Sequence[str] | None) -> IntArray | None:
+        if not categories:
+            return None
+        index = self.state.category_index
+        return np.asarray([index[c] for c in categories if c in index], dtype=np.int64)
+
+    def _index_retriever(
+        self,
+        index: CandidateIndex,
+        ctx: UserContext,
+        exclude: Iterable[str],
+        categories: Sequence[str] | None,
+    ) -> cand.Retriever:
+        state = self.state
+        excluded = frozenset(exclude) | frozenset(state.item_ids[ctx.seen].tolist())
+
+        def retrieve(vector: npt.NDArray[np.float32], k: int, allowed: npt.NDArray[np.bool_]):
+            found = index.search(
+                CandidateQuery(
+                    k=k,
+                    vector=vector,
+                    exclude=excluded,
+                    categories=tuple(categories) if categories else None,
+                )
+            )
+            rows = [state.item_index.get(c.item_id) for c in found]
+            return np.asarray([r for r in rows if r is not None and allowed[r]], dtype=np.int64)
+
+        return retrieve
+
+    def _diversify(self, items: IntArray, order: IntArray, k: int) -> IntArray:
+        """Cap items per primary category so a cold-start list spans several categories."""
+        cap = max(2, math.ceil(k / 4))
+        counts: dict[int, int] = {}
+        head: list[int] = []
+        rest: list[int] = []
+        for i in order.tolist():
+            cat = int(self._primary[items[i]])
+            if cat < 0 or counts.get(cat, 0) < cap:
+                counts[cat] = counts.get(cat, 0) + 1
+                head.append(i)
+                if len(head) >= k:
+                    break
+            else:
+                rest.append(i)
+        if len(head) < k:
+            head += rest[: k - len(head)]
+        return np.asarray(head, dtype=np.int64)
+
+
+def load_timed(path: str | Path) -> tuple[Recommender, float]:
+    """Load a bundle and report how long it took (for logs and metrics)."""
+    started = time.perf_counter()
+    model = Recommender.load(path)
+    return model, time.perf_counter() - started
