@@ -59,6 +59,7 @@ FILE_FORMAT = "recsys-docstore"
 FILE_VERSION = 1
 WRITE_BATCH = 1000
 BULK_SOCKET_TIMEOUT_MS = 60_000
+HEARTBEAT_MS = 2_000
 _JSON_OPTIONS = JSONOptions(json_mode=JSONMode.RELAXED, tz_aware=True, tzinfo=UTC)
 _MISSING = object()
 
@@ -522,10 +523,32 @@ class DocStore:
             self._client.close()
 
     # -- errors
+    def _known_down(self) -> str | None:
+        """The monitor's last error when every server is known to be unreachable.
+
+        pymongo's server selection sleeps in 0.5 s steps whatever the timeout, so a
+        request would block a worker thread that long; when the background monitor
+        already knows the servers are down, fail at once instead.
+        """
+        if not isinstance(self._client, pymongo.MongoClient):
+            return None  # the embedded store, or a test double without a topology
+        described = self._client.topology_description
+        if described.has_readable_server():
+            return None
+        servers = list(described.server_descriptions().values())
+        if not servers or any(sd.error is None for sd in servers):
+            return None
+        return str(servers[0].error)
+
     @contextmanager
     def _guard(self, op: str, request: bool = False) -> Iterator[None]:
         try:
             if request:
+                down = self._known_down()
+                if down is not None:
+                    raise StoreUnavailable(
+                        f"{self.uri}: {op}: server unreachable ({down[:200]})", timeout=False
+                    )
                 with pymongo.timeout(self.request_timeout_s):
                     yield
             else:
@@ -680,6 +703,8 @@ def client_options(store_timeout_ms: float) -> dict[str, Any]:
         "serverSelectionTimeoutMS": selection_ms,
         "connectTimeoutMS": selection_ms,
         "socketTimeoutMS": BULK_SOCKET_TIMEOUT_MS,
+        # A server found down is probed again this often; requests fail fast meanwhile.
+        "heartbeatFrequencyMS": HEARTBEAT_MS,
         "tz_aware": True,
         "appname": "recsys",
     }

@@ -1,0 +1,374 @@
+"""The document store: one API over the embedded file store and MongoDB (pymongo).
+
+The MongoDB code path runs against ``mongomock.MongoClient`` as the pymongo double, and
+against a real server when ``RECSYS_MONGO_URI`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import mongomock
+import pytest
+from bson import json_util
+
+from recsys_serving.settings import Settings
+from recsys_serving.stores.docstore import (
+    DocStore,
+    DocStoreError,
+    EmbeddedDatabase,
+    StoreUnavailable,
+    UpsertResult,
+    connect_docstore,
+    open_docstore,
+    redact_uri,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+T0 = datetime(2024, 3, 1, 12, 30, 15, 123000, tzinfo=UTC)
+
+
+def _item(n: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "item_id": f"i{n:03d}",
+        "title": f"Item {n}",
+        "categories": ["a", "b"] if n % 2 else ["b"],
+        "published_at": T0,
+        "price": n + 0.5,
+        **extra,
+    }
+
+
+@pytest.fixture
+def mongomock_bulk_compat(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mongomock 4.3's bulk builder predates pymongo 4.11's ``sort`` keyword (mongomock
+    issue #912); the double accepts it when unused, which is how DocStore calls it."""
+    builder = mongomock.collection.BulkOperationBuilder
+    original = builder.add_replace
+
+    def add_replace(self: Any, selector: Any, doc: Any, upsert: Any, **kw: Any) -> Any:
+        assert kw.pop("sort", None) is None
+        return original(self, selector, doc, upsert, **kw)
+
+    monkeypatch.setattr(builder, "add_replace", add_replace)
+
+
+def _embedded(path: Path, refresh_seconds: float = 0.0) -> DocStore:
+    return connect_docstore(None, "recsys", path, refresh_seconds=refresh_seconds)
+
+
+@pytest.fixture(params=["embedded", "mongomock", "mongodb"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DocStore]:
+    if request.param == "embedded":
+        yield _embedded(tmp_path / "docstore" / "recsys.json")
+        return
+    if request.param == "mongomock":
+        request.getfixturevalue("mongomock_bulk_compat")
+        client = mongomock.MongoClient(tz_aware=True)
+        with DocStore.from_client(
+            client, "recsys", uri="mongodb://app:s3cret@db.example:27017/?authSource=admin"
+        ) as st:
+            yield st
+        return
+    uri = os.environ.get("RECSYS_MONGO_URI", "")
+    if not uri.startswith("mongodb"):
+        pytest.skip("set RECSYS_MONGO_URI=mongodb://... to run against a real MongoDB")
+    db = f"recsys_test_{uuid.uuid4().hex[:8]}"
+    st = connect_docstore(uri, db, tmp_path / "unused.json", store_timeout_ms=2000)
+    try:
+        yield st
+    finally:
+        st._client.drop_database(db)
+        st.close()
+
+
+# ------------------------------------------------------------- every backend, same API
+def test_upsert_get_iter_counts(store: DocStore) -> None:
+    assert store.upsert_items([_item(n) for n in range(5)]) == UpsertResult(inserted=5)
+    assert store.upsert_users([{"user_id": "u1", "country": "DE"}]) == UpsertResult(inserted=1)
+    assert store.counts() == {"items": 5, "users": 1}
+
+    user = store.get_user("u1")
+    assert user == {"_id": "u1", "user_id": "u1", "country": "DE"}
+    assert store.get_user("nobody") is None
+
+    got = store.get_items(["i003", "i001", "missing", "i001"])
+    assert set(got) == {"i001", "i003"}
+    assert got["i001"]["published_at"] == T0  # tz-aware UTC, milliseconds kept
+    assert got["i001"]["categories"] == ["a", "b"] and got["i001"]["price"] == 1.5
+    assert store.get_items([]) == {}
+
+    ids = [d["_id"] for d in store.iter_items(batch_size=2)]
+    assert ids == [f"i{n:03d}" for n in range(5)]
+    assert [d["user_id"] for d in store.iter_users(batch_size=1)] == ["u1"]
+    assert store.ping()
+
+
+def test_upsert_replaces_whole_documents_and_counts_what_changed(store: DocStore) -> None:
+    store.upsert_items([_item(1), _item(2, colour="red")])
+    again = store.upsert_items([_item(1), _item(2), _item(3)])
+    assert again == UpsertResult(inserted=1, updated=1, unchanged=1)
+    assert "colour" not in store.get_items(["i002"])["i002"]  # replaced, not merged
+    # The same id twice in one call: the last one wins, and both are accounted for.
+    twice = store.upsert_items([_item(4, v=1), _item(4, v=2)])
+    assert twice == UpsertResult(inserted=1, updated=1) and twice.written == 2
+    assert store.get_items(["i004"])["i004"]["v"] == 2
+
+
+def test_returned_documents_are_copies(store: DocStore) -> None:
+    store.upsert_items([_item(1)])
+    doc = store.get_items(["i001"])["i001"]
+    doc["categories"].append("mutated")
+    doc["title"] = "mutated"
+    fresh = store.get_items(["i001"])["i001"]
+    assert fresh["categories"] == ["a", "b"] and fresh["title"] == "Item 1"
+
+
+def test_queries_beyond_id_use_mongodb_semantics(store: DocStore) -> None:
+    store.upsert_items([_item(n) for n in range(6)])
+    with_a = sorted(d["_id"] for d in store.items.find({"categories": "a"}))
+    assert with_a == ["i001", "i003", "i005"]
+    assert store.items.count_documents({"price": {"$gte": 3}}) == 3
+
+
+def test_documents_need_a_string_id(store: DocStore) -> None:
+    with pytest.raises(ValueError, match="item_id"):
+        store.upsert_items([{"title": "no id"}])
+    with pytest.raises(ValueError, match="differs"):
+        store.upsert_users([{"_id": "x", "user_id": "y"}])
+
+
+# ---------------------------------------------------------------------- embedded only
+def test_two_instances_share_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "recsys.json"
+    writer, reader = _embedded(path), _embedded(path)
+    assert reader.get_user("u1") is None
+    writer.upsert_users([{"user_id": "u1", "n": 1}])
+    assert reader.get_user("u1") == {"_id": "u1", "user_id": "u1", "n": 1}
+    reader.upsert_users([{"user_id": "u2"}])  # the reader's write keeps the writer's
+    writer.upsert_users([{"user_id": "u1", "n": 2}])
+    assert reader.counts() == {"items": 0, "users": 2}
+    assert reader.get_user("u1")["n"] == 2
+
+
+def test_readers_check_the_file_at_most_every_interval(tmp_path: Path) -> None:
+    path = tmp_path / "recsys.json"
+    writer, reader = _embedded(path), _embedded(path, refresh_seconds=0.5)
+    assert reader.get_user("u1") is None
+    writer.upsert_users([{"user_id": "u1"}])
+    assert reader.get_user("u1") is None  # inside the interval: no stat, no reload
+    time.sleep(0.6)
+    assert reader.get_user("u1") is not None
+
+
+def test_file_is_json_with_bson_types_and_no_temp_files_remain(tmp_path: Path) -> None:
+    path = tmp_path / "recsys.json"
+    _embedded(path).upsert_items([_item(1)])
+    data = json_util.loads(path.read_text(), json_options=json_util.JSONOptions(tz_aware=True))
+    assert data["format"] == "recsys-docstore" and data["version"] == 1
+    (doc,) = data["collections"]["items"]
+    assert doc["published_at"] == T0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recsys.json", "recsys.json.lock"]
+
+
+def test_a_failed_batch_leaves_the_committed_state(tmp_path: Path) -> None:
+    path = tmp_path / "recsys.json"
+    store = _embedded(path)
+    store.upsert_users([{"user_id": "kept"}])
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError), store.batch():
+        store.upsert_users([{"user_id": "lost"}])
+        raise RuntimeError("crash mid-load")
+    assert path.read_bytes() == before
+    assert store.get_user("lost") is None and store.get_user("kept") is not None
+
+
+@pytest.mark.parametrize(
+    ("content", "detail"),
+    [
+        (b'{"format": "recsys-docstore", "version": 1, "collections": {"users": [', "line 1"),
+        (b'{"hello": "world"}', "not a recsys-docstore file"),
+        (b'{"format": "recsys-docstore", "version": 9, "collections": {}}', "version 9"),
+        (b'{"format": "recsys-docstore", "version": 1, "collections": {"u": [{}]}}', "no _id"),
+        (b"\xff\xfe\x00", "corrupt"),
+    ],
+)
+def test_corrupt_file_is_a_clear_error_naming_it(
+    tmp_path: Path, content: bytes, detail: str
+) -> None:
+    path = tmp_path / "recsys.json"
+    path.write_bytes(content)
+    store = _embedded(path)
+    with pytest.raises(DocStoreError) as err:
+        store.get_user("u1")
+    assert str(path) in str(err.value) and detail in str(err.value)
+    assert "corrupt document store file" in str(err.value)
+    assert store.ping() is False
+    with pytest.raises(DocStoreError, match="corrupt"):
+        store.upsert_users([{"user_id": "u1"}])  # never overwrite what we cannot read
+    assert path.read_bytes() == content
+
+
+def _run_python(code: str, home: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "RECSYS_HOME": str(home), "PYTHONPATH": str(PROJECT_ROOT)}
+    env.pop("RECSYS_MONGO_URI", None)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_another_process_sees_writes_both_ways(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path)
+    store = open_docstore(settings, refresh_seconds=0)
+    store.upsert_items([_item(7)])
+    child = _run_python(
+        """
+        import json
+        from recsys_serving.settings import Settings
+        from recsys_serving.stores.docstore import open_docstore
+        store = open_docstore(Settings())
+        doc = store.get_items(["i007"])["i007"]
+        store.upsert_users([{"user_id": "from-child", "pid": 1}])
+        print(json.dumps({"title": doc["title"], "published_at": doc["published_at"].isoformat()}))
+        """,
+        tmp_path,
+    )
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err
+    assert json.loads(out) == {"title": "Item 7", "published_at": T0.isoformat()}
+    assert store.get_user("from-child") == {"_id": "from-child", "user_id": "from-child", "pid": 1}
+
+
+def test_concurrent_writer_processes_lose_no_update(tmp_path: Path) -> None:
+    writers, rounds = 4, 15
+    procs = [
+        _run_python(
+            f"""
+            from recsys_serving.settings import Settings
+            from recsys_serving.stores.docstore import open_docstore
+            store = open_docstore(Settings())
+            for r in range({rounds}):
+                store.upsert_users([{{"user_id": f"w{w}-r{{r}}-{{k}}"}} for k in range(3)])
+            """,
+            tmp_path,
+        )
+        for w in range(writers)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    store = open_docstore(Settings(home=tmp_path))
+    assert store.counts()["users"] == writers * rounds * 3
+
+
+def test_get_user_at_100k_users_is_well_under_a_millisecond(tmp_path: Path) -> None:
+    path = tmp_path / "recsys.json"
+    _embedded(path).upsert_users(
+        {"user_id": f"u{n:06d}", "country": "DE", "device": "mobile"} for n in range(100_000)
+    )
+    reader = _embedded(path, refresh_seconds=1.0)  # as the server opens it
+    assert reader.get_user("u000000") is not None  # first call loads the file
+    timings = []
+    for n in range(0, 100_000, 50):
+        started = time.perf_counter()
+        doc = reader.get_user(f"u{n:06d}")
+        timings.append(time.perf_counter() - started)
+        assert doc is not None
+    assert statistics.median(timings) < 0.0002, statistics.median(timings)
+    assert max(timings) < 0.05
+
+
+def test_embedded_store_rejects_operations_it_does_not_emulate(tmp_path: Path) -> None:
+    from pymongo import InsertOne, ReplaceOne
+
+    db = EmbeddedDatabase(tmp_path / "x.json")
+    with pytest.raises(TypeError, match="ReplaceOne"):
+        db["items"].bulk_write([InsertOne({"_id": "a"})])
+    with pytest.raises(ValueError, match="by _id only"):
+        db["items"].bulk_write([ReplaceOne({"title": "t"}, {"title": "u"}, upsert=True)])
+    with pytest.raises(ValueError, match="sorts by _id only"):
+        list(db["items"].find({}, sort=[("title", 1)]))
+
+
+# ------------------------------------------------------------------ the MongoDB backend
+def test_mongodb_backend_creates_indexes_and_hides_credentials(
+    mongomock_bulk_compat: None,
+) -> None:
+    store = DocStore.from_client(
+        mongomock.MongoClient(tz_aware=True),
+        "recsys",
+        uri="mongodb://app:s3cret@db1:27017,db2:27017/recsys?authSource=admin&tls=true",
+    )
+    store.upsert_items([_item(1)])
+    assert {"categories_1", "published_at_1"} <= set(store.items.index_information())
+    assert store.uri == "mongodb://db1:27017,db2:27017/recsys"
+    assert store.backend == "mongodb" and not store.embedded
+
+
+def test_unreachable_mongodb_fails_fast(closed_localhost_port: int, tmp_path: Path) -> None:
+    store = connect_docstore(
+        f"mongodb://127.0.0.1:{closed_localhost_port}/",
+        "recsys",
+        tmp_path / "unused.json",
+        store_timeout_ms=50,
+    )
+    with store:
+        started = time.perf_counter()
+        with pytest.raises(StoreUnavailable):
+            store.get_user("u1")
+        assert time.perf_counter() - started < 1.0
+        started = time.perf_counter()
+        with pytest.raises(StoreUnavailable):
+            store.get_items(["i1"])
+        assert store.ping() is False
+        assert time.perf_counter() - started < 1.0
+        started = time.perf_counter()
+        with pytest.raises(StoreUnavailable):  # loads wait for server selection, not 30 s
+            store.upsert_users([{"user_id": "u1"}])
+        assert time.perf_counter() - started < 3.0
+
+
+def test_silent_mongodb_is_a_timeout(tmp_path: Path) -> None:
+    """A server that accepts connections but never answers (overloaded, half-dead)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        store = connect_docstore(
+            f"mongodb://127.0.0.1:{port}/", "recsys", tmp_path / "unused.json", store_timeout_ms=50
+        )
+        with store:
+            started = time.perf_counter()
+            with pytest.raises(StoreUnavailable) as err:
+                store.get_user("u1")
+            assert time.perf_counter() - started < 1.0
+            assert err.value.timeout
+            assert store.ping() is False
+
+
+def test_uri_schemes_and_redaction(tmp_path: Path) -> None:
+    embedded = connect_docstore("mongomock://", "recsys", tmp_path / "d.json")
+    assert embedded.embedded and embedded.uri == (tmp_path / "d.json").as_uri()
+    with pytest.raises(DocStoreError, match="unsupported RECSYS_MONGO_URI") as err:
+        connect_docstore("postgres://u:pw@h/db", "recsys", tmp_path / "d.json")
+    assert "pw" not in str(err.value)
+    assert redact_uri("mongodb+srv://u:p%40ss@cluster.example/db?x=y") == (
+        "mongodb+srv://cluster.example/db"
+    )
+    assert redact_uri("mongodb://h:27017") == "mongodb://h:27017"
