@@ -126,7 +126,10 @@ class EmbeddedIndex:
                 mask[excluded] = False
             rows = order[mask[order]][:k]
         return [
-            Candidate(str(self._ids[row]), float(self._popularity[row]), "popular") for row in rows
+            Candidate(item_id, score, "popular")
+            for item_id, score in zip(
+                self._ids[rows].tolist(), self._popularity[rows].tolist(), strict=True
+            )
         ]
 
     def similar(
@@ -234,4 +237,9 @@ class EmbeddedIndex:
         rows = picked if candidates is None else candidates[picked]
         picked_scores = pool[picked]
         order = np.lexsort((self._id_rank[rows], -picked_scores.astype(np.float64)))
-        return [Candidate(str(self._ids[rows[i]]), float(picked_scores[i]), source) for i in order]
+        return [
+            Candidate(item_id, score, source)
+            for item_id, score in zip(
+                self._ids[rows[order]].tolist(), picked_scores[order].tolist(), strict=True
+            )
+        ]
