@@ -23,6 +23,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from model_support import tiny_bundle, tiny_outcome, tiny_world  # noqa: F401
 from typer.testing import CliRunner
 
 from recsys_assets.simulation.live import LiveConfig, LiveSimulator, read_timeline, run_live
@@ -232,3 +233,41 @@ def test_cli_simulate_live(stub: Stub, truth: GroundTruth, tmp_path: Path) -> No
         app, ["simulate", "live", "--truth", str(tmp_path / "truth"), "--duration", "soon"]
     )
     assert bad.exit_code == 1 and "--duration" in bad.output
+
+
+@pytest.mark.slow
+def test_against_the_real_server_clicks_join_the_logged_impressions(
+    tmp_path: Path,
+    tiny_world: Any,  # noqa: F811 (fixtures)
+    tiny_bundle: Path,  # noqa: F811 (fixtures)
+) -> None:
+    """The real service logs impressions, the simulator posts clicks; joined on
+    request_id they give the model's online CTR, as the closed loop reads it."""
+    from recsys_assets.monitoring.ctr import load_ctr_series
+    from recsys_serving.api.app import create_app
+    from recsys_serving.lake import LocalLake
+    from recsys_serving.registry import PRODUCTION, ModelRegistry
+    from serving_support import new_key, running_app, service_settings
+
+    settings = service_settings(tmp_path / "home", landing_segment_max_age_seconds=1.0)
+    lake = LocalLake(settings.resolved_lake_uri)
+    registry = ModelRegistry(lake)
+    version = registry.register(tiny_bundle).version
+    registry.set_alias(PRODUCTION, version, reason="test")
+    key = new_key(settings, "recommend,events")
+    world = GroundTruth.load(tiny_world.summary.truth_path)
+    with running_app(create_app(settings, docstore=None)) as url:
+        result = run_live(
+            world,
+            LiveConfig(base_url=url, api_key=key, users=20, rps=40, duration=4, seed=3),
+        )
+    assert result.errors == 0 and result.requests > 80
+    assert set(result.by_version) == {version} and result.clicks > 0
+    assert result.served_by.get("champion") == result.requests
+    series, orphans = load_ctr_series(
+        lake, datetime.now(UTC), lookback=timedelta(minutes=10), bucket_seconds=60
+    )
+    assert orphans == 0
+    assert set(series["model_version"].to_list()) == {version}
+    assert series["impressions"].sum() == result.impressions
+    assert series["clicks"].sum() == result.clicks
