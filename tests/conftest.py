@@ -135,3 +135,20 @@ def closed_localhost_port() -> int:
 
 
 # --- end of alert channel servers ----------------------------------------------------
+
+
+# --- document store (tests/test_docstore.py, tests/test_catalog_assets.py) -----------
+@pytest.fixture
+def mongomock_bulk_compat(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mongomock 4.3's bulk builder predates pymongo 4.11's ``sort`` keyword (mongomock
+    issue #912); let the pymongo double accept it when unused, as DocStore calls it."""
+    import mongomock
+
+    builder = mongomock.collection.BulkOperationBuilder
+    original = builder.add_replace
+
+    def add_replace(self: Any, selector: Any, doc: Any, upsert: Any, **kw: Any) -> Any:
+        assert kw.pop("sort", None) is None
+        return original(self, selector, doc, upsert, **kw)
+
+    monkeypatch.setattr(builder, "add_replace", add_replace)

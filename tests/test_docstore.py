@@ -51,20 +51,6 @@ def _item(n: int, **extra: Any) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def mongomock_bulk_compat(monkeypatch: pytest.MonkeyPatch) -> None:
-    """mongomock 4.3's bulk builder predates pymongo 4.11's ``sort`` keyword (mongomock
-    issue #912); the double accepts it when unused, which is how DocStore calls it."""
-    builder = mongomock.collection.BulkOperationBuilder
-    original = builder.add_replace
-
-    def add_replace(self: Any, selector: Any, doc: Any, upsert: Any, **kw: Any) -> Any:
-        assert kw.pop("sort", None) is None
-        return original(self, selector, doc, upsert, **kw)
-
-    monkeypatch.setattr(builder, "add_replace", add_replace)
-
-
 def _embedded(path: Path, refresh_seconds: float = 0.0) -> DocStore:
     return connect_docstore(None, "recsys", path, refresh_seconds=refresh_seconds)
 

@@ -171,7 +171,9 @@ def _dollar_key(value: Any, path: str = "") -> str | None:
 def to_document(kind: Kind, obj: Any) -> dict[str, Any]:
     """The store document for one decoded JSON line, or :class:`RecordError`."""
     if not isinstance(obj, dict):
-        raise RecordError("not_an_object", f"a {kind[:-1]} must be a JSON object")
+        what = "an item" if kind == "items" else "a user"
+        got = "an array" if isinstance(obj, list) else type(obj).__name__
+        raise RecordError("not_an_object", f"{what} must be a JSON object, got {got}")
     model = ItemRecord if kind == "items" else UserRecord
     try:
         record = model.model_validate(obj)
