@@ -9,14 +9,22 @@ oci_registry``), or :func:`running_registry` directly. ``.ci/run`` installs the
 
 from __future__ import annotations
 
+import base64
+import json
 import shutil
 import subprocess
+import threading
 import time
+import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
@@ -64,6 +72,111 @@ def bcrypt_hash(password: str) -> str:
     return hashed
 
 
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@dataclass
+class TokenIssuer:
+    """The token service of a Bearer-auth registry (Docker Hub, GHCR and Harbor work this
+    way): checks Basic credentials and returns a JWT, signed with a self-signed key the
+    registry trusts, granting the scopes asked for. Records every scope it granted."""
+
+    username: str
+    password: str
+    service: str = "recsys-test-registry"
+    issuer: str = "recsys-test-issuer"
+    granted: list[str] = field(default_factory=list)
+    url: str = ""
+
+    def __post_init__(self) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.x509.oid import NameOID
+
+        self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.issuer)])
+        now = datetime.now(UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self._key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+            .sign(self._key, hashes.SHA256())
+        )
+        self.cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+        self._x5c = base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
+
+    def token(self, scopes: list[str]) -> str:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+
+        access = []
+        for scope in scopes:
+            kind, name, actions = scope.split(":")
+            access.append({"type": kind, "name": name, "actions": actions.split(",")})
+        now = int(time.time())
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [self._x5c]}
+        claims = {
+            "iss": self.issuer,
+            "sub": self.username,
+            "aud": self.service,
+            "exp": now + 300,
+            "nbf": now - 30,
+            "iat": now,
+            "jti": uuid.uuid4().hex,
+            "access": access,
+        }
+        signing_input = (
+            f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
+        )
+        signature = self._key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+        return f"{signing_input}.{_b64url(signature)}"
+
+
+@contextmanager
+def running_token_issuer(username: str, password: str) -> Iterator[TokenIssuer]:
+    issuer = TokenIssuer(username, password)
+    expected = "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            query = parse_qs(urlsplit(self.path).query)
+            if self.headers.get("Authorization") != expected:
+                self._reply(401, {"details": "bad credentials"})
+                return
+            scopes = query.get("scope", [])
+            issuer.granted.extend(scopes)
+            token = issuer.token(scopes)
+            self._reply(200, {"token": token, "access_token": token, "expires_in": 300})
+
+        def _reply(self, status: int, body: dict[str, Any]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    issuer.url = f"http://127.0.0.1:{httpd.server_address[1]}/token"
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield issuer
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
 def registry_binary() -> str:
     exe = shutil.which(REGISTRY_BINARY)
     if exe is None:
@@ -76,9 +189,16 @@ def registry_binary() -> str:
 
 @contextmanager
 def running_registry(
-    workdir: Path, *, username: str | None = None, password: str | None = None
+    workdir: Path,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    token_issuer: TokenIssuer | None = None,
 ) -> Iterator[OciRegistryServer]:
-    """Start ``docker-registry serve`` on a free loopback port; stop it on exit."""
+    """Start ``docker-registry serve`` on a free loopback port; stop it on exit.
+
+    ``username``/``password``: htpasswd Basic auth. ``token_issuer``: Bearer token auth.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     storage = workdir / "storage"
@@ -92,6 +212,18 @@ def running_registry(
         htpasswd = workdir / "htpasswd"
         htpasswd.write_text(f"{username}:{bcrypt_hash(password)}\n")
         config["auth"] = {"htpasswd": {"realm": "recsys-test", "path": str(htpasswd)}}
+    if token_issuer is not None:
+        bundle = workdir / "token-issuer.pem"
+        bundle.write_bytes(token_issuer.cert_pem)
+        config["auth"] = {
+            "token": {
+                "realm": token_issuer.url,
+                "service": token_issuer.service,
+                "issuer": token_issuer.issuer,
+                "rootcertbundle": str(bundle),
+            }
+        }
+        username, password = token_issuer.username, token_issuer.password
     config_path = workdir / "config.yml"
     config_path.write_text(yaml.safe_dump(config))
     log_path = workdir / "registry.log"

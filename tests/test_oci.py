@@ -16,7 +16,13 @@ import oras.layout
 import oras.provider
 import pytest
 import requests
-from oci_support import OciRegistryServer, oci_registry, oci_registry_basic, running_registry
+from oci_support import (
+    OciRegistryServer,
+    oci_registry,
+    oci_registry_basic,
+    running_registry,
+    running_token_issuer,
+)
 
 from recsys_assets.packaging.assets import promoted_image
 from recsys_assets.packaging.resource import OciResource, default_layout_dir
@@ -330,6 +336,25 @@ def test_basic_auth_registry(tmp_path: Path, oci_registry_basic: OciRegistryServ
     assert tree(pulled) == tree(bundle)
     with pytest.raises(OciAuthError):
         pull_bundle(ref.reference, tmp_path / "anon", insecure=True)
+
+
+@pytest.mark.slow
+def test_bearer_token_registry(tmp_path: Path) -> None:
+    """Registries that answer with a Bearer challenge get a token from their token service
+    in exchange for the credentials, widened from pull to push as the push needs it."""
+    with (
+        running_token_issuer("robot", "t0ken-pw") as issuer,
+        running_registry(tmp_path / "token-registry", token_issuer=issuer) as server,
+    ):
+        bundle = make_bundle(tmp_path / "b")
+        access = RegistryAccess(insecure=True, credentials=OciCredentials("robot", "t0ken-pw"))
+        ref = push_bundle(bundle, server.repository(), access=access)
+        assert "repository:recsys/model:pull,push" in issuer.granted
+        pulled = pull_bundle(ref.reference, tmp_path / "models", access=access)
+        assert tree(pulled) == tree(bundle)
+        wrong = RegistryAccess(insecure=True, credentials=OciCredentials("robot", "nope"))
+        with pytest.raises(OciAuthError, match="token"):
+            pull_bundle(ref.reference, tmp_path / "other", access=wrong)
 
 
 def test_ecr_hosts_are_recognized() -> None:
