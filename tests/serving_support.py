@@ -35,3 +35,44 @@ def serving_client(settings: Settings, **app_kwargs: Any) -> Iterator[TestClient
     app_kwargs.setdefault("docstore", None)
     with TestClient(create_app(settings, **app_kwargs)) as client:
         yield client
+
+
+@contextmanager
+def running_app(app: Any) -> Iterator[str]:
+    """Serve ``app`` with a real uvicorn server on 127.0.0.1 in a thread; yields the URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from support import free_port
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> Any:
+    import time
+
+    deadline = time.time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.05)

@@ -26,5 +26,7 @@ app = typer.Typer(
 from recsys_assets.cli import acquisition as _acquisition  # noqa: E402,F401
 from recsys_assets.cli import catalog as _catalog  # noqa: E402,F401
 from recsys_assets.cli import demo as _demo  # noqa: E402,F401
+from recsys_assets.cli import keys as _keys  # noqa: E402,F401
 from recsys_assets.cli import models as _models  # noqa: E402,F401
+from recsys_assets.cli import serve as _serve  # noqa: E402,F401
 from recsys_assets.cli import simulate as _simulate  # noqa: E402,F401

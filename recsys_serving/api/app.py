@@ -52,9 +52,11 @@ def create_app(
     model_source: ModelSource | None = None,
     loader: Callable[[Path], Any] | None = None,
     docstore: Any = _DEFAULT,
+    index_opener: Callable[[Any], Any] | None = _DEFAULT,
 ) -> FastAPI:
-    """Build the app. ``model_source``, ``loader`` and ``docstore`` replace the ones the
-    settings describe (tests inject failing stores or slow indexes through them)."""
+    """Build the app. ``model_source``, ``loader``, ``docstore`` and ``index_opener``
+    (model -> CandidateIndex, or None for the bundle's embedded index) replace what
+    the settings describe; tests inject failing stores or slow indexes through them."""
     settings = settings or get_settings()
     configure_logging()
     app = FastAPI(
@@ -84,7 +86,7 @@ def create_app(
         app.include_router(events.router)
         app.include_router(events.router, prefix="/v1")
     else:
-        _build_service(app, settings, model_source, loader, docstore)
+        _build_service(app, settings, model_source, loader, docstore, index_opener)
     _document_event_contract(app)
     return app
 
@@ -95,6 +97,7 @@ def _build_service(
     model_source: ModelSource | None,
     loader: Callable[[Path], Any] | None,
     docstore: Any,
+    index_opener: Callable[[Any], Any] | None,
 ) -> None:
     service_metrics: ServiceMetrics = app.state.metrics
     app.state.keyring = KeyRing(KeyFile.in_home(settings.resolved_home), settings.api_keys)
@@ -113,7 +116,7 @@ def _build_service(
         loader or _recommender_loader(),
         on_change=lambda s: service_metrics.set_models(s.versions(), s.ready, s.candidate_share),
         on_refused=lambda reason: service_metrics.model_load_failures.labels(reason).inc(),
-        index_opener=_index_opener(settings),
+        index_opener=_index_opener(settings) if index_opener is _DEFAULT else index_opener,
     )
     app.state.manager = manager
     app.state.impressions = ImpressionLog(app.state.intake, service_metrics)

@@ -74,11 +74,11 @@ def _respond(body: dict[str, object], request_id: str) -> Response:
 
 K = Annotated[int, Query(ge=1, le=100, description="How many items (1..100).")]
 Exclude = Annotated[
-    list[ItemId],
+    list[ItemId] | None,
     Query(max_length=MAX_EXCLUDE, description="Item ids never to return (repeat the parameter)."),
 ]
 Category = Annotated[
-    list[ItemId],
+    list[ItemId] | None,
     Query(max_length=MAX_CATEGORIES, description="Keep items of any of these categories."),
 ]
 ERRORS: dict[int | str, dict[str, object]] = {
@@ -108,8 +108,8 @@ async def get_recommendations(
     service: Annotated[Recommending, Depends(get_recommending)],
     _: Annotated[Principal, Depends(require("recommend"))],
     k: K = 10,
-    category: Category | None = None,
-    exclude: Exclude | None = None,
+    category: Category = None,
+    exclude: Exclude = None,
 ) -> Response:
     answer = await service.recommend(user_id, k, category or None, frozenset(exclude or ()))
     return _respond(
@@ -138,7 +138,7 @@ async def get_similar(
     service: Annotated[Recommending, Depends(get_recommending)],
     _: Annotated[Principal, Depends(require("recommend"))],
     k: K = 10,
-    exclude: Exclude | None = None,
+    exclude: Exclude = None,
 ) -> Response:
     answer = await service.similar(item_id, k, frozenset(exclude or ()))
     return _respond(

@@ -93,8 +93,10 @@ class Recommending:
         except TimeoutError:
             return None, "store_timeout"
         except Exception as exc:
-            log.warning("serving.store_error", error=repr(exc))
-            return None, "store_error"
+            # The store's own client budget surfaces as StoreUnavailable(timeout=True).
+            reason = "store_timeout" if getattr(exc, "timeout", False) is True else "store_error"
+            log.warning("serving.store_unavailable", reason=reason, error=str(exc)[:300])
+            return None, reason
 
     async def recommend(
         self,
