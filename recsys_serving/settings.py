@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import date
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -84,6 +85,11 @@ class Settings(BaseSettings):
         description="Exponential time decay of interaction weights (unset = no decay).",
     )
     eval_k: int = Field(default=10, description="K of the offline ranking metrics.")
+    train_params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of any TrainingParams field (JSON), e.g. "
+        '{"als_factors": 96, "recent_days": 0.01}; see docs/model.md.',
+    )
 
     # Model registry (in the lake) and the promotion rule.
     promotion_metric: str = Field(
