@@ -16,6 +16,7 @@ import oras.layout
 import oras.provider
 import pytest
 import requests
+from model_support import tiny_bundle, tiny_outcome, tiny_world
 from oci_support import (
     OciRegistryServer,
     oci_registry,
@@ -48,7 +49,7 @@ from recsys_serving.oci import (
 from recsys_serving.registry import ModelRegistry
 from recsys_serving.settings import Settings
 
-__all__ = ["oci_registry", "oci_registry_basic"]  # fixtures used by name below
+__all__ = ["oci_registry", "oci_registry_basic", "tiny_bundle", "tiny_outcome", "tiny_world"]
 
 VERSION = "v20260102030405-0a1b2c3d"
 ECR_HOST = "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
@@ -198,6 +199,20 @@ def test_push_then_pull_by_digest_is_byte_identical(
     assert [p.name for p in (tmp_path / "models").iterdir()] == [VERSION]  # no staging left
     # Pulling again returns the verified copy as is.
     assert pull_bundle(ref.reference, tmp_path / "models", insecure=True) == pulled
+
+
+@pytest.mark.slow
+def test_a_real_trained_bundle_round_trips_and_loads(
+    tmp_path: Path, oci_registry: OciRegistryServer, tiny_bundle: Path
+) -> None:
+    from recsys_serving.model.recommender import Recommender
+
+    ref = push_bundle(tiny_bundle, oci_registry.repository(), insecure=True)
+    pulled = pull_bundle(ref.reference, tmp_path / "models", insecure=True)
+    assert tree(pulled) == tree(tiny_bundle)
+    model = Recommender.load(pulled)
+    assert model.version == ref.version
+    assert model.popular(5)
 
 
 @pytest.mark.slow
