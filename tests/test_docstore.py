@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -157,6 +158,35 @@ def test_readers_check_the_file_at_most_every_interval(tmp_path: Path) -> None:
     assert reader.get_user("u1") is None  # inside the interval: no stat, no reload
     time.sleep(0.6)
     assert reader.get_user("u1") is not None
+
+
+def test_other_threads_answer_from_the_old_data_during_a_reload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "recsys.json"
+    writer, reader = _embedded(path), _embedded(path)
+    writer.upsert_users([{"user_id": "u1", "v": 1}])
+    assert reader.get_user("u1")["v"] == 1
+    writer.upsert_users([{"user_id": "u1", "v": 2}])
+
+    database = reader.database
+    assert isinstance(database, EmbeddedDatabase)
+    parse, started = database._parse, threading.Event()
+
+    def slow_parse(data: bytes) -> Any:
+        started.set()
+        time.sleep(0.5)  # a large catalogue
+        return parse(data)
+
+    monkeypatch.setattr(database, "_parse", slow_parse)
+    reloading = threading.Thread(target=reader.get_user, args=("u1",))
+    reloading.start()
+    assert started.wait(5)
+    t0 = time.perf_counter()
+    assert reader.get_user("u1")["v"] == 1  # not queued behind the reload
+    assert time.perf_counter() - t0 < 0.2
+    reloading.join(5)
+    assert reader.get_user("u1")["v"] == 2
 
 
 def test_file_is_json_with_bson_types_and_no_temp_files_remain(tmp_path: Path) -> None:

@@ -326,10 +326,16 @@ class EmbeddedDatabase:
         self._checked_at = now
         if self._loaded and signature == self._signature:
             return
-        with self._mutex:
+        # One thread reloads; the others keep answering from the previous data rather
+        # than queue behind a reload of a large catalogue (they wait only for the first).
+        if not self._mutex.acquire(blocking=force or not self._loaded):
+            return
+        try:
             if self._loaded and self._stat() == self._signature:
                 return
             self._load()
+        finally:
+            self._mutex.release()
 
     def _load(self) -> None:
         try:
