@@ -10,6 +10,9 @@ from recsys_assets.catalog.resources import DocStoreResource
 from recsys_assets.packaging.assets import promoted_image
 from recsys_assets.packaging.resource import OciResource
 from recsys_assets.resources import LakeResource, RecsysConfig
+from recsys_assets.training.assets import TRAINING_ASSETS
+from recsys_assets.training.jobs import retrain_job
+from recsys_assets.training.resources import TrainingConfig
 from recsys_assets.weblogs.assets import landing_weblogs, weblogs
 from recsys_assets.weblogs.freshness import weblog_freshness_sensor
 from recsys_assets.weblogs.sensors import landing_files_sensor, weblogs_job
@@ -23,14 +26,22 @@ def build_resources(settings: Settings) -> dict[str, object]:
         "notifier": NotifierResource.from_settings(settings),
         "oci": OciResource.from_settings(settings),
         "docstore": DocStoreResource.from_settings(settings),
+        "training": TrainingConfig.from_settings(settings),
     }
 
 
 def make_definitions(settings: Settings) -> dg.Definitions:
     """The code location for one configuration (tests and the CLI pass their own)."""
     return dg.Definitions(
-        assets=[landing_weblogs, weblogs, item_catalog, user_profiles, promoted_image],
-        jobs=[weblogs_job],
+        assets=[
+            landing_weblogs,
+            weblogs,
+            item_catalog,
+            user_profiles,
+            *TRAINING_ASSETS,
+            promoted_image,
+        ],
+        jobs=[weblogs_job, retrain_job],
         sensors=[landing_files_sensor, weblog_freshness_sensor],
         resources=build_resources(settings),
     )

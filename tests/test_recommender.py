@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from model_support import TinyWorld, tiny_bundle, tiny_outcome, tiny_params, tiny_world
 
-from recsys_assets.training.pipeline import TrainOutcome, prepare
 from recsys_assets.training.retrieval import fit_als
 from recsys_assets.training.snapshot import build_state
+from recsys_assets.training.steps import load_prepared
 from recsys_serving.index.base import Candidate, CandidateQuery
 from recsys_serving.model.bundle import BundleError, verify_bundle
 from recsys_serving.model.context import user_context
@@ -37,7 +37,8 @@ def test_load_exposes_version_and_manifest(model: Recommender, tiny_bundle: Path
     assert model.manifest["feature_names"] == list(FEATURE_NAMES)
     for key in ("created_at", "code_sha", "seed", "params", "data", "window", "metrics"):
         assert key in model.manifest, key
-    assert model.manifest["index_version"] == model.version
+    index_meta = json.loads((tiny_bundle / "index" / "index.json").read_text())
+    assert model.manifest["index_version"] == index_meta["version"]
     assert model.manifest["data"]["partitions"]
     assert model.manifest["metrics"]["ndcg@10"] >= 0
 
@@ -168,16 +169,20 @@ def test_an_external_index_replaces_als_retrieval(model: Recommender) -> None:
     assert sims == [ScoredItem("i00001", 0.5, "similar to i00003")]
 
 
-def test_served_score_equals_offline_score(
-    model: Recommender, tiny_world: TinyWorld, tiny_outcome: TrainOutcome
-) -> None:
-    """Rebuild the served state from the lake with the training code and score offline."""
+def test_served_score_equals_offline_score(model: Recommender, tiny_world: TinyWorld) -> None:
+    """Recompute the served state from the interactions with the training code (ALS
+    refitted, features rebuilt) and score the served items offline: same numbers."""
     params = tiny_params(0, tiny_world.settings)
-    prep = prepare(tiny_world.lake, params)
-    end = prep.interactions.window.end
+    prep = load_prepared(tiny_world.lake)
+    end = prep.window.end
     als = fit_als(prep.enc, prep.vocab, end, params)
     offline_state = build_state(
-        prep.enc, prep.vocab, end, als.item_factors, params, publish_until=time.time()
+        prep.enc,
+        prep.vocab,
+        end,
+        als.item_factors,
+        params,
+        publish_until=model.state.params["publish_until"],
     )
     for user in known_users(model)[:20]:
         served = model.recommend(user, 10)

@@ -14,6 +14,7 @@ Plain functions over polars frames, called by the ``interactions`` asset and by
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 from dataclasses import dataclass, field
@@ -23,9 +24,11 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
+from recsys_assets.training.artifacts import pack_meta, pack_ragged, unpack_meta, unpack_ragged
 from recsys_assets.training.params import TrainingParams
 from recsys_assets.weblogs.processing import WEBLOGS_AREA, partition_key
 from recsys_serving.lake import Lake
+from recsys_serving.model.state import Ragged
 
 DAY = 86_400.0
 CATALOG_ITEMS_KEY = "catalog/items.parquet"
@@ -65,6 +68,25 @@ class TrainingWindow:
     holdout_start: float
     end: float
     widened: tuple[str, ...] = ()
+
+    def bounds(self) -> dict[str, float]:
+        """Epoch seconds, exact (what downstream assets read back)."""
+        return {
+            "start": self.start,
+            "cutoff": self.cutoff,
+            "holdout_start": self.holdout_start,
+            "end": self.end,
+        }
+
+    @classmethod
+    def from_bounds(cls, bounds: dict[str, Any]) -> TrainingWindow:
+        return cls(
+            float(bounds["start"]),
+            float(bounds["cutoff"]),
+            float(bounds["holdout_start"]),
+            float(bounds["end"]),
+            tuple(bounds.get("widened", ())),
+        )
 
     def as_dict(self) -> dict[str, Any]:
         from datetime import UTC, datetime
@@ -161,9 +183,7 @@ def read_catalog(lake: Lake) -> tuple[pl.DataFrame, pl.DataFrame]:
         if "published_at" in raw.columns and raw.schema["published_at"] != pl.Float64:
             dtype = raw.schema["published_at"]
             if isinstance(dtype, pl.Datetime):
-                raw = raw.with_columns(
-                    pl.col("published_at").dt.epoch("us").cast(pl.Float64) / 1e6
-                )
+                raw = raw.with_columns(pl.col("published_at").dt.epoch("us").cast(pl.Float64) / 1e6)
             else:
                 raw = raw.with_columns(pl.col("published_at").cast(pl.Float64, strict=False))
         for name, dtype in items_schema.items():
@@ -325,6 +345,38 @@ class Vocabulary:
     in_catalog: npt.NDArray[np.bool_]
     stats: dict[str, int]
 
+    def item_categories_ragged(self) -> Ragged:
+        return Ragged.from_lists(
+            [
+                (np.asarray(c, dtype=np.int64), np.ones(len(c), dtype=np.float32))
+                for c in self.item_categories
+            ]
+        )
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "item_ids": self.item_ids,
+            "user_ids": self.user_ids,
+            "categories": self.categories,
+            **pack_ragged("item_categories", self.item_categories_ragged()),
+            "published_at": self.published_at,
+            "in_catalog": self.in_catalog,
+            **pack_meta({"stats": self.stats}),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Vocabulary:
+        cats = unpack_ragged("item_categories", arrays)
+        return cls(
+            item_ids=arrays["item_ids"],
+            user_ids=arrays["user_ids"],
+            categories=arrays["categories"],
+            item_categories=[cats.row(r)[0].tolist() for r in range(cats.n_rows)],
+            published_at=arrays["published_at"],
+            in_catalog=arrays["in_catalog"],
+            stats=unpack_meta(arrays)["stats"],
+        )
+
 
 def build_vocabulary(interactions: Interactions, items: pl.DataFrame) -> Vocabulary:
     logged_items = pl.concat(
@@ -385,6 +437,13 @@ class Encoded:
     imp_clicked: npt.NDArray[np.bool_]
     imp_position: npt.NDArray[np.int64]
     imp_request: npt.NDArray[np.int64]
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Encoded:
+        return cls(**{f.name: arrays[f.name] for f in dataclasses.fields(cls)})
 
 
 def encode(interactions: Interactions, vocab: Vocabulary) -> Encoded:

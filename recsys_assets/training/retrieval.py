@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 import polars as pl
 import scipy.sparse as sp
 
+from recsys_assets.training.artifacts import pack_meta, pack_ragged, unpack_meta, unpack_ragged
 from recsys_assets.training.data import DAY, Encoded, Vocabulary
 from recsys_assets.training.params import TrainingParams
 from recsys_serving.model.state import Ragged
@@ -33,6 +34,65 @@ class AlsFit:
     warm: npt.NDArray[np.bool_]  # items that had interactions before the fit
     seconds: float
     stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        meta = {"fitted_before": self.fitted_before, "seconds": self.seconds, "stats": self.stats}
+        return {"item_factors": self.item_factors, "warm": self.warm, **pack_meta(meta)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> AlsFit:
+        meta = unpack_meta(arrays)
+        return cls(
+            item_factors=arrays["item_factors"],
+            fitted_before=meta["fitted_before"],
+            warm=arrays["warm"],
+            seconds=meta["seconds"],
+            stats=meta["stats"],
+        )
+
+
+@dataclass
+class RetrievalSnapshot:
+    """Retrieval state as of ``as_of``: item factors, recomputed user vectors, co-visitation."""
+
+    as_of: float
+    item_factors: npt.NDArray[np.float32]
+    user_factors: npt.NDArray[np.float32]
+    covisit: Ragged
+
+    ARRAYS: ClassVar[tuple[str, ...]] = ("item_factors", "user_factors")
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "item_factors": self.item_factors,
+            "user_factors": self.user_factors,
+            **pack_ragged("covisit", self.covisit),
+            **pack_meta({"as_of": self.as_of}),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> RetrievalSnapshot:
+        return cls(
+            as_of=unpack_meta(arrays)["as_of"],
+            item_factors=arrays["item_factors"],
+            user_factors=arrays["user_factors"],
+            covisit=unpack_ragged("covisit", arrays),
+        )
+
+
+def retrieval_snapshot(
+    enc: Encoded,
+    vocab: Vocabulary,
+    as_of: float,
+    item_factors: npt.NDArray[np.float32],
+    params: TrainingParams,
+) -> RetrievalSnapshot:
+    return RetrievalSnapshot(
+        as_of=float(as_of),
+        item_factors=np.ascontiguousarray(item_factors, dtype=np.float32),
+        user_factors=user_factors(enc, vocab, item_factors, as_of, params),
+        covisit=covisitation(enc, vocab.item_ids.size, as_of, params),
+    )
 
 
 def decay_weights(

@@ -13,15 +13,16 @@ computes (:func:`item_table`, :func:`user_table`, :func:`affinities`); the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
 import polars as pl
 
+from recsys_assets.training.artifacts import pack_meta, pack_ragged, unpack_meta, unpack_ragged
 from recsys_assets.training.data import DAY, Encoded, Vocabulary
 from recsys_assets.training.params import TrainingParams
-from recsys_assets.training.retrieval import covisitation, decay_weights, user_factors
+from recsys_assets.training.retrieval import RetrievalSnapshot, decay_weights, retrieval_snapshot
 from recsys_serving.model.candidates import CATEGORY_FANOUT, DEFAULT_QUOTAS
 from recsys_serving.model.features import ITEM_COLUMNS, USER_COLUMNS
 from recsys_serving.model.state import ModelState, Ragged
@@ -249,48 +250,152 @@ def _order(score: npt.NDArray[np.float64], rows: npt.NDArray[np.int64]) -> npt.N
     return rows[np.lexsort((rows, -score[rows]))].astype(np.int64)
 
 
-def build_state(
+@dataclass
+class ItemSnapshot:
+    """Item features as of ``as_of`` (what the ``item_features`` asset stores)."""
+
+    as_of: float
+    publish_until: float
+    horizons: Horizons
+    table: npt.NDArray[np.float32]  # ITEM_COLUMNS
+    pop: npt.NDArray[np.float64]
+    pop_recent: npt.NDArray[np.float64]
+    pop_decayed: npt.NDArray[np.float64]
+    first: npt.NDArray[np.float64]  # first interaction, NaN when none
+    logged_ever: npt.NDArray[np.bool_]  # mentioned anywhere in the window's logs
+    ctr_prior: float
+
+    ARRAYS: ClassVar[tuple[str, ...]] = (
+        "table",
+        "pop",
+        "pop_recent",
+        "pop_decayed",
+        "first",
+        "logged_ever",
+    )
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        meta = {
+            "as_of": self.as_of,
+            "publish_until": self.publish_until,
+            "horizons": self.horizons.as_dict(),
+            "ctr_prior": self.ctr_prior,
+        }
+        return {**{n: getattr(self, n) for n in self.ARRAYS}, **pack_meta(meta)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ItemSnapshot:
+        meta = unpack_meta(arrays)
+        return cls(
+            as_of=meta["as_of"],
+            publish_until=meta["publish_until"],
+            horizons=Horizons(**meta["horizons"]),
+            ctr_prior=meta["ctr_prior"],
+            **{n: arrays[n] for n in cls.ARRAYS},
+        )
+
+
+@dataclass
+class UserSnapshot:
+    """User features and history as of ``as_of`` (what ``user_features`` stores)."""
+
+    as_of: float
+    table: npt.NDArray[np.float32]  # USER_COLUMNS
+    ctr_prior: float
+    affinity: Ragged
+    affinity_recent: Ragged
+    seen: Ragged
+    recent: Ragged
+
+    RAGGED: ClassVar[tuple[str, ...]] = ("affinity", "affinity_recent", "seen", "recent")
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {"table": self.table}
+        for name in self.RAGGED:
+            out.update(pack_ragged(name, getattr(self, name)))
+        return {**out, **pack_meta({"as_of": self.as_of, "ctr_prior": self.ctr_prior})}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> UserSnapshot:
+        meta = unpack_meta(arrays)
+        return cls(
+            as_of=meta["as_of"],
+            ctr_prior=meta["ctr_prior"],
+            table=arrays["table"],
+            **{n: unpack_ragged(n, arrays) for n in cls.RAGGED},
+        )
+
+
+def item_snapshot(
     enc: Encoded,
     vocab: Vocabulary,
     as_of: float,
-    item_factors: npt.NDArray[np.float32],
     params: TrainingParams,
-    covisit: Ragged | None = None,
     publish_until: float | None = None,
-) -> ModelState:
-    """The full runtime state as of ``as_of`` (user vectors recomputed from its history).
+) -> ItemSnapshot:
+    """Item features as of ``as_of``.
 
     Catalogue items are available once published; ``publish_until`` (default
     ``as_of``) moves that line later for the served state, so items the catalogue
     published after the last logged event (but before training) can be recommended.
     """
-    n_items, n_users = vocab.item_ids.size, vocab.user_ids.size
     hz = horizons(enc.ts[enc.ts < as_of], as_of, params)
-    items, extra = item_table(enc, vocab, as_of, hz, params)
-    users, user_prior = user_table(enc, vocab, as_of, hz, params)
-    aff, aff_recent = affinities(enc, vocab, as_of, hz, params)
-    seen, recent = seen_and_recent(enc, n_users, as_of, params)
-    if covisit is None:
-        covisit = covisitation(enc, n_items, as_of, params)
-    vectors = user_factors(enc, vocab, item_factors, as_of, params)
-
-    published = vocab.published_at
-    first = extra["first"]
-    has_date = np.isfinite(published)
-    logged_ever = np.zeros(n_items, dtype=bool)
+    table, extra = item_table(enc, vocab, as_of, hz, params)
+    logged_ever = np.zeros(vocab.item_ids.size, dtype=bool)
     logged_ever[enc.item] = True
     logged_ever[enc.imp_item[enc.imp_item >= 0]] = True
+    return ItemSnapshot(
+        as_of=float(as_of),
+        publish_until=float(max(as_of, publish_until) if publish_until is not None else as_of),
+        horizons=hz,
+        table=table,
+        pop=extra["pop"],
+        pop_recent=extra["pop_recent"],
+        pop_decayed=extra["pop_decayed"],
+        first=extra["first"],
+        logged_ever=logged_ever,
+        ctr_prior=float(extra["ctr_prior"]),
+    )
+
+
+def user_snapshot(
+    enc: Encoded, vocab: Vocabulary, as_of: float, params: TrainingParams
+) -> UserSnapshot:
+    hz = horizons(enc.ts[enc.ts < as_of], as_of, params)
+    table, prior = user_table(enc, vocab, as_of, hz, params)
+    aff, aff_recent = affinities(enc, vocab, as_of, hz, params)
+    seen, recent = seen_and_recent(enc, vocab.user_ids.size, as_of, params)
+    return UserSnapshot(float(as_of), table, prior, aff, aff_recent, seen, recent)
+
+
+def assemble_state(
+    vocab: Vocabulary,
+    items: ItemSnapshot,
+    users: UserSnapshot,
+    retrieval: RetrievalSnapshot,
+    params: TrainingParams,
+) -> ModelState:
+    """The runtime state from its pieces (all as of the same instant)."""
+    if not items.as_of == users.as_of == retrieval.as_of:
+        raise ValueError(
+            f"state pieces disagree on as_of: items {items.as_of}, users {users.as_of}, "
+            f"retrieval {retrieval.as_of}"
+        )
+    as_of = items.as_of
+    hz = items.horizons
+    published = vocab.published_at
+    first = items.first
+    has_date = np.isfinite(published)
     # Dated items exist once published; undated ones once they were first seen, or
     # always when the catalogue lists them and the logs never mention them.
-    until = max(as_of, publish_until) if publish_until is not None else as_of
     available = np.where(
         has_date,
-        published <= until,
-        np.isfinite(first) | (vocab.in_catalog & ~logged_ever),
+        published <= items.publish_until,
+        np.isfinite(first) | (vocab.in_catalog & ~items.logged_ever),
     )
     rows = np.flatnonzero(available).astype(np.int64)
-    popular = _order(extra["pop_decayed"] + 1e-6 * extra["pop"], rows)
-    trending = _order(extra["pop_recent"] + 1e-6 * extra["pop_decayed"], rows)
+    popular = _order(items.pop_decayed + 1e-6 * items.pop, rows)
+    trending = _order(items.pop_recent + 1e-6 * items.pop_decayed, rows)
     born = np.where(has_date, published, first)
     is_fresh = available & np.isfinite(born) & (born >= as_of - hz.fresh_days * DAY)
     fresh_rows = np.flatnonzero(is_fresh).astype(np.int64)
@@ -303,36 +408,30 @@ def build_state(
             members[cat].append(row)
     for cat_members in members:
         arr = np.asarray(cat_members, dtype=np.int64)
-        cat_rows.append((arr, extra["pop_decayed"][arr].astype(np.float32)))
+        cat_rows.append((arr, items.pop_decayed[arr].astype(np.float32)))
     category_popular = Ragged.from_lists(cat_rows) if cat_rows else Ragged.empty(0)
     cat_weight = np.asarray(
-        [float(extra["pop_decayed"][np.asarray(m, dtype=np.int64)].sum()) for m in members]
+        [float(items.pop_decayed[np.asarray(m, dtype=np.int64)].sum()) for m in members]
     )
     top_categories = np.lexsort((np.arange(cat_weight.size), -cat_weight))[: CATEGORY_FANOUT * 2]
 
-    item_categories = Ragged.from_lists(
-        [
-            (np.asarray(c, dtype=np.int64), np.ones(len(c), dtype=np.float32))
-            for c in vocab.item_categories
-        ]
-    )
     state = ModelState(
         as_of=float(as_of),
         item_ids=vocab.item_ids,
         user_ids=vocab.user_ids,
         categories=vocab.categories,
-        item_factors=np.ascontiguousarray(item_factors, dtype=np.float32),
-        user_factors=vectors,
-        item_table=items,
+        item_factors=np.ascontiguousarray(retrieval.item_factors, dtype=np.float32),
+        user_factors=np.ascontiguousarray(retrieval.user_factors, dtype=np.float32),
+        item_table=items.table,
         item_columns=ITEM_COLUMNS,
-        user_table=users,
+        user_table=users.table,
         user_columns=USER_COLUMNS,
-        item_categories=item_categories,
-        user_affinity=aff,
-        user_affinity_recent=aff_recent,
-        seen=seen,
-        recent=recent,
-        covisit=covisit,
+        item_categories=vocab.item_categories_ragged(),
+        user_affinity=users.affinity,
+        user_affinity_recent=users.affinity_recent,
+        seen=users.seen,
+        recent=users.recent,
+        covisit=retrieval.covisit,
         available=available.astype(bool),
         popular=popular,
         trending=trending,
@@ -343,10 +442,26 @@ def build_state(
             "candidate_pool": params.candidate_pool,
             "candidate_quotas": dict(DEFAULT_QUOTAS),
             "top_categories": [int(c) for c in top_categories.tolist()],
-            "user_ctr_prior": user_prior,
-            "item_ctr_prior": extra["ctr_prior"],
+            "user_ctr_prior": users.ctr_prior,
+            "item_ctr_prior": items.ctr_prior,
             "horizons": hz.as_dict(),
+            "publish_until": items.publish_until,
         },
     )
     state.validate()
     return state
+
+
+def build_state(
+    enc: Encoded,
+    vocab: Vocabulary,
+    as_of: float,
+    item_factors: npt.NDArray[np.float32],
+    params: TrainingParams,
+    publish_until: float | None = None,
+) -> ModelState:
+    """The full runtime state as of ``as_of`` in one call (user vectors recomputed)."""
+    items = item_snapshot(enc, vocab, as_of, params, publish_until)
+    users = user_snapshot(enc, vocab, as_of, params)
+    retrieval = retrieval_snapshot(enc, vocab, as_of, item_factors, params)
+    return assemble_state(vocab, items, users, retrieval, params)

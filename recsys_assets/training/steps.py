@@ -1,0 +1,507 @@
+"""One plain function per training asset, each reading its inputs from the lake and
+writing its output there (``training/<asset>/...``).
+
+The Dagster assets are thin wrappers around these, and
+:func:`recsys_assets.training.pipeline.train_bundle` calls them in order, so a test
+of ``train_bundle`` exercises exactly the code the asset graph runs.
+
+Three snapshots of the world are built by every stateful step:
+
+* ``rank``  as of the ranking cut-off: the ranking dataset's features;
+* ``eval``  as of the holdout start: the offline evaluation;
+* ``serve`` as of the end of the window: what the bundle serves.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from recsys_assets.training import artifacts as art
+from recsys_assets.training.data import (
+    Encoded,
+    TrainingWindow,
+    Vocabulary,
+    build_interactions,
+    build_vocabulary,
+    encode,
+    read_catalog,
+    read_weblogs,
+)
+from recsys_assets.training.evaluation import (
+    build_holdout,
+    evaluate,
+    markdown_table,
+    model_lists,
+    popularity_lists,
+)
+from recsys_assets.training.params import TrainingParams
+from recsys_assets.training.ranking import RankingDataset, build_ranking_dataset, train_ranker
+from recsys_assets.training.retrieval import AlsFit, RetrievalSnapshot, fit_als, retrieval_snapshot
+from recsys_assets.training.snapshot import (
+    ItemSnapshot,
+    UserSnapshot,
+    assemble_state,
+    item_snapshot,
+    user_snapshot,
+)
+from recsys_serving.index.base import IndexArtifact, IndexPublisher
+from recsys_serving.lake import Lake
+from recsys_serving.logging import get_logger
+from recsys_serving.model.bundle import MANIFEST, BundleWriter, new_version, verify_bundle
+from recsys_serving.model.features import FEATURE_NAMES, ITEM_COLUMNS, USER_COLUMNS
+from recsys_serving.model.recommender import (
+    INDEX_DIR,
+    RANKER_FILE,
+    STATE_DIR,
+    Ranker,
+    Recommender,
+)
+from recsys_serving.model.state import ModelState
+from recsys_serving.registry import PRODUCTION, ModelRegistry, PromotionRule, decide_promotion
+
+log = get_logger(__name__)
+
+SNAPSHOTS = ("rank", "eval", "serve")
+INTERACTIONS = "interactions"
+ITEM_FEATURES = "item_features"
+USER_FEATURES = "user_features"
+RETRIEVAL = "retrieval_model"
+CANDIDATE_INDEX = "candidate_index"
+RANKING_DATASET = "ranking_dataset"
+RANKING_MODEL = "ranking_model"
+RECOMMENDER = "recommender_model"
+EVALUATION = "model_evaluation"
+
+
+# ------------------------------------------------------------------ shared loading
+@dataclass
+class Prepared:
+    vocab: Vocabulary
+    enc: Encoded
+    window: TrainingWindow
+    meta: dict[str, Any]
+
+    def as_of(self, snapshot: str) -> float:
+        w = self.window
+        return {"rank": w.cutoff, "eval": w.holdout_start, "serve": w.end}[snapshot]
+
+
+def load_prepared(lake: Lake) -> Prepared:
+    arrays = art.get_arrays(lake, art.key(INTERACTIONS, "prepared.npz"))
+    vocab = Vocabulary.from_arrays(
+        {k.removeprefix("vocab/"): v for k, v in arrays.items() if k.startswith("vocab/")}
+    )
+    enc = Encoded.from_arrays(
+        {k.removeprefix("enc/"): v for k, v in arrays.items() if k.startswith("enc/")}
+    )
+    meta = art.get_json(lake, art.key(INTERACTIONS, "window.json"))
+    return Prepared(vocab, enc, TrainingWindow.from_bounds(meta["bounds"]), meta)
+
+
+def load_state(lake: Lake, prep: Prepared, snapshot: str, params: TrainingParams) -> ModelState:
+    items = ItemSnapshot.from_arrays(
+        art.get_arrays(lake, art.key(ITEM_FEATURES, f"{snapshot}.npz"))
+    )
+    users = UserSnapshot.from_arrays(
+        art.get_arrays(lake, art.key(USER_FEATURES, f"{snapshot}.npz"))
+    )
+    retrieval = RetrievalSnapshot.from_arrays(
+        art.get_arrays(lake, art.key(RETRIEVAL, f"{snapshot}.npz"))
+    )
+    return assemble_state(prep.vocab, items, users, retrieval, params)
+
+
+def _column_stats(table: np.ndarray, columns: tuple[str, ...]) -> str:
+    lines = ["| column | mean | min | max | non-finite |", "|---|---:|---:|---:|---:|"]
+    for j, name in enumerate(columns):
+        col = table[:, j].astype(np.float64)
+        finite = np.isfinite(col)
+        ok = col[finite]
+        mean = f"{ok.mean():.4g}" if ok.size else "-"
+        lo = f"{ok.min():.4g}" if ok.size else "-"
+        hi = f"{ok.max():.4g}" if ok.size else "-"
+        lines.append(f"| {name} | {mean} | {lo} | {hi} | {int((~finite).sum())} |")
+    return "\n".join(lines)
+
+
+def non_finite(table: np.ndarray, columns: tuple[str, ...]) -> dict[str, int]:
+    """Non-finite values per column (empty when all are finite)."""
+    bad = ~np.isfinite(table)
+    counts = bad.sum(axis=0)
+    return {columns[j]: int(c) for j, c in enumerate(counts.tolist()) if c}
+
+
+# ------------------------------------------------------------------------- steps
+def run_interactions(lake: Lake, params: TrainingParams) -> dict[str, Any]:
+    """Weblogs + catalogue -> weighted interactions, window and vocabulary."""
+    weblogs = read_weblogs(lake)
+    interactions = build_interactions(weblogs, params)
+    items, users = read_catalog(lake)
+    vocab = build_vocabulary(interactions, items)
+    enc = encode(interactions, vocab)
+    arrays = {f"vocab/{k}": v for k, v in vocab.to_arrays().items()}
+    arrays |= {f"enc/{k}": v for k, v in enc.to_arrays().items()}
+    size = art.put_arrays(lake, art.key(INTERACTIONS, "prepared.npz"), arrays)
+    catalog_users = set(users["user_id"].to_list())
+    logged_users = set(vocab.user_ids.tolist())
+    stats = {
+        **interactions.data,
+        "vocabulary": vocab.stats,
+        "users_missing_from_store": len(logged_users - catalog_users) if catalog_users else 0,
+        "store_users_never_logged": len(catalog_users - logged_users),
+        "event_types": dict(
+            interactions.events.group_by("event_type").len().sort("event_type").iter_rows()
+        ),
+        "impressions_clicked": int(interactions.impressions["clicked"].sum() or 0),
+    }
+    meta = {
+        "bounds": {**interactions.window.bounds(), "widened": list(interactions.window.widened)},
+        "window": interactions.window.as_dict(),
+        "data": stats,
+        "params": params.as_dict(),
+    }
+    art.put_json(lake, art.key(INTERACTIONS, "window.json"), meta)
+    return {**meta, "bytes": size}
+
+
+def run_item_features(
+    lake: Lake, params: TrainingParams, now: float | None = None
+) -> dict[str, Any]:
+    """Item feature tables of the three snapshots (served one: catalogue up to ``now``)."""
+    prep = load_prepared(lake)
+    out: dict[str, Any] = {"non_finite": {}}
+    for snap in SNAPSHOTS:
+        until = (now if now is not None else time.time()) if snap == "serve" else None
+        items = item_snapshot(prep.enc, prep.vocab, prep.as_of(snap), params, until)
+        art.put_arrays(lake, art.key(ITEM_FEATURES, f"{snap}.npz"), items.to_arrays())
+        out["non_finite"][snap] = non_finite(items.table, ITEM_COLUMNS)
+        if snap == "serve":
+            out["items"] = int(items.table.shape[0])
+            out["with_history"] = int(items.table[:, ITEM_COLUMNS.index("has_history")].sum())
+            out["horizons"] = items.horizons.as_dict()
+            out["table"] = _column_stats(items.table, ITEM_COLUMNS)
+    return out
+
+
+def run_user_features(lake: Lake, params: TrainingParams) -> dict[str, Any]:
+    prep = load_prepared(lake)
+    out: dict[str, Any] = {"non_finite": {}}
+    for snap in SNAPSHOTS:
+        users = user_snapshot(prep.enc, prep.vocab, prep.as_of(snap), params)
+        art.put_arrays(lake, art.key(USER_FEATURES, f"{snap}.npz"), users.to_arrays())
+        out["non_finite"][snap] = non_finite(users.table, USER_COLUMNS)
+        aff = users.affinity.data
+        if not np.isfinite(aff).all():
+            out["non_finite"][snap]["category_affinity"] = int((~np.isfinite(aff)).sum())
+        if snap == "serve":
+            out["users"] = int(users.table.shape[0])
+            out["users_with_history"] = int((np.diff(users.seen.indptr) > 0).sum())
+            out["table"] = _column_stats(users.table, USER_COLUMNS)
+    return out
+
+
+def run_retrieval(lake: Lake, params: TrainingParams) -> dict[str, Any]:
+    """ALS fitted before each snapshot, user vectors recomputed, session co-visitation."""
+    prep = load_prepared(lake)
+    out: dict[str, Any] = {"als": {}, "covisit": {}}
+    for snap in SNAPSHOTS:
+        as_of = prep.as_of(snap)
+        fit = fit_als(prep.enc, prep.vocab, as_of, params)
+        art.put_arrays(lake, art.key(RETRIEVAL, f"als-{snap}.npz"), fit.to_arrays())
+        started = time.perf_counter()
+        snapshot = retrieval_snapshot(prep.enc, prep.vocab, as_of, fit.item_factors, params)
+        art.put_arrays(lake, art.key(RETRIEVAL, f"{snap}.npz"), snapshot.to_arrays())
+        out["als"][snap] = fit.stats
+        out["covisit"][snap] = {
+            "pairs": int(snapshot.covisit.indices.size),
+            "items_with_neighbours": int((np.diff(snapshot.covisit.indptr) > 0).sum()),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        if not np.isfinite(fit.item_factors).all():
+            raise ValueError(f"ALS ({snap}) produced non-finite item factors")
+    return out
+
+
+def build_index_artifact(lake: Lake, prep: Prepared, version: str) -> IndexArtifact:
+    items = ItemSnapshot.from_arrays(art.get_arrays(lake, art.key(ITEM_FEATURES, "serve.npz")))
+    retrieval = RetrievalSnapshot.from_arrays(art.get_arrays(lake, art.key(RETRIEVAL, "serve.npz")))
+    names = prep.vocab.categories
+    return IndexArtifact(
+        version=version,
+        item_ids=prep.vocab.item_ids.tolist(),
+        vectors=retrieval.item_factors,
+        categories=[[str(names[c]) for c in cats] for cats in prep.vocab.item_categories],
+        published_at=prep.vocab.published_at,
+        popularity=items.table[:, ITEM_COLUMNS.index("log_pop_decayed")].astype(np.float32),
+        titles=[],
+    )
+
+
+def run_candidate_index(
+    lake: Lake, publisher: IndexPublisher | None = None, version: str | None = None
+) -> dict[str, Any]:
+    """The served index artifact in the lake; published to Elasticsearch when configured."""
+    prep = load_prepared(lake)
+    version = version or new_version()
+    artifact = build_index_artifact(lake, prep, version)
+    with tempfile.TemporaryDirectory(prefix="recsys-index-") as tmp:
+        for path in artifact.save(Path(tmp)):
+            lake.put_bytes(art.key(CANDIDATE_INDEX, path.name), path.read_bytes())
+    published = publisher.publish(artifact) if publisher is not None else None
+    return {
+        "index_version": version,
+        "items": len(artifact.item_ids),
+        "dim": artifact.dim,
+        "published": published or "embedded (travels in the bundle)",
+    }
+
+
+def run_ranking_dataset(lake: Lake, params: TrainingParams) -> dict[str, Any]:
+    prep = load_prepared(lake)
+    state = load_state(lake, prep, "rank", params)
+    dataset = build_ranking_dataset(state, prep.enc, prep.window.holdout_start, params)
+    buffer = io.BytesIO()
+    dataset.frame(state).write_parquet(buffer)
+    lake.put_bytes(art.key(RANKING_DATASET, "dataset.parquet"), buffer.getvalue())
+    bad = non_finite(dataset.features, FEATURE_NAMES)
+    stats = {**dataset.stats, "non_finite": bad}
+    art.put_json(lake, art.key(RANKING_DATASET, "stats.json"), stats)
+    return stats
+
+
+def load_ranking_dataset(lake: Lake) -> RankingDataset:
+    data = lake.get_bytes(art.key(RANKING_DATASET, "dataset.parquet"))
+    frame = pl.read_parquet(data)
+    users = frame["user_id"].unique(maintain_order=True).to_list()
+    return RankingDataset.from_frame(frame, {u: n for n, u in enumerate(users)})
+
+
+def run_ranking_model(lake: Lake, params: TrainingParams) -> dict[str, Any]:
+    dataset = load_ranking_dataset(lake)
+    bad = non_finite(dataset.features, FEATURE_NAMES)
+    if bad:
+        raise ValueError(f"the ranking dataset holds non-finite features: {bad}")
+    fit = train_ranker(dataset, params)
+    path = _tmp_file(".txt")
+    try:
+        fit.booster.save_model(str(path), num_iteration=fit.best_iteration)
+        lake.put_bytes(art.key(RANKING_MODEL, RANKER_FILE), path.read_bytes())
+    finally:
+        path.unlink(missing_ok=True)
+    stats = {
+        "best_iteration": fit.best_iteration,
+        "valid_ndcg": fit.valid_ndcg,
+        "train_ndcg": fit.train_ndcg,
+        "seconds": round(fit.seconds, 3),
+        "rows": int(dataset.features.shape[0]),
+        "groups": int(dataset.groups.size),
+        "feature_importance": fit.feature_importance,
+    }
+    art.put_json(lake, art.key(RANKING_MODEL, "ranker.json"), _finite_json(stats))
+    return stats
+
+
+def load_ranker(lake: Lake) -> Ranker:
+    import lightgbm as lgb
+
+    text = lake.get_bytes(art.key(RANKING_MODEL, RANKER_FILE)).decode()
+    return Ranker(lgb.Booster(model_str=text))
+
+
+def run_recommender_model(
+    lake: Lake, params: TrainingParams, staging: Path, version: str | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """Evaluate the challenger on the holdout, then write the served bundle.
+
+    The bundle is written under ``staging`` and copied to the lake at
+    ``training/recommender_model/bundles/<version>/`` (manifest last), with
+    ``latest.json`` naming it, so the registration step finds it from any process.
+    """
+    prep = load_prepared(lake)
+    ranker = load_ranker(lake)
+    eval_state = load_state(lake, prep, "eval", params)
+    holdout = build_holdout(eval_state, prep.enc, prep.window.end, params)
+    metrics = evaluate(model_lists(Recommender(eval_state, ranker)), holdout, params)
+    popularity = evaluate(popularity_lists(eval_state), holdout, params)
+    serve_state = load_state(lake, prep, "serve", params)
+    index_meta = art.get_json(lake, art.key(CANDIDATE_INDEX, "index.json"))
+    interactions = prep.meta
+    retrieval = {
+        snap: AlsFit.from_arrays(art.get_arrays(lake, art.key(RETRIEVAL, f"als-{snap}.npz"))).stats
+        for snap in SNAPSHOTS
+    }
+    manifest: dict[str, Any] = {
+        "seed": params.seed,
+        "params": params.as_dict(),
+        "window": interactions["window"],
+        "data": {
+            key: interactions["data"][key]
+            for key in ("partitions", "rows", "content_hashes", "events", "impressions")
+        }
+        | {"vocabulary": interactions["data"]["vocabulary"]},
+        "metrics": {**metrics, "popularity": popularity, "holdout": holdout.stats},
+        "index_version": index_meta["version"],
+        "feature_names": list(FEATURE_NAMES),
+        "components": {
+            "als": retrieval,
+            "ranking_dataset": art.get_json(lake, art.key(RANKING_DATASET, "stats.json")),
+            "ranker": art.get_json(lake, art.key(RANKING_MODEL, "ranker.json")),
+        },
+    }
+    version = version or new_version()
+    staging.mkdir(parents=True, exist_ok=True)
+    target = staging / version
+    with BundleWriter(target, version=version) as writer:
+        serve_state.save(writer.path / STATE_DIR)
+        (writer.path / RANKER_FILE).write_bytes(lake.get_bytes(art.key(RANKING_MODEL, RANKER_FILE)))
+        index_dir = writer.path / INDEX_DIR
+        index_dir.mkdir()
+        for name in ("vectors.npy", "items.parquet", "index.json"):
+            (index_dir / name).write_bytes(lake.get_bytes(art.key(CANDIDATE_INDEX, name)))
+        writer.manifest.update(manifest)
+    upload_bundle(lake, target)
+    art.put_json(lake, art.key(RECOMMENDER, "latest.json"), {"version": version})
+    return target, writer.manifest
+
+
+def upload_bundle(lake: Lake, bundle: Path) -> str:
+    manifest = verify_bundle(bundle)
+    prefix = art.key(RECOMMENDER, f"bundles/{manifest['version']}")
+    for name in sorted(manifest["files"]):
+        lake.put_bytes(f"{prefix}/{name}", (bundle / name).read_bytes())
+    lake.put_bytes(f"{prefix}/{MANIFEST}", (bundle / MANIFEST).read_bytes())
+    return prefix
+
+
+def latest_bundle(lake: Lake, dest_root: Path) -> Path:
+    """The newest bundle ``recommender_model`` wrote, as a verified local directory."""
+    version = art.get_json(lake, art.key(RECOMMENDER, "latest.json"))["version"]
+    prefix = art.key(RECOMMENDER, f"bundles/{version}")
+    local = lake.local_path(prefix)
+    if local is not None and local.exists():
+        verify_bundle(local)
+        return local
+    target = dest_root / version
+    if target.exists():
+        shutil.rmtree(target)
+    tmp = dest_root / f".{version}.download"
+    shutil.rmtree(tmp, ignore_errors=True)
+    manifest_bytes = lake.get_bytes(f"{prefix}/{MANIFEST}")
+    for name in json.loads(manifest_bytes)["files"]:
+        path = tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(lake.get_bytes(f"{prefix}/{name}"))
+    (tmp / MANIFEST).write_bytes(manifest_bytes)
+    verify_bundle(tmp)
+    tmp.rename(target)
+    return target
+
+
+def run_model_evaluation(
+    lake: Lake, params: TrainingParams, rule: PromotionRule, cache_dir: Path
+) -> dict[str, Any]:
+    """Challenger vs production (as served) vs popularity on the same holdout; the decision."""
+    prep = load_prepared(lake)
+    bundle = latest_bundle(lake, cache_dir)
+    manifest = verify_bundle(bundle)
+    challenger_metrics = {
+        k: v for k, v in manifest.get("metrics", {}).items() if not isinstance(v, dict)
+    }
+    eval_state = load_state(lake, prep, "eval", params)
+    holdout = build_holdout(eval_state, prep.enc, prep.window.end, params)
+    popularity = evaluate(popularity_lists(eval_state), holdout, params)
+    registry = ModelRegistry(lake)
+    production = registry.alias(PRODUCTION)
+    production_metrics: dict[str, float] | None = None
+    production_version = production.version if production is not None else None
+    if production_version is not None and production_version != manifest["version"]:
+        path = registry.fetch(production_version, cache_dir)
+        production_model = Recommender.load(path)
+        production_metrics = evaluate(model_lists(production_model), holdout, params)
+    decision = decide_promotion(challenger_metrics, production_metrics, rule)
+    if production_version is None:
+        verdict = "first_model"
+    else:
+        verdict = "promote" if decision.promote else "reject"
+    results = {"challenger": challenger_metrics, "popularity": popularity}
+    if production_metrics is not None:
+        results["production"] = production_metrics
+    evaluation = {
+        "challenger_version": manifest["version"],
+        "production_version": production_version,
+        "decision": verdict,
+        "decision_reason": decision.reason,
+        "evidence": decision.evidence,
+        "metrics": {
+            "challenger": challenger_metrics,
+            "production": production_metrics,
+            "popularity": popularity,
+        },
+        "holdout": holdout.stats,
+        "k": params.eval_k,
+        "table": markdown_table(results, params.eval_k),
+    }
+    art.put_json(lake, art.key(EVALUATION, "evaluation.json"), _finite_json(evaluation))
+    return evaluation
+
+
+def run_registration(lake: Lake, cache_dir: Path) -> dict[str, Any]:
+    """Register the newest bundle; it becomes production only when there is none yet."""
+    bundle = latest_bundle(lake, cache_dir)
+    registry = ModelRegistry(lake)
+    evaluation = art.get_json(lake, art.key(EVALUATION, "evaluation.json"))
+    manifest = verify_bundle(bundle)
+    if evaluation.get("challenger_version") != manifest["version"]:
+        raise ValueError(
+            f"model_evaluation evaluated {evaluation.get('challenger_version')}, but the newest "
+            f"bundle is {manifest['version']}: materialize model_evaluation again"
+        )
+    registered = registry.register(
+        bundle, tags={"decision": str(evaluation["decision"]), "source": "retrain"}
+    )
+    registered_as = "registered"
+    if registry.alias(PRODUCTION) is None:
+        registry.promote(
+            registered.version,
+            reason=f"first model: {evaluation['decision_reason']}",
+            evidence={"metrics": evaluation["metrics"]["challenger"]},
+        )
+        registered_as = PRODUCTION
+    log.info("training.registered", version=registered.version, registered_as=registered_as)
+    return {
+        "version": registered.version,
+        "registered_as": registered_as,
+        "decision": evaluation["decision"],
+        "decision_reason": evaluation["decision_reason"],
+        "uri": registry.uri(registered.version),
+    }
+
+
+# ----------------------------------------------------------------------- helpers
+def _tmp_file(suffix: str) -> Path:
+    fd, name = tempfile.mkstemp(prefix="recsys-", suffix=suffix)
+    os.close(fd)
+    return Path(name)
+
+
+def _finite_json(value: Any) -> Any:
+    """NaN/inf -> None, recursively (JSON has no NaN)."""
+    if isinstance(value, Mapping):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_json(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
