@@ -44,7 +44,9 @@ ITEMS_IN = [
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(home=tmp_path / "home")
+    return Settings(
+        home=tmp_path / "home", mongo_uri=None
+    )  # embedded even if the env names a server
 
 
 def _materialize(settings: Settings) -> dg.ExecuteInProcessResult:

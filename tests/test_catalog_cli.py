@@ -31,7 +31,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 
 def _store(home: Path):  # type: ignore[no-untyped-def]
-    return open_docstore(Settings(home=home), refresh_seconds=0)
+    return open_docstore(Settings(home=home, mongo_uri=None), refresh_seconds=0)
 
 
 def test_simulator_catalogue_loads_without_rejects(home: Path, tmp_path: Path) -> None:

@@ -566,7 +566,8 @@ class DocStore:
                 f"{self.uri}: {op}: {len(errors)} document(s) refused, first: {first}"
             ) from exc
         except PyMongoError as exc:
-            message = f"{self.uri}: {op} failed: {str(exc)[:300]}"
+            detail = str(exc).split(", Topology Description")[0][:300]
+            message = f"{self.uri}: {op} failed: {detail}"
             if exc.timeout or isinstance(exc, ConnectionFailure):
                 raise StoreUnavailable(message, timeout=exc.timeout) from exc
             raise DocStoreError(message) from exc
