@@ -30,3 +30,4 @@ from recsys_assets.cli import keys as _keys  # noqa: E402,F401
 from recsys_assets.cli import models as _models  # noqa: E402,F401
 from recsys_assets.cli import serve as _serve  # noqa: E402,F401
 from recsys_assets.cli import simulate as _simulate  # noqa: E402,F401
+from recsys_assets.cli import training as _training  # noqa: E402,F401

@@ -1,0 +1,151 @@
+"""``recsys retrain``: process what has landed, then run the whole training graph.
+
+The run goes through the project's Dagster instance (``$RECSYS_HOME/dagster``), so it
+appears in the UI with its metadata like a run launched by a sensor.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Annotated, Any
+
+import typer
+
+from recsys_assets.cli import app
+from recsys_assets.cli.common import console, fail, progress, summary
+
+# Assets of retrain_job in execution order (what the progress bar counts).
+RETRAIN_STEPS = (
+    "item_catalog",
+    "user_profiles",
+    "interactions",
+    "item_features",
+    "user_features",
+    "retrieval_model",
+    "candidate_index",
+    "ranking_dataset",
+    "ranking_model",
+    "recommender_model",
+    "model_evaluation",
+    "registered_model",
+)
+
+
+def unprocessed_days(lake: Any) -> list[str]:
+    """Dates with sealed landing files newer than their weblogs partition (or without one)."""
+    from recsys_assets.weblogs.processing import partition_key
+    from recsys_serving.landing import list_sealed
+
+    newest: dict[str, int] = {}
+    for f in list_sealed(lake):
+        newest[f.date] = max(newest.get(f.date, 0), f.seal_ns)
+    if not newest:
+        return []
+    processed: dict[str, float] = {}
+    for obj in lake.list("weblogs/"):
+        if obj.key.endswith("/part-0.parquet") and "date=" in obj.key:
+            processed[obj.key.split("date=")[1][:10]] = obj.mtime
+    days = []
+    for day, seal_ns in sorted(newest.items()):
+        done = processed.get(day)
+        if done is None or seal_ns / 1e9 > done or not lake.exists(partition_key(day)):
+            days.append(day)
+    return days
+
+
+@app.command()
+def retrain(
+    process: Annotated[
+        bool, typer.Option(help="First process landed weblogs that are not processed yet.")
+    ] = True,
+) -> None:
+    """Train, evaluate and register a model from the lake (the first becomes production)."""
+    from dagster._core.events import DagsterEventType
+
+    from recsys_assets.definitions import make_definitions
+    from recsys_assets.instance import get_instance
+    from recsys_assets.runs import _outcome, materialize_weblogs
+    from recsys_assets.training.jobs import RETRAIN_TAGS
+    from recsys_serving.lake import open_lake
+    from recsys_serving.settings import Settings
+
+    settings = Settings()
+    lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
+    started = time.perf_counter()
+    instance = get_instance(settings)
+
+    if process:
+        days = unprocessed_days(lake)
+        if days:
+            with console.status(f"processing weblogs {days[0]}..{days[-1]} ({len(days)} dates)"):
+                outcome = materialize_weblogs(settings, days, instance=instance)
+            if not outcome.success:
+                fail(f"processing weblogs failed: {outcome.failure or 'see the Dagster UI'}")
+            rows = outcome.materialized.get("weblogs", {}).get("dagster/row_count", 0)
+            console.print(f"processed weblogs {days[0]}..{days[-1]}: {rows:,} rows")
+
+    job = make_definitions(settings).resolve_job_def("retrain_job")
+    run_id = str(uuid.uuid4())
+    done: set[str] = set()
+    stop = threading.Event()
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+    with progress() as bar:
+        task = bar.add_task("retraining", total=len(RETRAIN_STEPS))
+
+        def watch() -> None:
+            # The run executes in this process; its events land in the instance's
+            # storage, which is what the bar (and the UI) follow.
+            while not stop.wait(0.5):
+                try:
+                    records = instance.all_logs(
+                        run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION
+                    )
+                except Exception:
+                    continue
+                for record in records:
+                    key = record.dagster_event.asset_key.to_user_string()
+                    if key not in done:
+                        done.add(key)
+                        bar.update(task, completed=len(done), description=f"retraining: {key}")
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            result = job.execute_in_process(
+                instance=instance,
+                run_id=run_id,
+                tags={**RETRAIN_TAGS, "recsys/trigger": "cli"},
+                run_config=quiet,
+                raise_on_error=False,
+            )
+        finally:
+            stop.set()
+            watcher.join(timeout=5)
+        outcome = _outcome(result)
+        bar.update(task, completed=len(outcome.materialized))
+
+    elapsed = time.perf_counter() - started
+    if not outcome.success:
+        failed = [c for c, ok in outcome.checks.items() if not ok]
+        detail = f" (failed checks: {', '.join(failed)})" if failed else ""
+        fail(
+            f"retraining failed{detail}: {outcome.failure or 'see the Dagster UI'}; "
+            f"nothing was registered (run {run_id[:8]})"
+        )
+    registered = outcome.materialized["registered_model"]
+    evaluation = outcome.materialized["model_evaluation"]
+    metrics = evaluation.get("metrics") or {}
+    k = settings.eval_k
+    ours = (metrics.get("challenger") or {}).get(f"ndcg@{k}")
+    base = (metrics.get("popularity") or {}).get(f"ndcg@{k}")
+    comparison = ""
+    if isinstance(ours, int | float) and isinstance(base, int | float):
+        lift = f" ({(ours - base) / base:+.0%})" if base else ""
+        comparison = f"NDCG@{k} {ours:.4f} vs popularity {base:.4f}{lift}; "
+    summary(
+        f"retrained {registered['version']}: {comparison}decision {evaluation['decision']}; "
+        f"registered as {registered['registered_as']}; run {run_id[:8]} in {elapsed:.1f}s"
+    )
