@@ -126,6 +126,16 @@ def test_returned_documents_are_copies(store: DocStore) -> None:
     assert fresh["categories"] == ["a", "b"] and fresh["title"] == "Item 1"
 
 
+def test_stored_values_are_what_mongodb_gives_back(store: DocStore) -> None:
+    categories = ["a"]
+    naive = datetime(2024, 1, 2, 3, 4, 5, 678901)
+    store.upsert_items([{"item_id": "i1", "categories": categories, "published_at": naive}])
+    categories.append("changed by the caller afterwards")
+    doc = store.get_items(["i1"])["i1"]
+    assert doc["categories"] == ["a"]
+    assert doc["published_at"] == datetime(2024, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+
+
 def test_queries_beyond_id_use_mongodb_semantics(store: DocStore) -> None:
     store.upsert_items([_item(n) for n in range(6)])
     with_a = sorted(d["_id"] for d in store.items.find({"categories": "a"}))

@@ -112,6 +112,19 @@ def _copy(value: Any) -> Any:
     return value
 
 
+def _stored(value: Any) -> Any:
+    """What a MongoDB round trip would give back: a deep copy whose datetimes are
+    tz-aware UTC with millisecond precision (naive ones are taken as UTC, as pymongo does)."""
+    if isinstance(value, dict):
+        return {k: _stored(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_stored(v) for v in value]
+    if isinstance(value, datetime):
+        aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return aware.replace(microsecond=aware.microsecond // 1000 * 1000)
+    return value
+
+
 def _bson_default(obj: Any) -> Any:
     return json_util.default(obj, json_options=_JSON_OPTIONS)
 
@@ -134,7 +147,7 @@ class _BulkRecorder:
             raise ValueError(f"the embedded store replaces by _id only, got filter {selector!r}")
         if "_id" in doc and doc["_id"] != selector["_id"]:
             raise ValueError("the replacement's _id differs from the filter's")
-        self.replacements.append((selector["_id"], dict(doc), bool(upsert)))
+        self.replacements.append((selector["_id"], _stored(doc), bool(upsert)))
 
     def _unsupported(self, *_: Any, **__: Any) -> None:
         raise TypeError("the embedded store's bulk_write accepts ReplaceOne operations only")
