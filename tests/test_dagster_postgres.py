@@ -3,8 +3,10 @@ configured (tested against a real server), and one retraining at a time."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,6 +18,8 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 import yaml
+from dagster._config import Shape, process_config
+from dagster._core.instance.config import dagster_instance_config_schema
 from dagster._utils.tags import TagConcurrencyLimitsCounter
 
 from pg_support import PostgresServer, postgres_server  # noqa: F401  (fixture)
@@ -193,6 +197,29 @@ def test_module_entry_point_installs_then_runs_the_command(
     assert main(["--", "recsys-no-such-command"]) == 127
     monkeypatch.setenv(PG_URL_ENV, "postgres://u:p@db/dagster")
     assert main([]) == 2
+
+
+def documented_block(marker: str) -> dict[str, Any]:
+    text = (PROJECT_DAGSTER_YAML.parent / "docs" / "operations.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    found = [b for b in blocks if b.startswith(marker)]
+    assert len(found) == 1, f"docs/operations.md: no yaml block starting with {marker!r}"
+    return yaml.safe_load(found[0])
+
+
+def test_the_documented_ecs_configuration_is_valid_for_dagster_aws() -> None:
+    """Validated against each class's own schema; not instantiated (that calls AWS)."""
+    block = documented_block("# dagster.yaml: scale-out on Amazon ECS")
+    assert set(block) == {"run_launcher", "compute_logs"}
+    for key, section in block.items():
+        module = importlib.import_module(section["module"])
+        klass = getattr(module, section["class"])
+        result = process_config(Shape(klass.config_type()), section["config"])
+        assert result.success, f"{key}: {[e.message for e in result.errors or []]}"
+    # Merged into the project's instance config, the top-level schema accepts it too.
+    merged = {**yaml.safe_load(PROJECT_DAGSTER_YAML.read_text()), **block}
+    validated = process_config(Shape(dagster_instance_config_schema()), merged)
+    assert validated.success, [e.message for e in validated.errors or []]
 
 
 # --- a real PostgreSQL server ---------------------------------------------------------
