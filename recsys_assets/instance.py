@@ -101,7 +101,8 @@ def validate_pg_url(url: str) -> None:
     if parsed.get_backend_name() != "postgresql":
         hint = " (write postgresql://, not postgres://)" if parsed.drivername == "postgres" else ""
         raise InstanceConfigError(f"{PG_URL_ENV}={shown} is not a PostgreSQL URL{hint}")
-    if not parsed.host or not parsed.database:
+    # A Unix-socket URL names its directory in the query: postgresql://u@/db?host=/run/pg
+    if not (parsed.host or parsed.query.get("host")) or not parsed.database:
         raise InstanceConfigError(f"{PG_URL_ENV}={shown} needs a host and a database name")
     try:
         parsed.get_dialect().import_dbapi()

@@ -156,6 +156,12 @@ def test_a_bad_pg_url_is_refused_with_the_reason_and_without_the_password(
     assert ":p@" not in str(caught.value)
 
 
+def test_a_unix_socket_url_is_accepted(home: Path, tmp_path: Path) -> None:
+    url = "postgresql://dagster@/dagster?host=/run/postgresql"
+    text = render_instance_config(Settings(home=tmp_path, dagster_pg_url=url))
+    assert yaml.safe_load(text)["storage"]["postgres"] == {"postgres_url": {"env": PG_URL_ENV}}
+
+
 def test_a_url_whose_driver_is_missing_is_refused(home: Path, tmp_path: Path) -> None:
     if importlib.util.find_spec("pg8000") is not None:
         pytest.skip("pg8000 is installed here")
