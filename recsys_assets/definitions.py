@@ -7,6 +7,7 @@ import dagster as dg
 from recsys_assets.alerts.notifier import NotifierResource
 from recsys_assets.catalog.assets import item_catalog, user_profiles
 from recsys_assets.catalog.resources import DocStoreResource
+from recsys_assets.monitoring.defs import closed_loop
 from recsys_assets.packaging.assets import promoted_image
 from recsys_assets.packaging.resource import OciResource
 from recsys_assets.resources import LakeResource, RecsysConfig
@@ -27,11 +28,13 @@ def build_resources(settings: Settings) -> dict[str, object]:
         "oci": OciResource.from_settings(settings),
         "docstore": DocStoreResource.from_settings(settings),
         "training": TrainingConfig.from_settings(settings),
+        **closed_loop(settings).resources,
     }
 
 
 def make_definitions(settings: Settings) -> dg.Definitions:
     """The code location for one configuration (tests and the CLI pass their own)."""
+    loop = closed_loop(settings)
     return dg.Definitions(
         assets=[
             landing_weblogs,
@@ -40,9 +43,11 @@ def make_definitions(settings: Settings) -> dg.Definitions:
             user_profiles,
             *TRAINING_ASSETS,
             promoted_image,
+            *loop.assets,
         ],
-        jobs=[weblogs_job, retrain_job],
-        sensors=[landing_files_sensor, weblog_freshness_sensor],
+        jobs=[weblogs_job, retrain_job, *loop.jobs],
+        sensors=[landing_files_sensor, weblog_freshness_sensor, *loop.sensors],
+        schedules=loop.schedules,
         resources=build_resources(settings),
     )
 

@@ -17,7 +17,7 @@ import pytest
 from monitoring_support import register_model, resources, write_feedback
 
 from recsys_assets.monitoring.promotion import read_decisions
-from recsys_assets.monitoring.sensors import DropCursor, build_ctr_drop_sensor
+from recsys_assets.monitoring.sensors import DropCursor, build_ctr_drop_sensor, evaluate_drop
 from recsys_serving.lake import LocalLake
 from recsys_serving.registry import CANDIDATE, PRODUCTION, ModelRegistry
 
@@ -113,8 +113,16 @@ def test_a_real_drop_launches_one_retraining_with_its_evidence(
     expired.last_trigger_at = (world.now - timedelta(minutes=31)).isoformat()
     later = world.tick(instance, expired.dump())
     assert len(later.run_requests) == 1
-    # Same windows, same run key: the daemon would not launch it twice.
-    assert later.run_requests[0].run_key == request.run_key
+
+    # A lost cursor at the same moment gives the same run key: the daemon would not
+    # launch that retraining twice.
+    config = world.resources["closed_loop"]
+    now = datetime.now(UTC)
+    keys = {
+        evaluate_drop(world.lake, config, DropCursor(), now, running_retrain=None).run_key
+        for _ in range(2)
+    }
+    assert len(keys) == 1 and None not in keys
 
 
 def test_holds_while_a_retraining_runs_or_a_canary_is_judged(
@@ -153,3 +161,22 @@ def test_thin_traffic_never_triggers(tmp_path: Path, instance: dg.DagsterInstanc
     world.feedback([0.08] * 33 + [0.0] * 12)
     result = world.tick(instance)
     assert not result.run_requests and "thin_evidence" in (result.skip_message or "")
+
+
+def test_code_location_wires_the_closed_loop(tmp_path: Path) -> None:
+    from recsys_assets.definitions import make_definitions
+    from recsys_serving.settings import Settings
+
+    settings = Settings(home=tmp_path, nightly_retrain_enabled=False, closed_loop_tick_seconds=7)
+    repo = make_definitions(settings).get_repository_def()
+    drop = repo.get_sensor_def("ctr_drop_sensor")
+    assert drop.job_name == "retrain_job" and drop.minimum_interval_seconds == 7
+    assert drop.default_status == dg.DefaultSensorStatus.RUNNING
+    assert repo.get_sensor_def("promotion_sensor").default_status == (
+        dg.DefaultSensorStatus.RUNNING
+    )
+    nightly = repo.get_schedule_def("nightly_retrain_schedule")
+    assert nightly.job_name == "retrain_job"
+    assert nightly.default_status == dg.DefaultScheduleStatus.STOPPED
+    assert repo.get_schedule_def("online_ctr_schedule").job_name == "monitoring_job"
+    assert repo.get_job("retrain_job").tags["recsys/pipeline"] == "retrain"

@@ -1,0 +1,55 @@
+"""Everything the closed loop adds to the code location, built for one ``Settings``.
+
+Sensor intervals and the schedules' crons are definition-time values, so they are
+built here from the settings (the demo and the end-to-end test shorten them through
+``RECSYS_*`` variables) rather than at import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import dagster as dg
+
+from recsys_assets.monitoring.assets import online_ctr, production_model
+from recsys_assets.monitoring.config import ClosedLoopConfig
+from recsys_assets.monitoring.schedules import (
+    build_nightly_retrain_schedule,
+    build_online_ctr_schedule,
+    monitoring_job,
+)
+from recsys_assets.monitoring.sensors import (
+    build_ctr_drop_sensor,
+    build_promotion_sensor,
+    build_retrain_failure_sensor,
+)
+from recsys_serving.settings import Settings
+
+
+@dataclass(frozen=True)
+class ClosedLoopDefs:
+    assets: list[dg.AssetsDefinition | dg.AssetSpec]
+    jobs: list[dg.UnresolvedAssetJobDefinition]
+    sensors: list[dg.SensorDefinition]
+    schedules: list[dg.ScheduleDefinition]
+    resources: dict[str, dg.ConfigurableResource]
+
+
+def closed_loop(settings: Settings) -> ClosedLoopDefs:
+    tick = settings.closed_loop_tick_seconds
+    return ClosedLoopDefs(
+        assets=[online_ctr, production_model],
+        jobs=[monitoring_job],
+        sensors=[
+            build_ctr_drop_sensor(tick),
+            build_promotion_sensor(tick),
+            build_retrain_failure_sensor(tick),
+        ],
+        schedules=[
+            build_nightly_retrain_schedule(
+                settings.nightly_retrain_cron, settings.nightly_retrain_enabled
+            ),
+            build_online_ctr_schedule(settings.online_ctr_cron),
+        ],
+        resources={"closed_loop": ClosedLoopConfig.from_settings(settings)},
+    )
