@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
 
-from recsys_serving.api import admin, events, health, metrics, recommendations
+from recsys_serving.api import admin, dashboard, events, health, metrics, recommendations
 from recsys_serving.api.auth import Guard, require
 from recsys_serving.api.errors import install_error_handlers
 from recsys_serving.api.impressions import ImpressionLog
@@ -129,6 +129,7 @@ def _build_service(
         app.include_router(recommendations.router, prefix=prefix)
         app.include_router(admin.router, prefix=prefix)
     app.include_router(health.ready_router)
+    app.include_router(dashboard.router)
 
 
 def default_model_source(settings: Settings, lake: Lake) -> ModelSource:
