@@ -133,6 +133,8 @@ def test_plays_users_posts_attributable_clicks_and_drift_makes_the_model_stale(
         duration=6.0,
         drift_at=3.0,
         drift_strength=1.0,
+        trend_shift=0.5,
+        browse=0.5,
         interval=1.0,
         seed=1,
         timeline_path=timeline,
@@ -155,6 +157,11 @@ def test_plays_users_posts_attributable_clicks_and_drift_makes_the_model_stale(
     assert {"click", "view"} <= kinds and kinds <= {"click", "view", "add_to_cart", "purchase"}
     assert len({e["event_id"] for e in stub.events}) == len(stub.events)
     assert result.events_posted == len(stub.events) and result.events_unsent == 0
+    # Organic discovery: views outside the slates, never carrying a request_id.
+    assert 0.35 * result.requests < result.organic_views < 0.65 * result.requests
+    views = [e for e in stub.events if e["event_type"] == "view"]
+    assert len(views) >= result.organic_views
+    assert all("request_id" not in e for e in stub.events if e["event_type"] != "click")
 
     # A perfect model of the old world is much worse in the new one; the oracle is not.
     before, after = result.before, result.after
@@ -194,6 +201,31 @@ def test_concurrency_is_bounded_and_errors_are_counted(stub: Stub, truth: Ground
     )
     assert wrong.requests == 0 and wrong.errors > 0
 
+    stub.delay = 0.0
+    started = time.monotonic()
+    early = run_live(
+        truth,
+        LiveConfig(base_url=stub.url, api_key=KEY, users=5, rps=20, duration=30),
+        should_stop=lambda: time.monotonic() - started > 1.0,
+    )
+    assert early.elapsed < 5 and 0 < early.requests < 60
+
+
+def test_trend_shift_reassigns_shared_appeal(truth: GroundTruth) -> None:
+    from recsys_assets.simulation.live import shift_trends
+
+    same = shift_trends(truth, 0.0, seed=1)
+    assert np.array_equal(same.item_bias, truth.item_bias)
+    moved = shift_trends(truth, 1.0, seed=1)
+    assert np.allclose(np.sort(moved.item_bias), np.sort(truth.item_bias))
+    old_hits = set(np.argsort(-truth.item_bias)[:20].tolist())
+    assert len(old_hits & set(np.argsort(-moved.item_bias)[:20].tolist())) < 10
+    assert moved.item_popularity.sum() == pytest.approx(1.0)
+    assert np.array_equal(moved.user_vectors, truth.user_vectors)
+    assert moved.meta["trend_shift"] == [1.0]
+    with pytest.raises(ValueError, match="strength"):
+        shift_trends(truth, 1.5, seed=1)
+
 
 def test_config_is_validated() -> None:
     for bad in [
@@ -201,6 +233,8 @@ def test_config_is_validated() -> None:
         {"rps": 0},
         {"drift_at": 20.0},
         {"drift_strength": 1.5},
+        {"trend_shift": -0.1},
+        {"browse": 2.0},
         {"k": 0},
         {"concurrency": 0},
     ]:

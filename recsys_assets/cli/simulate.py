@@ -136,7 +136,17 @@ def live(
     drift_strength: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="0 = no change, 1 = unrelated tastes.")
     ] = 0.8,
+    trend_shift: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="At the drift, share of item popularity reassigned."),
+    ] = 0.0,
     new_items: Annotated[int, typer.Option(min=0, help="Items that appear at the drift.")] = 0,
+    browse: Annotated[
+        float,
+        typer.Option(
+            min=0.0, max=1.0, help="Chance per request of an organic view outside the slates."
+        ),
+    ] = 0.0,
     k: Annotated[int, typer.Option(min=1, max=100, help="Items per recommendation.")] = 10,
     concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at most.")] = 16,
     interval: Annotated[str, typer.Option(help="Seconds between live lines.")] = "5s",
@@ -175,6 +185,8 @@ def live(
             drift_at=drift,
             drift_strength=drift_strength,
             drift_new_items=new_items,
+            trend_shift=trend_shift,
+            browse=browse,
             k=k,
             concurrency=concurrency,
             interval=parse_duration(interval, "--interval") or 1.0,

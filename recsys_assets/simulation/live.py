@@ -8,9 +8,18 @@ response's ``request_id``, ``position`` and ``model_version`` so the monitor can
 them to the impressions the server logged) and the downstream funnel (view,
 add-to-cart, purchase) that later retrainings learn from.
 
-At ``drift_at`` the world changes (:meth:`GroundTruth.drifted`): user tastes rotate
-to other categories, optionally new items appear. A model trained on old logs goes
-stale and online CTR drops, which is what the closed loop must notice and repair.
+At ``drift_at`` the world changes: user tastes rotate to other categories
+(:meth:`GroundTruth.drifted`, optionally with new items) and, with ``trend_shift``,
+yesterday's hits fade while other items become hits (:func:`shift_trends`: the
+popularity every user shares is reassigned). A model trained on old logs goes stale
+and online CTR drops, which is what the closed loop must notice and repair.
+
+Users also find items *outside* the recommendations (search, category pages): with
+probability ``browse`` per request a user views an item drawn from their current
+preferences (and may add it to the cart and buy it). Those events carry no
+``request_id``, so they never count in the recommendations' CTR, but they are in the
+weblogs like any other, which is how a retraining can learn what changed even about
+items the stale model never shows.
 
 Because the truth is known, every request also records what the served slate was
 *worth* (its expected clicks under the current truth) and what the best possible
@@ -25,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import tempfile
 import time
 import uuid
@@ -54,6 +64,9 @@ from recsys_serving.logging import get_logger
 
 log = get_logger(__name__)
 
+# Organic discovery is drawn with probability relevance ** BROWSE_SHARPNESS.
+BROWSE_SHARPNESS = 4.0
+
 LineCallback = Callable[[str], None]
 DriftCallback = Callable[[GroundTruth, Path | None], None]
 
@@ -69,6 +82,8 @@ class LiveConfig:
     drift_at: float | None = None
     drift_strength: float = 0.8
     drift_new_items: int = 0
+    trend_shift: float = 0.0
+    browse: float = 0.0
     seed: int = 0
     concurrency: int = 16
     interval: float = 5.0
@@ -85,6 +100,10 @@ class LiveConfig:
             raise ValueError("drift_at must lie within the run (0 <= drift_at <= duration)")
         if not 0.0 <= self.drift_strength <= 1.0:
             raise ValueError("drift_strength must be in [0, 1]")
+        if not 0.0 <= self.trend_shift <= 1.0:
+            raise ValueError("trend_shift must be in [0, 1]")
+        if not 0.0 <= self.browse <= 1.0:
+            raise ValueError("browse must be in [0, 1]")
         if not 1 <= self.k <= 100:
             raise ValueError("k must be in 1..100")
         if self.concurrency < 1 or self.interval <= 0:
@@ -147,6 +166,7 @@ class LiveSummary:
     events_rejected: int
     events_unsent: int
     event_failures: dict[str, int]
+    organic_views: int
     drifted_at: float | None
     before: dict[str, Any]
     after: dict[str, Any]
@@ -175,6 +195,7 @@ class LiveSummary:
             "events_rejected": self.events_rejected,
             "events_unsent": self.events_unsent,
             "event_failures": self.event_failures,
+            "organic_views": self.organic_views,
             "drifted_at": self.drifted_at,
             "before_drift": self.before,
             "after_drift": self.after,
@@ -199,6 +220,29 @@ class LiveSummary:
         return text
 
 
+def shift_trends(truth: GroundTruth, strength: float, seed: int) -> GroundTruth:
+    """Yesterday's hits fade and other items become hits.
+
+    An item's bias (the part of its appeal every user shares, which the simulator
+    derives from popularity) is blended toward the bias of a randomly chosen other
+    item, ``(1 - strength) * own + strength * other``; popularity follows the same
+    reassignment. Tastes, position bias and the catalogue stay as they are.
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError("strength must be in [0, 1]")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x7E4D]))
+    other = rng.permutation(truth.n_items)
+    bias = (1.0 - strength) * truth.item_bias + strength * truth.item_bias[other]
+    popularity = (1.0 - strength) * truth.item_popularity + strength * truth.item_popularity[other]
+    meta = {**truth.meta, "trend_shift": [*truth.meta.get("trend_shift", []), strength]}
+    return dataclasses.replace(
+        truth,
+        item_bias=bias.astype(truth.item_bias.dtype),
+        item_popularity=popularity / popularity.sum(),
+        meta=meta,
+    )
+
+
 def new_items_catalog(truth: GroundTruth, first_new: int, path: Path, seed: int) -> Path:
     """Write catalog documents (``recsys catalog load`` shape) for items ``first_new..``."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -220,12 +264,14 @@ class LiveSimulator:
         *,
         on_line: LineCallback | None = None,
         on_drift: DriftCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.truth = truth
         self.config = config
         self.on_line = on_line
         self.on_drift = on_drift
+        self.should_stop = should_stop
         self.transport = transport
         self.rng = np.random.default_rng([config.seed, 0x11FE])
         n = min(config.users, truth.n_users)
@@ -240,6 +286,7 @@ class LiveSimulator:
         self._posted = 0
         self._rejected = 0
         self._event_failures: Counter[str] = Counter()
+        self._organic = 0
         self._timeline: IO[bytes] | None = None
         self._start = 0.0
         self._oracle_cache: dict[int, float] = {}
@@ -257,6 +304,8 @@ class LiveSimulator:
             new_items=cfg.drift_new_items,
             published_at=datetime.now(UTC),
         )
+        if cfg.trend_shift:
+            self.truth = shift_trends(self.truth, cfg.trend_shift, seed=cfg.seed)
         self._drifted_at = self._elapsed()
         self._oracle_cache.clear()
         items_path = None
@@ -272,13 +321,15 @@ class LiveSimulator:
             "t": round(self._drifted_at, 3),
             "ts": time.time(),
             "strength": cfg.drift_strength,
+            "trend_shift": cfg.trend_shift,
             "new_items": cfg.drift_new_items,
             "items_path": None if items_path is None else str(items_path),
         }
         self._write(record)
         self._say(
             f"t={self._drifted_at:5.0f}s  DRIFT: user tastes moved (strength "
-            f"{cfg.drift_strength:g}), {cfg.drift_new_items} new items"
+            f"{cfg.drift_strength:g}), trends shifted ({cfg.trend_shift:g}), "
+            f"{cfg.drift_new_items} new items"
         )
         log.info("live.drift", **record)
         if self.on_drift is not None:
@@ -407,14 +458,36 @@ class LiveSimulator:
                     model_version=version,
                 )
             )
-            if not self.config.downstream or self.rng.random() >= P_VIEW:
-                continue
-            self._pending.append(self._event("view", user_id, item))
-            rel = float(relevance[pos])
-            if self.rng.random() < P_CART_BASE + P_CART_REL * rel:
-                self._pending.append(self._event("add_to_cart", user_id, item))
-                if self.rng.random() < P_BUY_BASE + P_BUY_REL * rel:
-                    self._pending.append(self._event("purchase", user_id, item))
+            if self.config.downstream and self.rng.random() < P_VIEW:
+                self._viewed(user_id, item, float(relevance[pos]))
+        if self.config.browse and self.rng.random() < self.config.browse:
+            self._browse(user)
+
+    def _viewed(self, user_id: str, item: str, relevance: float) -> None:
+        """A product page view and what may follow it (the history's funnel)."""
+        self._pending.append(self._event("view", user_id, item))
+        if self.rng.random() < P_CART_BASE + P_CART_REL * relevance:
+            self._pending.append(self._event("add_to_cart", user_id, item))
+            if self.rng.random() < P_BUY_BASE + P_BUY_REL * relevance:
+                self._pending.append(self._event("purchase", user_id, item))
+
+    def _browse(self, user: int) -> None:
+        """The user finds an item outside the recommendations (search, category pages).
+
+        Drawn among published items with probability ``relevance ** BROWSE_SHARPNESS``:
+        people mostly end up on things they like, sometimes not.
+        """
+        truth = self.truth
+        published = truth.publish_order[: truth.published_count(_now_ms())]
+        if published.size == 0:
+            return
+        relevance = truth.relevance(np.full(published.size, user), published)
+        weights = relevance**BROWSE_SHARPNESS
+        pick = int(self.rng.choice(published.size, p=weights / weights.sum()))
+        self._organic += 1
+        self._viewed(
+            truth.user_ids[user], truth.item_ids[int(published[pick])], float(relevance[pick])
+        )
 
     def _phase(self) -> _Interval:
         return self._phases["after" if self._drifted_at is not None else "before"]
@@ -515,6 +588,8 @@ class LiveSimulator:
                 "duration": cfg.duration,
                 "drift_at": cfg.drift_at,
                 "drift_strength": cfg.drift_strength,
+                "trend_shift": cfg.trend_shift,
+                "browse": cfg.browse,
                 "k": cfg.k,
             }
         )
@@ -534,6 +609,8 @@ class LiveSimulator:
                 step = 1.0 / cfg.rps
                 next_at = self._start
                 while (now := time.monotonic()) < self._start + cfg.duration:
+                    if self.should_stop is not None and self.should_stop():
+                        break
                     due = cfg.drift_at is not None and now - self._start >= cfg.drift_at
                     if due and self._drifted_at is None:
                         self._drift()
@@ -584,6 +661,7 @@ class LiveSimulator:
             events_rejected=self._rejected,
             events_unsent=len(self._pending),
             event_failures=dict(self._event_failures),
+            organic_views=self._organic,
             drifted_at=self._drifted_at,
             before=phase("before"),
             after=phase("after"),
@@ -613,6 +691,10 @@ def run_live(
     *,
     on_line: LineCallback | None = None,
     on_drift: DriftCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> LiveSummary:
-    """Synchronous entry point for the CLI and the demo."""
-    return asyncio.run(LiveSimulator(truth, config, on_line=on_line, on_drift=on_drift).run())
+    """Synchronous entry point for the CLI and the demo (``should_stop`` ends it early)."""
+    simulator = LiveSimulator(
+        truth, config, on_line=on_line, on_drift=on_drift, should_stop=should_stop
+    )
+    return asyncio.run(simulator.run())
