@@ -108,6 +108,11 @@ def test_a_real_drop_launches_one_retraining_with_its_evidence(
         assert not after_restart.run_requests
         assert "cool-down" in (after_restart.skip_message or "")
 
+    # A cursor about a model this lake never had (a fresh lake) imposes no cool-down.
+    foreign = DropCursor.parse(result.cursor)
+    foreign.last_version = "v20200101000000-00000000"
+    assert len(world.tick(instance, foreign.dump()).run_requests) == 1
+
     # Once the cool-down is over a drop that is still there may retrain again.
     expired = DropCursor.parse(result.cursor)
     expired.last_trigger_at = (world.now - timedelta(minutes=31)).isoformat()

@@ -125,12 +125,16 @@ def evaluate_drop(
     running_retrain: str | None,
 ) -> DropTick:
     """One tick of the drop sensor's logic; updates ``cursor`` when it triggers."""
+    registry = ModelRegistry(lake)
+    if cursor.last_version and not registry.exists(cursor.last_version):
+        # The cursor speaks of a model this lake never had (a fresh lake, or a new
+        # deployment on an old Dagster instance): its cool-down is not ours.
+        cursor.last_trigger_at = cursor.last_run_key = cursor.last_version = None
     until = cursor.cooling_until(config.cooldown)
     if until is not None and now < until:
         return DropTick(f"cool-down after {cursor.last_run_key} until {until:%Y-%m-%d %H:%M:%S}Z")
     if running_retrain:
         return DropTick(f"retraining run {running_retrain[:8]} is in progress")
-    registry = ModelRegistry(lake)
     candidate = registry.alias(CANDIDATE)
     if candidate is not None:
         return DropTick(f"canary of {candidate.version} is being judged")
