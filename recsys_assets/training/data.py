@@ -59,30 +59,45 @@ class WeblogData:
 
 @dataclass(frozen=True)
 class TrainingWindow:
-    """Epoch-second boundaries: ``[start, cutoff)`` features for the ranking dataset,
-    ``[cutoff, holdout_start)`` its labels, ``[holdout_start, end)`` evaluation; the
-    served state covers ``[start, end)``."""
+    """Epoch-second boundaries of one training run.
+
+    The ranking dataset is built at each of ``cutoffs`` (newest first): features from
+    ``[start, c)``, labels from ``[c, c + label_seconds)``; ``[holdout_start, end)`` is
+    the evaluation holdout; the served state covers ``[start, end)``.
+    """
 
     start: float
-    cutoff: float
+    cutoffs: tuple[float, ...]
+    label_seconds: float
     holdout_start: float
     end: float
     widened: tuple[str, ...] = ()
 
-    def bounds(self) -> dict[str, float]:
+    @property
+    def cutoff(self) -> float:
+        """The newest ranking cut-off."""
+        return self.cutoffs[0]
+
+    def label_end(self, cutoff: float) -> float:
+        return min(cutoff + self.label_seconds, self.holdout_start)
+
+    def bounds(self) -> dict[str, Any]:
         """Epoch seconds, exact (what downstream assets read back)."""
         return {
             "start": self.start,
-            "cutoff": self.cutoff,
+            "cutoffs": list(self.cutoffs),
+            "label_seconds": self.label_seconds,
             "holdout_start": self.holdout_start,
             "end": self.end,
+            "widened": list(self.widened),
         }
 
     @classmethod
     def from_bounds(cls, bounds: dict[str, Any]) -> TrainingWindow:
         return cls(
             float(bounds["start"]),
-            float(bounds["cutoff"]),
+            tuple(float(c) for c in bounds["cutoffs"]),
+            float(bounds["label_seconds"]),
             float(bounds["holdout_start"]),
             float(bounds["end"]),
             tuple(bounds.get("widened", ())),
@@ -97,9 +112,10 @@ class TrainingWindow:
         return {
             "start": iso(self.start),
             "cutoff": iso(self.cutoff),
+            "ranking_cutoffs": [iso(c) for c in self.cutoffs],
             "holdout_start": iso(self.holdout_start),
             "end": iso(self.end),
-            "label_days": (self.holdout_start - self.cutoff) / DAY,
+            "label_days": self.label_seconds / DAY,
             "holdout_days": (self.end - self.holdout_start) / DAY,
             "widened": list(self.widened),
         }
@@ -287,16 +303,25 @@ def compute_window(
     if by_share < holdout:
         holdout = by_share
         widened.append("holdout")
-    cutoff = holdout - params.label_days * DAY
+    label = params.label_days * DAY
     before = ts[ts < holdout]
-    if before.size:
-        # The label segment must hold min_label_share of all events.
-        want = min(before.size - 1, max(1, round(params.min_label_share * n)))
-        by_share = float(before[before.size - want]) if want > 0 else cutoff
-        if by_share < cutoff:
-            cutoff = by_share
+    want = min(before.size - 1, max(1, round(params.min_label_share * n)))
+    if want > 0:
+        # The newest label segment must hold min_label_share of all events.
+        needed = holdout - float(before[before.size - want])
+        if needed > label:
+            label = needed
             widened.append("label")
-    window = TrainingWindow(start, cutoff, holdout, end, tuple(widened))
+    cutoffs = [holdout - label]
+    for _ in range(1, max(params.rank_cutoffs, 1)):
+        older = cutoffs[-1] - label
+        # An older cut-off needs a history to learn from and events to label.
+        history = int((ts < older).sum())
+        labelled = int(((ts >= older) & (ts < cutoffs[-1])).sum())
+        if history < params.min_events or labelled == 0:
+            break
+        cutoffs.append(older)
+    window = TrainingWindow(start, tuple(cutoffs), label, holdout, end, tuple(widened))
     _check_segments(window, positives, params)
     return window
 

@@ -40,7 +40,10 @@ class TrainingParams:
     label_days: float = 1.0
     # Windows widen until they hold this share of the positive events (sparse logs).
     min_holdout_share: float = 0.02
-    min_label_share: float = 0.05
+    min_label_share: float = 0.1
+    # The ranking dataset is built at this many successive cut-offs before the holdout
+    # (each label window as long as the newest one), for more training queries.
+    rank_cutoffs: int = 3
     interaction_half_life_days: float | None = None  # decay of interaction weights
     # Horizon of the "recent" features; None = the span holding the newest
     # recent_share of events (adapts to logs spanning minutes or years).

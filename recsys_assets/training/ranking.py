@@ -35,6 +35,36 @@ class RankingDataset:
     items: npt.NDArray[np.int64]  # item row per row
     stats: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def concat(cls, parts: list[RankingDataset]) -> RankingDataset:
+        """Datasets of several cut-offs as one (groups stay separate)."""
+        if len(parts) == 1:
+            return parts[0]
+        found = sum(p.stats["positives_found"] for p in parts)
+        total = sum(p.stats["positives_total"] for p in parts)
+        stats: dict[str, Any] = {
+            name: sum(p.stats[name] for p in parts)
+            for name in (
+                "rows",
+                "users",
+                "users_in_label_window",
+                "cold_users",
+                "positive_rows",
+                "positives_found",
+                "positives_total",
+            )
+        }
+        stats["candidate_recall"] = found / max(total, 1)
+        stats["seconds"] = round(sum(p.stats["seconds"] for p in parts), 3)
+        return cls(
+            features=np.concatenate([p.features for p in parts]),
+            labels=np.concatenate([p.labels for p in parts]),
+            groups=np.concatenate([p.groups for p in parts]),
+            users=np.concatenate([p.users for p in parts]),
+            items=np.concatenate([p.items for p in parts]),
+            stats=stats,
+        )
+
     def frame(self, state: ModelState) -> pl.DataFrame:
         """As a table (for the lake and for inspection)."""
         user_of_row = np.repeat(self.users, self.groups)
@@ -49,9 +79,11 @@ class RankingDataset:
 
     @classmethod
     def from_frame(cls, frame: pl.DataFrame, user_index: dict[str, int]) -> RankingDataset:
+        """Back from :meth:`frame` rows; a group is a run of one (cut-off, user)."""
         users = frame["user_id"].to_numpy()
+        cutoff = frame["cutoff"].to_numpy() if "cutoff" in frame.columns else np.zeros(users.size)
         change = np.ones(users.size, dtype=bool)
-        change[1:] = users[1:] != users[:-1]
+        change[1:] = (users[1:] != users[:-1]) | (cutoff[1:] != cutoff[:-1])
         starts = np.flatnonzero(change)
         groups = np.diff(np.append(starts, users.size)).astype(np.int64)
         return cls(
@@ -89,15 +121,20 @@ def label_table(
 
 
 def build_ranking_dataset(
-    state: ModelState, enc: Encoded, label_end: float, params: TrainingParams
+    state: ModelState,
+    enc: Encoded,
+    label_end: float,
+    params: TrainingParams,
+    max_users: int | None = None,
 ) -> RankingDataset:
     """Candidates for users active in ``[state.as_of, label_end)``, labelled by their actions."""
     started = time.perf_counter()
     grades, shown = label_table(enc, state.as_of, label_end)
     users = np.asarray(sorted(grades), dtype=np.int64)
-    rng = np.random.default_rng([params.seed, 0x4A4B])
-    if users.size > params.ranking_max_users:
-        users = np.sort(rng.choice(users, size=params.ranking_max_users, replace=False))
+    rng = np.random.default_rng([params.seed, 0x4A4B, int(state.as_of)])
+    limit = max_users if max_users is not None else params.ranking_max_users
+    if users.size > limit:
+        users = np.sort(rng.choice(users, size=limit, replace=False))
     feats: list[npt.NDArray[np.float32]] = []
     labels: list[npt.NDArray[np.int8]] = []
     items_out: list[npt.NDArray[np.int64]] = []
@@ -145,6 +182,8 @@ def build_ranking_dataset(
             "users_in_label_window": len(grades),
             "cold_users": cold_users,
             "positive_rows": int((label_arr > 0).sum()),
+            "positives_found": positives_found,
+            "positives_total": positives_total,
             "candidate_recall": positives_found / max(positives_total, 1),
             "seconds": round(time.perf_counter() - started, 3),
         },
@@ -165,12 +204,13 @@ def train_ranker(dataset: RankingDataset, params: TrainingParams) -> RankerFit:
     """LightGBM lambdarank with early stopping on a validation split by user."""
     import lightgbm as lgb
 
-    n_groups = dataset.groups.size
     rng = np.random.default_rng([params.seed, 0x1B6])
-    is_valid = rng.random(n_groups) < params.ranking_valid_share
-    if n_groups >= 2 and (is_valid.all() or not is_valid.any()):
-        is_valid[:] = False
-        is_valid[rng.integers(0, n_groups)] = True
+    # Split by user: all of a user's groups (one per cut-off) land on the same side.
+    unique = np.unique(dataset.users)
+    valid_users = unique[rng.random(unique.size) < params.ranking_valid_share]
+    is_valid = np.isin(dataset.users, valid_users)
+    if unique.size >= 2 and (is_valid.all() or not is_valid.any()):
+        is_valid = dataset.users == unique[rng.integers(0, unique.size)]
     row_valid = np.repeat(is_valid, dataset.groups)
     names = list(FEATURE_NAMES)
     train_set = lgb.Dataset(

@@ -73,7 +73,6 @@ from recsys_serving.registry import PRODUCTION, ModelRegistry, PromotionRule, de
 
 log = get_logger(__name__)
 
-SNAPSHOTS = ("rank", "eval", "serve")
 INTERACTIONS = "interactions"
 ITEM_FEATURES = "item_features"
 USER_FEATURES = "user_features"
@@ -93,9 +92,15 @@ class Prepared:
     window: TrainingWindow
     meta: dict[str, Any]
 
+    def snapshots(self) -> list[str]:
+        """``rank0`` (newest cut-off) .. ``rankN``, then ``eval`` and ``serve``."""
+        return [f"rank{j}" for j in range(len(self.window.cutoffs))] + ["eval", "serve"]
+
     def as_of(self, snapshot: str) -> float:
         w = self.window
-        return {"rank": w.cutoff, "eval": w.holdout_start, "serve": w.end}[snapshot]
+        if snapshot.startswith("rank"):
+            return w.cutoffs[int(snapshot[4:])]
+        return {"eval": w.holdout_start, "serve": w.end}[snapshot]
 
 
 def load_prepared(lake: Lake) -> Prepared:
@@ -182,7 +187,7 @@ def run_item_features(
     """Item feature tables of the three snapshots (served one: catalogue up to ``now``)."""
     prep = load_prepared(lake)
     out: dict[str, Any] = {"non_finite": {}}
-    for snap in SNAPSHOTS:
+    for snap in prep.snapshots():
         until = (now if now is not None else time.time()) if snap == "serve" else None
         items = item_snapshot(prep.enc, prep.vocab, prep.as_of(snap), params, until)
         art.put_arrays(lake, art.key(ITEM_FEATURES, f"{snap}.npz"), items.to_arrays())
@@ -198,7 +203,7 @@ def run_item_features(
 def run_user_features(lake: Lake, params: TrainingParams) -> dict[str, Any]:
     prep = load_prepared(lake)
     out: dict[str, Any] = {"non_finite": {}}
-    for snap in SNAPSHOTS:
+    for snap in prep.snapshots():
         users = user_snapshot(prep.enc, prep.vocab, prep.as_of(snap), params)
         art.put_arrays(lake, art.key(USER_FEATURES, f"{snap}.npz"), users.to_arrays())
         out["non_finite"][snap] = non_finite(users.table, USER_COLUMNS)
@@ -216,7 +221,7 @@ def run_retrieval(lake: Lake, params: TrainingParams) -> dict[str, Any]:
     """ALS fitted before each snapshot, user vectors recomputed, session co-visitation."""
     prep = load_prepared(lake)
     out: dict[str, Any] = {"als": {}, "covisit": {}}
-    for snap in SNAPSHOTS:
+    for snap in prep.snapshots():
         as_of = prep.as_of(snap)
         fit = fit_als(prep.enc, prep.vocab, as_of, params)
         art.put_arrays(lake, art.key(RETRIEVAL, f"als-{snap}.npz"), fit.to_arrays())
@@ -269,14 +274,30 @@ def run_candidate_index(
 
 
 def run_ranking_dataset(lake: Lake, params: TrainingParams) -> dict[str, Any]:
+    """Labelled candidates at every ranking cut-off, one group per (cut-off, user)."""
     prep = load_prepared(lake)
-    state = load_state(lake, prep, "rank", params)
-    dataset = build_ranking_dataset(state, prep.enc, prep.window.holdout_start, params)
+    cutoffs = prep.window.cutoffs
+    per_cutoff = max(1, params.ranking_max_users // len(cutoffs))
+    parts = []
+    frames = []
+    for j, cutoff in enumerate(cutoffs):
+        state = load_state(lake, prep, f"rank{j}", params)
+        try:
+            part = build_ranking_dataset(
+                state, prep.enc, prep.window.label_end(cutoff), params, max_users=per_cutoff
+            )
+        except ValueError:
+            if j == 0:
+                raise
+            continue  # an older cut-off without usable labels adds nothing
+        parts.append(part)
+        frames.append(part.frame(state).with_columns(pl.lit(j, dtype=pl.Int16).alias("cutoff")))
+    dataset = RankingDataset.concat(parts)
     buffer = io.BytesIO()
-    dataset.frame(state).write_parquet(buffer)
+    pl.concat(frames).write_parquet(buffer)
     lake.put_bytes(art.key(RANKING_DATASET, "dataset.parquet"), buffer.getvalue())
     bad = non_finite(dataset.features, FEATURE_NAMES)
-    stats = {**dataset.stats, "non_finite": bad}
+    stats = {**dataset.stats, "cutoffs": len(parts), "non_finite": bad}
     art.put_json(lake, art.key(RANKING_DATASET, "stats.json"), stats)
     return stats
 
@@ -284,7 +305,7 @@ def run_ranking_dataset(lake: Lake, params: TrainingParams) -> dict[str, Any]:
 def load_ranking_dataset(lake: Lake) -> RankingDataset:
     data = lake.get_bytes(art.key(RANKING_DATASET, "dataset.parquet"))
     frame = pl.read_parquet(data)
-    users = frame["user_id"].unique(maintain_order=True).to_list()
+    users = sorted(frame["user_id"].unique().to_list())
     return RankingDataset.from_frame(frame, {u: n for n, u in enumerate(users)})
 
 
@@ -340,7 +361,7 @@ def run_recommender_model(
     interactions = prep.meta
     retrieval = {
         snap: AlsFit.from_arrays(art.get_arrays(lake, art.key(RETRIEVAL, f"als-{snap}.npz"))).stats
-        for snap in SNAPSHOTS
+        for snap in prep.snapshots()
     }
     manifest: dict[str, Any] = {
         "seed": params.seed,
