@@ -70,6 +70,7 @@ class TrainingParams:
     covis_window: int = 5  # pairs up to this many events apart in a session
     covis_backward_weight: float = 0.5  # b seen before a counts this much for a -> b
     covis_top: int = 50  # neighbours kept per item
+    knn_neighbours: int = 50  # item-item cosine neighbours kept per item
     # User state.
     recent_items: int = 20
     recent_decay: float = 0.85  # weight of the r-th newest item: decay ** r

@@ -53,12 +53,14 @@ class AlsFit:
 
 @dataclass
 class RetrievalSnapshot:
-    """Retrieval state as of ``as_of``: item factors, recomputed user vectors, co-visitation."""
+    """Retrieval state as of ``as_of``: item factors, recomputed user vectors, session
+    co-visitation and item-item cosine neighbours."""
 
     as_of: float
     item_factors: npt.NDArray[np.float32]
     user_factors: npt.NDArray[np.float32]
     covisit: Ragged
+    item_knn: Ragged
 
     ARRAYS: ClassVar[tuple[str, ...]] = ("item_factors", "user_factors")
 
@@ -67,6 +69,7 @@ class RetrievalSnapshot:
             "item_factors": self.item_factors,
             "user_factors": self.user_factors,
             **pack_ragged("covisit", self.covisit),
+            **pack_ragged("item_knn", self.item_knn),
             **pack_meta({"as_of": self.as_of}),
         }
 
@@ -77,6 +80,7 @@ class RetrievalSnapshot:
             item_factors=arrays["item_factors"],
             user_factors=arrays["user_factors"],
             covisit=unpack_ragged("covisit", arrays),
+            item_knn=unpack_ragged("item_knn", arrays),
         )
 
 
@@ -92,6 +96,39 @@ def retrieval_snapshot(
         item_factors=np.ascontiguousarray(item_factors, dtype=np.float32),
         user_factors=user_factors(enc, vocab, item_factors, as_of, params),
         covisit=covisitation(enc, vocab.item_ids.size, as_of, params),
+        item_knn=item_knn(enc, vocab, as_of, params),
+    )
+
+
+def item_knn(enc: Encoded, vocab: Vocabulary, as_of: float, params: TrainingParams) -> Ragged:
+    """Top cosine neighbours per item over users' (log-weighted) interactions.
+
+    The signal of the item-kNN baseline, kept as a candidate source and as ranking
+    features so the ranker can only add to it.
+    """
+    from implicit.nearest_neighbours import all_pairs_knn
+
+    n_users, n_items = vocab.user_ids.size, vocab.item_ids.size
+    matrix = interaction_matrix(enc, n_users, n_items, as_of, params.replace(als_bm25=False))
+    if matrix.nnz == 0:
+        return Ragged.empty(n_items)
+    norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=0)).ravel())
+    scale = np.where(norms > 0, 1.0 / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
+    normalized = (matrix @ sp.diags(scale)).tocsr().astype(np.float64)
+    sim = all_pairs_knn(
+        normalized,
+        params.knn_neighbours + 1,
+        num_threads=params.resolved_threads,
+        show_progress=False,
+    ).tocoo()
+    keep = (sim.row != sim.col) & (sim.data > 0)
+    rows, cols, vals = sim.row[keep], sim.col[keep], sim.data[keep]
+    order = np.lexsort((cols, -vals, rows))
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    rank = np.arange(rows.size) - np.searchsorted(rows, rows, side="left")
+    top = rank < params.knn_neighbours
+    return Ragged.from_sorted_pairs(
+        n_items, rows[top].astype(np.int64), cols[top].astype(np.int64), vals[top]
     )
 
 

@@ -432,6 +432,7 @@ def assemble_state(
         seen=users.seen,
         recent=users.recent,
         covisit=retrieval.covisit,
+        item_knn=retrieval.item_knn,
         available=available.astype(bool),
         popular=popular,
         trending=trending,

@@ -5,6 +5,7 @@ Sources, each with a quota (a share of the pool, in ``state.params["candidates"]
 * ``als``: top inner products with the user's ALS vector (the embedded index, or
   an external :class:`~recsys_serving.index.base.CandidateIndex` such as Elasticsearch);
 * ``covis``: items co-visited in sessions with the user's recent items;
+* ``knn``: items whose audiences overlap most (cosine) with the recent items';
 * ``category``: popular items in the user's strongest categories (or the requested
   ones, or a document's interests for a cold user; several categories for diversity);
 * ``popular`` and ``trending``: overall and recent-window popularity;
@@ -28,14 +29,15 @@ from recsys_serving.model.context import UserContext
 from recsys_serving.model.features import padded_categories
 from recsys_serving.model.state import IntArray, ModelState
 
-ALS, COVIS, CATEGORY, POPULAR, TRENDING, FRESH = range(6)
-SOURCE_NAMES = ("als", "covis", "category", "popular", "trending", "fresh")
+ALS, COVIS, CATEGORY, POPULAR, TRENDING, FRESH, KNN = range(7)
+SOURCE_NAMES = ("als", "covis", "category", "popular", "trending", "fresh", "knn")
 DEFAULT_QUOTAS: dict[str, float] = {
-    "als": 0.40,
-    "covis": 0.25,
-    "category": 0.12,
+    "als": 0.30,
+    "covis": 0.18,
+    "knn": 0.18,
+    "category": 0.10,
     "popular": 0.10,
-    "trending": 0.06,
+    "trending": 0.07,
     "fresh": 0.07,
 }
 DEFAULT_POOL = 200
@@ -125,6 +127,31 @@ def _walk(order: IntArray, allowed: npt.NDArray[np.bool_], n: int, taken: set[in
     return out
 
 
+def _best(
+    items: IntArray,
+    scores: npt.NDArray[np.float32],
+    refs: IntArray,
+    allowed: npt.NDArray[np.bool_],
+    n: int,
+    taken: set[int],
+) -> tuple[list[int], list[int]]:
+    """The ``n`` best-scored allowed, untaken items of a neighbour aggregate."""
+    ok = allowed[items]
+    cand, score, ref = items[ok], scores[ok], refs[ok]
+    rows: list[int] = []
+    out_refs: list[int] = []
+    for j in np.lexsort((cand, -score)).tolist():
+        row = int(cand[j])
+        if row in taken:
+            continue
+        taken.add(row)
+        rows.append(row)
+        out_refs.append(int(ref[j]))
+        if len(rows) >= n:
+            break
+    return rows, out_refs
+
+
 def generate(
     state: ModelState,
     ctx: UserContext,
@@ -156,20 +183,14 @@ def generate(
         add(rows, ALS)
 
     if ctx.covis_items.size and want["covis"] > 0:
-        ok = allowed[ctx.covis_items]
-        cand, score, refs = ctx.covis_items[ok], ctx.covis_sum[ok], ctx.covis_ref[ok]
-        order = np.lexsort((cand, -score))
-        rows, refr = [], []
-        for j in order.tolist():
-            row = int(cand[j])
-            if row in taken:
-                continue
-            taken.add(row)
-            rows.append(row)
-            refr.append(int(refs[j]))
-            if len(rows) >= want["covis"]:
-                break
+        rows, refr = _best(
+            ctx.covis_items, ctx.covis_sum, ctx.covis_ref, allowed, want["covis"], taken
+        )
         add(rows, COVIS, refr)
+
+    if ctx.knn_items.size and want["knn"] > 0:
+        rows, refr = _best(ctx.knn_items, ctx.knn_sum, ctx.knn_ref, allowed, want["knn"], taken)
+        add(rows, KNN, refr)
 
     if categories is not None and categories.size:
         cats = categories[: CATEGORY_FANOUT * 2]
@@ -212,6 +233,8 @@ def reason(state: ModelState, source: int, ref: int) -> str:
     """Where a candidate came from, in words for API answers and logs."""
     if source == COVIS and ref >= 0:
         return f"co-visited with {state.item_ids[ref]}"
+    if source == KNN and ref >= 0:
+        return f"similar to {state.item_ids[ref]}"
     if source == CATEGORY and ref >= 0:
         return f"popular in {state.categories[ref]}"
     if source == FRESH:

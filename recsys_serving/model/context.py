@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from recsys_serving.model.state import FloatArray, IntArray, ModelState
+from recsys_serving.model.state import FloatArray, IntArray, ModelState, Ragged
 
 _EMPTY_I = np.empty(0, dtype=np.int64)
 _EMPTY_F = np.empty(0, dtype=np.float32)
@@ -37,6 +37,10 @@ class UserContext:
     covis_sum: FloatArray
     covis_max: FloatArray
     covis_ref: IntArray  # for each covis item, the recent item contributing most
+    knn_items: IntArray  # sorted item rows similar (cosine) to the recent items
+    knn_sum: FloatArray
+    knn_max: FloatArray
+    knn_ref: IntArray
     last_vector: FloatArray | None  # unit vector of the newest item
     recent_vector: FloatArray | None  # unit mean vector of the recent items
 
@@ -105,13 +109,18 @@ def user_context(
             covis_sum=_EMPTY_F,
             covis_max=_EMPTY_F,
             covis_ref=_EMPTY_I,
+            knn_items=_EMPTY_I,
+            knn_sum=_EMPTY_F,
+            knn_max=_EMPTY_F,
+            knn_ref=_EMPTY_I,
             last_vector=None,
             recent_vector=None,
         )
     vector = state.user_factors[row]
     seen, _ = state.seen.row(row)
     recent, weights = state.recent.row(row)
-    covis_items, covis_sum, covis_max, covis_ref = _covisit(state, recent, weights)
+    covis_items, covis_sum, covis_max, covis_ref = _neighbours(state.covisit, recent, weights)
+    knn_items, knn_sum, knn_max, knn_ref = _neighbours(state.item_knn, recent, weights)
     factors = state.item_factors
     last_vector = _unit(factors[recent[0]]) if recent.size else None
     recent_vector = None
@@ -129,18 +138,23 @@ def user_context(
         covis_sum=covis_sum,
         covis_max=covis_max,
         covis_ref=covis_ref,
+        knn_items=knn_items,
+        knn_sum=knn_sum,
+        knn_max=knn_max,
+        knn_ref=knn_ref,
         last_vector=last_vector,
         recent_vector=recent_vector,
     )
 
 
-def _covisit(
-    state: ModelState, recent: IntArray, weights: FloatArray
+def _neighbours(
+    graph: Ragged, recent: IntArray, weights: FloatArray
 ) -> tuple[IntArray, FloatArray, FloatArray, IntArray]:
-    """Aggregate the co-visitation neighbours of the recent items, weighted by recency."""
+    """Aggregate the neighbours of the recent items, weighted by recency: for each
+    neighbour the weighted sum, the largest single contribution and its source item."""
     if not recent.size:
         return _EMPTY_I, _EMPTY_F, _EMPTY_F, _EMPTY_I
-    indptr = state.covisit.indptr
+    indptr = graph.indptr
     lo, hi = indptr[recent], indptr[recent + 1]
     lengths = hi - lo
     total = int(lengths.sum())
@@ -149,8 +163,8 @@ def _covisit(
     # Positions of every neighbour entry of every recent item, without a Python loop.
     starts = np.repeat(lo - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
     pos = starts + np.arange(total)
-    items = state.covisit.indices[pos]
-    scores = state.covisit.data[pos] * np.repeat(weights, lengths)
+    items = graph.indices[pos]
+    scores = graph.data[pos] * np.repeat(weights, lengths)
     refs = np.repeat(recent, lengths)
     order = np.lexsort((-scores, items))
     items, scores, refs = items[order], scores[order], refs[order]

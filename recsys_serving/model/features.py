@@ -48,6 +48,8 @@ PAIR_FEATURES: tuple[str, ...] = (
     "als_cosine",
     "covis_sum",  # co-visitation with the user's recent items, recency-weighted
     "covis_max",
+    "knn_sum",  # item-item cosine similarity to the user's recent items, recency-weighted
+    "knn_max",
     "last_item_sim",  # cosine to the user's newest item
     "recent_sim",  # cosine to the mean of the user's recent items
     "cat_affinity",  # the user's share of interactions in the item's categories
@@ -100,6 +102,23 @@ def _cosine(
     return (vectors @ unit) / np.maximum(norms, 1e-12)
 
 
+def _lookup(
+    keys: IntArray,
+    sums: npt.NDArray[np.float32],
+    maxs: npt.NDArray[np.float32],
+    items: IntArray,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """Per-item (sum, max) from a user's aggregated neighbour scores; 0 when absent."""
+    out_sum = np.zeros(items.size, dtype=np.float32)
+    out_max = np.zeros(items.size, dtype=np.float32)
+    if keys.size:
+        pos = np.minimum(np.searchsorted(keys, items), keys.size - 1)
+        hit = keys[pos] == items
+        out_sum[hit] = sums[pos[hit]]
+        out_max[hit] = maxs[pos[hit]]
+    return out_sum, out_max
+
+
 def assemble_features(
     state: ModelState, ctx: UserContext, items: IntArray
 ) -> npt.NDArray[np.float32]:
@@ -115,23 +134,19 @@ def assemble_features(
         cosine = als / np.maximum(norms * user_norm, 1e-12)
     else:
         als = cosine = np.zeros(n, dtype=np.float32)
-    covis_sum = np.zeros(n, dtype=np.float32)
-    covis_max = np.zeros(n, dtype=np.float32)
-    if ctx.covis_items.size:
-        pos = np.searchsorted(ctx.covis_items, items)
-        pos = np.minimum(pos, ctx.covis_items.size - 1)
-        hit = ctx.covis_items[pos] == items
-        covis_sum[hit] = ctx.covis_sum[pos[hit]]
-        covis_max[hit] = ctx.covis_max[pos[hit]]
+    covis_sum, covis_max = _lookup(ctx.covis_items, ctx.covis_sum, ctx.covis_max, items)
+    knn_sum, knn_max = _lookup(ctx.knn_items, ctx.knn_sum, ctx.knn_max, items)
     out[:, 0] = als
     out[:, 1] = cosine
     out[:, 2] = covis_sum
     out[:, 3] = covis_max
-    out[:, 4] = _cosine(vectors, norms, ctx.last_vector)
-    out[:, 5] = _cosine(vectors, norms, ctx.recent_vector)
-    out[:, 6] = _affinity(state, ctx.affinity, items)
-    out[:, 7] = _affinity(state, ctx.affinity_recent, items)
-    out[:, 8] = 1.0 if ctx.known else 0.0
+    out[:, 4] = knn_sum
+    out[:, 5] = knn_max
+    out[:, 6] = _cosine(vectors, norms, ctx.last_vector)
+    out[:, 7] = _cosine(vectors, norms, ctx.recent_vector)
+    out[:, 8] = _affinity(state, ctx.affinity, items)
+    out[:, 9] = _affinity(state, ctx.affinity_recent, items)
+    out[:, 10] = 1.0 if ctx.known else 0.0
     p = len(PAIR_FEATURES)
     out[:, p : p + len(ITEM_COLUMNS)] = state.item_table[items]
     u0 = p + len(ITEM_COLUMNS)

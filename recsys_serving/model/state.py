@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float32]
@@ -100,6 +100,7 @@ class ModelState:
     seen: Ragged  # user row -> item rows interacted with (sorted)
     recent: Ragged  # user row -> most recent distinct item rows, newest first, weights
     covisit: Ragged  # item row -> neighbour item rows by co-visitation score, desc
+    item_knn: Ragged  # item row -> neighbour item rows by cosine similarity, desc
     available: npt.NDArray[np.bool_]  # items that may be recommended at as_of
     popular: IntArray  # available item rows by (decayed) popularity, desc
     trending: IntArray  # available item rows by recent-window popularity, desc
@@ -119,6 +120,7 @@ class ModelState:
         "seen",
         "recent",
         "covisit",
+        "item_knn",
         "category_popular",
     )
     ARRAYS: ClassVar[tuple[str, ...]] = (
@@ -245,6 +247,7 @@ class ModelState:
             "published_at": (self.published_at.shape[0], n_items),
             "item_categories": (self.item_categories.n_rows, n_items),
             "covisit": (self.covisit.n_rows, n_items),
+            "item_knn": (self.item_knn.n_rows, n_items),
             "user_factors": (self.user_factors.shape[0], n_users),
             "user_table": (self.user_table.shape[0], n_users),
             "seen": (self.seen.n_rows, n_users),
