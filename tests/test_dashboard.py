@@ -4,6 +4,7 @@ history wording, auth, and the data endpoint against what ``/metrics`` reports."
 from __future__ import annotations
 
 import math
+import socket
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -396,6 +397,7 @@ def test_data_matches_metrics_after_known_traffic(
     ]
     assert history["events"][0]["reason"] == "manual: CTR fell after the promotion"
     assert view["source"]["pinned"] is False
+    assert view["server"]["host"] == socket.gethostname()
 
 
 def test_history_failure_is_shown_not_fatal(tmp_path: Path) -> None:

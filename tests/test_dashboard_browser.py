@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -296,4 +297,5 @@ def test_dashboard_shows_what_the_server_reports(served: Served, browser: Any) -
     )
     assert not browser.find_element(By.ID, "auth").is_displayed()
     assert browser.find_element(By.ID, "status").get_attribute("data-state") == "live"
+    assert browser.find_element(By.ID, "server").text == f"server {socket.gethostname()}"
     assert console_errors(browser) == []

@@ -11,7 +11,9 @@ With ``RECSYS_AUTH_ENABLED=false`` the page just works.
 Where the rolling window lives: in each worker, a :class:`SnapshotRing` of the readings
 it took while answering polls (see :mod:`recsys_serving.dashboard.figures`). Every
 reading is of the metrics aggregated over all workers, so whichever worker answers, the
-figures are the server's; the browser keeps the time series it charts.
+figures are the server's; the browser keeps the time series it charts. The figures are
+those of one server: behind a load balancer each answer names its host, and the page
+starts its series afresh when the host changes (the fleet-wide view is Prometheus').
 
 Charts are drawn by Vega-Lite through vega-embed, served from the ``vl-convert-python``
 package (``/dashboard/vendor/vega-embed.js``, built out of process on first use and
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -224,4 +227,7 @@ def dashboard_data(request: Request, window: float) -> dict[str, Any]:
         "pinned": bool(getattr(source, "pinned", False)),
     }
     figures["history"] = state.history.get()
+    # Figures are per server (all its workers); behind a load balancer, polls may reach
+    # different replicas, and the page says which one answered.
+    figures["server"] = {"host": socket.gethostname()}
     return figures

@@ -3,7 +3,8 @@
 //
 // Every reading the server returns is already aggregated over all its workers and its
 // rates cover the server-side window, so the series kept here is a plain list of
-// (time, value) points, whichever worker answered each poll.
+// (time, value) points, whichever worker answered each poll. Readings are per server:
+// when another replica answers (behind a load balancer), the series starts afresh.
 //
 // URL parameters: ?refresh=<seconds between polls>&window=<seconds of the rate window>.
 
@@ -17,6 +18,7 @@ const state = {
   series: { calls: [], latency: [], errors: [], fallback: [] },
   timer: null,
   lastGeneratedAt: null,
+  host: null,
 };
 
 const intFormat = new Intl.NumberFormat("en-US", { maximumFractionDigits: 0 });
@@ -243,6 +245,11 @@ function renderTables(d) {
 function extendSeries(d) {
   if (d.generated_at === state.lastGeneratedAt) return;
   state.lastGeneratedAt = d.generated_at;
+  if (d.server.host !== state.host) {
+    // Another replica answered: its figures are its own, so its series starts afresh.
+    state.host = d.server.host;
+    for (const name of Object.keys(state.series)) state.series[name] = [];
+  }
   const t = d.generated_at * 1000;
   const s = state.series;
   if (d.window) {
@@ -275,6 +282,9 @@ async function render(d) {
     "ctr",
     d.ctr.filter((c) => c.ctr != null),
   );
+  const server = $("server");
+  server.dataset.host = d.server.host;
+  server.textContent = `server ${d.server.host}`;
   const updated = $("updated");
   updated.dataset.generatedAt = String(d.generated_at);
   updated.textContent = `updated ${new Date(d.generated_at * 1000).toLocaleTimeString()}`;
