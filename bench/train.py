@@ -1,0 +1,219 @@
+"""Training cost: wall time and peak memory of the whole graph, per asset.
+
+For each size: simulate a history, land it with ``recsys ingest --no-process``, process
+the weblogs partitions (business rules + Parquet, ``bench/process_only.py``), load the
+catalogue into the document store and snapshot it, then run every training asset's
+step function in its own process, in graph order (as Dagster's multiprocess executor
+does), recording wall time and that process's peak RSS. ALS and LightGBM fit times
+come from the steps' own reports.
+
+Usage::
+
+    .venv/bin/python bench/train.py                       # 1M and 10M events
+    .venv/bin/python bench/train.py --events 1000000      # one size
+    .venv/bin/python bench/train.py --out bench/results/train.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+RECSYS = str(Path(PYTHON).parent / "recsys")
+
+# World shape per size: users and items grow with the log, as a real site's would.
+WORLDS = {
+    1_000_000: {"users": 20_000, "items": 5_000, "categories": 30, "days": 14},
+    10_000_000: {"users": 200_000, "items": 30_000, "categories": 50, "days": 30},
+}
+
+STEP_CODE = """
+import json, sys, time
+from pathlib import Path
+from recsys_assets.training import steps
+from recsys_assets.training.params import TrainingParams
+from recsys_serving.lake import open_lake
+from recsys_serving.registry import PromotionRule
+from recsys_serving.settings import Settings
+settings = Settings()
+lake = open_lake(settings.resolved_lake_uri)
+params = TrainingParams.from_settings(settings)
+cache = Path(settings.resolved_home) / "cache" / "training"
+cache.mkdir(parents=True, exist_ok=True)
+name = sys.argv[1]
+calls = {
+    "item_catalog": lambda: _catalog("items"),
+    "user_profiles": lambda: _catalog("users"),
+    "interactions": lambda: steps.run_interactions(lake, params),
+    "item_features": lambda: steps.run_item_features(lake, params),
+    "user_features": lambda: steps.run_user_features(lake, params),
+    "retrieval_model": lambda: steps.run_retrieval(lake, params),
+    "candidate_index": lambda: steps.run_candidate_index(lake),
+    "ranking_dataset": lambda: steps.run_ranking_dataset(lake, params),
+    "ranking_model": lambda: steps.run_ranking_model(lake, params),
+    "recommender_model": lambda: steps.run_recommender_model(lake, params, cache / "bundles")[1],
+    "model_evaluation": lambda: steps.run_model_evaluation(
+        lake, params, PromotionRule.from_settings(settings), cache
+    ),
+    "registered_model": lambda: steps.run_registration(lake, cache),
+}
+def _catalog(kind):
+    from recsys_serving.stores.catalog import write_items_snapshot, write_users_snapshot
+    from recsys_serving.stores.docstore import open_docstore
+    with open_docstore(settings) as store:
+        snap = (write_items_snapshot if kind == "items" else write_users_snapshot)(store, lake)
+    return {"rows": snap.rows}
+result = calls[name]()
+print(json.dumps(result, default=str))
+"""
+
+
+def run_child(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """Run a child to completion: wall and CPU seconds, its own peak RSS (wait4), its
+    last stdout line (the step's JSON report)."""
+    started = time.perf_counter()
+    out_path = Path(tempfile.mkstemp(prefix="recsys-bench-", suffix=".out")[1])
+    err_path = out_path.with_suffix(".err")
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    stdout = out_path.read_text(errors="replace")
+    stderr = err_path.read_text(errors="replace")
+    out_path.unlink(missing_ok=True)
+    err_path.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        sys.stderr.write(stderr[-4000:])
+        raise SystemExit(f"step failed ({proc.returncode}): {' '.join(cmd[:5])}")
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    return {
+        "wall_s": round(wall, 2),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+        "last_line": lines[-1] if lines else "",
+    }
+
+
+def bench_size(n_events: int, workdir: Path, threads: int) -> dict[str, Any]:
+    shape = WORLDS.get(n_events) or {
+        "users": max(1000, n_events // 50),
+        "items": 2000,
+        "categories": 20,
+        "days": 14,
+    }
+    home = workdir / "home"
+    env = {
+        **os.environ,
+        "RECSYS_HOME": str(home),
+        "DAGSTER_HOME": str(home / "dagster"),
+        "RECSYS_THREADS": str(threads),
+        "PYTHONPATH": str(ROOT),
+    }
+    for name in ("RECSYS_LAKE_URI", "RECSYS_MONGO_URI", "RECSYS_ES_URL", "RECSYS_TRAIN_PARAMS"):
+        env.pop(name, None)
+    report: dict[str, Any] = {"events": n_events, "world": shape, "steps": {}}
+    sim = workdir / "sim"
+    report["steps"]["simulate"] = run_child(
+        [
+            RECSYS, "simulate", "--out", str(sim), "--events", str(n_events),
+            "--users", str(shape["users"]), "--items", str(shape["items"]),
+            "--categories", str(shape["categories"]), "--days", str(shape["days"]),
+            "--seed", "5", "--end", "2024-06-01",
+        ],
+        env,
+    )  # fmt: skip
+    files = sorted(str(p) for p in (sim / "weblogs").glob("part-*.ndjson"))
+    report["steps"]["landing (recsys ingest)"] = run_child(
+        [RECSYS, "ingest", *files, "--no-process"], env
+    )
+    report["steps"]["weblogs (processing)"] = run_child(
+        [PYTHON, str(ROOT / "bench" / "process_only.py")], env
+    )
+    report["steps"]["catalog load"] = run_child(
+        [
+            RECSYS, "catalog", "load", "--items", str(sim / "items.ndjson"),
+            "--users", str(sim / "users.ndjson"),
+        ],
+        env,
+    )  # fmt: skip
+    training = [
+        "item_catalog",
+        "user_profiles",
+        "interactions",
+        "item_features",
+        "user_features",
+        "retrieval_model",
+        "candidate_index",
+        "ranking_dataset",
+        "ranking_model",
+        "recommender_model",
+        "model_evaluation",
+        "registered_model",
+    ]
+    for step in training:
+        print(f"  {n_events:,} events: {step} ...", file=sys.stderr, flush=True)
+        report["steps"][step] = run_child([PYTHON, "-c", STEP_CODE, step], env)
+    retrieval = json.loads(report["steps"]["retrieval_model"]["last_line"])
+    ranker = json.loads(report["steps"]["ranking_model"]["last_line"])
+    evaluation = json.loads(report["steps"]["model_evaluation"]["last_line"])
+    report["als_fit_s"] = {k: v["seconds"] for k, v in retrieval["als"].items()}
+    report["lightgbm_fit_s"] = ranker["seconds"]
+    report["ranking_rows"] = ranker["rows"]
+    report["metrics"] = {
+        name: {k: v for k, v in (m or {}).items() if k.startswith(("ndcg", "recall", "cov"))}
+        for name, m in evaluation["metrics"].items()
+    }
+    report["retrain_s"] = round(sum(report["steps"][s]["wall_s"] for s in training), 1)
+    report["retrain_peak_rss_mib"] = max(report["steps"][s]["peak_rss_mib"] for s in training)
+    for step in report["steps"].values():
+        step.pop("last_line", None)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", default="1000000,10000000")
+    parser.add_argument("--threads", type=int, default=0, help="RECSYS_THREADS (0 = all)")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--keep", type=Path, default=None, help="keep work dirs under this path")
+    args = parser.parse_args()
+    results = {
+        "machine": {
+            "nproc": os.cpu_count(),
+            "python": platform.python_version(),
+            "date": datetime.now(UTC).isoformat(),
+            "note": "shared machine: other processes were running; wall times are upper bounds",
+        },
+        "runs": [],
+    }
+    for n in (int(x) for x in args.events.split(",")):
+        workdir = Path(tempfile.mkdtemp(prefix=f"recsys-train-{n}-", dir=args.keep))
+        try:
+            started = time.perf_counter()
+            run = bench_size(n, workdir, args.threads)
+            run["total_s"] = round(time.perf_counter() - started, 1)
+            results["runs"].append(run)
+            print(json.dumps(run, indent=2), flush=True)
+        finally:
+            if args.keep is None:
+                shutil.rmtree(workdir, ignore_errors=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
