@@ -168,12 +168,13 @@ def generate(
     taken: set[int] = set()
 
     def add(rows: list[int], src: int, refs: list[int] | None = None) -> None:
-        for i, row in enumerate(rows):
-            if len(items) >= pool:
-                return
-            items.append(row)
-            source.append(src)
-            ref.append(refs[i] if refs is not None else -1)
+        room = pool - len(items)
+        if room <= 0 or not rows:
+            return
+        rows = rows[:room]
+        items.extend(rows)
+        source.extend([src] * len(rows))
+        ref.extend(refs[: len(rows)] if refs is not None else [-1] * len(rows))
 
     if ctx.vector is not None and want["als"] > 0:
         retriever = retrieve or exact_retriever(state)
