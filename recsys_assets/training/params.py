@@ -77,7 +77,8 @@ class TrainingParams:
     ctr_prior_strength: float = 20.0
     # Candidates and ranking.
     candidate_pool: int = 200
-    ranking_max_users: int = 10_000
+    ranking_max_users: int = 10_000  # over all cut-offs
+    ranking_negatives: int = 80  # unlabelled candidates sampled per (cut-off, user)
     ranking_valid_share: float = 0.2
     lgb_num_leaves: int = 31
     lgb_learning_rate: float = 0.05

@@ -157,6 +157,17 @@ def build_ranking_dataset(
         label = np.asarray([user_grades.get(int(i), 0) for i in rows], dtype=np.int8)
         if not label.any():
             continue
+        # Keep positives and logged impressions; sample the other candidates. Pairs
+        # (positive, negative) are what lambdarank learns from, and a sample of the
+        # unlabelled candidates keeps their ordering signal at a fraction of the rows.
+        keep = label > 0
+        if extra:
+            keep |= np.isin(rows, np.asarray(extra, dtype=np.int64))
+        others = np.flatnonzero(~keep)
+        if others.size > params.ranking_negatives:
+            others = np.sort(rng.choice(others, size=params.ranking_negatives, replace=False))
+        chosen = np.sort(np.concatenate([np.flatnonzero(keep), others]))
+        rows, label = rows[chosen], label[chosen]
         feats.append(assemble_features(state, ctx, rows))
         labels.append(label)
         items_out.append(rows)
