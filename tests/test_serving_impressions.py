@@ -10,7 +10,6 @@ import pytest
 
 from recsys_serving.api.impressions import ImpressionLog, Shown, impression_events
 from recsys_serving.api.metrics import ServiceMetrics, parse_metrics
-from recsys_serving.events.intake import EventIntake
 from recsys_serving.events.schema import WeblogEvent, normalize
 from recsys_serving.lake import LocalLake
 from recsys_serving.settings import Settings
@@ -36,9 +35,8 @@ def test_impression_lines_obey_the_weblog_contract() -> None:
 
 def test_concurrent_requests_share_fsyncs_and_every_event_lands(tmp_path: Path) -> None:
     lake = LocalLake(tmp_path / "lake")
-    intake = EventIntake(lake, Settings(home=tmp_path))
     metrics = ServiceMetrics()
-    log = ImpressionLog(intake, metrics)
+    log = ImpressionLog(lake, Settings(home=tmp_path), metrics)
     open_dir = lake.root / "landing" / "_open"
 
     async def one(request: int) -> None:
@@ -52,7 +50,6 @@ def test_concurrent_requests_share_fsyncs_and_every_event_lands(tmp_path: Path) 
 
     asyncio.run(main())
     log.close()
-    intake.close()
     rows = ndjson_lines(lake, "landing/")
     assert len(rows) == 2000
     assert len({r["event_id"] for r in rows}) == 2000
@@ -70,29 +67,25 @@ def test_a_failed_write_is_counted_and_does_not_hang(tmp_path: Path) -> None:
         def append(self, by_date: dict[str, bytes]) -> None:
             raise OSError(28, "No space left on device")
 
-    intake = EventIntake(LocalLake(tmp_path / "lake"), Settings(home=tmp_path))
-    intake.landing = BrokenLanding()  # type: ignore[assignment]
     metrics = ServiceMetrics()
-    log = ImpressionLog(intake, metrics)
+    log = ImpressionLog(LocalLake(tmp_path / "lake"), Settings(home=tmp_path), metrics)
+    log.writer = BrokenLanding()  # type: ignore[assignment]
     started = time.monotonic()
     assert asyncio.run(log.log(_events(4, 1))) is False
     assert time.monotonic() - started < 5
-    log.close()
     samples = parse_metrics(metrics.render().decode())
     assert samples["recsys_events_rejected_total"] == [({"reason": "write_failed"}, 4.0)]
 
 
 def test_close_commits_what_is_queued(tmp_path: Path) -> None:
     lake = LocalLake(tmp_path / "lake")
-    intake = EventIntake(lake, Settings(home=tmp_path))
-    log = ImpressionLog(intake, ServiceMetrics())
+    log = ImpressionLog(lake, Settings(home=tmp_path), ServiceMetrics())
 
     async def main() -> None:
         await log.log(_events(5, 7))
 
     asyncio.run(main())
     log.close()
-    intake.close()
     assert len(ndjson_lines(lake, "landing/")) == 5
     with pytest.raises(RuntimeError, match="closed"):
         asyncio.run(log.log(_events(1, 8)))

@@ -119,7 +119,7 @@ def _build_service(
         index_opener=_index_opener(settings) if index_opener is _DEFAULT else index_opener,
     )
     app.state.manager = manager
-    app.state.impressions = ImpressionLog(app.state.intake, service_metrics)
+    app.state.impressions = ImpressionLog(app.state.lake, settings, service_metrics)
     app.state.recommending = Recommending(
         settings, manager, docstore, service_metrics, app.state.impressions
     )
@@ -167,8 +167,11 @@ def _index_opener(settings: Settings) -> Callable[[Any], Any] | None:
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    sealer = asyncio.create_task(_seal_periodically(app.state.intake, settings))
     manager: ModelManager | None = getattr(app.state, "manager", None)
+    writers: list[Any] = [app.state.intake]
+    if manager is not None:
+        writers.append(app.state.impressions)
+    sealer = asyncio.create_task(_seal_periodically(writers, settings))
     if manager is not None:
         manager.start()
     log.info("service.started", lake=app.state.lake.uri, collector_only=app.state.collector_only)
@@ -181,7 +184,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if manager is not None:
             await run_in_threadpool(manager.stop)
             app.state.recommending.close()
-            await run_in_threadpool(app.state.impressions.close)
+            app.state.impressions.close()
         app.state.intake.close()
         log.info("service.stopped")
 
@@ -208,15 +211,16 @@ def _document_event_contract(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-async def _seal_periodically(intake: EventIntake, settings: Settings) -> None:
+async def _seal_periodically(writers: list[Any], settings: Settings) -> None:
     """Seal idle segments so quiet traffic still reaches the weblogs sensor."""
     interval = max(0.5, min(5.0, settings.landing_segment_max_age_seconds / 2))
     while True:
         await asyncio.sleep(interval)
-        try:
-            await run_in_threadpool(intake.seal_expired)
-        except Exception as exc:  # keep sealing even if one attempt fails
-            log.error("collector.seal_failed", error=str(exc))
+        for writer in writers:
+            try:
+                await run_in_threadpool(writer.seal_expired)
+            except Exception as exc:  # keep sealing even if one attempt fails
+                log.error("collector.seal_failed", error=str(exc))
 
 
 def collector_app() -> FastAPI:

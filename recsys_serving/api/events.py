@@ -50,11 +50,11 @@ class IntakeResponse(BaseModel):
     errors_truncated: bool
 
 
-def get_intake(request: Request) -> EventIntake:
+async def get_intake(request: Request) -> EventIntake:
     return request.app.state.intake
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     return request.app.state.settings
 
 

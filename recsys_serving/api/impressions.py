@@ -3,14 +3,17 @@
 Every item a recommendation answer returns becomes one ``impression`` event (with
 ``request_id``, ``position`` and ``model_version``) so clicks can be joined back to
 what was shown and online CTR can be computed per model. The events go through the
-intake's durable landing writer, the same append + fsync path as ``POST /events``.
+landing zone's durable writer (:class:`~recsys_serving.landing.SegmentWriter`, the
+append + fsync path of ``POST /events``), with segments of their own so a large
+collector batch never holds up an answer.
 
-One fsync per request would cap a worker at a few thousand answers a second and add
-the disk's latency to every request. Instead a writer thread takes *everything*
-queued since its last write, appends it in one go and fsyncs once (on S3: one PUT),
-then releases all the requests of that group together. Under load groups grow by
-themselves, so the fsync cost per request falls as concurrency rises; a lone request
-pays one fsync (~0.2 ms here).
+One fsync per request would add the disk's latency to every answer and cap a worker
+at a few thousand answers a second. Instead requests form groups: impressions queue
+on the event loop, one writer thread appends a whole group and fsyncs once (on S3: one
+PUT) and then releases every request of that group; whatever queued meanwhile is the
+next group. Under load groups grow by themselves, so the fsync cost per request falls
+as concurrency rises, and a slow disk (fsync takes tens of milliseconds on a busy
+machine) delays only the answers waiting for it, never the event loop.
 
 Durability chosen: an answer leaves only after its impressions are on disk (or in
 S3), exactly as for ``POST /events``. If the write fails the answer is still served
@@ -27,9 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -37,16 +40,12 @@ from typing import Any
 import orjson
 
 from recsys_serving.api.metrics import ServiceMetrics
-from recsys_serving.events.intake import EventIntake
+from recsys_serving.lake import Lake
+from recsys_serving.landing import LANDING_AREA, SegmentWriter, default_writer_id
 from recsys_serving.logging import get_logger
+from recsys_serving.settings import Settings
 
 log = get_logger(__name__)
-
-
-@dataclass
-class _Group:
-    events: list[dict[str, Any]] = field(default_factory=list)
-    waiters: dict[asyncio.AbstractEventLoop, asyncio.Future[bool]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,17 +81,32 @@ def impression_events(
     ]
 
 
-class ImpressionLog:
-    """Queues impression events and commits them in groups from one writer thread."""
+@dataclass
+class _Group:
+    lines: dict[str, list[bytes]] = field(default_factory=dict)
+    versions: dict[str, int] = field(default_factory=dict)
+    events: int = 0
+    waiters: list[asyncio.Future[bool]] = field(default_factory=list)
 
-    def __init__(self, intake: EventIntake, metrics: ServiceMetrics) -> None:
-        self.intake = intake
+
+class ImpressionLog:
+    """Queues impression events on the event loop; one writer thread commits groups."""
+
+    def __init__(self, lake: Lake, settings: Settings, metrics: ServiceMetrics) -> None:
         self.metrics = metrics
-        self._cond = threading.Condition()
-        self._pending: _Group | None = None
+        self.writer = SegmentWriter(
+            lake,
+            LANDING_AREA,
+            writer_id=f"{default_writer_id()}-impressions",
+            max_bytes=settings.landing_segment_max_bytes,
+            max_age_seconds=settings.landing_segment_max_age_seconds,
+        )
+        self._executor = ThreadPoolExecutor(1, "impressions")
+        # Per event loop (one per worker; tests may run several): the group being
+        # filled, and whether a commit is in flight.
+        self._groups: dict[asyncio.AbstractEventLoop, _Group] = {}
+        self._inflight: set[asyncio.AbstractEventLoop] = set()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="impression-log", daemon=True)
-        self._thread.start()
         self.groups = 0
         self.events = 0
 
@@ -100,64 +114,71 @@ class ImpressionLog:
         """Wait until ``events`` are durable; False if the write failed (already logged)."""
         if not events:
             return True
+        if self._closed:
+            raise RuntimeError("impression log is closed")
         loop = asyncio.get_running_loop()
-        with self._cond:
-            if self._closed:
-                raise RuntimeError("impression log is closed")
-            group = self._pending
-            if group is None:
-                group = self._pending = _Group()
-                self._cond.notify()
-            group.events.extend(events)
-            waiter = group.waiters.get(loop)
-            if waiter is None:
-                waiter = group.waiters[loop] = loop.create_future()
-        # shield: a client that disconnects must not cancel the group's shared future.
-        return await asyncio.shield(waiter)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while self._pending is None and not self._closed:
-                    self._cond.wait()
-                group, self._pending = self._pending, None
-                if group is None:
-                    return
-            ok = self._commit(group.events)
-            for loop, waiter in group.waiters.items():
-                # A closed loop (shutdown) has nobody waiting any more.
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(_settle, waiter, ok)
-
-    def _commit(self, events: list[dict[str, Any]]) -> bool:
-        by_date: dict[str, list[bytes]] = {}
+        group = self._groups.get(loop)
+        if group is None:
+            group = self._groups[loop] = _Group()
+            # After the callbacks ready now: requests finishing in this turn join.
+            loop.call_soon(self._flush, loop)
         for event in events:
             day = datetime.fromtimestamp(event["ts"], UTC).strftime("%Y-%m-%d")
-            by_date.setdefault(day, []).append(orjson.dumps(event) + b"\n")
+            group.lines.setdefault(day, []).append(orjson.dumps(event) + b"\n")
+            version = event["model_version"]
+            group.versions[version] = group.versions.get(version, 0) + 1
+        group.events += len(events)
+        waiter = loop.create_future()
+        group.waiters.append(waiter)
+        # shield: a client that disconnects must not cancel the commit of its group.
+        return await asyncio.shield(waiter)
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        if loop in self._inflight or self._closed:
+            return  # the commit in flight (or close()) flushes this group
+        group = self._groups.pop(loop, None)
+        if group is None:
+            return
+        self._inflight.add(loop)
+        future = loop.run_in_executor(self._executor, self._commit, group)
+
+        def done(f: asyncio.Future[bool]) -> None:
+            self._inflight.discard(loop)
+            _settle(group.waiters, not f.cancelled() and f.exception() is None and f.result())
+            self._flush(loop)
+
+        future.add_done_callback(done)
+
+    def _commit(self, group: _Group) -> bool:
         try:
-            self.intake.landing.append({d: b"".join(lines) for d, lines in by_date.items()})
+            self.writer.append({d: b"".join(lines) for d, lines in group.lines.items()})
         except Exception as exc:
-            log.error("impressions.write_failed", events=len(events), error=repr(exc))
-            self.metrics.events_landed("impressions", 0, {"write_failed": len(events)})
+            log.error("impressions.write_failed", events=group.events, error=repr(exc))
+            self.metrics.events_landed("impressions", 0, {"write_failed": group.events})
             return False
         self.groups += 1
-        self.events += len(events)
-        self.metrics.events_landed("impressions", len(events), {})
-        per_version: dict[str, int] = {}
-        for event in events:
-            per_version[event["model_version"]] = per_version.get(event["model_version"], 0) + 1
-        for version, n in per_version.items():
+        self.events += group.events
+        self.metrics.events_landed("impressions", group.events, {})
+        for version, n in group.versions.items():
             self.metrics.impressions.labels(version).inc(n)
         return True
 
+    def seal_expired(self) -> None:
+        self.writer.seal_expired()
+
     def close(self) -> None:
-        """Commit what is queued, then stop the writer."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._thread.join(timeout=30)
+        """Commit what is queued, seal the open segments, stop."""
+        self._closed = True
+        self._executor.shutdown(wait=True)
+        for loop in list(self._groups):
+            group = self._groups.pop(loop)
+            ok = self._commit(group)
+            with contextlib.suppress(RuntimeError):  # a closed loop has nobody waiting
+                loop.call_soon_threadsafe(_settle, group.waiters, ok)
+        self.writer.close()
 
 
-def _settle(waiter: asyncio.Future[bool], ok: bool) -> None:
-    if not waiter.done():
-        waiter.set_result(ok)
+def _settle(waiters: list[asyncio.Future[bool]], ok: bool) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(ok)

@@ -51,7 +51,7 @@ class SimilarItems(BaseModel):
     served_by: ServedBy
 
 
-def get_recommending(request: Request) -> Recommending:
+async def get_recommending(request: Request) -> Recommending:
     return request.app.state.recommending
 
 

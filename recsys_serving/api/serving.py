@@ -4,11 +4,15 @@ Kept apart from the HTTP layer so the rules are plain, testable code:
 
 * the :class:`~recsys_serving.api.model_manager.ServingState` is read once, so the
   whole request runs on the models it found (hot swap safety);
-* the document store gets ``store_timeout_ms``; it runs on a small dedicated thread
-  pool (a bulkhead), so a hung store cannot take the threads ranking needs, and a
-  saturated pool times out at once instead of queueing;
-* the index enforces the same budget itself and raises ``CandidateIndexError`` /
-  ``CandidateIndexTimeout``;
+* with the embedded stores (in-process document store, the bundle's own index) the
+  request is computed on the event loop: it is a millisecond of CPU that no thread
+  could overlap (the GIL), and every hand-off to a thread costs more than that under
+  load (a waiting thread gets the GIL only every 5 ms switch interval);
+* with a remote document store or Elasticsearch the work goes to threads: the store
+  call gets ``store_timeout_ms`` on a small dedicated pool (a bulkhead: a hung store
+  cannot take the threads ranking needs, and a saturated pool times out at once
+  instead of queueing); the index enforces the same budget itself and raises
+  ``CandidateIndexError`` / ``CandidateIndexTimeout``;
 * any of those failing gives the bundle's ``popular()`` list (no external call),
   ``served_by: fallback``, and ``recsys_fallback_total{reason}``; never a 500.
 """
@@ -21,6 +25,7 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
@@ -82,10 +87,21 @@ class Recommending:
             headers={"Retry-After": "5"},
         )
 
+    def _in_process(self, loaded: LoadedModel) -> bool:
+        return loaded.index is None and (
+            self.docstore is None or getattr(self.docstore, "embedded", False) is True
+        )
+
     async def user_doc(self, user_id: str) -> tuple[dict[str, Any] | None, str | None]:
         """The user's document, or the fallback reason why it is unavailable."""
         if self.docstore is None:
             return None, None
+        if getattr(self.docstore, "embedded", False) is True:
+            try:
+                return self.docstore.get_user(user_id), None
+            except Exception as exc:  # a corrupt embedded store file, say
+                log.warning("serving.store_unavailable", reason="store_error", error=str(exc))
+                return None, "store_error"
         loop = asyncio.get_running_loop()
         try:
             future = loop.run_in_executor(self._store_pool, self.docstore.get_user, user_id)
@@ -113,16 +129,17 @@ class Recommending:
         doc, reason = await self.user_doc(user_id)
         items: list[Any] = []
         if reason is None:
+            call = partial(
+                loaded.model.recommend,
+                user_id,
+                k,
+                categories=cats,
+                exclude=exclude,
+                user_doc=doc,
+                index=loaded.index,
+            )
             try:
-                items = await run_in_threadpool(
-                    loaded.model.recommend,
-                    user_id,
-                    k,
-                    categories=cats,
-                    exclude=exclude,
-                    user_doc=doc,
-                    index=loaded.index,
-                )
+                items = call() if self._in_process(loaded) else await run_in_threadpool(call)
             except Exception as exc:
                 reason = _failure_reason(exc)
         if reason is not None:
@@ -150,10 +167,9 @@ class Recommending:
         served_by = "champion"
         reason = None
         items: list[Any] = []
+        call = partial(loaded.model.similar, item_id, k, exclude=exclude, index=loaded.index)
         try:
-            items = await run_in_threadpool(
-                loaded.model.similar, item_id, k, exclude=exclude, index=loaded.index
-            )
+            items = call() if self._in_process(loaded) else await run_in_threadpool(call)
         except KeyError as exc:
             raise ApiError(
                 404, "unknown_item", f"item {item_id!r} is not in model {loaded.version}"
