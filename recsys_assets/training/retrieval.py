@@ -16,7 +16,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
-import polars as pl
 import scipy.sparse as sp
 
 from recsys_assets.training.artifacts import pack_meta, pack_ragged, unpack_meta, unpack_ragged
@@ -308,18 +307,31 @@ def covisitation(enc: Encoded, n_items: int, as_of: float, params: TrainingParam
         wts += [w, (w * params.covis_backward_weight).astype(np.float32)]
     if not src:
         return Ragged.empty(n_items)
-    pairs = pl.DataFrame(
-        {"a": np.concatenate(src), "b": np.concatenate(dst), "w": np.concatenate(wts)}
-    )
-    top = (
-        pairs.group_by("a", "b")
-        .agg(pl.col("w").sum())
-        .sort(["a", "w", "b"], descending=[False, True, False])
-        .filter(pl.int_range(pl.len()).over("a") < params.covis_top)
-    )
+    a, b, w = np.concatenate(src), np.concatenate(dst), np.concatenate(wts)
+    keys, sums = sum_by_key(a * np.int64(n_items) + b, w)
+    a, b = keys // n_items, keys % n_items
+    order = np.lexsort((b, -sums, a))
+    a, b, sums = a[order], b[order], sums[order]
+    rank = np.arange(a.size) - np.searchsorted(a, a, side="left")
+    top = rank < params.covis_top
     return Ragged.from_sorted_pairs(
-        n_items,
-        top["a"].to_numpy().astype(np.int64),
-        top["b"].to_numpy().astype(np.int64),
-        top["w"].to_numpy().astype(np.float32),
+        n_items, a[top].astype(np.int64), b[top].astype(np.int64), sums[top].astype(np.float32)
     )
+
+
+def sum_by_key(
+    keys: npt.NDArray[np.int64], values: npt.NDArray[np.floating[Any]]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """Sum ``values`` per distinct key, in a fixed order (sorted keys, stable within a key).
+
+    Parallel group-by sums add floats in whatever order threads finish, so ties in
+    the results (and everything ranked from them) would change between runs; a seed
+    must give the same model every time.
+    """
+    if keys.size == 0:
+        return keys.astype(np.int64), np.empty(0, dtype=np.float64)
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    starts = np.flatnonzero(np.concatenate([[True], sorted_keys[1:] != sorted_keys[:-1]]))
+    sums = np.add.reduceat(values[order].astype(np.float64), starts)
+    return sorted_keys[starts].astype(np.int64), sums

@@ -22,7 +22,12 @@ import polars as pl
 from recsys_assets.training.artifacts import pack_meta, pack_ragged, unpack_meta, unpack_ragged
 from recsys_assets.training.data import DAY, Encoded, Vocabulary
 from recsys_assets.training.params import TrainingParams
-from recsys_assets.training.retrieval import RetrievalSnapshot, decay_weights, retrieval_snapshot
+from recsys_assets.training.retrieval import (
+    RetrievalSnapshot,
+    decay_weights,
+    retrieval_snapshot,
+    sum_by_key,
+)
 from recsys_serving.model.candidates import CATEGORY_FANOUT, DEFAULT_QUOTAS
 from recsys_serving.model.features import ITEM_COLUMNS, USER_COLUMNS
 from recsys_serving.model.state import ModelState, Ragged
@@ -194,25 +199,16 @@ def affinities(
             return Ragged.empty(n_users)
         starts = np.repeat(cat_indptr[i], reps)
         offsets = np.arange(int(reps.sum())) - np.repeat(np.cumsum(reps) - reps, reps)
-        frame = pl.DataFrame(
-            {
-                "u": np.repeat(u, reps),
-                "c": cat_flat[starts + offsets],
-                # An item's weight is split over its categories.
-                "w": np.repeat(ww / np.maximum(reps, 1), reps),
-            }
-        )
-        agg = (
-            frame.group_by("u", "c")
-            .agg(pl.col("w").sum())
-            .with_columns((pl.col("w") / pl.col("w").sum().over("u")).alias("w"))
-            .sort("u", "c")
-        )
+        n_cat = int(vocab.categories.size)
+        cats = cat_flat[starts + offsets]
+        # An item's weight is split over its categories.
+        split = np.repeat(ww / np.maximum(reps, 1), reps)
+        keys, sums = sum_by_key(np.repeat(u, reps) * np.int64(n_cat) + cats, split)
+        users, cat = keys // n_cat, keys % n_cat
+        totals = np.bincount(users, weights=sums, minlength=n_users)
+        shares = sums / np.maximum(totals[users], 1e-12)
         return Ragged.from_sorted_pairs(
-            n_users,
-            agg["u"].to_numpy().astype(np.int64),
-            agg["c"].to_numpy().astype(np.int64),
-            agg["w"].to_numpy().astype(np.float32),
+            n_users, users.astype(np.int64), cat.astype(np.int64), shares.astype(np.float32)
         )
 
     return shares(np.ones(user.size, dtype=bool)), shares(recent)
