@@ -59,7 +59,13 @@ from recsys_assets.training.snapshot import (
 from recsys_serving.index.base import IndexArtifact, IndexPublisher
 from recsys_serving.lake import Lake
 from recsys_serving.logging import get_logger
-from recsys_serving.model.bundle import MANIFEST, BundleWriter, new_version, verify_bundle
+from recsys_serving.model.bundle import (
+    MANIFEST,
+    BundleError,
+    BundleWriter,
+    new_version,
+    verify_bundle,
+)
 from recsys_serving.model.features import FEATURE_NAMES, ITEM_COLUMNS, USER_COLUMNS
 from recsys_serving.model.recommender import (
     INDEX_DIR,
@@ -447,13 +453,31 @@ def run_model_evaluation(
     production = registry.alias(PRODUCTION)
     production_metrics: dict[str, float] | None = None
     production_version = production.version if production is not None else None
+    unusable: str | None = None
     if production_version is not None and production_version != manifest["version"]:
-        path = registry.fetch(production_version, cache_dir)
-        production_model = Recommender.load(path)
-        production_metrics = evaluate(model_lists(production_model), holdout, params)
+        try:
+            production_model = Recommender.load(registry.fetch(production_version, cache_dir))
+        except BundleError as exc:
+            # Trained by an older recsys (other features) or damaged: it cannot be
+            # scored here, and a model that cannot be loaded is no bar to clear.
+            unusable = str(exc)
+            log.warning(
+                "evaluation.production_unusable", version=production_version, error=unusable
+            )
+        else:
+            production_metrics = evaluate(model_lists(production_model), holdout, params)
     decision = decide_promotion(challenger_metrics, production_metrics, rule)
+    reason = decision.reason
     if production_version is None:
         verdict = "first_model"
+    elif unusable is not None:
+        verdict = "promote" if decision.promote else "reject"
+        reason = f"production {production_version} cannot be evaluated ({unusable}); " + (
+            f"the challenger replaces it on its own {rule.metric}="
+            f"{challenger_metrics.get(rule.metric)}"
+            if decision.promote
+            else reason
+        )
     else:
         verdict = "promote" if decision.promote else "reject"
     results = {"challenger": challenger_metrics, "popularity": popularity}
@@ -463,7 +487,7 @@ def run_model_evaluation(
         "challenger_version": manifest["version"],
         "production_version": production_version,
         "decision": verdict,
-        "decision_reason": decision.reason,
+        "decision_reason": reason,
         "evidence": decision.evidence,
         "metrics": {
             "challenger": challenger_metrics,

@@ -79,7 +79,9 @@ class Recommender:
         self.version: str = str(self.manifest.get("version", "unversioned"))
         self.pool = int(state.params.get("candidate_pool", cand.DEFAULT_POOL))
         self._retrieve = cand.exact_retriever(state)
-        padded_categories(state)  # built once here, not on the first request
+        # Lookups built once here, not by the first requests (possibly concurrently).
+        padded_categories(state)
+        _ = state.item_index, state.user_index, state.category_index
         primary = padded_categories(state)[:, 0]
         self._primary = np.where(primary < state.n_categories, primary, -1)
 
