@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from model_support import TinyWorld, tiny_world, train_tiny
+from model_support import TinyWorld, build_tiny_world, tiny_params, tiny_world, train_tiny
 
+from recsys_assets.training import steps
 from recsys_assets.training.data import (
     DAY,
     TrainingDataError,
@@ -147,3 +148,20 @@ def test_same_inputs_and_seed_give_the_same_metrics(tiny_world: TinyWorld, tmp_p
         first.manifest["components"]["ranker"]["best_iteration"]
         == second.manifest["components"]["ranker"]["best_iteration"]
     )
+
+
+def test_a_training_window_reads_only_the_partitions_it_needs(tmp_path: Path) -> None:
+    world = build_tiny_world(tmp_path / "world")
+    assert world.days == ["2024-05-28", "2024-05-29", "2024-05-30", "2024-05-31"]
+    params = tiny_params(
+        0,
+        world.settings,
+        train_window_days=1.5,
+        holdout_days=0.25,
+        label_days=0.25,
+        rank_cutoffs=1,
+    )
+    result = steps.run_interactions(world.lake, params)
+    assert result["data"]["partitions"] == ["2024-05-29", "2024-05-30", "2024-05-31"]
+    bounds = result["bounds"]
+    assert bounds["end"] - bounds["start"] <= 1.5 * DAY + 1.0

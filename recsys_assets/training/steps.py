@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from recsys_assets.training.data import (
     encode,
     read_catalog,
     read_weblogs,
+    weblog_partitions,
 )
 from recsys_assets.training.evaluation import (
     build_holdout,
@@ -157,7 +160,14 @@ def non_finite(table: np.ndarray, columns: tuple[str, ...]) -> dict[str, int]:
 # ------------------------------------------------------------------------- steps
 def run_interactions(lake: Lake, params: TrainingParams) -> dict[str, Any]:
     """Weblogs + catalogue -> weighted interactions, window and vocabulary."""
-    weblogs = read_weblogs(lake)
+    first_day = None
+    days = weblog_partitions(lake)
+    if params.train_window_days is not None and days:
+        # Only partitions that can hold events of the window are read: it ends at the
+        # last event (on the last day) and starts train_window_days before it.
+        last = date.fromisoformat(days[-1])
+        first_day = (last - timedelta(days=math.ceil(params.train_window_days))).isoformat()
+    weblogs = read_weblogs(lake, first_day=first_day)
     interactions = build_interactions(weblogs, params)
     items, users = read_catalog(lake)
     vocab = build_vocabulary(interactions, items)
