@@ -1,11 +1,13 @@
 -- wrk script for bench/serve.py: GET /recommendations/<user> over many user ids.
 --   wrk -s bench/serve.lua <url> -- <key> <users-file> [k] [path-prefix]
 -- Users are read from a file (one id per line) and picked at random per request;
+-- with "-" as the users file every request is GET <path-prefix> as is (e.g. /healthz).
 -- done() prints one JSON line (prefixed "WRK_JSON ") with the latency percentiles.
 local users = {}
 local key = ""
 local k = "10"
 local prefix = "/recommendations/"
+local static = false
 
 local function url_escape(s)
   return (s:gsub("[^%w%-%._~]", function(c) return string.format("%%%02X", string.byte(c)) end))
@@ -16,7 +18,9 @@ function init(args)
   local path = args[2]
   k = args[3] or k
   prefix = args[4] or prefix
-  if path then
+  if path == "-" then
+    static = true
+  elseif path then
     for line in io.lines(path) do
       if #line > 0 then users[#users + 1] = url_escape(line) end
     end
@@ -26,9 +30,10 @@ function init(args)
 end
 
 function request()
-  local user = users[math.random(#users)]
   local headers = {}
   if key ~= "" then headers["X-API-Key"] = key end
+  if static then return wrk.format("GET", prefix, headers) end
+  local user = users[math.random(#users)]
   return wrk.format("GET", prefix .. user .. "?k=" .. k, headers)
 end
 

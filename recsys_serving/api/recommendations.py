@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import orjson
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field, StringConstraints
 
-from recsys_serving.api.auth import Principal, require
+from recsys_serving.api.auth import SECURITY, authorize
 from recsys_serving.api.errors import ErrorBody
 from recsys_serving.api.serving import Answer, Recommending
 
@@ -49,10 +49,6 @@ class SimilarItems(BaseModel):
     model_version: str
     request_id: str
     served_by: ServedBy
-
-
-async def get_recommending(request: Request) -> Recommending:
-    return request.app.state.recommending
 
 
 def _items(answer: Answer) -> list[dict[str, object]]:
@@ -100,17 +96,19 @@ ERRORS: dict[int | str, dict[str, object]] = {
         "`model_version`) before the answer leaves."
     ),
     responses=ERRORS,
+    openapi_extra=SECURITY,
 )
 async def get_recommendations(
+    request: Request,
     user_id: Annotated[
         str, Path(min_length=1, max_length=MAX_ID, pattern=ID_PATTERN, description="User id.")
     ],
-    service: Annotated[Recommending, Depends(get_recommending)],
-    _: Annotated[Principal, Depends(require("recommend"))],
     k: K = 10,
     category: Category = None,
     exclude: Exclude = None,
 ) -> Response:
+    authorize(request, "recommend")
+    service: Recommending = request.app.state.recommending
     answer = await service.recommend(user_id, k, category or None, frozenset(exclude or ()))
     return _respond(
         {
@@ -130,16 +128,18 @@ async def get_recommendations(
     summary="Items similar to an item",
     description="Item-to-item neighbours from the production model's index.",
     responses={**ERRORS, 404: {"model": ErrorBody, "description": "Unknown item."}},
+    openapi_extra=SECURITY,
 )
 async def get_similar(
+    request: Request,
     item_id: Annotated[
         str, Path(min_length=1, max_length=MAX_ID, pattern=ID_PATTERN, description="Item id.")
     ],
-    service: Annotated[Recommending, Depends(get_recommending)],
-    _: Annotated[Principal, Depends(require("recommend"))],
     k: K = 10,
     exclude: Exclude = None,
 ) -> Response:
+    authorize(request, "recommend")
+    service: Recommending = request.app.state.recommending
     answer = await service.similar(item_id, k, frozenset(exclude or ()))
     return _respond(
         {

@@ -1,0 +1,351 @@
+"""Serving throughput and latency: ``recsys serve`` driven by wrk over loopback.
+
+Builds a demo-sized model the way a user would (``recsys simulate``, ``recsys catalog
+load``, ``recsys ingest``, ``recsys retrain`` twice for two versions), starts
+``recsys serve --workers N`` and drives it from wrk (a second process; Lua script
+``bench/serve.lua`` picks a random user per request from the simulated users plus
+some unknown ones) for a fixed time per scenario:
+
+1. ``GET /healthz``: the ceiling of the HTTP stack on this machine;
+2. ``GET /recommendations/{user}?k=10``: embedded document store and index, impression
+   logging included (every answer's impressions are fsynced before it leaves);
+3. the same while the production model is swapped twice (promote v2 at 1/3 of the run,
+   back to v1 at 2/3): both workers must report each version in ``/metrics``.
+
+It prints throughput and p50/p95/p99 per scenario, fails if any request errored or
+got a non-2xx, and writes the figures as JSON.
+
+Usage::
+
+    .venv/bin/python bench/serve.py                          # 20 s per scenario
+    .venv/bin/python bench/serve.py --duration 10 --connections 16
+    .venv/bin/python bench/serve.py --out bench/results/serve.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+RECSYS = str(Path(PYTHON).parent / "recsys")
+LUA = ROOT / "bench" / "serve.lua"
+
+
+def say(message: str) -> None:
+    print(f"[bench/serve] {message}", file=sys.stderr, flush=True)
+
+
+def run(cmd: list[str], env: dict[str, str], what: str) -> str:
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    say(f"{what}: {time.perf_counter() - started:.1f}s")
+    return proc.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def build_models(home: Path, env: dict[str, str], args: argparse.Namespace) -> list[str]:
+    """Two versions of a demo-sized model, the first one in production."""
+    sim = home.parent / "sim"
+    run(
+        [
+            RECSYS,
+            "simulate",
+            "--out",
+            str(sim),
+            "--users",
+            str(args.users),
+            "--items",
+            str(args.items),
+            "--events",
+            str(args.events),
+            "--days",
+            str(args.days),
+            "--seed",
+            "42",
+        ],
+        env,
+        f"simulate {args.events:,} events",
+    )
+    run(
+        [
+            RECSYS,
+            "catalog",
+            "load",
+            "--items",
+            str(sim / "items.ndjson"),
+            "--users",
+            str(sim / "users.ndjson"),
+        ],
+        env,
+        "catalog load",
+    )
+    weblogs = sorted(
+        p for p in sim.glob("*.ndjson*") if p.name not in {"items.ndjson", "users.ndjson"}
+    )
+    run([RECSYS, "ingest", *map(str, weblogs)], env, "ingest + process")
+    run([RECSYS, "retrain"], env, "retrain (v1)")
+    run([RECSYS, "retrain"], {**env, "RECSYS_SEED": "7"}, "retrain (v2)")
+    from recsys_serving.lake import LocalLake
+    from recsys_serving.registry import ModelRegistry
+
+    registry = ModelRegistry(LocalLake(home / "lake"))
+    versions = registry.version_ids()
+    production = registry.alias("production")
+    assert production is not None and len(versions) >= 2, versions
+    v1 = production.version
+    v2 = next(v for v in reversed(versions) if v != v1)
+    if registry.alias("candidate") is not None:
+        registry.clear_alias("candidate", reason="bench: v2 is swapped in by hand")
+    return [v1, v2]
+
+
+def user_ids(home: Path, path: Path, n_unknown: int = 100) -> int:
+    import orjson
+
+    ids = [
+        orjson.loads(line)["user_id"]
+        for line in (home.parent / "sim" / "users.ndjson").read_bytes().splitlines()
+        if line.strip()
+    ]
+    ids += [f"bench-new-user-{i}" for i in range(n_unknown)]
+    path.write_text("\n".join(ids) + "\n")
+    return len(ids)
+
+
+class Server:
+    def __init__(self, env: dict[str, str], workers: int, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [RECSYS, "serve", "--port", str(self.port), "--workers", str(workers)],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def models(self) -> dict[str, set[str]]:
+        from recsys_serving.api.metrics import parse_metrics
+
+        text = httpx.get(f"{self.url}/metrics", timeout=5).text
+        found: dict[str, set[str]] = {}
+        for labels, value in parse_metrics(text).get("recsys_model_info", []):
+            if value == 1 and labels["alias"] == "production":
+                found.setdefault(labels["worker"], set()).add(labels["version"])
+        return found
+
+    def wait_serving(self, version: str, workers: int, timeout: float = 120) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"recsys serve exited with {self.proc.returncode}")
+            try:
+                models = self.models()
+                if len(models) == workers and all(v == {version} for v in models.values()):
+                    return time.monotonic() - started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise SystemExit(f"workers not all on {version} after {timeout:.0f}s")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def wrk(url: str, duration: float, connections: int, script_args: list[str] | None) -> dict:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency"]
+    if script_args is not None:
+        cmd += ["-s", str(LUA), url, "--", *script_args]
+    else:
+        cmd += ["-s", str(LUA), url, "--", "", "-", "10", "/healthz"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    line = next(x for x in out.splitlines() if x.startswith("WRK_JSON "))
+    result = json.loads(line.removeprefix("WRK_JSON "))
+    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+    result["errors"] = sum(
+        result[k]
+        for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")
+    )
+    return result
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=20.0, help="Seconds per scenario.")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--users", type=int, default=2000)
+    parser.add_argument("--items", type=int, default=1000)
+    parser.add_argument("--events", type=int, default=300_000)
+    parser.add_argument("--days", type=float, default=14)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json")
+    parser.add_argument("--keep", action="store_true", help="Keep the working directory.")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed (apt-get install wrk)")
+
+    work = Path(tempfile.mkdtemp(prefix="recsys-bench-serve-"))
+    home = work / "home"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")},
+        "RECSYS_HOME": str(home),
+        "RECSYS_LOG_LEVEL": "WARNING",
+        "OPENBLAS_NUM_THREADS": "1",
+        "GX_ANALYTICS_ENABLED": "false",
+    }
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    os.environ["RECSYS_HOME"] = str(home)
+    results: dict[str, Any] = {
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+    server: Server | None = None
+    try:
+        v1, v2 = build_models(home, env, args)
+        users_file = work / "users.txt"
+        n_users = user_ids(home, users_file)
+        key = run(
+            [
+                RECSYS,
+                "keys",
+                "create",
+                "--scopes",
+                "recommend",
+                "--rps",
+                "1000000",
+                "--burst",
+                "1000000",
+                "--name",
+                "bench",
+            ],
+            env,
+            "bench key",
+        ).strip()
+        server = Server(env, args.workers, work / "serve.log")
+        ready = server.wait_serving(v1, args.workers)
+        say(f"recsys serve --workers {args.workers} on {server.url}: both on {v1} in {ready:.1f}s")
+        rec_args = [key, str(users_file), "10"]
+        # Warm up (first requests touch lazily built structures), not measured.
+        wrk(server.url, 3, args.connections, rec_args)
+
+        say(f"healthz: {args.duration:g}s, {args.connections} connections")
+        results["healthz"] = wrk(server.url, args.duration, args.connections, None)
+        say(f"recommendations: {args.duration:g}s over {n_users:,} user ids")
+        results["recommendations"] = wrk(server.url, args.duration, args.connections, rec_args)
+
+        swaps: list[dict[str, Any]] = []
+
+        def swapper() -> None:
+            from recsys_serving.lake import LocalLake
+            from recsys_serving.registry import ModelRegistry
+
+            registry = ModelRegistry(LocalLake(home / "lake"))
+            for at, version in ((args.duration / 3, v2), (2 * args.duration / 3, v1)):
+                time.sleep(max(0.0, at - (time.monotonic() - swap_started)))
+                registry.promote(version, reason="bench: hot swap under load")
+                took = server.wait_serving(version, args.workers, timeout=args.duration)
+                swaps.append({"version": version, "at_s": round(at, 1), "converged_s": took})
+
+        say(f"recommendations during hot swaps: {args.duration:g}s ({v1} -> {v2} -> {v1})")
+        swap_started = time.monotonic()
+        thread = threading.Thread(target=swapper, daemon=True)
+        thread.start()
+        results["recommendations_hot_swap"] = wrk(
+            server.url, args.duration, args.connections, rec_args
+        )
+        thread.join(timeout=args.duration)
+        results["recommendations_hot_swap"]["swaps"] = swaps
+        results["versions"] = [v1, v2]
+    finally:
+        if server is not None:
+            server.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            say(f"kept {work}")
+
+    report(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    say(f"wrote {args.out}")
+    failed = [
+        name
+        for name in ("healthz", "recommendations", "recommendations_hot_swap")
+        if results[name]["errors"]
+    ]
+    if len(results["recommendations_hot_swap"]["swaps"]) != 2:
+        failed.append("hot swap did not converge twice")
+    if failed:
+        raise SystemExit(f"errors in: {', '.join(failed)}")
+
+
+def report(results: dict[str, Any]) -> None:
+    m = results["machine"]
+    print(
+        f"\nmachine: {m['cpus']} CPUs ({m['cpu']}), Python {m['python']}, "
+        f"load average at start {m['loadavg_at_start'][0]:.2f}"
+    )
+    print(f"{'scenario':34} {'req/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    for name in ("healthz", "recommendations", "recommendations_hot_swap"):
+        r = results[name]
+        print(
+            f"{name:34} {r['rps']:9,.0f} {r['p50_us'] / 1e3:8.2f} {r['p95_us'] / 1e3:8.2f} "
+            f"{r['p99_us'] / 1e3:8.2f} {r['errors']:7d}"
+        )
+    ceiling = results["healthz"]["rps"]
+    rec = results["recommendations"]
+    print(
+        f"/recommendations at {rec['rps'] / ceiling:.0%} of the /healthz ceiling; "
+        f"p99 {rec['p99_us'] / 1e3:.1f} ms; swaps: {results['recommendations_hot_swap']['swaps']}"
+    )
+
+
+if __name__ == "__main__":
+    main()
