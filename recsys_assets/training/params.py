@@ -79,6 +79,7 @@ class TrainingParams:
     candidate_pool: int = 200
     ranking_max_users: int = 10_000  # over all cut-offs
     ranking_negatives: int = 80  # unlabelled candidates sampled per (cut-off, user)
+    ranking_impressions: bool = True  # logged impressions become rows (shown, not clicked: 0)
     ranking_valid_share: float = 0.2
     lgb_num_leaves: int = 31
     lgb_learning_rate: float = 0.05

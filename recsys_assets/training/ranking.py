@@ -151,7 +151,11 @@ def build_ranking_dataset(
         rows = pool.items
         positives_total += len(user_grades)
         positives_found += int(np.isin(np.fromiter(user_grades, np.int64), rows).sum())
-        extra = [i for i in sorted(shown.get(u, ())) if allowed[i]]
+        extra = (
+            [i for i in sorted(shown.get(u, ())) if allowed[i]]
+            if params.ranking_impressions
+            else []
+        )
         if extra:
             rows = np.unique(np.concatenate([rows, np.asarray(extra, dtype=np.int64)]))
         label = np.asarray([user_grades.get(int(i), 0) for i in rows], dtype=np.int8)
