@@ -82,6 +82,7 @@ def test_a_real_drop_launches_one_retraining_with_its_evidence(
     tags = request.tags
     assert request.run_key.startswith(f"ctr-drop-{world.v1}-")
     assert tags["recsys/pipeline"] == "retrain" and tags["recsys/trigger"] == "ctr_drop"
+    assert request.run_config == {"execution": {"config": {"in_process": {}}}}
     assert tags["recsys/drop/model_version"] == world.v1
     assert float(tags["recsys/drop/p_value"]) < 0.01
     assert float(tags["recsys/drop/recent_ctr"]) < float(tags["recsys/drop/baseline_ctr"])

@@ -202,6 +202,7 @@ def test_nightly_schedule_and_failed_retraining_alert(
         assert request.run_key == "nightly-20260303T0300"
         assert request.tags["recsys/pipeline"] == "retrain"
         assert request.tags["recsys/trigger"] == "nightly"
+        assert request.run_config == {"execution": {"config": {"in_process": {}}}}
 
         result = failing_retrain.execute_in_process(instance=instance, raise_on_error=False)
         assert not result.success

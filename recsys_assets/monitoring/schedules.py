@@ -12,6 +12,7 @@ import dagster as dg
 
 from recsys_assets.monitoring.assets import online_ctr
 from recsys_assets.monitoring.sensors import (
+    IN_PROCESS_RUN_CONFIG,
     PIPELINE_TAG,
     RETRAIN_JOB,
     RETRAIN_PIPELINE,
@@ -48,6 +49,7 @@ def build_nightly_retrain_schedule(cron: str, enabled: bool) -> dg.ScheduleDefin
         return dg.RunRequest(
             run_key=f"nightly-{scheduled:%Y%m%dT%H%M}",
             tags={PIPELINE_TAG: RETRAIN_PIPELINE, TRIGGER_TAG: "nightly"},
+            run_config=IN_PROCESS_RUN_CONFIG,
         )
 
     return nightly_retrain_schedule

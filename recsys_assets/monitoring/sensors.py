@@ -50,6 +50,9 @@ RETRAIN_PIPELINE = "retrain"
 TRIGGER_TAG = "recsys/trigger"
 EVALUATION = dg.AssetKey("model_evaluation")
 REGISTERED = dg.AssetKey("registered_model")
+# A retraining is a chain of steps that mostly wait for each other: one process per step
+# costs seconds of start-up each (more on a busy machine) and buys little parallelism.
+IN_PROCESS_RUN_CONFIG: dict[str, Any] = {"execution": {"config": {"in_process": {}}}}
 IN_PROGRESS = [
     dg.DagsterRunStatus.QUEUED,
     dg.DagsterRunStatus.NOT_STARTED,
@@ -234,7 +237,11 @@ def build_ctr_drop_sensor(tick_seconds: int) -> dg.SensorDefinition:
             },
         )
         return dg.SensorResult(
-            run_requests=[dg.RunRequest(run_key=tick.run_key, tags=tick.tags)],
+            run_requests=[
+                dg.RunRequest(
+                    run_key=tick.run_key, tags=tick.tags, run_config=IN_PROCESS_RUN_CONFIG
+                )
+            ],
             cursor=cursor.dump(),
             asset_events=[observation],
         )
