@@ -96,6 +96,7 @@ def test_retrain_graph_registers_a_first_then_a_second_model(world: TinyWorld) -
             for name in ("ndcg@10", "recall@10", "hit_rate@10", "map@10", "coverage@10"):
                 assert 0.0 <= metrics[model][name] <= 1.0
         assert "| challenger |" in evaluation["comparison"]
+        assert evaluation["chart"].startswith("![metrics](data:image/png;base64,")
         registered = metadata(first, "registered_model")
         assert registered["registered_as"] == PRODUCTION
         assert registered["decision"] == "first_model"

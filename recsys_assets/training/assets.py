@@ -7,6 +7,7 @@ statistics, metrics and the promotion decision for every run.
 """
 
 # No `from __future__ import annotations`: Dagster inspects the context annotation.
+import base64
 import math
 from typing import Any
 
@@ -17,6 +18,7 @@ from recsys_assets.resources import LakeResource
 from recsys_assets.training import steps
 from recsys_assets.training.checks import finite_check
 from recsys_assets.training.data import TrainingDataError
+from recsys_assets.training.evaluation import metrics_chart_png
 from recsys_assets.training.resources import TrainingConfig
 
 GROUP = "training"
@@ -293,7 +295,15 @@ def model_evaluation(
         lake.get(), training.params(), training.rule(), training.cache()
     )
     context.log.info(f"{result['decision']}: {result['decision_reason']}")
-    return dg.MaterializeResult(metadata=evaluation_metadata(result))
+    meta = evaluation_metadata(result)
+    try:
+        png = metrics_chart_png(result["metrics"], result["k"])
+        meta["chart"] = dg.MetadataValue.md(
+            f"![metrics](data:image/png;base64,{base64.b64encode(png).decode()})"
+        )
+    except Exception as exc:  # a chart is a nicety; the figures above are the record
+        context.log.warning(f"metrics chart not rendered: {exc}")
+    return dg.MaterializeResult(metadata=meta)
 
 
 def evaluation_metadata(result: dict[str, Any]) -> dict[str, Any]:

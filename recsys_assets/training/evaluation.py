@@ -141,3 +141,30 @@ def markdown_table(results: dict[str, dict[str, float]], k: int) -> str:
         cells = [f"{metrics[c]:.4f}" if c in metrics else "-" for c in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def metrics_chart_png(results: dict[str, dict[str, float] | None], k: int) -> bytes:
+    """Grouped bars of the headline metrics per model (PNG, for the Dagster UI)."""
+    import altair as alt
+    import vl_convert as vlc
+
+    names = [f"ndcg@{k}", f"recall@{k}", f"hit_rate@{k}", f"map@{k}", f"coverage@{k}"]
+    rows = [
+        {"model": model, "metric": name, "value": float(metrics[name])}
+        for model, metrics in results.items()
+        if metrics
+        for name in names
+        if name in metrics
+    ]
+    chart = (
+        alt.Chart(alt.Data(values=rows))
+        .mark_bar()
+        .encode(
+            x=alt.X("model:N", title=None),
+            y=alt.Y("value:Q", title=None),
+            color=alt.Color("model:N", legend=None),
+            column=alt.Column("metric:N", title=None, sort=names),
+        )
+        .properties(width=90, height=160)
+    )
+    return vlc.vegalite_to_png(chart.to_json(), scale=1)
