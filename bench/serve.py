@@ -103,9 +103,7 @@ def build_models(home: Path, env: dict[str, str], args: argparse.Namespace) -> l
         env,
         "catalog load",
     )
-    weblogs = sorted(
-        p for p in sim.glob("*.ndjson*") if p.name not in {"items.ndjson", "users.ndjson"}
-    )
+    weblogs = sorted((sim / "weblogs").glob("*.ndjson*"))
     run([RECSYS, "ingest", *map(str, weblogs)], env, "ingest + process")
     run([RECSYS, "retrain"], env, "retrain (v1)")
     run([RECSYS, "retrain"], {**env, "RECSYS_SEED": "7"}, "retrain (v2)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,9 @@ import pytest
 from recsys_serving.api.impressions import ImpressionLog, Shown, impression_events
 from recsys_serving.api.metrics import ServiceMetrics, parse_metrics
 from recsys_serving.events.schema import WeblogEvent, normalize
-from recsys_serving.lake import LocalLake
+from recsys_serving.lake import LocalLake, open_lake
 from recsys_serving.settings import Settings
-from support import ndjson_lines
+from support import S3Server, moto_s3, ndjson_lines  # noqa: F401  (fixture)
 
 
 def _events(n: int, request: int) -> list[dict[str, object]]:
@@ -89,3 +90,20 @@ def test_close_commits_what_is_queued(tmp_path: Path) -> None:
     assert len(ndjson_lines(lake, "landing/")) == 5
     with pytest.raises(RuntimeError, match="closed"):
         asyncio.run(log.log(_events(1, 8)))
+
+
+def test_on_s3_a_group_is_one_put(moto_s3: S3Server, tmp_path: Path) -> None:  # noqa: F811
+    lake = open_lake(
+        f"s3://{moto_s3.bucket}/imp-{uuid.uuid4().hex[:8]}", endpoint_url=moto_s3.endpoint_url
+    )
+    log = ImpressionLog(lake, Settings(home=tmp_path), ServiceMetrics())
+
+    async def main() -> None:
+        results = await asyncio.gather(*(log.log(_events(10, i)) for i in range(30)))
+        assert all(results)
+
+    asyncio.run(main())
+    log.close()
+    assert len(ndjson_lines(lake, "landing/")) == 300
+    puts = [o for o in lake.list("landing/") if o.key.endswith(".ndjson")]
+    assert len(puts) == log.groups < 30
