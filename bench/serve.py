@@ -197,6 +197,48 @@ def wrk(url: str, duration: float, connections: int, script_args: list[str] | No
     return result
 
 
+def group_commit(lake_dir: Path, seconds: float = 3.0) -> dict[str, Any]:
+    """Impression logging alone, on the bench's disk: answers/s with one request at a
+    time (every answer pays its own fsync) and with 32 concurrent requests (grouped)."""
+    import asyncio
+
+    from recsys_serving.api.impressions import ImpressionLog, Shown, impression_events
+    from recsys_serving.api.metrics import ServiceMetrics
+    from recsys_serving.lake import LocalLake
+    from recsys_serving.settings import Settings
+
+    def events(n: int) -> list[dict[str, Any]]:
+        shown = [Shown(f"i{p}", p) for p in range(10)]
+        return impression_events(f"bench-{n}", "u1", shown, "v-bench", "champion")
+
+    async def drive(log: ImpressionLog, concurrency: int) -> int:
+        end = time.monotonic() + seconds
+        answers = 0
+
+        async def client(c: int) -> None:
+            nonlocal answers
+            n = 0
+            while time.monotonic() < end:
+                await log.log(events(c * 10_000_000 + n))
+                n += 1
+                answers += 1
+
+        await asyncio.gather(*(client(c) for c in range(concurrency)))
+        return answers
+
+    out: dict[str, Any] = {}
+    for concurrency in (1, 32):
+        log = ImpressionLog(LocalLake(lake_dir), Settings(home=lake_dir.parent), ServiceMetrics())
+        answers = asyncio.run(drive(log, concurrency))
+        log.close()
+        out[f"concurrency_{concurrency}"] = {
+            "answers_per_s": answers / seconds,
+            "fsyncs_per_s": log.groups / seconds,
+            "answers_per_group": answers / max(log.groups, 1),
+        }
+    return out
+
+
 def machine() -> dict[str, Any]:
     cpu = "unknown"
     with open("/proc/cpuinfo") as fh:
@@ -301,6 +343,8 @@ def main() -> None:
         thread.join(timeout=args.duration)
         results["recommendations_hot_swap"]["swaps"] = swaps
         results["versions"] = [v1, v2]
+        say("impression group commit alone (1 and 32 concurrent answers, 3 s each)")
+        results["impression_group_commit"] = group_commit(work / "group-commit" / "lake")
     finally:
         if server is not None:
             server.stop()
@@ -337,6 +381,13 @@ def report(results: dict[str, Any]) -> None:
             f"{name:34} {r['rps']:9,.0f} {r['p50_us'] / 1e3:8.2f} {r['p95_us'] / 1e3:8.2f} "
             f"{r['p99_us'] / 1e3:8.2f} {r['errors']:7d}"
         )
+    gc = results["impression_group_commit"]
+    print(
+        "impression logging alone (10 events per answer): "
+        f"{gc['concurrency_1']['answers_per_s']:,.0f} answers/s one at a time (one fsync each), "
+        f"{gc['concurrency_32']['answers_per_s']:,.0f} answers/s with 32 concurrent "
+        f"({gc['concurrency_32']['answers_per_group']:.1f} answers per fsync)"
+    )
     ceiling = results["healthz"]["rps"]
     rec = results["recommendations"]
     print(
