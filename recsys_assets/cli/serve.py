@@ -28,11 +28,9 @@ def serve(
     ] = None,
     log_level: Annotated[str, typer.Option(help="Server log level.")] = "warning",
 ) -> None:
-    """Serve recommendations, /events, /admin, /healthz, /readyz and /metrics over HTTP.
-
-    Every worker follows the registry (or the pinned --model-uri) on its own and swaps
-    models without a restart; token buckets and metrics are shared by all workers.
-    """
+    """Serve recommendations, /events, /admin, /healthz, /readyz and /metrics over HTTP."""
+    # Every worker follows the registry (or the pinned --model-uri) on its own and swaps
+    # models without a restart; token buckets and metrics are shared by all workers.
     # The workers read everything from the environment: settle it before they start.
     if model_uri:
         os.environ["RECSYS_MODEL_URI"] = model_uri
