@@ -129,6 +129,9 @@ def test_similar_and_popular(model: Recommender) -> None:
     item = str(model.state.item_ids[model.state.popular[0]])
     sims = model.similar(item, 5)
     assert len(sims) == 5 and item not in {s.item_id for s in sims}
+    assert [s.score for s in sims] == sorted((s.score for s in sims), reverse=True)
+    assert all(s.reason.endswith(item) for s in sims)
+    assert len(model.similar(item, 50)) == 50  # neighbours, then the ALS fill-in
     with pytest.raises(KeyError):
         model.similar("no-such-item", 5)
     popular = model.popular(5)

@@ -82,6 +82,7 @@ class Recommender:
         # Lookups built once here, not by the first requests (possibly concurrently).
         padded_categories(state)
         _ = state.item_index, state.user_index, state.category_index
+        self._item_norms = np.linalg.norm(state.item_factors, axis=1).astype(np.float32)
         primary = padded_categories(state)[:, 0]
         self._primary = np.where(primary < state.n_categories, primary, -1)
 
@@ -178,10 +179,8 @@ class Recommender:
         exclude: Iterable[str] = frozenset(),
         index: CandidateIndex | None = None,
     ) -> list[ScoredItem]:
-        """Items like ``item_id``: co-visited in sessions, then nearest in ALS space.
-
-        Raises ``KeyError`` for an item the model does not know.
-        """
+        """Items like ``item_id``: co-visited in sessions or sharing an audience
+        (item-kNN), then nearest in ALS space. ``KeyError`` for an unknown item."""
         state = self.state
         row = state.item_index.get(item_id)
         if row is None:
@@ -199,21 +198,24 @@ class Recommender:
         allowed = state.available.copy()
         allowed[row] = False
         allowed[self._item_rows(excluded)] = False
-        neighbours, weights = state.covisit.row(row)
-        keep = allowed[neighbours]
-        neighbours, weights = neighbours[keep], weights[keep]
-        out: list[ScoredItem] = []
-        top = float(weights[0]) if weights.size else 1.0
-        for r, w in zip(neighbours[:k].tolist(), weights[:k].tolist(), strict=True):
-            out.append(
-                ScoredItem(str(state.item_ids[r]), 1.0 + w / top, f"co-visited with {item_id}")
-            )
-            allowed[r] = False
+        score: dict[int, float] = {}
+        why: dict[int, str] = {}
+        covisited, weights = state.covisit.row(row)
+        if weights.size:
+            for r, w in zip(covisited.tolist(), (weights / weights.max()).tolist(), strict=True):
+                score[r] = w
+                why[r] = f"co-visited with {item_id}"
+        for r, w in zip(*(a.tolist() for a in state.item_knn.row(row)), strict=True):
+            score[r] = score.get(r, 0.0) + w
+            why.setdefault(r, f"similar to {item_id}")
+        ranked = sorted((r for r in score if allowed[r]), key=lambda r: (-score[r], r))[:k]
+        # Neighbour scores sit above 1 so the ALS fill-in below never outranks them.
+        out = [ScoredItem(str(state.item_ids[r]), 1.0 + score[r], why[r]) for r in ranked]
+        allowed[ranked] = False
         if len(out) < k:
             vector = state.item_factors[row]
-            norms = np.linalg.norm(state.item_factors, axis=1)
             cosine = (state.item_factors @ vector) / np.maximum(
-                norms * float(np.linalg.norm(vector)), 1e-12
+                self._item_norms * float(np.linalg.norm(vector)), 1e-12
             )
             for r in cand.top_k(cosine, allowed, k - len(out)).tolist():
                 out.append(
