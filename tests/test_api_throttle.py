@@ -70,6 +70,8 @@ def test_limit_holds_across_processes(tmp_path: Path) -> None:
     counts = [out.get(timeout=60) for _ in procs]
     for p in procs:
         p.join(timeout=30)
-    expected = 20 + 50 * seconds  # 95
-    assert sum(counts) == pytest.approx(expected, abs=4), counts
+    # Together never more than burst + rps * t (95); four separate buckets would allow
+    # about 380. The lower bound is loose: on a busy machine a process may start late,
+    # and tokens beyond the burst are not kept for it.
+    assert 60 <= sum(counts) <= 20 + 50 * seconds + 2, counts
     assert sum(1 for c in counts if c > 0) >= 2  # they really competed for one bucket
