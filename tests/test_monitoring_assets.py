@@ -129,7 +129,7 @@ def test_online_ctr_records_ctr_and_service_health(
     v1 = register_model(registry, tmp_path, "v1")
     registry.set_alias(PRODUCTION, v1, reason="test")
     now = datetime.now(UTC)
-    write_feedback(lake, v1, now - timedelta(minutes=40), 40, 0.06, np.random.default_rng(0))
+    write_feedback(lake, v1, now - timedelta(minutes=45), 45, 0.06, np.random.default_rng(0))
     res = resources(lake, service_metrics_url=url)
     fake.serve(100, 0.004)
 
@@ -152,7 +152,7 @@ def test_online_ctr_records_ctr_and_service_health(
     assert len(records) == 2
 
     history = read_series_history(lake, now - timedelta(hours=1))
-    assert history["impressions"].sum() == 40 * 200  # overlapping snapshots merged
+    assert history["impressions"].sum() == 45 * 200  # overlapping snapshots merged
 
     # An unreachable server is recorded as such; CTR is still recorded.
     res_down = resources(lake, service_metrics_url="http://127.0.0.1:9/metrics")

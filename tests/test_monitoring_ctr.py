@@ -219,6 +219,9 @@ def test_only_the_given_model_version_is_judged() -> None:
     assert drop_test(series, "v1", NOW, POLICY).outcome == "drop"
     # v2 has no baseline yet: it cannot be blamed for anything.
     assert drop_test(series, "v2", NOW, POLICY).outcome == "thin_evidence"
+    # Traffic that began inside the baseline window does not make a baseline either.
+    young = synthetic_series(rng, [0.09] * 5 + [0.07] * 30, per_minute=2000, version="v3")
+    assert drop_test(young, "v3", NOW, POLICY).outcome == "warming_up"
     stats = window_stats(series, "v2", NOW - timedelta(minutes=12), NOW)
     assert stats.impressions == 12 * 200
 

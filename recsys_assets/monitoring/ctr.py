@@ -322,9 +322,11 @@ class DropPolicy:
 
     @property
     def lookback(self) -> timedelta:
-        """How much history one test reads (windows, click delay and a bucket of slack)."""
+        """How much history one test reads: both windows, as much again before the
+        baseline (to see whether the version's traffic covers it), the click delay and
+        a bucket of slack."""
         return timedelta(
-            minutes=self.recent_minutes + self.baseline_minutes,
+            minutes=self.recent_minutes + 2 * self.baseline_minutes,
             seconds=self.click_delay_seconds + 2 * self.bucket_seconds,
         )
 
@@ -344,7 +346,7 @@ class DropPolicy:
         return baseline_start, recent_start, end
 
 
-DropOutcome = Literal["drop", "no_drop", "small_drop", "thin_evidence", "no_model"]
+DropOutcome = Literal["drop", "no_drop", "small_drop", "thin_evidence", "warming_up", "no_model"]
 
 
 @dataclass(frozen=True)
@@ -410,7 +412,9 @@ def drop_test(
     """Is the recent CTR of ``model_version`` significantly below its baseline?
 
     Both windows only count the given version, so a model promoted a minute ago has
-    no baseline yet and cannot be blamed for its predecessor's numbers.
+    no baseline yet and cannot be blamed for its predecessor's numbers. The version's
+    traffic must also have begun before the baseline window (``warming_up`` until it
+    has): a baseline made of a service's first seconds compares two different regimes.
     """
     if model_version is None:
         return DropVerdict("no_model", None, None, None, None, None, None, policy)
@@ -422,6 +426,11 @@ def drop_test(
         return DropVerdict(
             "thin_evidence", model_version, recent, baseline, None, None, None, policy
         )
+    earlier = series.filter(
+        (pl.col("model_version") == model_version) & (pl.col("bucket_start") < baseline_start)
+    )
+    if earlier.is_empty():
+        return DropVerdict("warming_up", model_version, recent, baseline, None, None, None, policy)
     assert recent.ctr is not None and baseline.ctr is not None
     relative = 1.0 - recent.ctr / baseline.ctr if baseline.ctr > 0 else None
     z, p = two_proportion_ztest(
