@@ -10,9 +10,15 @@ import numpy as np
 import pytest
 from model_support import TinyWorld, tiny_bundle, tiny_outcome, tiny_params, tiny_world
 
+from recsys_assets.training.data import (
+    build_interactions,
+    build_vocabulary,
+    encode,
+    read_catalog,
+    read_weblogs,
+)
 from recsys_assets.training.retrieval import fit_als
 from recsys_assets.training.snapshot import build_state
-from recsys_assets.training.steps import load_prepared
 from recsys_serving.index.base import Candidate, CandidateQuery
 from recsys_serving.model.bundle import BundleError, verify_bundle
 from recsys_serving.model.context import user_context
@@ -176,12 +182,17 @@ def test_served_score_equals_offline_score(model: Recommender, tiny_world: TinyW
     """Recompute the served state from the interactions with the training code (ALS
     refitted, features rebuilt) and score the served items offline: same numbers."""
     params = tiny_params(0, tiny_world.settings)
-    prep = load_prepared(tiny_world.lake)
-    end = prep.window.end
-    als = fit_als(prep.enc, prep.vocab, end, params)
+    # From the processed weblogs and the catalogue, in memory (other tests may train
+    # on this lake with other settings; nothing here reads their artifacts).
+    interactions = build_interactions(read_weblogs(tiny_world.lake), params)
+    vocab = build_vocabulary(interactions, read_catalog(tiny_world.lake)[0])
+    enc = encode(interactions, vocab)
+    end = interactions.window.end
+    assert end == model.state.as_of
+    als = fit_als(enc, vocab, end, params)
     offline_state = build_state(
-        prep.enc,
-        prep.vocab,
+        enc,
+        vocab,
         end,
         als.item_factors,
         params,
