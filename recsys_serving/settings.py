@@ -117,6 +117,12 @@ class Settings(BaseSettings):
     store_timeout_ms: float = Field(
         default=50.0, description="Budget for a document store or index call before fallback."
     )
+    impression_sync: bool = Field(
+        default=True,
+        description="Answer only once the answer's impressions are fsynced (group commit); "
+        "false = answer at once and commit in the background (a crash can lose the last "
+        "group, a few milliseconds of impressions).",
+    )
     candidate_pool: int = Field(
         default=200, description="Candidates the ranker scores per request."
     )
