@@ -8,9 +8,12 @@ some unknown ones) for a fixed time per scenario:
 
 1. ``GET /healthz``: the ceiling of the HTTP stack on this machine;
 2. ``GET /recommendations/{user}?k=10``: embedded document store and index, impression
-   logging included (every answer's impressions are fsynced before it leaves);
+   logging included (every answer's impressions are fsynced before it leaves), at the
+   same concurrency and at 2 connections per worker (latency at a lighter load);
 3. the same while the production model is swapped twice (promote v2 at 1/3 of the run,
-   back to v1 at 2/3): both workers must report each version in ``/metrics``.
+   back to v1 at 2/3): both workers must report each version in ``/metrics``;
+4. the same without waiting for the impressions' fsync (``RECSYS_IMPRESSION_SYNC=false``,
+   a fresh server), to show what the durability choice costs.
 
 It prints throughput and p50/p95/p99 per scenario, fails if any request errored or
 got a non-2xx, and writes the figures as JSON.
@@ -46,6 +49,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 RECSYS = str(Path(PYTHON).parent / "recsys")
 LUA = ROOT / "bench" / "serve.lua"
+SCENARIOS = (
+    "healthz",
+    "recommendations",
+    "recommendations_light",
+    "recommendations_hot_swap",
+    "recommendations_async_impressions",
+)
 
 
 def say(message: str) -> None:
@@ -258,7 +268,7 @@ def machine() -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=20.0, help="Seconds per scenario.")
-    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--users", type=int, default=2000)
     parser.add_argument("--items", type=int, default=1000)
@@ -319,6 +329,10 @@ def main() -> None:
         results["healthz"] = wrk(server.url, args.duration, args.connections, None)
         say(f"recommendations: {args.duration:g}s over {n_users:,} user ids")
         results["recommendations"] = wrk(server.url, args.duration, args.connections, rec_args)
+        light = max(1, args.workers * 2)
+        say(f"recommendations at {light} connections (latency at a lighter load)")
+        results["recommendations_light"] = wrk(server.url, args.duration, light, rec_args)
+        results["recommendations_light"]["connections"] = light
 
         swaps: list[dict[str, Any]] = []
 
@@ -343,6 +357,14 @@ def main() -> None:
         thread.join(timeout=args.duration)
         results["recommendations_hot_swap"]["swaps"] = swaps
         results["versions"] = [v1, v2]
+        server.stop()
+        server = Server({**env, "RECSYS_IMPRESSION_SYNC": "false"}, args.workers, work / "s2.log")
+        server.wait_serving(v1, args.workers)
+        wrk(server.url, 3, args.connections, rec_args)
+        say("recommendations, impressions committed in the background (IMPRESSION_SYNC=false)")
+        results["recommendations_async_impressions"] = wrk(
+            server.url, args.duration, args.connections, rec_args
+        )
         say("impression group commit alone (1 and 32 concurrent answers, 3 s each)")
         results["impression_group_commit"] = group_commit(work / "group-commit" / "lake")
     finally:
@@ -357,11 +379,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     say(f"wrote {args.out}")
-    failed = [
-        name
-        for name in ("healthz", "recommendations", "recommendations_hot_swap")
-        if results[name]["errors"]
-    ]
+    failed = [name for name in SCENARIOS if results[name]["errors"]]
     if len(results["recommendations_hot_swap"]["swaps"]) != 2:
         failed.append("hot swap did not converge twice")
     if failed:
@@ -375,7 +393,7 @@ def report(results: dict[str, Any]) -> None:
         f"load average at start {m['loadavg_at_start'][0]:.2f}"
     )
     print(f"{'scenario':34} {'req/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7}")
-    for name in ("healthz", "recommendations", "recommendations_hot_swap"):
+    for name in SCENARIOS:
         r = results[name]
         print(
             f"{name:34} {r['rps']:9,.0f} {r['p50_us'] / 1e3:8.2f} {r['p95_us'] / 1e3:8.2f} "

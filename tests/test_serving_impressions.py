@@ -107,3 +107,37 @@ def test_on_s3_a_group_is_one_put(moto_s3: S3Server, tmp_path: Path) -> None:  #
     assert len(ndjson_lines(lake, "landing/")) == 300
     puts = [o for o in lake.list("landing/") if o.key.endswith(".ndjson")]
     assert len(puts) == log.groups < 30
+
+
+def test_without_sync_answers_do_not_wait_but_nothing_is_lost_on_shutdown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import recsys_serving.api.impressions as impressions
+
+    lake = LocalLake(tmp_path / "lake")
+    log = ImpressionLog(lake, Settings(home=tmp_path, impression_sync=False), ServiceMetrics())
+    real_append = log.writer.append
+
+    def slow_append(by_date: dict[str, bytes]) -> None:
+        time.sleep(0.3)  # a disk that has fallen far behind
+        real_append(by_date)
+
+    log.writer.append = slow_append  # type: ignore[method-assign]
+    monkeypatch.setattr(impressions, "MAX_PENDING_EVENTS", 50)
+
+    async def main() -> list[float]:
+        waits = []
+        for i in range(8):
+            started = time.perf_counter()
+            assert await log.log(_events(10, i))
+            waits.append(time.perf_counter() - started)
+            await asyncio.sleep(0)  # let the loop start the commit
+        return waits
+
+    waits = asyncio.run(main())
+    # The first answers leave at once; once more than 50 events queue behind the slow
+    # disk, an answer waits for the commit (back-pressure, not an unbounded queue).
+    assert max(waits[:5]) < 0.1
+    assert max(waits) >= 0.25
+    log.close()
+    assert len(ndjson_lines(lake, "landing/")) == 80

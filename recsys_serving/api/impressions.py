@@ -1,4 +1,4 @@
-"""Impression logging with group commit: what was shown, durable before the answer.
+"""Impression logging with group commit: what was shown, made durable in groups.
 
 Every item a recommendation answer returns becomes one ``impression`` event (with
 ``request_id``, ``position`` and ``model_version``) so clicks can be joined back to
@@ -15,10 +15,21 @@ next group. Under load groups grow by themselves, so the fsync cost per request 
 as concurrency rises, and a slow disk (fsync takes tens of milliseconds on a busy
 machine) delays only the answers waiting for it, never the event loop.
 
-Durability chosen: an answer leaves only after its impressions are on disk (or in
-S3), exactly as for ``POST /events``. If the write fails the answer is still served
-(recommendations must not fail because logging did), the error is logged and the
-lost events are counted in ``recsys_events_rejected_total{reason="write_failed"}``.
+Durability, ``RECSYS_IMPRESSION_SYNC``:
+
+* ``true`` (default): an answer leaves only after its impressions are on disk (or in
+  S3), exactly as for ``POST /events``. The answer waits for its group's fsync, so with
+  few concurrent clients per worker the fsync latency bounds throughput (every client
+  waits on the same fsync while the worker idles).
+* ``false``: the answer leaves at once and its group is committed in the background
+  (the same groups, the same writer). A crash (not a shutdown: shutdown commits what is
+  queued) can lose the impressions of the group being committed, a few milliseconds of
+  traffic. If the disk falls behind by more than ``MAX_PENDING_EVENTS``, answers wait
+  for it again rather than queue without bound.
+
+If a write fails the answer is still served (recommendations must not fail because
+logging did), the error is logged and the lost events are counted in
+``recsys_events_rejected_total{reason="write_failed"}``.
 
 The events are built by the server from validated inputs (the path's user id obeys
 the contract's id rules; item ids come from the bundle, which was trained on
@@ -46,6 +57,8 @@ from recsys_serving.logging import get_logger
 from recsys_serving.settings import Settings
 
 log = get_logger(__name__)
+
+MAX_PENDING_EVENTS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +114,7 @@ class ImpressionLog:
             max_bytes=settings.landing_segment_max_bytes,
             max_age_seconds=settings.landing_segment_max_age_seconds,
         )
+        self.sync = settings.impression_sync
         self._executor = ThreadPoolExecutor(1, "impressions")
         # Per event loop (one per worker; tests may run several): the group being
         # filled, and whether a commit is in flight.
@@ -111,7 +125,8 @@ class ImpressionLog:
         self.events = 0
 
     async def log(self, events: list[dict[str, Any]]) -> bool:
-        """Wait until ``events`` are durable; False if the write failed (already logged)."""
+        """Wait until ``events`` are durable (unless ``sync`` is off); False if the write
+        failed (already logged and counted)."""
         if not events:
             return True
         if self._closed:
@@ -128,6 +143,8 @@ class ImpressionLog:
             version = event["model_version"]
             group.versions[version] = group.versions.get(version, 0) + 1
         group.events += len(events)
+        if not self.sync and group.events <= MAX_PENDING_EVENTS:
+            return True
         waiter = loop.create_future()
         group.waiters.append(waiter)
         # shield: a client that disconnects must not cancel the commit of its group.
