@@ -10,8 +10,8 @@ Kept apart from the HTTP layer so the rules are plain, testable code:
   load (a waiting thread gets the GIL only every 5 ms switch interval);
 * with a remote document store or Elasticsearch the work goes to threads: the store
   call gets ``store_timeout_ms`` on a small dedicated pool (a bulkhead: a hung store
-  cannot take the threads ranking needs, and a saturated pool times out at once
-  instead of queueing); the index enforces the same budget itself and raises
+  cannot take the threads ranking needs; calls queued behind hung ones time out within
+  their budget and are cancelled); the index enforces the same budget itself and raises
   ``CandidateIndexError`` / ``CandidateIndexTimeout``;
 * any of those failing gives the bundle's ``popular()`` list (no external call),
   ``served_by: fallback``, and ``recsys_fallback_total{reason}``; never a 500.
