@@ -234,7 +234,7 @@ def test_config_is_validated() -> None:
         {"drift_at": 20.0},
         {"drift_strength": 1.5},
         {"trend_shift": -0.1},
-        {"browse": 2.0},
+        {"browse": 11.0},
         {"k": 0},
         {"concurrency": 0},
     ]:

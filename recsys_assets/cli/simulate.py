@@ -144,7 +144,7 @@ def live(
     browse: Annotated[
         float,
         typer.Option(
-            min=0.0, max=1.0, help="Chance per request of an organic view outside the slates."
+            min=0.0, max=10.0, help="Organic views outside the slates per request (mean)."
         ),
     ] = 0.0,
     k: Annotated[int, typer.Option(min=1, max=100, help="Items per recommendation.")] = 10,

@@ -14,9 +14,9 @@ yesterday's hits fade while other items become hits (:func:`shift_trends`: the
 popularity every user shares is reassigned). A model trained on old logs goes stale
 and online CTR drops, which is what the closed loop must notice and repair.
 
-Users also find items *outside* the recommendations (search, category pages): with
-probability ``browse`` per request a user views an item drawn from their current
-preferences (and may add it to the cart and buy it). Those events carry no
+Users also find items *outside* the recommendations (search, category pages): per
+request a user views on average ``browse`` items (Poisson) drawn from their current
+preferences (and may add them to the cart and buy them). Those events carry no
 ``request_id``, so they never count in the recommendations' CTR, but they are in the
 weblogs like any other, which is how a retraining can learn what changed even about
 items the stale model never shows.
@@ -102,8 +102,8 @@ class LiveConfig:
             raise ValueError("drift_strength must be in [0, 1]")
         if not 0.0 <= self.trend_shift <= 1.0:
             raise ValueError("trend_shift must be in [0, 1]")
-        if not 0.0 <= self.browse <= 1.0:
-            raise ValueError("browse must be in [0, 1]")
+        if not 0.0 <= self.browse <= 10.0:
+            raise ValueError("browse (organic views per request) must be in [0, 10]")
         if not 1 <= self.k <= 100:
             raise ValueError("k must be in 1..100")
         if self.concurrency < 1 or self.interval <= 0:
@@ -460,8 +460,9 @@ class LiveSimulator:
             )
             if self.config.downstream and self.rng.random() < P_VIEW:
                 self._viewed(user_id, item, float(relevance[pos]))
-        if self.config.browse and self.rng.random() < self.config.browse:
-            self._browse(user)
+        if self.config.browse:
+            for _ in range(int(self.rng.poisson(self.config.browse))):
+                self._browse(user)
 
     def _viewed(self, user_id: str, item: str, relevance: float) -> None:
         """A product page view and what may follow it (the history's funnel)."""

@@ -1,0 +1,216 @@
+"""The closed loop end to end, with real processes and nothing done by hand after the
+start: `recsys serve` and `dagster-daemon run` on the project's workspace, live
+simulated users with a strong drift, and the daemon's sensors detecting the CTR drop,
+launching `retrain_job`, phasing the new model in and promoting it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import dagster as dg
+import httpx
+import pytest
+
+from recsys_assets.simulation.live import LiveConfig, run_live
+from recsys_assets.simulation.truth import GroundTruth
+from recsys_serving.lake import LocalLake
+from recsys_serving.registry import PRODUCTION, ModelRegistry
+from support import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# The loop compressed to seconds: 5 s buckets and ticks, half-minute windows, a
+# 50% -> 100% canary on a few hundred impressions, retraining on the newest data.
+LOOP_ENV = {
+    "RECSYS_CTR_BUCKET_SECONDS": "5",
+    "RECSYS_CTR_RECENT_MINUTES": "0.5",
+    "RECSYS_CTR_BASELINE_MINUTES": "0.5",
+    "RECSYS_CTR_CLICK_DELAY_SECONDS": "5",
+    "RECSYS_CTR_MIN_IMPRESSIONS": "1000",
+    "RECSYS_CTR_MIN_RELATIVE_DROP": "0.15",
+    "RECSYS_RETRAIN_COOLDOWN_MINUTES": "1",
+    "RECSYS_CANARY_RAMP": "[0.5, 1.0]",
+    "RECSYS_CANARY_MIN_IMPRESSIONS": "300",
+    "RECSYS_CANARY_MAX_MINUTES": "3",
+    "RECSYS_CLOSED_LOOP_TICK_SECONDS": "5",
+    "RECSYS_NIGHTLY_RETRAIN_ENABLED": "false",
+    "RECSYS_ONLINE_CTR_CRON": "0 0 1 1 *",
+    "RECSYS_LANDING_SEGMENT_MAX_AGE_SECONDS": "1",
+    "RECSYS_MODEL_POLL_SECONDS": "0.5",
+    "RECSYS_BOT_MAX_EVENTS_PER_MINUTE": "5000",
+    "RECSYS_TRAIN_WINDOW_DAYS": "0.01",
+    "RECSYS_HOLDOUT_DAYS": "0.0002",
+    "RECSYS_LABEL_DAYS": "0.0003",
+    "RECSYS_THREADS": "1",
+    "RECSYS_LOG_LEVEL": "WARNING",
+}
+
+
+def run_cli(args: list[str], env: dict[str, str]) -> str:
+    done = subprocess.run(
+        [str(BIN / "recsys"), *args], env=env, cwd=ROOT, capture_output=True, timeout=240
+    )
+    assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+    return done.stdout.decode()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_drift_is_detected_retrained_and_a_new_model_promoted_on_its_own(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "home"
+    dagster_home = home / "dagster"
+    dagster_home.mkdir(parents=True)
+    shutil.copy(ROOT / "dagster.yaml", dagster_home / "dagster.yaml")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
+    env = {
+        **base,
+        "RECSYS_HOME": str(home),
+        "DAGSTER_HOME": str(dagster_home),
+        "GX_ANALYTICS_ENABLED": "false",
+        "RECSYS_THREADS": "1",
+    }
+    sim = home / "sim"
+
+    # A small world whose history ends now, its catalogue, and the first model.
+    run_cli(
+        [
+            "simulate",
+            "--out",
+            str(sim),
+            "--users",
+            "400",
+            "--items",
+            "300",
+            "--categories",
+            "10",
+            "--days",
+            "3",
+            "--events",
+            "60000",
+            "--seed",
+            "11",
+            "--end",
+            datetime.now(UTC).isoformat(),
+        ],
+        env,
+    )
+    run_cli(
+        [
+            "catalog",
+            "load",
+            "--items",
+            str(sim / "items.ndjson"),
+            "--users",
+            str(sim / "users.ndjson"),
+        ],
+        env,
+    )
+    run_cli(["ingest", *map(str, sorted((sim / "weblogs").glob("*.ndjson")))], env)
+    run_cli(["retrain", "--no-process"], env)
+    lake = LocalLake(home / "lake")
+    registry = ModelRegistry(lake)
+    first = registry.alias(PRODUCTION)
+    assert first is not None
+
+    port = free_port()
+    loop_env = {**env, **LOOP_ENV, "RECSYS_SERVICE_METRICS_URL": f"http://127.0.0.1:{port}/metrics"}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs = []
+    for name, cmd in [
+        ("serve", [str(BIN / "recsys"), "serve", "--host", "127.0.0.1", "--port", str(port)]),
+        ("daemon", [str(BIN / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")]),
+    ]:
+        with open(logs / f"{name}.log", "wb") as fh:
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    env=loop_env,
+                    cwd=ROOT,
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+    try:
+        key = run_cli(["keys", "create", "--scopes", "recommend,events"], env).strip()
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise AssertionError((logs / "serve.log").read_text()[-3000:])
+
+        def promoted() -> bool:
+            current = registry.alias(PRODUCTION)
+            return current is not None and current.version != first.version
+
+        truth = GroundTruth.load(sim / "truth")
+        result = run_live(
+            truth,
+            LiveConfig(
+                base_url=url,
+                api_key=key,
+                users=80,
+                rps=20,
+                duration=200,
+                drift_at=45,
+                drift_strength=0.3,
+                trend_shift=0.9,
+                browse=2.0,
+                interval=5,
+                seed=2,
+                timeline_path=tmp_path / "live.ndjson",
+            ),
+            should_stop=promoted,
+        )
+        assert result.errors == 0
+        logs_tail = (logs / "daemon.log").read_text()[-4000:]
+        assert promoted(), f"no promotion; live: {result.describe()}\n{logs_tail}"
+
+        # The retraining was launched by the sensor, with the drop's evidence in its tags.
+        with dg.DagsterInstance.from_config(str(dagster_home)) as inst:
+            runs = inst.get_runs(filters=dg.RunsFilter(tags={"recsys/trigger": "ctr_drop"}))
+        # (a retraining whose challenger loses offline is followed by another once the
+        # one-minute cool-down is over and the drop is still there)
+        assert runs and all(r.job_name == "retrain_job" for r in runs)
+        assert all(float(r.tags["recsys/drop/p_value"]) < 0.01 for r in runs)
+        assert {r.tags["recsys/drop/model_version"] for r in runs} == {first.version}
+
+        # ...and the new production model is what the server answers with.
+        new = registry.alias(PRODUCTION)
+        assert new is not None and new.evidence["online"]["action"] == "promote"
+        served = ""
+        deadline = time.time() + 20
+        while time.time() < deadline and served != new.version:
+            answer = httpx.get(
+                f"{url}/recommendations/{truth.user_ids[0]}", headers={"X-API-Key": key}, timeout=5
+            ).json()
+            served = answer["model_version"]
+            time.sleep(0.5)
+        assert served == new.version
+        actions = [e.reason.split(":")[0] for e in registry.history(alias=PRODUCTION)]
+        assert len(actions) >= 2
+        assert datetime.now(UTC) - new.updated_at < timedelta(minutes=5)
+    finally:
+        for proc in procs:
+            os.killpg(proc.pid, 15)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
