@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## Simulate weblogs, push some through the collector, process them in Dagster, print where to look.
+## The whole system on embedded defaults: simulate, ingest, train, serve, drift; watch it retrain and promote on its own; report.
 demo: $(STAMP)
 	$(BIN)/recsys demo
 
