@@ -183,11 +183,14 @@ def _http_ok(url: str) -> bool:
 
 # ----------------------------------------------------------------------- watching
 class LoopWatcher:
-    """Prints the closed loop's decisions as they land in the lake; tracks promotion."""
+    """Prints the closed loop's decisions as they land in the lake, and the retraining
+    runs the daemon launches as their status changes; tracks the promotion."""
 
-    def __init__(self, lake: Any, since: datetime) -> None:
+    def __init__(self, lake: Any, since: datetime, instance: Any = None) -> None:
         self.lake = lake
         self.since = since
+        self.instance = instance
+        self.run_status: dict[str, str] = {}
         self.seen: set[str] = set()
         self.promoted_at: float | None = None
         self.actions: list[str] = []
@@ -212,6 +215,8 @@ class LoopWatcher:
     def poll(self) -> None:
         from recsys_assets.monitoring.promotion import read_decisions
 
+        if self.instance is not None:
+            self._poll_runs()
         for d in read_decisions(self.lake, since=self.since):
             key = f"{d['at']}-{d['action']}"
             if key in self.seen:
@@ -223,6 +228,24 @@ class LoopWatcher:
             out.print(
                 f"[bold magenta]loop[/] {d['at'][11:19]}  {d['action']:<15} "
                 f"{(d.get('version') or '')[-8:]:<8}  {d['reason'][:150]}",
+                highlight=False,
+            )
+
+    def _poll_runs(self) -> None:
+        import dagster as dg
+
+        runs = self.instance.get_runs(
+            filters=dg.RunsFilter(tags={"recsys/pipeline": "retrain"}, created_after=self.since)
+        )
+        for run in reversed(runs):
+            status = run.status.value.lower()
+            if self.run_status.get(run.run_id) == status:
+                continue
+            self.run_status[run.run_id] = status
+            trigger = run.tags.get("recsys/trigger", "?")
+            out.print(
+                f"[bold magenta]loop[/] {datetime.now(UTC):%H:%M:%S}  {'retrain run':<15} "
+                f"{run.run_id[:8]}  {run.job_name} {status} (trigger: {trigger})",
                 highlight=False,
             )
 
@@ -496,16 +519,18 @@ def _live(
         rps=rps,
         duration=max_live,
         drift_at=drift_after,
-        drift_strength=0.3,
-        trend_shift=0.8,
+        drift_strength=0.2,
+        trend_shift=1.0,
         browse=2.0,
         interval=10.0,
         seed=seed,
         timeline_path=timeline,
     )
     truth = GroundTruth.load(home / "sim" / "truth")
+    from recsys_assets.instance import get_instance
+
     started = datetime.now(UTC)
-    watcher = LoopWatcher(lake, started)
+    watcher = LoopWatcher(lake, started, get_instance(settings))
     watcher.start()
 
     def should_stop() -> bool:

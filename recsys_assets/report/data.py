@@ -150,9 +150,14 @@ def read_timeline(path: Path) -> list[dict[str, Any]]:
 
 def _interval_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
+    nominal = max(
+        (r.get("seconds", 0.0) for r in records if r.get("type") == "interval"), default=0.0
+    )
     for rec in records:
         if rec.get("type") != "interval":
             continue
+        if rec.get("seconds", 0.0) < nominal / 2:
+            continue  # the stub interval at the end: too few impressions to plot
         mid = _ts(rec["ts"] - rec["seconds"] / 2)
         for version, stats in rec.get("by_version", {}).items():
             n = stats["impressions"]

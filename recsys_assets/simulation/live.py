@@ -287,6 +287,7 @@ class LiveSimulator:
         self._rejected = 0
         self._event_failures: Counter[str] = Counter()
         self._organic = 0
+        self._last_report = 0.0
         self._timeline: IO[bytes] | None = None
         self._start = 0.0
         self._oracle_cache: dict[int, float] = {}
@@ -360,6 +361,8 @@ class LiveSimulator:
     def _report(self) -> None:
         interval, self._interval = self._interval, _Interval()
         t = self._elapsed()
+        seconds = max(t - self._last_report, 1e-6)  # the last interval may be short
+        self._last_report = t
         total = interval.total()
         errors = sum(interval.errors.values())
         answered = sum(interval.served_by.values())
@@ -368,11 +371,11 @@ class LiveSimulator:
             "type": "interval",
             "t": round(t, 3),
             "ts": time.time(),
-            "seconds": self.config.interval,
+            "seconds": round(seconds, 3),
             "drifted": self._drifted_at is not None,
             "requests": interval.requests,
             "errors": dict(interval.errors),
-            "rps": round((interval.requests + errors) / self.config.interval, 3),
+            "rps": round((interval.requests + errors) / seconds, 3),
             "served_by": dict(interval.served_by),
             "latency_ms": None
             if lat is None
