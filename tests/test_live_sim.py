@@ -252,7 +252,8 @@ def test_cli_simulate_live(stub: Stub, truth: GroundTruth, tmp_path: Path) -> No
     args += ["--truth", str(tmp_path / "truth"), "--users", "10", "--rps", "30"]
     args += ["--duration", "3s", "--drift-at", "1.5s", "--interval", "1s", "--new-items", "5"]
     args += ["--timeline", str(timeline)]
-    result = CliRunner().invoke(app, args)
+    home = tmp_path / "home"
+    result = CliRunner().invoke(app, args, env={"RECSYS_HOME": str(home)})
     assert result.exit_code == 0, result.output
     assert "live:" in result.stdout and "before drift" in result.stdout
     assert str(timeline) in result.stdout
@@ -260,6 +261,13 @@ def test_cli_simulate_live(stub: Stub, truth: GroundTruth, tmp_path: Path) -> No
     docs = [orjson.loads(line) for line in new_items.read_bytes().splitlines()]
     assert [d["item_id"] for d in docs] == [f"i{n:05d}" for n in range(400, 405)]
     assert docs[0]["categories"] and docs[0]["title"]
+    # ...and loaded into the document store the service reads.
+    from recsys_serving.settings import Settings
+    from recsys_serving.stores.docstore import open_docstore
+
+    with open_docstore(Settings(home=home)) as store:
+        assert store.get_item("i00404") is not None and store.get_item("i00405") is None
+    assert "catalog: items" in result.stdout
 
     missing = CliRunner().invoke(app, ["simulate", "live", "--truth", str(tmp_path / "nope")])
     assert missing.exit_code == 1 and "recsys simulate" in missing.output

@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -155,6 +156,10 @@ def live(
         typer.Option(help="NDJSON timeline to write (default: live-<time>.ndjson beside truth)."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of user choice, clicks and the drift.")] = 0,
+    load_catalog: Annotated[
+        bool,
+        typer.Option(help="Load the drift's new items into the document store (RECSYS_*)."),
+    ] = True,
 ) -> None:
     """Play users against a running server, with an optional preference drift mid-run.
 
@@ -195,7 +200,31 @@ def live(
         )
     except ValueError as exc:
         fail(str(exc))
-    result = run_live(world, config, on_line=lambda line: out.print(line, highlight=False))
+    on_drift = _catalog_loader() if load_catalog and new_items else None
+    result = run_live(
+        world, config, on_line=lambda line: out.print(line, highlight=False), on_drift=on_drift
+    )
     summary(result.describe() + f" -> {timeline}")
     if result.requests == 0:
         raise typer.Exit(1)
+
+
+def _catalog_loader() -> Callable[[Any, Path | None], None]:
+    """Upsert the drift's new items into the document store the service reads, so
+    they can be recommended once a retraining has seen them."""
+
+    def load(_truth: Any, items_path: Path | None) -> None:
+        from recsys_serving.lake import open_lake
+        from recsys_serving.settings import Settings
+        from recsys_serving.stores.catalog import load_file
+        from recsys_serving.stores.docstore import open_docstore
+
+        if items_path is None:
+            return
+        settings = Settings()
+        lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
+        with open_docstore(settings) as store:
+            report = load_file(store, lake, items_path, "items")
+        out.print(f"catalog: {report.describe()}", highlight=False)
+
+    return load
