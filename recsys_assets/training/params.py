@@ -89,6 +89,7 @@ class TrainingParams:
     lgb_feature_fraction: float = 0.9
     lgb_bagging_fraction: float = 0.8
     lgb_lambda_l2: float = 1.0
+    ranker_refit: bool = False  # after early stopping, refit on all users with best rounds
     # Evaluation.
     eval_k: int = 10
     eval_max_users: int = 5_000

@@ -278,8 +278,17 @@ def train_ranker(dataset: RankingDataset, params: TrainingParams) -> RankerFit:
         valid_names=valid_names,
         callbacks=callbacks,
     )
-    seconds = time.perf_counter() - started
     best = int(booster.best_iteration or booster.current_iteration())
+    if params.ranker_refit and is_valid.any():
+        # The validation users only chose the number of rounds: refit on everyone.
+        full = lgb.Dataset(
+            dataset.features,
+            label=dataset.labels,
+            group=dataset.groups,
+            feature_name=names,
+        )
+        booster = lgb.train(lgb_params, full, num_boost_round=best)
+    seconds = time.perf_counter() - started
     metric = f"ndcg@{params.eval_k}"
     valid_curve = record.get("valid", {}).get(metric, [])
     train_curve = record.get("train", {}).get(metric, [])
