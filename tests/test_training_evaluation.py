@@ -10,6 +10,7 @@ from model_support import build_tiny_world, tiny_params
 
 from recsys_assets.training import steps
 from recsys_assets.training.pipeline import train_bundle
+from recsys_serving.lake import LocalLake
 from recsys_serving.model.bundle import MANIFEST, BundleWriter, read_manifest
 from recsys_serving.registry import PRODUCTION, ModelRegistry, PromotionRule
 
@@ -86,3 +87,20 @@ def test_an_unloadable_production_is_no_bar_to_clear(trained, tmp_path: Path) ->
     assert "cannot be evaluated" in result["decision_reason"]
     assert "features" in result["decision_reason"]
     assert (foreign / MANIFEST).exists()
+
+
+def test_old_training_bundles_are_pruned(tmp_path: Path) -> None:
+    lake = LocalLake(tmp_path / "lake")
+    staging = tmp_path / "staging"
+    versions = [f"v2024010100000{n}-0000000{n}" for n in range(5)]
+    for version in versions:
+        lake.put_bytes(f"training/recommender_model/bundles/{version}/manifest.json", b"{}")
+        lake.put_bytes(f"training/recommender_model/bundles/{version}/state/a.npz", b"x")
+        (staging / version).mkdir(parents=True)
+    assert steps.prune_bundles(lake, staging, keep=3) == versions[:2]
+    left = {o.key.split("/")[3] for o in lake.list("training/recommender_model/bundles/")}
+    assert left == set(versions[2:])
+    assert sorted(p.name for p in staging.iterdir()) == versions[2:]
+    # A caller's own directory is left alone.
+    assert steps.prune_bundles(lake, None, keep=1) == versions[2:4]
+    assert sorted(p.name for p in staging.iterdir()) == versions[2:]

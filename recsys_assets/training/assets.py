@@ -262,7 +262,9 @@ def recommender_model(
     context: dg.AssetExecutionContext, lake: LakeResource, training: TrainingConfig
 ) -> dg.MaterializeResult:
     staging = training.cache() / "bundles"
-    bundle, manifest = steps.run_recommender_model(lake.get(), training.params(), staging)
+    bundle, manifest = steps.run_recommender_model(
+        lake.get(), training.params(), staging, prune_staging=True
+    )
     metrics = {k: v for k, v in manifest["metrics"].items() if not isinstance(v, dict)}
     return dg.MaterializeResult(
         metadata={

@@ -66,6 +66,7 @@ from recsys_serving.model.bundle import (
     MANIFEST,
     BundleError,
     BundleWriter,
+    is_version,
     new_version,
     verify_bundle,
 )
@@ -91,6 +92,7 @@ RANKING_DATASET = "ranking_dataset"
 RANKING_MODEL = "ranking_model"
 RECOMMENDER = "recommender_model"
 EVALUATION = "model_evaluation"
+KEEP_BUNDLES = 3  # training bundles kept for hand-over (the registry has its own copies)
 
 
 # ------------------------------------------------------------------ shared loading
@@ -358,13 +360,19 @@ def load_ranker(lake: Lake) -> Ranker:
 
 
 def run_recommender_model(
-    lake: Lake, params: TrainingParams, staging: Path, version: str | None = None
+    lake: Lake,
+    params: TrainingParams,
+    staging: Path,
+    version: str | None = None,
+    prune_staging: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
     """Evaluate the challenger on the holdout, then write the served bundle.
 
     The bundle is written under ``staging`` and copied to the lake at
     ``training/recommender_model/bundles/<version>/`` (manifest last), with
     ``latest.json`` naming it, so the registration step finds it from any process.
+    Older training bundles are pruned from the lake (and from ``staging`` when
+    ``prune_staging``: the assets' own cache, never a caller's directory).
     """
     prep = load_prepared(lake)
     ranker = load_ranker(lake)
@@ -410,7 +418,33 @@ def run_recommender_model(
         writer.manifest.update(manifest)
     upload_bundle(lake, target)
     art.put_json(lake, art.key(RECOMMENDER, "latest.json"), {"version": version})
+    prune_bundles(lake, staging if prune_staging else None, keep=KEEP_BUNDLES)
     return target, writer.manifest
+
+
+def prune_bundles(lake: Lake, staging: Path | None, keep: int) -> list[str]:
+    """Drop all but the newest ``keep`` training bundles (in the lake, and in
+    ``staging`` when given).
+
+    Every retraining writes one; the registry keeps its own copy of each registered
+    version, so these are only the hand-over between assets and can go.
+    """
+    prefix = art.key(RECOMMENDER, "bundles/")
+    versions = sorted(
+        {o.key[len(prefix) :].split("/")[0] for o in lake.list(prefix) if o.key != prefix}
+    )
+    removed = [v for v in versions if is_version(v)][:-keep] if keep > 0 else []
+    for version in removed:
+        for obj in list(lake.list(f"{prefix}{version}/")):
+            lake.delete(obj.key)
+        local = lake.local_path(f"{prefix}{version}")
+        if local is not None and local.exists():
+            shutil.rmtree(local, ignore_errors=True)
+    if staging is not None:
+        staged = sorted(p for p in staging.iterdir() if p.is_dir() and is_version(p.name))
+        for path in staged[:-keep] if keep > 0 else []:
+            shutil.rmtree(path, ignore_errors=True)
+    return removed
 
 
 def upload_bundle(lake: Lake, bundle: Path) -> str:
