@@ -133,7 +133,7 @@ def stop_previous(path: Path) -> int:
     """End the background processes a previous demo left running (by their recorded id)."""
     if not path.exists():
         return 0
-    stopped = 0
+    stopped: list[int] = []
     for record in orjson.loads(path.read_bytes()):
         pid = int(record["pid"])
         try:
@@ -143,13 +143,22 @@ def stop_previous(path: Path) -> int:
         if "recsys" not in cmdline and "dagster" not in cmdline:
             continue  # the id was reused by an unrelated process: leave it alone
         _stop_group(pid)
-        stopped += 1
+        stopped.append(pid)
     deadline = time.time() + 30
-    for record in orjson.loads(path.read_bytes()):
-        while Path(f"/proc/{record['pid']}").exists() and time.time() < deadline:
+    for pid in stopped:
+        while _alive(pid) and time.time() < deadline:
             time.sleep(0.2)
     path.unlink(missing_ok=True)
-    return stopped
+    return len(stopped)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent to reap it counts as ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def _port_free(port: int) -> bool:
@@ -215,8 +224,6 @@ class LoopWatcher:
     def poll(self) -> None:
         from recsys_assets.monitoring.promotion import read_decisions
 
-        if self.instance is not None:
-            self._poll_runs()
         for d in read_decisions(self.lake, since=self.since):
             key = f"{d['at']}-{d['action']}"
             if key in self.seen:
@@ -230,6 +237,8 @@ class LoopWatcher:
                 f"{(d.get('version') or '')[-8:]:<8}  {d['reason'][:150]}",
                 highlight=False,
             )
+        if self.instance is not None:
+            self._poll_runs()
 
     def _poll_runs(self) -> None:
         import dagster as dg
@@ -299,7 +308,7 @@ def demo(
     rps: Annotated[float, typer.Option(help="Live recommendation requests per second.")] = 20,
     drift_after: Annotated[
         float, typer.Option(help="Seconds of live traffic before the drift.")
-    ] = 90,
+    ] = 120,
     max_live: Annotated[float, typer.Option(help="Longest live phase, seconds.")] = 480,
     port: Annotated[int, typer.Option(help="Port of the recommendation service.")] = 8000,
     ui_port: Annotated[int, typer.Option(help="Port of the Dagster UI.")] = 3000,

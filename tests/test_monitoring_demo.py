@@ -1,0 +1,59 @@
+"""The demo's plumbing: its closed-loop environment really configures Settings (a typo
+in a RECSYS_* name would be ignored silently), and `recsys demo --stop` ends the
+processes a demo recorded, and only those."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from recsys_assets.cli.demo import loop_environment, stop_previous
+from recsys_serving.settings import Settings
+
+
+def test_loop_environment_names_real_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = loop_environment(18000)
+    fields = set(Settings.model_fields)
+    # RECSYS_LOG_LEVEL is read by the logging setup, not by Settings.
+    unknown = [
+        k for k in env if k != "RECSYS_LOG_LEVEL" if k.removeprefix("RECSYS_").lower() not in fields
+    ]
+    assert unknown == []
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert settings.canary_ramp == [0.25, 0.5, 1.0]
+    assert settings.ctr_bucket_seconds == 10 and settings.closed_loop_tick_seconds == 10
+    assert settings.service_metrics_url == "http://127.0.0.1:18000/metrics"
+    assert settings.nightly_retrain_enabled is False
+    assert settings.train_window_days == pytest.approx(0.01)
+
+
+def test_stop_ends_recorded_demo_processes_only(tmp_path: Path) -> None:
+    ours = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)", "recsys-demo-test"],
+        start_new_session=True,
+    )
+    stranger = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True
+    )
+    pid_file = tmp_path / "processes.json"
+    try:
+        records = [{"name": "serve", "pid": ours.pid}, {"name": "other", "pid": stranger.pid}]
+        pid_file.write_bytes(orjson.dumps(records))
+        assert stop_previous(pid_file) == 1
+        assert ours.wait(timeout=10) is not None
+        time.sleep(0.2)
+        assert stranger.poll() is None  # its id is in the file, but it is not a demo process
+        assert not pid_file.exists()
+        assert stop_previous(pid_file) == 0
+    finally:
+        for proc in (ours, stranger):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
