@@ -38,8 +38,12 @@ def serving_client(settings: Settings, **app_kwargs: Any) -> Iterator[TestClient
 
 
 @contextmanager
-def running_app(app: Any) -> Iterator[str]:
-    """Serve ``app`` with a real uvicorn server on 127.0.0.1 in a thread; yields the URL."""
+def running_app(app: Any, wait_ready: bool = True) -> Iterator[str]:
+    """Serve ``app`` with a real uvicorn server on 127.0.0.1 in a thread; yields the URL.
+
+    The model loads in the background after start-up, so by default this also waits
+    until the full service is ready (a model is loaded): requests sent earlier get 503.
+    """
     import threading
     import time
 
@@ -59,6 +63,11 @@ def running_app(app: Any) -> Iterator[str]:
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.02)
     try:
+        manager = getattr(app.state, "manager", None)
+        while wait_ready and manager is not None and not manager.state.ready:
+            if time.time() > deadline + 30:
+                raise RuntimeError("the service loaded no model within 60 s")
+            time.sleep(0.05)
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
