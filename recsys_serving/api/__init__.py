@@ -1,1 +1,1 @@
-"""HTTP API: the event collector now, the recommendation service as it grows."""
+"""HTTP API: the recommendation service and the collector (``app.create_app``)."""
