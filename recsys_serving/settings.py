@@ -164,6 +164,10 @@ class Settings(BaseSettings):
     retrain_cooldown_minutes: float = Field(
         default=60.0, description="After a triggered retraining, no new trigger for this long."
     )
+    retrain_data_wait_minutes: float = Field(
+        default=5.0,
+        description="After a drop, wait this long at most for weblogs covering it to be processed.",
+    )
     canary_min_impressions: int = Field(
         default=1000, description="Impressions per arm before the canary judge decides."
     )
