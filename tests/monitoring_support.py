@@ -92,6 +92,7 @@ def closed_loop_config(**overrides: Any) -> ClosedLoopConfig:
         "ctr_min_relative_drop": 0.1,
         "ctr_click_delay_seconds": 0,
         "retrain_cooldown_minutes": 30,
+        "landing_segment_max_age_seconds": 0,
         "canary_ramp": [0.1, 0.5, 1.0],
         "canary_min_impressions": 800,
         "canary_alpha": 0.05,

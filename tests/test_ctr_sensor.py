@@ -5,6 +5,7 @@ survives a daemon restart."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,6 +33,17 @@ def _stand_in() -> None:
 @dg.job(name="retrain_job", tags={"recsys/pipeline": "retrain"})
 def retrain_job() -> None:
     _stand_in()
+
+
+@dg.job(name="weblogs_job")
+def weblogs_job() -> None:
+    _stand_in()
+
+
+def weblogs_processed(instance: dg.DagsterInstance) -> None:
+    """What the landing sensor's runs leave in the instance: a successful weblogs run."""
+    time.sleep(0.01)
+    assert weblogs_job.execute_in_process(instance=instance).success
 
 
 class World:
@@ -76,8 +88,15 @@ def test_a_real_drop_launches_one_retraining_with_its_evidence(
 ) -> None:
     world = World(tmp_path, alert_webhook_server.url)
     world.feedback([0.08] * 33 + [0.03] * 12)
-    result = world.tick(instance)
+    # Confirmed, but the weblogs that show it are not processed yet: wait for them.
+    waiting = world.tick(instance)
+    assert not waiting.run_requests
+    assert "waiting for weblogs processed after" in (waiting.skip_message or "")
+    assert DropCursor.parse(waiting.cursor).pending_since is not None
+    weblogs_processed(instance)
+    result = world.tick(instance, waiting.cursor)
     assert len(result.run_requests) == 1
+    assert DropCursor.parse(result.cursor).pending_since is None
     request = result.run_requests[0]
     tags = request.tags
     assert request.run_key.startswith(f"ctr-drop-{world.v1}-")
@@ -112,11 +131,13 @@ def test_a_real_drop_launches_one_retraining_with_its_evidence(
     # A cursor about a model this lake never had (a fresh lake) imposes no cool-down.
     foreign = DropCursor.parse(result.cursor)
     foreign.last_version = "v20200101000000-00000000"
+    weblogs_processed(instance)
     assert len(world.tick(instance, foreign.dump()).run_requests) == 1
 
     # Once the cool-down is over a drop that is still there may retrain again.
     expired = DropCursor.parse(result.cursor)
     expired.last_trigger_at = (world.now - timedelta(minutes=31)).isoformat()
+    weblogs_processed(instance)
     later = world.tick(instance, expired.dump())
     assert len(later.run_requests) == 1
 
@@ -147,7 +168,24 @@ def test_holds_while_a_retraining_runs_or_a_canary_is_judged(
     held = world.tick(instance)
     assert not held.run_requests and "canary" in (held.skip_message or "")
     world.registry.clear_alias(CANDIDATE, reason="test")
+    weblogs_processed(instance)
     assert len(world.tick(instance).run_requests) == 1
+
+
+def test_a_drop_whose_weblogs_never_get_processed_still_retrains_after_the_wait(
+    tmp_path: Path, instance: dg.DagsterInstance
+) -> None:
+    world = World(tmp_path)
+    world.feedback([0.08] * 33 + [0.03] * 12)
+    waiting = world.tick(instance)
+    assert not waiting.run_requests
+    stale = DropCursor.parse(waiting.cursor)
+    stale.pending_since = (world.now - timedelta(minutes=6)).isoformat()
+    assert len(world.tick(instance, stale.dump()).run_requests) == 1
+    # A drop that goes away clears the pending state.
+    calm = World(tmp_path / "calm")
+    calm.feedback([0.08] * 45)
+    assert DropCursor.parse(calm.tick(instance, waiting.cursor).cursor).pending_since is None
 
 
 def test_a_newly_promoted_model_is_not_blamed_for_its_predecessor(

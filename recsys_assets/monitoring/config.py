@@ -28,6 +28,8 @@ class ClosedLoopConfig(dg.ConfigurableResource):
     ctr_min_relative_drop: float = 0.10
     ctr_click_delay_seconds: float = 60.0
     retrain_cooldown_minutes: float = 60.0
+    retrain_data_wait_minutes: float = 5.0
+    landing_segment_max_age_seconds: float = 10.0
     canary_ramp: list[float] = Field(default_factory=lambda: [0.1, 0.5, 1.0])
     canary_min_impressions: int = 1000
     canary_alpha: float = 0.05
@@ -46,6 +48,8 @@ class ClosedLoopConfig(dg.ConfigurableResource):
             ctr_min_relative_drop=settings.ctr_min_relative_drop,
             ctr_click_delay_seconds=settings.ctr_click_delay_seconds,
             retrain_cooldown_minutes=settings.retrain_cooldown_minutes,
+            retrain_data_wait_minutes=settings.retrain_data_wait_minutes,
+            landing_segment_max_age_seconds=settings.landing_segment_max_age_seconds,
             canary_ramp=list(settings.canary_ramp),
             canary_min_impressions=settings.canary_min_impressions,
             canary_alpha=settings.canary_alpha,

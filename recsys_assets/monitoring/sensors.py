@@ -22,6 +22,7 @@ Each decision is reported as a ``production_model`` materialization (or an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -45,6 +46,7 @@ from recsys_serving.lake import Lake
 from recsys_serving.registry import CANDIDATE, PRODUCTION, ModelRegistry
 
 RETRAIN_JOB = "retrain_job"
+WEBLOGS_JOB = "weblogs_job"
 PIPELINE_TAG = "recsys/pipeline"
 RETRAIN_PIPELINE = "retrain"
 TRIGGER_TAG = "recsys/trigger"
@@ -59,6 +61,24 @@ IN_PROGRESS = [
     dg.DagsterRunStatus.STARTING,
     dg.DagsterRunStatus.STARTED,
 ]
+
+
+def weblogs_processed_since(instance: dg.DagsterInstance) -> Callable[[datetime], bool]:
+    """Whether a weblogs run that began after ``t`` has succeeded (it read every landing
+    file sealed before it began, so its partitions hold everything up to ``t``)."""
+
+    def check(since: datetime) -> bool:
+        records = instance.get_run_records(
+            filters=dg.RunsFilter(
+                job_name=WEBLOGS_JOB,
+                statuses=[dg.DagsterRunStatus.SUCCESS],
+                created_after=since,
+            ),
+            limit=1,
+        )
+        return bool(records)
+
+    return check
 
 
 def retrain_in_progress(instance: dg.DagsterInstance) -> str | None:
@@ -94,6 +114,9 @@ class DropCursor:
     last_version: str | None = None
     last_outcome: str | None = None
     triggers: int = 0
+    # A confirmed drop waiting for the weblogs that show it to be processed.
+    pending_since: str | None = None
+    pending_version: str | None = None
 
     @classmethod
     def parse(cls, raw: str | None) -> DropCursor:
@@ -126,8 +149,16 @@ def evaluate_drop(
     now: datetime,
     *,
     running_retrain: str | None,
+    weblogs_processed_since: Callable[[datetime], bool] | None = None,
 ) -> DropTick:
-    """One tick of the drop sensor's logic; updates ``cursor`` when it triggers."""
+    """One tick of the drop sensor's logic; updates ``cursor`` when it triggers.
+
+    A confirmed drop launches the retraining only once processed weblogs cover it
+    (``weblogs_processed_since(t)``: a successful weblogs run began after ``t``, the end
+    of the drop's window plus the landing segments' age), or after
+    ``retrain_data_wait_minutes``: the retraining reads processed partitions, and one
+    that starts before the drift has been processed learns the world that no longer is.
+    """
     registry = ModelRegistry(lake)
     if cursor.last_version and not registry.exists(cursor.last_version):
         # The cursor speaks of a model this lake never had (a fresh lake, or a new
@@ -149,8 +180,25 @@ def evaluate_drop(
     verdict = drop_test(series, production.version if production else None, now, policy)
     cursor.last_outcome = verdict.outcome
     if not verdict.dropped:
+        cursor.pending_since = cursor.pending_version = None
         return DropTick(verdict.describe(), verdict)
     assert verdict.recent is not None and verdict.baseline is not None
+    if cursor.pending_since is None or cursor.pending_version != verdict.model_version:
+        settle = timedelta(seconds=config.landing_segment_max_age_seconds)
+        cursor.pending_since = (verdict.recent.end + settle).isoformat()
+        cursor.pending_version = verdict.model_version
+    needed = datetime.fromisoformat(cursor.pending_since)
+    waited_enough = now >= needed + timedelta(minutes=config.retrain_data_wait_minutes)
+    if (
+        weblogs_processed_since is not None
+        and not waited_enough
+        and not weblogs_processed_since(needed)
+    ):
+        return DropTick(
+            f"{verdict.describe()}; waiting for weblogs processed after "
+            f"{needed:%H:%M:%S}Z before retraining",
+            verdict,
+        )
     run_key = f"ctr-drop-{verdict.model_version}-{verdict.recent.start:%Y%m%dT%H%M%SZ}"
     ev = verdict.evidence()
     tags = {
@@ -172,6 +220,7 @@ def evaluate_drop(
     cursor.last_run_key = run_key
     cursor.last_version = verdict.model_version
     cursor.triggers += 1
+    cursor.pending_since = cursor.pending_version = None
     return DropTick(None, verdict, run_key, tags)
 
 
@@ -206,6 +255,7 @@ def build_ctr_drop_sensor(tick_seconds: int) -> dg.SensorDefinition:
             cursor,
             now,
             running_retrain=retrain_in_progress(context.instance),
+            weblogs_processed_since=weblogs_processed_since(context.instance),
         )
         if tick.run_key is None:
             return dg.SensorResult(skip_reason=tick.skip_reason, cursor=cursor.dump())
