@@ -11,11 +11,13 @@ then refitted on the whole training period:
 * item-kNN (implicit's cosine / BM25 / TF-IDF item-item with K neighbours).
 
 Users unknown to a baseline get its most popular unseen items (the same fallback the
-two-stage model has). Worlds come from the project simulator, in two flavours:
+two-stage model has). Worlds come from the project simulator, in three flavours:
 
 * ``weblogs``: the full simulated clickstream (impressions, clicks, funnel, ratings);
 * ``ratings``: one rating per (user, item) with no impressions and no sessions, the
-  shape of a public ratings dataset such as MovieLens.
+  shape of a public ratings dataset such as MovieLens;
+* ``organic``: users choose what they rate by taste (no logging policy), the regime
+  where collaborative baselines are strong (see :func:`organic`).
 
 Usage::
 
@@ -126,6 +128,86 @@ def _ts(value: Any) -> float:
     if isinstance(value, int | float):
         return float(value)
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def organic(size: str, seed: int) -> World:
+    """Users choose what to rate themselves, by taste: no logging policy, no exposure.
+
+    Each user rates a lognormal number of items drawn without replacement with
+    probability proportional to ``relevance ** 3`` under the simulator's ground truth
+    (taste dominates, popularity only through the item bias), at random times over
+    the period, valued 1-5 from relevance. Collaborative signals (ALS, item-kNN) are
+    strong here, as on public rating logs, unlike in the exposure-driven clickstream.
+    """
+    from recsys_assets.simulation.truth import GroundTruth
+
+    shape = SIZES[size]
+    start = END.timestamp() - shape["days"] * 86_400
+    truth = GroundTruth.generate(
+        shape["n_users"],
+        shape["n_items"],
+        shape["n_categories"],
+        seed,
+        datetime.fromtimestamp(start, tz=UTC),
+        END,
+    )
+    rng = np.random.default_rng([seed, 0x0E6A])
+    per_user = np.clip(rng.lognormal(3.0, 0.8, size=truth.n_users), 5, 300).astype(int)
+    users, items, ts, values = [], [], [], []
+    for lo in range(0, truth.n_users, 512):
+        block = np.arange(lo, min(lo + 512, truth.n_users))
+        rel = truth.relevance_matrix(block)
+        gumbel = -np.log(-np.log(rng.random(rel.shape)))
+        keys = 3.0 * np.log(rel) + gumbel
+        for row, user in enumerate(block.tolist()):
+            n = min(int(per_user[user]), truth.n_items)
+            chosen = np.argpartition(-keys[row], n - 1)[:n]
+            when = np.sort(rng.uniform(start, END.timestamp(), size=n))
+            noise = rng.normal(0.0, 0.7, size=n)
+            stars = np.clip(np.rint(1 + 4 * rel[row, chosen] + noise), 1, 5)
+            users += [user] * n
+            items += chosen.tolist()
+            ts += when.tolist()
+            values += stars.tolist()
+    n = len(users)
+    events = (
+        pl.DataFrame(
+            {
+                "event_id": [f"o{k}" for k in range(n)],
+                "event_type": ["rating"] * n,
+                "user_id": truth.format_user_ids(np.asarray(users)).tolist(),
+                "item_id": truth.format_item_ids(np.asarray(items)).tolist(),
+                "ts": (np.asarray(ts) * 1e6).astype(np.int64),
+                "session_id": [None] * n,
+                "request_id": [None] * n,
+                "position": [None] * n,
+                "value": values,
+                "model_version": [None] * n,
+                "context": [None] * n,
+            },
+            schema_overrides={
+                "session_id": pl.String,
+                "request_id": pl.String,
+                "position": pl.Int32,
+                "model_version": pl.String,
+                "context": pl.String,
+            },
+        )
+        .with_columns(pl.col("ts").cast(pl.Datetime("us", "UTC")))
+        .sort("ts", "event_id")
+    )
+    cat_ids = truth.category_ids
+    items_frame = pl.DataFrame(
+        {
+            "item_id": truth.item_ids,
+            "title": [f"item {i}" for i in range(truth.n_items)],
+            "categories": [[cat_ids[c] for c in row if c >= 0] for row in truth.item_categories],
+            "published_at": [None] * truth.n_items,
+            "attributes": ["{}"] * truth.n_items,
+        },
+        schema_overrides={"published_at": pl.Datetime("us", "UTC")},
+    )
+    return World(f"organic-{size}-s{seed}", events, items_frame)
 
 
 def as_ratings(world: World) -> World:
@@ -368,7 +450,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one small world, one seed")
     parser.add_argument("--sizes", default="small,medium")
     parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--flavours", default="weblogs,ratings")
+    parser.add_argument("--flavours", default="weblogs,ratings,organic")
     parser.add_argument("--params", default="{}", help="TrainingParams overrides (JSON)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -380,9 +462,13 @@ def main() -> None:
     workroot = Path(tempfile.mkdtemp(prefix="recsys-quality-"))
     try:
         for size, seed in itertools.product(sizes, seeds):
-            base = simulate(size, seed, workroot / f"{size}-{seed}")
+            base = None
             for flavour in flavours:
-                world = base if flavour == "weblogs" else as_ratings(base)
+                if flavour == "organic":
+                    world = organic(size, seed)
+                else:
+                    base = base or simulate(size, seed, workroot / f"{size}-{seed}")
+                    world = base if flavour == "weblogs" else as_ratings(base)
                 started = time.perf_counter()
                 row = run_world(world, workroot, args.quick, overrides)
                 row["seconds"] = round(time.perf_counter() - started, 1)

@@ -70,7 +70,7 @@ class TrainingParams:
     covis_window: int = 5  # pairs up to this many events apart in a session
     covis_backward_weight: float = 0.5  # b seen before a counts this much for a -> b
     covis_top: int = 50  # neighbours kept per item
-    knn_neighbours: int = 50  # item-item cosine neighbours kept per item
+    knn_neighbours: int = 200  # item-item cosine neighbours kept per item
     # User state.
     recent_items: int = 20
     recent_decay: float = 0.85  # weight of the r-th newest item: decay ** r
@@ -89,6 +89,7 @@ class TrainingParams:
     lgb_feature_fraction: float = 0.9
     lgb_bagging_fraction: float = 0.8
     lgb_lambda_l2: float = 1.0
+    lgb_monotone: bool = False  # score non-decreasing in the similarity features
     ranker_refit: bool = False  # after early stopping, refit on all users with best rounds
     # Evaluation.
     eval_k: int = 10

@@ -205,6 +205,28 @@ def build_ranking_dataset(
     )
 
 
+# Similarity features the score may only grow with: a guard against the ranker
+# learning noise where its data is thin (it keeps the retrievers' own orderings).
+MONOTONE = frozenset(
+    {
+        "als_score",
+        "als_cosine",
+        "covis_sum",
+        "covis_max",
+        "knn_sum",
+        "knn_max",
+        "knn_history",
+        "covis_rel",
+        "knn_rel",
+        "knn_history_rel",
+        "last_item_sim",
+        "recent_sim",
+        "cat_affinity",
+        "cat_affinity_recent",
+    }
+)
+
+
 @dataclass
 class RankerFit:
     booster: Any
@@ -247,6 +269,14 @@ def train_ranker(dataset: RankingDataset, params: TrainingParams) -> RankerFit:
         "bagging_fraction": params.lgb_bagging_fraction,
         "bagging_freq": 1,
         "lambda_l2": params.lgb_lambda_l2,
+        **(
+            {
+                "monotone_constraints": [int(n in MONOTONE) for n in names],
+                "monotone_constraints_method": "advanced",
+            }
+            if params.lgb_monotone
+            else {}
+        ),
         "num_threads": params.resolved_threads,
         "seed": params.seed,
         "deterministic": True,

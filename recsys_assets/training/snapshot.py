@@ -217,20 +217,26 @@ def affinities(
 def seen_and_recent(
     enc: Encoded, n_users: int, as_of: float, params: TrainingParams
 ) -> tuple[Ragged, Ragged]:
+    """Seen items per user with their (decayed, log-damped) weight, and the most recent
+    distinct items with recency weights ``recent_decay ** rank``."""
     mask = enc.ts < as_of
+    n_items = int(enc.item.max(initial=-1)) + 1
+    weight = enc.weight[mask] * decay_weights(
+        enc.ts[mask], as_of, params.interaction_half_life_days
+    )
+    keys, sums = sum_by_key(enc.user[mask] * np.int64(max(n_items, 1)) + enc.item[mask], weight)
+    seen_r = Ragged.from_sorted_pairs(
+        n_users,
+        keys // max(n_items, 1),
+        keys % max(n_items, 1),
+        np.log1p(sums).astype(np.float32),
+    )
     frame = pl.DataFrame({"u": enc.user[mask], "i": enc.item[mask], "t": enc.ts[mask]})
     last = frame.group_by("u", "i").agg(pl.col("t").max())
-    seen = last.sort("u", "i")
     recent = (
         last.sort(["u", "t", "i"], descending=[False, True, False])
         .with_columns(pl.int_range(pl.len()).over("u").alias("r"))
         .filter(pl.col("r") < params.recent_items)
-    )
-    seen_r = Ragged.from_sorted_pairs(
-        n_users,
-        seen["u"].to_numpy().astype(np.int64),
-        seen["i"].to_numpy().astype(np.int64),
-        np.ones(seen.height, dtype=np.float32),
     )
     recent_r = Ragged.from_sorted_pairs(
         n_users,

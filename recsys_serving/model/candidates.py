@@ -5,7 +5,8 @@ Sources, each with a quota (a share of the pool, in ``state.params["candidates"]
 * ``als``: top inner products with the user's ALS vector (the embedded index, or
   an external :class:`~recsys_serving.index.base.CandidateIndex` such as Elasticsearch);
 * ``covis``: items co-visited in sessions with the user's recent items;
-* ``knn``: items whose audiences overlap most (cosine) with the recent items';
+* ``knn``: items whose audiences overlap most (cosine) with the user's history (the
+  item-kNN ranking) and with the recent items;
 * ``category``: popular items in the user's strongest categories (or the requested
   ones, or a document's interests for a cold user; several categories for diversity);
 * ``popular`` and ``trending``: overall and recent-window popularity;
@@ -32,12 +33,12 @@ from recsys_serving.model.state import IntArray, ModelState
 ALS, COVIS, CATEGORY, POPULAR, TRENDING, FRESH, KNN = range(7)
 SOURCE_NAMES = ("als", "covis", "category", "popular", "trending", "fresh", "knn")
 DEFAULT_QUOTAS: dict[str, float] = {
-    "als": 0.30,
-    "covis": 0.18,
-    "knn": 0.18,
+    "als": 0.25,
+    "knn": 0.25,
+    "covis": 0.15,
     "category": 0.10,
     "popular": 0.10,
-    "trending": 0.07,
+    "trending": 0.08,
     "fresh": 0.07,
 }
 DEFAULT_POOL = 200
@@ -189,8 +190,17 @@ def generate(
         )
         add(rows, COVIS, refr)
 
-    if ctx.knn_items.size and want["knn"] > 0:
-        rows, refr = _best(ctx.knn_items, ctx.knn_sum, ctx.knn_ref, allowed, want["knn"], taken)
+    if ctx.history_items.size and want["knn"] > 0:
+        # Half by similarity to the whole history (the item-kNN ranking), half to the
+        # most recent items (what the user is into right now).
+        whole = want["knn"] - want["knn"] // 2
+        rows, _ = _best(
+            ctx.history_items, ctx.history_sum, ctx.history_items, allowed, whole, taken
+        )
+        add(rows, KNN, ctx.history_refs(rows))
+        rows, refr = _best(
+            ctx.knn_items, ctx.knn_sum, ctx.knn_ref, allowed, want["knn"] // 2, taken
+        )
         add(rows, KNN, refr)
 
     if categories is not None and categories.size:

@@ -16,6 +16,8 @@ import numpy as np
 from recsys_serving.model.state import FloatArray, IntArray, ModelState, Ragged
 
 _EMPTY_I = np.empty(0, dtype=np.int64)
+# History items (strongest first) whose neighbours make a user's item-kNN score.
+HISTORY_ITEMS = 100
 _EMPTY_F = np.empty(0, dtype=np.float32)
 # Keys of a user document (from the document store) that may name preferred
 # categories; used only for users without history (cold start).
@@ -41,12 +43,31 @@ class UserContext:
     knn_sum: FloatArray
     knn_max: FloatArray
     knn_ref: IntArray
+    # The item-kNN baseline's own score: weighted similarity to the whole history
+    # (its HISTORY_ITEMS strongest items); ``history_entries`` = (neighbour, weighted
+    # similarity, source item) for explaining a few of them (:meth:`history_refs`).
+    history_items: IntArray
+    history_sum: FloatArray
+    history_entries: tuple[IntArray, FloatArray, IntArray]
     last_vector: FloatArray | None  # unit vector of the newest item
     recent_vector: FloatArray | None  # unit mean vector of the recent items
 
     @property
     def known(self) -> bool:
         return self.row is not None
+
+    def history_refs(self, rows: list[int]) -> list[int]:
+        """For each item row, the history item contributing most to its kNN score."""
+        neighbour, score, source = self.history_entries
+        if not rows or neighbour.size == 0:
+            return [-1] * len(rows)
+        mask = np.isin(neighbour, rows)
+        nb, sc, src = neighbour[mask], score[mask], source[mask]
+        best: dict[int, tuple[float, int]] = {}
+        for n, c, r in zip(nb.tolist(), sc.tolist(), src.tolist(), strict=True):
+            if n not in best or c > best[n][0] or (c == best[n][0] and r < best[n][1]):
+                best[n] = (c, r)
+        return [best[r][1] if r in best else -1 for r in rows]
 
     def top_categories(self, n: int) -> IntArray:
         """The user's strongest categories, recent behaviour first."""
@@ -113,14 +134,18 @@ def user_context(
             knn_sum=_EMPTY_F,
             knn_max=_EMPTY_F,
             knn_ref=_EMPTY_I,
+            history_items=_EMPTY_I,
+            history_sum=_EMPTY_F,
+            history_entries=(_EMPTY_I, _EMPTY_F, _EMPTY_I),
             last_vector=None,
             recent_vector=None,
         )
     vector = state.user_factors[row]
-    seen, _ = state.seen.row(row)
+    seen, seen_weights = state.seen.row(row)
     recent, weights = state.recent.row(row)
     covis_items, covis_sum, covis_max, covis_ref = _neighbours(state.covisit, recent, weights)
     knn_items, knn_sum, knn_max, knn_ref = _neighbours(state.item_knn, recent, weights)
+    history_items, history_sum, history_entries = _history(state, seen, seen_weights)
     factors = state.item_factors
     last_vector = _unit(factors[recent[0]]) if recent.size else None
     recent_vector = None
@@ -142,9 +167,42 @@ def user_context(
         knn_sum=knn_sum,
         knn_max=knn_max,
         knn_ref=knn_ref,
+        history_items=history_items,
+        history_sum=history_sum,
+        history_entries=history_entries,
         last_vector=last_vector,
         recent_vector=recent_vector,
     )
+
+
+def _gather(graph: Ragged, rows: IntArray) -> tuple[IntArray, IntArray]:
+    """Positions of every entry of ``rows`` in ``graph`` and the row each came from."""
+    lo, hi = graph.indptr[rows], graph.indptr[rows + 1]
+    lengths = hi - lo
+    total = int(lengths.sum())
+    starts = np.repeat(lo - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    return starts + np.arange(total), np.repeat(np.arange(rows.size), lengths)
+
+
+def _history(
+    state: ModelState, seen: IntArray, weights: FloatArray
+) -> tuple[IntArray, FloatArray, tuple[IntArray, FloatArray, IntArray]]:
+    """Item-kNN scores of the user's history: sum over history items of weight x cosine.
+
+    Dense accumulation over the catalogue (one bincount) is cheaper than sorting the
+    tens of thousands of (history item, neighbour) pairs of a heavy user.
+    """
+    if not seen.size:
+        return _EMPTY_I, _EMPTY_F, (_EMPTY_I, _EMPTY_F, _EMPTY_I)
+    if seen.size > HISTORY_ITEMS:
+        keep = np.sort(np.argpartition(-weights, HISTORY_ITEMS - 1)[:HISTORY_ITEMS])
+        seen, weights = seen[keep], weights[keep]
+    pos, owner = _gather(state.item_knn, seen)
+    neighbour = state.item_knn.indices[pos]
+    score = (state.item_knn.data[pos] * weights[owner]).astype(np.float32)
+    dense = np.bincount(neighbour, weights=score, minlength=state.n_items)
+    items = np.flatnonzero(dense).astype(np.int64)
+    return items, dense[items].astype(np.float32), (neighbour, score, seen[owner])
 
 
 def _neighbours(

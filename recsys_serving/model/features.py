@@ -50,6 +50,12 @@ PAIR_FEATURES: tuple[str, ...] = (
     "covis_max",
     "knn_sum",  # item-item cosine similarity to the user's recent items, recency-weighted
     "knn_max",
+    "knn_history",  # item-kNN score over the whole history (weighted by interaction strength)
+    # The same three scores relative to the user's best (scales differ between users;
+    # trees split on absolute values, so per-user ratios are easier to use).
+    "covis_rel",
+    "knn_rel",
+    "knn_history_rel",
     "last_item_sim",  # cosine to the user's newest item
     "recent_sim",  # cosine to the mean of the user's recent items
     "cat_affinity",  # the user's share of interactions in the item's categories
@@ -119,6 +125,13 @@ def _lookup(
     return out_sum, out_max
 
 
+def _top(values: npt.NDArray[np.float32]) -> float:
+    """The user's largest aggregate score (over every neighbour, not just candidates,
+    so the ratio does not depend on which candidates were drawn); 1 when none."""
+    top = float(values.max()) if values.size else 0.0
+    return top if top > 0 else 1.0
+
+
 def assemble_features(
     state: ModelState, ctx: UserContext, items: IntArray
 ) -> npt.NDArray[np.float32]:
@@ -136,17 +149,22 @@ def assemble_features(
         als = cosine = np.zeros(n, dtype=np.float32)
     covis_sum, covis_max = _lookup(ctx.covis_items, ctx.covis_sum, ctx.covis_max, items)
     knn_sum, knn_max = _lookup(ctx.knn_items, ctx.knn_sum, ctx.knn_max, items)
+    history, _ = _lookup(ctx.history_items, ctx.history_sum, ctx.history_sum, items)
     out[:, 0] = als
     out[:, 1] = cosine
     out[:, 2] = covis_sum
     out[:, 3] = covis_max
     out[:, 4] = knn_sum
     out[:, 5] = knn_max
-    out[:, 6] = _cosine(vectors, norms, ctx.last_vector)
-    out[:, 7] = _cosine(vectors, norms, ctx.recent_vector)
-    out[:, 8] = _affinity(state, ctx.affinity, items)
-    out[:, 9] = _affinity(state, ctx.affinity_recent, items)
-    out[:, 10] = 1.0 if ctx.known else 0.0
+    out[:, 6] = history
+    out[:, 7] = covis_sum / _top(ctx.covis_sum)
+    out[:, 8] = knn_sum / _top(ctx.knn_sum)
+    out[:, 9] = history / _top(ctx.history_sum)
+    out[:, 10] = _cosine(vectors, norms, ctx.last_vector)
+    out[:, 11] = _cosine(vectors, norms, ctx.recent_vector)
+    out[:, 12] = _affinity(state, ctx.affinity, items)
+    out[:, 13] = _affinity(state, ctx.affinity_recent, items)
+    out[:, 14] = 1.0 if ctx.known else 0.0
     p = len(PAIR_FEATURES)
     out[:, p : p + len(ITEM_COLUMNS)] = state.item_table[items]
     u0 = p + len(ITEM_COLUMNS)

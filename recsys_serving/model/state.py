@@ -97,7 +97,7 @@ class ModelState:
     item_categories: Ragged  # item row -> category indices (primary first)
     user_affinity: Ragged  # user row -> (category, share) over the whole window
     user_affinity_recent: Ragged  # the same over the recent window
-    seen: Ragged  # user row -> item rows interacted with (sorted)
+    seen: Ragged  # user row -> item rows interacted with (sorted), log-damped weight
     recent: Ragged  # user row -> most recent distinct item rows, newest first, weights
     covisit: Ragged  # item row -> neighbour item rows by co-visitation score, desc
     item_knn: Ragged  # item row -> neighbour item rows by cosine similarity, desc
