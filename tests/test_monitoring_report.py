@@ -34,6 +34,13 @@ def synthetic_timeline(path: Path) -> None:
                 "oracle_ctr": 0.14,
             }
         }
+        if 7 < minute <= 8:  # the canary: the new model serves part of the traffic
+            by_version[V2] = {
+                "impressions": 500,
+                "clicks": 37,
+                "expected_ctr": 0.075,
+                "oracle_ctr": 0.14,
+            }
         records.append(
             {
                 "type": "interval",
@@ -80,7 +87,7 @@ def test_phases_recovery_and_markers(tmp_path: Path) -> None:
     data = build_report_data(timeline, DECISIONS, [retrain], initial_version=V1)
     assert set(data.phases) == {"before", "during", "after"}
     assert data.phases["before"].ctr == pytest.approx(0.08)
-    assert data.phases["during"].ctr == pytest.approx(0.04)
+    assert data.phases["during"].ctr == pytest.approx(0.04)  # the stale model's own traffic
     assert data.phases["after"].ctr == pytest.approx(0.075)
     recovery = data.recovery
     assert recovery is not None

@@ -9,10 +9,11 @@
 * the retraining runs (start and end, from the Dagster instance, passed in by the
   caller so this module stays free of Dagster).
 
-Phases: *before* the drift, *during* (drift until the promotion of a new model) and
-*after* the promotion. Because users and the ground truth are the same during and
-after, the change of expected CTR between those two phases is entirely the new
-model's doing; :attr:`Recovery.model_share` states it against what the drift took.
+Phases: *before* the drift, *during* (drift until the promotion of a new model, the
+stale model's traffic only) and *after* the promotion. Because users and the ground
+truth are the same during and after, the change of expected CTR between those two
+phases is entirely the new model's doing; :attr:`Recovery.model_share` states it
+against what the drift took.
 """
 
 from __future__ import annotations
@@ -251,8 +252,11 @@ def build_report_data(
         cut_points.append(("during", drift, promoted or end))
     if promoted is not None:
         cut_points.append(("after", promoted, end))
+    stale = next(iter(labels), None)  # the model serving when the live traffic began
     for name, lo, hi in cut_points:
-        phase = _phase(name, frame, lo, hi)
+        # "During" is the stale model's own traffic: a canary's share is not the drop.
+        rows = frame.filter(pl.col("model_version") == stale) if name == "during" else frame
+        phase = _phase(name, rows, lo, hi)
         if phase is not None:
             phases[name] = phase
 
