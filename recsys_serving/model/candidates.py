@@ -109,23 +109,26 @@ def top_k(scores: npt.NDArray[np.float32], allowed: npt.NDArray[np.bool_], k: in
     return rows[order].astype(np.int64)
 
 
-def _walk(order: IntArray, allowed: npt.NDArray[np.bool_], n: int, taken: set[int]) -> list[int]:
-    """The first ``n`` allowed, not yet taken rows of a precomputed order."""
-    out: list[int] = []
+def _walk(
+    order: IntArray,
+    allowed: npt.NDArray[np.bool_],
+    n: int,
+    taken: npt.NDArray[np.bool_] | None = None,
+) -> list[int]:
+    """The first ``n`` allowed, not yet taken rows of a precomputed order (marked taken)."""
     if n <= 0:
-        return out
+        return []
     # Most rows of a popularity order are allowed: look at a short head first.
     head = order[: 4 * n + 64]
-    for block in (head, order[head.size :]):
-        if not block.size:
-            continue
-        for row in block[allowed[block]].tolist():
-            if row not in taken:
-                out.append(row)
-                taken.add(row)
-                if len(out) >= n:
-                    return out
-    return out
+    ok = allowed[head] if taken is None else allowed[head] & ~taken[head]
+    picked = head[ok][:n]
+    if picked.size < n and head.size < order.size:
+        rest = order[head.size :]
+        ok = allowed[rest] if taken is None else allowed[rest] & ~taken[rest]
+        picked = np.concatenate([picked, rest[ok][: n - picked.size]])
+    if taken is not None:
+        taken[picked] = True
+    return picked.tolist()
 
 
 def _best(
@@ -134,23 +137,16 @@ def _best(
     refs: IntArray,
     allowed: npt.NDArray[np.bool_],
     n: int,
-    taken: set[int],
+    taken: npt.NDArray[np.bool_],
 ) -> tuple[list[int], list[int]]:
-    """The ``n`` best-scored allowed, untaken items of a neighbour aggregate."""
-    ok = allowed[items]
+    """The ``n`` best-scored allowed, untaken items of a neighbour aggregate (marked taken);
+    ties go to the lower row."""
+    ok = allowed[items] & ~taken[items]
     cand, score, ref = items[ok], scores[ok], refs[ok]
-    rows: list[int] = []
-    out_refs: list[int] = []
-    for j in np.lexsort((cand, -score)).tolist():
-        row = int(cand[j])
-        if row in taken:
-            continue
-        taken.add(row)
-        rows.append(row)
-        out_refs.append(int(ref[j]))
-        if len(rows) >= n:
-            break
-    return rows, out_refs
+    order = np.lexsort((cand, -score))[:n]
+    rows = cand[order]
+    taken[rows] = True
+    return rows.tolist(), ref[order].tolist()
 
 
 def generate(
@@ -166,7 +162,7 @@ def generate(
     items: list[int] = []
     source: list[int] = []
     ref: list[int] = []
-    taken: set[int] = set()
+    taken = np.zeros(state.n_items, dtype=bool)
 
     def add(rows: list[int], src: int, refs: list[int] | None = None) -> None:
         room = pool - len(items)
@@ -180,9 +176,9 @@ def generate(
     if ctx.vector is not None and want["als"] > 0:
         retriever = retrieve or exact_retriever(state)
         found = retriever(ctx.vector, want["als"], allowed)
-        rows = [r for r in found.tolist() if r not in taken]
-        taken.update(rows)
-        add(rows, ALS)
+        found = found[~taken[found]]
+        taken[found] = True
+        add(found.tolist(), ALS)
 
     if ctx.covis_items.size and want["covis"] > 0:
         rows, refr = _best(

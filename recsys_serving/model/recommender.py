@@ -242,7 +242,7 @@ class Recommender:
             for c in cat_rows.tolist():
                 in_cats[state.category_popular.row(c)[0]] = True
             allowed &= in_cats
-        rows = cand._walk(state.popular, allowed, k, set())
+        rows = cand._walk(state.popular, allowed, k)
         popularity = state.item_column("log_pop_decayed")
         wanted = set(cat_rows.tolist()) if cat_rows is not None else set()
         out = []
