@@ -41,7 +41,11 @@ class Settings(BaseSettings):
         default=300.0, description="Clock skew tolerated before a timestamp counts as future."
     )
     bot_max_events_per_minute: int = Field(
-        default=120, description="A user above this rate in any minute is treated as a bot."
+        default=120,
+        description=(
+            "A user with more actions (click, view, add_to_cart, purchase; not impressions "
+            "or ratings) than this in any minute is a bot: their whole day is quarantined."
+        ),
     )
     session_gap_minutes: float = 30.0
     max_duplicate_rate: float = Field(

@@ -71,19 +71,67 @@ def test_duplicates_keep_the_first_landed_copy(tmp_path: Path) -> None:
     assert q["item_id"].to_list() == ["second"]
 
 
-def test_bots_by_implausible_event_rate_are_quarantined_whole_day(tmp_path: Path) -> None:
+def test_bots_by_implausible_action_rate_are_quarantined_whole_day(tmp_path: Path) -> None:
     lake = LocalLake(tmp_path)
-    bot = [ev(i, T0 + i * 0.5, user="bot") for i in range(80)]  # 80 in 40 seconds
+    bot = [ev(i, T0 + i * 0.5, user="bot", event_type="click") for i in range(80)]  # 80 in 40 s
+    # The rest of the bot's day goes too, whatever the type and however slow.
+    bot += [ev(200 + i, T0 + 3_600 + i * 60, user="bot") for i in range(5)]
+    bot += [ev(300, T0 + 7_200, user="bot", event_type="impression", request_id="r1")]
+    bot += [ev(301, T0 + 7_300, user="bot", event_type="rating", value=4.0)]
     human = [ev(1000 + i, T0 + i * 30, user="human") for i in range(40)]
     land(lake, bot + human)
     result = process_partition(lake, DAY, RULES)
-    assert result.reasons == {"bot_rate": 80}
+    assert result.reasons == {"bot_rate": 87}
+    assert (result.rows, result.quarantined) == (40, 87)
     q = read_parquet(lake, quarantine_key(DAY))
-    assert (
-        q["detail"][0].startswith("80 events in one minute")
-        or "events in one minute" in q["detail"][0]
-    )
+    assert set(q["user_id"]) == {"bot"} and set(q["reason"]) == {"bot_rate"}
+    assert set(q["detail"]) == {
+        "80 actions (click, view, add_to_cart, purchase) in the minute from "
+        "2026-11-20T12:00Z; limit 50"
+    }
     assert set(read_parquet(lake, partition_key(DAY))["user_id"]) == {"human"}
+
+
+def test_bulk_ratings_and_server_logged_impressions_are_not_bot_traffic(tmp_path: Path) -> None:
+    lake = LocalLake(tmp_path)
+    # A MovieLens-style sign-up: 300 ratings submitted in the same second.
+    rater = [
+        ev(i, T0, user="rater", event_type="rating", item_id=f"i{i}", value=float(i % 5 + 1))
+        for i in range(300)
+    ]
+    # A fast but human browser: 30 recommendation pages (10 impressions each) in a minute,
+    # with 45 views and clicks, under the limit of 50 actions.
+    browser = [
+        ev(
+            1000 + i,
+            T0 + 120 + i * 0.2,
+            user="browser",
+            event_type="impression",
+            request_id=f"r{i // 10}",
+            position=i % 10,
+        )
+        for i in range(300)
+    ]
+    browser += [
+        ev(2000 + i, T0 + 121 + i, user="browser", event_type="click" if i % 3 else "view")
+        for i in range(45)
+    ]
+    land(lake, rater + browser)
+    result = process_partition(lake, DAY, RULES)
+    assert (result.rows, result.quarantined, result.reasons) == (645, 0, {})
+
+
+def test_the_action_limit_is_per_minute_and_strict(tmp_path: Path) -> None:
+    lake = LocalLake(tmp_path)
+    # Exactly the limit (50) in one minute is allowed; 60 spread over two minutes too.
+    at_limit = [ev(i, T0 + i, user="at_limit", event_type="add_to_cart") for i in range(50)]
+    spread = [ev(100 + i, T0 + 30 + i, user="spread", event_type="purchase") for i in range(60)]
+    over = [ev(200 + i, T0 + i, user="over", event_type="view") for i in range(51)]
+    land(lake, at_limit + spread + over)
+    result = process_partition(lake, DAY, RULES)
+    assert result.reasons == {"bot_rate": 51}
+    users = set(read_parquet(lake, partition_key(DAY))["user_id"])
+    assert users == {"at_limit", "spread"}
 
 
 def test_timestamps_in_future_before_epoch_or_outside_partition(tmp_path: Path) -> None:

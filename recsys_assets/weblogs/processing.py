@@ -24,6 +24,11 @@ from recsys_serving.landing import LANDING_AREA, LandingFile, iter_lines, list_s
 WEBLOGS_AREA = "weblogs"
 WEBLOGS_QUARANTINE_AREA = "quarantine/weblogs"
 REQUIRED = ("event_id", "event_type", "user_id", "item_id", "ts")
+# What the bot-rate rule counts: things a person does. Impressions are logged by the
+# server (10 per recommendation request), and ratings are often submitted or imported
+# in bulk (MovieLens-style sign-ups rate dozens of items in the same second), so
+# neither says anything about how fast a user acts.
+RATE_COUNTED_EVENT_TYPES: tuple[str, ...] = ("click", "view", "add_to_cart", "purchase")
 
 # Landing files hold contract-valid JSON; ``context`` objects are kept as JSON text.
 LANDING_SCHEMA: dict[str, pl.DataType] = {
@@ -233,28 +238,36 @@ def apply_rules(landed: pl.DataFrame, day: date, rules: Rules) -> tuple[pl.DataF
         .alias("reason")
     )
 
-    # Bots: a user whose busiest minute is implausible loses the whole day.
-    valid = df.filter(pl.col("reason").is_null())
-    per_minute = (
-        valid.group_by("user_id", pl.col("_ts").dt.truncate("1m").alias("minute"))
-        .len()
-        .group_by("user_id")
-        .agg(pl.col("len").max().alias("peak"))
-        .filter(pl.col("peak") > rules.bot_max_events_per_minute)
+    # Bots: a user whose busiest minute of actions is implausible loses the whole day
+    # (every event of theirs, impressions and ratings included).
+    actions = df.filter(
+        pl.col("reason").is_null() & pl.col("event_type").is_in(RATE_COUNTED_EVENT_TYPES)
     )
-    if per_minute.height:
-        df = df.join(per_minute, on="user_id", how="left").with_columns(
-            pl.when(pl.col("reason").is_null() & pl.col("peak").is_not_null())
-            .then(pl.lit("bot_rate"))
-            .otherwise(pl.col("reason"))
-            .alias("reason")
-        )
-    else:
-        df = df.with_columns(pl.lit(None, dtype=pl.Int64).alias("peak"))
+    bots = (
+        actions.group_by("user_id", pl.col("_ts").dt.truncate("1m").alias("_minute"))
+        .len()
+        .filter(pl.col("len") > rules.bot_max_events_per_minute)
+        .sort("len", "_minute", descending=[True, False])
+        .unique("user_id", keep="first")
+        .select("user_id", pl.col("len").alias("_peak"), "_minute")
+    )
+    df = df.join(bots, on="user_id", how="left").with_columns(
+        pl.when(pl.col("reason").is_null() & pl.col("_peak").is_not_null())
+        .then(pl.lit("bot_rate"))
+        .otherwise(pl.col("reason"))
+        .alias("reason")
+    )
 
     detail = (
         pl.when(pl.col("reason") == "bot_rate")
-        .then(pl.format("{} events in one minute", pl.col("peak")))
+        .then(
+            pl.format(
+                "{} actions (click, view, add_to_cart, purchase) in the minute from {}; limit {}",
+                pl.col("_peak"),
+                pl.col("_minute").dt.strftime("%Y-%m-%dT%H:%MZ"),
+                pl.lit(rules.bot_max_events_per_minute),
+            )
+        )
         .when(pl.col("reason") == "future_timestamp")
         .then(pl.format("ts {} is after {}", pl.col("_ts"), pl.lit(latest.isoformat())))
         .when(pl.col("reason") == "before_catalog_epoch")
