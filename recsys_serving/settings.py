@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(
         default=None, description="Endpoint for S3-compatible stores (MinIO, moto, ...)."
     )
-    aws_region: str = "us-east-1"
+    aws_region: str = Field(default="us-east-1", description="Region for S3 and ECR clients.")
 
     # Event contract and business logic.
     catalog_epoch: date = Field(
@@ -47,30 +47,53 @@ class Settings(BaseSettings):
             "or ratings) than this in any minute is a bot: their whole day is quarantined."
         ),
     )
-    session_gap_minutes: float = 30.0
+    session_gap_minutes: float = Field(
+        default=30.0,
+        description="Inactivity that starts a new inferred session (events without session_id).",
+    )
     max_duplicate_rate: float = Field(
         default=0.05, description="Blocking check threshold on duplicate event_ids per run."
     )
 
     # Collector.
-    max_request_bytes: int = 16 * 1024 * 1024
-    max_batch_events: int = 50_000
-    max_event_bytes: int = 64 * 1024
-    landing_segment_max_bytes: int = 64 * 1024 * 1024
-    landing_segment_max_age_seconds: float = 10.0
-    dedup_cache_size: int = 200_000
+    max_request_bytes: int = Field(
+        default=16 * 1024 * 1024, description="Largest POST /events body; larger ones get 413."
+    )
+    max_batch_events: int = Field(
+        default=50_000, description="Most events in one POST /events batch; more get 413."
+    )
+    max_event_bytes: int = Field(
+        default=64 * 1024, description="Largest single event; larger ones are quarantined."
+    )
+    landing_segment_max_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        description="A landing segment is sealed once it reaches this size.",
+    )
+    landing_segment_max_age_seconds: float = Field(
+        default=10.0, description="A landing segment is sealed this long after its first event."
+    )
+    dedup_cache_size: int = Field(
+        default=200_000,
+        description="Recent event_ids the collector remembers to refuse resent batches.",
+    )
 
     # Stores: users and content (MongoDB API), candidate index (embedded or Elasticsearch).
     mongo_uri: str | None = Field(
         default=None,
         description="mongodb://... for MongoDB/DocumentDB; unset or mongomock:// = embedded.",
     )
-    mongo_db: str = "recsys"
+    mongo_db: str = Field(
+        default="recsys",
+        description="Database of the document store (also names the embedded store's file).",
+    )
     es_url: str | None = Field(
         default=None, description="Elasticsearch URL for the candidate index; unset = embedded."
     )
-    es_index_prefix: str = "recsys-items"
-    es_api_key: str | None = None
+    es_index_prefix: str = Field(
+        default="recsys-items",
+        description="Alias of the live index; versioned indices are <prefix>-<version>.",
+    )
+    es_api_key: str | None = Field(default=None, description="Elasticsearch API key (secret).")
 
     # Training.
     train_window_days: float | None = Field(
@@ -82,7 +105,10 @@ class Settings(BaseSettings):
     label_days: float = Field(
         default=1.0, description="Days after the feature cut-off whose actions label ranking rows."
     )
-    seed: int = 42
+    seed: int = Field(
+        default=42,
+        description="Seed of every random step of training (same inputs + seed = same metrics).",
+    )
     threads: int = Field(default=0, description="Threads for ALS/LightGBM (0 = all cores).")
     interaction_half_life_days: float | None = Field(
         default=None,
@@ -186,7 +212,9 @@ class Settings(BaseSettings):
     nightly_retrain_enabled: bool = Field(
         default=True, description="Retrain on a schedule even without a CTR drop."
     )
-    nightly_retrain_cron: str = "0 3 * * *"
+    nightly_retrain_cron: str = Field(
+        default="0 3 * * *", description="When the scheduled retraining runs (UTC cron)."
+    )
     closed_loop_tick_seconds: int = Field(
         default=30, description="How often the CTR-drop and canary sensors evaluate."
     )
@@ -204,8 +232,12 @@ class Settings(BaseSettings):
         description="host[:port]/repo the promoted model is pushed to (ECR or any registry).",
     )
     oci_insecure: bool = Field(default=False, description="Plain HTTP to the OCI registry.")
-    oci_username: str | None = None
-    oci_password: str | None = None
+    oci_username: str | None = Field(
+        default=None, description="OCI registry user (ECR: unset, boto3 credentials are used)."
+    )
+    oci_password: str | None = Field(
+        default=None, description="OCI registry password or token (secret)."
+    )
 
     # Production Dagster instance.
     dagster_pg_url: str | None = Field(
@@ -213,13 +245,19 @@ class Settings(BaseSettings):
     )
 
     # Freshness alarm and notifier channels (the log channel is always on).
-    freshness_minutes: float = 15.0
-    smtp_host: str | None = None
-    smtp_port: int = 25
-    smtp_user: str | None = None
-    smtp_password: str | None = None
-    smtp_starttls: bool = False
-    alert_email_from: str = "recsys@localhost"
+    freshness_minutes: float = Field(
+        default=15.0, description="Alert when no weblogs have landed for this long."
+    )
+    smtp_host: str | None = Field(
+        default=None, description="SMTP server of the email alert channel (unset: no email)."
+    )
+    smtp_port: int = Field(default=25, description="SMTP port.")
+    smtp_user: str | None = Field(default=None, description="SMTP login (optional).")
+    smtp_password: str | None = Field(default=None, description="SMTP password (secret).")
+    smtp_starttls: bool = Field(
+        default=False, description="Upgrade the SMTP connection with STARTTLS."
+    )
+    alert_email_from: str = Field(default="recsys@localhost", description="Sender of alert emails.")
     alert_email_to: str | None = Field(
         default=None, description="Comma-separated recipients of alert emails."
     )
