@@ -25,6 +25,7 @@ app = typer.Typer(
 # Command modules register themselves on ``app`` when imported.
 from recsys_assets.cli import acquisition as _acquisition  # noqa: E402,F401
 from recsys_assets.cli import catalog as _catalog  # noqa: E402,F401
+from recsys_assets.cli import config as _config  # noqa: E402,F401
 from recsys_assets.cli import demo as _demo  # noqa: E402,F401
 from recsys_assets.cli import keys as _keys  # noqa: E402,F401
 from recsys_assets.cli import models as _models  # noqa: E402,F401

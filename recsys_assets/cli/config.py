@@ -1,0 +1,111 @@
+"""``recsys config``: the effective configuration, and the reference page generated from it.
+
+Every process reads the same ``RECSYS_*`` environment, so "what is this process
+configured with?" is the first question when something behaves unexpectedly; the
+answer must never print a secret. The reference page (``docs/configuration.md``) is
+generated from the ``Settings`` fields, so it cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from recsys_assets.cli import app
+from recsys_assets.cli.common import summary
+
+config_app = typer.Typer(
+    help="The effective configuration (secrets hidden) and the reference of every setting.",
+    no_args_is_help=True,
+)
+app.add_typer(config_app, name="config")
+
+# Values that must never be printed, and URIs whose credentials must be cut.
+SECRET_FIELDS = frozenset({"smtp_password", "oci_password", "es_api_key", "api_keys"})
+URI_FIELDS = frozenset({"mongo_uri", "dagster_pg_url", "es_url"})
+# Webhook URLs carry their token in the path (Slack: /services/T../B../<secret>).
+HOST_ONLY_FIELDS = frozenset({"alert_webhook_url"})
+
+REFERENCE_HEADER = """\
+# Configuration reference
+
+Generated from `recsys_serving/settings.py` by `recsys config reference`; do not edit by
+hand (a test keeps it in sync). Every process (collector, server, Dagster code location,
+CLI) reads the same environment: each setting is the variable `RECSYS_<NAME>`. Values that
+are lists or objects are JSON (`RECSYS_CANARY_RAMP='[0.1, 0.5, 1.0]'`). `recsys config
+show` prints the values a process would use, with secrets hidden.
+
+| variable | default | meaning |
+| --- | --- | --- |
+"""
+
+
+def shown_value(name: str, value: Any) -> Any:
+    """A value safe to print: secrets replaced, credentials cut out of URIs."""
+    from recsys_serving.stores.docstore import redact_uri
+
+    if value is None:
+        return None
+    if name in SECRET_FIELDS:
+        return "***"
+    if name in URI_FIELDS and isinstance(value, str):
+        return redact_uri(value)
+    if name in HOST_ONLY_FIELDS and isinstance(value, str):
+        scheme, _, rest = redact_uri(value).partition("://")
+        return f"{scheme}://{rest.split('/', 1)[0]}/***"
+    return value
+
+
+def _default(field: Any) -> str:
+    value = field.default_factory() if field.default_factory is not None else field.default
+    if value is None:
+        return "unset"
+    if isinstance(value, dict | list):
+        return f"`{json.dumps(value)}`"
+    return f"`{value}`"
+
+
+def reference_markdown() -> str:
+    """The configuration reference page, one row per ``Settings`` field."""
+    from recsys_serving.settings import Settings
+
+    rows = []
+    for name, field in Settings.model_fields.items():
+        meaning = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `RECSYS_{name.upper()}` | {_default(field)} | {meaning} |")
+    return REFERENCE_HEADER + "\n".join(rows) + "\n"
+
+
+@config_app.command("show")
+def show(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+) -> None:
+    """Print every setting as this process resolves it (secrets hidden)."""
+    from recsys_assets.cli.common import out
+    from recsys_serving.settings import Settings
+
+    settings = Settings()
+    values = {
+        f"RECSYS_{name.upper()}": shown_value(name, getattr(settings, name))
+        for name in Settings.model_fields
+    }
+    if as_json:
+        out.print_json(json.dumps(values, default=str))
+        return
+    from rich.table import Table
+
+    table = Table("variable", "value", box=None, pad_edge=False)
+    for key, value in values.items():
+        table.add_row(key, "unset" if value is None else str(value))
+    out.print(table)
+    summary(
+        f"{len(values)} settings; home {settings.resolved_home}, lake {settings.resolved_lake_uri}"
+    )
+
+
+@config_app.command("reference")
+def reference() -> None:
+    """Print the configuration reference (Markdown) that docs/configuration.md holds."""
+    typer.echo(reference_markdown(), nl=False)
