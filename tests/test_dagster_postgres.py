@@ -43,8 +43,12 @@ PIPELINE_TAG = "recsys/pipeline"
 
 
 def clear_pg_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # setenv first: monkeypatch records (and restores) only what it touched, and
+    # ``delenv(raising=False)`` of an absent variable records nothing, so a URL that
+    # ensure_dagster_home exports during the test would outlive it.
     for var in [PG_URL_ENV, *PG_PART_ENVS.values()]:
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
 
 
 @pytest.fixture
