@@ -9,7 +9,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from recsys_assets.weblogs import processing
 from recsys_assets.weblogs.processing import (
+    EventIdCounts,
     Rules,
     partition_key,
     process_partition,
@@ -210,15 +212,86 @@ def test_failed_write_leaves_previous_partition_intact(
     assert leftovers == []
 
 
-def test_batches_handed_to_the_validator_are_bounded(tmp_path: Path) -> None:
+def test_partitions_are_handed_over_once_in_order_with_their_id_counts(tmp_path: Path) -> None:
     lake = LocalLake(tmp_path)
     days = ["2026-11-18", "2026-11-19", "2026-11-20"]
     for k, day in enumerate(days):
         t = datetime.fromisoformat(day).replace(hour=1, tzinfo=UTC).timestamp()
         land(lake, [ev(k * 100 + i, t + i, user=f"u{i}") for i in range(30)])
-    batches: list[tuple[int, list[str]]] = []
+    land(lake, [ev(100, datetime(2026, 11, 19, 2, tzinfo=UTC).timestamp())])  # a resend
+    seen: list[tuple[str, int, EventIdCounts]] = []
+    written: list[str] = []
     run = process_partitions(
-        lake, days, RULES, on_batch=lambda e, ids, p: batches.append((e.height, p)), batch_rows=40
+        lake,
+        days,
+        RULES,
+        on_frames=lambda day, events, ids: seen.append((day, events.height, ids)),
+        on_partition=lambda result: written.append(result.partition),
     )
-    assert run.rows == 90
-    assert batches == [(60, days[:2]), (30, days[2:])]
+    assert run.rows == 90 and run.quarantined == 1
+    assert seen == [
+        (days[0], 30, EventIdCounts(landed=30, distinct=30)),
+        (days[1], 30, EventIdCounts(landed=31, distinct=30)),
+        (days[2], 30, EventIdCounts(landed=30, distinct=30)),
+    ]
+    assert written == days
+    assert [p.partition for p in run.partitions] == days
+
+
+def test_a_failing_partition_stops_the_run_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lake = LocalLake(tmp_path)
+    days = ["2026-11-18", "2026-11-19", "2026-11-20"]
+    for day in days:
+        t = datetime.fromisoformat(day).replace(hour=1, tzinfo=UTC).timestamp()
+        land(lake, [ev(int(t) + i, t + i) for i in range(5)])
+    real = processing.apply_rules
+
+    def lose_a_row(landed: pl.DataFrame, day: date, rules: Rules, **kw: object):  # type: ignore[no-untyped-def]
+        clean, quarantined = real(landed, day, rules, **kw)  # type: ignore[arg-type]
+        return (clean.head(4), quarantined) if day.isoformat() == days[1] else (clean, quarantined)
+
+    monkeypatch.setattr(processing, "apply_rules", lose_a_row)
+    with pytest.raises(RuntimeError, match="accounting broken for 2026-11-19: 5 landed != 4"):
+        process_partitions(lake, days, RULES)
+    assert lake.exists(partition_key(days[0]))
+    assert not lake.exists(partition_key(days[1])) and not lake.exists(quarantine_key(days[1]))
+    assert not lake.exists(partition_key(days[2]))
+
+
+def test_bad_lines_keep_their_exact_file_line_and_bytes(tmp_path: Path) -> None:
+    lake = LocalLake(tmp_path)
+    good = b'{"event_id":"e%d","event_type":"view","user_id":"u","item_id":"i","ts":%d}'
+    write_landing(
+        lake,
+        DAY,
+        [
+            good % (1, T0),
+            b"",  # a blank line still counts: polars would skip it and shift every line
+            b'{"event_id":"e2","event_type":"view","user_id":"u","item_id":"i","ts":"soon"}',
+            good % (3, T0 + 1),
+            b'\xff{"event_id":"e4"}',
+        ],
+    )
+    result = process_partition(lake, DAY, RULES)
+    assert (result.landing_rows, result.rows, result.quarantined) == (4, 2, 2)
+    q = read_parquet(lake, quarantine_key(DAY)).sort("landing_line")
+    assert q["landing_line"].to_list() == [3, 5]
+    assert set(q["reason"]) == {"corrupt_landing_line"}
+    assert q["landing_file"][0].startswith("landing/date=2026-11-20/")
+    assert (
+        q["context"][0]
+        == '{"event_id":"e2","event_type":"view","user_id":"u","item_id":"i","ts":"soon"}'
+    )
+    assert q["context"][1] == '\\xff{"event_id":"e4"}'
+    assert read_parquet(lake, partition_key(DAY))["event_id"].to_list() == ["e1", "e3"]
+
+
+def test_rows_are_ordered_by_time_then_id_whatever_the_landing_order(tmp_path: Path) -> None:
+    lake = LocalLake(tmp_path)
+    land(lake, [ev(3, T0 + 5), ev(1, T0 + 5), ev(2, T0)])
+    land(lake, [ev(0, T0 + 1)])
+    process_partition(lake, DAY, RULES)
+    df = read_parquet(lake, partition_key(DAY))
+    assert df["event_id"].to_list() == ["e2", "e0", "e1", "e3"]

@@ -5,6 +5,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
+import polars as pl
 import pytest
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
@@ -13,6 +14,8 @@ from dagster._core.storage.tags import (
 
 from recsys_assets.definitions import build_resources
 from recsys_assets.weblogs.assets import WEBLOG_PARTITIONS, landing_weblogs, weblogs
+from recsys_assets.weblogs.processing import EventIdCounts, Rules, process_partitions
+from recsys_assets.weblogs.quality import WeblogValidator
 from recsys_serving.lake import LocalLake, read_parquet
 from recsys_serving.settings import Settings
 from support import land
@@ -138,3 +141,55 @@ def test_partitions_cover_the_catalog_epoch_to_tomorrow() -> None:
     assert keys[0] == Settings().catalog_epoch.isoformat()
     tomorrow = time.strftime("%Y-%m-%d", time.gmtime(time.time() + 86_400))
     assert keys[-1] in {time.strftime("%Y-%m-%d", time.gmtime()), tomorrow}
+
+
+def test_validator_works_in_bounded_batches_and_names_failing_partitions(
+    settings: Settings,
+) -> None:
+    lake = LocalLake(settings.resolved_lake_uri)
+    for day in DAYS:
+        land(lake, events_for(day, 30))
+    land(lake, events_for(DAYS[1], 30)[:12])  # 12 of 42 landed ids are duplicates
+    validator = WeblogValidator(max_duplicate_rate=0.2, batch_rows=40)
+    rules = Rules(catalog_epoch=settings.catalog_epoch, now=datetime.now(UTC))
+    run = process_partitions(lake, DAYS, rules, on_frames=validator.add_partition)
+    outcomes = validator.finish()
+    assert run.rows == 90
+    assert {name: o.batches for name, o in outcomes.items()} == dict.fromkeys(outcomes, 2)
+    assert {name for name, o in outcomes.items() if not o.passed} == {
+        "duplicate_rate_below_threshold"
+    }
+    duplicates = outcomes["duplicate_rate_below_threshold"]
+    assert duplicates.failed_partitions == [DAYS[1]]
+    assert duplicates.observed["duplicate_rate"] == round(12 / 42, 6)
+    assert outcomes["required_columns_not_null"].observed == {"rows": 90, "unexpected": 0}
+
+
+def test_row_level_suites_see_every_row_and_report_what_broke() -> None:
+    day = DAYS[0]
+    start = datetime.fromisoformat(day).replace(tzinfo=UTC)
+    events = pl.DataFrame(
+        {
+            "event_id": ["a", None, "c", "d"],
+            "event_type": ["click", "view", "teleport", "impression"],
+            "user_id": ["u", "u", None, "u"],
+            "item_id": ["i", "i", "i", "i"],
+            "ts": [start, start, start.replace(hour=23), start.replace(day=start.day + 1)],
+            "request_id": ["r", None, None, "r"],
+        },
+        schema_overrides={"ts": pl.Datetime("us", "UTC")},
+    )
+    validator = WeblogValidator(max_duplicate_rate=0.05)
+    validator.add_partition(day, events, EventIdCounts(landed=4, distinct=4))
+    outcomes = validator.finish()
+    assert {name: o.passed for name, o in outcomes.items()} == {
+        "required_columns_not_null": False,
+        "event_type_allowed": False,
+        "ts_inside_partition": False,
+        "clicks_not_above_impressions": True,
+        "duplicate_rate_below_threshold": True,
+    }
+    assert outcomes["required_columns_not_null"].observed["unexpected"] == 2
+    assert outcomes["required_columns_not_null"].failed_partitions == [day]
+    assert outcomes["event_type_allowed"].observed["examples"] == ["teleport"]
+    assert outcomes["ts_inside_partition"].observed["examples"] == ["86400.0"]

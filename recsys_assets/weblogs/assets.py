@@ -68,9 +68,14 @@ def weblogs(
         if done % 25 == 0 or done == len(days):
             context.log.info(f"processed {done}/{len(days)} partitions")
 
-    run = process_partitions(
-        lake.get(), days, rules, on_batch=validator.validate, on_partition=log_partition
-    )
+    try:
+        run = process_partitions(
+            lake.get(), days, rules, on_frames=validator.add_partition, on_partition=log_partition
+        )
+    except BaseException:
+        validator.close()
+        raise
+    outcomes = validator.finish()
     table = "\n".join(
         f"| {p.partition} | {p.landing_files} | {p.landing_rows} | {p.rows} | {p.quarantined} |"
         for p in run.partitions[-60:]
@@ -85,7 +90,7 @@ def weblogs(
                 **{k: _meta(v) for k, v in o.observed.items()},
             },
         )
-        for o in validator.outcomes.values()
+        for o in outcomes.values()
     ]
     return dg.MaterializeResult(
         metadata={
