@@ -248,11 +248,18 @@ class Split:
     split_ts: float
 
 
-def split(events: pl.DataFrame, share: float) -> Split:
-    """Train on events before the last ``share`` of the period; truth = next new items."""
+def split(events: pl.DataFrame, share: float, by: str = "time") -> Split:
+    """Train on events before the cut; truth = next new items.
+
+    ``by="time"`` cuts the last ``share`` of the time span, ``by="events"`` the instant
+    before which ``1 - share`` of the (non-impression) events happened.
+    """
     ts = events["ts"].dt.epoch("us").cast(pl.Float64) / 1e6
     lo, hi = float(ts.min()), float(ts.max())
     cut = hi - share * (hi - lo)
+    if by == "events":
+        positive = events.filter(pl.col("event_type") != "impression")["ts"]
+        cut = float(np.quantile((positive.dt.epoch("us") / 1e6).to_numpy(), 1.0 - share))
     epoch = pl.col("ts").dt.epoch("us").cast(pl.Float64) / 1e6
     train = events.filter(epoch < cut)
     test = events.filter((epoch >= cut) & (pl.col("event_type") != "impression"))
@@ -393,10 +400,10 @@ KNN_GRID = [
 
 
 def tuned(
-    name: str, fit: Any, grid: list[dict[str, Any]], sp_: Split, quick: bool
+    name: str, fit: Any, grid: list[dict[str, Any]], sp_: Split, quick: bool, by: str = "time"
 ) -> tuple[dict[str, list[str]], dict[str, Any]]:
     """Pick the config with the best validation NDCG, refit on all training data."""
-    inner = split(sp_.train, VALID_SHARE)
+    inner = split(sp_.train, VALID_SHARE, by)
     inner_m = matrix(inner.train)
     users = sorted(inner.truth)
     best: tuple[float, dict[str, Any]] | None = None

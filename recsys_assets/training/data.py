@@ -26,7 +26,11 @@ import polars as pl
 
 from recsys_assets.training.artifacts import pack_meta, pack_ragged, unpack_meta, unpack_ragged
 from recsys_assets.training.params import TrainingParams
-from recsys_assets.weblogs.processing import WEBLOGS_AREA, partition_key
+from recsys_assets.weblogs.processing import (
+    WEBLOGS_AREA,
+    WEBLOGS_QUARANTINE_AREA,
+    partition_key,
+)
 from recsys_serving.lake import Lake
 from recsys_serving.model.state import Ragged
 
@@ -177,6 +181,48 @@ def read_weblogs(
         )
     frame = frame.with_columns((pl.col("ts").dt.epoch("us").cast(pl.Float64) / 1e6).alias("ts"))
     return WeblogData(frame, days, rows, hashes)
+
+
+# What to do about the business rules that quarantine whole datasets.
+QUARANTINE_HINTS = {
+    "before_catalog_epoch": "events older than RECSYS_CATALOG_EPOCH (1995-01-01 by default): "
+    "set it before your first event and ingest again",
+    "future_timestamp": "timestamps after now: epoch milliseconds sent as seconds?",
+    "bot_rate": "users above RECSYS_BOT_MAX_EVENTS_PER_MINUTE",
+}
+
+
+def quarantined_reasons(lake: Lake) -> dict[str, int]:
+    """Rows the weblogs rules quarantined, by reason (to explain an empty window)."""
+    counts: dict[str, int] = {}
+    for obj in lake.list(f"{WEBLOGS_QUARANTINE_AREA}/"):
+        if not obj.key.endswith(".parquet"):
+            continue
+        reasons = _read(lake, obj.key).get_column("reason")
+        for reason, n in reasons.value_counts().iter_rows():
+            counts[str(reason)] = counts.get(str(reason), 0) + int(n)
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def explain_empty(lake: Lake, weblogs: WeblogData) -> str:
+    """Why a window holds no interactions, in one line a user can act on."""
+    text = (
+        f"no interactions in the training window: the weblogs hold {weblogs.frame.height:,} "
+        f"events in {len(weblogs.partitions)} partition(s)"
+    )
+    quarantined = quarantined_reasons(lake)
+    if quarantined:
+        total = sum(quarantined.values())
+        parts = [
+            f"{reason} {n:,}"
+            + (f" ({QUARANTINE_HINTS[reason]})" if reason in QUARANTINE_HINTS else "")
+            for reason, n in quarantined.items()
+        ]
+        return f"{text}, and {total:,} were quarantined by the weblogs rules: " + "; ".join(parts)
+    return (
+        f"{text}: ingest weblogs first (`recsys ingest FILE` or POST /events, then "
+        "`recsys process`)"
+    )
 
 
 def read_catalog(lake: Lake) -> tuple[pl.DataFrame, pl.DataFrame]:

@@ -33,11 +33,13 @@ import polars as pl
 from recsys_assets.training import artifacts as art
 from recsys_assets.training.data import (
     Encoded,
+    TrainingDataError,
     TrainingWindow,
     Vocabulary,
     build_interactions,
     build_vocabulary,
     encode,
+    explain_empty,
     read_catalog,
     read_weblogs,
     weblog_partitions,
@@ -170,7 +172,12 @@ def run_interactions(lake: Lake, params: TrainingParams) -> dict[str, Any]:
         last = date.fromisoformat(days[-1])
         first_day = (last - timedelta(days=math.ceil(params.train_window_days))).isoformat()
     weblogs = read_weblogs(lake, first_day=first_day)
-    interactions = build_interactions(weblogs, params)
+    try:
+        interactions = build_interactions(weblogs, params)
+    except TrainingDataError as exc:
+        if str(exc).startswith("no interactions"):
+            raise TrainingDataError(explain_empty(lake, weblogs)) from exc
+        raise
     items, users = read_catalog(lake)
     vocab = build_vocabulary(interactions, items)
     enc = encode(interactions, vocab)
