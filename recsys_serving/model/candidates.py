@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from recsys_serving.model.context import UserContext
+from recsys_serving.model.context import UserContext, descending_key
 from recsys_serving.model.features import padded_categories
 from recsys_serving.model.state import IntArray, ModelState
 
@@ -45,6 +45,7 @@ DEFAULT_POOL = 200
 # Categories the category source draws from (the user's strongest, or the biggest).
 CATEGORY_FANOUT = 3
 
+_EMPTY = np.empty(0, dtype=np.int64)
 # (vector, k, allowed mask) -> item rows, best first: the ALS retrieval step.
 Retriever = Callable[[npt.NDArray[np.float32], int, npt.NDArray[np.bool_]], IntArray]
 
@@ -60,8 +61,16 @@ class Candidates:
 
 
 def quotas(state: ModelState, pool: int) -> dict[str, int]:
-    shares = {**DEFAULT_QUOTAS, **state.params.get("candidate_quotas", {})}
-    return {name: round(share * pool) for name, share in shares.items()}
+    """Items per source for a pool of ``pool`` (computed once per state and pool size)."""
+    cache: dict[int, dict[str, int]] | None = getattr(state, "_quotas", None)
+    if cache is None:
+        cache = {}
+        object.__setattr__(state, "_quotas", cache)
+    found = cache.get(pool)
+    if found is None:
+        shares = {**DEFAULT_QUOTAS, **state.params.get("candidate_quotas", {})}
+        found = cache[pool] = {name: round(share * pool) for name, share in shares.items()}
+    return found
 
 
 def allowed_mask(
@@ -116,37 +125,86 @@ def _walk(
     taken: npt.NDArray[np.bool_] | None = None,
 ) -> list[int]:
     """The first ``n`` allowed, not yet taken rows of a precomputed order (marked taken)."""
+    if taken is None:
+        return _first(order, allowed, n).tolist()
+    free = allowed & ~taken
+    picked = _first(order, free, n)
+    taken[picked] = True
+    return picked.tolist()
+
+
+def _first(order: IntArray, free: npt.NDArray[np.bool_], n: int) -> IntArray:
+    """The first ``n`` rows of ``order`` that are ``free``."""
     if n <= 0:
-        return []
-    # Most rows of a popularity order are allowed: look at a short head first.
+        return _EMPTY
+    # Most rows of a popularity order are free: look at a short head first.
     head = order[: 4 * n + 64]
-    ok = allowed[head] if taken is None else allowed[head] & ~taken[head]
-    picked = head[ok][:n]
+    picked = head[free[head]][:n]
     if picked.size < n and head.size < order.size:
         rest = order[head.size :]
-        ok = allowed[rest] if taken is None else allowed[rest] & ~taken[rest]
-        picked = np.concatenate([picked, rest[ok][: n - picked.size]])
-    if taken is not None:
-        taken[picked] = True
-    return picked.tolist()
+        picked = np.concatenate([picked, rest[free[rest]][: n - picked.size]])
+    return picked
 
 
 def _best(
     items: IntArray,
     scores: npt.NDArray[np.float32],
     refs: IntArray,
-    allowed: npt.NDArray[np.bool_],
+    free: npt.NDArray[np.bool_],
     n: int,
-    taken: npt.NDArray[np.bool_],
-) -> tuple[list[int], list[int]]:
-    """The ``n`` best-scored allowed, untaken items of a neighbour aggregate (marked taken);
-    ties go to the lower row."""
-    ok = allowed[items] & ~taken[items]
-    cand, score, ref = items[ok], scores[ok], refs[ok]
-    order = np.lexsort((cand, -score))[:n]
-    rows = cand[order]
-    taken[rows] = True
-    return rows.tolist(), ref[order].tolist()
+) -> tuple[IntArray, IntArray]:
+    """The ``n`` best-scored free items of a neighbour aggregate; ties go to the lower row."""
+    ok = free[items]
+    cand = items[ok]
+    # (score descending, row ascending) as one int64 key: rows are unique, so a plain
+    # (partial) sort gives exactly the stable order.
+    key = (descending_key(scores[ok]) << 32) + cand
+    if key.size > n:
+        top = np.argpartition(key, n - 1)[:n]
+        order = top[np.argsort(key[top])]
+    else:
+        order = np.argsort(key)
+    return cand[order], refs[ok][order]
+
+
+class _Pool:
+    """The pool being filled: at most ``size`` rows, first source wins.
+
+    ``free`` is the allowed mask minus every row a source has already taken (a source
+    takes what it selected, even rows that no longer fit in the pool).
+    """
+
+    def __init__(self, size: int, allowed: npt.NDArray[np.bool_]) -> None:
+        self.size = size
+        self.free = allowed.copy()
+        self.items: list[IntArray] = []
+        self.source: list[IntArray] = []
+        self.ref: list[IntArray] = []
+        self.count = 0
+
+    def take(self, rows: IntArray, src: int, refs: IntArray | None = None) -> None:
+        self.free[rows] = False
+        room = self.size - self.count
+        if room <= 0 or not rows.size:
+            return
+        rows = rows[:room]
+        self.items.append(rows)
+        self.source.append(np.full(rows.size, src, dtype=np.int8))
+        self.ref.append(refs[: rows.size] if refs is not None else np.full(rows.size, -1))
+        self.count += int(rows.size)
+
+    def take_first(self, order: IntArray, n: int, src: int, ref: int = -1) -> None:
+        rows = _first(order, self.free, n)
+        self.take(rows, src, np.full(rows.size, ref) if ref >= 0 else None)
+
+    def result(self) -> Candidates:
+        if not self.items:
+            return Candidates(_EMPTY, np.empty(0, dtype=np.int8), _EMPTY)
+        return Candidates(
+            items=np.concatenate(self.items).astype(np.int64, copy=False),
+            source=np.concatenate(self.source),
+            ref=np.concatenate(self.ref).astype(np.int64, copy=False),
+        )
 
 
 def generate(
@@ -159,45 +217,24 @@ def generate(
 ) -> Candidates:
     """Merge the sources into at most ``pool`` unique candidates (first source wins)."""
     want = quotas(state, pool)
-    items: list[int] = []
-    source: list[int] = []
-    ref: list[int] = []
-    taken = np.zeros(state.n_items, dtype=bool)
-
-    def add(rows: list[int], src: int, refs: list[int] | None = None) -> None:
-        room = pool - len(items)
-        if room <= 0 or not rows:
-            return
-        rows = rows[:room]
-        items.extend(rows)
-        source.extend([src] * len(rows))
-        ref.extend(refs[: len(rows)] if refs is not None else [-1] * len(rows))
+    out = _Pool(pool, allowed)
 
     if ctx.vector is not None and want["als"] > 0:
         retriever = retrieve or exact_retriever(state)
-        found = retriever(ctx.vector, want["als"], allowed)
-        found = found[~taken[found]]
-        taken[found] = True
-        add(found.tolist(), ALS)
+        out.take(retriever(ctx.vector, want["als"], allowed), ALS)
 
     if ctx.covis_items.size and want["covis"] > 0:
-        rows, refr = _best(
-            ctx.covis_items, ctx.covis_sum, ctx.covis_ref, allowed, want["covis"], taken
-        )
-        add(rows, COVIS, refr)
+        rows, refs = _best(ctx.covis_items, ctx.covis_sum, ctx.covis_ref, out.free, want["covis"])
+        out.take(rows, COVIS, refs)
 
     if ctx.history_items.size and want["knn"] > 0:
         # Half by similarity to the whole history (the item-kNN ranking), half to the
         # most recent items (what the user is into right now).
         whole = want["knn"] - want["knn"] // 2
-        rows, _ = _best(
-            ctx.history_items, ctx.history_sum, ctx.history_items, allowed, whole, taken
-        )
-        add(rows, KNN, ctx.history_refs(rows))
-        rows, refr = _best(
-            ctx.knn_items, ctx.knn_sum, ctx.knn_ref, allowed, want["knn"] // 2, taken
-        )
-        add(rows, KNN, refr)
+        rows, _ = _best(ctx.history_items, ctx.history_sum, ctx.history_items, out.free, whole)
+        out.take(rows, KNN, ctx.history.refs(rows))
+        rows, refs = _best(ctx.knn_items, ctx.knn_sum, ctx.knn_ref, out.free, want["knn"] // 2)
+        out.take(rows, KNN, refs)
 
     if categories is not None and categories.size:
         cats = categories[: CATEGORY_FANOUT * 2]
@@ -207,33 +244,30 @@ def generate(
             cats = np.asarray(state.params.get("top_categories", [])[:CATEGORY_FANOUT], np.int64)
     if cats.size and want["category"] > 0:
         per = max(1, -(-want["category"] // cats.size))
+        popular = state.category_popular
         for cat in cats.tolist():
-            members, _ = state.category_popular.row(int(cat))
-            rows = _walk(members, allowed, per, taken)
-            add(rows, CATEGORY, [int(cat)] * len(rows))
+            out.take_first(
+                popular.indices[popular.indptr[cat] : popular.indptr[cat + 1]], per, CATEGORY, cat
+            )
 
-    add(_walk(state.popular, allowed, want["popular"], taken), POPULAR)
-    add(_walk(state.trending, allowed, want["trending"], taken), TRENDING)
+    out.take_first(state.popular, want["popular"], POPULAR)
+    out.take_first(state.trending, want["trending"], TRENDING)
 
     if want["fresh"] > 0 and state.fresh.size:
         fresh = state.fresh[allowed[state.fresh]]
         if cats.size and fresh.size:
             # Fresh items in the user's categories first: content is all they have.
-            padded = np.append(np.zeros(state.n_categories, dtype=bool), False)
+            padded = np.zeros(state.n_categories + 1, dtype=bool)
             padded[cats] = True
             liked = padded[padded_categories(state)[fresh]].any(axis=1)
             fresh = np.concatenate([fresh[liked], fresh[~liked]])
-        add(_walk(fresh, np.ones(state.n_items, dtype=bool), want["fresh"], taken), FRESH)
+        out.take_first(fresh, want["fresh"], FRESH)
 
-    if len(items) < pool:
+    if out.count < pool:
         # Sources came up short (cold user, narrow filter): top up by popularity.
-        add(_walk(state.popular, allowed, pool - len(items), taken), POPULAR)
+        out.take_first(state.popular, pool - out.count, POPULAR)
 
-    return Candidates(
-        items=np.asarray(items, dtype=np.int64),
-        source=np.asarray(source, dtype=np.int8),
-        ref=np.asarray(ref, dtype=np.int64),
-    )
+    return out.result()
 
 
 def reason(state: ModelState, source: int, ref: int) -> str:

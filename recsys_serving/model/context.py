@@ -1,8 +1,15 @@
 """Per-request user context: what the state knows about one user, gathered once.
 
 Candidate generation and feature assembly both need the user's vector, category
-affinities, recent items and the co-visitation scores those recent items imply;
-computing them once per request keeps each of those steps to a few array gathers.
+affinities, recent items and the neighbour scores those items imply; computing them
+once per request keeps each of those steps to a few array gathers.
+
+The two aggregates over the recent items (co-visitation and item-kNN) are computed
+together: one gather per graph and one sort over all their entries, keyed by
+``group * n_items + item``, instead of a sort each. The item-kNN score of the whole
+history (many more entries) is accumulated densely over the catalogue instead, which
+is cheaper than sorting it. Either way a request costs a fixed number of numpy
+calls, which is what bounds its CPU.
 """
 
 from __future__ import annotations
@@ -12,16 +19,104 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from recsys_serving.model.state import FloatArray, IntArray, ModelState, Ragged
 
 _EMPTY_I = np.empty(0, dtype=np.int64)
+_EMPTY_F = np.empty(0, dtype=np.float32)
 # History items (strongest first) whose neighbours make a user's item-kNN score.
 HISTORY_ITEMS = 100
-_EMPTY_F = np.empty(0, dtype=np.float32)
 # Keys of a user document (from the document store) that may name preferred
 # categories; used only for users without history (cold start).
 DOC_CATEGORY_KEYS = ("categories", "interests", "favorite_categories", "preferred_categories")
+# The aggregates of a NeighbourScores table, in key order.
+COVIS, KNN = range(2)
+
+
+@dataclass(frozen=True, slots=True)
+class NeighbourScores:
+    """The neighbour aggregates of a user's recent items, in one table sorted by
+    ``group * n_items + item``.
+
+    For each (group, item): the recency-weighted sum of the contributions, the largest
+    single contribution and the recent item that made it (ties: the newer one).
+    Groups: :data:`COVIS` (co-visited with the recent items), :data:`KNN` (cosine
+    neighbours of the recent items).
+    """
+
+    n_items: int
+    keys: IntArray
+    sums: FloatArray
+    maxs: FloatArray
+    refs: IntArray
+    bounds: tuple[int, int, int]  # where each group starts in ``keys``, and the end
+
+    def group(self, g: int) -> tuple[IntArray, FloatArray, FloatArray, IntArray]:
+        """(items, sums, maxs, refs) of one group, items ascending."""
+        lo, hi = self.bounds[g], self.bounds[g + 1]
+        items = self.keys[lo:hi] - g * self.n_items if g else self.keys[lo:hi]
+        return items, self.sums[lo:hi], self.maxs[lo:hi], self.refs[lo:hi]
+
+    def lookup(self, items: IntArray) -> tuple[FloatArray, FloatArray]:
+        """(sums, maxs) of both groups for ``items``: arrays of shape (2, len(items)),
+        0 where the item has no entry."""
+        n = items.size
+        sums = np.zeros((2, n), dtype=np.float32)
+        maxs = np.zeros((2, n), dtype=np.float32)
+        if self.keys.size and n:
+            wanted = np.concatenate((items, items + self.n_items))
+            pos = np.minimum(np.searchsorted(self.keys, wanted), self.keys.size - 1)
+            hit = self.keys[pos] == wanted
+            sums.ravel()[hit] = self.sums[pos[hit]]
+            maxs.ravel()[hit] = self.maxs[pos[hit]]
+        return sums, maxs
+
+    @classmethod
+    def empty(cls, n_items: int) -> NeighbourScores:
+        return cls(n_items, _EMPTY_I, _EMPTY_F, _EMPTY_F, _EMPTY_I, (0, 0, 0))
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryScores:
+    """The item-kNN score of a user's whole history: for every item, the sum over the
+    ``HISTORY_ITEMS`` strongest history items of weight x cosine similarity (the
+    item-kNN baseline's own ranking score)."""
+
+    dense: npt.NDArray[np.float64]  # (n_items,) exact sums; empty for cold users
+    items: IntArray  # items with a nonzero score, ascending
+    sums: FloatArray  # their scores (float32)
+    # (neighbour, contribution, source item) of every entry, to explain a few items
+    entries: tuple[IntArray, FloatArray, IntArray]
+
+    def at(self, items: IntArray) -> FloatArray:
+        """Scores of ``items`` (0 where none)."""
+        if not self.dense.size:
+            return np.zeros(items.size, dtype=np.float32)
+        return self.dense[items].astype(np.float32)
+
+    def refs(self, rows: IntArray) -> IntArray:
+        """For each item row, the history item contributing most (ties: the lower row);
+        -1 when none."""
+        neighbour, score, source = self.entries
+        out = np.full(rows.size, -1, dtype=np.int64)
+        if not rows.size or not neighbour.size:
+            return out
+        wanted = np.zeros(self.dense.size, dtype=bool)
+        wanted[rows] = True
+        hit = wanted[neighbour]
+        nb, sc, src = neighbour[hit], score[hit], source[hit]
+        best = np.full(self.dense.size, -np.inf, dtype=np.float32)
+        np.maximum.at(best, nb, sc)
+        top = sc == best[nb]
+        ref = np.full(self.dense.size, np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(ref, nb[top], src[top])
+        found = ref[rows]
+        return np.where(found == np.iinfo(np.int64).max, -1, found)
+
+    @classmethod
+    def empty(cls) -> HistoryScores:
+        return cls(np.empty(0), _EMPTY_I, _EMPTY_F, (_EMPTY_I, _EMPTY_F, _EMPTY_I))
 
 
 @dataclass
@@ -35,6 +130,8 @@ class UserContext:
     seen: IntArray  # item rows, sorted
     recent: IntArray  # newest first
     recent_weights: FloatArray
+    neighbours: NeighbourScores
+    history: HistoryScores
     covis_items: IntArray  # sorted item rows co-visited with the recent items
     covis_sum: FloatArray
     covis_max: FloatArray
@@ -43,12 +140,10 @@ class UserContext:
     knn_sum: FloatArray
     knn_max: FloatArray
     knn_ref: IntArray
-    # The item-kNN baseline's own score: weighted similarity to the whole history
-    # (its HISTORY_ITEMS strongest items); ``history_entries`` = (neighbour, weighted
-    # similarity, source item) for explaining a few of them (:meth:`history_refs`).
+    # The item-kNN baseline's own score over the whole history (``history``), for the
+    # items that have one.
     history_items: IntArray
     history_sum: FloatArray
-    history_entries: tuple[IntArray, FloatArray, IntArray]
     last_vector: FloatArray | None  # unit vector of the newest item
     recent_vector: FloatArray | None  # unit mean vector of the recent items
 
@@ -58,16 +153,7 @@ class UserContext:
 
     def history_refs(self, rows: list[int]) -> list[int]:
         """For each item row, the history item contributing most to its kNN score."""
-        neighbour, score, source = self.history_entries
-        if not rows or neighbour.size == 0:
-            return [-1] * len(rows)
-        mask = np.isin(neighbour, rows)
-        nb, sc, src = neighbour[mask], score[mask], source[mask]
-        best: dict[int, tuple[float, int]] = {}
-        for n, c, r in zip(nb.tolist(), sc.tolist(), src.tolist(), strict=True):
-            if n not in best or c > best[n][0] or (c == best[n][0] and r < best[n][1]):
-                best[n] = (c, r)
-        return [best[r][1] if r in best else -1 for r in rows]
+        return self.history.refs(np.asarray(rows, dtype=np.int64)).tolist()
 
     def top_categories(self, n: int) -> IntArray:
         """The user's strongest categories, recent behaviour first."""
@@ -126,6 +212,8 @@ def user_context(
             seen=_EMPTY_I,
             recent=_EMPTY_I,
             recent_weights=_EMPTY_F,
+            neighbours=NeighbourScores.empty(state.n_items),
+            history=HistoryScores.empty(),
             covis_items=_EMPTY_I,
             covis_sum=_EMPTY_F,
             covis_max=_EMPTY_F,
@@ -136,20 +224,20 @@ def user_context(
             knn_ref=_EMPTY_I,
             history_items=_EMPTY_I,
             history_sum=_EMPTY_F,
-            history_entries=(_EMPTY_I, _EMPTY_F, _EMPTY_I),
             last_vector=None,
             recent_vector=None,
         )
     vector = state.user_factors[row]
     seen, seen_weights = state.seen.row(row)
     recent, weights = state.recent.row(row)
-    covis_items, covis_sum, covis_max, covis_ref = _neighbours(state.covisit, recent, weights)
-    knn_items, knn_sum, knn_max, knn_ref = _neighbours(state.item_knn, recent, weights)
-    history_items, history_sum, history_entries = _history(state, seen, seen_weights)
+    table = neighbour_scores(state, recent, weights)
+    covis_items, covis_sum, covis_max, covis_ref = table.group(COVIS)
+    knn_items, knn_sum, knn_max, knn_ref = table.group(KNN)
+    history = history_scores(state, seen, seen_weights)
     factors = state.item_factors
-    last_vector = _unit(factors[recent[0]]) if recent.size else None
-    recent_vector = None
+    last_vector = recent_vector = None
     if recent.size:
+        last_vector = _unit(factors[recent[0]])
         recent_vector = _unit((factors[recent] * weights[:, None]).sum(axis=0))
     return UserContext(
         row=row,
@@ -159,6 +247,8 @@ def user_context(
         seen=seen,
         recent=recent,
         recent_weights=weights,
+        neighbours=table,
+        history=history,
         covis_items=covis_items,
         covis_sum=covis_sum,
         covis_max=covis_max,
@@ -167,65 +257,94 @@ def user_context(
         knn_sum=knn_sum,
         knn_max=knn_max,
         knn_ref=knn_ref,
-        history_items=history_items,
-        history_sum=history_sum,
-        history_entries=history_entries,
+        history_items=history.items,
+        history_sum=history.sums,
         last_vector=last_vector,
         recent_vector=recent_vector,
     )
 
 
 def _gather(graph: Ragged, rows: IntArray) -> tuple[IntArray, IntArray]:
-    """Positions of every entry of ``rows`` in ``graph`` and the row each came from."""
-    lo, hi = graph.indptr[rows], graph.indptr[rows + 1]
-    lengths = hi - lo
-    total = int(lengths.sum())
-    starts = np.repeat(lo - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-    return starts + np.arange(total), np.repeat(np.arange(rows.size), lengths)
+    """Positions of every entry of ``rows`` in ``graph`` and the index of the row each
+    came from, in row order."""
+    lo = graph.indptr[rows]
+    lengths = graph.indptr[rows + 1] - lo
+    owner = np.repeat(np.arange(rows.size), lengths)
+    # entry j of row i sits at lo[i] + j; j = (running index) - (entries before row i)
+    skip = np.cumsum(lengths) - lengths - lo
+    return np.arange(owner.size) - skip[owner], owner
 
 
-def _history(
-    state: ModelState, seen: IntArray, weights: FloatArray
-) -> tuple[IntArray, FloatArray, tuple[IntArray, FloatArray, IntArray]]:
-    """Item-kNN scores of the user's history: sum over history items of weight x cosine.
+def _run_starts(sorted_keys: IntArray) -> IntArray:
+    """Where each run of equal values starts in a sorted array."""
+    starts = np.empty(sorted_keys.size, dtype=bool)
+    starts[:1] = True
+    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=starts[1:])
+    return np.flatnonzero(starts)
 
-    Dense accumulation over the catalogue (one bincount) is cheaper than sorting the
-    tens of thousands of (history item, neighbour) pairs of a heavy user.
+
+def descending_key(values: FloatArray) -> IntArray:
+    """An int64 per float32 value that sorts in the opposite order (equal values give
+    equal keys; -0.0 counts as 0.0), in [-2**31, 2**31): to build composite sort keys
+    that one fast (quick)sort orders, where ``np.lexsort`` runs a slow stable sort per key."""
+    bits = (values + np.float32(0.0)).view(np.int32).astype(np.int64)
+    return np.where(bits < 0, bits ^ 0x7FFFFFFF, bits) * -1 - 1
+
+
+def neighbour_scores(
+    state: ModelState, recent: IntArray, recent_weights: FloatArray
+) -> NeighbourScores:
+    """Co-visitation and item-kNN aggregates of the recent items (see
+    :class:`NeighbourScores`): contributions are ``score x recency weight`` in float32,
+    summed in float32 from the largest down."""
+    n = state.n_items
+    covis, knn = state.covisit, state.item_knn
+    pos_c, own_c = _gather(covis, recent)
+    pos_k, own_k = _gather(knn, recent)
+    if pos_c.size + pos_k.size == 0:
+        return NeighbourScores.empty(n)
+    keys = np.concatenate((covis.indices[pos_c], knn.indices[pos_k] + n))
+    owner = np.concatenate((own_c, own_k))
+    scores = np.concatenate((covis.data[pos_c], knn.data[pos_k])) * recent_weights[owner]
+    # By key, then largest contribution first (one sort of a composite key).
+    composite = (keys << 32) + (descending_key(scores) + 2**31)
+    order = np.argsort(composite)
+    composite = composite[order]
+    first = _run_starts(composite >> 32)
+    if np.any(composite[1:] == composite[:-1]):
+        # Equal contributions to one item: the newer recent item explains it, as a
+        # stable sort would have ordered them (rare; pay for the stable sort then).
+        order = np.lexsort((-scores, keys))
+    ukeys = keys[order[first]]
+    scores = scores[order]
+    split = int(np.searchsorted(ukeys, n))
+    return NeighbourScores(
+        n,
+        ukeys,
+        np.add.reduceat(scores, first),
+        scores[first],
+        recent[owner[order[first]]],
+        (0, split, int(ukeys.size)),
+    )
+
+
+def history_scores(state: ModelState, seen: IntArray, weights: FloatArray) -> HistoryScores:
+    """Item-kNN scores of the history: sum over history items of weight x cosine.
+
+    Dense accumulation over the catalogue (one bincount, exact in float64) is cheaper
+    than sorting the tens of thousands of (history item, neighbour) pairs of a heavy
+    user.
     """
     if not seen.size:
-        return _EMPTY_I, _EMPTY_F, (_EMPTY_I, _EMPTY_F, _EMPTY_I)
+        return HistoryScores.empty()
     if seen.size > HISTORY_ITEMS:
         keep = np.sort(np.argpartition(-weights, HISTORY_ITEMS - 1)[:HISTORY_ITEMS])
         seen, weights = seen[keep], weights[keep]
     pos, owner = _gather(state.item_knn, seen)
     neighbour = state.item_knn.indices[pos]
-    score = (state.item_knn.data[pos] * weights[owner]).astype(np.float32)
+    score = state.item_knn.data[pos] * weights[owner]
     dense = np.bincount(neighbour, weights=score, minlength=state.n_items)
-    items = np.flatnonzero(dense).astype(np.int64)
-    return items, dense[items].astype(np.float32), (neighbour, score, seen[owner])
-
-
-def _neighbours(
-    graph: Ragged, recent: IntArray, weights: FloatArray
-) -> tuple[IntArray, FloatArray, FloatArray, IntArray]:
-    """Aggregate the neighbours of the recent items, weighted by recency: for each
-    neighbour the weighted sum, the largest single contribution and its source item."""
-    if not recent.size:
-        return _EMPTY_I, _EMPTY_F, _EMPTY_F, _EMPTY_I
-    indptr = graph.indptr
-    lo, hi = indptr[recent], indptr[recent + 1]
-    lengths = hi - lo
-    total = int(lengths.sum())
-    if total == 0:
-        return _EMPTY_I, _EMPTY_F, _EMPTY_F, _EMPTY_I
-    # Positions of every neighbour entry of every recent item, without a Python loop.
-    starts = np.repeat(lo - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-    pos = starts + np.arange(total)
-    items = graph.indices[pos]
-    scores = graph.data[pos] * np.repeat(weights, lengths)
-    refs = np.repeat(recent, lengths)
-    order = np.lexsort((-scores, items))
-    items, scores, refs = items[order], scores[order], refs[order]
-    uniq, first = np.unique(items, return_index=True)
-    sums = np.add.reduceat(scores, first).astype(np.float32)
-    return uniq, sums, scores[first].astype(np.float32), refs[first]
+    items = np.flatnonzero(dense)
+    return HistoryScores(
+        dense, items, dense[items].astype(np.float32), (neighbour, score, seen[owner])
+    )

@@ -91,11 +91,22 @@ def padded_categories(state: ModelState) -> npt.NDArray[np.int64]:
     return out
 
 
+def item_norms(state: ModelState) -> npt.NDArray[np.float32]:
+    """Euclidean norms of the item factors, cached on the state (a row's norm is the
+    same computed alone or with the whole matrix)."""
+    cached = getattr(state, "_item_norms", None)
+    if cached is None:
+        cached = np.linalg.norm(state.item_factors, axis=1).astype(np.float32)
+        object.__setattr__(state, "_item_norms", cached)
+    return cached
+
+
 def _affinity(
-    state: ModelState, affinity: npt.NDArray[np.float32], items: IntArray
+    affinity: npt.NDArray[np.float32], item_categories: npt.NDArray[np.int64]
 ) -> npt.NDArray[np.float32]:
+    """Summed affinity over each item's categories (rows of ``padded_categories``)."""
     padded = np.append(affinity, np.float32(0.0))  # the pad column scores 0
-    return padded[padded_categories(state)[items]].sum(axis=1)
+    return padded[item_categories].sum(axis=1)
 
 
 def _cosine(
@@ -106,23 +117,6 @@ def _cosine(
     if unit is None:
         return np.zeros(vectors.shape[0], dtype=np.float32)
     return (vectors @ unit) / np.maximum(norms, 1e-12)
-
-
-def _lookup(
-    keys: IntArray,
-    sums: npt.NDArray[np.float32],
-    maxs: npt.NDArray[np.float32],
-    items: IntArray,
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-    """Per-item (sum, max) from a user's aggregated neighbour scores; 0 when absent."""
-    out_sum = np.zeros(items.size, dtype=np.float32)
-    out_max = np.zeros(items.size, dtype=np.float32)
-    if keys.size:
-        pos = np.minimum(np.searchsorted(keys, items), keys.size - 1)
-        hit = keys[pos] == items
-        out_sum[hit] = sums[pos[hit]]
-        out_max[hit] = maxs[pos[hit]]
-    return out_sum, out_max
 
 
 def _top(values: npt.NDArray[np.float32]) -> float:
@@ -140,30 +134,32 @@ def assemble_features(
     n = items.size
     out = np.empty((n, N_FEATURES), dtype=np.float32)
     vectors = state.item_factors[items]
-    norms = np.linalg.norm(vectors, axis=1).astype(np.float32)
+    norms = item_norms(state)[items]
     if ctx.vector is not None:
         als = vectors @ ctx.vector
         user_norm = float(np.linalg.norm(ctx.vector))
         cosine = als / np.maximum(norms * user_norm, 1e-12)
     else:
         als = cosine = np.zeros(n, dtype=np.float32)
-    covis_sum, covis_max = _lookup(ctx.covis_items, ctx.covis_sum, ctx.covis_max, items)
-    knn_sum, knn_max = _lookup(ctx.knn_items, ctx.knn_sum, ctx.knn_max, items)
-    history, _ = _lookup(ctx.history_items, ctx.history_sum, ctx.history_sum, items)
+    # Rows: co-visitation, item-kNN of the recent items (context.NeighbourScores).
+    sums, maxs = ctx.neighbours.lookup(items)
+    covis_sum, knn_sum = sums
+    history = ctx.history.at(items)
     out[:, 0] = als
     out[:, 1] = cosine
     out[:, 2] = covis_sum
-    out[:, 3] = covis_max
+    out[:, 3] = maxs[0]
     out[:, 4] = knn_sum
-    out[:, 5] = knn_max
+    out[:, 5] = maxs[1]
     out[:, 6] = history
     out[:, 7] = covis_sum / _top(ctx.covis_sum)
     out[:, 8] = knn_sum / _top(ctx.knn_sum)
     out[:, 9] = history / _top(ctx.history_sum)
     out[:, 10] = _cosine(vectors, norms, ctx.last_vector)
     out[:, 11] = _cosine(vectors, norms, ctx.recent_vector)
-    out[:, 12] = _affinity(state, ctx.affinity, items)
-    out[:, 13] = _affinity(state, ctx.affinity_recent, items)
+    categories = padded_categories(state)[items]
+    out[:, 12] = _affinity(ctx.affinity, categories)
+    out[:, 13] = _affinity(ctx.affinity_recent, categories)
     out[:, 14] = 1.0 if ctx.known else 0.0
     p = len(PAIR_FEATURES)
     out[:, p : p + len(ITEM_COLUMNS)] = state.item_table[items]
