@@ -163,6 +163,11 @@ class Settings(BaseSettings):
     model_cache_dir: Path | None = Field(
         default=None, description="Where workers unpack bundles; defaults to <home>/cache/models."
     )
+    ranker_compile: bool = Field(
+        default=True,
+        description="Compile each loaded model's LightGBM ranker to native code (lleaves; "
+        "cached under <model cache>/.compiled); false, or a failure, ranks with LightGBM.",
+    )
     model_uri: str | None = Field(
         default=None,
         description="Pin the served model (oci://host/repo@sha256:... or a bundle directory) "

@@ -45,6 +45,7 @@ CANDIDATE = "candidate"
 RETRY_INVALID_SECONDS = 300.0
 RETRY_OTHER_SECONDS = 30.0
 _WARM_USERS = ("__warmup-0__", "__warmup-1__", "__warmup-2__")
+RANKER_CACHE = ".compiled"
 
 
 def user_bucket(user_id: str) -> float:
@@ -209,6 +210,10 @@ class ModelManager:
         self.on_change = on_change
         self.on_refused = on_refused
         self.index_opener = index_opener
+        # Compiled rankers, shared by the workers of a host (and kept across restarts).
+        self.ranker_cache_dir = settings.resolved_model_cache_dir / RANKER_CACHE
+        # Called with the reason when a model's ranker cannot be compiled (a metric).
+        self.on_ranker_fallback: Callable[[str], None] | None = None
         self._state = ServingState()
         self._previous: LoadedModel | None = None  # last production, kept for rollback
         self._refused: dict[str, _Refusal] = {}
@@ -366,6 +371,7 @@ class ModelManager:
                 "version_mismatch",
                 f"{path}: the bundle says version {version!r}, the registry {target.version!r}",
             )
+        self._compile_ranker(model, version)
         try:
             warm(model)
         except Exception as exc:
@@ -385,6 +391,36 @@ class ModelManager:
         )
         return LoadedModel(alias, target.ref, version, model, index, target.share, time.time())
 
+    def _compile_ranker(self, model: Any, version: str) -> None:
+        """Native ranking for this model (``model/ranker.py``), before it takes traffic.
+        Not a reason to refuse the model: on failure it ranks with LightGBM, with a
+        warning and ``recsys_ranker_compile_failures_total{reason}``."""
+        if not self.settings.ranker_compile or not hasattr(model, "compile_ranker"):
+            return
+        from recsys_serving.model.ranker import RankerCompileError
+
+        started = time.perf_counter()
+        try:
+            compiled = model.compile_ranker(self.ranker_cache_dir)
+        except Exception as exc:
+            reason = exc.reason if isinstance(exc, RankerCompileError) else "compile_error"
+            log.warning(
+                "models.ranker_not_compiled",
+                version=version,
+                reason=reason,
+                error=f"{type(exc).__name__}: {exc}",
+                ranking="lightgbm",
+            )
+            if self.on_ranker_fallback is not None:
+                self.on_ranker_fallback(reason)
+            return
+        log.info(
+            "models.ranker_compiled",
+            version=version,
+            cached=compiled.cached,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+
     def wake(self) -> None:
         """Poll now instead of at the end of the interval."""
         self._wake.set()
@@ -396,7 +432,13 @@ class ModelManager:
         def describe(m: LoadedModel | None) -> dict[str, Any] | None:
             if m is None:
                 return None
-            return {"version": m.version, "share": m.share, "loaded_at": m.loaded_at}
+            ranker = getattr(getattr(m.model, "ranker", None), "kind", None)
+            return {
+                "version": m.version,
+                "share": m.share,
+                "loaded_at": m.loaded_at,
+                "ranker": ranker,
+            }
 
         return {
             "source": self.source.name,

@@ -25,12 +25,27 @@ from recsys_serving.index.base import CandidateIndex, CandidateQuery
 from recsys_serving.model import candidates as cand
 from recsys_serving.model.bundle import BundleError, verify_bundle
 from recsys_serving.model.context import UserContext, user_context
-from recsys_serving.model.features import FEATURE_NAMES, assemble_features, padded_categories
+from recsys_serving.model.features import (
+    FEATURE_NAMES,
+    assemble_features,
+    item_norms,
+    padded_categories,
+)
+from recsys_serving.model.ranker import (
+    CompiledRanker,
+    Ranker,
+    RankerCompileError,
+    compile_ranker,
+)
 from recsys_serving.model.state import IntArray, ModelState
 
 RANKER_FILE = "ranker.txt"
 STATE_DIR = "state"
 INDEX_DIR = "index"
+# Users whose candidate pools check a compiled ranker against LightGBM (plus a cold one).
+CHECK_USERS = 8
+
+__all__ = ["Ranker", "Recommender", "ScoredItem"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,35 +55,13 @@ class ScoredItem:
     reason: str
 
 
-class Ranker:
-    """A LightGBM booster scoring feature rows (higher is better)."""
-
-    def __init__(self, booster: Any, threads: int = 1) -> None:
-        self.booster = booster
-        self.threads = threads
-
-    @classmethod
-    def load(cls, path: Path, threads: int = 1) -> Ranker:
-        import lightgbm as lgb
-
-        return cls(lgb.Booster(model_file=str(path)), threads)
-
-    def score(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
-        if features.shape[0] == 0:
-            return np.empty(0, dtype=np.float64)
-        return np.asarray(
-            self.booster.predict(features, num_threads=self.threads, validate_features=False),
-            dtype=np.float64,
-        )
-
-
 class Recommender:
     """A loaded model bundle: see docs/architecture.md ("Runtime API")."""
 
     def __init__(
         self,
         state: ModelState,
-        ranker: Ranker,
+        ranker: Ranker | CompiledRanker,
         manifest: Mapping[str, Any] | None = None,
         path: Path | None = None,
     ) -> None:
@@ -82,7 +75,7 @@ class Recommender:
         # Lookups built once here, not by the first requests (possibly concurrently).
         padded_categories(state)
         _ = state.item_index, state.user_index, state.category_index
-        self._item_norms = np.linalg.norm(state.item_factors, axis=1).astype(np.float32)
+        self._item_norms = item_norms(state)
         primary = padded_categories(state)[:, 0]
         self._primary = np.where(primary < state.n_categories, primary, -1)
 
@@ -106,6 +99,39 @@ class Recommender:
         except Exception as exc:  # LightGBM raises its own error type for a bad model file
             raise BundleError(f"{root}: cannot load {RANKER_FILE} ({exc})") from exc
         return cls(state, ranker, manifest, root)
+
+    def compile_ranker(self, cache_dir: Path | None = None) -> CompiledRanker:
+        """Replace the LightGBM ranker by its native compilation (see ``model/ranker.py``),
+        checked against LightGBM on real candidate pools first. Call it before the model
+        serves (the server does, in its background loader); ``RankerCompileError`` when
+        compilation is unavailable or wrong, leaving the LightGBM ranker in place."""
+        if isinstance(self.ranker, CompiledRanker):
+            return self.ranker
+        if self.path is None:
+            raise RankerCompileError("unavailable", "a model without a bundle directory")
+        entry = self.manifest.get("files", {}).get(RANKER_FILE, {})
+        compiled = compile_ranker(
+            self.path / RANKER_FILE,
+            cache_dir,
+            self.ranker,
+            self._check_rows(),
+            ranker_sha256=entry.get("sha256"),
+        )
+        self.ranker = compiled
+        return compiled
+
+    def _check_rows(self) -> npt.NDArray[np.float32]:
+        """Feature rows of real requests: a few known users' pools and a cold user's."""
+        state = self.state
+        known = np.flatnonzero(np.diff(state.seen.indptr) > 0)[:CHECK_USERS]
+        users = [str(state.user_ids[u]) for u in known.tolist()] + ["\0cold-check"]
+        rows = []
+        for user in users:
+            ctx = user_context(state, user)
+            allowed = cand.allowed_mask(state, ctx)
+            pool = cand.generate(state, ctx, allowed, self.pool, None, self._retrieve)
+            rows.append(assemble_features(state, ctx, pool.items))
+        return np.concatenate(rows)
 
     # ------------------------------------------------------------------- lookup
     def knows_user(self, user_id: str) -> bool:
