@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -137,9 +138,13 @@ class ImpressionLog:
             group = self._groups[loop] = _Group()
             # After the callbacks ready now: requests finishing in this turn join.
             loop.call_soon(self._flush, loop)
+        ts = None
+        lines: list[bytes] = []
         for event in events:
-            day = datetime.fromtimestamp(event["ts"], UTC).strftime("%Y-%m-%d")
-            group.lines.setdefault(day, []).append(orjson.dumps(event) + b"\n")
+            if event["ts"] != ts:  # an answer's events share one timestamp
+                ts = event["ts"]
+                lines = group.lines.setdefault(_day(ts), [])
+            lines.append(orjson.dumps(event) + b"\n")
             version = event["model_version"]
             group.versions[version] = group.versions.get(version, 0) + 1
         group.events += len(events)
@@ -193,6 +198,16 @@ class ImpressionLog:
             with contextlib.suppress(RuntimeError):  # a closed loop has nobody waiting
                 loop.call_soon_threadsafe(_settle, group.waiters, ok)
         self.writer.close()
+
+
+@functools.lru_cache(maxsize=4)
+def _day_of_hour(hour: int) -> str:
+    return datetime.fromtimestamp(hour * 3600, UTC).strftime("%Y-%m-%d")
+
+
+def _day(ts: float) -> str:
+    """The UTC date partition of a timestamp (dates change on hour boundaries only)."""
+    return _day_of_hour(int(ts // 3600))
 
 
 def _settle(waiters: list[asyncio.Future[bool]], ok: bool) -> None:

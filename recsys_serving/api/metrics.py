@@ -25,6 +25,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
@@ -67,6 +68,8 @@ FALLBACK_REASONS = (
 )
 _METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
 WORKER_STATE_DIR = "workers"
+# Bound on the cached label sets (routes x statuses, versions): never a leak.
+_MAX_CACHED_LABELS = 1024
 
 
 def multiprocess_dir() -> Path | None:
@@ -106,6 +109,10 @@ class ServiceMetrics:
         self.run_dir = run_dir
         self.worker = worker_id()
         self._models: dict[str, str] = {}
+        # Labelled children of the per-request metrics: ``labels()`` costs more than
+        # the update itself.
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._answer_children: dict[tuple[str, str], Any] = {}
         r = self.registry
         self.http_requests = Counter(
             "recsys_http_requests_total",
@@ -183,14 +190,37 @@ class ServiceMetrics:
         self.throttled = Counter(
             "recsys_throttled_total", "429 answers by key.", ["key_id"], registry=r
         )
+        self.ranker_compile_failures = Counter(
+            "recsys_ranker_compile_failures_total",
+            "Models ranking with LightGBM because their ranker could not be compiled.",
+            ["reason"],
+            registry=r,
+        )
         self.model_ready.set(0)
         self.candidate_share.set(0)
 
     # ---------------------------------------------------------------- recording
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        method = method if method in _METHODS else "OTHER"
-        self.http_requests.labels(route, method, str(status)).inc()
-        self.http_duration.labels(route).observe(seconds)
+        children = self._request_children.get((route, method, status))
+        if children is None:
+            label = method if method in _METHODS else "OTHER"
+            children = (
+                self.http_requests.labels(route, label, str(status)),
+                self.http_duration.labels(route),
+            )
+            if len(self._request_children) < _MAX_CACHED_LABELS:
+                self._request_children[(route, method, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def answered(self, served_by: str, version: str) -> None:
+        """Count one recommendation answer."""
+        child = self._answer_children.get((served_by, version))
+        if child is None:
+            child = self.recommendations.labels(served_by, version)
+            if len(self._answer_children) < _MAX_CACHED_LABELS:
+                self._answer_children[(served_by, version)] = child
+        child.inc()
 
     def events_landed(self, source: str, accepted: int, rejected: dict[str, int]) -> None:
         if accepted:

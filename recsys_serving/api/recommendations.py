@@ -1,12 +1,23 @@
-"""``GET /recommendations/{user_id}`` and ``GET /similar/{item_id}``."""
+"""``GET /recommendations/{user_id}`` and ``GET /similar/{item_id}``.
+
+The recommendations route is the service's hot path. Its common form (a valid user id
+and at most ``k=N``) is answered by :class:`FastRoute` without FastAPI's per-request
+parameter resolution, which costs more than the rest of the route besides ranking.
+Everything else (filters, an invalid or unusual parameter) goes through the declared
+endpoint, so validation, errors and the OpenAPI description are FastAPI's; both paths
+give the same answer for the same request (tested).
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import re
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, StringConstraints
 
 from recsys_serving.api.auth import SECURITY, authorize
@@ -18,11 +29,53 @@ ID_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 MAX_ID = 256
 MAX_EXCLUDE = 1000
 MAX_CATEGORIES = 50
+MAX_K = 100
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# The query strings FastRoute answers itself: none, or k in 1..MAX_K written plainly.
+_PLAIN_K = re.compile(rb"(?:k=([1-9][0-9]?|100))?")
 
 ItemId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID, pattern=ID_PATTERN)]
 ServedBy = Literal["champion", "challenger", "fallback"]
 
-router = APIRouter(tags=["recommendations"])
+
+class FastRoute(APIRoute):
+    """An APIRoute whose common requests can skip FastAPI's parameter resolution.
+
+    An endpoint registered with :func:`plain_form` gets a handler that first asks its
+    plain-form function, which answers from the raw path and query when they are in
+    their plain form or returns None; the declared endpoint then handles the request
+    with full validation. Matching, middleware, exception handlers and the OpenAPI
+    schema are unchanged; endpoints without a plain form behave as usual.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        declared = super().get_route_handler()
+        plain = _PLAIN_FORMS.get(self.endpoint)
+        if plain is None:
+            return declared
+
+        async def handler(request: Request) -> Response:
+            response = await plain(request)
+            return response if response is not None else await declared(request)
+
+        return handler
+
+
+PlainForm = Callable[[Request], Coroutine[Any, Any, Response | None]]
+_PLAIN_FORMS: dict[Callable[..., Any], PlainForm] = {}
+
+
+def plain_form(plain: PlainForm) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``plain`` as the fast form of the decorated endpoint (see FastRoute)."""
+
+    def register(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+        _PLAIN_FORMS[endpoint] = plain
+        return endpoint
+
+    return register
+
+
+router = APIRouter(tags=["recommendations"], route_class=FastRoute)
 
 
 class RecommendedItem(BaseModel):
@@ -68,7 +121,7 @@ def _respond(body: dict[str, object], request_id: str) -> Response:
     )
 
 
-K = Annotated[int, Query(ge=1, le=100, description="How many items (1..100).")]
+K = Annotated[int, Query(ge=1, le=MAX_K, description="How many items (1..100).")]
 Exclude = Annotated[
     list[ItemId] | None,
     Query(max_length=MAX_EXCLUDE, description="Item ids never to return (repeat the parameter)."),
@@ -86,6 +139,45 @@ ERRORS: dict[int | str, dict[str, object]] = {
 }
 
 
+async def _plain_recommendations(request: Request) -> Response | None:
+    """``GET /recommendations/{user_id}[?k=N]`` with a valid id and k: the answer; any
+    other form: None (the declared endpoint validates it)."""
+    scope = request.scope
+    found = _PLAIN_K.fullmatch(scope["query_string"])
+    user_id = scope["path_params"].get("user_id")
+    if (
+        found is None
+        or not isinstance(user_id, str)
+        or not 0 < len(user_id) <= MAX_ID
+        or _CONTROL.search(user_id) is not None
+    ):
+        return None
+    k = int(found.group(1)) if found.group(1) is not None else 10
+    return await _recommend(request, user_id, k, None, frozenset())
+
+
+async def _recommend(
+    request: Request,
+    user_id: str,
+    k: int,
+    category: list[str] | None,
+    exclude: frozenset[str],
+) -> Response:
+    authorize(request, "recommend")
+    service: Recommending = request.app.state.recommending
+    answer = await service.recommend(user_id, k, category, exclude)
+    return _respond(
+        {
+            "user_id": user_id,
+            "items": _items(answer),
+            "model_version": answer.model_version,
+            "request_id": answer.request_id,
+            "served_by": answer.served_by,
+        },
+        answer.request_id,
+    )
+
+
 @router.get(
     "/recommendations/{user_id}",
     response_model=Recommendations,
@@ -98,6 +190,7 @@ ERRORS: dict[int | str, dict[str, object]] = {
     responses=ERRORS,
     openapi_extra=SECURITY,
 )
+@plain_form(_plain_recommendations)
 async def get_recommendations(
     request: Request,
     user_id: Annotated[
@@ -107,19 +200,7 @@ async def get_recommendations(
     category: Category = None,
     exclude: Exclude = None,
 ) -> Response:
-    authorize(request, "recommend")
-    service: Recommending = request.app.state.recommending
-    answer = await service.recommend(user_id, k, category or None, frozenset(exclude or ()))
-    return _respond(
-        {
-            "user_id": user_id,
-            "items": _items(answer),
-            "model_version": answer.model_version,
-            "request_id": answer.request_id,
-            "served_by": answer.served_by,
-        },
-        answer.request_id,
-    )
+    return await _recommend(request, user_id, k, category or None, frozenset(exclude or ()))
 
 
 @router.get(

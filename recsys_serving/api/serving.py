@@ -20,8 +20,10 @@ Kept apart from the HTTP layer so the rules are plain, testable code:
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
+import secrets
 import time
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,8 +54,23 @@ class Answer:
     fallback_reason: str | None = None
 
 
-def new_request_id() -> str:
-    return uuid.uuid4().hex
+class _RequestIds:
+    """32 hex characters like a UUID4's, unique without a random draw per request: a
+    random 64-bit prefix per process (drawn again in a forked child) and a counter."""
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self.prefix = secrets.token_hex(8)
+        self.counter = itertools.count(secrets.randbits(32))
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.counter) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+new_request_id = _RequestIds()
 
 
 class Recommending:
@@ -73,6 +90,9 @@ class Recommending:
         self.metrics = metrics
         self.impressions = impressions
         self.timeout = settings.store_timeout_ms / 1000.0
+        manager.on_ranker_fallback = lambda reason: metrics.ranker_compile_failures.labels(
+            reason
+        ).inc()
         self._store_pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="docstore")
 
     def close(self) -> None:
@@ -146,7 +166,7 @@ class Recommending:
             items = self._fallback(loaded, reason, k, cats, exclude | loaded.model.seen(user_id))
             served_by = "fallback"
         answer = Answer(new_request_id(), list(items)[:k], loaded.version, served_by, reason)
-        self.metrics.recommendations.labels(served_by, loaded.version).inc()
+        self.metrics.answered(served_by, loaded.version)
         await self.impressions.log(
             impression_events(
                 answer.request_id,
@@ -179,7 +199,7 @@ class Recommending:
         if reason is not None:
             items = self._fallback(loaded, reason, k, None, exclude | {item_id})
             served_by = "fallback"
-        self.metrics.recommendations.labels(served_by, loaded.version).inc()
+        self.metrics.answered(served_by, loaded.version)
         return Answer(new_request_id(), list(items)[:k], loaded.version, served_by, reason)
 
     def _fallback(
