@@ -1,8 +1,11 @@
-"""Run ``process_partitions`` over every landed date, without Dagster or great-expectations.
+"""Run ``process_partitions`` over landed dates, without Dagster (optionally with the GX checks).
 
 Started as a subprocess by ``bench/ingest.py`` so its peak RSS is its own and so the
-figure separates the business rules + Parquet writes from the asset's GX checks and
-Dagster bookkeeping. ``RECSYS_HOME`` (from the environment) names the lake.
+figures separate the business rules + Parquet writes (the default), the
+great-expectations checks (``--checks``: the ``weblogs`` asset's work without
+Dagster) and Dagster's own bookkeeping (``recsys process``). ``--days N`` processes
+only the first N landed dates, to show that peak memory follows a partition, not
+the length of the range. ``RECSYS_HOME`` (from the environment) names the lake.
 Prints progress to stderr and one JSON object as the last stdout line.
 """
 
@@ -27,11 +30,15 @@ from recsys_serving.settings import Settings
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--profile", type=int, default=0, help="print the top N cProfile rows")
+    parser.add_argument("--checks", action="store_true", help="also run the GX checks")
+    parser.add_argument("--days", type=int, default=0, help="only the first N landed dates")
     args = parser.parse_args(argv)
 
     settings = Settings()
     lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
     days = sorted({f.date for f in list_sealed(lake)})
+    if args.days:
+        days = days[: args.days]
     rules = Rules(
         catalog_epoch=settings.catalog_epoch,
         now=datetime.now(UTC),
@@ -56,7 +63,18 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     if profiler is not None:
         profiler.enable()
-    run = process_partitions(lake, days, rules, on_partition=on_partition)
+    checks: dict[str, bool] = {}
+    if args.checks:
+        # Imported inside the timed region: the asset pays the GX import too.
+        from recsys_assets.weblogs.quality import WeblogValidator
+
+        validator = WeblogValidator(settings.max_duplicate_rate)
+        run = process_partitions(
+            lake, days, rules, on_frames=validator.add_partition, on_partition=on_partition
+        )
+        checks = {name: o.passed for name, o in validator.finish().items()}
+    else:
+        run = process_partitions(lake, days, rules, on_partition=on_partition)
     if profiler is not None:
         profiler.disable()
     elapsed = time.perf_counter() - started
@@ -70,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         "rows": run.rows,
         "quarantined": run.quarantined,
         "reasons": run.reasons,
+        "max_partition_rows": max((p.landing_rows for p in run.partitions), default=0),
+        "checks": checks,
         "work_s": elapsed,
     }
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
