@@ -26,7 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from recsys_serving.model.context import UserContext, descending_key
+from recsys_serving.model.context import COVIS as NEIGHBOUR_COVIS
+from recsys_serving.model.context import KNN as NEIGHBOUR_KNN
+from recsys_serving.model.context import UserContext, first_free
 from recsys_serving.model.features import padded_categories
 from recsys_serving.model.state import IntArray, ModelState
 
@@ -125,46 +127,11 @@ def _walk(
     taken: npt.NDArray[np.bool_] | None = None,
 ) -> list[int]:
     """The first ``n`` allowed, not yet taken rows of a precomputed order (marked taken)."""
-    if taken is None:
-        return _first(order, allowed, n).tolist()
-    free = allowed & ~taken
-    picked = _first(order, free, n)
-    taken[picked] = True
+    free = allowed if taken is None else allowed & ~taken
+    picked = order[first_free(order, free, n)]
+    if taken is not None:
+        taken[picked] = True
     return picked.tolist()
-
-
-def _first(order: IntArray, free: npt.NDArray[np.bool_], n: int) -> IntArray:
-    """The first ``n`` rows of ``order`` that are ``free``."""
-    if n <= 0:
-        return _EMPTY
-    # Most rows of a popularity order are free: look at a short head first.
-    head = order[: 4 * n + 64]
-    picked = head[free[head]][:n]
-    if picked.size < n and head.size < order.size:
-        rest = order[head.size :]
-        picked = np.concatenate([picked, rest[free[rest]][: n - picked.size]])
-    return picked
-
-
-def _best(
-    items: IntArray,
-    scores: npt.NDArray[np.float32],
-    refs: IntArray,
-    free: npt.NDArray[np.bool_],
-    n: int,
-) -> tuple[IntArray, IntArray]:
-    """The ``n`` best-scored free items of a neighbour aggregate; ties go to the lower row."""
-    ok = free[items]
-    cand = items[ok]
-    # (score descending, row ascending) as one int64 key: rows are unique, so a plain
-    # (partial) sort gives exactly the stable order.
-    key = (descending_key(scores[ok]) << 32) + cand
-    if key.size > n:
-        top = np.argpartition(key, n - 1)[:n]
-        order = top[np.argsort(key[top])]
-    else:
-        order = np.argsort(key)
-    return cand[order], refs[ok][order]
 
 
 class _Pool:
@@ -178,32 +145,39 @@ class _Pool:
         self.size = size
         self.free = allowed.copy()
         self.items: list[IntArray] = []
-        self.source: list[IntArray] = []
-        self.ref: list[IntArray] = []
+        self.sources: list[int] = []
+        self.counts: list[int] = []
+        self.refs: list[int] = []  # the ref of every row of a piece (-1: see ref_arrays)
+        self.ref_arrays: list[tuple[int, IntArray]] = []  # (start, refs) of other pieces
         self.count = 0
 
-    def take(self, rows: IntArray, src: int, refs: IntArray | None = None) -> None:
+    def take(self, rows: IntArray, src: int, refs: IntArray | None = None, ref: int = -1) -> None:
         self.free[rows] = False
         room = self.size - self.count
         if room <= 0 or not rows.size:
             return
         rows = rows[:room]
         self.items.append(rows)
-        self.source.append(np.full(rows.size, src, dtype=np.int8))
-        self.ref.append(refs[: rows.size] if refs is not None else np.full(rows.size, -1))
+        self.sources.append(src)
+        self.counts.append(rows.size)
+        self.refs.append(ref)
+        if refs is not None:
+            self.ref_arrays.append((self.count, refs[: rows.size]))
         self.count += int(rows.size)
 
     def take_first(self, order: IntArray, n: int, src: int, ref: int = -1) -> None:
-        rows = _first(order, self.free, n)
-        self.take(rows, src, np.full(rows.size, ref) if ref >= 0 else None)
+        self.take(order[first_free(order, self.free, n)], src, ref=ref)
 
     def result(self) -> Candidates:
         if not self.items:
             return Candidates(_EMPTY, np.empty(0, dtype=np.int8), _EMPTY)
+        ref = np.repeat(np.asarray(self.refs, dtype=np.int64), self.counts)
+        for start, refs in self.ref_arrays:
+            ref[start : start + refs.size] = refs
         return Candidates(
             items=np.concatenate(self.items).astype(np.int64, copy=False),
-            source=np.concatenate(self.source),
-            ref=np.concatenate(self.ref).astype(np.int64, copy=False),
+            source=np.repeat(np.asarray(self.sources, dtype=np.int8), self.counts),
+            ref=ref,
         )
 
 
@@ -224,16 +198,16 @@ def generate(
         out.take(retriever(ctx.vector, want["als"], allowed), ALS)
 
     if ctx.covis_items.size and want["covis"] > 0:
-        rows, refs = _best(ctx.covis_items, ctx.covis_sum, ctx.covis_ref, out.free, want["covis"])
+        rows, refs = ctx.neighbours.best(NEIGHBOUR_COVIS, out.free, want["covis"])
         out.take(rows, COVIS, refs)
 
     if ctx.history_items.size and want["knn"] > 0:
         # Half by similarity to the whole history (the item-kNN ranking), half to the
         # most recent items (what the user is into right now).
         whole = want["knn"] - want["knn"] // 2
-        rows, _ = _best(ctx.history_items, ctx.history_sum, ctx.history_items, out.free, whole)
+        rows = ctx.history.best(out.free, whole)
         out.take(rows, KNN, ctx.history.refs(rows))
-        rows, refs = _best(ctx.knn_items, ctx.knn_sum, ctx.knn_ref, out.free, want["knn"] // 2)
+        rows, refs = ctx.neighbours.best(NEIGHBOUR_KNN, out.free, want["knn"] // 2)
         out.take(rows, KNN, refs)
 
     if categories is not None and categories.size:

@@ -51,6 +51,10 @@ class NeighbourScores:
     maxs: FloatArray
     refs: IntArray
     bounds: tuple[int, int, int]  # where each group starts in ``keys``, and the end
+    # The same entries by group, then sum descending, then item ascending (the order
+    # candidate generation takes them in): items and refs.
+    ranked_items: IntArray
+    ranked_refs: IntArray
 
     def group(self, g: int) -> tuple[IntArray, FloatArray, FloatArray, IntArray]:
         """(items, sums, maxs, refs) of one group, items ascending."""
@@ -72,9 +76,16 @@ class NeighbourScores:
             maxs.ravel()[hit] = self.maxs[pos[hit]]
         return sums, maxs
 
+    def best(self, g: int, free: npt.NDArray[np.bool_], n: int) -> tuple[IntArray, IntArray]:
+        """The ``n`` best-scored ``free`` items of a group (ties: lower row) and their refs."""
+        lo, hi = self.bounds[g], self.bounds[g + 1]
+        items = self.ranked_items[lo:hi]
+        pick = first_free(items, free, n)
+        return items[pick], self.ranked_refs[lo:hi][pick]
+
     @classmethod
     def empty(cls, n_items: int) -> NeighbourScores:
-        return cls(n_items, _EMPTY_I, _EMPTY_F, _EMPTY_F, _EMPTY_I, (0, 0, 0))
+        return cls(n_items, _EMPTY_I, _EMPTY_F, _EMPTY_F, _EMPTY_I, (0, 0, 0), _EMPTY_I, _EMPTY_I)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +97,7 @@ class HistoryScores:
     dense: npt.NDArray[np.float64]  # (n_items,) exact sums; empty for cold users
     items: IntArray  # items with a nonzero score, ascending
     sums: FloatArray  # their scores (float32)
+    ranked: IntArray  # the same items by score descending, then row ascending
     # (neighbour, contribution, source item) of every entry, to explain a few items
     entries: tuple[IntArray, FloatArray, IntArray]
 
@@ -114,9 +126,13 @@ class HistoryScores:
         found = ref[rows]
         return np.where(found == np.iinfo(np.int64).max, -1, found)
 
+    def best(self, free: npt.NDArray[np.bool_], n: int) -> IntArray:
+        """The ``n`` best-scored ``free`` items (ties: the lower row)."""
+        return self.ranked[first_free(self.ranked, free, n)]
+
     @classmethod
     def empty(cls) -> HistoryScores:
-        return cls(np.empty(0), _EMPTY_I, _EMPTY_F, (_EMPTY_I, _EMPTY_F, _EMPTY_I))
+        return cls(np.empty(0), _EMPTY_I, _EMPTY_F, _EMPTY_I, (_EMPTY_I, _EMPTY_F, _EMPTY_I))
 
 
 @dataclass
@@ -275,6 +291,19 @@ def _gather(graph: Ragged, rows: IntArray) -> tuple[IntArray, IntArray]:
     return np.arange(owner.size) - skip[owner], owner
 
 
+def first_free(order: IntArray, free: npt.NDArray[np.bool_], n: int) -> IntArray:
+    """Positions of the first ``n`` entries of ``order`` (item rows) that are ``free``."""
+    if n <= 0:
+        return _EMPTY_I
+    # Usually most entries are free: look at a short head first.
+    head = order[: 4 * n + 64]
+    pos = np.flatnonzero(free[head])[:n]
+    if pos.size < n and head.size < order.size:
+        rest = np.flatnonzero(free[order[head.size :]])[: n - pos.size] + head.size
+        pos = np.concatenate([pos, rest])
+    return pos
+
+
 def _run_starts(sorted_keys: IntArray) -> IntArray:
     """Where each run of equal values starts in a sorted array."""
     starts = np.empty(sorted_keys.size, dtype=bool)
@@ -317,14 +346,24 @@ def neighbour_scores(
         order = np.lexsort((-scores, keys))
     ukeys = keys[order[first]]
     scores = scores[order]
+    sums = np.add.reduceat(scores, first)
+    refs = recent[owner[order[first]]]
     split = int(np.searchsorted(ukeys, n))
+    # Candidate order within each group: sum descending, then item (one more sort).
+    items = ukeys.copy()
+    items[split:] -= n
+    group = np.zeros(ukeys.size, dtype=np.int64)
+    group[split:] = 1 << 62
+    ranked = np.argsort(group + ((descending_key(sums) + 2**31) << 30) + items)
     return NeighbourScores(
         n,
         ukeys,
-        np.add.reduceat(scores, first),
+        sums,
         scores[first],
-        recent[owner[order[first]]],
+        refs,
         (0, split, int(ukeys.size)),
+        items[ranked],
+        refs[ranked],
     )
 
 
@@ -345,6 +384,6 @@ def history_scores(state: ModelState, seen: IntArray, weights: FloatArray) -> Hi
     score = state.item_knn.data[pos] * weights[owner]
     dense = np.bincount(neighbour, weights=score, minlength=state.n_items)
     items = np.flatnonzero(dense)
-    return HistoryScores(
-        dense, items, dense[items].astype(np.float32), (neighbour, score, seen[owner])
-    )
+    sums = dense[items].astype(np.float32)
+    ranked = items[np.argsort((descending_key(sums) << 32) + items)]
+    return HistoryScores(dense, items, sums, ranked, (neighbour, score, seen[owner]))

@@ -1,0 +1,167 @@
+"""The per-request neighbour aggregates against a plain-Python reference.
+
+``context.py`` computes them with composite sort keys, ufunc.at and dense masks for
+speed; this restates what they mean, one (user, item) at a time, on a real bundle.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from model_support import tiny_bundle, tiny_outcome, tiny_world
+
+from recsys_serving.model import candidates as cand
+from recsys_serving.model.context import (
+    COVIS,
+    HISTORY_ITEMS,
+    KNN,
+    descending_key,
+    first_free,
+    user_context,
+)
+from recsys_serving.model.recommender import Recommender
+from recsys_serving.model.state import ModelState, Ragged
+
+__all__ = ["tiny_bundle", "tiny_outcome", "tiny_world"]  # fixtures used below
+
+
+@pytest.fixture(scope="module")
+def state(tiny_bundle: Path) -> ModelState:
+    return Recommender.load(tiny_bundle).state
+
+
+def reference_recent(
+    graph: Ragged, recent: np.ndarray, weights: np.ndarray
+) -> dict[int, tuple[np.float32, np.float32, int]]:
+    """item -> (sum, max, ref): contributions similarity x weight (float32), summed in
+    float32 from the largest down (numpy's ``add.reduceat``, as the model always has);
+    ref = the recent item of the largest (newest on ties)."""
+    contributions: dict[int, list[tuple[np.float32, int, int]]] = defaultdict(list)
+    for position, (item, weight) in enumerate(zip(recent.tolist(), weights, strict=True)):
+        neighbours, sims = graph.row(item)
+        for n, s in zip(neighbours.tolist(), sims, strict=True):
+            contributions[n].append((np.float32(s * weight), position, item))
+    out = {}
+    for n, found in contributions.items():
+        found.sort(key=lambda c: (-c[0], c[1]))
+        total = np.add.reduceat(np.asarray([c[0] for c in found], dtype=np.float32), [0])[0]
+        out[n] = (total, found[0][0], found[0][2])
+    return out
+
+
+def reference_history(
+    state: ModelState, seen: np.ndarray, weights: np.ndarray
+) -> dict[int, tuple[np.float32, int]]:
+    """item -> (score, ref) over the HISTORY_ITEMS strongest history items: exact sum of
+    similarity x weight, nonzero only; ref = the history item of the largest (lower row
+    on ties)."""
+    if seen.size > HISTORY_ITEMS:
+        keep = np.sort(np.argpartition(-weights, HISTORY_ITEMS - 1)[:HISTORY_ITEMS])
+        seen, weights = seen[keep], weights[keep]
+    total: dict[int, float] = defaultdict(float)
+    best: dict[int, tuple[np.float32, int]] = {}
+    for item, weight in zip(seen.tolist(), weights, strict=True):
+        neighbours, sims = state.item_knn.row(item)
+        for n, s in zip(neighbours.tolist(), sims, strict=True):
+            value = np.float32(s * weight)
+            total[n] += float(value)
+            if n not in best or value > best[n][0] or (value == best[n][0] and item < best[n][1]):
+                best[n] = (value, item)
+    return {n: (np.float32(t), best[n][1]) for n, t in total.items() if t != 0.0}
+
+
+def test_neighbour_aggregates_match_the_reference(state: ModelState) -> None:
+    users = [u for u in state.user_ids.tolist() if state.user_row(u) is not None]
+    assert len(users) > 100
+    checked = 0
+    for user in users:
+        ctx = user_context(state, user)
+        assert ctx.row is not None
+        recent, weights = state.recent.row(ctx.row)
+        for group, graph, items, sums, maxs, refs in (
+            (COVIS, state.covisit, ctx.covis_items, ctx.covis_sum, ctx.covis_max, ctx.covis_ref),
+            (KNN, state.item_knn, ctx.knn_items, ctx.knn_sum, ctx.knn_max, ctx.knn_ref),
+        ):
+            want = reference_recent(graph, recent, weights)
+            assert items.tolist() == sorted(want)
+            assert sums.tolist() == [want[i][0] for i in items.tolist()]
+            assert maxs.tolist() == [want[i][1] for i in items.tolist()]
+            assert refs.tolist() == [want[i][2] for i in items.tolist()]
+            # Candidate order: sum descending, then the lower row.
+            order = sorted(want, key=lambda i: (-want[i][0], i))
+            everything = np.ones(state.n_items, dtype=bool)
+            rows, best_refs = ctx.neighbours.best(group, everything, len(order))
+            assert rows.tolist() == order
+            assert best_refs.tolist() == [want[i][2] for i in order]
+        history = reference_history(state, *state.seen.row(ctx.row))
+        assert ctx.history_items.tolist() == sorted(history)
+        assert ctx.history_sum.tolist() == [history[i][0] for i in sorted(history)]
+        assert ctx.history.refs(ctx.history_items).tolist() == [
+            history[i][1] for i in sorted(history)
+        ]
+        order = sorted(history, key=lambda i: (-history[i][0], i))
+        assert ctx.history.ranked.tolist() == order
+        checked += 1
+    assert checked == len(users)
+
+
+def test_lookups_and_refs_of_absent_items(state: ModelState) -> None:
+    user = next(u for u in state.user_ids.tolist() if state.user_row(u) is not None)
+    ctx = user_context(state, user)
+    absent = np.setdiff1d(np.arange(state.n_items), ctx.covis_items)[:3]
+    sums, maxs = ctx.neighbours.lookup(absent)
+    assert sums.shape == maxs.shape == (2, absent.size)
+    assert not sums[0].any() and not maxs[0].any()
+    outside = np.setdiff1d(np.arange(state.n_items), ctx.history_items)[:3]
+    assert ctx.history.refs(outside).tolist() == [-1] * outside.size
+    assert not ctx.history.at(outside).any()
+    cold = user_context(state, "nobody-at-all")
+    assert not cold.neighbours.lookup(np.arange(5))[0].any()
+    assert cold.history.refs(np.arange(3)).tolist() == [-1, -1, -1]
+
+
+def test_candidates_respect_the_free_mask_and_quotas(state: ModelState) -> None:
+    user = next(u for u in state.user_ids.tolist() if state.user_row(u) is not None)
+    ctx = user_context(state, user)
+    allowed = cand.allowed_mask(state, ctx)
+    before = allowed.copy()
+    pool = cand.generate(state, ctx, allowed, 50)
+    assert np.array_equal(allowed, before)  # the caller's mask is not modified
+    assert len(pool) == 50 and np.unique(pool.items).size == 50
+    assert allowed[pool.items].all()
+    assert pool.source.dtype == np.int8 and pool.ref.dtype == np.int64
+    quotas = cand.quotas(state, 50)
+    assert cand.quotas(state, 50) is quotas  # computed once per state and pool size
+    assert sum(quotas.values()) >= 49
+
+
+@given(arrays(np.float32, st.integers(0, 60), elements=st.floats(width=32, allow_nan=False)))
+def test_descending_key_orders_floats_in_reverse(values: np.ndarray) -> None:
+    keys = descending_key(values)
+    assert keys.dtype == np.int64 and ((keys >= -(2**31)) & (keys < 2**31)).all()
+    for i in range(values.size):
+        for j in range(values.size):
+            a, b = values[i], values[j]
+            assert (keys[i] < keys[j]) == (a > b)
+            assert (keys[i] == keys[j]) == (a == b)  # -0.0 == 0.0 as well
+
+
+@given(
+    st.lists(st.booleans(), min_size=1, max_size=300),
+    st.integers(0, 400),
+    st.randoms(use_true_random=False),
+)
+def test_first_free_takes_the_first_free_entries_in_order(
+    free_rows: list[bool], n: int, rnd: object
+) -> None:
+    free = np.asarray(free_rows)
+    order = np.arange(free.size)
+    rnd.shuffle(order)  # type: ignore[attr-defined]
+    want = [p for p, row in enumerate(order.tolist()) if free[row]][:n]
+    assert first_free(order, free, n).tolist() == want
