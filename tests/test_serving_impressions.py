@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from recsys_serving.api.impressions import ImpressionLog, Shown, impression_events
+from recsys_serving.api.impressions import ImpressionLog, Shown, _day, impression_events
 from recsys_serving.api.metrics import ServiceMetrics, parse_metrics
 from recsys_serving.events.schema import WeblogEvent, normalize
 from recsys_serving.lake import LocalLake, open_lake
@@ -32,6 +35,12 @@ def test_impression_lines_obey_the_weblog_contract() -> None:
         assert normalize(WeblogEvent.model_validate(event)) == event
     assert [e["position"] for e in _events(3, 1)] == [0, 1, 2]
     assert {e["event_id"] for e in _events(3, 1)} == {"req1-0", "req1-1", "req1-2"}
+
+
+@given(st.floats(min_value=-2e9, max_value=4e9, allow_nan=False))
+def test_the_date_partition_is_the_utc_date_of_the_timestamp(ts: float) -> None:
+    # Computed once per answer and cached per hour, not formatted per event.
+    assert _day(ts) == datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
 
 
 def test_concurrent_requests_share_fsyncs_and_every_event_lands(tmp_path: Path) -> None:

@@ -207,7 +207,11 @@ def _day_of_hour(hour: int) -> str:
 
 def _day(ts: float) -> str:
     """The UTC date partition of a timestamp (dates change on hour boundaries only)."""
-    return _day_of_hour(int(ts // 3600))
+    hour = int(ts // 3600)
+    if 1e-6 <= ts - hour * 3600 <= 3600 - 1e-6:
+        return _day_of_hour(hour)
+    # Within a microsecond of an hour: datetime's own rounding decides the side.
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
 
 
 def _settle(waiters: list[asyncio.Future[bool]], ok: bool) -> None:
