@@ -152,3 +152,26 @@ def mongomock_bulk_compat(monkeypatch: pytest.MonkeyPatch) -> None:
         return original(self, selector, doc, upsert, **kw)
 
     monkeypatch.setattr(builder, "add_replace", add_replace)
+
+
+# --- Dagster hygiene ------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_dagster_instance() -> Iterator[None]:
+    """Fail the test that leaves a Dagster instance's state storage current.
+
+    Entering an instance (or a sensor/schedule context built with resources) and never
+    leaving it keeps that instance's storage in a context variable; once the instance
+    is garbage collected, every later ``Definitions`` build in the process fails with
+    "Attempted to resolve undefined DagsterInstance weakref", far from the cause.
+    """
+    from dagster._core.storage.defs_state.base import DefsStateStorage
+
+    before = DefsStateStorage.get()
+    yield
+    after = DefsStateStorage.get()
+    assert after is before, (
+        "this test left a Dagster instance entered: use `with` for instances and for "
+        "sensor/schedule contexts built with resources"
+    )

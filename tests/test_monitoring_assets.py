@@ -197,8 +197,9 @@ def test_nightly_schedule_and_failed_retraining_alert(
     res = resources(lake, alert_webhook_server.url)
     with dg.instance_for_test() as instance:
         at = datetime(2026, 3, 3, 3, 0, tzinfo=UTC)
-        ctx = dg.build_schedule_context(instance=instance, scheduled_execution_time=at)
-        request = schedule.evaluate_tick(ctx).run_requests[0]
+        # Schedule contexts open their own handle on a persistent instance: leave them.
+        with dg.build_schedule_context(instance=instance, scheduled_execution_time=at) as ctx:
+            request = schedule.evaluate_tick(ctx).run_requests[0]
         assert request.run_key == "nightly-20260303T0300"
         assert request.tags["recsys/pipeline"] == "retrain"
         assert request.tags["recsys/trigger"] == "nightly"
@@ -208,20 +209,22 @@ def test_nightly_schedule_and_failed_retraining_alert(
         assert not result.success
         # A queued or running retraining makes the schedule skip that night.
         instance.create_run_for_job(failing_retrain, tags={"recsys/pipeline": "retrain"})
-        skipped = schedule.evaluate_tick(
-            dg.build_schedule_context(instance=instance, scheduled_execution_time=at)
-        )
+        with dg.build_schedule_context(instance=instance, scheduled_execution_time=at) as ctx:
+            skipped = schedule.evaluate_tick(ctx)
         assert not skipped.run_requests and "in progress" in (skipped.skip_message or "")
 
         sensor = build_retrain_failure_sensor(30)
-        context = dg.build_run_status_sensor_context(
+        # Entered and left like the daemon does: a context built with resources that is
+        # never exited leaves Dagster's state storage of this (soon gone) instance
+        # current for every later test in the process.
+        with dg.build_run_status_sensor_context(
             sensor_name=sensor.name,
             dagster_instance=instance,
             dagster_run=result.dagster_run,
             dagster_event=result.get_run_failure_event(),
             resources=res,
-        ).for_run_failure()
-        sensor(context)
+        ).for_run_failure() as context:
+            sensor(context)
     (decision,) = read_decisions(lake)
     assert decision["action"] == "retrain_failed" and decision["production_version"] == v1
     assert decision["evidence"]["trigger"] == "ctr_drop"
