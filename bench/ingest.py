@@ -136,6 +136,9 @@ def run_measured(
     child would inherit the driver's peak (e.g. after an in-process simulation).
     ``/usr/bin/time`` forks from a tiny process, so its figure is the command's own;
     without it, ``VmHWM`` (per address space, reset at exec) is polled instead.
+    Either is one process's peak, while a command may have worker processes (the
+    ``weblogs`` checks run in one): the sum of ``VmRSS`` over the whole process tree
+    is sampled every 0.1 s too, and the peak reported is the larger of the two.
     Output is echoed live (prefixed) because the CLI's own progress is part of the
     story, and collected so results can be parsed from it.
     """
@@ -168,6 +171,14 @@ def run_measured(
         while not done.wait(0.02):
             polled[0] = max(polled[0], proc_peak_rss_mib(proc.pid))
 
+    tree_peak = [0.0]
+
+    def poll_tree() -> None:
+        while not done.wait(0.1):
+            pids = [proc.pid, *descendants(proc.pid)]
+            tree_peak[0] = max(tree_peak[0], sum(proc_rss_mib(pid) for pid in pids))
+
+    pumps.append(threading.Thread(target=poll_tree, daemon=True))
     if time_file is None:
         pumps.append(threading.Thread(target=poll_hwm, daemon=True))
     for t in pumps:
@@ -188,7 +199,7 @@ def run_measured(
     return Measured(
         returncode=proc.returncode,
         wall_s=wall,
-        max_rss_mib=max_rss,
+        max_rss_mib=max(max_rss, tree_peak[0]),
         cpu_s=cpu_s,
         stdout="".join(out),
         stderr="".join(err),
@@ -223,6 +234,18 @@ def proc_peak_rss_mib(pid: int) -> float:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:
                 if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def proc_rss_mib(pid: int) -> float:
+    """VmRSS: what a process holds now (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass

@@ -154,6 +154,7 @@ def test_validator_works_in_bounded_batches_and_names_failing_partitions(
     rules = Rules(catalog_epoch=settings.catalog_epoch, now=datetime.now(UTC))
     run = process_partitions(lake, DAYS, rules, on_frames=validator.add_partition)
     outcomes = validator.finish()
+    assert validator.worker == "process"  # a full batch: GX runs beside the pipeline
     assert run.rows == 90
     assert {name: o.batches for name, o in outcomes.items()} == dict.fromkeys(outcomes, 2)
     assert {name for name, o in outcomes.items() if not o.passed} == {
@@ -182,6 +183,7 @@ def test_row_level_suites_see_every_row_and_report_what_broke() -> None:
     validator = WeblogValidator(max_duplicate_rate=0.05)
     validator.add_partition(day, events, EventIdCounts(landed=4, distinct=4))
     outcomes = validator.finish()
+    assert validator.worker == "thread"  # a small run never pays for a new interpreter
     assert {name: o.passed for name, o in outcomes.items()} == {
         "required_columns_not_null": False,
         "event_type_allowed": False,
