@@ -15,7 +15,7 @@ import dagster as dg
 import numpy as np
 import orjson
 import pytest
-from monitoring_support import register_model, resources, write_feedback
+from monitoring_support import closed_loop_config, register_model, resources, write_feedback
 
 from recsys_assets.monitoring.promotion import read_decisions
 from recsys_assets.monitoring.sensors import DropCursor, build_ctr_drop_sensor, evaluate_drop
@@ -224,3 +224,46 @@ def test_code_location_wires_the_closed_loop(tmp_path: Path) -> None:
     assert nightly.default_status == dg.DefaultScheduleStatus.STOPPED
     assert repo.get_schedule_def("online_ctr_schedule").job_name == "monitoring_job"
     assert repo.get_job("retrain_job").tags["recsys/pipeline"] == "retrain"
+
+
+def test_a_confirmed_drop_still_retrains_once_both_windows_lie_after_it(
+    tmp_path: Path,
+) -> None:
+    """While the weblogs are processed, the drop moves out of the baseline window: the
+    test then compares low with low, yet CTR has not come back. The retraining still
+    runs, on the evidence the drop was confirmed with; a recovery cancels it."""
+    config = closed_loop_config()
+    for ctr_after, launches in ((0.03, True), (0.08, False)):
+        world = World(tmp_path / f"after-{ctr_after}")
+        world.feedback([0.08] * 33 + [0.03] * 12)
+        cursor = DropCursor()
+        first = evaluate_drop(
+            world.lake,
+            config,
+            cursor,
+            world.now,
+            running_retrain=None,
+            weblogs_processed_since=lambda _t: False,
+        )
+        assert first.run_key is None and cursor.pending_since is not None
+        later = world.now + timedelta(minutes=40)
+        rng = np.random.default_rng(3)
+        write_feedback(world.lake, world.v1, world.now, 40, ctr_after, rng)
+        tick = evaluate_drop(
+            world.lake,
+            config,
+            cursor,
+            later,
+            running_retrain=None,
+            weblogs_processed_since=lambda _t: True,
+        )
+        assert tick.verdict is not None and not tick.verdict.dropped
+        if launches:
+            assert tick.run_key is not None
+            assert tick.run_key.startswith(f"ctr-drop-{world.v1}-")
+            assert float(tick.tags["recsys/drop/baseline_ctr"]) > 0.06
+            assert float(tick.tags["recsys/drop/p_value"]) < 0.01
+            assert tick.evidence["baseline"]["ctr"] > 0.06 and cursor.triggers == 1
+        else:
+            assert tick.run_key is None and "CTR is back" in (tick.skip_reason or "")
+        assert cursor.pending_since is None

@@ -114,9 +114,20 @@ class DropCursor:
     last_version: str | None = None
     last_outcome: str | None = None
     triggers: int = 0
-    # A confirmed drop waiting for the weblogs that show it to be processed.
+    # A confirmed drop waiting for the weblogs that show it to be processed, with the
+    # evidence it was confirmed on (later windows may both lie after the drop, where
+    # the test no longer sees a difference although CTR has not come back).
     pending_since: str | None = None
     pending_version: str | None = None
+    pending_summary: str | None = None
+    pending_evidence: dict[str, Any] | None = None
+    pending_run_key: str | None = None
+    pending_tags: dict[str, str] | None = None
+
+    def clear_pending(self) -> None:
+        self.pending_since = self.pending_version = self.pending_summary = None
+        self.pending_evidence = self.pending_tags = None
+        self.pending_run_key = None
 
     @classmethod
     def parse(cls, raw: str | None) -> DropCursor:
@@ -140,6 +151,9 @@ class DropTick:
     verdict: DropVerdict | None = None
     run_key: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    # The confirmed drop a launch acts on (it may be older than ``verdict``).
+    summary: str | None = None
+    evidence: dict[str, Any] = field(default_factory=dict)
 
 
 def evaluate_drop(
@@ -179,14 +193,23 @@ def evaluate_drop(
     )
     verdict = drop_test(series, production.version if production else None, now, policy)
     cursor.last_outcome = verdict.outcome
-    if not verdict.dropped:
-        cursor.pending_since = cursor.pending_version = None
+    if cursor.pending_version is not None and cursor.pending_version != verdict.model_version:
+        cursor.clear_pending()  # another model serves now: that drop is not its fault
+    if verdict.dropped:
+        if cursor.pending_since is None:
+            assert verdict.recent is not None
+            settle = timedelta(seconds=config.landing_segment_max_age_seconds)
+            cursor.pending_since = (verdict.recent.end + settle).isoformat()
+            cursor.pending_version = verdict.model_version
+            cursor.pending_summary = verdict.describe()
+            cursor.pending_evidence = verdict.evidence()
+            cursor.pending_run_key = _drop_run_key(verdict)
+            cursor.pending_tags = _drop_tags(verdict)
+    elif cursor.pending_since is None:
         return DropTick(verdict.describe(), verdict)
-    assert verdict.recent is not None and verdict.baseline is not None
-    if cursor.pending_since is None or cursor.pending_version != verdict.model_version:
-        settle = timedelta(seconds=config.landing_segment_max_age_seconds)
-        cursor.pending_since = (verdict.recent.end + settle).isoformat()
-        cursor.pending_version = verdict.model_version
+    elif _recovered(verdict, cursor.pending_evidence or {}):
+        cursor.clear_pending()
+        return DropTick(f"{verdict.describe()}; CTR is back, the pending drop is dropped", verdict)
     needed = datetime.fromisoformat(cursor.pending_since)
     waited_enough = now >= needed + timedelta(minutes=config.retrain_data_wait_minutes)
     if (
@@ -195,13 +218,51 @@ def evaluate_drop(
         and not weblogs_processed_since(needed)
     ):
         return DropTick(
-            f"{verdict.describe()}; waiting for weblogs processed after "
+            f"{cursor.pending_summary}; waiting for weblogs processed after "
             f"{needed:%H:%M:%S}Z before retraining",
             verdict,
         )
-    run_key = f"ctr-drop-{verdict.model_version}-{verdict.recent.start:%Y%m%dT%H%M%SZ}"
+    run_key = cursor.pending_run_key or _drop_run_key(verdict)
+    tick = DropTick(
+        None,
+        verdict,
+        run_key,
+        dict(cursor.pending_tags or {}),
+        summary=cursor.pending_summary,
+        evidence=dict(cursor.pending_evidence or {}),
+    )
+    cursor.last_trigger_at = now.isoformat()
+    cursor.last_run_key = run_key
+    cursor.last_version = cursor.pending_version
+    cursor.triggers += 1
+    cursor.clear_pending()
+    return tick
+
+
+def _recovered(verdict: DropVerdict, confirmed: dict[str, Any]) -> bool:
+    """Is CTR back near the baseline the pending drop was measured against?
+
+    Only a recent window with enough impressions counts; thin evidence keeps waiting.
+    """
+    recent = verdict.recent
+    baseline_ctr = (confirmed.get("baseline") or {}).get("ctr")
+    if recent is None or recent.ctr is None or baseline_ctr is None:
+        return False
+    if recent.impressions < verdict.policy.min_impressions:
+        return False
+    return recent.ctr >= baseline_ctr * (1.0 - verdict.policy.min_relative_drop)
+
+
+def _drop_run_key(verdict: DropVerdict) -> str:
+    assert verdict.recent is not None
+    return f"ctr-drop-{verdict.model_version}-{verdict.recent.start:%Y%m%dT%H%M%SZ}"
+
+
+def _drop_tags(verdict: DropVerdict) -> dict[str, str]:
+    """The run tags that name a drop's evidence (visible on the run in the UI)."""
+    assert verdict.recent is not None and verdict.baseline is not None
     ev = verdict.evidence()
-    tags = {
+    return {
         PIPELINE_TAG: RETRAIN_PIPELINE,
         TRIGGER_TAG: "ctr_drop",
         "recsys/drop/model_version": str(verdict.model_version),
@@ -216,12 +277,6 @@ def evaluate_drop(
         "recsys/drop/p_value": f"{verdict.p_value:.3g}",
         "recsys/drop/z": f"{ev['z']:.2f}",
     }
-    cursor.last_trigger_at = now.isoformat()
-    cursor.last_run_key = run_key
-    cursor.last_version = verdict.model_version
-    cursor.triggers += 1
-    cursor.pending_since = cursor.pending_version = None
-    return DropTick(None, verdict, run_key, tags)
 
 
 def _hm(value: datetime) -> str:
@@ -259,30 +314,31 @@ def build_ctr_drop_sensor(tick_seconds: int) -> dg.SensorDefinition:
         )
         if tick.run_key is None:
             return dg.SensorResult(skip_reason=tick.skip_reason, cursor=cursor.dump())
-        verdict = tick.verdict
-        assert verdict is not None
-        context.log.warning(f"CTR drop, launching {RETRAIN_JOB}: {verdict.describe()}")
+        evidence = tick.evidence
+        version = evidence.get("model_version")
+        summary = tick.summary or ""
+        context.log.warning(f"CTR drop, launching {RETRAIN_JOB}: {summary}")
         decision = Decision(
             "drop_detected",
-            verdict.model_version,
-            verdict.describe(),
+            version,
+            summary,
             now,
-            production_version=verdict.model_version,
-            previous_production=verdict.model_version,
-            evidence={**verdict.evidence(), "run_key": tick.run_key},
+            production_version=version,
+            previous_production=version,
+            evidence={**evidence, "run_key": tick.run_key},
         )
         record_decision(store, decision)
-        delivery = _alert(notifier, decision, f"recsys-ctr-drop-{verdict.model_version}")
+        delivery = _alert(notifier, decision, f"recsys-ctr-drop-{version}")
         observation = dg.AssetObservation(
             asset_key=ONLINE_CTR,
             metadata={
                 "event": "ctr_drop",
-                "model_version": verdict.model_version or "",
-                "recent_ctr": float(verdict.recent.ctr or 0.0),  # type: ignore[union-attr]
-                "baseline_ctr": float(verdict.baseline.ctr or 0.0),  # type: ignore[union-attr]
-                "p_value": float(verdict.p_value or 0.0),
+                "model_version": version or "",
+                "recent_ctr": float((evidence.get("recent") or {}).get("ctr") or 0.0),
+                "baseline_ctr": float((evidence.get("baseline") or {}).get("ctr") or 0.0),
+                "p_value": float(evidence.get("p_value") or 0.0),
                 "run_key": tick.run_key,
-                "evidence": dg.MetadataValue.json(verdict.evidence()),
+                "evidence": dg.MetadataValue.json(evidence),
                 **delivery,
             },
         )
