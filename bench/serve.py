@@ -15,8 +15,14 @@ some unknown ones) for a fixed time per scenario:
 4. the same without waiting for the impressions' fsync (``RECSYS_IMPRESSION_SYNC=false``,
    a fresh server), to show what the durability choice costs.
 
-It prints throughput and p50/p95/p99 per scenario, fails if any request errored or
-got a non-2xx, and writes the figures as JSON.
+It prints throughput and p50/p95/p99 per scenario, with the CPU the server and wrk
+used per request (wrk shares the machine's cores with the server), fails if any
+request errored or got a non-2xx, and writes the figures as JSON.
+
+Then it measures where a request's CPU goes, in-process on the same model: the model
+stages (user context, candidates, features, ranking compiled and with LightGBM) and
+the service around them (``/healthz`` and ``/recommendations`` through the ASGI app,
+without HTTP, and with the model replaced by a fixed answer).
 
 Usage::
 
@@ -31,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -45,6 +52,8 @@ from typing import Any
 
 import httpx
 
+# The stage budget runs the model in this process: single-threaded BLAS like the server.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 RECSYS = str(Path(PYTHON).parent / "recsys")
@@ -156,6 +165,10 @@ class Server:
             stderr=subprocess.STDOUT,
         )
 
+    def cpu_seconds(self) -> tuple[float, float]:
+        """(user, system) CPU seconds of the server and its workers so far."""
+        return process_tree_cpu(self.proc.pid)
+
     def models(self) -> dict[str, set[str]]:
         from recsys_serving.api.metrics import parse_metrics
 
@@ -190,20 +203,74 @@ class Server:
         self.log.close()
 
 
-def wrk(url: str, duration: float, connections: int, script_args: list[str] | None) -> dict:
+def process_tree_cpu(root: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process and its live descendants (/proc)."""
+    parents: dict[int, int] = {}
+    times: dict[int, tuple[int, int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = (int(fields[11]), int(fields[12]))
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in tree:
+                tree.add(pid)
+                frontier.append(pid)
+    tick = os.sysconf("SC_CLK_TCK")
+    user = sum(times.get(p, (0, 0))[0] for p in tree) / tick
+    system = sum(times.get(p, (0, 0))[1] for p in tree) / tick
+    return user, system
+
+
+def wrk(
+    url: str,
+    duration: float,
+    connections: int,
+    script_args: list[str] | None,
+    server: Server | None = None,
+) -> dict:
+    """Run wrk; with ``server``, also the CPU it and wrk used per request."""
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency"]
     if script_args is not None:
         cmd += ["-s", str(LUA), url, "--", *script_args]
     else:
         cmd += ["-s", str(LUA), url, "--", "", "-", "10", "/healthz"]
+    load_before = os.getloadavg()[0]
+    server_before = server.cpu_seconds() if server is not None else (0.0, 0.0)
+    wrk_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    wrk_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_after = server.cpu_seconds() if server is not None else (0.0, 0.0)
     line = next(x for x in out.splitlines() if x.startswith("WRK_JSON "))
     result = json.loads(line.removeprefix("WRK_JSON "))
-    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+    seconds = result["duration_us"] / 1e6
+    result["rps"] = result["requests"] / seconds
     result["errors"] = sum(
         result[k]
         for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")
     )
+    result["loadavg"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    if server is not None and result["requests"]:
+        n = result["requests"]
+        user = server_after[0] - server_before[0]
+        system = server_after[1] - server_before[1]
+        wrk_cpu = (wrk_after.ru_utime - wrk_before.ru_utime) + (
+            wrk_after.ru_stime - wrk_before.ru_stime
+        )
+        result["cpu"] = {
+            "server_us_per_request": round((user + system) / n * 1e6, 1),
+            "server_system_us_per_request": round(system / n * 1e6, 1),
+            "server_cores": round((user + system) / seconds, 2),
+            "wrk_us_per_request": round(wrk_cpu / n * 1e6, 1),
+            "wrk_cores": round(wrk_cpu / seconds, 2),
+        }
     return result
 
 
@@ -249,6 +316,141 @@ def group_commit(lake_dir: Path, seconds: float = 3.0) -> dict[str, Any]:
     return out
 
 
+def stage_budget(home: Path, users_file: Path, key: str, n: int = 2000) -> dict[str, Any]:
+    """CPU microseconds per request, in-process: the model's stages over ``n`` random
+    users (process time), then the service around the model through its ASGI app
+    (no HTTP): /healthz, /recommendations, and /recommendations with a fixed answer
+    instead of the model."""
+    import random
+
+    from recsys_serving.lake import LocalLake
+    from recsys_serving.model import candidates as cand
+    from recsys_serving.model.context import user_context
+    from recsys_serving.model.features import assemble_features
+    from recsys_serving.model.recommender import Recommender
+    from recsys_serving.registry import ModelRegistry
+
+    registry = ModelRegistry(LocalLake(home / "lake"))
+    production = registry.alias("production")
+    assert production is not None and production.version is not None
+    cache = home / "cache" / "models"
+    model = Recommender.load(registry.fetch(production.version, cache))
+    lightgbm = model.ranker
+    model.compile_ranker(cache / ".compiled")
+    users = users_file.read_text().split()
+    rnd = random.Random(7)
+    sample = [rnd.choice(users) for _ in range(n)]
+    clock = time.process_time_ns
+    state = model.state
+    spent = dict.fromkeys(("context", "candidates", "features", "ranking_compiled"), 0)
+    spent["ranking_lightgbm"] = 0
+    for user in sample[:200]:  # warm up
+        model.recommend(user, 10)
+    for user in sample:
+        t0 = clock()
+        ctx = user_context(state, user)
+        t1 = clock()
+        allowed = cand.allowed_mask(state, ctx)
+        pool = cand.generate(state, ctx, allowed, model.pool, None, model._retrieve)
+        t2 = clock()
+        features = assemble_features(state, ctx, pool.items)
+        t3 = clock()
+        model.ranker.score(features)
+        t4 = clock()
+        lightgbm.score(features)
+        t5 = clock()
+        spent["context"] += t1 - t0
+        spent["candidates"] += t2 - t1
+        spent["features"] += t3 - t2
+        spent["ranking_compiled"] += t4 - t3
+        spent["ranking_lightgbm"] += t5 - t4
+    t0 = clock()
+    for user in sample:
+        model.recommend(user, 10)
+    spent["recommend_total"] = clock() - t0
+    out: dict[str, Any] = {"model": {k: round(v / n / 1e3, 1) for k, v in spent.items()}}
+    out["service"] = asgi_budget(sample, key, n)
+    return out
+
+
+def asgi_budget(sample: list[str], key: str, n: int) -> dict[str, float]:
+    """Process CPU per request through the service's ASGI app (8 concurrent requests)."""
+    import asyncio
+
+    from recsys_serving.api.app import create_app
+    from recsys_serving.settings import Settings
+
+    app = create_app(Settings())
+    header = [(b"host", b"bench"), (b"x-api-key", key.encode())]
+
+    async def call(path: str, query: bytes = b"") -> int:
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": query,
+            "root_path": "",
+            "headers": header,
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+        }
+        status = 0
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+
+        await app(scope, receive, send)
+        return status
+
+    async def measure(requests: list[tuple[str, bytes]]) -> float:
+        for path, query in requests[:200]:
+            await call(path, query)
+
+        async def client(part: list[tuple[str, bytes]]) -> None:
+            for path, query in part:
+                status = await call(path, query)
+                assert status == 200, (path, status)
+
+        started = time.process_time()
+        await asyncio.gather(*(client(requests[i::8]) for i in range(8)))
+        return round((time.process_time() - started) / len(requests) * 1e6, 1)
+
+    async def main() -> dict[str, float]:
+        from urllib.parse import quote
+
+        async with app.router.lifespan_context(app):
+            while not app.state.manager.state.ready:
+                await asyncio.sleep(0.1)
+            recs = [(f"/recommendations/{quote(u, safe='')}", b"k=10") for u in sample[:n]]
+            found = {
+                "healthz": await measure([("/healthz", b"")] * n),
+                "recommendations": await measure(recs),
+            }
+            model = app.state.manager.state.production.model
+            fixed = model.recommend(sample[0], 10)
+            model.recommend = lambda *args, **kwargs: fixed
+            found["recommendations_fixed_answer"] = await measure(recs)
+            return found
+
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop  # what uvicorn runs the workers on
+    except ImportError:
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main())
+
+
 def machine() -> dict[str, Any]:
     cpu = "unknown"
     with open("/proc/cpuinfo") as fh:
@@ -276,6 +478,9 @@ def main() -> None:
     parser.add_argument("--days", type=float, default=14)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json")
     parser.add_argument("--keep", action="store_true", help="Keep the working directory.")
+    parser.add_argument(
+        "--no-stages", action="store_true", help="Skip the in-process per-stage CPU budget."
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
@@ -326,12 +531,14 @@ def main() -> None:
         wrk(server.url, 3, args.connections, rec_args)
 
         say(f"healthz: {args.duration:g}s, {args.connections} connections")
-        results["healthz"] = wrk(server.url, args.duration, args.connections, None)
+        results["healthz"] = wrk(server.url, args.duration, args.connections, None, server)
         say(f"recommendations: {args.duration:g}s over {n_users:,} user ids")
-        results["recommendations"] = wrk(server.url, args.duration, args.connections, rec_args)
+        results["recommendations"] = wrk(
+            server.url, args.duration, args.connections, rec_args, server
+        )
         light = max(1, args.workers * 2)
         say(f"recommendations at {light} connections (latency at a lighter load)")
-        results["recommendations_light"] = wrk(server.url, args.duration, light, rec_args)
+        results["recommendations_light"] = wrk(server.url, args.duration, light, rec_args, server)
         results["recommendations_light"]["connections"] = light
 
         swaps: list[dict[str, Any]] = []
@@ -352,7 +559,7 @@ def main() -> None:
         thread = threading.Thread(target=swapper, daemon=True)
         thread.start()
         results["recommendations_hot_swap"] = wrk(
-            server.url, args.duration, args.connections, rec_args
+            server.url, args.duration, args.connections, rec_args, server
         )
         thread.join(timeout=args.duration)
         results["recommendations_hot_swap"]["swaps"] = swaps
@@ -363,10 +570,15 @@ def main() -> None:
         wrk(server.url, 3, args.connections, rec_args)
         say("recommendations, impressions committed in the background (IMPRESSION_SYNC=false)")
         results["recommendations_async_impressions"] = wrk(
-            server.url, args.duration, args.connections, rec_args
+            server.url, args.duration, args.connections, rec_args, server
         )
+        server.stop()
+        server = None
         say("impression group commit alone (1 and 32 concurrent answers, 3 s each)")
         results["impression_group_commit"] = group_commit(work / "group-commit" / "lake")
+        if not args.no_stages:
+            say("CPU per request by stage, in-process (same model, same users)")
+            results["stages"] = stage_budget(home, users_file, key)
     finally:
         if server is not None:
             server.stop()
@@ -392,12 +604,19 @@ def report(results: dict[str, Any]) -> None:
         f"\nmachine: {m['cpus']} CPUs ({m['cpu']}), Python {m['python']}, "
         f"load average at start {m['loadavg_at_start'][0]:.2f}"
     )
-    print(f"{'scenario':34} {'req/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    print(
+        f"{'scenario':34} {'req/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7}"
+        f" {'server us/req':>14} {'wrk us/req':>11} {'load':>11}"
+    )
     for name in SCENARIOS:
         r = results[name]
+        cpu = r.get("cpu", {})
         print(
             f"{name:34} {r['rps']:9,.0f} {r['p50_us'] / 1e3:8.2f} {r['p95_us'] / 1e3:8.2f} "
-            f"{r['p99_us'] / 1e3:8.2f} {r['errors']:7d}"
+            f"{r['p99_us'] / 1e3:8.2f} {r['errors']:7d} "
+            f"{cpu.get('server_us_per_request', float('nan')):14.0f} "
+            f"{cpu.get('wrk_us_per_request', float('nan')):11.0f} "
+            f"{r['loadavg'][0]:5.2f}-{r['loadavg'][1]:<5.2f}"
         )
     gc = results["impression_group_commit"]
     print(
@@ -406,6 +625,15 @@ def report(results: dict[str, Any]) -> None:
         f"{gc['concurrency_32']['answers_per_s']:,.0f} answers/s with 32 concurrent "
         f"({gc['concurrency_32']['answers_per_group']:.1f} answers per fsync)"
     )
+    if "stages" in results:
+        model = results["stages"]["model"]
+        service = results["stages"]["service"]
+        print(
+            "CPU us per request in-process: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in model.items())
+            + " | "
+            + ", ".join(f"{k} {v:.0f}" for k, v in service.items())
+        )
     ceiling = results["healthz"]["rps"]
     rec = results["recommendations"]
     print(
