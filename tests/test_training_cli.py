@@ -13,8 +13,10 @@ from typer.testing import CliRunner
 
 from recsys_assets.cli import app
 from recsys_assets.cli.training import unprocessed_days
+from recsys_assets.definitions import make_definitions
 from recsys_serving.lake import LocalLake
 from recsys_serving.registry import PRODUCTION, ModelRegistry
+from recsys_serving.settings import Settings
 
 runner = CliRunner()
 SMALL = {"als_factors": 16, "als_iterations": 8, "lgb_rounds": 60, "lgb_min_data_in_leaf": 20}
@@ -100,3 +102,24 @@ def test_retrain_on_an_empty_lake_fails_with_a_clear_message(
     assert "no interactions in the training window" in result.output
     assert "nothing was registered" in result.output
     assert ModelRegistry(LocalLake(home / "lake")).version_ids() == []
+
+
+def test_retrain_refuses_while_another_retraining_is_in_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "home"
+    _env(monkeypatch, home)
+    instance = dg.DagsterInstance.get()
+    try:
+        job = make_definitions(Settings()).resolve_job_def("retrain_job")
+        queued = instance.create_run_for_job(
+            job, tags={"recsys/pipeline": "retrain"}, status=dg.DagsterRunStatus.QUEUED
+        )
+    finally:
+        instance.dispose()
+    result = runner.invoke(app, ["retrain"])
+    assert result.exit_code == 1
+    assert f"retraining run {queued.run_id[:8]} is already queued or running" in result.output
+    # --force goes ahead (and here fails on the empty lake, past the guard).
+    forced = runner.invoke(app, ["retrain", "--force"])
+    assert "no interactions in the training window" in forced.output

@@ -60,12 +60,20 @@ def retrain(
     process: Annotated[
         bool, typer.Option(help="First process landed weblogs that are not processed yet.")
     ] = True,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Run even if the instance lists a retraining as queued or running "
+            "(one that died without its status being updated)."
+        ),
+    ] = False,
 ) -> None:
     """Train, evaluate and register a model from the lake (the first becomes production)."""
     from dagster._core.events import DagsterEventType
 
     from recsys_assets.definitions import make_definitions
     from recsys_assets.instance import get_instance
+    from recsys_assets.monitoring.sensors import retrain_in_progress
     from recsys_assets.runs import _outcome, materialize_weblogs
     from recsys_assets.training.jobs import RETRAIN_TAGS
     from recsys_serving.lake import open_lake
@@ -75,6 +83,14 @@ def retrain(
     lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
     started = time.perf_counter()
     instance = get_instance(settings)
+    # This run executes in this process, past the run queue's one-retraining limit:
+    # check that limit here, or two retrainings would race to register a model.
+    running = None if force else retrain_in_progress(instance)
+    if running is not None:
+        fail(
+            f"retraining run {running[:8]} is already queued or running (see the Dagster "
+            "UI); wait for it, or pass --force if it died without being marked failed"
+        )
 
     if process:
         days = unprocessed_days(lake)
