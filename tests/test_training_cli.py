@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from recsys_assets.cli import app
 from recsys_assets.cli.training import unprocessed_days
 from recsys_assets.definitions import make_definitions
+from recsys_assets.instance import get_instance
 from recsys_serving.lake import LocalLake
 from recsys_serving.registry import PRODUCTION, ModelRegistry
 from recsys_serving.settings import Settings
@@ -109,17 +110,18 @@ def test_retrain_refuses_while_another_retraining_is_in_progress(
 ) -> None:
     home = tmp_path / "home"
     _env(monkeypatch, home)
-    instance = dg.DagsterInstance.get()
+    settings = Settings()
+    instance = get_instance(settings)  # the project's instance, as recsys retrain opens it
     try:
-        job = make_definitions(Settings()).resolve_job_def("retrain_job")
-        queued = instance.create_run_for_job(
-            job, tags={"recsys/pipeline": "retrain"}, status=dg.DagsterRunStatus.QUEUED
+        job = make_definitions(settings).resolve_job_def("retrain_job")
+        running = instance.create_run_for_job(
+            job, tags={"recsys/pipeline": "retrain"}, status=dg.DagsterRunStatus.STARTED
         )
     finally:
         instance.dispose()
     result = runner.invoke(app, ["retrain"])
     assert result.exit_code == 1
-    assert f"retraining run {queued.run_id[:8]} is already queued or running" in result.output
+    assert f"retraining run {running.run_id[:8]} is already queued or running" in result.output
     # --force goes ahead (and here fails on the empty lake, past the guard).
     forced = runner.invoke(app, ["retrain", "--force"])
     assert "no interactions in the training window" in forced.output
