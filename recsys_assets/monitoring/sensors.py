@@ -121,13 +121,10 @@ class DropCursor:
     pending_version: str | None = None
     pending_summary: str | None = None
     pending_evidence: dict[str, Any] | None = None
-    pending_run_key: str | None = None
-    pending_tags: dict[str, str] | None = None
 
     def clear_pending(self) -> None:
         self.pending_since = self.pending_version = self.pending_summary = None
-        self.pending_evidence = self.pending_tags = None
-        self.pending_run_key = None
+        self.pending_evidence = None
 
     @classmethod
     def parse(cls, raw: str | None) -> DropCursor:
@@ -203,8 +200,6 @@ def evaluate_drop(
             cursor.pending_version = verdict.model_version
             cursor.pending_summary = verdict.describe()
             cursor.pending_evidence = verdict.evidence()
-            cursor.pending_run_key = _drop_run_key(verdict)
-            cursor.pending_tags = _drop_tags(verdict)
     elif cursor.pending_since is None:
         return DropTick(verdict.describe(), verdict)
     elif _recovered(verdict, cursor.pending_evidence or {}):
@@ -222,15 +217,9 @@ def evaluate_drop(
             f"{needed:%H:%M:%S}Z before retraining",
             verdict,
         )
-    run_key = cursor.pending_run_key or _drop_run_key(verdict)
-    tick = DropTick(
-        None,
-        verdict,
-        run_key,
-        dict(cursor.pending_tags or {}),
-        summary=cursor.pending_summary,
-        evidence=dict(cursor.pending_evidence or {}),
-    )
+    evidence = cursor.pending_evidence or verdict.evidence()
+    run_key = _drop_run_key(evidence)
+    tick = DropTick(None, verdict, run_key, _drop_tags(evidence), cursor.pending_summary, evidence)
     cursor.last_trigger_at = now.isoformat()
     cursor.last_run_key = run_key
     cursor.last_version = cursor.pending_version
@@ -253,29 +242,30 @@ def _recovered(verdict: DropVerdict, confirmed: dict[str, Any]) -> bool:
     return recent.ctr >= baseline_ctr * (1.0 - verdict.policy.min_relative_drop)
 
 
-def _drop_run_key(verdict: DropVerdict) -> str:
-    assert verdict.recent is not None
-    return f"ctr-drop-{verdict.model_version}-{verdict.recent.start:%Y%m%dT%H%M%SZ}"
+def _drop_run_key(evidence: dict[str, Any]) -> str:
+    start = datetime.fromisoformat(evidence["recent"]["start"])
+    return f"ctr-drop-{evidence['model_version']}-{start:%Y%m%dT%H%M%SZ}"
 
 
-def _drop_tags(verdict: DropVerdict) -> dict[str, str]:
+def _drop_tags(evidence: dict[str, Any]) -> dict[str, str]:
     """The run tags that name a drop's evidence (visible on the run in the UI)."""
-    assert verdict.recent is not None and verdict.baseline is not None
-    ev = verdict.evidence()
+    recent, baseline = evidence["recent"], evidence["baseline"]
+
+    def window(w: dict[str, Any]) -> str:
+        return f"{_hm(datetime.fromisoformat(w['start']))}..{_hm(datetime.fromisoformat(w['end']))}"
+
     return {
         PIPELINE_TAG: RETRAIN_PIPELINE,
         TRIGGER_TAG: "ctr_drop",
-        "recsys/drop/model_version": str(verdict.model_version),
-        "recsys/drop/recent_window": f"{_hm(verdict.recent.start)}..{_hm(verdict.recent.end)}",
-        "recsys/drop/baseline_window": (
-            f"{_hm(verdict.baseline.start)}..{_hm(verdict.baseline.end)}"
-        ),
-        "recsys/drop/recent_ctr": f"{ev['recent']['ctr']:.4f}",
-        "recsys/drop/baseline_ctr": f"{ev['baseline']['ctr']:.4f}",
-        "recsys/drop/impressions": f"{verdict.recent.impressions}/{verdict.baseline.impressions}",
-        "recsys/drop/relative_drop": f"{ev['relative_drop']:.3f}",
-        "recsys/drop/p_value": f"{verdict.p_value:.3g}",
-        "recsys/drop/z": f"{ev['z']:.2f}",
+        "recsys/drop/model_version": str(evidence["model_version"]),
+        "recsys/drop/recent_window": window(recent),
+        "recsys/drop/baseline_window": window(baseline),
+        "recsys/drop/recent_ctr": f"{recent['ctr']:.4f}",
+        "recsys/drop/baseline_ctr": f"{baseline['ctr']:.4f}",
+        "recsys/drop/impressions": f"{recent['impressions']}/{baseline['impressions']}",
+        "recsys/drop/relative_drop": f"{evidence['relative_drop']:.3f}",
+        "recsys/drop/p_value": f"{evidence['p_value']:.3g}",
+        "recsys/drop/z": f"{evidence['z']:.2f}",
     }
 
 
