@@ -8,7 +8,7 @@ from recsys_assets.alerts.notifier import NotifierResource
 from recsys_assets.catalog.assets import item_catalog, user_profiles
 from recsys_assets.catalog.resources import DocStoreResource
 from recsys_assets.monitoring.defs import closed_loop
-from recsys_assets.packaging.assets import promoted_image
+from recsys_assets.packaging.assets import promoted_image, publish_job
 from recsys_assets.packaging.resource import OciResource
 from recsys_assets.resources import LakeResource, RecsysConfig
 from recsys_assets.training.assets import TRAINING_ASSETS
@@ -45,7 +45,7 @@ def make_definitions(settings: Settings) -> dg.Definitions:
             promoted_image,
             *loop.assets,
         ],
-        jobs=[weblogs_job, retrain_job, *loop.jobs],
+        jobs=[weblogs_job, retrain_job, publish_job, *loop.jobs],
         sensors=[landing_files_sensor, weblog_freshness_sensor, *loop.sensors],
         schedules=loop.schedules,
         resources=build_resources(settings),

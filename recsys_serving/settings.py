@@ -237,6 +237,13 @@ class Settings(BaseSettings):
         description="host[:port]/repo the promoted model is pushed to (ECR or any registry).",
     )
     oci_insecure: bool = Field(default=False, description="Plain HTTP to the OCI registry.")
+    publish_on_promotion: bool = Field(
+        default=True,
+        description=(
+            "Run publish_job (materialize promoted_image) whenever promotion_sensor promotes "
+            "a model, so the registry artifact always matches production."
+        ),
+    )
     oci_username: str | None = Field(
         default=None, description="OCI registry user (ECR: unset, boto3 credentials are used)."
     )

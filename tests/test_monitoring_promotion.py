@@ -24,8 +24,16 @@ sensor = build_promotion_sensor(30)
 
 
 class World:
-    def __init__(self, root: Path, instance: dg.DagsterInstance, **config: Any) -> None:
+    def __init__(
+        self,
+        root: Path,
+        instance: dg.DagsterInstance,
+        sensor_def: dg.SensorDefinition = sensor,
+        jobs: list[Any] | None = None,
+        **config: Any,
+    ) -> None:
         self.root = root
+        self.sensor = sensor_def
         self.instance = instance
         self.lake = LocalLake(root / "lake")
         self.registry = ModelRegistry(self.lake)
@@ -35,7 +43,8 @@ class World:
         self.resources = resources(self.lake, self.webhook.url if self.webhook else None, **config)
         self.defs = dg.Definitions(
             assets=[dg.AssetSpec("model_evaluation"), dg.AssetSpec("registered_model")],
-            sensors=[sensor],
+            sensors=[sensor_def],
+            jobs=jobs or [],
             resources=self.resources,
         )
         self.cursor: str | None = None
@@ -68,7 +77,7 @@ class World:
             resources=self.resources,
             cursor=cursor if cursor is not None else self.cursor,
         )
-        result = sensor.evaluate_tick(context)
+        result = self.sensor.evaluate_tick(context)
         self.cursor = result.cursor
         return result
 
@@ -204,3 +213,36 @@ def test_newer_challenger_supersedes_a_running_canary(
     candidate = world.registry.alias(CANDIDATE)
     assert candidate is not None and candidate.version == v3
     assert candidate.evidence["superseded"] != v3
+
+
+def test_a_promotion_runs_publish_job_once_for_the_new_version(
+    tmp_path: Path, instance: dg.DagsterInstance
+) -> None:
+    publishing = build_promotion_sensor(30, publish_job="publish_job")
+
+    @dg.op
+    def _stand_in() -> None:
+        """The sensor only needs a job called publish_job to target."""
+
+    @dg.job(name="publish_job")
+    def publish_job() -> None:
+        _stand_in()
+
+    world = World(tmp_path, instance, sensor_def=publishing, jobs=[publish_job])
+    v2 = world.trained("v2")
+    started = world.tick()
+    assert actions(started) == ["canary_started"] and not started.run_requests
+    world.canary_running_since(v2, 12, 0.1)
+    world.traffic(v2, 12, 0.10, per_minute=100, seed=1)
+    world.traffic(world.v1, 12, 0.05, per_minute=900, seed=2)
+    ramped = world.tick()
+    assert actions(ramped) == ["ramp"] and not ramped.run_requests
+    world.canary_running_since(v2, 12, 0.5)
+    promoted = world.tick()
+    assert actions(promoted) == ["promote"]
+    (request,) = promoted.run_requests
+    assert request.run_key == f"publish-{v2}"
+    assert request.tags["recsys/trigger"] == "promotion"
+    assert request.tags["recsys/model_version"] == v2
+    # Without a publish job (RECSYS_PUBLISH_ON_PROMOTION=false) promotions launch nothing.
+    assert not sensor.targets and publishing.job_name == "publish_job"

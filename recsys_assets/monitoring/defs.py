@@ -23,6 +23,7 @@ from recsys_assets.monitoring.sensors import (
     build_promotion_sensor,
     build_retrain_failure_sensor,
 )
+from recsys_assets.packaging.assets import PUBLISH_JOB
 from recsys_serving.settings import Settings
 
 
@@ -42,7 +43,9 @@ def closed_loop(settings: Settings) -> ClosedLoopDefs:
         jobs=[monitoring_job],
         sensors=[
             build_ctr_drop_sensor(tick),
-            build_promotion_sensor(tick),
+            build_promotion_sensor(
+                tick, publish_job=PUBLISH_JOB if settings.publish_on_promotion else None
+            ),
             build_retrain_failure_sensor(tick),
         ],
         schedules=[

@@ -412,9 +412,14 @@ def _materialization(decision: Decision, delivery: dict[str, str]) -> dg.AssetMa
     )
 
 
-def build_promotion_sensor(tick_seconds: int) -> dg.SensorDefinition:
+def build_promotion_sensor(
+    tick_seconds: int, publish_job: str | None = None
+) -> dg.SensorDefinition:
+    """``publish_job``: the job to run after each promotion (the OCI artifact), if any."""
+
     @dg.sensor(
         name="promotion_sensor",
+        job_name=publish_job,
         minimum_interval_seconds=tick_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=(
@@ -464,7 +469,16 @@ def build_promotion_sensor(tick_seconds: int) -> dg.SensorDefinition:
         if not events:
             reason = f"canary {step.verdict.describe()}" if step.verdict else "no canary running"
             return dg.SensorResult(skip_reason=reason, cursor=cursor.dump())
-        return dg.SensorResult(asset_events=events, cursor=cursor.dump())
+        publish = [
+            # One run per promoted version (the run key), whatever the cursor says.
+            dg.RunRequest(
+                run_key=f"publish-{decision.version}",
+                tags={TRIGGER_TAG: "promotion", "recsys/model_version": str(decision.version)},
+            )
+            for decision in decisions
+            if publish_job is not None and decision.action == "promote"
+        ]
+        return dg.SensorResult(asset_events=events, run_requests=publish, cursor=cursor.dump())
 
     return promotion_sensor
 

@@ -69,3 +69,16 @@ def promoted_image(
     return dg.MaterializeResult(
         metadata=image_metadata(ref, target), data_version=dg.DataVersion(ref.digest)
     )
+
+
+PUBLISH_JOB = "publish_job"
+
+publish_job = dg.define_asset_job(
+    PUBLISH_JOB,
+    selection=[promoted_image],
+    tags={"recsys/pipeline": "publish"},
+    description=(
+        "Packages the production model as an OCI artifact and pushes it (promoted_image); "
+        "promotion_sensor runs it after each promotion."
+    ),
+)
