@@ -205,6 +205,24 @@ def test_drift_is_detected_retrained_and_a_new_model_promoted_on_its_own(
             served = answer["model_version"]
             time.sleep(0.5)
         assert served == new.version
+
+        # The promotion also published the new model as an OCI artifact (publish_job ->
+        # promoted_image; without RECSYS_OCI_REPOSITORY, the OCI layout on disk).
+        publish: list[dg.DagsterRun] = []
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            with dg.DagsterInstance.from_config(str(dagster_home)) as inst:
+                publish = list(inst.get_runs(filters=dg.RunsFilter(job_name="publish_job")))
+            if publish and publish[0].status in (
+                dg.DagsterRunStatus.SUCCESS,
+                dg.DagsterRunStatus.FAILURE,
+            ):
+                break
+            time.sleep(1)
+        assert publish, "no publish_job run after the promotion"
+        assert publish[0].status == dg.DagsterRunStatus.SUCCESS
+        assert publish[0].tags["recsys/model_version"] == new.version
+        assert (home / "oci" / "recsys-model" / "index.json").exists()
         actions = [e.reason.split(":")[0] for e in registry.history(alias=PRODUCTION)]
         assert len(actions) >= 2
         assert datetime.now(UTC) - new.updated_at < timedelta(minutes=5)
