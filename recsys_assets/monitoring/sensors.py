@@ -204,7 +204,9 @@ def evaluate_drop(
         return DropTick(verdict.describe(), verdict)
     elif _recovered(verdict, cursor.pending_evidence or {}):
         cursor.clear_pending()
-        return DropTick(f"{verdict.describe()}; CTR is back, the pending drop is dropped", verdict)
+        return DropTick(
+            f"{verdict.describe()}; CTR is back, the pending retraining is cancelled", verdict
+        )
     needed = datetime.fromisoformat(cursor.pending_since)
     waited_enough = now >= needed + timedelta(minutes=config.retrain_data_wait_minutes)
     if (
