@@ -183,6 +183,11 @@ def candidate_index(
             "dagster/row_count": result["items"],
             "dim": result["dim"],
             "published": str(result["published"]),
+            **{
+                key: dg.MetadataValue.json(result[key])
+                for key in ("kept_indices", "pruned_indices")
+                if key in result
+            },
         }
     )
 

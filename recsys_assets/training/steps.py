@@ -81,7 +81,13 @@ from recsys_serving.model.recommender import (
     Recommender,
 )
 from recsys_serving.model.state import ModelState
-from recsys_serving.registry import PRODUCTION, ModelRegistry, PromotionRule, decide_promotion
+from recsys_serving.registry import (
+    CANDIDATE,
+    PRODUCTION,
+    ModelRegistry,
+    PromotionRule,
+    decide_promotion,
+)
 
 log = get_logger(__name__)
 
@@ -289,13 +295,41 @@ def run_candidate_index(
     with tempfile.TemporaryDirectory(prefix="recsys-index-") as tmp:
         for path in artifact.save(Path(tmp)):
             lake.put_bytes(art.key(CANDIDATE_INDEX, path.name), path.read_bytes())
-    published = publisher.publish(artifact) if publisher is not None else None
-    return {
+    result: dict[str, Any] = {
         "index_version": version,
         "items": len(artifact.item_ids),
         "dim": artifact.dim,
-        "published": published or "embedded (travels in the bundle)",
+        "published": "embedded (travels in the bundle)",
     }
+    if publisher is not None:
+        result["published"] = publisher.publish(artifact)
+        # Without retention every retraining would leave an index behind for good.
+        keep = index_versions_to_keep(ModelRegistry(lake), version)
+        result["kept_indices"] = keep
+        result["pruned_indices"] = publisher.prune(keep)
+    return result
+
+
+# Production indices kept besides the current one, so that `recsys models rollback`
+# (which goes back one production at a time) still finds its model's index.
+KEEP_PREVIOUS_PRODUCTIONS = 2
+
+
+def index_versions_to_keep(registry: ModelRegistry, new_version: str) -> list[str]:
+    """The versions whose index must survive a prune: the one just built, the
+    candidate, production and the productions before it, newest first."""
+    keep = [new_version]
+    for alias in (CANDIDATE, PRODUCTION):
+        current = registry.alias(alias)
+        if current is not None and current.version is not None:
+            keep.append(current.version)
+    productions: list[str] = []
+    for event in registry.history(alias=PRODUCTION):
+        if event.version is not None and event.version not in productions:
+            productions.append(event.version)
+        if len(productions) > KEEP_PREVIOUS_PRODUCTIONS:
+            break
+    return list(dict.fromkeys([*keep, *productions]))
 
 
 def run_ranking_dataset(lake: Lake, params: TrainingParams) -> dict[str, Any]:
