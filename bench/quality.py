@@ -47,6 +47,7 @@ import scipy.sparse as sp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from recsys_assets.simulation.history import simulate_history  # noqa: E402
 from recsys_assets.training.metrics import aggregate  # noqa: E402
@@ -131,83 +132,34 @@ def _ts(value: Any) -> float:
 
 
 def organic(size: str, seed: int) -> World:
-    """Users choose what to rate themselves, by taste: no logging policy, no exposure.
+    """Users choose what to rate themselves, by taste (``bench/datasets.py`` generates
+    the world, which it also writes as a dataset directory for ``bench/blackbox.py``)."""
+    import datasets
 
-    Each user rates a lognormal number of items drawn without replacement with
-    probability proportional to ``relevance ** 3`` under the simulator's ground truth
-    (taste dominates, popularity only through the item bias), at random times over
-    the period, valued 1-5 from relevance. Collaborative signals (ALS, item-kNN) are
-    strong here, as on public rating logs, unlike in the exposure-driven clickstream.
-    """
-    from recsys_assets.simulation.truth import GroundTruth
-
-    shape = SIZES[size]
-    start = END.timestamp() - shape["days"] * 86_400
-    truth = GroundTruth.generate(
-        shape["n_users"],
-        shape["n_items"],
-        shape["n_categories"],
-        seed,
-        datetime.fromtimestamp(start, tz=UTC),
-        END,
-    )
-    rng = np.random.default_rng([seed, 0x0E6A])
-    per_user = np.clip(rng.lognormal(3.0, 0.8, size=truth.n_users), 5, 300).astype(int)
-    users, items, ts, values = [], [], [], []
-    for lo in range(0, truth.n_users, 512):
-        block = np.arange(lo, min(lo + 512, truth.n_users))
-        rel = truth.relevance_matrix(block)
-        gumbel = -np.log(-np.log(rng.random(rel.shape)))
-        keys = 3.0 * np.log(rel) + gumbel
-        for row, user in enumerate(block.tolist()):
-            n = min(int(per_user[user]), truth.n_items)
-            chosen = np.argpartition(-keys[row], n - 1)[:n]
-            when = np.sort(rng.uniform(start, END.timestamp(), size=n))
-            noise = rng.normal(0.0, 0.7, size=n)
-            stars = np.clip(np.rint(1 + 4 * rel[row, chosen] + noise), 1, 5)
-            users += [user] * n
-            items += chosen.tolist()
-            ts += when.tolist()
-            values += stars.tolist()
-    n = len(users)
+    events, items, _truth = datasets.organic_frames(size, seed)
+    n = events.height
     events = (
-        pl.DataFrame(
-            {
-                "event_id": [f"o{k}" for k in range(n)],
-                "event_type": ["rating"] * n,
-                "user_id": truth.format_user_ids(np.asarray(users)).tolist(),
-                "item_id": truth.format_item_ids(np.asarray(items)).tolist(),
-                "ts": (np.asarray(ts) * 1e6).astype(np.int64),
-                "session_id": [None] * n,
-                "request_id": [None] * n,
-                "position": [None] * n,
-                "value": values,
-                "model_version": [None] * n,
-                "context": [None] * n,
-            },
-            schema_overrides={
-                "session_id": pl.String,
-                "request_id": pl.String,
-                "position": pl.Int32,
-                "model_version": pl.String,
-                "context": pl.String,
-            },
+        events.select(
+            pl.Series("event_id", [f"o{k}" for k in range(n)]),
+            pl.lit("rating").alias("event_type"),
+            "user_id",
+            "item_id",
+            pl.Series("ts", (events["ts"].to_numpy() * 1e6).astype(np.int64)).cast(
+                pl.Datetime("us", "UTC")
+            ),
+            pl.lit(None, pl.String).alias("session_id"),
+            pl.lit(None, pl.String).alias("request_id"),
+            pl.lit(None, pl.Int32).alias("position"),
+            "value",
+            pl.lit(None, pl.String).alias("model_version"),
+            pl.lit(None, pl.String).alias("context"),
         )
-        .with_columns(pl.col("ts").cast(pl.Datetime("us", "UTC")))
-        .sort("ts", "event_id")
+    ).sort("ts", "event_id")
+    items = items.with_columns(
+        pl.lit(None, pl.Datetime("us", "UTC")).alias("published_at"),
+        pl.lit("{}").alias("attributes"),
     )
-    cat_ids = truth.category_ids
-    items_frame = pl.DataFrame(
-        {
-            "item_id": truth.item_ids,
-            "title": [f"item {i}" for i in range(truth.n_items)],
-            "categories": [[cat_ids[c] for c in row if c >= 0] for row in truth.item_categories],
-            "published_at": [None] * truth.n_items,
-            "attributes": ["{}"] * truth.n_items,
-        },
-        schema_overrides={"published_at": pl.Datetime("us", "UTC")},
-    )
-    return World(f"organic-{size}-s{seed}", events, items_frame)
+    return World(f"organic-{size}-s{seed}", events, items)
 
 
 def as_ratings(world: World) -> World:
