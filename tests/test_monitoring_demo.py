@@ -57,3 +57,36 @@ def test_stop_ends_recorded_demo_processes_only(tmp_path: Path) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_a_process_still_inside_execve_is_recognised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Right after Popen returns the kernel may still show an empty command line (the
+    parent is woken before execve sets the new argument area); on a loaded CI machine
+    that made `--stop` take a fresh demo process for a stranger."""
+    ours = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)", "recsys-demo-test"],
+        start_new_session=True,
+    )
+    cmdline = f"/proc/{ours.pid}/cmdline"
+    real_read_bytes = Path.read_bytes
+    empty_reads = {"left": 3}
+
+    def read_bytes(self: Path) -> bytes:
+        if str(self) == cmdline and empty_reads["left"] > 0:
+            empty_reads["left"] -= 1
+            return b""  # what the kernel shows mid-execve
+        return real_read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    pid_file = tmp_path / "processes.json"
+    try:
+        pid_file.write_bytes(orjson.dumps([{"name": "serve", "pid": ours.pid}]))
+        assert stop_previous(pid_file) == 1
+        assert empty_reads["left"] == 0
+        assert ours.wait(timeout=10) is not None
+    finally:
+        if ours.poll() is None:
+            ours.kill()
+            ours.wait()

@@ -136,9 +136,8 @@ def stop_previous(path: Path) -> int:
     stopped: list[int] = []
     for record in orjson.loads(path.read_bytes()):
         pid = int(record["pid"])
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
+        cmdline = _cmdline(pid)
+        if cmdline is None:
             continue  # already gone
         if "recsys" not in cmdline and "dagster" not in cmdline:
             continue  # the id was reused by an unrelated process: leave it alone
@@ -150,6 +149,25 @@ def stop_previous(path: Path) -> int:
             time.sleep(0.2)
     path.unlink(missing_ok=True)
     return len(stopped)
+
+
+def _cmdline(pid: int, patience: float = 2.0) -> str | None:
+    """The process's command line, or None once it has ended.
+
+    A process still inside execve reads as an empty command line: the kernel wakes the
+    parent (vfork release, close-on-exec pipes) before it sets the new image's argument
+    area. Waiting briefly for it keeps a just-started demo process from being taken for
+    a stranger; kernel threads stay empty and are left alone after the wait.
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        if raw or not _alive(pid) or time.monotonic() >= deadline:
+            return raw.replace(b"\0", b" ").decode(errors="replace")
+        time.sleep(0.01)
 
 
 def _alive(pid: int) -> bool:
