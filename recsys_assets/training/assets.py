@@ -158,6 +158,8 @@ def retrieval_model(
         metadata={
             "als_fit_seconds": _json({k: v["seconds"] for k, v in result["als"].items()}),
             "als": _json(result["als"]),
+            "als_selected": _json(result["als_selection"]["selected"]),
+            "als_selection": _json(result["als_selection"]),
             "covisitation": _json(result["covisit"]),
         }
     )

@@ -66,6 +66,16 @@ class TrainingParams:
     als_bm25: bool = True
     als_bm25_k1: float = 1.2
     als_bm25_b: float = 0.75
+    # Per-dataset choice of the ALS settings above on the newest label window before
+    # the holdout (see als_selection.py): every combination of als_grid competes with
+    # the configured settings, which stay unless beaten by als_select_margin.
+    als_select: bool = True
+    als_grid: dict[str, list[Any]] = field(
+        default_factory=lambda: {"als_alpha": [1.0, 10.0], "als_bm25": [True, False]}
+    )
+    als_select_margin: float = 0.1  # relative NDCG gain needed to leave the configured
+    als_select_max_users: int = 2_000
+    als_select_min_users: int = 20
     # Retrieval: co-visitation within sessions.
     covis_window: int = 5  # pairs up to this many events apart in a session
     covis_backward_weight: float = 0.5  # b seen before a counts this much for a -> b
@@ -136,6 +146,14 @@ class TrainingParams:
             raise ValueError("train_window_days must be positive (or unset for all history)")
         if self.als_factors < 1 or self.als_iterations < 1:
             raise ValueError("als_factors and als_iterations must be at least 1")
+        if self.als_select_margin < 0:
+            raise ValueError("als_select_margin must not be negative")
+        bad = sorted(n for n in self.als_grid if not n.startswith("als_") or not hasattr(self, n))
+        if bad or any(not values for values in self.als_grid.values()):
+            raise ValueError(
+                "als_grid maps ALS parameter names (als_factors, als_alpha, ...) to "
+                f"non-empty lists of values; got {self.als_grid!r}"
+            )
         if self.candidate_pool < 10:
             raise ValueError("candidate_pool must be at least 10")
 

@@ -226,6 +226,9 @@ def fit_als(enc: Encoded, vocab: Vocabulary, before: float, params: TrainingPara
             "items": int(warm.sum()),
             "nnz": int(matrix.nnz),
             "factors": int(factors.shape[1]),
+            "alpha": float(params.als_alpha),
+            "regularization": float(params.als_regularization),
+            "bm25": bool(params.als_bm25),
             "seconds": round(seconds, 3),
         },
     )
@@ -260,18 +263,23 @@ def user_factors(
     item_factors: npt.NDArray[np.float32],
     as_of: float,
     params: TrainingParams,
+    users: npt.NDArray[np.int64] | None = None,
 ) -> npt.NDArray[np.float32]:
-    """Least-squares user vectors for interactions before ``as_of``, items fixed."""
+    """Least-squares user vectors for interactions before ``as_of``, items fixed (for
+    ``users`` only, in that order, when given)."""
     from threadpoolctl import threadpool_limits
 
     _load_implicit()
     n_users, n_items = vocab.user_ids.size, vocab.item_ids.size
     matrix = interaction_matrix(enc, n_users, n_items, as_of, params)
+    rows = np.arange(n_users) if users is None else np.asarray(users, dtype=np.int64)
+    if users is not None:
+        matrix = matrix[rows]
     with threadpool_limits(1, "blas"):
         model = _als_model(params)
         model.item_factors = np.ascontiguousarray(item_factors, dtype=np.float32)
-        vectors = model.recalculate_user(np.arange(n_users), matrix)
-    vectors = np.asarray(vectors, dtype=np.float32).reshape(n_users, item_factors.shape[1])
+        vectors = model.recalculate_user(np.arange(rows.size), matrix)
+    vectors = np.asarray(vectors, dtype=np.float32).reshape(rows.size, item_factors.shape[1])
     vectors[np.diff(matrix.indptr) == 0] = 0.0
     return vectors
 

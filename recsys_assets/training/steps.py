@@ -31,6 +31,7 @@ import numpy as np
 import polars as pl
 
 from recsys_assets.training import artifacts as art
+from recsys_assets.training.als_selection import select_als
 from recsys_assets.training.data import (
     Encoded,
     TrainingDataError,
@@ -251,7 +252,9 @@ def run_user_features(lake: Lake, params: TrainingParams) -> dict[str, Any]:
 def run_retrieval(lake: Lake, params: TrainingParams) -> dict[str, Any]:
     """ALS fitted before each snapshot, user vectors recomputed, session co-visitation."""
     prep = load_prepared(lake)
-    out: dict[str, Any] = {"als": {}, "covisit": {}}
+    params, selection = select_als(prep.enc, prep.vocab, prep.window, params)
+    art.put_json(lake, art.key(RETRIEVAL, "als_selection.json"), selection)
+    out: dict[str, Any] = {"als": {}, "covisit": {}, "als_selection": selection}
     for snap in prep.snapshots():
         as_of = prep.as_of(snap)
         fit = fit_als(prep.enc, prep.vocab, as_of, params)
@@ -442,6 +445,7 @@ def run_recommender_model(
         "feature_names": list(FEATURE_NAMES),
         "components": {
             "als": retrieval,
+            "als_selection": art.get_json(lake, art.key(RETRIEVAL, "als_selection.json")),
             "ranking_dataset": art.get_json(lake, art.key(RANKING_DATASET, "stats.json")),
             "ranker": art.get_json(lake, art.key(RANKING_MODEL, "ranker.json")),
         },
