@@ -134,3 +134,20 @@ def test_retrieval_fits_every_snapshot_with_the_chosen_settings(
         art.get_json(lake, art.key(steps.RETRIEVAL, "als_selection.json"))
         == result["als_selection"]
     )
+
+
+def test_scoring_in_chunks_of_users_changes_nothing(
+    prepared: steps.Prepared, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from recsys_assets.training import als_selection
+
+    window, params = prepared.window, tiny_params()
+    cut = window.cutoffs[0]
+    users, relevant = validation_users(
+        prepared.enc, prepared.vocab, cut, window.label_end(cut), params
+    )
+    whole = retrieval_ndcg(prepared.enc, prepared.vocab, cut, users, relevant, params)
+    assert users.size > 7
+    monkeypatch.setattr(als_selection, "SCORE_CHUNK", 7)
+    chunked = retrieval_ndcg(prepared.enc, prepared.vocab, cut, users, relevant, params)
+    assert chunked == pytest.approx(whole, abs=1e-9)

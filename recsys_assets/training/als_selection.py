@@ -34,6 +34,8 @@ from recsys_assets.training.params import TrainingParams
 from recsys_assets.training.ranking import label_table
 from recsys_assets.training.retrieval import fit_als, interaction_matrix, user_factors
 
+SCORE_CHUNK = 256
+
 
 def grid_configs(params: TrainingParams) -> list[dict[str, Any]]:
     """The configured ALS settings first, then every other combination of the grid."""
@@ -83,17 +85,22 @@ def retrieval_ndcg(
     k = params.eval_k
     fit = fit_als(enc, vocab, cut, params)
     vectors = user_factors(enc, vocab, fit.item_factors, cut, params, users=users)
-    scores = vectors @ fit.item_factors.T
     history = interaction_matrix(enc, vocab.user_ids.size, vocab.item_ids.size, cut, params)
-    sub = history[users]
-    rows = np.repeat(np.arange(users.size), np.diff(sub.indptr))
-    scores[rows, sub.indices] = -np.inf
-    top = np.argpartition(-scores, min(k, scores.shape[1] - 1), axis=1)[:, :k]
-    order = np.take_along_axis(scores, top, axis=1).argsort(axis=1)[:, ::-1]
-    top = np.take_along_axis(top, order, axis=1)
-    total = sum(
-        user_metrics(row.tolist(), rel, k)["ndcg"] for row, rel in zip(top, relevant, strict=True)
-    )
+    total = 0.0
+    # Users in chunks: a dense users x items score block stays small with big catalogs.
+    for start in range(0, users.size, SCORE_CHUNK):
+        chunk = slice(start, start + SCORE_CHUNK)
+        scores = vectors[chunk] @ fit.item_factors.T
+        sub = history[users[chunk]]
+        rows = np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr))
+        scores[rows, sub.indices] = -np.inf
+        top = np.argpartition(-scores, min(k, scores.shape[1] - 1), axis=1)[:, :k]
+        order = np.take_along_axis(scores, top, axis=1).argsort(axis=1)[:, ::-1]
+        top = np.take_along_axis(top, order, axis=1)
+        total += sum(
+            user_metrics(row.tolist(), rel, k)["ndcg"]
+            for row, rel in zip(top, relevant[chunk], strict=True)
+        )
     return total / max(len(relevant), 1)
 
 
