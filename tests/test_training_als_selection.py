@@ -3,6 +3,7 @@ holdout, by ALS-alone NDCG, with the configured settings first and winning ties.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -56,13 +57,15 @@ def test_a_grid_naming_anything_but_als_settings_is_refused() -> None:
 
 
 def test_the_better_setting_wins_whichever_side_it_is_on(prepared: steps.Prepared) -> None:
-    good = tiny_params(als_grid={"als_regularization": [CRUSHING]})
+    good = tiny_params(als_select=True, als_grid={"als_regularization": [CRUSHING]})
     chosen, evidence = select_als(prepared.enc, prepared.vocab, prepared.window, good)
     assert chosen.als_regularization == good.als_regularization
     scores = [r["ndcg@10"] for r in evidence["results"]]
     assert scores[0] > scores[1] + 0.05, evidence
 
-    bad = tiny_params(als_regularization=CRUSHING, als_grid={"als_regularization": [0.05]})
+    bad = tiny_params(
+        als_select=True, als_regularization=CRUSHING, als_grid={"als_regularization": [0.05]}
+    )
     chosen, evidence = select_als(prepared.enc, prepared.vocab, prepared.window, bad)
     assert chosen.als_regularization == 0.05
     assert evidence["selected"] == {"als_regularization": 0.05}
@@ -81,7 +84,8 @@ def test_the_better_setting_wins_whichever_side_it_is_on(prepared: steps.Prepare
 
 
 def test_the_choice_never_looks_at_the_holdout(prepared: steps.Prepared) -> None:
-    _, evidence = select_als(prepared.enc, prepared.vocab, prepared.window, tiny_params())
+    always = tiny_params(als_select=True)
+    _, evidence = select_als(prepared.enc, prepared.vocab, prepared.window, always)
     assert evidence["validation"]["end"] <= prepared.window.holdout_start
     assert evidence["validation"]["users"] >= 20
     users, relevant = validation_users(
@@ -98,7 +102,7 @@ def test_the_choice_never_looks_at_the_holdout(prepared: steps.Prepared) -> None
 def test_too_few_validation_users_or_switched_off_keeps_the_configured_settings(
     prepared: steps.Prepared,
 ) -> None:
-    thin = tiny_params(als_select_min_users=10**6)
+    thin = tiny_params(als_select=True, als_select_min_users=10**6)
     chosen, evidence = select_als(prepared.enc, prepared.vocab, prepared.window, thin)
     assert chosen == thin and "kept the configured settings" in evidence["skipped"]
     off = tiny_params(als_select=False)
@@ -109,13 +113,40 @@ def test_too_few_validation_users_or_switched_off_keeps_the_configured_settings(
 def test_the_bundle_records_the_choice_and_is_fitted_with_it(
     tiny_outcome: TrainOutcome,
 ) -> None:
+    # The tiny world is a simulated clickstream: by default its logged impressions
+    # keep the configured settings (ALS alone is a misleading judge there).
     selection = tiny_outcome.manifest["components"]["als_selection"]
-    assert set(selection["selected"]) == {"als_alpha", "als_bm25"}
-    assert len(selection["results"]) == 4
+    assert "logged impressions" in selection["skipped"]
+    assert selection["selected"] == {"als_alpha": 10.0, "als_bm25": True}
     assert tiny_outcome.steps[steps.RETRIEVAL]["als_selection"] == selection
     for snapshot, fit in tiny_outcome.manifest["components"]["als"].items():
-        assert fit["alpha"] == selection["selected"]["als_alpha"], snapshot
-        assert fit["bm25"] == selection["selected"]["als_bm25"], snapshot
+        assert fit["alpha"] == 10.0 and fit["bm25"] is True, snapshot
+
+
+def test_by_default_the_choice_is_made_for_logs_without_impressions(
+    prepared: steps.Prepared,
+) -> None:
+    assert prepared.enc.imp_ts.size > 0
+    no_impressions = dataclasses.replace(
+        prepared.enc,
+        **{
+            name: getattr(prepared.enc, name)[:0]
+            for name in (
+                "imp_user",
+                "imp_item",
+                "imp_ts",
+                "imp_clicked",
+                "imp_position",
+                "imp_request",
+            )
+        },
+    )
+    params = tiny_params()
+    assert params.als_select is None
+    _, evidence = select_als(no_impressions, prepared.vocab, prepared.window, params)
+    assert "skipped" not in evidence and len(evidence["results"]) == 4
+    _, evidence = select_als(prepared.enc, prepared.vocab, prepared.window, params)
+    assert "logged impressions" in evidence["skipped"]
 
 
 def test_retrieval_fits_every_snapshot_with_the_chosen_settings(
@@ -126,7 +157,9 @@ def test_retrieval_fits_every_snapshot_with_the_chosen_settings(
         tiny_world.lake.root / "training" / "interactions", lake_root / "training" / "interactions"
     )
     lake = LocalLake(lake_root)
-    bad = tiny_params(als_regularization=CRUSHING, als_grid={"als_regularization": [0.05]})
+    bad = tiny_params(
+        als_select=True, als_regularization=CRUSHING, als_grid={"als_regularization": [0.05]}
+    )
     result = steps.run_retrieval(lake, bad)
     assert result["als_selection"]["selected"] == {"als_regularization": 0.05}
     assert {fit["regularization"] for fit in result["als"].values()} == {0.05}

@@ -69,7 +69,8 @@ class TrainingParams:
     # Per-dataset choice of the ALS settings above on the newest label window before
     # the holdout (see als_selection.py): every combination of als_grid competes with
     # the configured settings, which stay unless beaten by als_select_margin.
-    als_select: bool = True
+    # None = only for logs without logged impressions; True = always; False = never.
+    als_select: bool | None = None
     als_grid: dict[str, list[Any]] = field(
         default_factory=lambda: {"als_alpha": [1.0, 10.0], "als_bm25": [True, False]}
     )
