@@ -41,7 +41,15 @@ def weblogs_job() -> None:
 
 
 def weblogs_processed(instance: dg.DagsterInstance) -> None:
-    """What the landing sensor's runs leave in the instance: a successful weblogs run."""
+    """What the landing sensor's runs leave in the instance: a successful weblogs run.
+
+    The sensor wants a run created after the drop window's end, which is the start of
+    the current minute here (60 s buckets, no click delay). A run created late in one
+    minute and a tick early in the next would look too old and the tick would keep
+    waiting, so the run is created early in a minute, leaving 15 s for it and the tick.
+    """
+    if time.time() % 60 > 45:
+        time.sleep(60.2 - time.time() % 60)
     time.sleep(0.01)
     assert weblogs_job.execute_in_process(instance=instance).success
 

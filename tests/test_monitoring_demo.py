@@ -4,6 +4,8 @@ processes a demo recorded, and only those."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from recsys_assets.cli.demo import loop_environment, stop_previous
+from recsys_assets.cli.demo import Background, loop_environment, stop_previous
 from recsys_serving.settings import Settings
 
 
@@ -34,11 +36,26 @@ def test_loop_environment_names_real_settings(monkeypatch: pytest.MonkeyPatch) -
     assert settings.train_window_days == pytest.approx(0.01)
 
 
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)", "recsys-demo-test"]
+# What `dagster dev` does at start-up (dagster's setup_interrupt_handlers).
+DAGSTER_LIKE = [
+    sys.executable,
+    "-c",
+    "import signal, time; signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT)); "
+    "time.sleep(120)",
+    "recsys-demo-test",
+]
+
+
+def start_demo_process(tmp_path: Path, cmd: list[str]) -> subprocess.Popen[bytes]:
+    """Started the way `recsys demo` starts its server and Dagster."""
+    background = Background(tmp_path / "started.json")
+    background.start("serve", cmd, dict(os.environ), tmp_path / "serve.log")
+    return background.procs["serve"]
+
+
 def test_stop_ends_recorded_demo_processes_only(tmp_path: Path) -> None:
-    ours = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(120)", "recsys-demo-test"],
-        start_new_session=True,
-    )
+    ours = start_demo_process(tmp_path, SLEEPER)
     stranger = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True
     )
@@ -65,10 +82,7 @@ def test_a_process_still_inside_execve_is_recognised(
     """Right after Popen returns the kernel may still show an empty command line (the
     parent is woken before execve sets the new argument area); on a loaded CI machine
     that made `--stop` take a fresh demo process for a stranger."""
-    ours = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(120)", "recsys-demo-test"],
-        start_new_session=True,
-    )
+    ours = start_demo_process(tmp_path, SLEEPER)
     cmdline = f"/proc/{ours.pid}/cmdline"
     real_read_bytes = Path.read_bytes
     empty_reads = {"left": 3}
@@ -86,6 +100,29 @@ def test_a_process_still_inside_execve_is_recognised(
         assert stop_previous(pid_file) == 1
         assert empty_reads["left"] == 0
         assert ours.wait(timeout=10) is not None
+    finally:
+        if ours.poll() is None:
+            ours.kill()
+            ours.wait()
+
+
+def test_a_demo_started_from_a_background_shell_can_still_be_stopped(tmp_path: Path) -> None:
+    """A shell running `make demo &` (or a CI runner) ignores SIGINT, ignored signals
+    survive exec, and `dagster dev` gives SIGTERM SIGINT's disposition: its processes
+    used to ignore SIGTERM, so `--stop` left the whole Dagster tree running."""
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        ours = start_demo_process(tmp_path, DAGSTER_LIKE)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    pid_file = tmp_path / "processes.json"
+    try:
+        time.sleep(0.5)  # let it run its start-up mapping
+        pid_file.write_bytes(orjson.dumps([{"name": "dagster", "pid": ours.pid}]))
+        assert stop_previous(pid_file) == 1
+        # SIGTERM ran the mapped SIGINT handler: KeyboardInterrupt, reported as SIGINT.
+        assert ours.wait(timeout=10) in (-signal.SIGTERM, -signal.SIGINT)
     finally:
         if ours.poll() is None:
             ours.kill()

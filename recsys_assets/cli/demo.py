@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -81,6 +82,29 @@ def loop_environment(port: int) -> dict[str, str]:
 
 
 # --------------------------------------------------------------- background processes
+@contextlib.contextmanager
+def default_signals_for_children() -> Iterator[None]:
+    """Let processes started inside see SIGINT and SIGTERM with their default meaning.
+
+    An ignored signal stays ignored across exec, and a shell running a command in the
+    background (`make demo &`, CI runners) ignores SIGINT. `dagster dev` then maps
+    SIGTERM to SIGINT's disposition (dagster's setup_interrupt_handlers), so the
+    webserver, daemon and code servers ignored SIGTERM and `recsys demo --stop` could
+    not end them. Signal dispositions can only change on the main thread; elsewhere
+    nothing changes.
+    """
+    saved: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) == signal.SIG_IGN:
+                saved[sig] = signal.signal(sig, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 @dataclass
 class Background:
     """Processes the demo started, recorded so `recsys demo --stop` can end them."""
@@ -90,7 +114,7 @@ class Background:
 
     def start(self, name: str, cmd: list[str], env: dict[str, str], log: Path) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "wb") as fh:
+        with open(log, "wb") as fh, default_signals_for_children():
             proc = subprocess.Popen(
                 cmd, env=env, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
             )
