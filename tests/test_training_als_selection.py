@@ -71,10 +71,10 @@ def test_the_better_setting_wins_whichever_side_it_is_on(prepared: steps.Prepare
     assert evidence["selected"] == {"als_regularization": 0.05}
     # The evidence is what the choice was made on: rescoring gives the same figure.
     window = prepared.window
-    users, relevant = validation_users(
+    val = validation_users(
         prepared.enc, prepared.vocab, window.cutoffs[0], window.label_end(window.cutoffs[0]), bad
     )
-    again = retrieval_ndcg(prepared.enc, prepared.vocab, window.cutoffs[0], users, relevant, chosen)
+    again = retrieval_ndcg(prepared.enc, prepared.vocab, window.cutoffs[0], val, chosen)
     assert again == pytest.approx(evidence["results"][1]["ndcg@10"], abs=1e-6)
     # A margin no setting can clear keeps the configured one, however poor.
     stubborn = bad.replace(als_select_margin=1e9)
@@ -88,15 +88,20 @@ def test_the_choice_never_looks_at_the_holdout(prepared: steps.Prepared) -> None
     _, evidence = select_als(prepared.enc, prepared.vocab, prepared.window, always)
     assert evidence["validation"]["end"] <= prepared.window.holdout_start
     assert evidence["validation"]["users"] >= 20
-    users, relevant = validation_users(
+    val = validation_users(
         prepared.enc,
         prepared.vocab,
         prepared.window.cutoffs[0],
         prepared.window.holdout_start,
         tiny_params(),
     )
-    assert users.size == len(relevant) and np.all(np.diff(users) > 0)
-    assert all(relevant)  # every validation user has new items to find
+    assert val.users.size == len(val.relevant) and np.all(np.diff(val.users) > 0)
+    assert all(val.relevant)  # every validation user has new items to find
+    # Each user's history rows are theirs, and none of their new items is in them.
+    assert val.history.shape[0] == val.users.size
+    for row, new in enumerate(val.relevant):
+        seen = set(val.history.indices[val.history.indptr[row] : val.history.indptr[row + 1]])
+        assert seen and not seen & new
 
 
 def test_too_few_validation_users_or_switched_off_keeps_the_configured_settings(
@@ -176,11 +181,9 @@ def test_scoring_in_chunks_of_users_changes_nothing(
 
     window, params = prepared.window, tiny_params()
     cut = window.cutoffs[0]
-    users, relevant = validation_users(
-        prepared.enc, prepared.vocab, cut, window.label_end(cut), params
-    )
-    whole = retrieval_ndcg(prepared.enc, prepared.vocab, cut, users, relevant, params)
-    assert users.size > 7
+    val = validation_users(prepared.enc, prepared.vocab, cut, window.label_end(cut), params)
+    whole = retrieval_ndcg(prepared.enc, prepared.vocab, cut, val, params)
+    assert val.users.size > 7
     monkeypatch.setattr(als_selection, "SCORE_CHUNK", 7)
-    chunked = retrieval_ndcg(prepared.enc, prepared.vocab, cut, users, relevant, params)
+    chunked = retrieval_ndcg(prepared.enc, prepared.vocab, cut, val, params)
     assert chunked == pytest.approx(whole, abs=1e-9)

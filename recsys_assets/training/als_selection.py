@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import scipy.sparse as sp
 
 from recsys_assets.training.data import Encoded, TrainingWindow, Vocabulary
 from recsys_assets.training.metrics import user_metrics
@@ -56,9 +58,18 @@ def grid_configs(params: TrainingParams) -> list[dict[str, Any]]:
     return configs
 
 
+@dataclass
+class Validation:
+    """Sampled users with history before the cut and new items in the label window."""
+
+    users: npt.NDArray[np.int64]
+    relevant: list[set[int]]  # their new items in the label window
+    history: sp.csr_matrix  # their rows of the interactions before the cut (to exclude)
+
+
 def validation_users(
     enc: Encoded, vocab: Vocabulary, cut: float, end: float, params: TrainingParams
-) -> tuple[npt.NDArray[np.int64], list[set[int]]]:
+) -> Validation:
     """Users with history before ``cut`` and new items in ``[cut, end)``, sampled."""
     grades, _ = label_table(enc, cut, end)
     history = interaction_matrix(
@@ -77,28 +88,23 @@ def validation_users(
         keep = np.sort(rng.choice(len(users), params.als_select_max_users, replace=False))
         users = [users[i] for i in keep]
         relevant = [relevant[i] for i in keep]
-    return np.asarray(users, dtype=np.int64), relevant
+    rows = np.asarray(users, dtype=np.int64)
+    return Validation(rows, relevant, history[rows])
 
 
 def retrieval_ndcg(
-    enc: Encoded,
-    vocab: Vocabulary,
-    cut: float,
-    users: npt.NDArray[np.int64],
-    relevant: list[set[int]],
-    params: TrainingParams,
+    enc: Encoded, vocab: Vocabulary, cut: float, val: Validation, params: TrainingParams
 ) -> float:
-    """NDCG@K of ALS alone (already-seen items excluded) for ``users`` after ``cut``."""
+    """NDCG@K of ALS alone (already-seen items excluded) for the validation users."""
     k = params.eval_k
     fit = fit_als(enc, vocab, cut, params)
-    vectors = user_factors(enc, vocab, fit.item_factors, cut, params, users=users)
-    history = interaction_matrix(enc, vocab.user_ids.size, vocab.item_ids.size, cut, params)
+    vectors = user_factors(enc, vocab, fit.item_factors, cut, params, users=val.users)
     total = 0.0
     # Users in chunks: a dense users x items score block stays small with big catalogs.
-    for start in range(0, users.size, SCORE_CHUNK):
+    for start in range(0, val.users.size, SCORE_CHUNK):
         chunk = slice(start, start + SCORE_CHUNK)
         scores = vectors[chunk] @ fit.item_factors.T
-        sub = history[users[chunk]]
+        sub = val.history[chunk]
         rows = np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr))
         scores[rows, sub.indices] = -np.inf
         top = np.argpartition(-scores, min(k, scores.shape[1] - 1), axis=1)[:, :k]
@@ -106,9 +112,9 @@ def retrieval_ndcg(
         top = np.take_along_axis(top, order, axis=1)
         total += sum(
             user_metrics(row.tolist(), rel, k)["ndcg"]
-            for row, rel in zip(top, relevant[chunk], strict=True)
+            for row, rel in zip(top, val.relevant[chunk], strict=True)
         )
-    return total / max(len(relevant), 1)
+    return total / max(len(val.relevant), 1)
 
 
 def select_als(
@@ -129,19 +135,19 @@ def select_als(
         }
     cut = window.cutoffs[0]
     end = window.label_end(cut)
-    users, relevant = validation_users(enc, vocab, cut, end, params)
-    if users.size < params.als_select_min_users:
+    val = validation_users(enc, vocab, cut, end, params)
+    if val.users.size < params.als_select_min_users:
         return params, {
             "selected": configs[0],
             "skipped": (
-                f"{users.size} validation users (fewer than {params.als_select_min_users}): "
+                f"{val.users.size} validation users (fewer than {params.als_select_min_users}): "
                 "kept the configured settings"
             ),
         }
     started = time.perf_counter()
     results = []
     for config in configs:
-        score = retrieval_ndcg(enc, vocab, cut, users, relevant, params.replace(**config))
+        score = retrieval_ndcg(enc, vocab, cut, val, params.replace(**config))
         results.append({**config, f"ndcg@{params.eval_k}": round(score, 6)})
     metric = f"ndcg@{params.eval_k}"
     best = max(range(len(configs)), key=lambda i: (results[i][metric], -i))
@@ -149,7 +155,7 @@ def select_als(
         best = 0  # not clearly better: a thin window's noise must not move the settings
     return params.replace(**configs[best]), {
         "selected": configs[best],
-        "validation": {"cut": cut, "end": end, "users": int(users.size)},
+        "validation": {"cut": cut, "end": end, "users": int(val.users.size)},
         "results": results,
         "seconds": round(time.perf_counter() - started, 3),
     }
