@@ -111,6 +111,16 @@ class TokenIssuer:
         self.cert_pem = cert.public_bytes(serialization.Encoding.PEM)
         self._x5c = base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
 
+    def granted_actions(self, repository: str) -> list[frozenset[str]]:
+        """The action sets granted on one repository, in grant order. Sets, because the
+        registry's challenge lists actions in no fixed order ("pull,push" or "push,pull")."""
+        grants = []
+        for scope in self.granted:
+            kind, name, actions = scope.split(":")
+            if kind == "repository" and name == repository:
+                grants.append(frozenset(actions.split(",")))
+        return grants
+
     def token(self, scopes: list[str]) -> str:
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.asymmetric import padding
