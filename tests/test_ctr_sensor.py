@@ -5,7 +5,6 @@ survives a daemon restart."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,6 +16,7 @@ import orjson
 import pytest
 from monitoring_support import closed_loop_config, register_model, resources, write_feedback
 
+from recsys_assets.monitoring import sensors
 from recsys_assets.monitoring.promotion import read_decisions
 from recsys_assets.monitoring.sensors import DropCursor, build_ctr_drop_sensor, evaluate_drop
 from recsys_serving.lake import LocalLake
@@ -41,17 +41,18 @@ def weblogs_job() -> None:
 
 
 def weblogs_processed(instance: dg.DagsterInstance) -> None:
-    """What the landing sensor's runs leave in the instance: a successful weblogs run.
-
-    The sensor wants a run created after the drop window's end, which is the start of
-    the current minute here (60 s buckets, no click delay). A run created late in one
-    minute and a tick early in the next would look too old and the tick would keep
-    waiting, so the run is created early in a minute, leaving 15 s for it and the tick.
-    """
-    if time.time() % 60 > 45:
-        time.sleep(60.2 - time.time() % 60)
-    time.sleep(0.01)
+    """What the landing sensor's runs leave in the instance: a successful weblogs run,
+    created (on the real clock) after the sensor's frozen now."""
     assert weblogs_job.execute_in_process(instance=instance).success
+
+
+@pytest.fixture(autouse=True)
+def frozen_now(monkeypatch: pytest.MonkeyPatch) -> datetime:
+    """The sensor's clock, held still: a minute boundary falling between writing the
+    feedback, a weblogs run and a tick must not move the sensor's windows."""
+    now = datetime.now(UTC)
+    monkeypatch.setattr(sensors, "_now", lambda: now)
+    return now
 
 
 class World:
@@ -62,7 +63,7 @@ class World:
         self.registry.set_alias(PRODUCTION, self.v1, reason="test")
         self.resources = resources(self.lake, webhook_url, **config)
         self.defs = dg.Definitions(sensors=[sensor], jobs=[retrain_job], resources=self.resources)
-        self.now = datetime.now(UTC)
+        self.now = sensors._now()
 
     def feedback(self, ctrs: list[float], version: str | None = None, seed: int = 0) -> None:
         start = self.now - timedelta(minutes=len(ctrs))

@@ -63,6 +63,11 @@ IN_PROGRESS = [
 ]
 
 
+def _now() -> datetime:
+    """The sensors' clock: one function, so tests hold time still instead of racing it."""
+    return datetime.now(UTC)
+
+
 def weblogs_processed_since(instance: dg.DagsterInstance) -> Callable[[datetime], bool]:
     """Whether a weblogs run that began after ``t`` has succeeded (it read every landing
     file sealed before it began, so its partitions hold everything up to ``t``)."""
@@ -293,7 +298,7 @@ def build_ctr_drop_sensor(tick_seconds: int) -> dg.SensorDefinition:
         closed_loop: ClosedLoopConfig,
         notifier: NotifierResource,
     ) -> dg.SensorResult:
-        now = datetime.now(UTC)
+        now = _now()
         cursor = DropCursor.parse(context.cursor)
         store = lake.get()
         tick = evaluate_drop(
@@ -436,7 +441,7 @@ def build_promotion_sensor(
         closed_loop: ClosedLoopConfig,
         notifier: NotifierResource,
     ) -> dg.SensorResult:
-        now = datetime.now(UTC)
+        now = _now()
         store = lake.get()
         registry = ModelRegistry(store)
         cursor = PromotionCursor.parse(context.cursor)
@@ -506,7 +511,7 @@ def build_retrain_failure_sensor(tick_seconds: int) -> dg.SensorDefinition:
             "retrain_failed",
             None,
             f"run {run.run_id[:8]} of {run.job_name} failed: {error}",
-            datetime.now(UTC),
+            _now(),
             production_version=production.version if production else None,
             previous_production=production.version if production else None,
             evidence={
