@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from recsys_serving.api import throttle
 from recsys_serving.api.metrics import parse_metrics
 from recsys_serving.keys import KeyFile, KeyRing, KeyStoreError, hash_key
 from serving_support import new_key, service_settings, serving_client
@@ -185,7 +186,10 @@ def test_auth_disabled_lets_everyone_in(tmp_path: Path) -> None:
         assert client.get("/admin/models").status_code == 200
 
 
-def test_throttling_answers_429_with_retry_after(tmp_path: Path) -> None:
+def test_throttling_answers_429_with_retry_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(throttle, "clock", lambda: 1000.0)  # slow fsyncs refill no tokens
     settings = service_settings(tmp_path)
     slow = new_key(settings, "events", rps=0.5, burst=3)
     other = new_key(settings, "events")
@@ -209,7 +213,10 @@ def test_throttling_answers_429_with_retry_after(tmp_path: Path) -> None:
     assert throttled == {slow_id: 3.0}
 
 
-def test_default_limits_apply_to_keys_without_their_own(tmp_path: Path) -> None:
+def test_default_limits_apply_to_keys_without_their_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(throttle, "clock", lambda: 1000.0)
     settings = service_settings(tmp_path, rate_limit_rps=1, rate_limit_burst=2)
     secret = new_key(settings, "events")
     with serving_client(settings) as client:

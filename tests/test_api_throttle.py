@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,12 +44,14 @@ def test_retry_after_is_whole_seconds_rounded_up() -> None:
     assert retry_after_header(1.2) == "2"
 
 
-def _hammer(path: str, seconds: float, start_at: float, out: mp.Queue) -> None:
+def _hammer(path: str, seconds: float, ready: Any, go: Any, start_at: Any, out: mp.Queue) -> None:
     buckets = TokenBuckets(Path(path))
-    while time.monotonic() < start_at:
+    ready.wait(60)  # every process is up and imported...
+    go.wait(60)  # ...before the parent fixes the common start
+    while time.monotonic() < start_at.value:
         time.sleep(0.001)
     allowed = 0
-    end = start_at + seconds
+    end = start_at.value + seconds
     while time.monotonic() < end:
         if buckets.take("shared-key", rps=50, burst=20) == 0.0:
             allowed += 1
@@ -60,18 +63,24 @@ def test_limit_holds_across_processes(tmp_path: Path) -> None:
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()
     seconds = 1.5
-    start_at = time.monotonic() + 1.5  # after every process has started
+    ready, go, start_at = ctx.Barrier(5), ctx.Event(), ctx.Value("d", 0.0)
     procs = [
-        ctx.Process(target=_hammer, args=(str(tmp_path / "b.bin"), seconds, start_at, out))
+        ctx.Process(
+            target=_hammer,
+            args=(str(tmp_path / "b.bin"), seconds, ready, go, start_at, out),
+        )
         for _ in range(4)
     ]
     for p in procs:
         p.start()
+    ready.wait(60)
+    start_at.value = time.monotonic() + 0.5  # CLOCK_MONOTONIC is one clock for all
+    go.set()
     counts = [out.get(timeout=60) for _ in procs]
     for p in procs:
         p.join(timeout=30)
     # Together never more than burst + rps * t (95); four separate buckets would allow
-    # about 380. The lower bound is loose: on a busy machine a process may start late,
-    # and tokens beyond the burst are not kept for it.
+    # about 380. The lower bound leaves room for a busy machine, where a process may be
+    # descheduled for a while and tokens beyond the burst are not kept for it.
     assert 60 <= sum(counts) <= 20 + 50 * seconds + 2, counts
     assert sum(1 for c in counts if c > 0) >= 2  # they really competed for one bucket

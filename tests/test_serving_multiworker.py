@@ -136,8 +136,14 @@ def test_one_keys_rate_limit_holds_across_workers(server: Server) -> None:
     started = time.monotonic()
     results: list[tuple[int, str | None]] = []
     with ThreadPoolExecutor(8) as pool:
-        while time.monotonic() - started < seconds:
+        # For at least `seconds`, and until both workers have let some through: the
+        # kernel does not promise to hand a few dozen connections to both of them.
+        while True:
             results += pool.map(one, range(16))
+            elapsed = time.monotonic() - started
+            answered = {w for code, w in results if code == 200}
+            if (elapsed >= seconds and len(answered) == 2) or elapsed > 20:
+                break
     elapsed = time.monotonic() - started
     codes = Counter(code for code, _ in results)
     assert set(codes) == {200, 429}, codes

@@ -30,6 +30,9 @@ from pathlib import Path
 
 from recsys_serving.logging import get_logger
 
+# The bucket clock, one module attribute so tests can move time instead of sleeping.
+clock = time.monotonic
+
 log = get_logger(__name__)
 
 # hash of the key id (0 = empty), tokens, last update, time at which the bucket is full
@@ -76,7 +79,7 @@ class TokenBuckets:
             if self._fd is not None:
                 fcntl.flock(self._fd, fcntl.LOCK_EX)
             try:
-                now = time.monotonic() if now is None else now
+                now = clock() if now is None else now
                 return self._take_locked(h, float(rps), float(burst), now)
             finally:
                 if self._fd is not None:
