@@ -28,6 +28,7 @@ from bson import json_util
 from pymongo.errors import PyMongoError
 
 from recsys_serving.settings import Settings
+from recsys_serving.stores import docstore
 from recsys_serving.stores.docstore import (
     DocStore,
     DocStoreError,
@@ -163,13 +164,18 @@ def test_two_instances_share_the_file(tmp_path: Path) -> None:
     assert reader.get_user("u1")["n"] == 2
 
 
-def test_readers_check_the_file_at_most_every_interval(tmp_path: Path) -> None:
+def test_readers_check_the_file_at_most_every_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [1000.0]  # moved by the test, so a slow write cannot use up the interval
+    monkeypatch.setattr(docstore.time, "monotonic", lambda: clock[0])
     path = tmp_path / "recsys.json"
     writer, reader = _embedded(path), _embedded(path, refresh_seconds=0.5)
     assert reader.get_user("u1") is None
     writer.upsert_users([{"user_id": "u1"}])
+    clock[0] += 0.4
     assert reader.get_user("u1") is None  # inside the interval: no stat, no reload
-    time.sleep(0.6)
+    clock[0] += 0.2
     assert reader.get_user("u1") is not None
 
 
@@ -184,20 +190,24 @@ def test_other_threads_answer_from_the_old_data_during_a_reload(
 
     database = reader.database
     assert isinstance(database, EmbeddedDatabase)
-    parse, started = database._parse, threading.Event()
+    parse, started, release = database._parse, threading.Event(), threading.Event()
 
     def slow_parse(data: bytes) -> Any:
         started.set()
-        time.sleep(0.5)  # a large catalogue
+        release.wait(30)  # a large catalogue, parsing until the test lets it finish
         return parse(data)
 
     monkeypatch.setattr(database, "_parse", slow_parse)
     reloading = threading.Thread(target=reader.get_user, args=("u1",))
     reloading.start()
     assert started.wait(5)
-    t0 = time.perf_counter()
-    assert reader.get_user("u1")["v"] == 1  # not queued behind the reload
-    assert time.perf_counter() - t0 < 0.2
+    answered: list[Any] = []
+    other = threading.Thread(target=lambda: answered.append(reader.get_user("u1")))
+    other.start()
+    other.join(10)
+    # Answered while the reload is still parsing: not queued behind it.
+    assert not other.is_alive() and answered[0]["v"] == 1
+    release.set()
     reloading.join(5)
     assert reader.get_user("u1")["v"] == 2
 
@@ -306,13 +316,19 @@ def test_concurrent_writer_processes_lose_no_update(tmp_path: Path) -> None:
     assert store.counts()["users"] == writers * rounds * 3
 
 
-def test_get_user_at_100k_users_is_well_under_a_millisecond(tmp_path: Path) -> None:
+def test_get_user_at_100k_users_is_well_under_a_millisecond(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "recsys.json"
     _embedded(path).upsert_users(
         {"user_id": f"u{n:06d}", "country": "DE", "device": "mobile"} for n in range(100_000)
     )
     reader = _embedded(path, refresh_seconds=1.0)  # as the server opens it
     assert reader.get_user("u000000") is not None  # first call loads the file
+    database = reader.database
+    assert isinstance(database, EmbeddedDatabase)
+    parse, reloads = database._parse, []
+    monkeypatch.setattr(database, "_parse", lambda data: reloads.append(1) or parse(data))
     timings = []
     for n in range(0, 100_000, 50):
         started = time.perf_counter()
@@ -320,7 +336,8 @@ def test_get_user_at_100k_users_is_well_under_a_millisecond(tmp_path: Path) -> N
         timings.append(time.perf_counter() - started)
         assert doc is not None
     assert statistics.median(timings) < 0.0002, statistics.median(timings)
-    assert max(timings) < 0.05
+    assert not reloads  # the file is unchanged: stats every second, never a re-parse
+    assert sorted(timings)[len(timings) * 99 // 100] < 0.01  # robust to a preempted call
 
 
 def test_embedded_store_rejects_operations_it_does_not_emulate(tmp_path: Path) -> None:

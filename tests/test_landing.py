@@ -7,7 +7,9 @@ import time
 from pathlib import Path
 
 import orjson
+import pytest
 
+from recsys_serving import landing
 from recsys_serving.lake import LocalLake
 from recsys_serving.landing import (
     LANDING_AREA,
@@ -46,12 +48,15 @@ def test_segments_roll_by_size_and_sealed_files_are_never_rewritten(tmp_path: Pa
     assert [r["i"] for r in ndjson_lines(lake, "landing/")] == list(range(10))
 
 
-def test_idle_segments_seal_by_age(tmp_path: Path) -> None:
+def test_idle_segments_seal_by_age(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]  # a clock the test moves, so a slow fsync cannot age the segment
+    monkeypatch.setattr(landing.time, "monotonic", lambda: clock[0])
     lake = LocalLake(tmp_path)
-    w = SegmentWriter(lake, LANDING_AREA, max_age_seconds=0.05)
+    w = SegmentWriter(lake, LANDING_AREA, max_age_seconds=5)
     w.append({"2026-11-01": b"{}\n"})
+    clock[0] += 4.9
     assert w.seal_expired() == 0
-    time.sleep(0.1)
+    clock[0] += 0.2
     assert w.seal_expired() == 1
     assert len(list_sealed(lake)) == 1
 

@@ -128,7 +128,7 @@ def test_without_sync_answers_do_not_wait_but_nothing_is_lost_on_shutdown(
     real_append = log.writer.append
 
     def slow_append(by_date: dict[str, bytes]) -> None:
-        time.sleep(0.3)  # a disk that has fallen far behind
+        time.sleep(1.0)  # a disk that has fallen far behind
         real_append(by_date)
 
     log.writer.append = slow_append  # type: ignore[method-assign]
@@ -146,7 +146,8 @@ def test_without_sync_answers_do_not_wait_but_nothing_is_lost_on_shutdown(
     waits = asyncio.run(main())
     # The first answers leave at once; once more than 50 events queue behind the slow
     # disk, an answer waits for the commit (back-pressure, not an unbounded queue).
-    assert max(waits[:5]) < 0.1
-    assert max(waits) >= 0.25
+    # (Bounds far from the 1 s commit, so a busy machine cannot blur them.)
+    assert max(waits[:5]) < 0.25
+    assert max(waits) >= 0.5
     log.close()
     assert len(ndjson_lines(lake, "landing/")) == 80
