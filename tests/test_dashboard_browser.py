@@ -225,9 +225,16 @@ def test_dashboard_shows_what_the_server_reports(served: Served, browser: Any) -
         for labels, n in samples["recsys_http_requests_total"]
         if not labels["route"].startswith("/dashboard")
     ]
-    calls = int(sum(n for _, n in requests))
-    text, value = _figure(browser, "calls")
-    assert value == str(calls) and text == f"{calls:,}"
+    # The server counts this /metrics call once its answer is sent, so the page's next
+    # poll shows one call more than the samples; wait for that poll rather than racing it.
+    calls = int(sum(n for _, n in requests)) + 1
+    wait_until(
+        browser,
+        lambda d: _figure(d, "calls")[1] == str(calls),
+        15,
+        f"the calls figure to reach {calls}",
+    )
+    assert _figure(browser, "calls")[0] == f"{calls:,}"
     answers = int(sum(n for _, n in samples["recsys_recommendations_total"]))
     assert answers == 60
     assert _figure(browser, "recommendations") == (f"{answers:,}", str(answers))
