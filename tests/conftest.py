@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -14,6 +15,29 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+
+# --- environment ----------------------------------------------------------------------
+
+# Kept from the caller's environment: where embedded state lives (CI sets a fresh one),
+# and the real backends the live integration tests run against when they are given.
+_KEPT_VARIABLES = {"RECSYS_HOME", "RECSYS_MONGO_URI", "RECSYS_ES_URL"}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_deployment_settings_from_the_caller() -> Iterator[None]:
+    """Run every test on the defaults it states, whatever the developer's shell exports.
+
+    ``Settings()`` reads every ``RECSYS_*`` variable a test does not pass: an SMTP host, a
+    lake on S3 or a switched-off ranker compiler in a developer's shell would change
+    what a test checks, in-process and in every child process the tests start.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        for name in list(os.environ):
+            stray = name.startswith("RECSYS_") and name not in _KEPT_VARIABLES
+            if stray or name.startswith("DAGSTER_PG_") or name == "PROMETHEUS_MULTIPROC_DIR":
+                mp.delenv(name)
+        yield
+
 
 # --- alert channel servers (tests/test_notifier.py, tests/test_freshness.py) ---------
 # Real servers on 127.0.0.1, so the notifier is tested over real SMTP and HTTP.
@@ -81,6 +105,7 @@ def alert_smtp_server() -> Iterator[AlertSmtpServer]:
         port=server.port,
         authenticator=authenticate,
         auth_require_tls=False,
+        ready_timeout=30,  # start-up on a busy machine; the default is 5 s
     )
     controller.start()
     try:

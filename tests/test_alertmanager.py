@@ -143,6 +143,7 @@ def smtp_server() -> Iterator[MailSink]:
         port=sink.port,
         authenticator=authenticate,
         auth_require_tls=False,
+        ready_timeout=30,  # start-up on a busy machine; the default is 5 s
     )
     controller.start()
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from model_support import tiny_bundle, tiny_outcome, tiny_world
@@ -141,6 +141,7 @@ def test_candidates_respect_the_free_mask_and_quotas(state: ModelState) -> None:
     assert sum(quotas.values()) >= 49
 
 
+@settings(deadline=None)  # an O(n^2) check: no per-example deadline outside the CI profile
 @given(arrays(np.float32, st.integers(0, 60), elements=st.floats(width=32, allow_nan=False)))
 def test_descending_key_orders_floats_in_reverse(values: np.ndarray) -> None:
     keys = descending_key(values)
