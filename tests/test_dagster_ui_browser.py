@@ -210,7 +210,7 @@ def _drawn_assets(driver: Any) -> set[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # above the sum of its inner waits, fixtures included
 def test_lineage_is_drawn_and_a_weblogs_backfill_completes(
     dagster_ui: DagsterUI,
     browser: Any,  # noqa: F811

@@ -62,7 +62,7 @@ def run_cli(args: list[str], env: dict[str, str]) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(900)  # above the sum of its inner waits, fixtures included
 def test_drift_is_detected_retrained_and_a_new_model_promoted_on_its_own(
     tmp_path: Path,
 ) -> None:
