@@ -44,18 +44,22 @@ def running_app(app: Any, wait_ready: bool = True) -> Iterator[str]:
     The model loads in the background after start-up, so by default this also waits
     until the full service is ready (a model is loaded): requests sent earlier get 503.
     """
+    import socket
     import threading
     import time
 
     import uvicorn
 
-    from support import free_port
-
-    port = free_port()
+    # Bound here and handed to uvicorn: a port picked now and bound later could be
+    # taken in between by another server or an outgoing connection.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = int(sock.getsockname()[1])
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
     )
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not server.started:
@@ -72,6 +76,7 @@ def running_app(app: Any, wait_ready: bool = True) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        sock.close()
 
 
 def wait_for(predicate: Any, timeout: float, what: str) -> Any:
