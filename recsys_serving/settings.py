@@ -240,8 +240,9 @@ class Settings(BaseSettings):
     publish_on_promotion: bool = Field(
         default=True,
         description=(
-            "Run publish_job (materialize promoted_image) whenever promotion_sensor promotes "
-            "a model, so the registry artifact always matches production."
+            "Run publish_job (materialize promoted_image) whenever the production model "
+            "changes (promotion_sensor, `recsys models promote|rollback`, the admin API; "
+            "checked every sensor tick), so the registry artifact always matches production."
         ),
     )
     oci_username: str | None = Field(

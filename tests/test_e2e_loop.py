@@ -15,6 +15,7 @@ from pathlib import Path
 
 import dagster as dg
 import httpx
+import orjson
 import pytest
 
 from recsys_assets.simulation.live import LiveConfig, run_live
@@ -212,7 +213,14 @@ def test_drift_is_detected_retrained_and_a_new_model_promoted_on_its_own(
         deadline = time.time() + 120
         while time.time() < deadline:
             with dg.DagsterInstance.from_config(str(dagster_home)) as inst:
-                publish = list(inst.get_runs(filters=dg.RunsFilter(job_name="publish_job")))
+                # The first model was published when it became production; this one now.
+                publish = list(
+                    inst.get_runs(
+                        filters=dg.RunsFilter(
+                            job_name="publish_job", tags={"recsys/model_version": new.version}
+                        )
+                    )
+                )
             if publish and publish[0].status in (
                 dg.DagsterRunStatus.SUCCESS,
                 dg.DagsterRunStatus.FAILURE,
@@ -222,7 +230,14 @@ def test_drift_is_detected_retrained_and_a_new_model_promoted_on_its_own(
         assert publish, "no publish_job run after the promotion"
         assert publish[0].status == dg.DagsterRunStatus.SUCCESS
         assert publish[0].tags["recsys/model_version"] == new.version
-        assert (home / "oci" / "recsys-model" / "index.json").exists()
+        index = orjson.loads((home / "oci" / "recsys-model" / "index.json").read_bytes())
+        tagged = {
+            m.get("annotations", {}).get("org.opencontainers.image.ref.name")
+            for m in index["manifests"]
+        }
+        # Both production models are in the artifact store: the first one was published
+        # when it became production, before any promotion.
+        assert {first.version, new.version} <= tagged
         actions = [e.reason.split(":")[0] for e in registry.history(alias=PRODUCTION)]
         assert len(actions) >= 2
         assert datetime.now(UTC) - new.updated_at < timedelta(minutes=5)

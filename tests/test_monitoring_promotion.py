@@ -215,7 +215,7 @@ def test_newer_challenger_supersedes_a_running_canary(
     assert candidate.evidence["superseded"] != v3
 
 
-def test_a_promotion_runs_publish_job_once_for_the_new_version(
+def test_every_move_of_production_runs_publish_job_once(
     tmp_path: Path, instance: dg.DagsterInstance
 ) -> None:
     publishing = build_promotion_sensor(30, publish_job="publish_job")
@@ -228,7 +228,18 @@ def test_a_promotion_runs_publish_job_once_for_the_new_version(
     def publish_job() -> None:
         _stand_in()
 
+    def published(result: dg.SensorResult) -> list[tuple[str, str]]:
+        return [
+            (r.tags["recsys/model_version"], r.tags["recsys/trigger"]) for r in result.run_requests
+        ]
+
     world = World(tmp_path, instance, sensor_def=publishing, jobs=[publish_job])
+    # The production model in place was never published by this deployment: it is now.
+    first = world.tick()
+    assert published(first) == [(world.v1, "production_changed")]
+    assert not actions(first)
+    assert not world.tick().run_requests  # nothing moved since
+
     v2 = world.trained("v2")
     started = world.tick()
     assert actions(started) == ["canary_started"] and not started.run_requests
@@ -236,13 +247,26 @@ def test_a_promotion_runs_publish_job_once_for_the_new_version(
     world.traffic(v2, 12, 0.10, per_minute=100, seed=1)
     world.traffic(world.v1, 12, 0.05, per_minute=900, seed=2)
     ramped = world.tick()
-    assert actions(ramped) == ["ramp"] and not ramped.run_requests
+    assert actions(ramped) == ["ramp"] and not ramped.run_requests  # a canary is not production
     world.canary_running_since(v2, 12, 0.5)
     promoted = world.tick()
     assert actions(promoted) == ["promote"]
+    assert published(promoted) == [(v2, "production_changed")]
     (request,) = promoted.run_requests
-    assert request.run_key == f"publish-{v2}"
-    assert request.tags["recsys/trigger"] == "promotion"
-    assert request.tags["recsys/model_version"] == v2
-    # Without a publish job (RECSYS_PUBLISH_ON_PROMOTION=false) promotions launch nothing.
+    assert request.run_key.startswith(f"publish-{v2}-")
+    assert not world.tick().run_requests
+
+    # A move by hand (what `recsys models rollback` does) is published too, under a new
+    # key although v1 was published before: the artifact follows production back.
+    world.registry.rollback(reason="test: by hand")
+    rolled_back = world.tick()
+    assert published(rolled_back) == [(world.v1, "production_changed")]
+    assert rolled_back.run_requests[0].run_key not in {first.run_requests[0].run_key}
+    # A lost cursor asks again with the same key, which Dagster launches only once.
+    again = world.tick(cursor="")
+    assert [r.run_key for r in again.run_requests] == [rolled_back.run_requests[0].run_key]
+
+    # Without a publish job (RECSYS_PUBLISH_ON_PROMOTION=false) nothing is published.
     assert not sensor.targets and publishing.job_name == "publish_job"
+    quiet = World(tmp_path / "quiet", instance)
+    assert not quiet.tick().run_requests

@@ -12,7 +12,8 @@
   cursor is the last ``registered_model`` record it acted on; the canary's state is the
   registry itself, so a restart resumes at the next tick. A failed retraining or
   evaluation produces no ``registered_model`` materialization and therefore never
-  moves an alias.
+  moves an alias. It also requests one ``publish_job`` run per move of the
+  ``production`` alias, whoever made it (itself, the CLI, the admin API).
 * ``retrain_failure_sensor``: tells a person when a retraining run fails.
 
 Each decision is reported as a ``production_model`` materialization (or an
@@ -356,15 +357,41 @@ def build_ctr_drop_sensor(tick_seconds: int) -> dg.SensorDefinition:
 @dataclass
 class PromotionCursor:
     registered_after: int | None = None
+    published_key: str | None = None  # run key of the last publish_job run requested
 
     @classmethod
     def parse(cls, raw: str | None) -> PromotionCursor:
         if not raw:
             return cls()
-        return cls(orjson.loads(raw).get("registered_after"))
+        data = orjson.loads(raw)
+        return cls(data.get("registered_after"), data.get("published_key"))
 
     def dump(self) -> str:
-        return orjson.dumps({"registered_after": self.registered_after}).decode()
+        return orjson.dumps(
+            {"registered_after": self.registered_after, "published_key": self.published_key}
+        ).decode()
+
+
+def publish_request(registry: ModelRegistry, cursor: PromotionCursor) -> dg.RunRequest | None:
+    """A publish_job run for a production model that has moved since the last request.
+
+    Keyed by the move (version and when the alias was set), not by who made it: the
+    canary judge, ``recsys models promote|rollback`` and the admin API all move the same
+    alias, and each move gets exactly one run, so the registry artifact always matches
+    production. The cursor keeps ticks quiet; a lost cursor asks again with the same
+    key, which Dagster does not launch twice.
+    """
+    production = registry.alias(PRODUCTION)
+    if production is None:
+        return None
+    key = f"publish-{production.version}-{production.updated_at.astimezone(UTC):%Y%m%dT%H%M%S%fZ}"
+    if key == cursor.published_key:
+        return None
+    cursor.published_key = key
+    return dg.RunRequest(
+        run_key=key,
+        tags={TRIGGER_TAG: "production_changed", "recsys/model_version": production.version},
+    )
 
 
 def _value(metadata: dict[str, Any], key: str) -> Any:
@@ -422,7 +449,8 @@ def _materialization(decision: Decision, delivery: dict[str, str]) -> dg.AssetMa
 def build_promotion_sensor(
     tick_seconds: int, publish_job: str | None = None
 ) -> dg.SensorDefinition:
-    """``publish_job``: the job to run after each promotion (the OCI artifact), if any."""
+    """``publish_job``: the job to run whenever the production model changes (the OCI
+    artifact), if any."""
 
     @dg.sensor(
         name="promotion_sensor",
@@ -432,7 +460,8 @@ def build_promotion_sensor(
         description=(
             "Phases a newly registered challenger in as the canary when model_evaluation "
             "said promote, then judges candidate vs production online CTR each tick: ramp "
-            "through the configured shares, promote at 100%, or roll back."
+            "through the configured shares, promote at 100%, or roll back. Runs publish_job "
+            "whenever the production model changes, whoever moved it."
         ),
     )
     def promotion_sensor(
@@ -473,19 +502,15 @@ def build_promotion_sensor(
             record_decision(store, decision)
             delivery = _alert(notifier, decision, f"recsys-promotion-{decision.version}")
             events.append(_materialization(decision, delivery))
-        if not events:
+        publish = publish_request(registry, cursor) if publish_job is not None else None
+        if not events and publish is None:
             reason = f"canary {step.verdict.describe()}" if step.verdict else "no canary running"
             return dg.SensorResult(skip_reason=reason, cursor=cursor.dump())
-        publish = [
-            # One run per promoted version (the run key), whatever the cursor says.
-            dg.RunRequest(
-                run_key=f"publish-{decision.version}",
-                tags={TRIGGER_TAG: "promotion", "recsys/model_version": str(decision.version)},
-            )
-            for decision in decisions
-            if publish_job is not None and decision.action == "promote"
-        ]
-        return dg.SensorResult(asset_events=events, run_requests=publish, cursor=cursor.dump())
+        return dg.SensorResult(
+            asset_events=events,
+            run_requests=[publish] if publish is not None else [],
+            cursor=cursor.dump(),
+        )
 
     return promotion_sensor
 

@@ -79,6 +79,6 @@ publish_job = dg.define_asset_job(
     tags={"recsys/pipeline": "publish"},
     description=(
         "Packages the production model as an OCI artifact and pushes it (promoted_image); "
-        "promotion_sensor runs it after each promotion."
+        "promotion_sensor runs it whenever the production model changes."
     ),
 )
