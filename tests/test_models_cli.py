@@ -110,11 +110,13 @@ def test_promote_candidate_rollback_history_and_alerts(
     code, output = run("promote", v1, "--reason", "first model")
     assert code == 0, output
     assert f"production: none -> {v1} (manual: first model)" in output
+    assert f"promotion_sensor publishes {v1} as an OCI artifact" in output
     code, output = run("promote", v1, "--candidate")
     assert code == 1 and "already the production model" in output
 
     code, output = run("promote", v2, "--candidate", "--share", "0.25")
     assert code == 0, output
+    assert "publish" not in output  # a candidate is not production: nothing to publish
     state = reg.alias(CANDIDATE)
     assert state is not None and (state.version, state.share) == (v2, 0.25)
     assert state.reason.startswith("manual: ") and state.evidence["via"] == "recsys models"
@@ -128,6 +130,7 @@ def test_promote_candidate_rollback_history_and_alerts(
     assert run("promote", v3)[0] == 0
     code, output = run("rollback", "--alias", "production")
     assert code == 0 and f"production: {v3} -> {v1}" in output
+    assert f"promotion_sensor publishes {v1} as an OCI artifact" in output
 
     code, output = run("history", "--json")
     events = json.loads(output)
@@ -165,3 +168,13 @@ def test_undelivered_alert_warns_but_keeps_the_move(
     assert code == 0, output
     assert "warning: alert not delivered (webhook:" in output
     assert registry(home).alias(PRODUCTION).version == version  # type: ignore[union-attr]
+
+
+def test_promote_says_to_publish_by_hand_when_automatic_publishing_is_off(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RECSYS_PUBLISH_ON_PROMOTION", "false")
+    version = registry(home).register(make_bundle(tmp_path, 1, 0.2)).version
+    code, output = run("promote", version)
+    assert code == 0, output
+    assert "launch publish_job" in output and "promotion_sensor publishes" not in output

@@ -315,6 +315,7 @@ def promote(
     except _refusals() as exc:
         fail(str(exc))
     _notify(settings, event, title)
+    _publish_hint(settings, event)
     share_text = f" at {event.share:.0%}" if event.alias != PRODUCTION else ""
     summary(f"{event.alias}: {event.previous or 'none'} -> {event.version}{share_text} ({why})")
 
@@ -342,7 +343,25 @@ def rollback(
         title = f"Production rolled back to {event.version} by hand"
         text = f"production: {event.previous} -> {event.version} ({why})"
     _notify(settings, event, title)
+    _publish_hint(settings, event)
     summary(text)
+
+
+def _publish_hint(settings: Settings, event: AliasEvent) -> None:
+    """Say what follows a move of production, so nobody launches publish_job twice."""
+    from recsys_serving.registry import PRODUCTION
+
+    if event.alias != PRODUCTION or event.version is None:
+        return
+    if settings.publish_on_promotion:
+        console.print(
+            f"promotion_sensor publishes {event.version} as an OCI artifact (publish_job) at "
+            "its next tick; the Dagster daemon must be running"
+        )
+    else:
+        console.print(
+            "RECSYS_PUBLISH_ON_PROMOTION=false: launch publish_job to publish it as an OCI artifact"
+        )
 
 
 @models_app.command("history")
