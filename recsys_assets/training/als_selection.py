@@ -41,7 +41,11 @@ from recsys_assets.training.data import Encoded, TrainingWindow, Vocabulary
 from recsys_assets.training.metrics import user_metrics
 from recsys_assets.training.params import TrainingParams
 from recsys_assets.training.ranking import label_table
-from recsys_assets.training.retrieval import fit_als, interaction_matrix, user_factors
+from recsys_assets.training.retrieval import (
+    als_matrix,
+    fit_als,
+    user_factors,
+)
 
 SCORE_CHUNK = 256
 
@@ -72,9 +76,7 @@ def validation_users(
 ) -> Validation:
     """Users with history before ``cut`` and new items in ``[cut, end)``, sampled."""
     grades, _ = label_table(enc, cut, end)
-    history = interaction_matrix(
-        enc, vocab.user_ids.size, vocab.item_ids.size, cut, params.replace(als_bm25=False)
-    )
+    history = als_matrix(enc, vocab, cut, params.replace(als_bm25=False))
     users: list[int] = []
     relevant: list[set[int]] = []
     for user in sorted(grades):
@@ -97,8 +99,9 @@ def retrieval_ndcg(
 ) -> float:
     """NDCG@K of ALS alone (already-seen items excluded) for the validation users."""
     k = params.eval_k
-    fit = fit_als(enc, vocab, cut, params)
-    vectors = user_factors(enc, vocab, fit.item_factors, cut, params, users=val.users)
+    matrix = als_matrix(enc, vocab, cut, params)
+    fit = fit_als(enc, vocab, cut, params, matrix=matrix)
+    vectors = user_factors(enc, vocab, fit.item_factors, cut, params, val.users, matrix)
     total = 0.0
     # Users in chunks: a dense users x items score block stays small with big catalogs.
     for start in range(0, val.users.size, SCORE_CHUNK):

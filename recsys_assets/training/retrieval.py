@@ -89,11 +89,13 @@ def retrieval_snapshot(
     as_of: float,
     item_factors: npt.NDArray[np.float32],
     params: TrainingParams,
+    matrix: sp.csr_matrix | None = None,
 ) -> RetrievalSnapshot:
+    """``matrix``: the ALS interaction matrix before ``as_of``, when the caller has it."""
     return RetrievalSnapshot(
         as_of=float(as_of),
         item_factors=np.ascontiguousarray(item_factors, dtype=np.float32),
-        user_factors=user_factors(enc, vocab, item_factors, as_of, params),
+        user_factors=user_factors(enc, vocab, item_factors, as_of, params, matrix=matrix),
         covisit=covisitation(enc, vocab.item_ids.size, as_of, params),
         item_knn=item_knn(enc, vocab, as_of, params),
     )
@@ -200,13 +202,28 @@ def _load_implicit() -> None:
     import implicit.cpu.als  # noqa: F401
 
 
-def fit_als(enc: Encoded, vocab: Vocabulary, before: float, params: TrainingParams) -> AlsFit:
-    """Fit ALS on interactions before ``before``; cold items get content vectors."""
+def als_matrix(
+    enc: Encoded, vocab: Vocabulary, as_of: float, params: TrainingParams
+) -> sp.csr_matrix:
+    """The interaction matrix ALS is fitted on and user vectors are solved from: built
+    once by callers that do both for the same moment (a second or so at 10M events)."""
+    return interaction_matrix(enc, vocab.user_ids.size, vocab.item_ids.size, as_of, params)
+
+
+def fit_als(
+    enc: Encoded,
+    vocab: Vocabulary,
+    before: float,
+    params: TrainingParams,
+    matrix: sp.csr_matrix | None = None,
+) -> AlsFit:
+    """Fit ALS on interactions before ``before`` (``matrix``: their
+    :func:`als_matrix`, when the caller has it); cold items get content vectors."""
     from threadpoolctl import threadpool_limits
 
     _load_implicit()
-    n_users, n_items = vocab.user_ids.size, vocab.item_ids.size
-    matrix = interaction_matrix(enc, n_users, n_items, before, params)
+    if matrix is None:
+        matrix = als_matrix(enc, vocab, before, params)
     started = time.perf_counter()
     # implicit parallelises itself; a multi-threaded BLAS underneath only fights it.
     with threadpool_limits(1, "blas"):
@@ -264,15 +281,17 @@ def user_factors(
     as_of: float,
     params: TrainingParams,
     users: npt.NDArray[np.int64] | None = None,
+    matrix: sp.csr_matrix | None = None,
 ) -> npt.NDArray[np.float32]:
     """Least-squares user vectors for interactions before ``as_of``, items fixed (for
-    ``users`` only, in that order, when given)."""
+    ``users`` only, in that order, when given; ``matrix``: the :func:`als_matrix` at
+    ``as_of``, when the caller has it)."""
     from threadpoolctl import threadpool_limits
 
     _load_implicit()
-    n_users, n_items = vocab.user_ids.size, vocab.item_ids.size
-    matrix = interaction_matrix(enc, n_users, n_items, as_of, params)
-    rows = np.arange(n_users) if users is None else np.asarray(users, dtype=np.int64)
+    if matrix is None:
+        matrix = als_matrix(enc, vocab, as_of, params)
+    rows = np.arange(vocab.user_ids.size) if users is None else np.asarray(users, dtype=np.int64)
     if users is not None:
         matrix = matrix[rows]
     with threadpool_limits(1, "blas"):

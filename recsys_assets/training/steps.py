@@ -54,7 +54,13 @@ from recsys_assets.training.evaluation import (
 )
 from recsys_assets.training.params import TrainingParams
 from recsys_assets.training.ranking import RankingDataset, build_ranking_dataset, train_ranker
-from recsys_assets.training.retrieval import AlsFit, RetrievalSnapshot, fit_als, retrieval_snapshot
+from recsys_assets.training.retrieval import (
+    AlsFit,
+    RetrievalSnapshot,
+    als_matrix,
+    fit_als,
+    retrieval_snapshot,
+)
 from recsys_assets.training.snapshot import (
     ItemSnapshot,
     UserSnapshot,
@@ -257,10 +263,14 @@ def run_retrieval(lake: Lake, params: TrainingParams) -> dict[str, Any]:
     out: dict[str, Any] = {"als": {}, "covisit": {}, "als_selection": selection}
     for snap in prep.snapshots():
         as_of = prep.as_of(snap)
-        fit = fit_als(prep.enc, prep.vocab, as_of, params)
+        matrix = als_matrix(prep.enc, prep.vocab, as_of, params)
+        fit = fit_als(prep.enc, prep.vocab, as_of, params, matrix=matrix)
         art.put_arrays(lake, art.key(RETRIEVAL, f"als-{snap}.npz"), fit.to_arrays())
         started = time.perf_counter()
-        snapshot = retrieval_snapshot(prep.enc, prep.vocab, as_of, fit.item_factors, params)
+        snapshot = retrieval_snapshot(
+            prep.enc, prep.vocab, as_of, fit.item_factors, params, matrix=matrix
+        )
+        del matrix  # not held through the next snapshot's build
         art.put_arrays(lake, art.key(RETRIEVAL, f"{snap}.npz"), snapshot.to_arrays())
         out["als"][snap] = fit.stats
         out["covisit"][snap] = {
