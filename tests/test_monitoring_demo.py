@@ -42,7 +42,7 @@ DAGSTER_LIKE = [
     sys.executable,
     "-c",
     "import signal, time; signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT)); "
-    "time.sleep(120)",
+    "print('mapped', flush=True); time.sleep(120)",
     "recsys-demo-test",
 ]
 
@@ -118,7 +118,11 @@ def test_a_demo_started_from_a_background_shell_can_still_be_stopped(tmp_path: P
             signal.signal(sig, handler)
     pid_file = tmp_path / "processes.json"
     try:
-        time.sleep(0.5)  # let it run its start-up mapping
+        # Once it has mapped SIGTERM (a SIGTERM before that would prove nothing).
+        log, deadline = tmp_path / "serve.log", time.monotonic() + 30
+        while b"mapped" not in log.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert b"mapped" in log.read_bytes()
         pid_file.write_bytes(orjson.dumps([{"name": "dagster", "pid": ours.pid}]))
         assert stop_previous(pid_file) == 1
         # SIGTERM ran the mapped SIGINT handler: KeyboardInterrupt, reported as SIGINT.
