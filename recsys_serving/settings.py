@@ -115,6 +115,12 @@ class Settings(BaseSettings):
         description="Exponential time decay of interaction weights (unset = no decay).",
     )
     eval_k: int = Field(default=10, description="K of the offline ranking metrics.")
+    ease_max_items: int = Field(
+        default=20_000,
+        description="Above this many items with interactions the EASE retrieval model "
+        "(dense item x item inverse: n^2 memory, n^3 time) is skipped, logged and noted "
+        "in the model metadata.",
+    )
     train_params: dict[str, Any] = Field(
         default_factory=dict,
         description="Overrides of any TrainingParams field (JSON), e.g. "

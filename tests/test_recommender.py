@@ -197,6 +197,7 @@ def test_served_score_equals_offline_score(model: Recommender, tiny_world: TinyW
         als.item_factors,
         params,
         publish_until=model.state.params["publish_until"],
+        ease_lambda=model.state.params["ease"].get("lambda_factor"),
     )
     for user in known_users(model)[:20]:
         served = model.recommend(user, 10)

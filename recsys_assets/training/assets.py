@@ -161,6 +161,10 @@ def retrieval_model(
             "als_selected": _json(result["als_selection"]["selected"]),
             "als_selection": _json(result["als_selection"]),
             "covisitation": _json(result["covisit"]),
+            # EASE per snapshot ("skipped" and why above the size guard) and its
+            # regularisation chosen on the leave-last-out split.
+            "ease": _json(result["ease"]),
+            "ease_selection": _json(result["ease_selection"]),
         }
     )
 
@@ -248,6 +252,11 @@ def ranking_model(
         "fit_seconds": float(result["seconds"]),
         "rows": result["rows"],
         "feature_importance": dg.MetadataValue.md(importance),
+        # The ranker gate: "ranker" serves LightGBM (ties by the blend), "blend" ranks by
+        # the validated blend because the ranker did not beat it on validation.
+        "ranking_mode": result["ranking"]["mode"],
+        "ranking_reason": result["ranking"]["reason"],
+        "ranking": _json(result["ranking"]),
     }
     for name in ("valid_ndcg", "train_ndcg"):
         if isinstance(result[name], float) and math.isfinite(result[name]):

@@ -82,6 +82,24 @@ class TrainingParams:
     covis_backward_weight: float = 0.5  # b seen before a counts this much for a -> b
     covis_top: int = 50  # neighbours kept per item
     knn_neighbours: int = 200  # item-item cosine neighbours kept per item
+    # Retrieval: EASE (ease.py), a closed-form linear item model; skipped (logged, in
+    # metadata) above ease_max_items items with interactions (dense n^2 inverse).
+    ease: bool = True
+    ease_max_items: int = 20_000
+    ease_neighbours: int = 200  # positive weights kept per item
+    # Regularisation candidates, as multiples of the gram's mean diagonal, chosen on
+    # the leave-last-out split of the training data.
+    ease_lambda_grid: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0, 8.0, 16.0])
+    ease_select_max_users: int = 1_000
+    # Leave-last-out ranking queries (lastout.py): this many sampled users with at
+    # least lastout_min_events events before the holdout hold out their last
+    # lastout_share of events; one extra state is built without them (0 = off).
+    lastout_users: int = 2_000
+    lastout_share: float = 0.2
+    lastout_min_events: int = 5
+    # Equal time buckets from the window start to as_of counting item interactions
+    # (popularity at a user's own time).
+    time_buckets: int = 32
     # User state.
     recent_items: int = 20
     recent_decay: float = 0.85  # weight of the r-th newest item: decay ** r
@@ -102,6 +120,12 @@ class TrainingParams:
     lgb_lambda_l2: float = 1.0
     lgb_monotone: bool = False  # score non-decreasing in the similarity features
     ranker_refit: bool = False  # after early stopping, refit on all users with best rounds
+    # Ranker gate: the LightGBM ranker serves only with at least ranker_min_trees trees
+    # and a validation NDCG above the validated blend's by ranker_gate_margin
+    # (relative); otherwise the bundle ranks by the blend.
+    ranker_gate: bool = True  # False: the ranker always serves (figures still recorded)
+    ranker_min_trees: int = 5
+    ranker_gate_margin: float = 0.0
     # Evaluation.
     eval_k: int = 10
     eval_max_users: int = 5_000
@@ -122,6 +146,7 @@ class TrainingParams:
             "interaction_half_life_days": settings.interaction_half_life_days,
             "candidate_pool": settings.candidate_pool,
             "eval_k": settings.eval_k,
+            "ease_max_items": settings.ease_max_items,
         }
         extra = getattr(settings, "train_params", None) or {}
         return cls.create(**{**base, **extra, **overrides})
@@ -155,6 +180,10 @@ class TrainingParams:
                 "als_grid maps ALS parameter names (als_factors, als_alpha, ...) to "
                 f"non-empty lists of values; got {self.als_grid!r}"
             )
+        if not 0.0 < self.lastout_share < 1.0:
+            raise ValueError("lastout_share must be in (0, 1)")
+        if self.time_buckets < 1 or not self.ease_lambda_grid:
+            raise ValueError("time_buckets must be positive and ease_lambda_grid non-empty")
         if self.candidate_pool < 10:
             raise ValueError("candidate_pool must be at least 10")
 

@@ -23,6 +23,7 @@ from recsys_assets.training.params import TrainingParams
 from recsys_serving.model import candidates as cand
 from recsys_serving.model.context import user_context
 from recsys_serving.model.features import FEATURE_NAMES, assemble_features
+from recsys_serving.model.ranker import Blend
 from recsys_serving.model.state import ModelState
 
 
@@ -126,10 +127,13 @@ def build_ranking_dataset(
     label_end: float,
     params: TrainingParams,
     max_users: int | None = None,
+    labels: tuple[dict[int, dict[int, int]], dict[int, set[int]]] | None = None,
 ) -> RankingDataset:
-    """Candidates for users active in ``[state.as_of, label_end)``, labelled by their actions."""
+    """Candidates for users active in ``[state.as_of, label_end)``, labelled by their
+    actions (or by ``labels``: grades and shown items per user, e.g. the leave-last-out
+    held-out events)."""
     started = time.perf_counter()
-    grades, shown = label_table(enc, state.as_of, label_end)
+    grades, shown = labels if labels is not None else label_table(enc, state.as_of, label_end)
     users = np.asarray(sorted(grades), dtype=np.int64)
     rng = np.random.default_rng([params.seed, 0x4A4B, int(state.as_of)])
     limit = max_users if max_users is not None else params.ranking_max_users
@@ -235,6 +239,7 @@ class RankerFit:
     train_ndcg: float
     seconds: float
     feature_importance: dict[str, float]
+    valid_groups: npt.NDArray[np.bool_] = field(default_factory=lambda: np.empty(0, bool))
 
 
 def train_ranker(dataset: RankingDataset, params: TrainingParams) -> RankerFit:
@@ -325,6 +330,7 @@ def train_ranker(dataset: RankingDataset, params: TrainingParams) -> RankerFit:
     importance = booster.feature_importance(importance_type="gain", iteration=best)
     total = float(importance.sum()) or 1.0
     return RankerFit(
+        valid_groups=is_valid,
         booster=booster,
         best_iteration=best,
         valid_ndcg=float(valid_curve[best - 1]) if valid_curve else float("nan"),
@@ -339,3 +345,177 @@ def train_ranker(dataset: RankingDataset, params: TrainingParams) -> RankerFit:
 
 def save_ranker(fit: RankerFit, path: Any) -> None:
     fit.booster.save_model(str(path), num_iteration=fit.best_iteration)
+
+
+# ------------------------------------------------------------------ blend and gate
+# Retrieval scores a blend may use (feature columns; positive weights only).
+BLEND_CANDIDATES: tuple[str, ...] = (
+    "ease_rel",
+    "knn_history_rel",
+    "als_cosine",
+    "knn_rel",
+    "covis_rel",
+    "recent_sim",
+    "item_log_pop_decayed",
+    "item_log_pop_recent",
+    "item_share_at_user",
+)
+BLEND_STEPS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+BLEND_ROUNDS = 4
+BLEND_MAX_GROUPS = 4_000
+
+
+def _padded(values: npt.NDArray[Any], groups: npt.NDArray[np.int64], fill: float) -> np.ndarray:
+    """Rows of each group in one (groups, longest) matrix, padded with ``fill``."""
+    width = int(groups.max(initial=1))
+    out = np.full((groups.size, width), fill, dtype=np.float64)
+    starts = np.cumsum(groups) - groups
+    owner = np.repeat(np.arange(groups.size), groups)
+    out[owner, np.arange(owner.size) - starts[owner]] = values
+    return out
+
+
+def grouped_ndcg(
+    scores: npt.NDArray[np.float64],
+    labels: npt.NDArray[np.int8],
+    groups: npt.NDArray[np.int64],
+    k: int,
+    tie: npt.NDArray[np.float64] | None = None,
+) -> float:
+    """Mean NDCG@k over groups with a positive (gain 2^label - 1, LightGBM's), ranking by
+    ``scores`` (to the served tie precision) then ``tie``, as the server orders."""
+    from recsys_serving.model.ranker import TIE_DECIMALS
+
+    if not groups.size:
+        return float("nan")
+    s = _padded(np.round(scores, TIE_DECIMALS), groups, -np.inf)
+    t = _padded(tie if tie is not None else np.zeros(scores.size), groups, -np.inf)
+    gain = _padded(np.power(2.0, labels.astype(np.float64)) - 1.0, groups, 0.0)
+    order = np.lexsort((-t, -s), axis=-1)[:, :k]
+    disc = 1.0 / np.log2(np.arange(2, k + 2))
+    dcg = (np.take_along_axis(gain, order, axis=1) * disc[: order.shape[1]]).sum(axis=1)
+    ideal = (-np.sort(-gain, axis=1)[:, :k] * disc[: min(k, gain.shape[1])]).sum(axis=1)
+    has = ideal > 0
+    return float((dcg[has] / ideal[has]).mean()) if has.any() else float("nan")
+
+
+def fit_blend(
+    features: npt.NDArray[np.float32],
+    labels: npt.NDArray[np.int8],
+    groups: npt.NDArray[np.int64],
+    k: int,
+) -> tuple[Blend, float]:
+    """Greedy forward selection of a positive linear blend of retrieval scores,
+    maximising NDCG@k on the given groups (the ranker's training groups)."""
+    from recsys_serving.model.features import FEATURE_NAMES
+
+    cols = [FEATURE_NAMES.index(f) for f in BLEND_CANDIDATES]
+    block = features[:, cols].astype(np.float64)
+    scale = block.std(axis=0)
+    scale[scale <= 1e-12] = 1.0
+    block = block / scale
+
+    def ndcg(w: npt.NDArray[np.float64]) -> float:
+        return grouped_ndcg(block @ w, labels, groups, k)
+
+    n = len(cols)
+    singles = [ndcg(np.eye(n)[j]) for j in range(n)]
+    first = int(np.nanargmax(singles))
+    weights = np.eye(n)[first]
+    best = singles[first]
+    for _ in range(BLEND_ROUNDS):
+        found = None
+        for j in range(n):
+            for step in BLEND_STEPS:
+                trial = weights.copy()
+                trial[j] += step
+                score = ndcg(trial)
+                if score > best + 1e-5 and (found is None or score > found[0]):
+                    found = (score, trial)
+        if found is None:
+            break
+        best, weights = found
+    keep = np.flatnonzero(weights > 0)
+    blend = Blend(
+        tuple(BLEND_CANDIDATES[j] for j in keep.tolist()),
+        tuple(float(weights[j] / scale[j]) for j in keep.tolist()),
+    )
+    return blend, best
+
+
+def _subset(dataset: RankingDataset, chosen: npt.NDArray[np.bool_]) -> RankingDataset:
+    rows = np.repeat(chosen, dataset.groups)
+    return RankingDataset(
+        features=dataset.features[rows],
+        labels=dataset.labels[rows],
+        groups=dataset.groups[chosen],
+        users=dataset.users[chosen],
+        items=dataset.items[rows] if dataset.items.size == rows.size else dataset.items,
+    )
+
+
+def gate_ranker(dataset: RankingDataset, fit: RankerFit, params: TrainingParams) -> dict[str, Any]:
+    """Blend fitted on the ranker's training groups, then ranker vs blend on its
+    validation groups (both ordered as served). The ranker serves only with at least
+    ``ranker_min_trees`` trees and a validation NDCG above the blend's by
+    ``ranker_gate_margin``; otherwise the bundle ranks by the blend. The returned
+    dict is the manifest's ``ranking`` section."""
+    k = params.eval_k
+    valid = fit.valid_groups if fit.valid_groups.size == dataset.groups.size else None
+    train_groups = (
+        ~valid if valid is not None and (~valid).any() else np.ones_like(dataset.groups, dtype=bool)
+    )
+    if train_groups.sum() > BLEND_MAX_GROUPS:
+        rng = np.random.default_rng([params.seed, 0xB1E])
+        picked = rng.choice(np.flatnonzero(train_groups), BLEND_MAX_GROUPS, replace=False)
+        train_groups = np.zeros_like(train_groups)
+        train_groups[picked] = True
+    train = _subset(dataset, train_groups)
+    blend, blend_train = fit_blend(train.features, train.labels, train.groups, k)
+    trees = int(fit.best_iteration)
+    out: dict[str, Any] = {
+        "blend": blend.as_dict(),
+        "blend_train_ndcg": round(blend_train, 6),
+        "ranker_trees": trees,
+        "min_trees": params.ranker_min_trees,
+        "metric": f"ndcg@{k}",
+    }
+    if valid is None or not valid.any():
+        use = trees >= params.ranker_min_trees or not params.ranker_gate
+        out.update(
+            mode="ranker" if use else "blend",
+            reason=(
+                "no validation users to compare on; "
+                + (f"the ranker has {trees} trees" if use else f"only {trees} trees")
+            ),
+        )
+        return out
+    held = _subset(dataset, valid)
+    ranker_scores = np.asarray(
+        fit.booster.predict(held.features, num_iteration=fit.best_iteration), dtype=np.float64
+    )
+    tie = blend.score(held.features)
+    ranker_ndcg = grouped_ndcg(ranker_scores, held.labels, held.groups, k, tie)
+    blend_ndcg = grouped_ndcg(tie, held.labels, held.groups, k)
+    out.update(
+        ranker_valid_ndcg=round(ranker_ndcg, 6),
+        blend_valid_ndcg=round(blend_ndcg, 6),
+        valid_groups=int(valid.sum()),
+    )
+    if not params.ranker_gate:
+        out.update(mode="ranker", reason="the ranker gate is off (ranker_gate=false)")
+    elif trees < params.ranker_min_trees:
+        out.update(mode="blend", reason=f"the ranker stopped at {trees} trees")
+    elif not ranker_ndcg > blend_ndcg * (1.0 + params.ranker_gate_margin):
+        out.update(
+            mode="blend",
+            reason=f"the ranker ({ranker_ndcg:.4f}) does not beat the blend ({blend_ndcg:.4f}) "
+            "on validation",
+        )
+    else:
+        out.update(
+            mode="ranker",
+            reason=f"the ranker ({ranker_ndcg:.4f}) beats the blend ({blend_ndcg:.4f}) "
+            "on validation",
+        )
+    return out

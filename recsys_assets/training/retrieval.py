@@ -60,6 +60,8 @@ class RetrievalSnapshot:
     user_factors: npt.NDArray[np.float32]
     covisit: Ragged
     item_knn: Ragged
+    ease: Ragged
+    ease_stats: dict[str, Any] = field(default_factory=dict)
 
     ARRAYS: ClassVar[tuple[str, ...]] = ("item_factors", "user_factors")
 
@@ -69,17 +71,21 @@ class RetrievalSnapshot:
             "user_factors": self.user_factors,
             **pack_ragged("covisit", self.covisit),
             **pack_ragged("item_knn", self.item_knn),
-            **pack_meta({"as_of": self.as_of}),
+            **pack_ragged("ease", self.ease),
+            **pack_meta({"as_of": self.as_of, "ease": self.ease_stats}),
         }
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> RetrievalSnapshot:
+        meta = unpack_meta(arrays)
         return cls(
-            as_of=unpack_meta(arrays)["as_of"],
+            as_of=meta["as_of"],
             item_factors=arrays["item_factors"],
             user_factors=arrays["user_factors"],
             covisit=unpack_ragged("covisit", arrays),
             item_knn=unpack_ragged("item_knn", arrays),
+            ease=unpack_ragged("ease", arrays),
+            ease_stats=meta.get("ease", {}),
         )
 
 
@@ -90,14 +96,21 @@ def retrieval_snapshot(
     item_factors: npt.NDArray[np.float32],
     params: TrainingParams,
     matrix: sp.csr_matrix | None = None,
+    ease_lambda: float | None = None,
 ) -> RetrievalSnapshot:
-    """``matrix``: the ALS interaction matrix before ``as_of``, when the caller has it."""
+    """``matrix``: the ALS interaction matrix before ``as_of``, when the caller has it;
+    ``ease_lambda``: EASE's chosen regularisation factor (``None``: no EASE graph)."""
+    from recsys_assets.training.ease import ease_graph
+
+    ease, ease_stats = ease_graph(enc, vocab, as_of, params, ease_lambda)
     return RetrievalSnapshot(
         as_of=float(as_of),
         item_factors=np.ascontiguousarray(item_factors, dtype=np.float32),
         user_factors=user_factors(enc, vocab, item_factors, as_of, params, matrix=matrix),
         covisit=covisitation(enc, vocab.item_ids.size, as_of, params),
         item_knn=item_knn(enc, vocab, as_of, params),
+        ease=ease,
+        ease_stats=ease_stats,
     )
 
 

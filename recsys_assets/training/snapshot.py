@@ -247,6 +247,26 @@ def seen_and_recent(
     return seen_r, recent_r
 
 
+def time_buckets(
+    enc: Encoded, n_items: int, as_of: float, params: TrainingParams
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float32]]:
+    """Equal time buckets from the first event to ``as_of`` and each item's
+    interaction weight in each (events before ``as_of`` only)."""
+    mask = enc.ts < as_of
+    ts = enc.ts[mask]
+    start = float(ts.min()) if ts.size else as_of - DAY
+    start = min(start, as_of - 1.0)
+    buckets = params.time_buckets
+    edges = np.linspace(start, as_of, buckets + 1)
+    bucket = np.clip(np.searchsorted(edges, ts, side="right") - 1, 0, buckets - 1)
+    counts = np.bincount(
+        enc.item[mask] * buckets + bucket,
+        weights=enc.weight[mask].astype(np.float64),
+        minlength=n_items * buckets,
+    )
+    return edges, counts.reshape(n_items, buckets).astype(np.float32)
+
+
 def _order(score: npt.NDArray[np.float64], rows: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     """``rows`` by score desc, then row asc (deterministic ties)."""
     return rows[np.lexsort((rows, -score[rows]))].astype(np.int64)
@@ -266,6 +286,8 @@ class ItemSnapshot:
     first: npt.NDArray[np.float64]  # first interaction, NaN when none
     logged_ever: npt.NDArray[np.bool_]  # mentioned anywhere in the window's logs
     ctr_prior: float
+    time_edges: npt.NDArray[np.float64]  # (buckets + 1,) epoch seconds
+    time_counts: npt.NDArray[np.float32]  # (n_items, buckets) interaction weight
 
     ARRAYS: ClassVar[tuple[str, ...]] = (
         "table",
@@ -274,6 +296,8 @@ class ItemSnapshot:
         "pop_decayed",
         "first",
         "logged_ever",
+        "time_edges",
+        "time_counts",
     )
 
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -346,6 +370,7 @@ def item_snapshot(
     logged_ever = np.zeros(vocab.item_ids.size, dtype=bool)
     logged_ever[enc.item] = True
     logged_ever[enc.imp_item[enc.imp_item >= 0]] = True
+    edges, counts = time_buckets(enc, vocab.item_ids.size, as_of, params)
     return ItemSnapshot(
         as_of=float(as_of),
         publish_until=float(max(as_of, publish_until) if publish_until is not None else as_of),
@@ -357,6 +382,8 @@ def item_snapshot(
         first=extra["first"],
         logged_ever=logged_ever,
         ctr_prior=float(extra["ctr_prior"]),
+        time_edges=edges,
+        time_counts=counts,
     )
 
 
@@ -435,12 +462,15 @@ def assemble_state(
         recent=users.recent,
         covisit=retrieval.covisit,
         item_knn=retrieval.item_knn,
+        ease=retrieval.ease,
         available=available.astype(bool),
         popular=popular,
         trending=trending,
         fresh=fresh.astype(np.int64),
         category_popular=category_popular,
         published_at=published.astype(np.float64),
+        time_edges=np.asarray(items.time_edges, dtype=np.float64),
+        item_time_counts=np.ascontiguousarray(items.time_counts, dtype=np.float32),
         params={
             "candidate_pool": params.candidate_pool,
             "candidate_quotas": dict(DEFAULT_QUOTAS),
@@ -449,6 +479,7 @@ def assemble_state(
             "item_ctr_prior": items.ctr_prior,
             "horizons": hz.as_dict(),
             "publish_until": items.publish_until,
+            "ease": retrieval.ease_stats,
         },
     )
     state.validate()
@@ -462,9 +493,10 @@ def build_state(
     item_factors: npt.NDArray[np.float32],
     params: TrainingParams,
     publish_until: float | None = None,
+    ease_lambda: float | None = None,
 ) -> ModelState:
     """The full runtime state as of ``as_of`` in one call (user vectors recomputed)."""
     items = item_snapshot(enc, vocab, as_of, params, publish_until)
     users = user_snapshot(enc, vocab, as_of, params)
-    retrieval = retrieval_snapshot(enc, vocab, as_of, item_factors, params)
+    retrieval = retrieval_snapshot(enc, vocab, as_of, item_factors, params, ease_lambda=ease_lambda)
     return assemble_state(vocab, items, users, retrieval, params)

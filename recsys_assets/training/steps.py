@@ -45,6 +45,7 @@ from recsys_assets.training.data import (
     read_weblogs,
     weblog_partitions,
 )
+from recsys_assets.training.ease import select_lambda
 from recsys_assets.training.evaluation import (
     build_holdout,
     evaluate,
@@ -52,8 +53,15 @@ from recsys_assets.training.evaluation import (
     model_lists,
     popularity_lists,
 )
+from recsys_assets.training.lastout import SNAPSHOT as LASTOUT
+from recsys_assets.training.lastout import LastOut, leave_last_out
 from recsys_assets.training.params import TrainingParams
-from recsys_assets.training.ranking import RankingDataset, build_ranking_dataset, train_ranker
+from recsys_assets.training.ranking import (
+    RankingDataset,
+    build_ranking_dataset,
+    gate_ranker,
+    train_ranker,
+)
 from recsys_assets.training.retrieval import (
     AlsFit,
     RetrievalSnapshot,
@@ -80,6 +88,7 @@ from recsys_serving.model.bundle import (
     verify_bundle,
 )
 from recsys_serving.model.features import FEATURE_NAMES, ITEM_COLUMNS, USER_COLUMNS
+from recsys_serving.model.ranker import Blend, BlendRanker
 from recsys_serving.model.recommender import (
     INDEX_DIR,
     RANKER_FILE,
@@ -117,16 +126,26 @@ class Prepared:
     enc: Encoded
     window: TrainingWindow
     meta: dict[str, Any]
+    lastout: LastOut | None = None
 
     def snapshots(self) -> list[str]:
-        """``rank0`` (newest cut-off) .. ``rankN``, then ``eval`` and ``serve``."""
-        return [f"rank{j}" for j in range(len(self.window.cutoffs))] + ["eval", "serve"]
+        """``rank0`` (newest cut-off) .. ``rankN``, then ``eval`` and ``serve``, then
+        ``lastout`` (leave-last-out queries, ``lastout.py``) when there is one."""
+        names = [f"rank{j}" for j in range(len(self.window.cutoffs))] + ["eval", "serve"]
+        return names + ([LASTOUT] if self.lastout is not None else [])
 
     def as_of(self, snapshot: str) -> float:
         w = self.window
         if snapshot.startswith("rank"):
             return w.cutoffs[int(snapshot[4:])]
-        return {"eval": w.holdout_start, "serve": w.end}[snapshot]
+        return {"eval": w.holdout_start, "serve": w.end, LASTOUT: w.holdout_start}[snapshot]
+
+    def enc_for(self, snapshot: str) -> Encoded:
+        """The interactions a snapshot is built from: all, except the held-out events
+        for ``lastout``."""
+        if snapshot == LASTOUT and self.lastout is not None:
+            return self.lastout.kept(self.enc)
+        return self.enc
 
 
 def load_prepared(lake: Lake) -> Prepared:
@@ -138,7 +157,15 @@ def load_prepared(lake: Lake) -> Prepared:
         {k.removeprefix("enc/"): v for k, v in arrays.items() if k.startswith("enc/")}
     )
     meta = art.get_json(lake, art.key(INTERACTIONS, "window.json"))
-    return Prepared(vocab, enc, TrainingWindow.from_bounds(meta["bounds"]), meta)
+    window = TrainingWindow.from_bounds(meta["bounds"])
+    lastout = None
+    if "lastout/mask" in arrays:
+        lastout = LastOut(
+            mask=arrays["lastout/mask"].astype(bool),
+            users=arrays["lastout/users"].astype(np.int64),
+            as_of=window.holdout_start,
+        )
+    return Prepared(vocab, enc, window, meta, lastout)
 
 
 def load_state(lake: Lake, prep: Prepared, snapshot: str, params: TrainingParams) -> ModelState:
@@ -196,6 +223,9 @@ def run_interactions(lake: Lake, params: TrainingParams) -> dict[str, Any]:
     enc = encode(interactions, vocab)
     arrays = {f"vocab/{k}": v for k, v in vocab.to_arrays().items()}
     arrays |= {f"enc/{k}": v for k, v in enc.to_arrays().items()}
+    lastout = leave_last_out(enc, interactions.window, params)
+    if lastout is not None:
+        arrays |= {"lastout/mask": lastout.mask, "lastout/users": lastout.users}
     size = art.put_arrays(lake, art.key(INTERACTIONS, "prepared.npz"), arrays)
     catalog_users = set(users["user_id"].to_list())
     logged_users = set(vocab.user_ids.tolist())
@@ -208,6 +238,10 @@ def run_interactions(lake: Lake, params: TrainingParams) -> dict[str, Any]:
             interactions.events.group_by("event_type").len().sort("event_type").iter_rows()
         ),
         "impressions_clicked": int(interactions.impressions["clicked"].sum() or 0),
+        "lastout": {
+            "users": int(lastout.users.size) if lastout is not None else 0,
+            "held_out_events": int(lastout.mask.sum()) if lastout is not None else 0,
+        },
     }
     meta = {
         "bounds": {**interactions.window.bounds(), "widened": list(interactions.window.widened)},
@@ -227,7 +261,7 @@ def run_item_features(
     out: dict[str, Any] = {"non_finite": {}}
     for snap in prep.snapshots():
         until = (now if now is not None else time.time()) if snap == "serve" else None
-        items = item_snapshot(prep.enc, prep.vocab, prep.as_of(snap), params, until)
+        items = item_snapshot(prep.enc_for(snap), prep.vocab, prep.as_of(snap), params, until)
         art.put_arrays(lake, art.key(ITEM_FEATURES, f"{snap}.npz"), items.to_arrays())
         out["non_finite"][snap] = non_finite(items.table, ITEM_COLUMNS)
         if snap == "serve":
@@ -242,7 +276,7 @@ def run_user_features(lake: Lake, params: TrainingParams) -> dict[str, Any]:
     prep = load_prepared(lake)
     out: dict[str, Any] = {"non_finite": {}}
     for snap in prep.snapshots():
-        users = user_snapshot(prep.enc, prep.vocab, prep.as_of(snap), params)
+        users = user_snapshot(prep.enc_for(snap), prep.vocab, prep.as_of(snap), params)
         art.put_arrays(lake, art.key(USER_FEATURES, f"{snap}.npz"), users.to_arrays())
         out["non_finite"][snap] = non_finite(users.table, USER_COLUMNS)
         aff = users.affinity.data
@@ -256,23 +290,34 @@ def run_user_features(lake: Lake, params: TrainingParams) -> dict[str, Any]:
 
 
 def run_retrieval(lake: Lake, params: TrainingParams) -> dict[str, Any]:
-    """ALS fitted before each snapshot, user vectors recomputed, session co-visitation."""
+    """ALS fitted before each snapshot, user vectors recomputed, session co-visitation,
+    item-kNN and EASE (its regularisation chosen on the leave-last-out split)."""
     prep = load_prepared(lake)
     params, selection = select_als(prep.enc, prep.vocab, prep.window, params)
     art.put_json(lake, art.key(RETRIEVAL, "als_selection.json"), selection)
-    out: dict[str, Any] = {"als": {}, "covisit": {}, "als_selection": selection}
+    ease_lambda, ease_selection = select_lambda(prep.enc, prep.vocab, prep.lastout, params)
+    art.put_json(lake, art.key(RETRIEVAL, "ease_selection.json"), ease_selection)
+    out: dict[str, Any] = {
+        "als": {},
+        "covisit": {},
+        "ease": {},
+        "als_selection": selection,
+        "ease_selection": ease_selection,
+    }
     for snap in prep.snapshots():
         as_of = prep.as_of(snap)
-        matrix = als_matrix(prep.enc, prep.vocab, as_of, params)
-        fit = fit_als(prep.enc, prep.vocab, as_of, params, matrix=matrix)
+        enc = prep.enc_for(snap)
+        matrix = als_matrix(enc, prep.vocab, as_of, params)
+        fit = fit_als(enc, prep.vocab, as_of, params, matrix=matrix)
         art.put_arrays(lake, art.key(RETRIEVAL, f"als-{snap}.npz"), fit.to_arrays())
         started = time.perf_counter()
         snapshot = retrieval_snapshot(
-            prep.enc, prep.vocab, as_of, fit.item_factors, params, matrix=matrix
+            enc, prep.vocab, as_of, fit.item_factors, params, matrix=matrix, ease_lambda=ease_lambda
         )
         del matrix  # not held through the next snapshot's build
         art.put_arrays(lake, art.key(RETRIEVAL, f"{snap}.npz"), snapshot.to_arrays())
         out["als"][snap] = fit.stats
+        out["ease"][snap] = snapshot.ease_stats
         out["covisit"][snap] = {
             "pairs": int(snapshot.covisit.indices.size),
             "items_with_neighbours": int((np.diff(snapshot.covisit.indptr) > 0).sum()),
@@ -364,12 +409,39 @@ def run_ranking_dataset(lake: Lake, params: TrainingParams) -> dict[str, Any]:
             continue  # an older cut-off without usable labels adds nothing
         parts.append(part)
         frames.append(part.frame(state).with_columns(pl.lit(j, dtype=pl.Int16).alias("cutoff")))
+    lastout_stats: dict[str, Any] = {"users": 0}
+    if prep.lastout is not None:
+        # Every sampled user's own held-out recent past (lastout.py), one group each.
+        state = load_state(lake, prep, LASTOUT, params)
+        grades = prep.lastout.labels(prep.enc)
+        try:
+            part = build_ranking_dataset(
+                state,
+                prep.enc,
+                state.as_of,
+                params,
+                max_users=params.lastout_users,
+                labels=(grades, {}),
+            )
+        except ValueError as exc:
+            lastout_stats = {"users": 0, "skipped": str(exc)}
+        else:
+            lastout_stats = {k: part.stats[k] for k in ("users", "rows", "candidate_recall")}
+            parts.append(part)
+            frames.append(
+                part.frame(state).with_columns(pl.lit(len(cutoffs), dtype=pl.Int16).alias("cutoff"))
+            )
     dataset = RankingDataset.concat(parts)
     buffer = io.BytesIO()
     pl.concat(frames).write_parquet(buffer)
     lake.put_bytes(art.key(RANKING_DATASET, "dataset.parquet"), buffer.getvalue())
     bad = non_finite(dataset.features, FEATURE_NAMES)
-    stats = {**dataset.stats, "cutoffs": len(parts), "non_finite": bad}
+    stats = {
+        **dataset.stats,
+        "cutoffs": len(parts) - int(lastout_stats["users"] > 0),
+        "lastout": lastout_stats,
+        "non_finite": bad,
+    }
     art.put_json(lake, art.key(RANKING_DATASET, "stats.json"), stats)
     return stats
 
@@ -387,6 +459,14 @@ def run_ranking_model(lake: Lake, params: TrainingParams) -> dict[str, Any]:
     if bad:
         raise ValueError(f"the ranking dataset holds non-finite features: {bad}")
     fit = train_ranker(dataset, params)
+    ranking = gate_ranker(dataset, fit, params)
+    log.info(
+        "training.ranker_gate",
+        mode=ranking["mode"],
+        reason=ranking["reason"],
+        trees=fit.best_iteration,
+    )
+    art.put_json(lake, art.key(RANKING_MODEL, "ranking.json"), _finite_json(ranking))
     path = _tmp_file(".txt")
     try:
         fit.booster.save_model(str(path), num_iteration=fit.best_iteration)
@@ -401,9 +481,15 @@ def run_ranking_model(lake: Lake, params: TrainingParams) -> dict[str, Any]:
         "rows": int(dataset.features.shape[0]),
         "groups": int(dataset.groups.size),
         "feature_importance": fit.feature_importance,
+        "ranking": ranking,
     }
     art.put_json(lake, art.key(RANKING_MODEL, "ranker.json"), _finite_json(stats))
     return stats
+
+
+def load_ranking(lake: Lake) -> dict[str, Any]:
+    """The ranker gate's decision (``ranking_model/ranking.json``): mode, blend, why."""
+    return art.get_json(lake, art.key(RANKING_MODEL, "ranking.json"))
 
 
 def load_ranker(lake: Lake) -> Ranker:
@@ -429,10 +515,14 @@ def run_recommender_model(
     ``prune_staging``: the assets' own cache, never a caller's directory).
     """
     prep = load_prepared(lake)
-    ranker = load_ranker(lake)
+    ranking = load_ranking(lake)
+    blend = Blend.from_dict(ranking["blend"]) if ranking.get("blend") else None
+    ranker: Ranker | BlendRanker = load_ranker(lake)
+    if ranking.get("mode") == "blend" and blend is not None:
+        ranker = BlendRanker(blend)  # evaluated as it will serve
     eval_state = load_state(lake, prep, "eval", params)
     holdout = build_holdout(eval_state, prep.enc, prep.window.end, params)
-    metrics = evaluate(model_lists(Recommender(eval_state, ranker)), holdout, params)
+    metrics = evaluate(model_lists(Recommender(eval_state, ranker, blend=blend)), holdout, params)
     popularity = evaluate(popularity_lists(eval_state), holdout, params)
     serve_state = load_state(lake, prep, "serve", params)
     index_meta = art.get_json(lake, art.key(CANDIDATE_INDEX, "index.json"))
@@ -453,9 +543,14 @@ def run_recommender_model(
         "metrics": {**metrics, "popularity": popularity, "holdout": holdout.stats},
         "index_version": index_meta["version"],
         "feature_names": list(FEATURE_NAMES),
+        # How the bundle ranks: "ranker" (LightGBM, ties by the blend) or "blend" (the
+        # ranker lost the gate on validation), with the validated blend and why.
+        "ranking": ranking,
         "components": {
             "als": retrieval,
             "als_selection": art.get_json(lake, art.key(RETRIEVAL, "als_selection.json")),
+            "ease_selection": art.get_json(lake, art.key(RETRIEVAL, "ease_selection.json")),
+            "ease": serve_state.params.get("ease", {}),
             "ranking_dataset": art.get_json(lake, art.key(RANKING_DATASET, "stats.json")),
             "ranker": art.get_json(lake, art.key(RANKING_MODEL, "ranker.json")),
         },

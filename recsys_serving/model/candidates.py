@@ -9,7 +9,10 @@ Sources, each with a quota (a share of the pool, in ``state.params["candidates"]
   item-kNN ranking) and with the recent items;
 * ``category``: popular items in the user's strongest categories (or the requested
   ones, or a document's interests for a cold user; several categories for diversity);
+* ``ease``: the best EASE (closed-form linear item model) scores of the history;
 * ``popular`` and ``trending``: overall and recent-window popularity;
+* ``then``: what was popular around the user's last activity (users who came in a
+  burst months ago liked what was around then, not what is trending now);
 * ``fresh``: newly published items, those in the user's categories first, so items
   without any interaction can reach the ranker through their content features.
 
@@ -29,19 +32,31 @@ import numpy.typing as npt
 from recsys_serving.model.context import COVIS as NEIGHBOUR_COVIS
 from recsys_serving.model.context import KNN as NEIGHBOUR_KNN
 from recsys_serving.model.context import UserContext, first_free
-from recsys_serving.model.features import padded_categories
+from recsys_serving.model.features import padded_categories, time_totals
 from recsys_serving.model.state import IntArray, ModelState
 
-ALS, COVIS, CATEGORY, POPULAR, TRENDING, FRESH, KNN = range(7)
-SOURCE_NAMES = ("als", "covis", "category", "popular", "trending", "fresh", "knn")
+ALS, COVIS, CATEGORY, POPULAR, TRENDING, FRESH, KNN, EASE, THEN = range(9)
+SOURCE_NAMES = (
+    "als",
+    "covis",
+    "category",
+    "popular",
+    "trending",
+    "fresh",
+    "knn",
+    "ease",
+    "then",
+)
 DEFAULT_QUOTAS: dict[str, float] = {
-    "als": 0.25,
-    "knn": 0.25,
-    "covis": 0.15,
-    "category": 0.10,
-    "popular": 0.10,
-    "trending": 0.08,
-    "fresh": 0.07,
+    "als": 0.18,
+    "ease": 0.2,
+    "knn": 0.18,
+    "covis": 0.1,
+    "category": 0.08,
+    "popular": 0.07,
+    "trending": 0.06,
+    "then": 0.07,
+    "fresh": 0.06,
 }
 DEFAULT_POOL = 200
 # Categories the category source draws from (the user's strongest, or the biggest).
@@ -197,6 +212,10 @@ def generate(
         retriever = retrieve or exact_retriever(state)
         out.take(retriever(ctx.vector, want["als"], allowed), ALS)
 
+    if ctx.ease.items.size and want.get("ease", 0) > 0:
+        rows = ctx.ease.best(out.free, want["ease"])
+        out.take(rows, EASE, ctx.ease.refs(rows))
+
     if ctx.covis_items.size and want["covis"] > 0:
         rows, refs = ctx.neighbours.best(NEIGHBOUR_COVIS, out.free, want["covis"])
         out.take(rows, COVIS, refs)
@@ -226,6 +245,8 @@ def generate(
 
     out.take_first(state.popular, want["popular"], POPULAR)
     out.take_first(state.trending, want["trending"], TRENDING)
+    if ctx.era is not None and want.get("then", 0) > 0:
+        out.take(popular_then(state, ctx.era, out.free, want["then"]), THEN)
 
     if want["fresh"] > 0 and state.fresh.size:
         fresh = state.fresh[allowed[state.fresh]]
@@ -244,14 +265,28 @@ def generate(
     return out.result()
 
 
+def popular_then(
+    state: ModelState, era: tuple[int, int], free: npt.NDArray[np.bool_], n: int
+) -> IntArray:
+    """The ``n`` free items with the most interaction weight in the buckets of ``era``
+    (ties: lower row); only items with some weight there."""
+    lo, hi = era
+    if n <= 0 or not time_totals(state)[lo:hi].any():
+        return _EMPTY
+    weight = state.item_time_counts[:, lo:hi].sum(axis=1, dtype=np.float64)
+    return top_k(weight, free & (weight > 0), n)
+
+
 def reason(state: ModelState, source: int, ref: int) -> str:
     """Where a candidate came from, in words for API answers and logs."""
     if source == COVIS and ref >= 0:
         return f"co-visited with {state.item_ids[ref]}"
-    if source == KNN and ref >= 0:
+    if source in (KNN, EASE) and ref >= 0:
         return f"similar to {state.item_ids[ref]}"
     if source == CATEGORY and ref >= 0:
         return f"popular in {state.categories[ref]}"
     if source == FRESH:
         return "new item"
+    if source == THEN:
+        return "popular when you were last here"
     return SOURCE_NAMES[source]

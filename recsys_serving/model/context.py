@@ -27,6 +27,13 @@ _EMPTY_I = np.empty(0, dtype=np.int64)
 _EMPTY_F = np.empty(0, dtype=np.float32)
 # History items (strongest first) whose neighbours make a user's item-kNN score.
 HISTORY_ITEMS = 100
+# History items (strongest first) whose EASE rows make a user's EASE score: EASE sums
+# over the whole history, so the cap is wider (200 x 200 neighbours is still one
+# bincount of 40k entries).
+EASE_HISTORY_ITEMS = 200
+# Time buckets on each side of the one holding a user's last event that make "the
+# user's time" (ModelState.item_time_counts).
+ERA_HALF_WIDTH = 1
 # Keys of a user document (from the document store) that may name preferred
 # categories; used only for users without history (cold start).
 DOC_CATEGORY_KEYS = ("categories", "interests", "favorite_categories", "preferred_categories")
@@ -162,6 +169,10 @@ class UserContext:
     history_sum: FloatArray
     last_vector: FloatArray | None  # unit vector of the newest item
     recent_vector: FloatArray | None  # unit mean vector of the recent items
+    # EASE score of the whole history (empty for cold users or without an EASE graph)
+    ease: HistoryScores
+    # Time buckets [lo, hi) around the user's last event (None for cold users).
+    era: tuple[int, int] | None
 
     @property
     def known(self) -> bool:
@@ -242,6 +253,8 @@ def user_context(
             history_sum=_EMPTY_F,
             last_vector=None,
             recent_vector=None,
+            ease=HistoryScores.empty(),
+            era=None,
         )
     vector = state.user_factors[row]
     seen, seen_weights = state.seen.row(row)
@@ -277,7 +290,23 @@ def user_context(
         history_sum=history.sums,
         last_vector=last_vector,
         recent_vector=recent_vector,
+        ease=graph_scores(state.ease, state.n_items, seen, seen_weights, EASE_HISTORY_ITEMS),
+        era=user_era(state, row),
     )
+
+
+def user_era(state: ModelState, row: int) -> tuple[int, int] | None:
+    """The time buckets around the user's last event before ``as_of``."""
+    edges = state.time_edges
+    buckets = edges.size - 1
+    if buckets <= 0 or "days_since_last" not in state.user_columns:
+        return None
+    days = float(state.user_table[row, state.user_columns.index("days_since_last")])
+    if days < 0:
+        return None
+    last = state.as_of - days * 86_400.0
+    bucket = int(np.clip(np.searchsorted(edges, last, side="right") - 1, 0, buckets - 1))
+    return max(bucket - ERA_HALF_WIDTH, 0), min(bucket + ERA_HALF_WIDTH + 1, buckets)
 
 
 def _gather(graph: Ragged, rows: IntArray) -> tuple[IntArray, IntArray]:
@@ -368,21 +397,29 @@ def neighbour_scores(
 
 
 def history_scores(state: ModelState, seen: IntArray, weights: FloatArray) -> HistoryScores:
-    """Item-kNN scores of the history: sum over history items of weight x cosine.
+    """Item-kNN scores of the history: sum over history items of weight x cosine."""
+    return graph_scores(state.item_knn, state.n_items, seen, weights, HISTORY_ITEMS)
+
+
+def graph_scores(
+    graph: Ragged, n_items: int, seen: IntArray, weights: FloatArray, cap: int
+) -> HistoryScores:
+    """Scores of a history over an item graph: sum over the ``cap`` strongest history
+    items of weight x edge weight (item-kNN: cosine; EASE: its item-item weights).
 
     Dense accumulation over the catalogue (one bincount, exact in float64) is cheaper
     than sorting the tens of thousands of (history item, neighbour) pairs of a heavy
     user.
     """
-    if not seen.size:
+    if not seen.size or not graph.indices.size:
         return HistoryScores.empty()
-    if seen.size > HISTORY_ITEMS:
-        keep = np.sort(np.argpartition(-weights, HISTORY_ITEMS - 1)[:HISTORY_ITEMS])
+    if seen.size > cap:
+        keep = np.sort(np.argpartition(-weights, cap - 1)[:cap])
         seen, weights = seen[keep], weights[keep]
-    pos, owner = _gather(state.item_knn, seen)
-    neighbour = state.item_knn.indices[pos]
-    score = state.item_knn.data[pos] * weights[owner]
-    dense = np.bincount(neighbour, weights=score, minlength=state.n_items)
+    pos, owner = _gather(graph, seen)
+    neighbour = graph.indices[pos]
+    score = graph.data[pos] * weights[owner]
+    dense = np.bincount(neighbour, weights=score, minlength=n_items)
     items = np.flatnonzero(dense)
     sums = dense[items].astype(np.float32)
     ranked = items[np.argsort((descending_key(sums) << 32) + items)]

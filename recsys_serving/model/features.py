@@ -61,6 +61,13 @@ PAIR_FEATURES: tuple[str, ...] = (
     "cat_affinity",  # the user's share of interactions in the item's categories
     "cat_affinity_recent",  # the same over the recent window
     "user_known",  # 1 when the state has history for the user
+    "ease_score",  # EASE (closed-form linear item model) score of the whole history
+    "ease_rel",  # the same relative to the user's best EASE score
+    # The item's share of all interactions in the time buckets around the user's last
+    # event (popularity at the user's own time), and its log ratio to the share in
+    # the newest buckets (now): taste vs recency for users idle for months.
+    "item_share_at_user",
+    "item_share_user_vs_now",
 )
 FEATURE_NAMES: tuple[str, ...] = (
     PAIR_FEATURES
@@ -69,6 +76,8 @@ FEATURE_NAMES: tuple[str, ...] = (
 )
 N_FEATURES = len(FEATURE_NAMES)
 MAX_CATEGORIES_PER_ITEM = 8
+# Smoothing of the time-bucket shares (a share of one in a million).
+SHARE_EPS = 1e-6
 
 
 def padded_categories(state: ModelState) -> npt.NDArray[np.int64]:
@@ -119,6 +128,38 @@ def _cosine(
     return (vectors @ unit) / np.maximum(norms, 1e-12)
 
 
+def time_totals(state: ModelState) -> npt.NDArray[np.float64]:
+    """Interaction weight per time bucket over all items, cached on the state."""
+    cached = getattr(state, "_time_totals", None)
+    if cached is None:
+        cached = state.item_time_counts.sum(axis=0, dtype=np.float64)
+        object.__setattr__(state, "_time_totals", cached)
+    return cached
+
+
+def era_shares(
+    state: ModelState, items: IntArray, era: tuple[int, int] | None
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """(share at the user's time, log ratio of that share to the share now) per item.
+
+    "Now" is as many newest buckets as the user's era spans; 0 and 0 for cold users.
+    """
+    n = items.size
+    buckets = state.item_time_counts.shape[1]
+    if era is None or buckets == 0 or n == 0:
+        return np.zeros(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
+    lo, hi = era
+    totals = time_totals(state)
+    counts = state.item_time_counts[items]
+    then = counts[:, lo:hi].sum(axis=1, dtype=np.float64) / max(float(totals[lo:hi].sum()), 1e-9)
+    width = hi - lo
+    now = counts[:, buckets - width :].sum(axis=1, dtype=np.float64) / max(
+        float(totals[buckets - width :].sum()), 1e-9
+    )
+    ratio = np.log((then + SHARE_EPS) / (now + SHARE_EPS))
+    return then.astype(np.float32), ratio.astype(np.float32)
+
+
 def _top(values: npt.NDArray[np.float32]) -> float:
     """The user's largest aggregate score (over every neighbour, not just candidates,
     so the ratio does not depend on which candidates were drawn); 1 when none."""
@@ -161,6 +202,10 @@ def assemble_features(
     out[:, 12] = _affinity(ctx.affinity, categories)
     out[:, 13] = _affinity(ctx.affinity_recent, categories)
     out[:, 14] = 1.0 if ctx.known else 0.0
+    ease = ctx.ease.at(items)
+    out[:, 15] = ease
+    out[:, 16] = ease / _top(ctx.ease.sums)
+    out[:, 17], out[:, 18] = era_shares(state, items, ctx.era)
     p = len(PAIR_FEATURES)
     out[:, p : p + len(ITEM_COLUMNS)] = state.item_table[items]
     u0 = p + len(ITEM_COLUMNS)

@@ -27,6 +27,7 @@ import os
 import tempfile
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,80 @@ class Ranker:
             self.booster.predict(features, num_threads=self.threads, validate_features=False),
             dtype=np.float64,
         )
+
+
+@dataclass(frozen=True)
+class Blend:
+    """A linear blend of retrieval scores (feature columns): the order the ranker must
+    beat, what ranks when it does not (the ranker gate in training), and the tie-break
+    of ranker scores otherwise, so no two items are ever ordered by id alone.
+
+    The weights are chosen on validation queries in training (``fit_blend``) and travel
+    in the bundle manifest (``ranking.blend``); scoring reads feature columns by name,
+    so the blend sees exactly the features the ranker sees.
+    """
+
+    features: tuple[str, ...]
+    weights: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        from recsys_serving.model.features import FEATURE_NAMES
+
+        unknown = [f for f in self.features if f not in FEATURE_NAMES]
+        if unknown or len(self.features) != len(self.weights) or not self.features:
+            raise ValueError(f"bad blend: features {self.features!r}, weights {self.weights!r}")
+
+    @property
+    def columns(self) -> list[int]:
+        from recsys_serving.model.features import FEATURE_NAMES
+
+        return [FEATURE_NAMES.index(f) for f in self.features]
+
+    def score(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        if features.shape[0] == 0:
+            return np.empty(0, dtype=np.float64)
+        block = features[:, self.columns].astype(np.float64)
+        return block @ np.asarray(self.weights, dtype=np.float64)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"features": list(self.features), "weights": [float(w) for w in self.weights]}
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> Blend:
+        return cls(tuple(value["features"]), tuple(float(w) for w in value["weights"]))
+
+
+# The tie-break of a model without a validated blend (older manifests, tests that
+# build a Recommender by hand): history scores first, then ALS, then popularity.
+DEFAULT_BLEND = Blend(
+    ("ease_rel", "knn_history_rel", "als_cosine", "item_log_pop_decayed"),
+    (1.0, 0.5, 0.5, 0.01),
+)
+# Ranker scores equal to this many decimals are ties (broken by the blend).
+TIE_DECIMALS = 6
+
+
+class BlendRanker:
+    """Ranks by the validated blend: what a bundle serves when its LightGBM ranker did
+    not beat the blend on validation (manifest ``ranking.mode == "blend"``)."""
+
+    kind = "blend"
+    # Nothing to compile: the model manager's compile step keeps it as it is.
+    cached = True
+
+    def __init__(self, blend: Blend) -> None:
+        self.blend = blend
+
+    def score(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        return self.blend.score(features)
+
+
+def ranked_order(
+    scores: npt.NDArray[np.float64], tie: npt.NDArray[np.float64], items: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int64]:
+    """Positions by ranker score (to :data:`TIE_DECIMALS`) desc, then blend score desc;
+    the item row decides only between items equal in both."""
+    return np.lexsort((items, -tie, -np.round(scores, TIE_DECIMALS))).astype(np.int64)
 
 
 class CompiledRanker:

@@ -32,10 +32,14 @@ from recsys_serving.model.features import (
     padded_categories,
 )
 from recsys_serving.model.ranker import (
+    DEFAULT_BLEND,
+    Blend,
+    BlendRanker,
     CompiledRanker,
     Ranker,
     RankerCompileError,
     compile_ranker,
+    ranked_order,
 )
 from recsys_serving.model.state import IntArray, ModelState
 
@@ -45,7 +49,14 @@ INDEX_DIR = "index"
 # Users whose candidate pools check a compiled ranker against LightGBM (plus a cold one).
 CHECK_USERS = 8
 
-__all__ = ["Ranker", "Recommender", "ScoredItem"]
+__all__ = ["Blend", "BlendRanker", "Ranker", "Recommender", "ScoredItem"]
+
+
+def manifest_blend(manifest: Mapping[str, Any] | None) -> Blend | None:
+    """The validated blend a manifest names (``ranking.blend``), if any."""
+    ranking = (manifest or {}).get("ranking") or {}
+    value = ranking.get("blend")
+    return Blend.from_dict(value) if value else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,13 +72,16 @@ class Recommender:
     def __init__(
         self,
         state: ModelState,
-        ranker: Ranker | CompiledRanker,
+        ranker: Ranker | CompiledRanker | BlendRanker,
         manifest: Mapping[str, Any] | None = None,
         path: Path | None = None,
+        blend: Blend | None = None,
     ) -> None:
         self.state = state
         self.ranker = ranker
         self.manifest: dict[str, Any] = dict(manifest or {})
+        # Breaks ties of ranker scores (and ranks alone when the ranker lost the gate).
+        self.blend = blend or manifest_blend(self.manifest) or DEFAULT_BLEND
         self.path = path
         self.version: str = str(self.manifest.get("version", "unversioned"))
         self.pool = int(state.params.get("candidate_pool", cand.DEFAULT_POOL))
@@ -91,21 +105,29 @@ class Recommender:
                 f"{root}: bundle features {len(names)} do not match this code's "
                 f"{len(FEATURE_NAMES)} (trained by another version of recsys)"
             )
+        ranking = manifest.get("ranking") or {}
         try:
             state = ModelState.load(root / STATE_DIR)
-            ranker = Ranker.load(root / RANKER_FILE)
+            blend = manifest_blend(manifest)
+            ranker: Ranker | BlendRanker
+            if ranking.get("mode") == "blend" and blend is not None:
+                # The ranker lost to the blend on validation: the blend ranks.
+                ranker = BlendRanker(blend)
+            else:
+                ranker = Ranker.load(root / RANKER_FILE)
         except (OSError, ValueError, KeyError) as exc:
             raise BundleError(f"{root}: cannot load the model state ({exc})") from exc
         except Exception as exc:  # LightGBM raises its own error type for a bad model file
             raise BundleError(f"{root}: cannot load {RANKER_FILE} ({exc})") from exc
         return cls(state, ranker, manifest, root)
 
-    def compile_ranker(self, cache_dir: Path | None = None) -> CompiledRanker:
+    def compile_ranker(self, cache_dir: Path | None = None) -> CompiledRanker | BlendRanker:
         """Replace the LightGBM ranker by its native compilation (see ``model/ranker.py``),
         checked against LightGBM on real candidate pools first. Call it before the model
         serves (the server does, in its background loader); ``RankerCompileError`` when
-        compilation is unavailable or wrong, leaving the LightGBM ranker in place."""
-        if isinstance(self.ranker, CompiledRanker):
+        compilation is unavailable or wrong, leaving the LightGBM ranker in place. A
+        model ranking by its blend has nothing to compile and keeps it."""
+        if isinstance(self.ranker, CompiledRanker | BlendRanker):
             return self.ranker
         if self.path is None:
             raise RankerCompileError("unavailable", "a model without a bundle directory")
@@ -177,8 +199,9 @@ class Recommender:
         pool = cand.generate(state, ctx, allowed, max(self.pool, k), cat_rows, retrieve)
         if not len(pool):
             return []
-        scores = self.ranker.score(assemble_features(state, ctx, pool.items))
-        order = np.lexsort((pool.items, -scores))
+        features = assemble_features(state, ctx, pool.items)
+        scores = self.ranker.score(features)
+        order = ranked_order(scores, self.blend.score(features), pool.items)
         if not ctx.known:
             order = self._diversify(pool.items, order, k)
         return [

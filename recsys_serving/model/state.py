@@ -22,7 +22,9 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
-STATE_FORMAT = 2
+# 3: EASE item graph (``ease``) and per-item time-bucket counts (``time_edges``,
+# ``item_time_counts``); bundles of format 2 are refused (the features differ).
+STATE_FORMAT = 3
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float32]
@@ -101,12 +103,21 @@ class ModelState:
     recent: Ragged  # user row -> most recent distinct item rows, newest first, weights
     covisit: Ragged  # item row -> neighbour item rows by co-visitation score, desc
     item_knn: Ragged  # item row -> neighbour item rows by cosine similarity, desc
+    # item row -> items its presence in a history scores (EASE weights, positive top-N,
+    # desc); empty rows when EASE was skipped (catalogue above the size guard)
+    ease: Ragged
     available: npt.NDArray[np.bool_]  # items that may be recommended at as_of
     popular: IntArray  # available item rows by (decayed) popularity, desc
     trending: IntArray  # available item rows by recent-window popularity, desc
     fresh: IntArray  # recently published available item rows, newest first
     category_popular: Ragged  # category -> available item rows by popularity, desc
     published_at: npt.NDArray[np.float64]  # epoch seconds, NaN when unknown
+    # Coarse popularity over time: ``time_edges`` (buckets + 1,) epoch seconds, equal
+    # buckets from the window start to ``as_of``; ``item_time_counts`` (n_items,
+    # buckets) interaction weight per item and bucket. They tell what was popular when
+    # a user was last active, months before ``as_of`` for users who come in bursts.
+    time_edges: npt.NDArray[np.float64]
+    item_time_counts: FloatArray
     params: dict[str, Any] = field(default_factory=dict)
 
     _item_index: dict[str, int] | None = field(default=None, repr=False)
@@ -121,6 +132,7 @@ class ModelState:
         "recent",
         "covisit",
         "item_knn",
+        "ease",
         "category_popular",
     )
     ARRAYS: ClassVar[tuple[str, ...]] = (
@@ -136,6 +148,8 @@ class ModelState:
         "trending",
         "fresh",
         "published_at",
+        "time_edges",
+        "item_time_counts",
     )
 
     # ------------------------------------------------------------------ lookups
@@ -248,6 +262,8 @@ class ModelState:
             "item_categories": (self.item_categories.n_rows, n_items),
             "covisit": (self.covisit.n_rows, n_items),
             "item_knn": (self.item_knn.n_rows, n_items),
+            "ease": (self.ease.n_rows, n_items),
+            "item_time_counts": (self.item_time_counts.shape[0], n_items),
             "user_factors": (self.user_factors.shape[0], n_users),
             "user_table": (self.user_table.shape[0], n_users),
             "seen": (self.seen.n_rows, n_users),
@@ -259,6 +275,10 @@ class ModelState:
         for name, (got, want) in checks.items():
             if got != want:
                 raise ValueError(f"state: {name} has {got} rows, expected {want}")
+        if self.item_time_counts.ndim != 2 or self.time_edges.shape != (
+            self.item_time_counts.shape[1] + 1,
+        ):
+            raise ValueError("state: time_edges do not match item_time_counts buckets")
         if self.user_factors.shape[1] != self.item_factors.shape[1]:
             raise ValueError("state: user and item factors differ in dimension")
         if self.item_table.shape[1] != len(self.item_columns):
