@@ -4,20 +4,23 @@ Given a directory in the project's input formats (``items.ndjson``, optional
 ``users.ndjson``, ``events.ndjson`` following the weblog contract; ``bench/datasets.py``
 writes such directories), the harness does what the acceptance test does:
 
-1. **Split by time.** A global cut-off (by default the instant before which 90% of the
-   non-impression events happened; ``--cut span`` cuts 90% of the time span instead).
-   Events before it are the history; a test user's "next items" are the items they
-   interacted with after it and had not interacted with before.
-2. **Through the real CLI**, in a fresh ``RECSYS_HOME`` with every ``RECSYS_*`` variable
-   of the caller removed (defaults, as a newcomer would run it): ``recsys catalog load``,
-   ``recsys ingest`` (the history lines, byte for byte), ``recsys retrain``,
-   ``recsys keys create``, ``recsys serve`` (in the background, stopped at the end).
+1. **Split by time**, by both acceptance protocols (``bench/protocols.py``,
+   ``--protocol per-user|global|both``, default both): each user's last 20% of events,
+   or everything at or after the 80% quantile of all timestamps. Test users are the
+   users with training history and at least one positive (a test item not seen in
+   training).
+2. **Through the real CLI**, per protocol, in a fresh ``RECSYS_HOME`` with every
+   ``RECSYS_*`` variable of the caller removed (defaults, as a newcomer would run it):
+   ``recsys catalog load``, ``recsys ingest`` (the training lines, byte for byte),
+   ``recsys retrain``, ``recsys keys create``, ``recsys serve`` (in the background,
+   stopped at the end).
 3. **Over HTTP**: ``GET /recommendations/{user_id}?k=10`` with the API key for every test
-   user; NDCG@10, Recall@10, HitRate@10 (and MAP@10) of the answers, for all test users
-   and for the "known" ones (with at least one event in the history).
-4. **Baselines on the same split**, from the raw history: implicit ALS and item-kNN tuned
-   as in ``bench/quality.py`` (grid search on a validation split carved out of the
-   history, then refitted), and popularity.
+   user; NDCG@10, Recall@10, HitRate@10 and Precision@10 of the answers.
+4. **Baselines on the same split**, from the raw training events, each at the best point
+   of its grid on the split (an upper bound, as acceptance tunes them): EASE, implicit
+   ALS, item-kNN (cosine, BM25), RP3beta, all-time popularity, recent popularity with a
+   tuned window (and, per-user split, anchored at each user's own last event). The lift
+   is the served model's NDCG@10 over the best of them.
 
 It prints a table, writes ``bench/results/blackbox-<dataset>.json`` and reports the wall
 time of each step. Usage::
@@ -25,6 +28,7 @@ time of each step. Usage::
     .venv/bin/python bench/blackbox.py /tmp/ml-small                 # a dataset directory
     .venv/bin/python bench/blackbox.py --generate movielens:small:1  # generate, then run
     .venv/bin/python bench/blackbox.py DIR --quick-baselines --keep-home
+    .venv/bin/python bench/blackbox.py --generate bursty:small:1 --protocol per-user
 """
 
 from __future__ import annotations
@@ -53,9 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import quality  # noqa: E402
-
-from recsys_assets.training.metrics import aggregate  # noqa: E402
+import protocols  # noqa: E402
 
 K = 10
 RECSYS = Path(sys.executable).parent / "recsys"
@@ -95,49 +97,14 @@ def read_events(path: Path) -> Events:
     return Events(lines, frame)
 
 
-@dataclass
-class Split:
-    cut: float
-    history: pl.DataFrame  # rows of Events.frame before the cut
-    truth: dict[str, set[str]]  # test user -> next items
-    known: set[str]  # test users with history
-
-
-def split(events: Events, test_share: float, by: str) -> Split:
-    """Global time cut; next items = new (user, item) pairs after it."""
-    frame = events.frame
-    positive = frame.filter(pl.col("event_type") != "impression")
-    ts = positive["ts"].to_numpy()
-    if by == "events":
-        cut = float(np.quantile(ts, 1.0 - test_share))
-    else:
-        cut = float(ts.min() + (1.0 - test_share) * (ts.max() - ts.min()))
-    history = frame.filter(pl.col("ts") < cut)
-    seen = (
-        history.filter(pl.col("event_type") != "impression").select("user_id", "item_id").unique()
-    )
-    new = (
-        positive.filter(pl.col("ts") >= cut)
-        .select("user_id", "item_id")
-        .unique()
-        .join(seen, on=["user_id", "item_id"], how="anti")
-    )
-    truth: dict[str, set[str]] = {}
-    for user, item in new.iter_rows():
-        truth.setdefault(user, set()).add(item)
-    known = set(seen["user_id"].unique().to_list()) & set(truth)
-    return Split(cut, history, truth, known)
-
-
-def sample_users(sp: Split, limit: int | None, seed: int) -> Split:
+def sample_users(sp: protocols.ProtocolSplit, limit: int | None, seed: int) -> None:
+    """Keep ``limit`` random test users (in place), to bound query and baseline time."""
     if limit is None or len(sp.truth) <= limit:
-        return sp
+        return
     rng = np.random.default_rng(seed)
     users = sorted(sp.truth)
     keep = {users[i] for i in rng.choice(len(users), size=limit, replace=False).tolist()}
-    return Split(
-        sp.cut, sp.history, {u: v for u, v in sp.truth.items() if u in keep}, sp.known & keep
-    )
+    sp.truth = {u: v for u, v in sp.truth.items() if u in keep}
 
 
 # -------------------------------------------------------------------------- steps
@@ -310,65 +277,17 @@ def serve_and_query(
     )
 
 
-# ---------------------------------------------------------------------- baselines
-def baseline_frame(history: pl.DataFrame) -> pl.DataFrame:
-    """The history in bench/quality.py's frame shape (ts as a UTC datetime)."""
-    return history.select(
-        pl.format("e{}", pl.col("n")).alias("event_id"),
-        "event_type",
-        "user_id",
-        "item_id",
-        (pl.col("ts") * 1e6).cast(pl.Int64).cast(pl.Datetime("us", "UTC")).alias("ts"),
-        "value",
-    )
-
-
-def baselines(sp: Split, quick: bool, by: str) -> dict[str, Any]:
-    train = baseline_frame(sp.history)
-    qsplit = quality.Split(train, sp.truth, sp.cut)
-    out: dict[str, Any] = {}
-    t0 = time.perf_counter()
-    lists, info = quality.tuned("als", quality.fit_als, quality.ALS_GRID, qsplit, quick, by=by)
-    out["als"] = (lists, {**info, "seconds": round(time.perf_counter() - t0, 1)})
-    t0 = time.perf_counter()
-    lists, info = quality.tuned("item_knn", quality.fit_knn, quality.KNN_GRID, qsplit, quick, by=by)
-    out["item_knn"] = (lists, {**info, "seconds": round(time.perf_counter() - t0, 1)})
-    out["popularity"] = (quality.popularity(qsplit), {})
-    return out
-
-
 # --------------------------------------------------------------------------- main
-SUBSETS = ("all", "known", "cold")
+def scores(lists: dict[str, list[str]], sp: protocols.ProtocolSplit) -> dict[str, float]:
+    return protocols.metrics(lists, sp.truth, K)
 
 
-def scores(lists: dict[str, list[str]], sp: Split, n_items: int) -> dict[str, dict[str, float]]:
-    """Metrics over all test users, the known ones (with history) and the cold ones."""
-    out = {"all": aggregate(lists, sp.truth, K, n_items)}
-    for subset, users in (
-        ("known", {u: v for u, v in sp.truth.items() if u in sp.known}),
-        ("cold", {u: v for u, v in sp.truth.items() if u not in sp.known}),
-    ):
-        if users:
-            out[subset] = aggregate(lists, users, K, n_items)
-    return out
-
-
-def lifts(row: dict[str, Any], model: str = "two_stage") -> dict[str, float | None]:
-    """NDCG@10 of ``model`` over the best of tuned ALS and item-kNN, per subset."""
-    out: dict[str, float | None] = {}
-    for subset in SUBSETS:
-        if subset not in row[model] or subset not in row["als"]:
-            continue
-        best = max(row["als"][subset]["ndcg@10"], row["item_knn"][subset]["ndcg@10"])
-        out[subset] = row[model][subset]["ndcg@10"] / best - 1.0 if best > 0 else None
-    return out
-
-
-def run_dataset(
+def run_protocol(
     data: Path,
+    events: Events,
+    protocol: str,
     *,
-    test_share: float,
-    by: str,
+    train_share: float,
     quick: bool,
     max_users: int | None,
     concurrency: int,
@@ -376,33 +295,33 @@ def run_dataset(
     env_overrides: dict[str, str],
     workroot: Path,
 ) -> dict[str, Any]:
-    info = (
-        json.loads((data / "dataset.json").read_text()) if (data / "dataset.json").exists() else {}
-    )
+    """One protocol on one dataset: split, the CLI on the training lines, HTTP, baselines."""
     name = data.name
-    print(f"== {name}", flush=True)
+    print(f"== {name} / {protocol} split", flush=True)
     t0 = time.perf_counter()
-    events = read_events(data / "events.ndjson")
-    sp = sample_users(split(events, test_share, by), max_users, seed=7)
-    history_lines = [events.lines[n] for n in sp.history["n"].to_list()]
-    work = Path(tempfile.mkdtemp(prefix=f"bb-{name}-", dir=workroot))
+    sp = protocols.split(events.frame, protocol, train_share)
+    sample_users(sp, max_users, seed=7)
+    history_lines = [events.lines[n] for n in sp.train["n"].to_list()]
+    work = Path(tempfile.mkdtemp(prefix=f"bb-{name}-{protocol}-", dir=workroot))
     history_path = work / "history.ndjson"
     history_path.write_bytes(b"\n".join(history_lines) + b"\n")
-    split_seconds = time.perf_counter() - t0
-    cut = time.gmtime(sp.cut)
+    where = (
+        f"cut {time.strftime('%Y-%m-%d %H:%M', time.gmtime(sp.cut))}"
+        if sp.cut is not None
+        else f"each user's first {train_share:.0%}"
+    )
     print(
-        f"  split        {split_seconds:7.1f}s  cut {time.strftime('%Y-%m-%d %H:%M', cut)}: "
-        f"{len(history_lines):,} history events, {len(sp.truth):,} test users "
-        f"({len(sp.known):,} known), {sum(len(v) for v in sp.truth.values()):,} next items",
+        f"  split        {time.perf_counter() - t0:7.1f}s  {where}: {len(history_lines):,} "
+        f"training events, {len(sp.truth):,} test users, {sp.positives:,} positives",
         flush=True,
     )
     (work / "split.json").write_text(
         json.dumps(
             {
                 "dataset": str(data),
+                "protocol": protocol,
                 "cut": sp.cut,
                 "truth": {u: sorted(v) for u, v in sp.truth.items()},
-                "known": sorted(sp.known),
             }
         )
     )
@@ -410,12 +329,12 @@ def run_dataset(
     run = Run(home, clean_env(home, env_overrides))
     row: dict[str, Any] = {
         "dataset": name,
-        "info": info,
+        "protocol": protocol,
         "cut": sp.cut,
-        "cut_by": by,
-        "history_events": len(history_lines),
+        "train_share": train_share,
+        "training_events": len(history_lines),
         "test_users": len(sp.truth),
-        "known_test_users": len(sp.known),
+        "positives": sp.positives,
         "env": env_overrides,
     }
     try:
@@ -466,13 +385,12 @@ def run_dataset(
             .get("ranker", {})
             .get("best_iteration"),
         }
-        n_items = max(info.get("catalog_items", 0), events.frame["item_id"].n_unique())
-        row["two_stage"] = scores(served.lists, sp, n_items)
+        row["two_stage"] = scores(served.lists, sp)
         t0 = time.perf_counter()
-        for model, (lists, extra) in baselines(sp, quick, by).items():
-            row[model] = {**scores(lists, sp, n_items), **extra}
+        row["baselines"] = protocols.run_baselines(sp, quick)
         row["steps"]["baselines"] = {"seconds": round(time.perf_counter() - t0, 1)}
-        row["lift"] = lifts(row)
+        row["best_baseline"], best = protocols.best_baseline(row["baselines"])
+        row["lift"] = protocols.lift(row["two_stage"]["ndcg@10"], best)
     except Exception as exc:  # a broken step is a finding: record it, keep going
         row["error"] = str(exc)
         row["steps"] = {s.name: {"seconds": s.seconds, "summary": s.summary} for s in run.steps}
@@ -486,34 +404,28 @@ def run_dataset(
     return row
 
 
-def print_table(row: dict[str, Any], models: tuple[str, ...] = ()) -> None:
-    """NDCG@10 / Recall@10 / HitRate@10 per model, for all, known and cold test users."""
+def print_table(row: dict[str, Any], models: tuple[str, ...] = ("two_stage",)) -> None:
+    """NDCG / Recall / HitRate / Precision @10 of the model(s) and every tuned baseline."""
     if "two_stage" not in row:
         return
-    models = models or ("two_stage", "als", "item_knn", "popularity")
-    known, total = row["known_test_users"], row["test_users"]
-    print(f"\n  {row['dataset']}: {total:,} test users ({known:,} known, {total - known:,} cold)")
-    head = "".join(f" | {s:^26}" for s in SUBSETS)
-    print(f"  {'':<14}{head}")
-    print(f"  {'model':<14}" + " | NDCG@10  Recall@10  HR@10 " * len(SUBSETS))
-    for model in models:
-        cells = []
-        for subset in SUBSETS:
-            m = row[model].get(subset)
-            cells.append(
-                f" | {m['ndcg@10']:7.4f} {m['recall@10']:9.4f} {m['hit_rate@10']:6.3f} "
-                if m
-                else " | " + " " * 25
-            )
-        print(f"  {model:<14}" + "".join(cells))
-    for model in models:
-        if model in ("als", "item_knn", "popularity"):
-            continue
-        lift = lifts(row, model)
+    print(
+        f"\n  {row['dataset']} / {row['protocol']} split: {row['test_users']:,} test users, "
+        f"{row['positives']:,} positives"
+    )
+    print(f"  {'model':<24} NDCG@10  Recall@10  HR@10  P@10    best config")
+    entries = [(m, row[m]) for m in models] + list(row.get("baselines", {}).items())
+    for model, m in entries:
+        cfg = json.dumps(m.get("config")) if "config" in m else ""
         print(
-            f"  {model} vs best of tuned ALS / item-kNN (NDCG@10): "
-            + ", ".join(f"{s} {v:+.1%}" for s, v in lift.items() if v is not None)
+            f"  {model:<24} {m['ndcg@10']:7.4f} {m['recall@10']:9.4f} {m['hit_rate@10']:6.3f} "
+            f"{m['precision@10']:6.4f}  {cfg}"
         )
+    if "baselines" in row:
+        best, best_ndcg = protocols.best_baseline(row["baselines"])
+        for model in models:
+            lift = protocols.lift(row[model]["ndcg@10"], best_ndcg)
+            text = f"{lift:+.1%}" if lift is not None else "n/a"
+            print(f"  {model} vs best baseline ({best}, {best_ndcg:.4f}): {text}")
     if "steps" in row:
         steps = ", ".join(f"{k} {v['seconds']}s" for k, v in row["steps"].items())
         print(f"  wall time: {steps}")
@@ -523,7 +435,8 @@ def print_table(row: dict[str, Any], models: tuple[str, ...] = ()) -> None:
 def replay(work: Path, overrides: dict[str, Any], label: str) -> dict[str, Any]:
     """Retrain offline on a kept run's lake and score the same split (for iterating on the
     model: the same training code and runtime as ``recsys retrain`` / ``recsys serve``, no
-    HTTP; the black-box run stays the truth). Needs a run made with ``--keep-home``."""
+    HTTP; the black-box run stays the truth). Needs a run made with ``--keep-home``; give
+    the work directory of one protocol (``bb-<dataset>-<protocol>-*``)."""
     from recsys_assets.training.params import TrainingParams
     from recsys_assets.training.pipeline import train_bundle
     from recsys_serving.lake import LocalLake
@@ -531,12 +444,7 @@ def replay(work: Path, overrides: dict[str, Any], label: str) -> dict[str, Any]:
 
     saved = json.loads((work / "split.json").read_text())
     row = json.loads((work / "result.json").read_text())
-    sp = Split(
-        saved["cut"],
-        pl.DataFrame(),
-        {u: set(v) for u, v in saved["truth"].items()},
-        set(saved["known"]),
-    )
+    truth = {u: set(v) for u, v in saved["truth"].items()}
     lake = LocalLake(work / "home" / "lake")
     params = TrainingParams.create(**overrides)
     out = Path(tempfile.mkdtemp(prefix="replay-", dir=work))
@@ -546,13 +454,12 @@ def replay(work: Path, overrides: dict[str, Any], label: str) -> dict[str, Any]:
         fit = time.perf_counter() - started
         model = Recommender.load(outcome.bundle_path)
         t0 = time.perf_counter()
-        lists = {u: [r.item_id for r in model.recommend(u, K)] for u in sorted(sp.truth)}
+        lists = {u: [r.item_id for r in model.recommend(u, K)] for u in sorted(truth)}
         per_request = (time.perf_counter() - t0) / max(len(lists), 1) * 1000
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    n_items = max(row["info"].get("catalog_items", 0), len(model.state.item_ids))
     row[label] = {
-        **scores(lists, sp, n_items),
+        **protocols.metrics(lists, truth, K),
         "params": overrides,
         "fit_seconds": round(fit, 1),
         "ms_per_request": round(per_request, 2),
@@ -561,13 +468,26 @@ def replay(work: Path, overrides: dict[str, Any], label: str) -> dict[str, Any]:
         "internal_holdout": {k: v for k, v in outcome.metrics.items() if "@" in k},
     }
     row.pop("steps", None)
-    print_table(row, ("two_stage", label, "als", "item_knn", "popularity"))
+    print_table(row, ("two_stage", label))
     print(
         f"  {label}: fit {fit:.1f}s, {per_request:.2f} ms/request offline, candidate recall "
-        f"{row[label]['candidate_recall']:.3f}, ranker rounds {row[label]['ranker_iterations']}",
+        f"{row[label]['candidate_recall']}, ranker rounds {row[label]['ranker_iterations']}",
         flush=True,
     )
     return row
+
+
+def run_dataset(data: Path, which: list[str], **kwargs: Any) -> dict[str, Any]:
+    info = (
+        json.loads((data / "dataset.json").read_text()) if (data / "dataset.json").exists() else {}
+    )
+    events = read_events(data / "events.ndjson")
+    out: dict[str, Any] = {"dataset": data.name, "info": info, "protocols": {}}
+    for protocol in which:
+        row = run_protocol(data, events, protocol, **kwargs)
+        print_table(row)
+        out["protocols"][protocol] = row
+    return out
 
 
 def main() -> None:
@@ -578,9 +498,15 @@ def main() -> None:
         default="",
         help="comma-separated shape:size:seed to generate first (bench/datasets.py)",
     )
-    parser.add_argument("--test-share", type=float, default=0.1)
-    parser.add_argument("--cut", choices=("events", "span"), default="events")
-    parser.add_argument("--quick-baselines", action="store_true", help="4 configs per baseline")
+    parser.add_argument(
+        "--protocol", choices=("per-user", "global", "both"), default="both", help="time split"
+    )
+    parser.add_argument(
+        "--test-share", type=float, default=0.2, help="share of events in the test (0.2)"
+    )
+    parser.add_argument(
+        "--quick-baselines", action="store_true", help="a few configurations per baseline"
+    )
     parser.add_argument("--max-users", type=int, default=None, help="sample test users")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--keep-home", action="store_true")
@@ -619,12 +545,13 @@ def main() -> None:
             dirs.append(out)
     if not dirs:
         parser.error("give dataset directories or --generate")
+    which = list(protocols.PROTOCOLS) if args.protocol == "both" else [args.protocol]
     rows = []
     for data in dirs:
         row = run_dataset(
             data,
-            test_share=args.test_share,
-            by=args.cut,
+            which,
+            train_share=1.0 - args.test_share,
             quick=args.quick_baselines,
             max_users=args.max_users,
             concurrency=args.concurrency,
@@ -632,14 +559,26 @@ def main() -> None:
             env_overrides=overrides,
             workroot=workroot,
         )
-        print_table(row)
         rows.append(row)
         out = args.out or RESULTS / f"blackbox-{row['dataset']}.json"
         if args.out and len(dirs) > 1:
             out = args.out.with_name(f"{args.out.stem}-{row['dataset']}{args.out.suffix}")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(row, indent=2, default=str) + "\n")
-    if any("error" in r for r in rows):
+    print("summary (NDCG@10 of the served two-stage model / best tuned baseline):")
+    for row in rows:
+        for protocol, r in row["protocols"].items():
+            if "two_stage" in r:
+                print(
+                    f"  {row['dataset']:<24} {protocol:<9} {r['two_stage']['ndcg@10']:.4f} / "
+                    f"{r['baselines'][r['best_baseline']]['ndcg@10']:.4f} "
+                    f"({r['best_baseline']}), lift {r['lift']:+.1%}"
+                    if r["lift"] is not None
+                    else f"  {row['dataset']} {protocol}: no lift"
+                )
+            else:
+                print(f"  {row['dataset']:<24} {protocol:<9} FAILED: {r.get('error')}")
+    if any("error" in r for row in rows for r in row["protocols"].values()):
         sys.exit(1)
 
 

@@ -29,6 +29,13 @@ find; everything else is reshaped after the public dataset it imitates:
   similarity (the regime of session-based recommenders); cookie-like user ids.
 * ``organic``: taste-only ratings at uniformly random times, no exposure, no trends:
   the regime where item-kNN is strongest (the same world as ``bench/quality.py``).
+* ``bursty``: the regime of issue 11's real log: 1-5 ``rating`` events with integer
+  epoch seconds over seven months (``medium``: a year), each user active in one to a
+  few short bursts of a few days at their own times, items released over the whole
+  period (``published_at``), choices driven by a hidden taste model (plus some
+  popularity and a pull towards fresh releases), no impressions, no sessions. Under a
+  per-user time split, taste models (EASE, ALS) beat popularity; under a global split,
+  recent popularity is strong because most test users are in a burst at the cut.
 
 Usage::
 
@@ -58,7 +65,7 @@ sys.path.insert(0, str(ROOT))
 from recsys_assets.simulation.truth import GroundTruth  # noqa: E402
 
 DAY = 86_400.0
-SHAPES = ("movielens", "movielens-early", "retailrocket", "sessions", "organic")
+SHAPES = ("movielens", "movielens-early", "retailrocket", "sessions", "organic", "bursty")
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
     # MovieLens-100K / -1M: ~100k / ~1M ratings.
     "movielens": {
@@ -73,6 +80,11 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
     "sessions": {
         "small": {"n_users": 15_000, "n_items": 4_000, "n_categories": 30},
         "medium": {"n_users": 100_000, "n_items": 15_000, "n_categories": 60},
+    },
+    # Issue 11's regime; small is MovieLens-100K's scale (~100k ratings, 7 months).
+    "bursty": {
+        "small": {"n_users": 950, "n_items": 1_700, "median_ratings": 70, "days": 212},
+        "medium": {"n_users": 6_000, "n_items": 3_900, "median_ratings": 100, "days": 365},
     },
     # bench/quality.py's organic worlds.
     "organic": {
@@ -601,6 +613,153 @@ def organic(size: str, seed: int) -> Dataset:
     return Dataset("organic", size, seed, items, users, events, {})
 
 
+# --------------------------------------------------------------------------- bursty
+BURSTY_END = datetime(2021, 9, 1, tzinfo=UTC)
+
+
+def bursty_world(
+    n_users: int,
+    n_items: int,
+    median_ratings: float,
+    days: float,
+    seed: int,
+    *,
+    end: datetime = BURSTY_END,
+    size: str = "custom",
+) -> Dataset:
+    """Users rate in short bursts at their own times; items come out over the whole log.
+
+    Why this shape: a per-user time split then tests each user at their own time
+    (taste must be learnt from other users' bursts, long before or after), while a
+    global split tests the few users who happen to be active at the cut, where recent
+    popularity is hard to beat. A model must be good at both. Any size works (tests
+    use a few hundred users); ``SIZES["bursty"]`` holds the benchmark ones.
+    """
+    end_s = end.timestamp()
+    start_s = end_s - days * DAY
+    truth = GroundTruth.generate(
+        n_users,
+        n_items,
+        len(GENRES),
+        seed,
+        datetime.fromtimestamp(start_s, UTC),
+        end,
+        zipf_exponent=0.9,
+        affinity_concentration=0.3,
+    )
+    rng = np.random.default_rng([seed, 0xB055])
+    log_pop = np.log(truth.item_popularity)
+
+    # A quarter of the catalogue predates the log (up to 3 years), the rest is released
+    # uniformly during it; a release is rateable from its date on.
+    old = rng.random(n_items) < 0.25
+    release = np.where(
+        old,
+        start_s - rng.uniform(0, 3 * 365 * DAY, size=n_items),
+        start_s + rng.uniform(0, days * DAY * 0.97, size=n_items),
+    )
+    item_ids = np.sort(rng.choice(np.arange(1, int(n_items * 1.1) + 1), n_items, replace=False))
+    user_ids = np.arange(1, n_users + 1)
+
+    counts = np.clip(
+        rng.lognormal(np.log(median_ratings), 0.9, size=n_users), 5, n_items * 0.5
+    ).astype(int)
+    n_bursts = np.minimum(1 + rng.poisson(0.7, size=n_users), 4)
+    generous = rng.normal(0.0, 0.5, size=n_users)
+
+    users_col: list[npt.NDArray[np.int64]] = []
+    items_col: list[npt.NDArray[np.int64]] = []
+    ts_col: list[npt.NDArray[np.int64]] = []
+    score_col: list[npt.NDArray[np.float64]] = []
+    for lo in range(0, n_users, 256):
+        block = np.arange(lo, min(lo + 256, n_users))
+        log_rel = np.log(truth.relevance_matrix(block))
+        for row, u in enumerate(block.tolist()):
+            k = int(n_bursts[u])
+            length = rng.uniform(0.5, 5.0, size=k) * DAY
+            begin = np.sort(start_s + rng.uniform(0, days * DAY - length.max(), size=k))
+            share = rng.dirichlet(np.full(k, 2.0)) if k > 1 else np.ones(1)
+            per_burst = np.maximum(1, np.round(share * counts[u])).astype(int)
+            rated = np.zeros(n_items, dtype=bool)
+            for b0, dur, c in zip(begin.tolist(), length.tolist(), per_burst.tolist(), strict=True):
+                since = b0 - release
+                fresh = np.where(since >= 0, np.exp(-np.maximum(since, 0) / (30 * DAY)), 0.0)
+                keys = 3.0 * log_rel[row] + 0.5 * log_pop + 1.2 * fresh + _gumbel(rng, n_items)
+                keys[(since < 0) | rated] = -np.inf
+                chosen = _top(keys, c)
+                if chosen.size == 0:
+                    continue
+                rated[chosen] = True
+                rng.shuffle(chosen)
+                when = np.floor(np.sort(b0 + rng.uniform(0, dur, size=chosen.size)))
+                users_col.append(np.full(chosen.size, u, dtype=np.int64))
+                items_col.append(chosen.astype(np.int64))
+                ts_col.append(when.astype(np.int64))
+                score_col.append(
+                    log_rel[row, chosen] + generous[u] + rng.normal(0, 0.5, size=chosen.size)
+                )
+    u_arr = np.concatenate(users_col)
+    i_arr = np.concatenate(items_col)
+    t_arr = np.concatenate(ts_col)
+    score = np.concatenate(score_col)
+    cuts = np.quantile(score, np.cumsum(STAR_SHARES)[:-1])
+    stars = (np.searchsorted(cuts, score) + 1).astype(np.int64)
+    order = np.lexsort((i_arr, t_arr))
+    n = order.size
+    events = pl.DataFrame(
+        {
+            "event_id": [f"b-{k}" for k in range(n)],
+            "event_type": ["rating"] * n,
+            "user_id": user_ids[u_arr[order]],
+            "item_id": item_ids[i_arr[order]],
+            "ts": t_arr[order],
+            "value": stars[order],
+        }
+    )
+    published = [datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d") for t in release.tolist()]
+    items = pl.DataFrame(
+        {
+            "item_id": item_ids,
+            "title": [f"Title {i}" for i in item_ids.tolist()],
+            "categories": [
+                [GENRES[c] for c in row if c >= 0] for row in truth.item_categories.tolist()
+            ],
+            "published_at": published,
+        }
+    )
+    users = pl.DataFrame(
+        {
+            "user_id": user_ids,
+            "gender": rng.choice(["M", "F"], size=n_users, p=[0.7, 0.3]),
+            "age": rng.choice([18, 25, 35, 45, 50, 56], size=n_users),
+        }
+    )
+    return Dataset(
+        "bursty",
+        size,
+        seed,
+        items,
+        users,
+        events,
+        {
+            "bursts_per_user": round(float(n_bursts.mean()), 2),
+            "released_during_logs": int((~old).sum()),
+        },
+    )
+
+
+def bursty(size: str, seed: int) -> Dataset:
+    shape = SIZES["bursty"][size]
+    return bursty_world(
+        shape["n_users"],
+        shape["n_items"],
+        shape["median_ratings"],
+        shape["days"],
+        seed,
+        size=size,
+    )
+
+
 # --------------------------------------------------------------------------- output
 GENERATORS: dict[str, Callable[[str, int], Dataset]] = {
     "movielens": movielens,
@@ -608,6 +767,7 @@ GENERATORS: dict[str, Callable[[str, int], Dataset]] = {
     "retailrocket": retailrocket,
     "sessions": sessions,
     "organic": organic,
+    "bursty": bursty,
 }
 
 

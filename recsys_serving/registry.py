@@ -729,6 +729,13 @@ class PromotionRule:
     metric: str = "ndcg@10"
     min_lift: float = 0.01
     guardrails: dict[str, float] = field(default_factory=dict)
+    # The first-model rule (decide_first_model): a holdout with fewer users cannot keep a
+    # model from serving; ``first_model_z`` is the one-sided confidence of "clearly below".
+    first_model_min_users: int = 30
+    first_model_z: float = 1.645
+    # None: the rule applies to logs without logged impressions only (see
+    # decide_first_model); True / False: always / never.
+    first_model_gate: bool | None = None
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.min_lift) or self.min_lift < 0:
@@ -736,6 +743,12 @@ class PromotionRule:
         for name, tolerance in self.guardrails.items():
             if not math.isfinite(tolerance) or tolerance < 0:
                 raise ValueError(f"guardrail {name!r}: tolerance must be >= 0, got {tolerance}")
+        if self.first_model_min_users < 1:
+            raise ValueError("first_model_min_users must be at least 1")
+        if not math.isfinite(self.first_model_z) or self.first_model_z < 0:
+            raise ValueError(
+                f"first_model_z must be a finite number >= 0, got {self.first_model_z}"
+            )
 
     @classmethod
     def from_settings(cls, settings: Any) -> PromotionRule:
@@ -743,6 +756,8 @@ class PromotionRule:
             metric=settings.promotion_metric,
             min_lift=float(settings.promotion_min_lift),
             guardrails={k: float(v) for k, v in settings.promotion_guardrails.items()},
+            first_model_min_users=int(settings.promotion_first_model_min_users),
+            first_model_gate=settings.promotion_first_model_gate,
         )
 
 
@@ -827,3 +842,112 @@ def decide_promotion(
         f"{summary} ({lift:+.1%}) does not beat production by {rule.min_lift:.1%}",
         evidence,
     )
+
+
+# --- the first-model rule -------------------------------------------------------------
+# While production has no model that beat popularity, its alias record says so in its
+# evidence (``answers: popularity``): serving then answers with the model's popular
+# items (``served_by: fallback``, reason ``below_popularity``) instead of its ranking.
+ANSWERS = "answers"
+POPULARITY_ANSWERS = "popularity"
+
+
+def serves_popularity(state: AliasState | None) -> bool:
+    """True when this alias's model is registered but must answer with popularity."""
+    return state is not None and state.evidence.get(ANSWERS) == POPULARITY_ANSWERS
+
+
+@dataclass(frozen=True, slots=True)
+class FirstModelDecision:
+    """``serve``: the model's own answers go out; otherwise popularity does, with
+    ``warning`` saying why."""
+
+    serve: bool
+    reason: str
+    warning: str | None
+    evidence: dict[str, Any]
+
+
+def decide_first_model(
+    comparisons: Mapping[str, Mapping[str, Any] | None],
+    rule: PromotionRule,
+    impressions: int = 0,
+) -> FirstModelDecision:
+    """May a model serve its own answers when none has beaten popularity yet?
+
+    ``comparisons`` maps a holdout name (``holdout``, ``per_user``) to the paired
+    comparison of the challenger with popularity on its users (``users``, mean NDCG of
+    ``challenger`` and ``popularity``, mean per-user ``difference`` and its
+    ``stderr``). Only holdouts with at least ``rule.first_model_min_users`` users judge.
+    The model serves when no judging holdout finds it clearly below popularity (the
+    difference's one-sided upper bound at ``rule.first_model_z`` is below 0) and at least
+    one finds it above. A tiny holdout (23 users) cannot block a model by noise, and a
+    per-user holdout of hundreds of users can still catch a model that only follows
+    recency. With no judging holdout at all nothing can be told: the model serves, with
+    a warning.
+
+    By default (``rule.first_model_gate`` None) the rule is not applied to a log with
+    logged ``impressions``: there the next clicks follow what was shown (mostly popular
+    items), so an offline comparison favours popularity and the closed loop's online
+    canary is the judge; the figures are still reported.
+    """
+    minimum = rule.first_model_min_users
+    judged: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    for name, comp in comparisons.items():
+        users = int(comp.get("users") or 0) if comp else 0
+        diff = _finite(comp.get("difference")) if comp else None
+        if comp is None or diff is None or users < minimum:
+            skipped[name] = f"{users} users (fewer than {minimum})" if comp else "not computed"
+            continue
+        stderr = _finite(comp.get("stderr"))
+        upper = diff + rule.first_model_z * (stderr if stderr is not None else math.inf)
+        judged[name] = {
+            **{k: comp.get(k) for k in ("users", "challenger", "popularity", "difference")},
+            "stderr": stderr,
+            "upper_bound": upper if math.isfinite(upper) else None,
+            "clearly_below": bool(upper < 0),
+            "above": bool(diff > 0),
+        }
+    evidence: dict[str, Any] = {
+        "min_users": minimum,
+        "z": rule.first_model_z,
+        "judged": judged,
+        "skipped": skipped,
+    }
+
+    def figures(name: str) -> str:
+        j = judged[name]
+        return (
+            f"{name} NDCG@10 {j['challenger']:.4f} vs popularity {j['popularity']:.4f} "
+            f"({j['users']:.0f} users)"
+        )
+
+    if rule.first_model_gate is False or (rule.first_model_gate is None and impressions > 0):
+        why = (
+            "switched off"
+            if rule.first_model_gate is False
+            else f"the log has {impressions:,} logged impressions: offline figures favour "
+            "what was shown, the online canary judges"
+        )
+        evidence["skipped_rule"] = why
+        return FirstModelDecision(True, f"first-model rule not applied ({why})", None, evidence)
+    if not judged:
+        warning = (
+            "no holdout has enough users to compare with popularity ("
+            + "; ".join(f"{n}: {why}" for n, why in sorted(skipped.items()))
+            + "): serving the model unchecked"
+        )
+        return FirstModelDecision(True, warning, warning, evidence)
+    below = sorted(n for n, j in judged.items() if j["clearly_below"])
+    above = sorted(n for n, j in judged.items() if j["above"])
+    if below:
+        reason = "clearly below popularity: " + "; ".join(figures(n) for n in below)
+    elif not above:
+        reason = "not above popularity: " + "; ".join(figures(n) for n in sorted(judged))
+    else:
+        return FirstModelDecision(
+            True, "beats popularity: " + "; ".join(figures(n) for n in above), None, evidence
+        )
+    warning = f"{reason}; serving popularity answers until a model beats it"
+    return FirstModelDecision(False, reason, warning, evidence)

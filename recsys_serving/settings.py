@@ -138,6 +138,18 @@ class Settings(BaseSettings):
         default_factory=lambda: {"recall@10": 0.05, "coverage@10": 0.20},
         description="Metric -> largest relative drop tolerated (JSON in the environment).",
     )
+    promotion_first_model_gate: bool | None = Field(
+        default=None,
+        description="First-model rule: a model must beat popularity on the holdouts to serve "
+        "its own answers (unset: only for logs without logged impressions, whose offline "
+        "comparison with popularity is not skewed by exposure; docs/model.md).",
+    )
+    promotion_first_model_min_users: int = Field(
+        default=30,
+        ge=1,
+        description="First-model rule: fewest users a holdout needs before its comparison "
+        "with popularity can keep the model from serving (docs/model.md).",
+    )
 
     # Serving.
     api_keys: dict[str, list[str]] | None = Field(

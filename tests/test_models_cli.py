@@ -178,3 +178,36 @@ def test_promote_says_to_publish_by_hand_when_automatic_publishing_is_off(
     code, output = run("promote", version)
     assert code == 0, output
     assert "launch publish_job" in output and "promotion_sensor publishes" not in output
+
+
+def test_show_says_when_production_answers_with_popularity(home: Path, tmp_path: Path) -> None:
+    """The first-model rule's decision and both figures are in ``recsys models show``."""
+    reg = registry(home)
+    bundle = make_bundle(tmp_path, 1, 0.29)
+    tags = {
+        "decision": "below_popularity",
+        "holdout_challenger_ndcg@10": "0.2950",
+        "holdout_popularity_ndcg@10": "0.3470",
+        "per_user_challenger_ndcg@10": "0.2125",
+        "per_user_popularity_ndcg@10": "0.2490",
+    }
+    mv = reg.register(bundle, tags=tags)
+    reg.promote(
+        mv.version,
+        reason="first model, answering with popularity",
+        evidence={
+            "answers": "popularity",
+            "first_model_rule": {"serve": False, "warning": "clearly below popularity: per_user"},
+        },
+    )
+    code, output = run("show", "production")
+    assert code == 0, output
+    assert "answers: popularity" in output and "clearly below popularity" in output
+    assert "per-user holdout" in output and "0.2125" in output and "0.2490" in output
+    assert "time holdout" in output and "0.2950" in output and "0.3470" in output
+
+    better = make_bundle(tmp_path, 2, 0.35)
+    mv2 = reg.register(better, tags={"decision": "first_model"})
+    reg.promote(mv2.version, reason="first model: beats popularity: per_user ...")
+    code, output = run("show", "production")
+    assert code == 0 and "answers: this model (first model: beats popularity" in output

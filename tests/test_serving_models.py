@@ -360,6 +360,7 @@ def test_admin_routes_move_aliases_and_reload(
             "share": 0.25,
             "loaded_at": r.json()["state"]["candidate"]["loaded_at"],
             "ranker": "compiled",  # native code (model/ranker.py), else "lightgbm"
+            "answers": "model",  # "popularity" while it has not beaten popularity
         }
         r = client.post("/admin/models/promote", json={"version": v2, "reason": "won"}, headers=key)
         assert r.status_code == 200

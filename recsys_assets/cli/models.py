@@ -226,6 +226,7 @@ def show(
     ]:
         head.add_row(label, escape(_fmt(value)))
     out.print(head)
+    _print_evaluation(reg, mv.version, mv.tags)
     if mv.metrics:
         metrics = Table(title="metrics", title_justify="left")
         metrics.add_column("metric")
@@ -241,6 +242,38 @@ def show(
         files.add_row(escape(name), _size(int(entry["size"])), entry["sha256"][:16])
     out.print(files)
     summary(f"{mv.version}: {len(mv.files)} file(s), {_size(mv.size)}")
+
+
+def _print_evaluation(reg: ModelRegistry, version: str, tags: dict[str, str]) -> None:
+    """What model_evaluation said about this version (its registration tags) and, when it
+    is production, whether it serves its own answers or popularity (the first-model rule)."""
+    from recsys_serving.registry import PRODUCTION, serves_popularity
+
+    table = Table(title="evaluation at registration (NDCG@10)", title_justify="left")
+    table.add_column("holdout")
+    table.add_column("this model", justify="right")
+    table.add_column("popularity", justify="right")
+    rows = 0
+    for holdout, label in (("holdout", "time holdout"), ("per_user", "per-user holdout")):
+        ours = tags.get(f"{holdout}_challenger_ndcg@10")
+        base = tags.get(f"{holdout}_popularity_ndcg@10")
+        if ours is not None or base is not None:
+            table.add_row(label, ours or "-", base or "-")
+            rows += 1
+    if rows:
+        out.print(table)
+    production = reg.alias(PRODUCTION)
+    if production is None or production.version != version:
+        return
+    rule = production.evidence.get("first_model_rule") or {}
+    if serves_popularity(production):
+        note = rule.get("warning") or rule.get("reason") or production.reason
+        out.print(
+            "[bold yellow]answers: popularity[/] (first-model rule: this model did not beat "
+            f"popularity; {escape(str(note))})"
+        )
+    else:
+        out.print(f"answers: this model ({escape(str(rule.get('reason') or production.reason))})")
 
 
 @models_app.command("register")

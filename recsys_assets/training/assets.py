@@ -303,7 +303,10 @@ def recommender_model(
     description=(
         "Time-based holdout: the challenger, the production model as served and a "
         "popularity baseline on the same users (NDCG/Recall/HitRate/MAP@K, coverage, "
-        "replayed CTR); the promotion rule's decision with its reason."
+        "replayed CTR); a per-user holdout (each sampled user's last 20% of events, "
+        "state rebuilt without them): the challenger and popularity; the promotion "
+        "rule's decision (or, with no production model that beat popularity, the "
+        "first-model rule's) with its reason."
     ),
 )
 def model_evaluation(
@@ -315,7 +318,10 @@ def model_evaluation(
     context.log.info(f"{result['decision']}: {result['decision_reason']}")
     meta = evaluation_metadata(result)
     try:
-        png = metrics_chart_png(result["metrics"], result["k"])
+        charted = dict(result["metrics"])
+        for model, figures in ((result.get("per_user") or {}).get("metrics") or {}).items():
+            charted[f"{model} (per-user)"] = figures
+        png = metrics_chart_png(charted, result["k"])
         meta["chart"] = dg.MetadataValue.md(
             f"![metrics](data:image/png;base64,{base64.b64encode(png).decode()})"
         )
@@ -341,6 +347,23 @@ def evaluation_metadata(result: dict[str, Any]) -> dict[str, Any]:
         value = (metrics.get(model) or {}).get(f"ndcg@{k}")
         if isinstance(value, int | float):
             meta[f"{model}_ndcg@{k}"] = float(value)
+    per_user = result.get("per_user")
+    if per_user:
+        meta["per_user_holdout"] = _json(per_user["holdout"])
+        meta["per_user_comparison"] = _json(per_user["comparison"])
+        for model, figures in per_user["metrics"].items():
+            value = figures.get(f"ndcg@{k}")
+            if isinstance(value, int | float):
+                meta[f"per_user_{model}_ndcg@{k}"] = float(value)
+    rule = result.get("first_model_rule")
+    if rule:
+        meta["first_model_rule"] = _json(rule)
+        if rule.get("applies"):
+            meta["answers"] = "model" if rule.get("serve") else "popularity"
+        if rule.get("warning"):
+            meta["warning"] = rule["warning"]
+    if result.get("production_answers"):
+        meta["production_answers"] = result["production_answers"]
     return meta
 
 
@@ -350,8 +373,9 @@ def evaluation_metadata(result: dict[str, Any]) -> dict[str, Any]:
     kinds={"registry"},
     description=(
         "Registers the bundle in the lake's model registry (always) and makes it "
-        "production only when no production model exists yet; later promotions belong to "
-        "the closed loop."
+        "production only when no production model exists yet (or production only answers "
+        "with popularity); a model below popularity answers with popularity until one "
+        "beats it (first-model rule); later promotions belong to the closed loop."
     ),
 )
 def registered_model(
@@ -367,7 +391,17 @@ def registered_model(
             **{
                 key: value
                 for key, value in evaluation_metadata(evaluation).items()
-                if key in ("decision", "decision_reason", "production_version", "metrics")
+                if key
+                in (
+                    "decision",
+                    "decision_reason",
+                    "production_version",
+                    "metrics",
+                    "answers",
+                    "warning",
+                    "per_user_challenger_ndcg@10",
+                    "per_user_popularity_ndcg@10",
+                )
             },
         }
     )

@@ -5,6 +5,13 @@ items they interacted with there and had not interacted with before (recommender
 never repeat seen items). Every model is asked for the same users at the same K:
 the challenger (its learned parts applied to the state as of the holdout start),
 the current production model as it is served, and a popularity baseline.
+
+The **per-user holdout** tests users at their own time instead, as acceptance's per-user
+protocol does (``docs/model.md``): for a sample of users, each one's last 20% of events
+(by time, then item) are left out, and the challenger's state is rebuilt, as of the end
+of the window, from everything else. Users active in a burst months before the end are
+then tested too, which a time holdout of the last day never sees: a model that only
+follows recency passes the time holdout and fails this one.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import numpy.typing as npt
 import polars as pl
 
 from recsys_assets.training.data import Encoded
-from recsys_assets.training.metrics import aggregate, replay_ctr
+from recsys_assets.training.metrics import aggregate, replay_ctr, user_metrics
 from recsys_assets.training.params import TrainingParams
 from recsys_serving.model.state import ModelState
 
@@ -83,6 +90,117 @@ def build_holdout(state: ModelState, enc: Encoded, end: float, params: TrainingP
         },
     )
     return holdout
+
+
+PER_USER_TEST_SHARE = 0.2  # each sampled user's last 20% of events, as acceptance splits
+PER_USER_MIN_EVENTS = 5  # a user needs a history and a test: at least 4 + 1 events
+
+
+@dataclass
+class PerUserSplit:
+    """The per-user holdout: who is tested on what, and the events the state is built from."""
+
+    truth: dict[str, set[str]]  # user id -> relevant (unseen) items of their last 20%
+    train: Encoded  # every event except the sampled users' last 20%
+    stats: dict[str, Any]
+
+
+def _subset(enc: Encoded, keep: npt.NDArray[np.bool_], keep_imp: npt.NDArray[np.bool_]) -> Encoded:
+    """``enc`` without some events and impressions (both stay sorted by time)."""
+    values: dict[str, np.ndarray] = {}
+    for name, array in enc.to_arrays().items():
+        values[name] = array[keep_imp] if name.startswith("imp_") else array[keep]
+    return Encoded.from_arrays(values)
+
+
+def per_user_split(
+    enc: Encoded, user_ids: npt.NDArray[Any], item_ids: npt.NDArray[Any], params: TrainingParams
+) -> PerUserSplit | None:
+    """Each sampled user's last ``floor``-20% of events, by (time, item), is their test.
+
+    Users with at least ``PER_USER_MIN_EVENTS`` events are eligible; at most
+    ``params.eval_per_user_users`` of them are drawn (seeded), which bounds the cost of
+    scoring, not of the state rebuild (one more snapshot of the window). Their
+    impressions from their first test event on are left out too. None when no user is
+    eligible or ``eval_per_user_users`` is 0.
+    """
+    if params.eval_per_user_users <= 0 or enc.user.size == 0:
+        return None
+    counts = np.bincount(enc.user, minlength=int(enc.user.max()) + 1)
+    eligible = np.flatnonzero(counts >= PER_USER_MIN_EVENTS)
+    if eligible.size == 0:
+        return None
+    rng = np.random.default_rng([params.seed, 0x9E5E])
+    if eligible.size > params.eval_per_user_users:
+        eligible = np.sort(rng.choice(eligible, size=params.eval_per_user_users, replace=False))
+    chosen = np.zeros(counts.size, dtype=bool)
+    chosen[eligible] = True
+    rows = np.flatnonzero(chosen[enc.user])
+    order = rows[np.lexsort((enc.item[rows], enc.ts[rows], enc.user[rows]))]
+    users = enc.user[order]
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    sizes = np.diff(np.r_[starts, users.size])
+    rank = np.arange(users.size) - np.repeat(starts, sizes)
+    n_train = np.floor(np.repeat(sizes, sizes) * (1.0 - PER_USER_TEST_SHARE) + 1e-9)
+    test = order[rank >= n_train]
+    keep = np.ones(enc.user.size, dtype=bool)
+    keep[test] = False
+    first_test = np.full(counts.size, np.inf)
+    np.minimum.at(first_test, enc.user[test], enc.ts[test])
+    imp_user = enc.imp_user
+    known = (imp_user >= 0) & (imp_user < counts.size)
+    limit = np.where(known, first_test[np.where(known, imp_user, 0)], np.inf)
+    keep_imp = enc.imp_ts < limit
+    train_pairs = set(
+        zip(
+            enc.user[keep & chosen[enc.user]].tolist(),
+            enc.item[keep & chosen[enc.user]].tolist(),
+            strict=True,
+        )
+    )
+    truth_rows: dict[int, set[int]] = {}
+    for u, i in zip(enc.user[test].tolist(), enc.item[test].tolist(), strict=True):
+        if (u, i) not in train_pairs:
+            truth_rows.setdefault(u, set()).add(i)
+    if not truth_rows:
+        return None
+    truth = {str(user_ids[u]): {str(item_ids[i]) for i in items} for u, items in truth_rows.items()}
+    stats = {
+        "users_eligible": int((counts >= PER_USER_MIN_EVENTS).sum()),
+        "users_sampled": int(eligible.size),
+        "users_evaluated": len(truth),
+        "test_events": int(test.size),
+        "relevant_items": int(sum(len(v) for v in truth.values())),
+        "test_share": PER_USER_TEST_SHARE,
+    }
+    return PerUserSplit(truth, _subset(enc, keep, keep_imp), stats)
+
+
+def per_user_ndcg(lists_for: ListFn, holdout: Holdout) -> dict[str, float]:
+    """NDCG@k of every holdout user (for paired comparisons between two recommenders)."""
+    k = holdout.k
+    return {
+        user: user_metrics(list(lists_for(user, k))[:k], relevant, k)["ndcg"]
+        for user, relevant in holdout.truth.items()
+    }
+
+
+def paired_comparison(challenger: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
+    """Mean NDCG of both on the same users, and the mean per-user difference with its
+    standard error: what tells a real gap from the noise of a small holdout."""
+    users = sorted(challenger)
+    a = np.asarray([challenger[u] for u in users], dtype=np.float64)
+    b = np.asarray([baseline[u] for u in users], dtype=np.float64)
+    diff = a - b
+    n = int(diff.size)
+    stderr = float(diff.std(ddof=1) / math.sqrt(n)) if n > 1 else math.inf
+    return {
+        "users": float(n),
+        "challenger": round(float(a.mean()), 6) if n else math.nan,
+        "popularity": round(float(b.mean()), 6) if n else math.nan,
+        "difference": round(float(diff.mean()), 6) if n else math.nan,
+        "stderr": round(stderr, 6) if math.isfinite(stderr) else math.inf,
+    }
 
 
 def evaluate(lists_for: ListFn, holdout: Holdout, params: TrainingParams) -> dict[str, float]:

@@ -129,6 +129,9 @@ class TrainingParams:
     # Evaluation.
     eval_k: int = 10
     eval_max_users: int = 5_000
+    # Per-user holdout (each sampled user's last 20% of events; 0 switches it off): users
+    # scored, and the cost of one more state snapshot of the window (evaluation.py).
+    eval_per_user_users: int = 2_000
     ips_clip: float = 10.0
     # A window with fewer positive events than this is refused.
     min_events: int = 200
@@ -184,6 +187,8 @@ class TrainingParams:
             raise ValueError("lastout_share must be in (0, 1)")
         if self.time_buckets < 1 or not self.ease_lambda_grid:
             raise ValueError("time_buckets must be positive and ease_lambda_grid non-empty")
+        if self.eval_per_user_users < 0:
+            raise ValueError("eval_per_user_users must not be negative (0 switches it off)")
         if self.candidate_pool < 10:
             raise ValueError("candidate_pool must be at least 10")
 

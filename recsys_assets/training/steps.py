@@ -47,10 +47,15 @@ from recsys_assets.training.data import (
 )
 from recsys_assets.training.ease import select_lambda
 from recsys_assets.training.evaluation import (
+    Holdout,
+    ListFn,
     build_holdout,
     evaluate,
     markdown_table,
     model_lists,
+    paired_comparison,
+    per_user_ndcg,
+    per_user_split,
     popularity_lists,
 )
 from recsys_assets.training.lastout import SNAPSHOT as LASTOUT
@@ -95,14 +100,19 @@ from recsys_serving.model.recommender import (
     STATE_DIR,
     Ranker,
     Recommender,
+    manifest_blend,
 )
 from recsys_serving.model.state import ModelState
 from recsys_serving.registry import (
+    ANSWERS,
     CANDIDATE,
+    POPULARITY_ANSWERS,
     PRODUCTION,
     ModelRegistry,
     PromotionRule,
+    decide_first_model,
     decide_promotion,
+    serves_popularity,
 )
 
 log = get_logger(__name__)
@@ -630,25 +640,116 @@ def latest_bundle(lake: Lake, dest_root: Path) -> Path:
     return target
 
 
+def snapshot_state(
+    enc: Encoded,
+    vocab: Vocabulary,
+    as_of: float,
+    params: TrainingParams,
+    ease_lambda: float | None = None,
+) -> ModelState:
+    """A whole runtime state as of ``as_of`` from ``enc`` alone, built the way the
+    item_features, user_features and retrieval_model steps build each snapshot
+    (``ease_lambda``: the EASE regularisation retrieval_model chose)."""
+    items = item_snapshot(enc, vocab, as_of, params)
+    users = user_snapshot(enc, vocab, as_of, params)
+    matrix = als_matrix(enc, vocab, as_of, params)
+    fit = fit_als(enc, vocab, as_of, params, matrix=matrix)
+    retrieval = retrieval_snapshot(
+        enc, vocab, as_of, fit.item_factors, params, matrix=matrix, ease_lambda=ease_lambda
+    )
+    del matrix
+    return assemble_state(vocab, items, users, retrieval, params)
+
+
+def _listed(lists_for: ListFn, holdout: Holdout) -> ListFn:
+    """Ask once per user; evaluate() and per_user_ndcg() then read the same lists."""
+    k = holdout.k
+    lists = {user: list(lists_for(user, k)) for user in holdout.users}
+    return lambda user, n: lists[user][:n]
+
+
+def run_per_user_evaluation(
+    lake: Lake, prep: Prepared, params: TrainingParams, ranker: Any, blend: Blend | None = None
+) -> dict[str, Any] | None:
+    """The challenger and popularity on the per-user holdout (``evaluation.py``): each
+    sampled user's last 20% of events left out, the state rebuilt without them as of the
+    end of the window (ALS with the settings retrieval_model chose), the bundle's ranker.
+
+    Its cost is one more snapshot of the window plus scoring at most
+    ``eval_per_user_users`` users; the production model is not scored here (its state
+    has seen those events)."""
+    started = time.perf_counter()
+    split = per_user_split(prep.enc, prep.vocab.user_ids, prep.vocab.item_ids, params)
+    if split is None:
+        return None
+    selection = art.get_json(lake, art.key(RETRIEVAL, "als_selection.json"))
+    fit_params = params.replace(**(selection.get("selected") or {}))
+    ease = art.get_json(lake, art.key(RETRIEVAL, "ease_selection.json")).get("selected")
+    state = snapshot_state(split.train, prep.vocab, prep.window.end, fit_params, ease)
+    holdout = Holdout(
+        k=params.eval_k,
+        truth=split.truth,
+        n_candidates=int(state.available.sum()),
+        stats=split.stats,
+    )
+    challenger = _listed(model_lists(Recommender(state, ranker, blend=blend)), holdout)
+    popularity = _listed(popularity_lists(state), holdout)
+    out = {
+        "metrics": {
+            "challenger": evaluate(challenger, holdout, params),
+            "popularity": evaluate(popularity, holdout, params),
+        },
+        "comparison": paired_comparison(
+            per_user_ndcg(challenger, holdout), per_user_ndcg(popularity, holdout)
+        ),
+        "holdout": {**holdout.stats, "seconds": round(time.perf_counter() - started, 3)},
+    }
+    log.info("evaluation.per_user", **out["comparison"], seconds=out["holdout"]["seconds"])
+    return out
+
+
 def run_model_evaluation(
     lake: Lake, params: TrainingParams, rule: PromotionRule, cache_dir: Path
 ) -> dict[str, Any]:
-    """Challenger vs production (as served) vs popularity on the same holdout; the decision."""
+    """Challenger vs production (as served) vs popularity on the same holdout, the same
+    on a per-user holdout, and the decision.
+
+    While production has no model that beat popularity (the first model, or one kept
+    answering with popularity), the first-model rule decides (``decide_first_model``):
+    ``first_model`` when the challenger may serve, ``below_popularity`` when it may not.
+    Otherwise the promotion rule compares it with production."""
     prep = load_prepared(lake)
     bundle = latest_bundle(lake, cache_dir)
     manifest = verify_bundle(bundle)
     challenger_metrics = {
         k: v for k, v in manifest.get("metrics", {}).items() if not isinstance(v, dict)
     }
+    # As the bundle serves: LightGBM with the blend breaking ties, or the blend alone.
+    blend = manifest_blend(manifest)
+    ranker: Ranker | BlendRanker
+    if (manifest.get("ranking") or {}).get("mode") == "blend" and blend is not None:
+        ranker = BlendRanker(blend)
+    else:
+        ranker = Ranker.load(bundle / RANKER_FILE, params.resolved_threads)
     eval_state = load_state(lake, prep, "eval", params)
     holdout = build_holdout(eval_state, prep.enc, prep.window.end, params)
-    popularity = evaluate(popularity_lists(eval_state), holdout, params)
+    popularity_fn = _listed(popularity_lists(eval_state), holdout)
+    popularity = evaluate(popularity_fn, holdout, params)
+    challenger_fn = _listed(model_lists(Recommender(eval_state, ranker, blend=blend)), holdout)
+    comparisons: dict[str, dict[str, float] | None] = {
+        "holdout": paired_comparison(
+            per_user_ndcg(challenger_fn, holdout), per_user_ndcg(popularity_fn, holdout)
+        )
+    }
+    per_user = run_per_user_evaluation(lake, prep, params, ranker, blend)
+    comparisons["per_user"] = per_user["comparison"] if per_user is not None else None
     registry = ModelRegistry(lake)
     production = registry.alias(PRODUCTION)
     production_metrics: dict[str, float] | None = None
     production_version = production.version if production is not None else None
+    gated = serves_popularity(production)
     unusable: str | None = None
-    if production_version is not None and production_version != manifest["version"]:
+    if production_version is not None and production_version != manifest["version"] and not gated:
         try:
             production_model = Recommender.load(registry.fetch(production_version, cache_dir))
         except BundleError as exc:
@@ -660,10 +761,16 @@ def run_model_evaluation(
             )
         else:
             production_metrics = evaluate(model_lists(production_model), holdout, params)
+    first_model = decide_first_model(comparisons, rule, impressions=int(prep.enc.imp_ts.size))
     decision = decide_promotion(challenger_metrics, production_metrics, rule)
     reason = decision.reason
-    if production_version is None:
-        verdict = "first_model"
+    if production_version is None or gated:
+        verdict = "first_model" if first_model.serve else "below_popularity"
+        reason = (
+            ""
+            if production_version is None
+            else f"production {production_version} answers with popularity; "
+        ) + (first_model.warning or first_model.reason)
     elif unusable is not None:
         verdict = "promote" if decision.promote else "reject"
         reason = f"production {production_version} cannot be evaluated ({unusable}); " + (
@@ -674,20 +781,37 @@ def run_model_evaluation(
         )
     else:
         verdict = "promote" if decision.promote else "reject"
-    results = {"challenger": challenger_metrics, "popularity": popularity}
+    if first_model.warning is not None and verdict in ("first_model", "below_popularity"):
+        log.warning("evaluation.first_model_rule", decision=verdict, warning=first_model.warning)
+    results: dict[str, dict[str, float]] = {
+        "challenger": challenger_metrics,
+        "popularity": popularity,
+    }
     if production_metrics is not None:
         results["production"] = production_metrics
+    if per_user is not None:
+        results["challenger, per-user holdout"] = per_user["metrics"]["challenger"]
+        results["popularity, per-user holdout"] = per_user["metrics"]["popularity"]
     evaluation = {
         "challenger_version": manifest["version"],
         "production_version": production_version,
+        "production_answers": POPULARITY_ANSWERS if gated else ("model" if production else None),
         "decision": verdict,
         "decision_reason": reason,
         "evidence": decision.evidence,
+        "first_model_rule": {
+            "applies": production_version is None or gated,
+            "serve": first_model.serve,
+            "reason": first_model.reason,
+            "warning": first_model.warning,
+            "evidence": first_model.evidence,
+        },
         "metrics": {
             "challenger": challenger_metrics,
             "production": production_metrics,
             "popularity": popularity,
         },
+        "per_user": per_user,
         "holdout": holdout.stats,
         "k": params.eval_k,
         "table": markdown_table(results, params.eval_k),
@@ -696,8 +820,26 @@ def run_model_evaluation(
     return evaluation
 
 
+def _ndcg_tags(evaluation: Mapping[str, Any]) -> dict[str, str]:
+    """The evaluation's headline figures as registration tags (``recsys models show``)."""
+    k = evaluation.get("k", 10)
+    name = f"ndcg@{k}"
+    tags: dict[str, str] = {}
+    metrics = evaluation.get("metrics") or {}
+    per_user = (evaluation.get("per_user") or {}).get("metrics") or {}
+    for prefix, source in (("holdout", metrics), ("per_user", per_user)):
+        for model in ("challenger", "popularity"):
+            value = (source.get(model) or {}).get(name)
+            if isinstance(value, int | float):
+                tags[f"{prefix}_{model}_{name}"] = f"{value:.4f}"
+    return tags
+
+
 def run_registration(lake: Lake, cache_dir: Path) -> dict[str, Any]:
-    """Register the newest bundle; it becomes production only when there is none yet."""
+    """Register the newest bundle. It becomes production when there is none yet, or when
+    production only answers with popularity: serving its own answers if the first-model
+    rule allows it, else answering with its popular items (the alias's evidence says
+    ``answers: popularity``) until a model beats popularity."""
     bundle = latest_bundle(lake, cache_dir)
     registry = ModelRegistry(lake)
     evaluation = art.get_json(lake, art.key(EVALUATION, "evaluation.json"))
@@ -707,17 +849,30 @@ def run_registration(lake: Lake, cache_dir: Path) -> dict[str, Any]:
             f"model_evaluation evaluated {evaluation.get('challenger_version')}, but the newest "
             f"bundle is {manifest['version']}: materialize model_evaluation again"
         )
-    registered = registry.register(
-        bundle, tags={"decision": str(evaluation["decision"]), "source": "retrain"}
-    )
+    rule = evaluation.get("first_model_rule") or {}
+    tags = {"decision": str(evaluation["decision"]), "source": "retrain", **_ndcg_tags(evaluation)}
+    registered = registry.register(bundle, tags=tags)
     registered_as = "registered"
-    if registry.alias(PRODUCTION) is None:
-        registry.promote(
-            registered.version,
-            reason=f"first model: {evaluation['decision_reason']}",
-            evidence={"metrics": evaluation["metrics"]["challenger"]},
-        )
-        registered_as = PRODUCTION
+    production = registry.alias(PRODUCTION)
+    if production is None or serves_popularity(production):
+        evidence: dict[str, Any] = {
+            "metrics": evaluation["metrics"]["challenger"],
+            "first_model_rule": {k: rule.get(k) for k in ("serve", "reason", "warning")}
+            | {"judged": (rule.get("evidence") or {}).get("judged")},
+        }
+        if evaluation["decision"] == "below_popularity":
+            evidence[ANSWERS] = POPULARITY_ANSWERS
+            reason = f"first model, answering with popularity: {evaluation['decision_reason']}"
+            registered_as = f"{PRODUCTION} (answers: {POPULARITY_ANSWERS})"
+            log.warning(
+                "training.below_popularity",
+                version=registered.version,
+                reason=evaluation["decision_reason"],
+            )
+        else:
+            reason = f"first model: {evaluation['decision_reason']}"
+            registered_as = PRODUCTION
+        registry.promote(registered.version, reason=reason, evidence=evidence)
     log.info("training.registered", version=registered.version, registered_as=registered_as)
     return {
         "version": registered.version,

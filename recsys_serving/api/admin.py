@@ -28,6 +28,11 @@ class ModelSlot(BaseModel):
     version: str
     share: float
     loaded_at: float
+    answers: str = Field(
+        default="model",
+        description="`model`, or `popularity` while production has not beaten popularity "
+        "(the first-model rule: answers are the bundle's popular items).",
+    )
 
 
 class ModelState(BaseModel):

@@ -61,6 +61,9 @@ class Target:
     ref: str
     version: str | None  # None when only loading tells (a pinned oci:// reference)
     share: float = 1.0
+    # The first-model rule: registered, but answers with its popular items until a model
+    # beats popularity (the alias's evidence says ``answers: popularity``).
+    popularity_only: bool = False
 
 
 class ModelSource(Protocol):
@@ -85,11 +88,15 @@ class RegistrySource:
         self.name = f"registry {registry.lake.uri}"
 
     def targets(self) -> dict[str, Target]:
+        from recsys_serving.registry import serves_popularity
+
         found: dict[str, Target] = {}
         for alias in (PRODUCTION, CANDIDATE):
             state = self.registry.alias(alias)
             if state is not None and state.version:
-                found[alias] = Target(state.version, state.version, float(state.share))
+                found[alias] = Target(
+                    state.version, state.version, float(state.share), serves_popularity(state)
+                )
         return found
 
     def materialize(self, target: Target) -> Path:
@@ -135,6 +142,7 @@ class LoadedModel:
     index: Any  # the CandidateIndex requests pass to it (None: the bundle's embedded index)
     share: float
     loaded_at: float
+    popularity_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,9 +325,15 @@ class ModelManager:
             return None
         known = self._known(target.ref, old)
         if known is not None:
-            if known.alias == alias and known.share == target.share:
+            if (known.alias, known.share, known.popularity_only) == (
+                alias,
+                target.share,
+                target.popularity_only,
+            ):
                 return known
-            return replace(known, alias=alias, share=target.share)
+            return replace(
+                known, alias=alias, share=target.share, popularity_only=target.popularity_only
+            )
         # What to serve if the target cannot be loaded: production keeps its model; a
         # candidate that was moved away from is not served any more.
         fallback = current if alias == PRODUCTION else None
@@ -389,7 +403,16 @@ class ModelManager:
             path=str(path),
             seconds=round(time.perf_counter() - started, 3),
         )
-        return LoadedModel(alias, target.ref, version, model, index, target.share, time.time())
+        return LoadedModel(
+            alias,
+            target.ref,
+            version,
+            model,
+            index,
+            target.share,
+            time.time(),
+            target.popularity_only,
+        )
 
     def _compile_ranker(self, model: Any, version: str) -> None:
         """Native ranking for this model (``model/ranker.py``), before it takes traffic.
@@ -438,6 +461,7 @@ class ModelManager:
                 "share": m.share,
                 "loaded_at": m.loaded_at,
                 "ranker": ranker,
+                "answers": "popularity" if m.popularity_only else "model",
             }
 
         return {

@@ -92,7 +92,8 @@ class Recommendations(BaseModel):
     request_id: str = Field(description="Send it back with clicks (`POST /events`).")
     served_by: ServedBy = Field(
         description="`champion` (production), `challenger` (candidate in phase-in) or "
-        "`fallback` (popular items: a store or the index failed)."
+        "`fallback` (popular items: a store or the index failed, or production has not "
+        "beaten popularity yet and answers with it: the first-model rule)."
     )
 
 

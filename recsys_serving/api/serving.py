@@ -14,7 +14,10 @@ Kept apart from the HTTP layer so the rules are plain, testable code:
   their budget and are cancelled); the index enforces the same budget itself and raises
   ``CandidateIndexError`` / ``CandidateIndexTimeout``;
 * any of those failing gives the bundle's ``popular()`` list (no external call),
-  ``served_by: fallback``, and ``recsys_fallback_total{reason}``; never a 500.
+  ``served_by: fallback``, and ``recsys_fallback_total{reason}``; never a 500;
+* a model registered under the first-model rule without beating popularity
+  (``LoadedModel.popularity_only``) answers ``/recommendations`` with that same list
+  (reason ``below_popularity``) until a model that beats popularity replaces it.
 """
 
 from __future__ import annotations
@@ -146,8 +149,11 @@ class Recommending:
             raise self._no_model()
         loaded, served_by = routed
         cats = list(categories) if categories else None
-        doc, reason = await self.user_doc(user_id)
         items: list[Any] = []
+        if loaded.popularity_only:
+            doc, reason = None, "below_popularity"
+        else:
+            doc, reason = await self.user_doc(user_id)
         if reason is None:
             call = partial(
                 loaded.model.recommend,
