@@ -110,6 +110,13 @@ def test_leave_last_out_holds_out_each_users_own_last_events(prepared: steps.Pre
         assert kept.size and held.min() >= kept.max()  # the user's own latest events
     kept = lastout.kept(enc)
     assert kept.ts.size == enc.ts.size - int(lastout.mask.sum())
+    # Their impressions from the first held-out event on are gone, others stay.
+    assert enc.imp_ts.size > kept.imp_ts.size > 0
+    for u in lastout.users[:10].tolist():
+        first = enc.ts[(enc.user == u) & lastout.mask].min()
+        assert not (kept.imp_ts[kept.imp_user == u] >= first).any()
+    others = ~np.isin(enc.imp_user, lastout.users)
+    assert int(others.sum()) == int((~np.isin(kept.imp_user, lastout.users)).sum())
     # Labels are held-out items the user had not interacted with before.
     for u, grades in list(lastout.labels(enc).items())[:10]:
         before = set(kept.item[(kept.user == u) & (kept.ts < window.holdout_start)].tolist())

@@ -37,12 +37,19 @@ class LastOut:
     as_of: float
 
     def kept(self, enc: Encoded) -> Encoded:
-        """The encoding without the held-out events (impressions kept)."""
+        """The encoding without the held-out events, nor the impressions their users
+        saw from their first held-out event on (shown-but-not-clicked counts would
+        otherwise lose their clicks)."""
         keep = ~self.mask
+        n_users = int(max(enc.user.max(initial=-1), enc.imp_user.max(initial=-1))) + 1
+        first = np.full(max(n_users, 1), np.inf)
+        np.minimum.at(first, enc.user[self.mask], enc.ts[self.mask])
+        known = enc.imp_user >= 0
+        keep_imp = ~(known & (enc.imp_ts >= first[np.where(known, enc.imp_user, 0)]))
         values = {}
         for f in dataclasses.fields(enc):
             value = getattr(enc, f.name)
-            values[f.name] = value if f.name.startswith("imp_") else value[keep]
+            values[f.name] = value[keep_imp] if f.name.startswith("imp_") else value[keep]
         return Encoded(**values)
 
     def labels(self, enc: Encoded) -> dict[int, dict[int, int]]:
