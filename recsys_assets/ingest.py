@@ -31,6 +31,8 @@ class IngestReport:
     result: IntakeResult = field(default_factory=IntakeResult)
     files: int = 0
     failed_files: list[str] = field(default_factory=list)
+    # Files that held events but landed none of them (each message names the file).
+    rejected_files: list[str] = field(default_factory=list)
 
 
 def _open(path: Path) -> BinaryIO:
@@ -63,6 +65,12 @@ def _json_array_events(path: Path, name: str) -> Iterator[RawEvent]:
         try:
             parsed = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
+            if "depth" in str(exc) or "recursion" in str(exc).lower():
+                # One item nested past orjson's limit: the streaming parser has none,
+                # so every other item still lands and that one is refused by the intake.
+                del data
+                yield from _stream_array_events(path, name)
+                return
             line = data.count(b"\n", 0, exc.pos) + 1
             col = exc.pos - (data.rfind(b"\n", 0, exc.pos) + 1) + 1
             raise IngestFileError(
@@ -73,6 +81,10 @@ def _json_array_events(path: Path, name: str) -> Iterator[RawEvent]:
         for i, item in enumerate(items):
             yield RawEvent(f"{name}:item {i}", b"", parsed=item)
         return
+    yield from _stream_array_events(path, name)
+
+
+def _stream_array_events(path: Path, name: str) -> Iterator[RawEvent]:
     with _open(path) as fh:
         i = -1
         try:
@@ -111,6 +123,8 @@ def ingest_files(
                 _file_failed(report, f"{name}: no such file", on_file_error)
                 continue
             report.files += 1
+            before = IntakeResult()
+            before.merge(report.result)
             try:
                 first = _first_byte(path)
                 if first == b"[":
@@ -123,8 +137,17 @@ def ingest_files(
                             _submit(intake, batch, report, path, on_progress)
             except IngestFileError as exc:
                 _file_failed(report, str(exc), on_file_error)
+                continue
             except (OSError, EOFError, gzip.BadGzipFile) as exc:
                 _file_failed(report, f"{name}: cannot read ({exc})", on_file_error)
+                continue
+            received = report.result.received - before.received
+            if received and report.result.accepted == before.accepted:
+                reasons = report.result.reasons - before.reasons
+                shown = ", ".join(f"{k} {v:,}" for k, v in sorted(reasons.items()))
+                report.rejected_files.append(
+                    f"{name}: all {received:,} events rejected ({shown}); nothing landed"
+                )
     finally:
         intake.close()
     return report

@@ -65,6 +65,33 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(
         default=64 * 1024, description="Largest single event; larger ones are quarantined."
     )
+    event_ts_min: date = Field(
+        default=date(1970, 1, 1),
+        description=(
+            "Events timestamped before this date (UTC) are refused at intake as implausible "
+            "(a zero or negative clock). Later events before catalog_epoch still land and the "
+            "weblogs step quarantines them with its reason; keep it before any history you "
+            "backfill (MovieLens-style data starts in 1995)."
+        ),
+    )
+    event_max_future_seconds: float = Field(
+        default=86_400.0,
+        gt=0,
+        description=(
+            "Events timestamped further than this past the receiver's clock are refused at "
+            "intake (a broken clock, milliseconds sent as seconds); nearer ones land and the "
+            "weblogs step quarantines those beyond future_tolerance_seconds."
+        ),
+    )
+    max_context_depth: int = Field(
+        default=32,
+        ge=1,
+        le=200,
+        description="Deepest nesting of an event's context (the serializers stop at 254).",
+    )
+    max_context_bytes: int = Field(
+        default=8 * 1024, ge=2, description="Largest serialized context of one event."
+    )
     landing_segment_max_bytes: int = Field(
         default=64 * 1024 * 1024,
         description="A landing segment is sealed once it reaches this size.",

@@ -189,7 +189,7 @@ def test_unknown_route_and_method_get_json_errors(client: TestClient) -> None:
 
 def test_events_route_by_event_date_and_out_of_range_by_arrival(client: TestClient) -> None:
     old = ev(1, ts="2026-01-02T03:04:05Z")
-    future = ev(2, ts=NOW + 86_400 * 30)
+    future = ev(2, ts=NOW + 3_600)  # past the clock-skew tolerance, within a day
     before = time.strftime("%Y-%m-%d", time.gmtime())
     assert client.post("/events", json=[old, future]).json()["accepted"] == 2
     after = time.strftime("%Y-%m-%d", time.gmtime())

@@ -67,12 +67,14 @@ def ingest(
     r = report.result
     elapsed = time.perf_counter() - started
     reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(r.reasons.items()))
+    for message in report.rejected_files:
+        console.print(f"[bold red]{escape(message)}[/]", soft_wrap=True)
     summary(
         f"ingested {r.received:,} events from {report.files} file(s): {r.accepted:,} landed, "
         f"{r.rejected:,} quarantined{f' ({reasons})' if reasons else ''} in {elapsed:.1f}s "
         f"({r.received / max(elapsed, 1e-9):,.0f} events/s)"
     )
-    failed = bool(report.failed_files)
+    failed = bool(report.failed_files or report.rejected_files)
     if process and r.days:
         failed |= not _process_days(settings, sorted(r.days))
     if failed:

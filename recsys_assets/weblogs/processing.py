@@ -257,13 +257,25 @@ def apply_rules(
     epoch = datetime.combine(rules.catalog_epoch, datetime.min.time(), UTC)
     latest = rules.now + timedelta(seconds=rules.future_tolerance_seconds)
 
-    ts = (pl.col("ts") * 1_000_000).round().cast(pl.Int64).cast(pl.Datetime("us", "UTC"))
+    # Non-strict: a time no datetime can hold (inf, NaN, 1e20 s: landed by an old
+    # intake or a file placed by hand) becomes null and its row is quarantined below,
+    # instead of the cast failing the whole partition.
+    ts = (
+        (pl.col("ts") * 1_000_000)
+        .round()
+        .cast(pl.Int64, strict=False)
+        .cast(pl.Datetime("us", "UTC"))
+    )
     missing = pl.any_horizontal([pl.col(c).is_null() for c in REQUIRED])
     reason = (
         pl.when(missing)
         .then(pl.lit("missing_required"))
         .when(~pl.col("event_type").is_in(EVENT_TYPES))
         .then(pl.lit("unknown_event_type"))
+        .when(pl.col("_ts").is_null())
+        .then(pl.lit("invalid_timestamp"))
+        .when(pl.col("value").is_not_null() & ~pl.col("value").is_finite())
+        .then(pl.lit("non_finite_value"))
         .when(pl.col("_ts") > latest)
         .then(pl.lit("future_timestamp"))
         .when(pl.col("_ts") < epoch)
@@ -331,6 +343,10 @@ def apply_rules(
                 pl.lit(rules.bot_max_events_per_minute),
             )
         )
+        .when(pl.col("reason") == "invalid_timestamp")
+        .then(pl.format("ts {} cannot be a point in time", pl.col("ts").cast(pl.String)))
+        .when(pl.col("reason") == "non_finite_value")
+        .then(pl.format("value {} is not a finite number", pl.col("value").cast(pl.String)))
         .when(pl.col("reason") == "future_timestamp")
         .then(pl.format("ts {} is after {}", pl.col("_ts"), pl.lit(latest.isoformat())))
         .when(pl.col("reason") == "before_catalog_epoch")

@@ -8,6 +8,7 @@ every event received is either landed or quarantined with its original bytes.
 from __future__ import annotations
 
 import base64
+import json
 import threading
 import time
 from collections import Counter, deque
@@ -19,10 +20,19 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from recsys_serving.events.schema import WeblogEvent, describe_error, normalize
+from recsys_serving.events.schema import (
+    Limits,
+    WeblogEvent,
+    describe_error,
+    error_code,
+    normalize,
+)
 from recsys_serving.lake import Lake
 from recsys_serving.landing import INTAKE_QUARANTINE_AREA, LANDING_AREA, SegmentWriter
+from recsys_serving.logging import get_logger
 from recsys_serving.settings import Settings
+
+log = get_logger(__name__)
 
 MAX_ERRORS_LISTED = 100
 
@@ -91,6 +101,23 @@ def quarantine_record(raw: bytes, reason: str, code: str, source: str, locator: 
     return orjson.dumps(record) + b"\n"
 
 
+def reserialize(obj: Any) -> bytes:
+    """An item of a parsed JSON array back as bytes, for its quarantine record.
+
+    The transport parsed the array, so the item's own bytes are gone; whatever the
+    item holds (nesting past orjson's 254 levels, lone surrogates, integers past 64
+    bits) it is still quarantined, as the closest text that can be written.
+    """
+    try:
+        return orjson.dumps(obj)
+    except (orjson.JSONEncodeError, TypeError):
+        pass
+    try:
+        return json.dumps(obj, ensure_ascii=True).encode("ascii")
+    except (RecursionError, ValueError, TypeError) as exc:
+        return f'"<unserializable item: {type(exc).__name__}>"'.encode("ascii")
+
+
 class RecentIds:
     """A bounded memory of accepted event ids, to answer a retried batch precisely.
 
@@ -141,11 +168,12 @@ class EventIntake:
         arrival_day = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
         latest_ok = now + self.settings.future_tolerance_seconds
         max_event = self.settings.max_event_bytes
+        limits = Limits.from_settings(self.settings, now=now)
         batch_ids: set[str] = set()
 
         def reject(ev: RawEvent, code: str, reason: str, event_id: Any = None) -> None:
             result.reject(ev.locator, code, reason, event_id)
-            raw = ev.raw if ev.raw or ev.parsed is None else orjson.dumps(ev.parsed)
+            raw = ev.raw if ev.raw or ev.parsed is None else reserialize(ev.parsed)
             quarantined.append(quarantine_record(raw, reason, code, source, ev.locator))
 
         with self._recent_lock:
@@ -169,9 +197,18 @@ class EventIntake:
                     reject(ev, "not_an_object", f"event must be a JSON object, got {_kind(obj)}")
                     continue
                 try:
-                    event = WeblogEvent.model_validate(obj)
+                    event = WeblogEvent.model_validate(obj, context=limits)
+                    line = orjson.dumps(normalize(event)) + b"\n"
                 except ValidationError as exc:
-                    reject(ev, "schema", describe_error(exc), obj.get("event_id"))
+                    reject(ev, error_code(exc), describe_error(exc), obj.get("event_id"))
+                    continue
+                except Exception as exc:  # one event never fails its batch
+                    # The contract should have refused it; whatever slipped through is
+                    # still accounted for (quarantined with its bytes), never a 500.
+                    log.warning("intake.unexpected_rejection", at=ev.locator, error=repr(exc))
+                    reject(
+                        ev, "invalid_event", f"cannot be stored: {type(exc).__name__}: {exc}"[:300]
+                    )
                     continue
                 if event.event_id in self.recent or event.event_id in batch_ids:
                     reject(
@@ -185,7 +222,7 @@ class EventIntake:
                 # Out-of-range timestamps land under the arrival date so the weblogs
                 # asset quarantines them with the business rule that explains why.
                 day = _day(event.ts) if self._epoch <= event.ts <= latest_ok else arrival_day
-                landed.setdefault(day, []).append(orjson.dumps(normalize(event)) + b"\n")
+                landed.setdefault(day, []).append(line)
                 result.accepted += 1
             # Durable before answering: quarantine first so a crash between the two
             # writes can only duplicate a rejection, never lose an accepted event.

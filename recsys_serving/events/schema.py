@@ -10,11 +10,23 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+import time
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Annotated, Any, Literal, Protocol
 
 import orjson
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+)
+from pydantic_core import PydanticCustomError
 
 EVENT_TYPES: tuple[str, ...] = (
     "impression",
@@ -28,7 +40,72 @@ EventType = Literal["impression", "click", "view", "add_to_cart", "purchase", "r
 
 MAX_ID_LENGTH = 256
 MAX_CONTEXT_BYTES = 8 * 1024
+# orjson refuses to serialize deeper than 254 levels, and the landing line, the
+# weblogs step and the document store all serialize ``context`` again: the limit
+# stays far below that so no later step can be the first to notice.
+MAX_CONTEXT_DEPTH = 32
+EVENT_TS_MIN = date(1970, 1, 1)
+EVENT_MAX_FUTURE_SECONDS = 86_400.0
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
+
+# Error types of the intake limits; the intake uses them as the rejection code.
+LIMIT_CODES: frozenset[str] = frozenset(
+    {"implausible_timestamp", "non_finite_number", "context_too_deep", "context_too_large"}
+)
+
+
+class _LimitSettings(Protocol):
+    event_ts_min: date
+    event_max_future_seconds: float
+    max_context_depth: int
+    max_context_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What a value must stay within so no later step (landing, weblogs, training)
+    can fail on it; the defaults are the settings' defaults.
+
+    ``now`` pins the clock the future bound is measured from (one per batch);
+    None means the time of validation. Passed to validation as its context:
+    ``WeblogEvent.model_validate(obj, context=limits)``.
+    """
+
+    ts_min: float = datetime.combine(EVENT_TS_MIN, datetime.min.time(), UTC).timestamp()
+    max_future_seconds: float = EVENT_MAX_FUTURE_SECONDS
+    context_max_depth: int = MAX_CONTEXT_DEPTH
+    context_max_bytes: int = MAX_CONTEXT_BYTES
+    now: float | None = None
+
+    @classmethod
+    def from_settings(cls, settings: _LimitSettings, now: float | None = None) -> Limits:
+        return cls(
+            ts_min=datetime.combine(settings.event_ts_min, datetime.min.time(), UTC).timestamp(),
+            max_future_seconds=settings.event_max_future_seconds,
+            context_max_depth=settings.max_context_depth,
+            context_max_bytes=settings.max_context_bytes,
+            now=now,
+        )
+
+    def ts_max(self) -> float:
+        return (time.time() if self.now is None else self.now) + self.max_future_seconds
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def _limits(info: ValidationInfo) -> Limits:
+    return info.context if isinstance(info.context, Limits) else DEFAULT_LIMITS
+
+
+def _check_unicode(value: str) -> None:
+    # Python strings can hold lone surrogates (a JSON parser other than orjson lets
+    # "\ud800" through); no serializer downstream can write them.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid Unicode (lone surrogate at character {exc.start})") from exc
 
 
 def _coerce_id(value: Any) -> Any:
@@ -43,6 +120,7 @@ def _coerce_id(value: Any) -> Any:
             raise ValueError("must not be empty")
         if _CONTROL.search(value):
             raise ValueError("must not contain control characters")
+        _check_unicode(value)
     return value
 
 
@@ -51,9 +129,13 @@ def _coerce_ts(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("must be an RFC 3339 string or epoch seconds, not a boolean")
     if isinstance(value, int | float):
-        if not math.isfinite(value):
-            raise ValueError("epoch seconds must be finite")
-        return float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf
+        if not math.isfinite(seconds):
+            raise PydanticCustomError("non_finite_number", "epoch seconds must be finite")
+        return seconds
     if isinstance(value, str):
         text = value.strip()
         try:
@@ -66,9 +148,91 @@ def _coerce_ts(value: Any) -> float:
     raise ValueError("must be an RFC 3339 string or epoch seconds")
 
 
-def _check_context(value: Any) -> Any:
-    if isinstance(value, dict) and len(orjson.dumps(value)) > MAX_CONTEXT_BYTES:
-        raise ValueError(f"context larger than {MAX_CONTEXT_BYTES} bytes")
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _check_ts_range(value: float, info: ValidationInfo) -> float:
+    """Refuse times no clock produced: they would land, then break the weblogs step
+    (epoch microseconds overflow) or sit in a partition of the year 9999."""
+    limits = _limits(info)
+    latest = limits.ts_max()
+    if limits.ts_min <= value <= latest:
+        return value
+    hint = ""
+    if 1e11 <= abs(value) < 1e17:
+        hint = " (milliseconds or microseconds? send epoch seconds)"
+    raise PydanticCustomError(
+        "implausible_timestamp",
+        "{ts} is outside the plausible range {start} .. {end}{hint}",
+        {"ts": f"{value:.17g}", "start": _iso(limits.ts_min), "end": _iso(latest), "hint": hint},
+    )
+
+
+def _json_problem(value: Any, max_depth: int) -> tuple[str, str] | None:
+    """The first value no serializer or later step can take, as (code, reason).
+
+    Iterative: a hostile nesting depth must not become Python recursion.
+    """
+    stack: list[tuple[Any, int, str]] = [(value, 1, "context")]
+    while stack:
+        node, depth, where = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > max_depth:
+                return (
+                    "context_too_deep",
+                    f"context nests deeper than {max_depth} levels (at {where[:120]})",
+                )
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for key, child in items:
+                if isinstance(key, str):
+                    _check_unicode(key)
+                stack.append(
+                    (
+                        child,
+                        depth + 1,
+                        f"{where}.{key}" if isinstance(node, dict) else f"{where}[{key}]",
+                    )
+                )
+        elif isinstance(node, bool) or node is None:
+            continue
+        elif isinstance(node, int):
+            if not _INT64_MIN <= node <= _UINT64_MAX:
+                return ("schema", f"integer out of the 64-bit range at {where[:120]}")
+        elif isinstance(node, float):
+            if not math.isfinite(node):
+                return ("non_finite_number", f"non-finite number at {where[:120]}")
+        elif isinstance(node, str):
+            _check_unicode(node)
+        else:
+            return ("schema", f"unsupported value of type {type(node).__name__} at {where[:120]}")
+    return None
+
+
+def _check_context(value: Any, info: ValidationInfo) -> Any:
+    if not isinstance(value, dict):
+        return value  # the type check names it
+    limits = _limits(info)
+    # Size first, with the fast serializer, so the walk below only ever sees a small
+    # context; a context it cannot even serialize is described by the walk.
+    try:
+        size = len(orjson.dumps(value))
+    except (orjson.JSONEncodeError, TypeError):
+        size = 0
+    if size > limits.context_max_bytes:
+        raise PydanticCustomError(
+            "context_too_large",
+            "context larger than {limit} bytes",
+            {"limit": limits.context_max_bytes},
+        )
+    problem = _json_problem(value, limits.context_max_depth)
+    if problem is not None:
+        code, reason = problem
+        if code == "schema":
+            raise ValueError(reason)
+        raise PydanticCustomError(code, reason)
+    if size == 0:
+        raise ValueError("context cannot be serialized as JSON")
     return value
 
 
@@ -92,9 +256,14 @@ Timestamp = Annotated[
     WithJsonSchema(
         {
             "anyOf": [{"type": "string", "format": "date-time"}, {"type": "number"}],
-            "description": "RFC 3339 with an offset, or epoch seconds.",
+            "description": (
+                "RFC 3339 with an offset, or epoch seconds; from 1970-01-01 "
+                "(RECSYS_EVENT_TS_MIN) to one day past the receiver's clock "
+                "(RECSYS_EVENT_MAX_FUTURE_SECONDS)."
+            ),
         }
     ),
+    AfterValidator(_check_ts_range),
 ]
 
 
@@ -121,7 +290,11 @@ class WeblogEvent(BaseModel):
     )
     value: float | None = Field(default=None, description="Rating, price, ...", allow_inf_nan=False)
     model_version: Annotated[str, Field(max_length=128)] | None = None
-    context: Annotated[dict[str, Any], BeforeValidator(_check_context)] | None = None
+    context: Annotated[dict[str, Any], BeforeValidator(_check_context)] | None = Field(
+        default=None,
+        description="Free attributes: a JSON object of at most 8 KiB nested at most 32 "
+        "levels (RECSYS_MAX_CONTEXT_BYTES, RECSYS_MAX_CONTEXT_DEPTH).",
+    )
 
 
 def describe_error(exc: ValidationError) -> str:
@@ -138,6 +311,16 @@ def describe_error(exc: ValidationError) -> str:
             msg = msg.removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}")
     return "; ".join(parts)
+
+
+def error_code(exc: ValidationError) -> str:
+    """``schema``, or the intake limit the event broke (a rejection code of its own)."""
+    for err in exc.errors(include_url=False, include_input=False):
+        if err["type"] in LIMIT_CODES:
+            return err["type"]
+        if err["type"] == "finite_number":
+            return "non_finite_number"
+    return "schema"
 
 
 def normalize(event: WeblogEvent) -> dict[str, Any]:

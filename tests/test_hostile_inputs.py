@@ -1,0 +1,338 @@
+"""Regression tests for the hostile-client probes of issue 12 (items 1, 3 and 7).
+
+Each probe goes through every way into the lake: ``POST /events`` on the service
+(with an API key) and on the collector alone, and ``recsys ingest`` through the
+CLI. The bar is the same everywhere: a value that could break a later step is
+refused with a JSON (or ``file:line``) reason, every other event of the batch or
+file lands, and the accounting is exact (accepted + rejected == sent, and what
+was accepted is exactly what landed and was processed).
+"""
+
+from __future__ import annotations
+
+import calendar
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import polars as pl
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from recsys_assets.cli import app as cli
+from recsys_assets.weblogs.processing import partition_key, quarantine_key
+from recsys_serving.api.app import create_app
+from recsys_serving.lake import LocalLake, read_parquet
+from recsys_serving.landing import LANDING_AREA, SegmentWriter
+from recsys_serving.settings import Settings
+from serving_support import new_key, service_settings
+from support import ndjson_lines
+
+NOW = time.time()
+runner = CliRunner()
+
+
+def ev(i: int | str, **extra: Any) -> dict[str, Any]:
+    return {
+        "event_id": f"e{i}",
+        "event_type": "view",
+        "user_id": f"u{i}",
+        "item_id": "i1",
+        "ts": NOW - 3_600,
+        **extra,
+    }
+
+
+def nested(depth: int) -> dict[str, Any]:
+    """A context object nested ``depth`` levels deep ({"a": {"a": ... 1}})."""
+    value: Any = 1
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+def nested_bytes(depth: int) -> bytes:
+    # Built as text: neither orjson nor the json module writes past their own limits.
+    return b'{"a":' * depth + b"1" + b"}" * depth
+
+
+def raw_event(i: int, field: str, value: bytes) -> bytes:
+    """An NDJSON line whose ``field`` holds exactly ``value`` (no serializer between)."""
+    base = {k: v for k, v in ev(i).items() if k != field}
+    return orjson.dumps(base)[:-1] + b',"' + field.encode() + b'":' + value + b"}"
+
+
+# Every probe: an NDJSON line no step after the intake could survive, and the
+# rejection code that must name it.
+PROBES: dict[str, tuple[bytes, str]] = {
+    "ts_1e308": (raw_event(1, "ts", b"1e308"), "implausible_timestamp"),
+    "ts_1e20": (raw_event(2, "ts", b"1e20"), "implausible_timestamp"),
+    "ts_negative": (raw_event(3, "ts", b"-1e12"), "implausible_timestamp"),
+    "ts_milliseconds": (raw_event(4, "ts", str(int(NOW * 1000)).encode()), "implausible_timestamp"),
+    "ts_two_days_ahead": (
+        raw_event(5, "ts", str(NOW + 2 * 86_400).encode()),
+        "implausible_timestamp",
+    ),
+    "ts_year_9999": (raw_event(6, "ts", b'"9999-12-31T23:59:59Z"'), "implausible_timestamp"),
+    "ts_year_1": (raw_event(7, "ts", b'"0001-01-01T00:00:00Z"'), "implausible_timestamp"),
+    "ts_overflowing_integer": (raw_event(8, "ts", b"1" + b"0" * 400), "invalid_json"),
+    "ts_inf": (raw_event(9, "ts", b"1e400"), "invalid_json"),
+    "ts_nan": (raw_event(10, "ts", b"NaN"), "invalid_json"),
+    "value_inf": (raw_event(11, "value", b"-1e400"), "invalid_json"),
+    "position_huge": (raw_event(12, "position", b"1e30"), "schema"),
+    "context_depth_33": (raw_event(13, "context", nested_bytes(33)), "context_too_deep"),
+    "context_depth_254": (raw_event(14, "context", nested_bytes(254)), "context_too_deep"),
+    "context_depth_300": (raw_event(15, "context", nested_bytes(300)), "context_too_deep"),
+    "context_depth_1100": (raw_event(16, "context", nested_bytes(1100)), "invalid_json"),
+    "context_list_depth_500": (
+        raw_event(17, "context", b'{"l":' + b"[" * 500 + b"]" * 500 + b"}"),
+        "context_too_deep",
+    ),
+    "context_too_large": (
+        raw_event(18, "context", orjson.dumps({"k": "v" * 9_000})),
+        "context_too_large",
+    ),
+    "context_integer_past_64_bits": (
+        raw_event(19, "context", b'{"n": 1' + b"0" * 30 + b"}"),
+        None,  # orjson reads it as a float: harmless, and accepted
+    ),
+    "lone_surrogate": (raw_event(20, "user_id", b'"\\ud800"'), "invalid_json"),
+    "id_float": (raw_event(21, "user_id", b"1e30"), "schema"),
+}
+HOSTILE = {k: v for k, v in PROBES.items() if v[1] is not None}
+
+
+def test_the_limits_admit_what_real_data_holds() -> None:
+    """MovieLens-shaped backfills (1997-2003), a near-future clock skew, a 32-deep context."""
+    for ts in ("1997-09-20T03:05:10Z", 874_724_710, NOW + 3_600, 1):
+        from recsys_serving.events.schema import WeblogEvent
+
+        assert WeblogEvent.model_validate({**ev(1), "ts": ts, "context": nested(32)})
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+@pytest.fixture(params=["service", "collector"])
+def http(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[TestClient, dict]]:
+    """``POST /events`` as the service answers it (with a key) and as the collector does."""
+    if request.param == "service":
+        settings = service_settings(tmp_path / "home")
+        headers = {"X-API-Key": new_key(settings, "events")}
+        app = create_app(settings, docstore=None)
+    else:
+        settings = Settings(home=tmp_path / "home")
+        headers = {}
+        app = create_app(settings, collector_only=True)
+    with TestClient(app) as client:
+        yield client, headers
+
+
+def _landed_and_quarantined(client: TestClient) -> tuple[list[dict], list[dict]]:
+    client.app.state.intake.close()  # seal the open segments
+    lake = client.app.state.lake
+    return ndjson_lines(lake, "landing/"), ndjson_lines(lake, "quarantine/intake/")
+
+
+@pytest.mark.parametrize("probe", sorted(HOSTILE))
+def test_a_hostile_event_alone_gets_a_json_422_with_its_reason(
+    http: tuple[TestClient, dict], probe: str
+) -> None:
+    client, headers = http
+    line, code = HOSTILE[probe]
+    r = client.post(
+        "/events", content=line, headers={**headers, "Content-Type": "application/x-ndjson"}
+    )
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert (body["received"], body["accepted"], body["rejected"]) == (1, 0, 1)
+    assert body["errors"][0]["code"] == code and body["errors"][0]["reason"]
+    landed, quarantined = _landed_and_quarantined(client)
+    assert landed == [] and len(quarantined) == 1
+    assert quarantined[0]["code"] == code
+
+
+def test_a_batch_with_every_probe_keeps_every_valid_event(http: tuple[TestClient, dict]) -> None:
+    client, headers = http
+    good = [orjson.dumps(ev(f"ok{i}")) for i in range(5)]
+    lines = [*good[:2], *(line for line, _ in PROBES.values()), *good[2:]]
+    r = client.post(
+        "/events",
+        content=b"\n".join(lines),
+        headers={**headers, "Content-Type": "application/x-ndjson"},
+    )
+    assert r.status_code == 202, r.text
+    body = r.json()
+    harmless = len(PROBES) - len(HOSTILE)
+    assert body["received"] == len(lines)
+    assert body["accepted"] == len(good) + harmless
+    assert body["accepted"] + body["rejected"] == len(lines)
+    assert sorted(body["reasons"].items()) == sorted(
+        _count(code for _, code in HOSTILE.values()).items()
+    )
+    landed, quarantined = _landed_and_quarantined(client)
+    assert len(landed) == body["accepted"] and len(quarantined) == body["rejected"]
+    assert {e["event_id"] for e in landed} >= {f"eok{i}" for i in range(5)}
+
+
+@pytest.mark.parametrize("depth", [253, 254, 300, 1000])
+def test_deep_context_in_a_json_array_is_refused_not_a_500(
+    http: tuple[TestClient, dict], depth: int
+) -> None:
+    client, headers = http
+    body = (
+        b"[" + orjson.dumps(ev("ok")) + b"," + raw_event(1, "context", nested_bytes(depth)) + b"]"
+    )
+    r = client.post(
+        "/events", content=body, headers={**headers, "Content-Type": "application/json"}
+    )
+    assert r.status_code == 202, r.text
+    answer = r.json()
+    assert (answer["accepted"], answer["rejected"]) == (1, 1)
+    assert answer["errors"][0]["code"] == "context_too_deep"
+    assert answer["errors"][0]["at"] == "index 1"
+    landed, quarantined = _landed_and_quarantined(client)
+    assert [e["event_id"] for e in landed] == ["eok"]
+    assert len(quarantined) == 1 and quarantined[0]["at"] == "index 1"
+
+
+def test_a_whole_body_nested_past_the_parser_is_a_json_400(http: tuple[TestClient, dict]) -> None:
+    client, headers = http
+    r = client.post(
+        "/events",
+        content=b"[" * 5_000 + b"]" * 5_000,
+        headers={**headers, "Content-Type": "application/json"},
+    )
+    assert r.status_code == 400 and r.json()["error"] == "invalid_json"
+
+
+def _count(codes: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for code in codes:
+        out[code] = out.get(code, 0) + 1
+    return out
+
+
+# ---------------------------------------------------------------------- recsys ingest
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home" / "dagster"))
+    monkeypatch.delenv("RECSYS_LAKE_URI", raising=False)
+    yield tmp_path / "home"
+
+
+def _parquet_rows(lake: LocalLake, prefix: str) -> pl.DataFrame:
+    frames = [read_parquet(lake, o.key) for o in lake.list(prefix) if o.key.endswith(".parquet")]
+    return pl.concat(frames, how="vertical_relaxed") if frames else pl.DataFrame()
+
+
+def test_ingest_of_every_probe_lands_every_valid_line_and_processes(
+    home: Path, tmp_path: Path
+) -> None:
+    f = tmp_path / "hostile.ndjson"
+    good = [orjson.dumps(ev(f"ok{i}")) for i in range(20)]
+    lines = good[:10] + [line for line, _ in PROBES.values()] + good[10:]
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    result = runner.invoke(cli, ["ingest", str(f), "--show-errors", "100"])
+    assert result.exit_code == 0, result.output
+    rejected = len(HOSTILE)
+    accepted = len(lines) - rejected
+    assert (
+        f"ingested {len(lines)} events from 1 file(s): {accepted} landed, {rejected} quarantined"
+        in result.output
+    )
+    for n, (_line, code) in enumerate(PROBES.values(), 11):
+        if code is not None:
+            assert f"{f}:{n}: {code}" in result.output
+    assert "Traceback" not in result.output
+    assert "succeeded" in result.output
+    lake = LocalLake(home / "lake")
+    landed = ndjson_lines(lake, "landing/")
+    quarantined = ndjson_lines(lake, "quarantine/intake/")
+    assert len(landed) == accepted and len(quarantined) == rejected
+    weblogs = _parquet_rows(lake, "weblogs/")
+    later = _parquet_rows(lake, "quarantine/weblogs/")
+    assert weblogs.height + later.height == accepted  # nothing accepted was lost
+    assert {f"eok{i}" for i in range(20)} <= set(weblogs["event_id"].to_list())
+
+
+def test_ingest_json_array_with_an_item_nested_past_the_parser_lands_the_rest(
+    home: Path, tmp_path: Path
+) -> None:
+    f = tmp_path / "deep.json"
+    items = [orjson.dumps(ev(f"ok{i}")) for i in range(4)]
+    items.insert(2, raw_event(1, "context", nested_bytes(5_000)))
+    f.write_bytes(b"[" + b",\n".join(items) + b"]")
+    result = runner.invoke(cli, ["ingest", str(f), "--no-process"])
+    assert result.exit_code == 0, result.output
+    assert f"{f}:item 2: context_too_deep" in result.output
+    assert "ingested 5 events from 1 file(s): 4 landed, 1 quarantined" in result.output
+
+
+def test_ingest_of_a_wholly_rejected_file_exits_non_zero_with_a_summary(
+    home: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.ndjson"
+    bad.write_bytes(b"\n".join(line for line, _ in HOSTILE.values()) + b"\n")
+    result = runner.invoke(cli, ["ingest", str(bad)])
+    assert result.exit_code == 1, result.output
+    assert f"{bad}: all {len(HOSTILE)} events rejected" in result.output
+    assert f"ingested {len(HOSTILE)} events from 1 file(s): 0 landed" in result.output
+    assert "Traceback" not in result.output
+    # ...and one bad file among good ones still fails the command, after the rest landed.
+    good = tmp_path / "good.ndjson"
+    good.write_bytes(orjson.dumps(ev("fine")) + b"\n")
+    result = runner.invoke(cli, ["ingest", str(bad), str(good), "--no-process"])
+    assert result.exit_code == 1
+    assert f"{bad}: all {len(HOSTILE)} events rejected" in result.output
+    assert f"{good}: all" not in result.output and "1 landed" in result.output
+
+
+# ------------------------------------------------------- processing, behind the intake
+
+
+def test_processing_quarantines_rows_it_cannot_convert_and_the_run_succeeds(
+    home: Path,
+) -> None:
+    """A sealed landing file written past the intake (an old version, a hand copy): the
+    weblogs step quarantines what it cannot convert, keeps the rest, and succeeds."""
+    day = time.strftime("%Y-%m-%d", time.gmtime(NOW - 86_400))
+    t = calendar.timegm(time.strptime(day + " 12", "%Y-%m-%d %H"))
+    good = [orjson.dumps(ev(f"ok{i}", ts=t + i)) for i in range(6)]
+    hostile = {
+        "ts_1e308": raw_event(1, "ts", b"1e308"),
+        "ts_1e20": raw_event(2, "ts", b"1e20"),
+        "ts_minus_1e20": raw_event(3, "ts", b"-1e20"),
+        "ts_inf": raw_event(4, "ts", b"1e400"),
+        "value_inf": raw_event(5, "value", b"1e400"),
+        "ts_string": raw_event(6, "ts", b'"soon"'),
+        "deep_context": raw_event(7, "context", nested_bytes(3_000)),
+    }
+    lake = LocalLake(home / "lake")
+    writer = SegmentWriter(lake, LANDING_AREA, writer_id="hand-copy")
+    writer.append(
+        {day: b"".join(line + b"\n" for line in [*good[:3], *hostile.values(), *good[3:]])}
+    )
+    writer.close()
+
+    result = runner.invoke(cli, ["process"])
+    assert result.exit_code == 0, result.output
+    assert "succeeded" in result.output
+    assert "6 rows" in result.output and f"{len(hostile)} quarantined" in result.output
+    weblogs = read_parquet(lake, partition_key(day))
+    assert sorted(weblogs["event_id"].to_list()) == [f"eok{i}" for i in range(6)]
+    q = read_parquet(lake, quarantine_key(day))
+    assert q.height == len(hostile)
+    assert q["reason"].null_count() == 0 and q["detail"].null_count() == 0
+    reasons = q["reason"].value_counts().sort("reason")
+    assert dict(zip(reasons["reason"], reasons["count"], strict=True)) == {
+        "invalid_timestamp": 3,  # 1e308, 1e20, -1e20: no datetime holds them
+        "corrupt_landing_line": 4,  # not JSON orjson reads (1e400), a string ts, too deep
+    }
