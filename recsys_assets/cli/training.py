@@ -93,6 +93,9 @@ def retrain(
         )
 
     if process:
+        from recsys_assets.cli.acquisition import seal_orphans
+
+        seal_orphans(lake, settings)
         days = unprocessed_days(lake)
         if days:
             with console.status(f"processing weblogs {days[0]}..{days[-1]} ({len(days)} dates)"):
