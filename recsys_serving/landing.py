@@ -6,10 +6,18 @@ appends to an open segment per event date and fsyncs before returning; a segment
 is sealed (renamed, never rewritten) when it is old or large. On S3 every flush is
 one PUT, which is atomic and durable when it returns. Sealed file names start with
 the seal time in nanoseconds, which is what the landing sensor's cursor follows.
+
+A local writer holds an exclusive ``flock`` on each open segment for as long as it may
+append to it; the kernel drops the lock when the writer dies, however it dies. That is
+how recovery (``recover_orphans``: the landing sensor, and ``recsys ingest|process|
+status`` without a daemon) tells a crashed writer's segment from a live one: it seals
+only segments older than a writer's lifetime whose lock it can take, so a live writer's
+segment is never stolen, however long it sits idle.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import socket
@@ -141,7 +149,7 @@ class SegmentWriter:
             path = self._local_root / self.area / OPEN_DIR / f"date={date}"
             path.mkdir(parents=True, exist_ok=True)
             path = path / f"{self.writer_id}-{self._seq:06d}.ndjson"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            fd = _open_locked(path)
             seg = _OpenSegment(fd=fd, path=path, seq=self._seq, opened_at=now)
             self._open[date] = seg
         return seg
@@ -150,15 +158,18 @@ class SegmentWriter:
         seg = self._open.pop(date, None)
         if seg is None:
             return
-        os.close(seg.fd)
-        if seg.size == 0 or not seg.path.exists():
-            seg.path.unlink(missing_ok=True)
-            return
-        assert self._local_root is not None
-        target = self._local_root / self._sealed_key(date, seg.seq)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(seg.path, target)
-        _fsync_dir(target.parent)
+        # Renamed while still locked, so recovery cannot take it between the two steps.
+        try:
+            if seg.size == 0 or not seg.path.exists():
+                seg.path.unlink(missing_ok=True)
+                return
+            assert self._local_root is not None
+            target = self._local_root / self._sealed_key(date, seg.seq)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(seg.path, target)
+            _fsync_dir(target.parent)
+        finally:
+            os.close(seg.fd)
 
     def seal_expired(self) -> int:
         """Seal segments past their age so idle traffic still becomes visible downstream."""
@@ -175,6 +186,22 @@ class SegmentWriter:
                 self._seal(date)
 
 
+def _open_locked(path: Path) -> int:
+    """Create (or reopen) ``path`` for appending, holding its lock until the segment is
+    sealed: recovery never takes a live writer's segment, and the kernel releases the
+    lock if this process dies. If recovery took the file between our open and our lock
+    (it only takes old files, so only with a tiny orphan age), open it afresh."""
+    while True:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -183,10 +210,58 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@dataclass(frozen=True, slots=True)
+class OpenSegment:
+    """A segment still under ``<area>/_open``: being written, or left by a dead writer."""
+
+    path: Path
+    date: str
+    size: int
+    age_seconds: float
+    live: bool  # a writer holds its lock
+
+
+def list_open(lake: Lake, area: str = LANDING_AREA) -> list[OpenSegment]:
+    """Open segments of an area, each tested (never taken) for a live writer's lock."""
+    if not isinstance(lake, LocalLake):
+        return []  # S3 writers PUT whole objects: nothing is ever open
+    found = []
+    now = time.time()
+    for path in sorted((lake.root / area / OPEN_DIR).glob("date=*/*.ndjson")):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue  # sealed meanwhile
+        try:
+            st = os.fstat(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                live = False
+            except BlockingIOError:
+                live = True
+        finally:
+            os.close(fd)  # releases the probe's lock, if it got one
+        found.append(
+            OpenSegment(
+                path=path,
+                date=path.parent.name.removeprefix("date="),
+                size=st.st_size,
+                age_seconds=max(0.0, now - st.st_mtime),
+                live=live,
+            )
+        )
+    return found
+
+
 def recover_orphans(
     lake: Lake, area: str = LANDING_AREA, older_than_seconds: float = ORPHAN_AFTER_SECONDS
 ) -> list[str]:
-    """Seal open segments left by a crashed writer.
+    """Seal open segments left by a crashed writer; the sealed keys, in seal order.
+
+    A segment is an orphan when nothing was written to it for ``older_than_seconds``
+    (at least a writer's segment lifetime) and no writer holds its lock: a live writer
+    always does, a dead one cannot. Recovery takes the lock itself while it seals, so
+    two recoveries (the sensor and a CLI) never seal one segment twice.
 
     Bytes after the last newline were never acknowledged (a writer fsyncs whole
     batches before answering), but they are still moved to quarantine rather than
@@ -204,24 +279,48 @@ def recover_orphans(
         try:
             if path.stat().st_mtime > cutoff:
                 continue
+            fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
             continue
-        date = path.parent.name.removeprefix("date=")
-        data = path.read_bytes()
-        cut = data.rfind(b"\n") + 1
-        if cut < len(data):
-            _quarantine_tail(lake, area, path, data[cut:])
-            with open(path, "r+b") as fh:
-                fh.truncate(cut)
-                os.fsync(fh.fileno())
-        if cut == 0:
-            path.unlink(missing_ok=True)
-            continue
-        target = lake.root / writer._sealed_key(date, 0)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, target)
-        sealed.append(target.relative_to(lake.root).as_posix())
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live writer's segment, merely idle
+            try:
+                if os.stat(path).st_ino != os.fstat(fd).st_ino:
+                    continue  # sealed (or recovered) between our open and our lock
+            except FileNotFoundError:
+                continue
+            key = _seal_orphan(lake, area, writer, path, fd)
+            if key is not None:
+                sealed.append(key)
+        finally:
+            os.close(fd)
+    if sealed:
+        _fsync_dir(open_root)
     return sealed
+
+
+def _seal_orphan(
+    lake: LocalLake, area: str, writer: SegmentWriter, path: Path, fd: int
+) -> str | None:
+    date = path.parent.name.removeprefix("date=")
+    size = os.fstat(fd).st_size
+    data = os.pread(fd, size, 0) if size else b""
+    cut = data.rfind(b"\n") + 1
+    if cut < len(data):
+        _quarantine_tail(lake, area, path, data[cut:])
+        os.ftruncate(fd, cut)
+        os.fsync(fd)
+    if cut == 0:
+        path.unlink(missing_ok=True)
+        return None
+    target = lake.root / writer._sealed_key(date, 0)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, target)
+    _fsync_dir(target.parent)
+    return target.relative_to(lake.root).as_posix()
 
 
 def _quarantine_tail(lake: Lake, area: str, path: Path, tail: bytes) -> None:

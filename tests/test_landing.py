@@ -15,6 +15,7 @@ from recsys_serving.landing import (
     LANDING_AREA,
     SegmentWriter,
     iter_lines,
+    list_open,
     list_sealed,
     parse_sealed_key,
     recover_orphans,
@@ -68,6 +69,8 @@ def test_orphaned_segment_is_sealed_and_its_unacknowledged_tail_quarantined(
     w = SegmentWriter(lake, LANDING_AREA, writer_id="crashed")
     w.append({"2026-11-01": b'{"event_id":"a"}\n'})
     seg = next((tmp_path / "landing" / "_open").rglob("*.ndjson"))
+    for open_segment in w._open.values():  # the writer dies: the kernel drops its lock
+        os.close(open_segment.fd)
     with seg.open("ab") as fh:  # a crash in the middle of the next write
         fh.write(b'{"event_id":"b","ev')
     old = time.time() - 3600
@@ -85,6 +88,37 @@ def test_recent_open_segments_are_left_alone(tmp_path: Path) -> None:
     assert recover_orphans(lake, LANDING_AREA, older_than_seconds=600) == []
     w.close()
     assert len(list_sealed(lake)) == 1
+
+
+def test_an_idle_live_writers_segment_is_never_taken_however_old(tmp_path: Path) -> None:
+    lake = LocalLake(tmp_path)
+    w = SegmentWriter(lake, LANDING_AREA, writer_id="idle", max_age_seconds=3600)
+    w.append({"2026-11-01": b'{"event_id":"a"}\n'})
+    seg = next((tmp_path / "landing" / "_open").rglob("*.ndjson"))
+    old = time.time() - 3600
+    os.utime(seg, (old, old))
+    assert recover_orphans(lake, LANDING_AREA, older_than_seconds=0) == []
+    (found,) = list_open(lake, LANDING_AREA)
+    assert found.live and found.path == seg and found.age_seconds >= 3590
+    # The probe let go of the lock: the writer appends and seals as usual.
+    w.append({"2026-11-01": b'{"event_id":"b"}\n'})
+    w.close()
+    assert [r["event_id"] for r in ndjson_lines(lake, "landing/")] == ["a", "b"]
+    assert list_open(lake, LANDING_AREA) == []
+
+
+def test_a_dead_writers_segment_is_listed_as_orphaned(tmp_path: Path) -> None:
+    lake = LocalLake(tmp_path)
+    w = SegmentWriter(lake, LANDING_AREA, writer_id="dead")
+    w.append({"2026-11-01": b'{"event_id":"a"}\n'})
+    for open_segment in w._open.values():
+        os.close(open_segment.fd)
+    (found,) = list_open(lake, LANDING_AREA)
+    assert not found.live and found.size == len(b'{"event_id":"a"}\n')
+    # Younger than the orphan age: left for later, even without a lock.
+    assert recover_orphans(lake, LANDING_AREA, older_than_seconds=600) == []
+    assert len(recover_orphans(lake, LANDING_AREA, older_than_seconds=0)) == 1
+    assert [r["event_id"] for r in ndjson_lines(lake, "landing/")] == ["a"]
 
 
 def test_sealed_key_format() -> None:

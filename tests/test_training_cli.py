@@ -13,8 +13,7 @@ from typer.testing import CliRunner
 
 from recsys_assets.cli import app
 from recsys_assets.cli.training import unprocessed_days
-from recsys_assets.definitions import make_definitions
-from recsys_assets.instance import get_instance
+from recsys_assets.training.exclusive import lock_path, retrain_lock
 from recsys_serving.lake import LocalLake
 from recsys_serving.registry import PRODUCTION, ModelRegistry
 from recsys_serving.settings import Settings
@@ -105,23 +104,21 @@ def test_retrain_on_an_empty_lake_fails_with_a_clear_message(
     assert ModelRegistry(LocalLake(home / "lake")).version_ids() == []
 
 
-def test_retrain_refuses_while_another_retraining_is_in_progress(
+def test_retrain_refuses_while_another_retraining_holds_the_lock(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     home = tmp_path / "home"
     _env(monkeypatch, home)
     settings = Settings()
-    instance = get_instance(settings)  # the project's instance, as recsys retrain opens it
-    try:
-        job = make_definitions(settings).resolve_job_def("retrain_job")
-        running = instance.create_run_for_job(
-            job, tags={"recsys/pipeline": "retrain"}, status=dg.DagsterRunStatus.STARTED
-        )
-    finally:
-        instance.dispose()
-    result = runner.invoke(app, ["retrain"])
+    path = lock_path(settings)
+    assert path == home / "lake" / "training" / ".retrain.lock"
+    with retrain_lock(path, run_id="0123456789abcdef", trigger="retrain_job (ctr_drop)"):
+        result = runner.invoke(app, ["retrain"])
     assert result.exit_code == 1
-    assert f"retraining run {running.run_id[:8]} is already queued or running" in result.output
-    # --force goes ahead (and here fails on the empty lake, past the guard).
-    forced = runner.invoke(app, ["retrain", "--force"])
-    assert "no interactions in the training window" in forced.output
+    (line,) = [line for line in result.output.splitlines() if line.strip()]
+    assert line.startswith("error: another retraining is running (run 01234567, ")
+    assert "retrain_job (ctr_drop), pid " in line
+    # Released (as the kernel releases it when its holder dies): the next one goes
+    # ahead, and here fails on the empty lake, past the guard.
+    result = runner.invoke(app, ["retrain"])
+    assert "no interactions in the training window" in result.output

@@ -25,6 +25,29 @@ def _settings():
     return Settings()
 
 
+def seal_orphans(lake, settings) -> list[str]:
+    """Seal the segments a crashed writer (``recsys ingest``, a collector) left open, so
+    they are processed without waiting for the daemon's landing sensor; the landing
+    dates they hold. A segment a live writer holds is never touched."""
+    from recsys_serving.landing import (
+        INTAKE_QUARANTINE_AREA,
+        LANDING_AREA,
+        parse_sealed_key,
+        recover_orphans,
+    )
+
+    age = settings.landing_segment_max_age_seconds
+    landed = recover_orphans(lake, LANDING_AREA, older_than_seconds=age)
+    rejected = recover_orphans(lake, INTAKE_QUARANTINE_AREA, older_than_seconds=age)
+    days = sorted({f.date for k in landed if (f := parse_sealed_key(k)) is not None})
+    if landed or rejected:
+        console.print(
+            f"sealed {len(landed) + len(rejected)} segment(s) left open by a crashed writer"
+            + (f" (landing dates {', '.join(days)})" if days else "")
+        )
+    return days
+
+
 @app.command()
 def ingest(
     files: Annotated[list[Path], typer.Argument(help="NDJSON or JSON-array files (.gz ok).")],
@@ -40,6 +63,7 @@ def ingest(
 
     settings = _settings()
     lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
+    recovered = seal_orphans(lake, settings)
     intake = EventIntake(lake, settings)
     started = time.perf_counter()
     shown = 0
@@ -75,8 +99,9 @@ def ingest(
         f"({r.received / max(elapsed, 1e-9):,.0f} events/s)"
     )
     failed = bool(report.failed_files or report.rejected_files)
-    if process and r.days:
-        failed |= not _process_days(settings, sorted(r.days))
+    days = sorted(set(r.days) | set(recovered))
+    if process and days:
+        failed |= not _process_days(settings, days)
     if failed:
         raise typer.Exit(1)
 
@@ -92,6 +117,7 @@ def process_cmd(
 
     settings = _settings()
     lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
+    seal_orphans(lake, settings)
     days = sorted({f.date for f in list_sealed(lake)})
     days = [d for d in days if (start is None or d >= start) and (end is None or d <= end)]
     if start and end:
@@ -128,10 +154,17 @@ def status() -> None:
     """What is in the lake: landing, weblogs partitions, quarantine."""
     from recsys_assets.weblogs.processing import WEBLOGS_AREA, WEBLOGS_QUARANTINE_AREA
     from recsys_serving.lake import open_lake, read_parquet
-    from recsys_serving.landing import INTAKE_QUARANTINE_AREA, list_sealed
+    from recsys_serving.landing import (
+        INTAKE_QUARANTINE_AREA,
+        LANDING_AREA,
+        list_open,
+        list_sealed,
+    )
 
     settings = _settings()
     lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
+    seal_orphans(lake, settings)
+    still_open = list_open(lake, LANDING_AREA) + list_open(lake, INTAKE_QUARANTINE_AREA)
     landing = list_sealed(lake)
     intake_q = list_sealed(lake, INTAKE_QUARANTINE_AREA)
     parts = [o.key for o in lake.list(f"{WEBLOGS_AREA}/") if o.key.endswith(".parquet")]
@@ -142,6 +175,12 @@ def status() -> None:
     dates = sorted(k.split("date=")[1][:10] for k in parts)
     out.print(f"lake: {lake.uri}")
     out.print(f"landing: {len(landing):,} sealed files, {sum(f.size for f in landing):,} bytes")
+    live = sum(seg.live for seg in still_open)
+    out.print(
+        f"open segments: {len(still_open):,} ({sum(seg.size for seg in still_open):,} bytes): "
+        f"{live:,} held by a live writer, {len(still_open) - live:,} orphaned (sealed once "
+        f"idle for {settings.landing_segment_max_age_seconds:g}s)"
+    )
     out.print(f"intake quarantine: {intake_rows:,} events in {len(intake_q):,} files")
     span = f" ({dates[0]}..{dates[-1]})" if dates else ""
     out.print(f"weblogs: {len(parts):,} partitions{span}, {rows:,} rows")

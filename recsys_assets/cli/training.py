@@ -6,6 +6,7 @@ appears in the UI with its metadata like a run launched by a sensor.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -60,39 +61,45 @@ def retrain(
     process: Annotated[
         bool, typer.Option(help="First process landed weblogs that are not processed yet.")
     ] = True,
-    force: Annotated[
-        bool,
-        typer.Option(
-            help="Run even if the instance lists a retraining as queued or running "
-            "(one that died without its status being updated)."
-        ),
-    ] = False,
 ) -> None:
-    """Train, evaluate and register a model from the lake (the first becomes production)."""
-    from dagster._core.events import DagsterEventType
+    """Train, evaluate and register a model from the lake (the first becomes production).
 
-    from recsys_assets.definitions import make_definitions
+    One retraining at a time: this takes the retraining lock (``training/exclusive.py``)
+    before anything else and refuses at once, naming the holder, if a retraining (this
+    command elsewhere, or a ``retrain_job`` run) holds it.
+    """
     from recsys_assets.instance import get_instance
-    from recsys_assets.monitoring.sensors import retrain_in_progress
-    from recsys_assets.runs import _outcome, materialize_weblogs
-    from recsys_assets.training.jobs import RETRAIN_TAGS
+    from recsys_assets.training.exclusive import RetrainBusy, lock_path, retrain_lock
     from recsys_serving.lake import open_lake
     from recsys_serving.settings import Settings
 
     settings = Settings()
     lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
     started = time.perf_counter()
-    instance = get_instance(settings)
-    # This run executes in this process, past the run queue's one-retraining limit:
-    # check that limit here, or two retrainings would race to register a model.
-    running = None if force else retrain_in_progress(instance)
-    if running is not None:
-        fail(
-            f"retraining run {running[:8]} is already queued or running (see the Dagster "
-            "UI); wait for it, or pass --force if it died without being marked failed"
-        )
+    run_id = str(uuid.uuid4())
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(
+                retrain_lock(lock_path(settings, lake), run_id=run_id, trigger="recsys retrain")
+            )
+        except RetrainBusy as exc:
+            fail(str(exc))
+        _retrain(settings, lake, get_instance(settings), run_id, process, started)
+
+
+def _retrain(
+    settings: Any, lake: Any, instance: Any, run_id: str, process: bool, started: float
+) -> None:
+    from dagster._core.events import DagsterEventType
+
+    from recsys_assets.definitions import make_definitions
+    from recsys_assets.runs import _outcome, materialize_weblogs
+    from recsys_assets.training.jobs import RETRAIN_TAGS
 
     if process:
+        from recsys_assets.cli.acquisition import seal_orphans
+
+        seal_orphans(lake, settings)
         days = unprocessed_days(lake)
         if days:
             with console.status(f"processing weblogs {days[0]}..{days[-1]} ({len(days)} dates)"):
@@ -103,7 +110,6 @@ def retrain(
             console.print(f"processed weblogs {days[0]}..{days[-1]}: {rows:,} rows")
 
     job = make_definitions(settings).resolve_job_def("retrain_job")
-    run_id = str(uuid.uuid4())
     done: set[str] = set()
     stop = threading.Event()
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}

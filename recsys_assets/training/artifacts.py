@@ -1,17 +1,31 @@
 """What training assets hand to each other through the lake: npz files and JSON.
 
-Each training asset writes its output under ``training/<asset>/`` and the next one
-reads it back, so a run can be resumed from any asset (re-materialize one asset in
-the UI and everything downstream reads the new version). Arrays go to uncompressed
-``.npz`` (fast to write and read, no pickle); scalars and small dicts to a JSON
-member of the same file, so one object is always one self-consistent file.
+Each training asset writes its output under its run's directory,
+``training/runs/<run>/<asset>/``, and the next one reads it back from there, so two
+retrainings can never read each other's files, even if both ran at once. ``<run>`` is
+the root run id of the Dagster run, so a re-execution from failure in the UI finds the
+artifacts its parent run wrote. An asset materialized on its own (a subset of the graph
+in the UI) reads the upstream assets its run did not produce from the run that last
+produced each of them (``training/latest/<asset>.json``, written when an asset
+succeeds): the hand-over is by run, never by whatever file happens to be there.
+
+Outside a run scope (``run_scope``), e.g. a test calling a step function directly or
+:func:`~recsys_assets.training.pipeline.train_bundle` without ``run=``, the keys are
+the plain ``training/<asset>/<name>``. Arrays go to uncompressed ``.npz`` (fast to write
+and read, no pickle); scalars and small dicts to a JSON member of the same file, so one
+object is always one self-consistent file.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from collections.abc import Mapping
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,11 +35,97 @@ from recsys_serving.lake import Lake
 from recsys_serving.model.state import Ragged
 
 PREFIX = "training"
+RUNS = f"{PREFIX}/runs"
+LATEST = f"{PREFIX}/latest"
+DONE = "_done.json"
+KEEP_RUNS = 3  # newest run directories kept (re-execution from failure needs them)
 _META = "__meta__"
 
 
+@dataclass
+class _Scope:
+    lake: Lake
+    run: str
+    asset: str
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def run_for(self, asset: str) -> str:
+        """The run whose ``asset`` artifacts this step reads (its own run if it made them)."""
+        if asset == self.asset:
+            return self.run
+        if asset not in self.sources:
+            source = self.run
+            if not self.lake.exists(f"{RUNS}/{self.run}/{asset}/{DONE}"):
+                latest = _latest_run(self.lake, asset)
+                source = latest if latest is not None else self.run
+            self.sources[asset] = source
+        return self.sources[asset]
+
+
+_SCOPE: ContextVar[_Scope | None] = ContextVar("recsys_training_scope", default=None)
+
+
 def key(asset: str, name: str) -> str:
-    return f"{PREFIX}/{asset}/{name}"
+    scope = _SCOPE.get()
+    if scope is None:
+        return f"{PREFIX}/{asset}/{name}"
+    return f"{RUNS}/{scope.run_for(asset)}/{asset}/{name}"
+
+
+def run_dir(run: str) -> str:
+    return f"{RUNS}/{run}"
+
+
+@contextmanager
+def run_scope(lake: Lake, run: str, asset: str) -> Iterator[None]:
+    """Within the block, ``key()`` names ``asset``'s outputs in ``run``'s directory; when
+    the block succeeds the asset is marked done there and becomes the latest hand-over."""
+    if not run or "/" in run:
+        raise ValueError(f"invalid training run id {run!r}")
+    token = _SCOPE.set(_Scope(lake, run, asset))
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+    done = {"run": run, "asset": asset, "at": time.time()}
+    put_json(lake, f"{RUNS}/{run}/{asset}/{DONE}", done)
+    put_json(lake, f"{LATEST}/{asset}.json", done)
+
+
+def _latest_run(lake: Lake, asset: str) -> str | None:
+    try:
+        run = orjson.loads(lake.get_bytes(f"{LATEST}/{asset}.json")).get("run")
+    except FileNotFoundError:
+        return None
+    return str(run) if run else None
+
+
+def prune_runs(lake: Lake, current: str, keep: int = KEEP_RUNS) -> list[str]:
+    """Delete all but the ``keep`` newest run directories (by their newest file), never
+    ``current`` nor a run that is the latest hand-over of some asset. Bounded growth:
+    every retraining writes a whole set of intermediate artifacts."""
+    newest: dict[str, float] = {}
+    for obj in lake.list(f"{RUNS}/"):
+        run = obj.key[len(RUNS) + 1 :].split("/", 1)[0]
+        if run:
+            newest[run] = max(newest.get(run, 0.0), obj.mtime)
+    protected = {current}
+    for obj in lake.list(f"{LATEST}/"):
+        try:
+            run = orjson.loads(lake.get_bytes(obj.key)).get("run")
+        except (FileNotFoundError, orjson.JSONDecodeError):
+            continue
+        if run:
+            protected.add(str(run))
+    ordered = sorted(newest, key=lambda r: newest[r], reverse=True)
+    removed = [r for r in ordered[keep:] if r not in protected]
+    for run in removed:
+        for obj in list(lake.list(f"{RUNS}/{run}/")):
+            lake.delete(obj.key)
+        local = lake.local_path(f"{RUNS}/{run}")
+        if local is not None and local.exists():
+            shutil.rmtree(local, ignore_errors=True)
+    return removed
 
 
 def pack_meta(meta: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -67,10 +167,17 @@ def get_arrays(lake: Lake, object_key: str) -> dict[str, np.ndarray]:
         with np.load(source, allow_pickle=False) as npz:
             return {name: npz[name] for name in npz.files}
     except FileNotFoundError as exc:
-        asset = object_key.split("/")[1] if object_key.count("/") >= 2 else object_key
+        asset = _asset_of(object_key)
         raise FileNotFoundError(
             f"{object_key} is missing from the lake: materialize the {asset!r} asset first"
         ) from exc
+
+
+def _asset_of(object_key: str) -> str:
+    parts = object_key.split("/")
+    if object_key.startswith(f"{RUNS}/") and len(parts) >= 5:
+        return parts[3]  # training/runs/<run>/<asset>/<name>
+    return parts[1] if len(parts) >= 3 else object_key
 
 
 def put_json(lake: Lake, object_key: str, value: Any) -> None:

@@ -8,13 +8,16 @@ statistics, metrics and the promotion decision for every run.
 
 # No `from __future__ import annotations`: Dagster inspects the context annotation.
 import base64
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
 import orjson
 
 from recsys_assets.resources import LakeResource
+from recsys_assets.training import artifacts as art
 from recsys_assets.training import steps
 from recsys_assets.training.checks import finite_check
 from recsys_assets.training.data import TrainingDataError
@@ -26,6 +29,27 @@ GROUP = "training"
 
 def _json(value: Any) -> dg.MetadataValue:
     return dg.MetadataValue.json(orjson.loads(orjson.dumps(value, default=str)))
+
+
+def _in_run(fn: Callable[..., dg.MaterializeResult]) -> Callable[..., dg.MaterializeResult]:
+    """The step reads and writes its run's directory (``artifacts.run_scope``), keyed by
+    the root run so a re-execution from failure finds what its parent run wrote; the
+    first step also prunes old run directories."""
+
+    @functools.wraps(fn)
+    def in_run(
+        context: dg.AssetExecutionContext, lake: LakeResource, training: TrainingConfig
+    ) -> dg.MaterializeResult:
+        run = context.run.root_run_id or context.run_id
+        store = lake.get()
+        if fn.__name__ == steps.INTERACTIONS:
+            removed = art.prune_runs(store, current=run)
+            if removed:
+                context.log.info(f"removed {len(removed)} old training run directories")
+        with art.run_scope(store, run, fn.__name__):
+            return fn(context, lake, training)
+
+    return in_run
 
 
 def _floats(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
@@ -46,6 +70,7 @@ def _floats(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
         "holdout cut of the window and the item/user vocabulary (catalogue + logs)."
     ),
 )
+@_in_run
 def interactions(
     context: dg.AssetExecutionContext, lake: LakeResource, training: TrainingConfig
 ) -> dg.MaterializeResult:
@@ -70,7 +95,9 @@ def interactions(
             "logged_items_missing_from_catalog": data["vocabulary"][
                 "logged_items_missing_from_catalog"
             ],
-            "lake": dg.MetadataValue.path(lake.get().uri_for("training/interactions")),
+            "lake": dg.MetadataValue.path(
+                lake.get().uri_for(art.key(steps.INTERACTIONS, "")).rstrip("/")
+            ),
         }
     )
 
@@ -93,6 +120,7 @@ def interactions(
         "item age, first/last interaction recency, mean rating."
     ),
 )
+@_in_run
 def item_features(
     context: dg.AssetExecutionContext, lake: LakeResource, training: TrainingConfig
 ) -> dg.MaterializeResult:
@@ -126,6 +154,7 @@ def item_features(
         "window and recent), seen items and the most recent items."
     ),
 )
+@_in_run
 def user_features(
     context: dg.AssetExecutionContext, lake: LakeResource, training: TrainingConfig
 ) -> dg.MaterializeResult:
@@ -150,6 +179,7 @@ def user_features(
         "item-item co-visitation within sessions."
     ),
 )
+@_in_run
 def retrieval_model(
     context: dg.AssetExecutionContext, lake: LakeResource, training: TrainingConfig
 ) -> dg.MaterializeResult:
@@ -179,6 +209,7 @@ def retrieval_model(
         "Elasticsearch as a new versioned index when RECSYS_ES_URL is set."
     ),
 )
+@_in_run
 def candidate_index(
     context: dg.AssetExecutionContext, lake: LakeResource, training: TrainingConfig
 ) -> dg.MaterializeResult:
@@ -216,6 +247,7 @@ def candidate_index(
         "users did next; logged impressions without a click are negatives."
     ),
 )
+@_in_run
 def ranking_dataset(
     context: dg.AssetExecutionContext, lake: LakeResource, training: TrainingConfig
 ) -> dg.MaterializeResult:
@@ -239,6 +271,7 @@ def ranking_dataset(
     kinds={"lightgbm"},
     description="LightGBM lambdarank, early-stopped on NDCG of a validation split by user.",
 )
+@_in_run
 def ranking_model(
     context: dg.AssetExecutionContext, lake: LakeResource, training: TrainingConfig
 ) -> dg.MaterializeResult:
@@ -274,6 +307,7 @@ def ranking_model(
         "window, parameters, features, holdout metrics) and a checksum per file."
     ),
 )
+@_in_run
 def recommender_model(
     context: dg.AssetExecutionContext, lake: LakeResource, training: TrainingConfig
 ) -> dg.MaterializeResult:
@@ -309,6 +343,7 @@ def recommender_model(
         "first-model rule's) with its reason."
     ),
 )
+@_in_run
 def model_evaluation(
     context: dg.AssetExecutionContext, lake: LakeResource, training: TrainingConfig
 ) -> dg.MaterializeResult:
@@ -378,6 +413,7 @@ def evaluation_metadata(result: dict[str, Any]) -> dict[str, Any]:
         "beats it (first-model rule); later promotions belong to the closed loop."
     ),
 )
+@_in_run
 def registered_model(
     context: dg.AssetExecutionContext, lake: LakeResource, training: TrainingConfig
 ) -> dg.MaterializeResult:

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from recsys_assets.training import artifacts as art
 from recsys_assets.training import steps
 from recsys_assets.training.params import TrainingParams
 from recsys_serving.index.base import IndexPublisher
@@ -64,20 +66,27 @@ def train_bundle(
     *,
     publisher: IndexPublisher | None = None,
     on_step: Progress | None = None,
+    run: str | None = None,
 ) -> TrainOutcome:
     """Train from every weblogs partition in the lake; the bundle lands in ``out_dir``.
+
+    With ``run``, the intermediate artifacts go to that run's own directory
+    (``training/runs/<run>/``, as under Dagster), so concurrent calls cannot mix;
+    without it, to the plain ``training/<asset>/`` keys.
 
     Raises :class:`~recsys_assets.training.data.TrainingDataError` when the window is
     empty or too small (before anything is written).
     """
     results: dict[str, dict[str, Any]] = {}
     timings: dict[str, float] = {}
+    run_id = run
 
     def run(name: str, fn: Callable[[], Any]) -> Any:
         if on_step is not None:
             on_step(name)
         started = time.perf_counter()
-        value = fn()
+        with art.run_scope(lake, run_id, name) if run_id else nullcontext():
+            value = fn()
         timings[name] = round(time.perf_counter() - started, 3)
         return value
 
