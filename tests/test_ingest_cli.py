@@ -161,3 +161,17 @@ def test_a_failed_check_is_one_line_with_count_examples_and_remedy(
     assert "e.g. event_id 'e0' landed as different events; event_id 'e1' landed" in line
     assert "to do: a client sends different events under one event_id" in line
     assert "checks 5/6 passed" in output and "FAILED" in output
+
+
+def test_status_without_a_home_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """status is read-only: run where there is no recsys home, it says so, writes nothing."""
+    monkeypatch.delenv("RECSYS_HOME", raising=False)
+    monkeypatch.delenv("RECSYS_LAKE_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 0, result.output
+    assert "nothing there: no lake at" in result.output
+    assert str(tmp_path / ".recsys" / "lake") in result.output
+    assert list(tmp_path.iterdir()) == []

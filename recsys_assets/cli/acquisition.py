@@ -139,6 +139,8 @@ def status() -> None:
     from recsys_serving.landing import INTAKE_QUARANTINE_AREA, list_sealed
 
     settings = _settings()
+    if _missing_local_lake(settings):
+        return
     lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
     landing = list_sealed(lake)
     intake_q = list_sealed(lake, INTAKE_QUARANTINE_AREA)
@@ -155,6 +157,24 @@ def status() -> None:
     out.print(f"weblogs: {len(parts):,} partitions{span}, {rows:,} rows")
     out.print(f"weblogs quarantine: {qrows:,} rows")
     summary(f"lake {lake.uri}: {rows:,} weblog rows in {len(parts)} partitions")
+
+
+def _missing_local_lake(settings) -> bool:
+    """Say so when the local lake does not exist: status is read-only, and opening a
+    local lake creates it (a status run from the wrong directory used to leave a
+    ``./.recsys`` behind)."""
+    uri = settings.resolved_lake_uri
+    if uri.startswith("s3://"):
+        return False
+    root = Path(uri.removeprefix("file://")).expanduser().resolve()
+    if root.is_dir():
+        return False
+    out.print(f"lake: {root}")
+    summary(
+        f"nothing there: no lake at {root} (RECSYS_HOME is {settings.resolved_home}); "
+        "set RECSYS_HOME to your recsys home, or run `recsys ingest` or `make demo` to start one"
+    )
+    return True
 
 
 @app.command()
