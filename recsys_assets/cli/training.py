@@ -74,7 +74,7 @@ def retrain(
     from recsys_assets.definitions import make_definitions
     from recsys_assets.instance import get_instance
     from recsys_assets.monitoring.sensors import retrain_in_progress
-    from recsys_assets.runs import _outcome, materialize_weblogs
+    from recsys_assets.runs import CLI_RUN_CONFIG, _outcome, materialize_weblogs
     from recsys_assets.training.jobs import RETRAIN_TAGS
     from recsys_serving.lake import open_lake
     from recsys_serving.settings import Settings
@@ -106,7 +106,7 @@ def retrain(
     run_id = str(uuid.uuid4())
     done: set[str] = set()
     stop = threading.Event()
-    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    quiet = CLI_RUN_CONFIG  # no Dagster stack traces: the failure is said in one line below
 
     with progress() as bar:
         task = bar.add_task("retraining", total=len(RETRAIN_STEPS))
