@@ -21,8 +21,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/recsys demo
 
-## The whole test suite (slow end-to-end tests included) plus lint.
+## The whole test suite (slow end-to-end tests included) plus lint. First installs the
+## Debian packages the tests need (scripts/system-deps.sh: as root, or names them and stops).
 test: $(STAMP)
+	@bash scripts/system-deps.sh
 	$(BIN)/ruff check recsys_assets recsys_serving tests bench
 	$(BIN)/python -m pytest
 

@@ -68,7 +68,11 @@ def main(argv: list[str] | None = None) -> None:
         # Imported inside the timed region: the asset pays the GX import too.
         from recsys_assets.weblogs.quality import WeblogValidator
 
-        validator = WeblogValidator(settings.max_duplicate_rate)
+        validator = WeblogValidator(
+            settings.max_duplicate_rate,
+            max_unattributed_click_rate=settings.max_unattributed_click_rate,
+            min_rows=settings.min_rows_for_rate_checks,
+        )
         run = process_partitions(
             lake, days, rules, on_frames=validator.add_partition, on_partition=on_partition
         )

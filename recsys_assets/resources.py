@@ -45,6 +45,8 @@ class RecsysConfig(dg.ConfigurableResource):
     session_gap_minutes: float
     max_duplicate_rate: float
     freshness_minutes: float
+    max_unattributed_click_rate: float = 0.5
+    min_rows_for_rate_checks: int = 100
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RecsysConfig:
@@ -55,4 +57,6 @@ class RecsysConfig(dg.ConfigurableResource):
             session_gap_minutes=settings.session_gap_minutes,
             max_duplicate_rate=settings.max_duplicate_rate,
             freshness_minutes=settings.freshness_minutes,
+            max_unattributed_click_rate=settings.max_unattributed_click_rate,
+            min_rows_for_rate_checks=settings.min_rows_for_rate_checks,
         )

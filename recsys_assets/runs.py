@@ -25,7 +25,15 @@ class RunOutcome:
     success: bool
     materialized: dict[str, dict[str, Any]] = field(default_factory=dict)
     checks: dict[str, bool] = field(default_factory=dict)
+    # One line per failed check: which, how many rows, two examples, what to do.
+    check_failures: dict[str, str] = field(default_factory=dict)
     failure: str | None = None
+
+
+# Dagster's console logger prints a failed step and the failed run, each with a stack
+# trace. The CLI says what failed itself (one line per failed check, or the error),
+# and the full event log stays in the instance for the UI.
+CLI_RUN_CONFIG: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 
 
 def materialize_weblogs(
@@ -39,8 +47,7 @@ def materialize_weblogs(
     start, end = min(days), max(days)
     job = defs.resolve_job_def("weblogs_job")
     tags = {"recsys/trigger": "cli"}
-    # The full event log is in the UI; the terminal only needs warnings and errors.
-    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    quiet = CLI_RUN_CONFIG
     if start == end:
         result = job.execute_in_process(
             instance=instance,
@@ -59,6 +66,7 @@ def materialize_weblogs(
 
 def _outcome(result: dg.ExecuteInProcessResult) -> RunOutcome:
     outcome = RunOutcome(run_id=result.run_id, success=result.success)
+    step_error: str | None = None
     for event in result.all_events:
         if event.event_type_value == "ASSET_MATERIALIZATION":
             mat = event.event_specific_data.materialization  # type: ignore[union-attr]
@@ -68,7 +76,27 @@ def _outcome(result: dg.ExecuteInProcessResult) -> RunOutcome:
         elif event.event_type_value == "ASSET_CHECK_EVALUATION":
             ev = event.event_specific_data
             outcome.checks[ev.check_name] = bool(ev.passed)  # type: ignore[union-attr]
-        elif event.event_type_value == "STEP_FAILURE" and outcome.failure is None:
-            err = event.event_specific_data.error  # type: ignore[union-attr]
-            outcome.failure = err.message.strip() if err else "step failed"
+            if not ev.passed:  # type: ignore[union-attr]
+                line = ev.metadata.get("failure")  # type: ignore[union-attr]
+                outcome.check_failures[ev.check_name] = str(  # type: ignore[union-attr]
+                    getattr(line, "value", None) or f"check {ev.check_name} failed"  # type: ignore[union-attr]
+                )
+        elif event.event_type_value == "STEP_FAILURE" and step_error is None:
+            step_error = _root_cause(event.event_specific_data.error)  # type: ignore[union-attr]
+    if not outcome.success:
+        if outcome.check_failures:
+            outcome.failure = "; ".join(outcome.check_failures.values())
+        else:
+            where = f"stack trace in the Dagster UI, run {outcome.run_id[:8]}"
+            outcome.failure = f"{step_error or 'run failed'} ({where})"
     return outcome
+
+
+def _root_cause(error: Any) -> str:
+    """The innermost error of a step failure, on one line (Dagster wraps user errors)."""
+    if error is None:
+        return "step failed"
+    while getattr(error, "cause", None) is not None:
+        error = error.cause
+    message = " ".join(str(error.message).split())
+    return message if len(message) <= 300 else message[:297] + "..."

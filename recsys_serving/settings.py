@@ -52,7 +52,28 @@ class Settings(BaseSettings):
         description="Inactivity that starts a new inferred session (events without session_id).",
     )
     max_duplicate_rate: float = Field(
-        default=0.05, description="Blocking check threshold on duplicate event_ids per run."
+        default=0.05,
+        description=(
+            "Blocking check threshold on the share of a partition's event_ids that landed as "
+            "different events (a client reusing ids). Replays of the same event (a resend, a "
+            "file ingested twice) are quarantined and counted, never failing a check."
+        ),
+    )
+    max_unattributed_click_rate: float = Field(
+        default=0.5,
+        description=(
+            "Blocking check threshold on the share of a partition's clicks (with a request_id) "
+            "that match no logged impression; such clicks are kept and counted, as clients "
+            "lose some impressions."
+        ),
+    )
+    min_rows_for_rate_checks: int = Field(
+        default=100,
+        ge=1,
+        description=(
+            "A rate check judges a partition only with at least this many rows in the rate's "
+            "denominator, so a handful of rows never halts processing."
+        ),
     )
 
     # Collector.

@@ -34,6 +34,8 @@ def test_show_hides_secrets_and_credentials(monkeypatch: pytest.MonkeyPatch) -> 
         "RECSYS_MONGO_URI": "mongodb://user:mongo-s3cret@db.example:27017/recsys?tls=true",
         "RECSYS_DAGSTER_PG_URL": "postgresql://dagster:pg-s3cret@pg.example:5432/dagster",
         "RECSYS_ALERT_WEBHOOK_URL": "https://hooks.example/services/T0/B0/hook-s3cret?x=1",
+        "RECSYS_SERVICE_METRICS_URL": "http://scraper:metrics-s3cret@127.0.0.1:8000/metrics",
+        "RECSYS_ES_URL": "https://elastic:es-pw-s3cret@es.example:9200",
     }
     for key, value in secrets.items():
         monkeypatch.setenv(key, value)
@@ -46,7 +48,22 @@ def test_show_hides_secrets_and_credentials(monkeypatch: pytest.MonkeyPatch) -> 
     assert shown["RECSYS_MONGO_URI"] == "mongodb://db.example:27017/recsys"
     assert shown["RECSYS_DAGSTER_PG_URL"] == "postgresql://pg.example:5432/dagster"
     assert shown["RECSYS_ALERT_WEBHOOK_URL"] == "https://hooks.example/***"
+    assert shown["RECSYS_SERVICE_METRICS_URL"] == "http://127.0.0.1:8000/metrics"
     assert shown["RECSYS_HOME"]  # and the ordinary values are there
+
+
+def test_any_url_or_secret_named_setting_is_redacted_without_being_listed() -> None:
+    """A setting added later must not leak because nobody put it on a list."""
+    from recsys_assets.cli.config import shown_value
+
+    assert shown_value("new_backend_url", "redis://u:pw-s3cret@cache:6379/0?tls=1") == (
+        "redis://cache:6379/0"
+    )
+    assert shown_value("new_hosts", ["https://u:pw-s3cret@a.example/x"]) == ["https://a.example/x"]
+    assert shown_value("broker_password", "s3cret") == "***"
+    assert shown_value("github_token", "s3cret") == "***"
+    assert shown_value("queue_name", "plain value") == "plain value"
+    assert shown_value("lake_uri", "s3://bucket/prefix") == "s3://bucket/prefix"
 
 
 def test_show_table_ends_with_a_summary() -> None:

@@ -26,6 +26,7 @@ import mongomock
 import pytest
 from bson import json_util
 from pymongo.errors import PyMongoError
+from structlog.testing import capture_logs
 
 from recsys_serving.settings import Settings
 from recsys_serving.stores import docstore
@@ -418,3 +419,52 @@ def test_uri_schemes_and_redaction(tmp_path: Path) -> None:
         "mongodb+srv://cluster.example/db"
     )
     assert redact_uri("mongodb://h:27017") == "mongodb://h:27017"
+
+
+# ------------------------------------------------------------ a deleted embedded file
+def test_a_deleted_file_is_a_loud_loss_never_a_silently_empty_store(tmp_path: Path) -> None:
+    path = tmp_path / "recsys.json"
+    store = _embedded(path)
+    store.upsert_users([{"user_id": f"u{n}"} for n in range(3)])
+    store.upsert_items([_item(1)])
+    assert store.ping() is True and store.last_error is None
+    with capture_logs() as logs:
+        path.unlink()
+        assert store.get_user("u1") == {"_id": "u1", "user_id": "u1"}  # the copy it holds
+        assert store.counts() == {"items": 1, "users": 3}
+        assert store.ping() is False
+        assert store.ping() is False
+    assert store.last_error is not None
+    assert str(path) in store.last_error and "deleted" in store.last_error
+    assert "(1 items, 3 users)" in store.last_error and "recsys catalog load" in store.last_error
+    missing = [e for e in logs if e["event"] == "docstore_file_missing"]
+    assert len(missing) == 1 and missing[0]["log_level"] == "error"  # once, not every second
+    assert missing[0]["held"] == {"items": 1, "users": 3}
+
+    with capture_logs() as logs:  # a write recreates it from the copy, loudly
+        store.upsert_users([{"user_id": "u9"}])
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["docstore_file_recreated"]
+    assert _embedded(path).counts() == {"items": 1, "users": 4}
+    assert store.ping() is True and store.last_error is None
+
+
+def test_a_restored_file_is_picked_up_and_readiness_comes_back(tmp_path: Path) -> None:
+    from recsys_serving.settings import Settings
+    from serving_support import serving_client
+
+    path = tmp_path / "recsys.json"
+    store = _embedded(path)
+    store.upsert_users([{"user_id": "u1"}])
+    backup = path.read_bytes()
+    with serving_client(Settings(home=tmp_path / "home"), docstore=store) as client:
+        body = client.get("/readyz").json()
+        assert body["checks"]["docstore"] is True and "reasons" not in body
+        path.unlink()
+        r = client.get("/readyz")
+        assert r.status_code == 503
+        assert r.json()["checks"]["docstore"] is False
+        assert "the document store file was deleted" in r.json()["reasons"]["docstore"]
+        path.write_bytes(backup.replace(b'"u1"', b'"u2"'))  # restored (another version)
+        body = client.get("/readyz").json()
+        assert body["checks"]["docstore"] is True and "reasons" not in body
+    assert store.get_user("u2") is not None and store.get_user("u1") is None

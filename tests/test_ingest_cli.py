@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,7 +56,7 @@ def test_ndjson_with_bad_lines_then_processed_with_full_accounting(
     assert f"{f}:21: schema" in result.output and "event_type" in result.output
     assert f"{f}:31: not_utf8" in result.output
     assert "ingested 51 events from 1 file(s): 47 landed, 4 quarantined" in result.output
-    assert "checks 5/5 passed" in result.output and "succeeded" in result.output
+    assert "checks 6/6 passed" in result.output and "succeeded" in result.output
     lake = LocalLake(home / "lake")
     landed = ndjson_lines(lake, "landing/")
     quarantined = ndjson_lines(lake, "quarantine/intake/")
@@ -115,3 +118,60 @@ def test_status_after_ingest(home: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["status"])
     assert result.exit_code == 0
     assert "4 weblog rows" in result.output
+
+
+def test_a_file_ingested_twice_passes_with_its_replays_counted(home: Path, tmp_path: Path) -> None:
+    """Re-ingesting after a crash: the copies are quarantined, counted, nothing fails."""
+    f = tmp_path / "logs.ndjson"
+    f.write_bytes(b"\n".join(orjson.dumps(ev(i)) for i in range(30)) + b"\n")
+    assert runner.invoke(app, ["ingest", "--no-process", str(f)]).exit_code == 0
+    result = runner.invoke(app, ["ingest", str(f)])
+    assert result.exit_code == 0, result.output
+    assert "30 rows, 30 quarantined (duplicate_event_id 30)" in result.output
+    assert "checks 6/6 passed" in result.output
+
+
+@pytest.mark.slow
+def test_a_failed_check_is_one_line_with_count_examples_and_remedy(
+    home: Path, tmp_path: Path
+) -> None:
+    """A real integrity violation (ids reused for other events) fails, told in one line."""
+    first, reused = tmp_path / "a.ndjson", tmp_path / "b.ndjson"
+    first.write_bytes(b"\n".join(orjson.dumps(ev(i)) for i in range(120)) + b"\n")
+    reused.write_bytes(
+        b"\n".join(orjson.dumps({**ev(i), "item_id": "other"}) for i in range(120)) + b"\n"
+    )
+    assert runner.invoke(app, ["ingest", "--no-process", str(first)]).exit_code == 0
+    recsys = Path(sys.executable).with_name("recsys")
+    proc = subprocess.run(
+        [str(recsys), "ingest", str(reused)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "400"},
+        timeout=300,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output
+    assert "Traceback" not in output and "Stack Trace" not in output, output
+    assert "DagsterAssetCheckFailedError" not in output, output
+    failed = [line for line in output.splitlines() if "failed:" in line]
+    assert len(failed) == 1, output
+    line = failed[0]
+    assert line.startswith("check conflicting_duplicate_rate_below_threshold failed: 120 rows")
+    assert "e.g. event_id 'e0' landed as different events; event_id 'e1' landed" in line
+    assert "to do: a client sends different events under one event_id" in line
+    assert "checks 5/6 passed" in output and "FAILED" in output
+
+
+def test_status_without_a_home_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """status is read-only: run where there is no recsys home, it says so, writes nothing."""
+    monkeypatch.delenv("RECSYS_HOME", raising=False)
+    monkeypatch.delenv("RECSYS_LAKE_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 0, result.output
+    assert "nothing there: no lake at" in result.output
+    assert str(tmp_path / ".recsys" / "lake") in result.output
+    assert list(tmp_path.iterdir()) == []

@@ -211,3 +211,22 @@ def test_show_says_when_production_answers_with_popularity(home: Path, tmp_path:
     reg.promote(mv2.version, reason="first model: beats popularity: per_user ...")
     code, output = run("show", "production")
     assert code == 0 and "answers: this model (first model: beats popularity" in output
+
+
+def test_history_shows_control_characters_escaped_and_the_cli_refuses_them(
+    home: Path, tmp_path: Path
+) -> None:
+    """A reason stored with terminal escapes (written by any path) never reaches the tty raw."""
+    reg = registry(home)
+    v1 = reg.register(make_bundle(tmp_path, 1, 0.2)).version
+    hostile = "ok\x1b[2J\x1b]0;pwned\x07\rhidden\x9b31m"
+    reg.promote(v1, reason=hostile)
+    code, output = run("history")
+    assert code == 0, output
+    assert not any(c in output for c in "\x1b\x07\r\x9b"), repr(output)
+    assert "ok\\x1b[2J\\x1b]0;pwned\\x07\\rhidden\\x9b31m" in output
+    code, output = run("history", "--json")
+    assert json.loads(output)[0]["reason"] == hostile  # JSON escapes it: kept exact
+    code, output = run("rollback", "--reason", "x\x1b[2Jy")
+    assert code == 2 and "control characters are not allowed" in output
+    assert "\x1b" not in output and reg.alias(PRODUCTION).version == v1  # type: ignore[union-attr]

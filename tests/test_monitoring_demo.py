@@ -13,9 +13,13 @@ from pathlib import Path
 
 import orjson
 import pytest
+from typer.testing import CliRunner
 
+import recsys_assets.cli.demo as demo_module
+from recsys_assets.cli import app
 from recsys_assets.cli.demo import Background, loop_environment, stop_previous
 from recsys_serving.settings import Settings
+from support import free_port
 
 
 def test_loop_environment_names_real_settings(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -131,3 +135,40 @@ def test_a_demo_started_from_a_background_shell_can_still_be_stopped(tmp_path: P
         if ours.poll() is None:
             ours.kill()
             ours.wait()
+
+
+def test_drift_after_beyond_max_live_is_a_usage_error_before_anything_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
+    result = CliRunner().invoke(app, ["demo", "--drift-after", "600", "--max-live", "300"])
+    assert result.exit_code == 2, result.output
+    assert "--drift-after" in result.output and "--no-drift" in result.output
+    assert isinstance(result.exception, SystemExit)  # a usage error, not a ValueError
+    assert not (tmp_path / "home").exists()  # refused before any set-up
+
+
+def test_no_drift_runs_the_live_phase_without_a_drift(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--no-drift (how false retrains are measured) hands the live phase no drift time,
+    whatever --drift-after says."""
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
+    seen: dict[str, object] = {}
+
+    def live(*args: object) -> str:
+        seen["drift_at"], seen["max_live"] = args[-2], args[-1]
+        return "live outcome"
+
+    monkeypatch.setattr(demo_module, "_build", lambda *a: ("v1", "lake"))
+    monkeypatch.setattr(demo_module, "_start_services", lambda *a: "key")
+    monkeypatch.setattr(demo_module, "_live", live)
+    monkeypatch.setattr(demo_module, "_report", lambda *a: True)
+    monkeypatch.setattr(demo_module.Background, "stop", lambda self: None)
+    ports = ["--port", str(free_port()), "--ui-port", str(free_port())]
+    result = CliRunner().invoke(
+        app,
+        ["demo", "--no-drift", "--drift-after", "9999", "--max-live", "60", *ports],
+    )
+    assert result.exit_code == 0, result.output
+    assert seen == {"drift_at": None, "max_live": 60.0}

@@ -383,6 +383,16 @@ def test_admin_routes_move_aliases_and_reload(
             headers=key,
         )
         assert r.status_code == 422
+        # Reasons are printed in terminals by `recsys models history`: no escape sequences.
+        before = registry.alias("production")
+        hostile = "ok\x1b[2J\x1b]0;pwned\x07"
+        r = client.post(
+            "/admin/models/promote", json={"version": v2, "reason": hostile}, headers=key
+        )
+        assert r.status_code == 422 and "reason" in r.text
+        r = client.delete("/admin/aliases/candidate", params={"reason": "a\rb"}, headers=key)
+        assert r.status_code == 422
+        assert registry.alias("production") == before
 
 
 # --------------------------------------------------------------------------- fallbacks

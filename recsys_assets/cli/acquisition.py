@@ -137,12 +137,22 @@ def _process_days(settings, days: list[str]) -> bool:
     meta = outcome.materialized.get("weblogs", {})
     passed = sum(outcome.checks.values())
     for name, ok in sorted(outcome.checks.items()):
-        console.print(f"  check {name}: {'[green]passed[/]' if ok else '[red]FAILED[/]'}")
-    if outcome.failure:
-        console.print(f"[red]run failed:[/] {outcome.failure}")
+        if ok:
+            console.print(f"  check {name}: [green]passed[/]")
+    # A failed check is one line (which, how many rows, two examples, what to do); any
+    # other failure is its error on one line. Stack traces stay in the run's log.
+    for line in outcome.check_failures.values():
+        console.print(f"[bold red]{escape(line)}[/]")
+    if outcome.failure and not outcome.check_failures:
+        console.print(f"[bold red]run failed:[/] {escape(outcome.failure)}")
+    reasons = meta.get("quarantine_reasons") or {}
+    why = ", ".join(f"{k} {v:,}" for k, v in sorted(reasons.items()))
+    unattributed = meta.get("unattributed_clicks", 0)
     summary(
         f"weblogs {days[0]}..{days[-1]}: {meta.get('dagster/row_count', 0):,} rows, "
-        f"{meta.get('quarantined', 0):,} quarantined; checks {passed}/{len(outcome.checks)} "
+        f"{meta.get('quarantined', 0):,} quarantined{f' ({why})' if why else ''}"
+        f"{f', {unattributed:,} unattributed clicks kept' if unattributed else ''}; "
+        f"checks {passed}/{len(outcome.checks)} "
         f"passed; run {outcome.run_id[:8]} {'succeeded' if outcome.success else 'FAILED'} "
         f"in {time.perf_counter() - started:.1f}s"
     )
@@ -162,6 +172,8 @@ def status() -> None:
     )
 
     settings = _settings()
+    if _missing_local_lake(settings):
+        return
     lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
     seal_orphans(lake, settings)
     still_open = list_open(lake, LANDING_AREA) + list_open(lake, INTAKE_QUARANTINE_AREA)
@@ -186,6 +198,24 @@ def status() -> None:
     out.print(f"weblogs: {len(parts):,} partitions{span}, {rows:,} rows")
     out.print(f"weblogs quarantine: {qrows:,} rows")
     summary(f"lake {lake.uri}: {rows:,} weblog rows in {len(parts)} partitions")
+
+
+def _missing_local_lake(settings) -> bool:
+    """Say so when the local lake does not exist: status is read-only, and opening a
+    local lake creates it (a status run from the wrong directory used to leave a
+    ``./.recsys`` behind)."""
+    uri = settings.resolved_lake_uri
+    if uri.startswith("s3://"):
+        return False
+    root = Path(uri.removeprefix("file://")).expanduser().resolve()
+    if root.is_dir():
+        return False
+    out.print(f"lake: {root}")
+    summary(
+        f"nothing there: no lake at {root} (RECSYS_HOME is {settings.resolved_home}); "
+        "set RECSYS_HOME to your recsys home, or run `recsys ingest` or `make demo` to start one"
+    )
+    return True
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import NoReturn
 
 import typer
@@ -22,8 +23,19 @@ console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 
 
+# C0 and C1 control characters (ESC, CSI, BEL, CR, NL, ...). Printed raw, a stored string
+# (an admin's reason, an error naming client data) can move the cursor, rewrite earlier
+# lines, retitle the terminal or hide text; rich strips only a few of them.
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: object) -> str:
+    """Text safe for a terminal: every control character shown as its escape (``\\x1b``)."""
+    return CONTROL_CHARS.sub(lambda m: repr(m.group())[1:-1], str(text))
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
-    console.print(f"[bold red]error:[/] {escape(message)}")
+    console.print(f"[bold red]error:[/] {escape(printable(message))}")
     raise typer.Exit(code)
 
 

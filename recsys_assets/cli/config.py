@@ -9,6 +9,7 @@ generated from the ``Settings`` fields, so it cannot drift from the code.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any
 
 import typer
@@ -22,11 +23,16 @@ config_app = typer.Typer(
 )
 app.add_typer(config_app, name="config")
 
-# Values that must never be printed, and URIs whose credentials must be cut.
+# Values that must never be printed. Beyond these, any field whose name says it is a
+# secret is hidden, and credentials are cut out of every URL-valued setting (a new
+# setting must not leak because nobody added it to a list).
 SECRET_FIELDS = frozenset({"smtp_password", "oci_password", "es_api_key", "api_keys"})
-URI_FIELDS = frozenset({"mongo_uri", "dagster_pg_url", "es_url"})
+SECRET_NAME = re.compile(r"(password|passwd|secret|token|credential|api_key|_key$)")
 # Webhook URLs carry their token in the path (Slack: /services/T../B../<secret>).
 HOST_ONLY_FIELDS = frozenset({"alert_webhook_url"})
+# scheme://anything: credentials (user:password@) and query strings are cut from these.
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
 
 REFERENCE_HEADER = """\
 # Configuration reference
@@ -43,18 +49,29 @@ show` prints the values a process would use, with secrets hidden.
 
 
 def shown_value(name: str, value: Any) -> Any:
-    """A value safe to print: secrets replaced, credentials cut out of URIs."""
+    """A value safe to print: secrets replaced, credentials cut out of every URL."""
     from recsys_serving.stores.docstore import redact_uri
 
     if value is None:
         return None
-    if name in SECRET_FIELDS:
+    if name in SECRET_FIELDS or SECRET_NAME.search(name):
         return "***"
-    if name in URI_FIELDS and isinstance(value, str):
-        return redact_uri(value)
     if name in HOST_ONLY_FIELDS and isinstance(value, str):
         scheme, _, rest = redact_uri(value).partition("://")
         return f"{scheme}://{rest.split('/', 1)[0]}/***"
+    return _without_credentials(value)
+
+
+def _without_credentials(value: Any) -> Any:
+    """Every URL in a value (nested in lists and objects too) without user, password, query."""
+    from recsys_serving.stores.docstore import redact_uri
+
+    if isinstance(value, str):
+        return redact_uri(value) if URL.match(value.strip()) else value
+    if isinstance(value, list | tuple):
+        return [_without_credentials(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _without_credentials(v) for k, v in value.items()}
     return value
 
 
@@ -101,7 +118,8 @@ def show(
         table.add_row(key, "unset" if value is None else str(value))
     out.print(table)
     summary(
-        f"{len(values)} settings; home {settings.resolved_home}, lake {settings.resolved_lake_uri}"
+        f"{len(values)} settings; home {settings.resolved_home}, "
+        f"lake {_without_credentials(settings.resolved_lake_uri)}"
     )
 
 

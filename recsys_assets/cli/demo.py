@@ -352,6 +352,14 @@ def demo(
         float, typer.Option(help="Seconds of live traffic before the drift.")
     ] = 120,
     max_live: Annotated[float, typer.Option(help="Longest live phase, seconds.")] = 480,
+    no_drift: Annotated[
+        bool,
+        typer.Option(
+            "--no-drift",
+            help="Live traffic without any drift for the whole --max-live: measures false "
+            "retrains (exit 1 if ctr_drop_sensor launched one).",
+        ),
+    ] = False,
     port: Annotated[int, typer.Option(help="Port of the recommendation service.")] = 8000,
     ui_port: Annotated[int, typer.Option(help="Port of the Dagster UI.")] = 3000,
     keep_running: Annotated[
@@ -368,6 +376,8 @@ def demo(
     from recsys_assets.instance import ensure_dagster_home
     from recsys_serving.settings import Settings
 
+    if not stop:
+        _check_live_options(live_users, rps, drift_after, max_live, no_drift)
     settings = Settings()
     home = settings.resolved_home
     demo_dir = home / "demo"
@@ -394,8 +404,9 @@ def demo(
     ok = False
     try:
         key = _start_services(settings, background, port, ui_port)
+        drift_at = None if no_drift else drift_after
         result = _live(
-            settings, lake, background, key, port, seed, live_users, rps, drift_after, max_live
+            settings, lake, background, key, port, seed, live_users, rps, drift_at, max_live
         )
         ok = _report(settings, lake, result, first_version, port, ui_port, started)
     finally:
@@ -408,6 +419,24 @@ def demo(
         )
     if not ok:
         raise typer.Exit(1)
+
+
+def _check_live_options(
+    live_users: int, rps: float, drift_after: float, max_live: float, no_drift: bool
+) -> None:
+    """Usage errors before anything starts (the live phase comes after minutes of set-up)."""
+    if max_live <= 0:
+        raise typer.BadParameter(f"must be positive, not {max_live:g}", param_hint="--max-live")
+    if live_users <= 0:
+        raise typer.BadParameter(f"must be positive, not {live_users}", param_hint="--live-users")
+    if rps <= 0:
+        raise typer.BadParameter(f"must be positive, not {rps:g}", param_hint="--rps")
+    if not no_drift and not 0 <= drift_after <= max_live:
+        raise typer.BadParameter(
+            f"{drift_after:g}s is outside the live phase (0..{max_live:g}s, --max-live); "
+            "pass a smaller --drift-after, a larger --max-live, or --no-drift",
+            param_hint="--drift-after",
+        )
 
 
 def _build(
@@ -538,6 +567,7 @@ class LiveOutcome:
     timeline: Path
     started: datetime
     watcher: LoopWatcher
+    drift_at: float | None = None  # None: a run without drift (false-retrain measurement)
 
 
 def _live(
@@ -549,19 +579,26 @@ def _live(
     seed: int,
     live_users: int,
     rps: float,
-    drift_after: float,
+    drift_after: float | None,
     max_live: float,
 ) -> LiveOutcome:
-    """Step 6: live users, a drift, and the loop acting on its own."""
+    """Step 6: live users, a drift (unless None), and the loop acting on its own."""
     from recsys_assets.simulation.live import LiveConfig, run_live
     from recsys_assets.simulation.truth import GroundTruth
 
     home = settings.resolved_home
-    console.rule("6/7  live traffic; tastes drift after a while; the system repairs itself")
-    out.print(
-        f"{live_users} users at {rps:g} requests/s; at {drift_after:.0f}s tastes drift and "
-        "yesterday's hits fade. From then on nobody touches anything: watch the `loop` lines."
-    )
+    if drift_after is None:
+        console.rule("6/7  live traffic without drift; any retraining now is a false alarm")
+        out.print(
+            f"{live_users} users at {rps:g} requests/s for {max_live:.0f}s; tastes never "
+            "change, so the loop should leave the model alone: watch for `loop` lines."
+        )
+    else:
+        console.rule("6/7  live traffic; tastes drift after a while; the system repairs itself")
+        out.print(
+            f"{live_users} users at {rps:g} requests/s; at {drift_after:.0f}s tastes drift and "
+            "yesterday's hits fade. From then on nobody touches anything: watch the `loop` lines."
+        )
     timeline = home / "demo" / "live.ndjson"
     config = LiveConfig(
         base_url=f"http://127.0.0.1:{port}",
@@ -597,7 +634,7 @@ def _live(
         )
     finally:
         watcher.stop()
-    return LiveOutcome(result, timeline, started, watcher)
+    return LiveOutcome(result, timeline, started, watcher, drift_after)
 
 
 def _report(
@@ -658,6 +695,17 @@ def _report(
     actions = live.watcher.actions
     closed = new_model and "promote" in actions
     elapsed = time.perf_counter() - started
+    if live.drift_at is None:
+        # No drift: every retraining the drop sensor launched is a false alarm.
+        false_retrains = [r for r in runs if r.trigger == "ctr_drop"]
+        live_minutes = (datetime.now(UTC) - live.started).total_seconds() / 60
+        summary(
+            f"demo without drift: {len(false_retrains)} false retraining(s) launched by "
+            f"ctr_drop_sensor in {live_minutes:.1f} min of live traffic; production "
+            f"{'changed' if new_model else 'unchanged'} "
+            f"(decisions: {', '.join(actions) or 'none'}); report {files.html}"
+        )
+        return not false_retrains and not new_model
     if closed:
         summary(
             f"demo: the loop closed on its own ({' -> '.join(dict.fromkeys(actions))}); "

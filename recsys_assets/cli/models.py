@@ -20,7 +20,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from recsys_assets.cli import app
-from recsys_assets.cli.common import console, fail, out, progress, summary
+from recsys_assets.cli.common import (
+    CONTROL_CHARS,
+    console,
+    fail,
+    out,
+    printable,
+    progress,
+    summary,
+)
 
 if TYPE_CHECKING:
     from recsys_serving.registry import AliasEvent, ModelRegistry
@@ -67,6 +75,11 @@ def _refusals() -> tuple[type[BaseException], ...]:
 
 
 def _manual(reason: str | None, default: str) -> str:
+    if reason is not None and CONTROL_CHARS.search(reason):
+        # The history is read in terminals: refuse what could rewrite them.
+        raise typer.BadParameter(
+            f"control characters are not allowed ({printable(reason)[:80]})", param_hint="--reason"
+        )
     text = (reason or default).strip()
     return text if text.startswith("manual:") else f"manual: {text}"
 
@@ -430,11 +443,15 @@ def history(
     # in an 80-column terminal.
     for e in events:
         at = e.at.strftime("%Y-%m-%d %H:%M:%S")
+        # Everything stored is shown through printable(): an escape sequence in a reason
+        # (any API key with the admin scope could write one) must not reach the terminal.
+        alias_name, version = escape(printable(e.alias)), escape(printable(e.version))
+        previous = escape(printable(e.previous or "none"))
         if e.version is None:
-            what = f"[bold]{e.alias}[/] cleared (was {e.previous})"
+            what = f"[bold]{alias_name}[/] cleared (was {previous})"
         else:
             share = f" ({e.share:.0%})" if e.share is not None and e.share < 1.0 else ""
-            what = f"[bold]{e.alias}[/] -> {e.version}{share}, was {e.previous or 'none'}"
+            what = f"[bold]{alias_name}[/] -> {version}{share}, was {previous}"
         out.print(f"{at}  {what}", highlight=False)
-        out.print(f"    {escape(e.reason)}", highlight=False)
+        out.print(f"    {escape(printable(e.reason))}", highlight=False)
     summary(f"{len(events)} alias move(s) shown")

@@ -93,7 +93,7 @@ def _retrain(
     from dagster._core.events import DagsterEventType
 
     from recsys_assets.definitions import make_definitions
-    from recsys_assets.runs import _outcome, materialize_weblogs
+    from recsys_assets.runs import CLI_RUN_CONFIG, _outcome, materialize_weblogs
     from recsys_assets.training.jobs import RETRAIN_TAGS
 
     if process:
@@ -112,7 +112,7 @@ def _retrain(
     job = make_definitions(settings).resolve_job_def("retrain_job")
     done: set[str] = set()
     stop = threading.Event()
-    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    quiet = CLI_RUN_CONFIG  # no Dagster stack traces: the failure is said in one line below
 
     with progress() as bar:
         task = bar.add_task("retraining", total=len(RETRAIN_STEPS))

@@ -7,7 +7,7 @@ import orjson
 
 from recsys_assets.resources import LakeResource, RecsysConfig
 from recsys_assets.weblogs.processing import Rules, process_partitions
-from recsys_assets.weblogs.quality import CHECK_DESCRIPTIONS, WeblogValidator
+from recsys_assets.weblogs.quality import CHECK_DESCRIPTIONS, WeblogValidator, failure_line
 from recsys_serving.settings import get_settings
 
 WEBLOG_PARTITIONS = dg.DailyPartitionsDefinition(
@@ -43,9 +43,11 @@ WEBLOG_CHECKS = [
     tags={"recsys/pipeline": "weblogs"},
     description=(
         "Processed weblogs, one Parquet file per event date (UTC): schema coercion, dedup by "
-        "event_id, bot-rate filter, out-of-range timestamps quarantined, sessions inferred "
-        "where missing. Every partition is recomputed from all its landing files, so re-runs "
-        "are idempotent; rejected rows go to `quarantine/weblogs/` with a reason."
+        "event_id (replays counted as `replayed_duplicates`), bot-rate filter, out-of-range "
+        "timestamps quarantined, sessions inferred where missing; clicks matching no logged "
+        "impression are kept and counted as `unattributed_clicks`. Every partition is "
+        "recomputed from all its landing files, so re-runs are idempotent; rejected rows go "
+        "to `quarantine/weblogs/` with a reason."
     ),
 )
 def weblogs(
@@ -59,7 +61,11 @@ def weblogs(
         session_gap_minutes=recsys_config.session_gap_minutes,
     )
     days = list(context.partition_keys)
-    validator = WeblogValidator(recsys_config.max_duplicate_rate)
+    validator = WeblogValidator(
+        recsys_config.max_duplicate_rate,
+        max_unattributed_click_rate=recsys_config.max_unattributed_click_rate,
+        min_rows=recsys_config.min_rows_for_rate_checks,
+    )
     done = 0
 
     def log_partition(result: object) -> None:
@@ -88,10 +94,26 @@ def weblogs(
                 "partitions_checked": len(days),
                 "failed_partitions": ", ".join(o.failed_partitions[:50]) or "none",
                 **{k: _meta(v) for k, v in o.observed.items()},
+                # The one line the CLI prints for a failed check (which, how many, examples,
+                # what to do), so the terminal and the UI say the same thing.
+                **(
+                    {"failure": failure_line(o.name, o.observed, o.failed_partitions)}
+                    if not o.passed
+                    else {}
+                ),
             },
         )
         for o in outcomes.values()
     ]
+    # Benign row-level anomalies, accounted for here whether or not any check failed.
+    dupes = outcomes["conflicting_duplicate_rate_below_threshold"].observed
+    clicks = outcomes["unattributed_click_rate_below_threshold"].observed
+    anomalies = {
+        "replayed_duplicates": int(dupes.get("replayed_duplicates", 0)),
+        "conflicting_event_ids": int(dupes.get("conflicting_event_ids", 0)),
+        "unattributed_clicks": int(clicks.get("unattributed_clicks", 0)),
+        "clicks_with_request_id": int(clicks.get("clicks_with_request_id", 0)),
+    }
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": run.rows,
@@ -99,6 +121,7 @@ def weblogs(
             "landing_rows": run.landing_rows,
             "quarantined": run.quarantined,
             "quarantine_reasons": dg.MetadataValue.json(run.reasons),
+            **anomalies,
             "lake": dg.MetadataValue.path(lake.get().uri_for("weblogs")),
             "rules": dg.MetadataValue.json(orjson.loads(orjson.dumps(rules, default=str))),
             "per_partition": dg.MetadataValue.md(

@@ -430,21 +430,79 @@ def _load(lake: Lake, day: str) -> _Landed:
     return _Landed(day, files, landed, unreadable)
 
 
+# What makes two landed copies of an event_id the same event. ``context`` is left out:
+# it is free JSON a resending client may serialise with another key order.
+EVENT_IDENTITY = (
+    "event_id",
+    "event_type",
+    "user_id",
+    "item_id",
+    "ts",
+    "session_id",
+    "request_id",
+    "position",
+    "value",
+    "model_version",
+)
+
+
 @dataclass(frozen=True)
 class EventIdCounts:
-    """A partition's landed (non-null) event_ids and how many of them are distinct."""
+    """A partition's landed (non-null) event_ids, how many are distinct, how many conflict.
+
+    A duplicate is either a *replay* (the same event landed again: a resend, a file
+    ingested twice after a crash), harmless once deduplicated, or a *conflict* (one
+    event_id for events that differ), where every copy but the first is a real event
+    lost to dedup. Only conflicts say something is wrong upstream (a client reusing
+    ids), so only they are rated by the blocking check.
+    """
 
     landed: int
     distinct: int
+    conflicting: int = 0  # event_ids landed with more than one distinct content
+    conflicting_examples: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def duplicate_rate(self) -> float:
         return 1.0 - self.distinct / self.landed if self.landed else 0.0
 
+    @property
+    def replayed(self) -> int:
+        """Landed copies beyond the first of each event_id (replays and conflicts)."""
+        return self.landed - self.distinct
+
+    @property
+    def conflicting_rate(self) -> float:
+        return self.conflicting / self.distinct if self.distinct else 0.0
+
     @classmethod
     def of(cls, ids: pl.Series) -> EventIdCounts:
         nulls = ids.null_count()
         return cls(landed=ids.len() - nulls, distinct=ids.n_unique() - (1 if nulls else 0))
+
+    @classmethod
+    def of_landed(cls, landed: pl.DataFrame) -> EventIdCounts:
+        """Counts of a landed frame; contents are compared only when ids repeat (rare)."""
+        counts = cls.of(landed.get_column("event_id"))
+        if counts.distinct == counts.landed:
+            return counts
+        versions = (
+            landed.lazy()
+            .filter(pl.col("event_id").is_not_null())
+            .select(EVENT_IDENTITY)
+            .unique()
+            .group_by("event_id")
+            .len()
+            .filter(pl.col("len") > 1)
+            .sort("event_id")
+            .collect()
+        )
+        return cls(
+            counts.landed,
+            counts.distinct,
+            conflicting=versions.height,
+            conflicting_examples=tuple(versions.get_column("event_id").head(2).to_list()),
+        )
 
 
 @dataclass
@@ -465,7 +523,7 @@ def _transform(
 ) -> _Processed:
     """Apply the rules and prove the accounting before anything is written."""
     day = loaded.day
-    ids = EventIdCounts.of(loaded.landed.get_column("event_id"))
+    ids = EventIdCounts.of_landed(loaded.landed)
     clean, quarantined = apply_rules(
         loaded.landed,
         date.fromisoformat(day),

@@ -14,9 +14,21 @@ prepares what each suite reads, so a 10M-event backfill is validated in seconds:
   lengths with nulls kept. A not-null expectation depends on nullity alone, so its
   result (counts, percentages, the null examples) is exactly the one on the
   strings;
-* aggregate suites see polars-computed aggregates, as their expectations are about
-  aggregates: clicks and impressions per ``request_id``, and each partition's
-  duplicate rate among its landed ``event_id``\\ s.
+* per-partition suites see one row of polars-computed figures per partition, as
+  their expectations are about the output as a whole: how many ``event_id``\\ s
+  repeat in it, and two *rates* of benign row-level anomalies, which are accounted
+  for, never blocking on their own. A click that matches no impression logged for its
+  ``request_id`` and ``item_id`` is kept (unattributed; clients lose impressions, and a
+  request can straddle midnight) and counted; a replayed event (a resend, a file
+  ingested twice) is quarantined as ``duplicate_event_id`` and counted. Only a *rate*
+  past its threshold (settings) fails, and only in a partition with at least
+  ``min_rows`` rows in the rate's denominator, so one row never halts a partition.
+  Replays never count towards a rate: dedup makes them harmless. Conflicting ids (one
+  ``event_id``, different events) do, as every copy but the first is a real event lost.
+
+Every check records how many rows broke it, two examples and what to do
+(``unexpected``, ``examples``, ``remedy`` in its metadata), which is the one line
+the CLI prints for a failed check.
 
 Partitions are reduced to these inputs as they are processed and validated while
 processing goes on (see :class:`WeblogValidator` for where), one partition at a
@@ -50,23 +62,82 @@ CHECK_DESCRIPTIONS: dict[str, str] = {
     "required_columns_not_null": "event_id, event_type, user_id, item_id and ts are never null.",
     "event_type_allowed": f"event_type is one of {', '.join(EVENT_TYPES)}.",
     "ts_inside_partition": "Every event's timestamp falls on its partition's date (UTC).",
-    "clicks_not_above_impressions": (
-        "Per request_id with logged impressions, clicks never exceed impressions."
+    "event_ids_unique": (
+        "Every event_id appears once in the processed partition (replayed copies are "
+        "quarantined as duplicate_event_id and counted in metadata)."
     ),
-    "duplicate_rate_below_threshold": (
-        "In every partition, the share of duplicate event_ids among landed events stays "
-        "at or below the threshold."
+    "unattributed_click_rate_below_threshold": (
+        "Clicks that name a request_id but match no impression logged for that request and "
+        "item are kept as unattributed and counted; their share of such clicks stays at or "
+        "below RECSYS_MAX_UNATTRIBUTED_CLICK_RATE in every partition with at least "
+        "RECSYS_MIN_ROWS_FOR_RATE_CHECKS of them."
+    ),
+    "conflicting_duplicate_rate_below_threshold": (
+        "The share of a partition's event_ids that landed as different events (a client "
+        "reusing ids: every copy but the first is lost) stays at or below "
+        "RECSYS_MAX_DUPLICATE_RATE in every partition with at least "
+        "RECSYS_MIN_ROWS_FOR_RATE_CHECKS ids. Replays of the same event never count."
     ),
 }
 
-# Which prepared frame each suite validates.
+# What to do when a check fails: the end of the one line the CLI prints.
+REMEDIES: dict[str, str] = {
+    "required_columns_not_null": (
+        "processing quarantines such rows, so this is a bug: report it with the run id"
+    ),
+    "event_type_allowed": (
+        "processing quarantines such rows, so this is a bug: report it with the run id"
+    ),
+    "ts_inside_partition": (
+        "processing quarantines such rows, so this is a bug: report it with the run id"
+    ),
+    "event_ids_unique": "dedup let copies through, a bug: report it with the run id",
+    "unattributed_click_rate_below_threshold": (
+        "check that the service still logs impressions and that clients echo the request_id "
+        "they were served; if this loss is expected, raise RECSYS_MAX_UNATTRIBUTED_CLICK_RATE"
+    ),
+    "conflicting_duplicate_rate_below_threshold": (
+        "a client sends different events under one event_id (later copies are quarantined "
+        "as duplicate_event_id): fix its id generation, or raise RECSYS_MAX_DUPLICATE_RATE"
+    ),
+}
+
+# Which prepared frame each suite validates (and, per partition, which column).
 SUITE_FRAMES: dict[str, str] = {
     "required_columns_not_null": "required",
     "event_type_allowed": "event_types",
     "ts_inside_partition": "timestamps",
-    "clicks_not_above_impressions": "requests",
-    "duplicate_rate_below_threshold": "partitions",
+    "event_ids_unique": "partitions",
+    "unattributed_click_rate_below_threshold": "partitions",
+    "conflicting_duplicate_rate_below_threshold": "partitions",
 }
+PARTITION_COLUMNS: dict[str, str] = {
+    "event_ids_unique": "output_duplicates",
+    "unattributed_click_rate_below_threshold": "unattributed_rate",
+    "conflicting_duplicate_rate_below_threshold": "conflicting_rate",
+}
+# Per check, the per-partition count of offending rows and the counts totalled in
+# metadata whether the check passed or not (the accounting of benign anomalies).
+PARTITION_COUNTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "event_ids_unique": ("output_duplicates", ()),
+    "unattributed_click_rate_below_threshold": (
+        "unattributed_clicks",
+        ("unattributed_clicks", "clicks_with_request_id"),
+    ),
+    "conflicting_duplicate_rate_below_threshold": (
+        "conflicting_event_ids",
+        ("conflicting_event_ids", "replayed_duplicates", "landed_event_ids"),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The settings the per-partition suites judge by (one GX suite set per value)."""
+
+    max_duplicate_rate: float = 0.05
+    max_unattributed_click_rate: float = 0.5
+    min_rows: int = 100
 
 
 @dataclass
@@ -78,18 +149,38 @@ class CheckOutcome:
     observed: dict[str, Any] = field(default_factory=dict)
 
     def add(self, passed: bool, partitions: list[str], observed: dict[str, Any]) -> None:
+        first_failure = not passed and self.passed
         self.batches += 1
         if not passed:
             self.passed = False
             self.failed_partitions.extend(partitions)
+            self.observed["remedy"] = REMEDIES[self.name]
         for key, value in observed.items():
-            if isinstance(value, int | float) and isinstance(self.observed.get(key), int | float):
+            if key == "examples":
+                if first_failure or key not in self.observed:
+                    self.observed[key] = value
+            elif isinstance(value, int | float) and isinstance(self.observed.get(key), int | float):
                 if key.startswith("max_") or key.endswith("_rate"):
                     self.observed[key] = max(self.observed[key], value)
                 else:
                     self.observed[key] = self.observed[key] + value
-            elif key not in self.observed or (not passed and key == "examples"):
+            elif key not in self.observed:
                 self.observed[key] = value
+
+
+def failure_line(name: str, observed: dict[str, Any], partitions: list[str]) -> str:
+    """One line for a failed check: which, how many rows, two examples, what to do."""
+    count = observed.get("unexpected", 0)
+    more = f" (+{len(partitions) - 3})" if len(partitions) > 3 else ""
+    where = ", ".join(partitions[:3]) + more
+    examples = "; ".join(str(e) for e in (observed.get("examples") or [])[:2])
+    rates = [v for k, v in observed.items() if k.startswith("max_") and k.endswith("_rate")]
+    rate = f" (rate {rates[0]:.2%})" if rates else ""
+    parts = [f"check {name} failed: {count:,} rows{rate}" + (f" in {where}" if where else "")]
+    if examples:
+        parts.append(f"e.g. {examples}")
+    parts.append(f"to do: {observed.get('remedy') or REMEDIES.get(name, 'see the Dagster UI')}")
+    return "; ".join(parts)
 
 
 @dataclass
@@ -98,8 +189,7 @@ class _Batch:
 
     partitions: list[str] = field(default_factory=list)
     rows: list[pl.DataFrame] = field(default_factory=list)
-    requests: list[pl.DataFrame] = field(default_factory=list)
-    duplicates: list[dict[str, Any]] = field(default_factory=list)
+    figures: list[dict[str, Any]] = field(default_factory=list)  # one per partition
     row_count: int = 0
 
 
@@ -127,9 +217,15 @@ class WeblogValidator:
     """
 
     def __init__(
-        self, max_duplicate_rate: float, batch_rows: int = 200_000, max_in_flight: int = 8
+        self,
+        max_duplicate_rate: float,
+        batch_rows: int = 200_000,
+        max_in_flight: int = 8,
+        *,
+        max_unattributed_click_rate: float = 0.5,
+        min_rows: int = 100,
     ) -> None:
-        self.max_duplicate_rate = max_duplicate_rate
+        self.thresholds = Thresholds(max_duplicate_rate, max_unattributed_click_rate, min_rows)
         self.batch_rows = batch_rows
         self.max_in_flight = max_in_flight
         self.outcomes = {name: CheckOutcome(name) for name in CHECK_DESCRIPTIONS}
@@ -154,17 +250,7 @@ class WeblogValidator:
                 ),
             )
         )
-        batch.requests.append(
-            events.lazy()  # 3x cheaper than the eager group_by on 300k rows
-            .filter(pl.col("request_id").is_not_null())
-            .group_by("request_id")
-            .agg(
-                (pl.col("event_type") == "impression").sum().alias("impressions"),
-                (pl.col("event_type") == "click").sum().alias("clicks"),
-            )
-            .collect()
-        )
-        batch.duplicates.append({"partition": day, "duplicate_rate": ids.duplicate_rate})
+        batch.figures.append(partition_figures(day, events, ids, self.thresholds.min_rows))
         if batch.row_count >= self.batch_rows:
             self._submit(large=True)
 
@@ -191,9 +277,7 @@ class WeblogValidator:
             self._executor = self._start(large)
         while len(self._in_flight) >= self.max_in_flight:
             self._collect_oldest()
-        self._in_flight.append(
-            self._executor.submit(_validate_batch, batch, self.max_duplicate_rate)
-        )
+        self._in_flight.append(self._executor.submit(_validate_batch, batch, self.thresholds))
 
     def _start(self, large: bool) -> Executor:
         self.worker = "process" if large else "thread"
@@ -215,23 +299,69 @@ class WeblogValidator:
             self.outcomes[name].add(passed, partitions, observed)
 
 
+def partition_figures(
+    day: str, events: pl.DataFrame, ids: EventIdCounts, min_rows: int
+) -> dict[str, Any]:
+    """One partition's anomaly counts and rates (a rate is None below ``min_rows``)."""
+    clicks = events.filter(
+        (pl.col("event_type") == "click") & pl.col("request_id").is_not_null()
+    ).select("event_id", "request_id", "item_id")
+    unattributed = clicks.head(0)
+    if clicks.height:
+        shown = (
+            events.lazy()
+            .filter((pl.col("event_type") == "impression") & pl.col("request_id").is_not_null())
+            .select("request_id", "item_id")
+            .unique()
+        )
+        unattributed = clicks.lazy().join(shown, on=["request_id", "item_id"], how="anti").collect()
+    event_ids = events.get_column("event_id").drop_nulls()
+    output_duplicates = event_ids.len() - event_ids.n_unique()
+    repeated = (
+        event_ids.filter(event_ids.is_duplicated()).unique(maintain_order=True).head(2).to_list()
+        if output_duplicates
+        else []
+    )
+    return {
+        "partition": day,
+        "output_duplicates": output_duplicates,
+        "output_duplicates_examples": [f"event_id {e!r} twice or more" for e in repeated],
+        "clicks_with_request_id": clicks.height,
+        "unattributed_clicks": unattributed.height,
+        "unattributed_rate": (
+            round(unattributed.height / clicks.height, 6) if clicks.height >= min_rows else None
+        ),
+        "unattributed_clicks_examples": [
+            f"click {r['event_id']!r} on item {r['item_id']!r} of request {r['request_id']!r}"
+            for r in unattributed.head(2).iter_rows(named=True)
+        ],
+        "landed_event_ids": ids.landed,
+        "replayed_duplicates": ids.replayed,
+        "conflicting_event_ids": ids.conflicting,
+        "conflicting_rate": (round(ids.conflicting_rate, 6) if ids.distinct >= min_rows else None),
+        "conflicting_event_ids_examples": [
+            f"event_id {e!r} landed as different events" for e in ids.conflicting_examples
+        ],
+    }
+
+
 # (check name, passed, partitions it failed in or checked, observed values)
 _SuiteResult = tuple[str, bool, list[str], dict[str, Any]]
 
-# Validation definitions per duplicate-rate threshold, in whichever process validates.
-_VALIDATIONS: dict[float, dict[str, Any]] = {}
+# Validation definitions per set of thresholds, in whichever process validates.
+_VALIDATIONS: dict[Thresholds, dict[str, Any]] = {}
 _VALIDATIONS_LOCK = threading.Lock()
 
 
-def _suites(max_duplicate_rate: float) -> dict[str, Any]:
-    """The GX validation of every check, built once per threshold and process."""
+def _suites(thresholds: Thresholds) -> dict[str, Any]:
+    """The GX validation of every check, built once per thresholds and process."""
     with _VALIDATIONS_LOCK:
-        if max_duplicate_rate not in _VALIDATIONS:
-            _VALIDATIONS[max_duplicate_rate] = _build_suites(max_duplicate_rate)
-        return _VALIDATIONS[max_duplicate_rate]
+        if thresholds not in _VALIDATIONS:
+            _VALIDATIONS[thresholds] = _build_suites(thresholds)
+        return _VALIDATIONS[thresholds]
 
 
-def _build_suites(max_duplicate_rate: float) -> dict[str, Any]:
+def _build_suites(thresholds: Thresholds) -> dict[str, Any]:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
     import great_expectations.expectations as gxe
@@ -253,14 +383,20 @@ def _build_suites(max_duplicate_rate: float) -> dict[str, Any]:
                 column="seconds_into_partition", min_value=0, max_value=86_400, strict_max=True
             )
         ],
-        "clicks_not_above_impressions": [
-            gxe.ExpectColumnPairValuesAToBeGreaterThanB(
-                column_A="impressions", column_B="clicks", or_equal=True
+        "event_ids_unique": [
+            gxe.ExpectColumnValuesToBeBetween(column="output_duplicates", min_value=0, max_value=0)
+        ],
+        # Rates are None below min_rows: GX leaves nulls out of a column's values.
+        "unattributed_click_rate_below_threshold": [
+            gxe.ExpectColumnValuesToBeBetween(
+                column="unattributed_rate",
+                min_value=0.0,
+                max_value=thresholds.max_unattributed_click_rate,
             )
         ],
-        "duplicate_rate_below_threshold": [
+        "conflicting_duplicate_rate_below_threshold": [
             gxe.ExpectColumnValuesToBeBetween(
-                column="duplicate_rate", min_value=0.0, max_value=max_duplicate_rate
+                column="conflicting_rate", min_value=0.0, max_value=thresholds.max_duplicate_rate
             )
         ],
     }
@@ -274,17 +410,17 @@ def _build_suites(max_duplicate_rate: float) -> dict[str, Any]:
     return validations
 
 
-def _validate_batch(batch: _Batch, max_duplicate_rate: float) -> list[_SuiteResult]:
+def _validate_batch(batch: _Batch, thresholds: Thresholds) -> list[_SuiteResult]:
     """Every suite on one batch (in the worker process or thread)."""
-    validations = _suites(max_duplicate_rate)
+    validations = _suites(thresholds)
     frames = _frames(batch)
     results: list[_SuiteResult] = []
     for name, vd in validations.items():
         df = frames[SUITE_FRAMES[name]]
         if len(df) == 0:
-            results.append((name, True, batch.partitions, {"rows": 0}))
-        elif name == "duplicate_rate_below_threshold":
-            passed, failed, observed = _validate_per_partition(vd, df)
+            results.append((name, True, batch.partitions, {"rows": 0, "unexpected": 0}))
+        elif name in PARTITION_COLUMNS:
+            passed, failed, observed = _validate_per_partition(name, vd, df, batch.figures)
             results.append((name, passed, failed or batch.partitions, observed))
         else:
             result = vd.run(batch_parameters={"dataframe": df})
@@ -292,10 +428,13 @@ def _validate_batch(batch: _Batch, max_duplicate_rate: float) -> list[_SuiteResu
     return results
 
 
-def _validate_per_partition(vd: Any, df: Any) -> tuple[bool, list[str], dict[str, Any]]:
+def _validate_per_partition(
+    name: str, vd: Any, df: Any, figures: list[dict[str, Any]]
+) -> tuple[bool, list[str], dict[str, Any]]:
     """One row per partition, so GX names exactly the partitions that failed."""
+    column = PARTITION_COLUMNS[name]
     result = vd.run(
-        batch_parameters={"dataframe": df},
+        batch_parameters={"dataframe": df[["partition", column]]},
         result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["partition"]},
     )
     failed = [
@@ -303,13 +442,19 @@ def _validate_per_partition(vd: Any, df: Any) -> tuple[bool, list[str], dict[str
         for r in result.results
         for row in (r.result or {}).get("unexpected_index_list") or []
     ]
+    count_key, totals = PARTITION_COUNTS[name]
+    by_partition = {f["partition"]: f for f in figures}
     observed: dict[str, Any] = {
         "rows": len(df),
-        "duplicate_rate": round(float(df["duplicate_rate"].max()), 6),
+        "unexpected": sum(int(by_partition[p][count_key]) for p in failed),
+        **{key: sum(int(f[key]) for f in figures) for key in totals},
     }
-    if failed:
-        rates = dict(zip(df["partition"], df["duplicate_rate"], strict=True))
-        observed["examples"] = [f"{p}: {rates[p]:.4f}" for p in failed[:5]]
+    judged = df[column].dropna()
+    if column.endswith("_rate") and len(judged):
+        observed[f"max_{column}"] = round(float(judged.max()), 6)
+    examples = [e for p in failed for e in by_partition[p][f"{count_key}_examples"]]
+    if examples:
+        observed["examples"] = examples[:2]
     return bool(result.success), failed, observed
 
 
@@ -319,20 +464,20 @@ def _frames(batch: _Batch) -> dict[str, Any]:
     required = rows.select(
         *REQUIRED_COLUMNS[:1], pl.col("event_type").cast(pl.Categorical), *REQUIRED_COLUMNS[2:]
     ).to_pandas()
-    requests = (
-        pl.concat(batch.requests, how="vertical")
-        .lazy()
-        .group_by("request_id")
-        .agg(pl.col("impressions").sum(), pl.col("clicks").sum())
-        .filter(pl.col("impressions") > 0)
-        .collect()
+    partitions = pl.DataFrame(
+        [{k: f[k] for k in ("partition", *PARTITION_COLUMNS.values())} for f in batch.figures],
+        schema={
+            "partition": pl.String(),
+            "output_duplicates": pl.Int64(),
+            "unattributed_rate": pl.Float64(),
+            "conflicting_rate": pl.Float64(),
+        },
     )
     return {
         "required": required,
         "event_types": required[["event_type"]],
         "timestamps": rows.select("seconds_into_partition").to_pandas(),
-        "requests": requests.to_pandas(),
-        "partitions": pl.DataFrame(batch.duplicates).to_pandas(),
+        "partitions": partitions.to_pandas(),
     }
 
 

@@ -21,7 +21,18 @@ from recsys_serving.api.model_manager import ModelManager, PollReport
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require("admin"))])
 
 Alias = Literal["production", "candidate"]
-Reason = Annotated[str, Field(min_length=1, max_length=500, description="Why (kept in history).")]
+# No control characters: reasons are printed by `recsys models history` in terminals,
+# where an escape sequence would rewrite the screen.
+PRINTABLE = r"^[^\x00-\x1f\x7f-\x9f]+$"
+Reason = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=500,
+        pattern=PRINTABLE,
+        description="Why (kept in history); no control characters.",
+    ),
+]
 
 
 class ModelSlot(BaseModel):
@@ -246,7 +257,7 @@ async def set_alias(request: Request, alias: Alias, body: AliasBody) -> Any:
 async def clear_alias(
     request: Request,
     alias: Alias,
-    reason: Annotated[str, Query(min_length=1, max_length=500)],
+    reason: Annotated[str, Query(min_length=1, max_length=500, pattern=PRINTABLE)],
 ) -> Any:
     registry = _registry(request)
     return await _move(request, lambda: registry.clear_alias(alias, reason=_by(request, reason)))

@@ -30,6 +30,9 @@ class Ready(BaseModel):
     ready: bool
     model: dict[str, Any] = Field(description="Versions this worker serves, by alias.")
     checks: dict[str, bool] = Field(description="Each dependency: model loaded, stores answer.")
+    reasons: dict[str, str] = Field(
+        default_factory=dict, description="Why a failed check failed, when the dependency says."
+    )
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness probe")
@@ -53,7 +56,12 @@ async def readyz(request: Request) -> Response:
     if state.production is not None and state.production.index is not None:
         checks["index"] = await _ping(state.production.index, timeout)
     ready = all(checks.values())
-    body = {"ready": ready, "model": state.versions(), "checks": checks}
+    reasons: dict[str, str] = {}
+    if not checks.get("docstore", True) and getattr(docstore, "last_error", None):
+        reasons["docstore"] = docstore.last_error
+    body: dict[str, Any] = {"ready": ready, "model": state.versions(), "checks": checks}
+    if reasons:  # only when there is one: the usual body stays as it was
+        body["reasons"] = reasons
     return json_response(body, status_code=200 if ready else 503)
 
 

@@ -19,6 +19,14 @@ atomically (temp file + fsync + rename + fsync of the directory; ``bson.json_uti
 keeps datetimes). A reader stats the file at most every ``refresh_seconds`` and reloads
 when its inode, size or mtime changed, so a write is visible to every process within a
 second and a reader never sees a half-written file.
+
+A file that disappears under a process that had loaded it is a loss, never an empty
+store: the process keeps answering from the copy it holds, logs
+``docstore_file_missing`` (error) once, and ``ping`` fails with the reason, so
+``/readyz`` is 503 naming the file until it is restored (from a backup, or by
+``recsys catalog load``). A write in such a process recreates the file from its copy
+plus the write, with a ``docstore_file_recreated`` warning. A process that starts
+after the deletion cannot tell it from a new, empty store.
 """
 
 from __future__ import annotations
@@ -306,6 +314,7 @@ class EmbeddedDatabase:
         self._checked_at = -math.inf
         self._writer: int | None = None  # thread id holding the write session
         self._dirty = False
+        self.lost: str | None = None  # why the loaded file is gone, while it is
 
     def __getitem__(self, name: str) -> EmbeddedCollection:
         with self._mutex:
@@ -318,6 +327,8 @@ class EmbeddedDatabase:
         if name != "ping":
             raise ValueError(f"the embedded store answers the ping command only, not {name!r}")
         self.refresh(force=True)
+        if self.lost is not None:
+            raise DocStoreError(self.lost)
         return {"ok": 1.0}
 
     # -- reading
@@ -339,6 +350,9 @@ class EmbeddedDatabase:
         self._checked_at = now
         if self._loaded and signature == self._signature:
             return
+        if self._loaded and signature is None and self._signature is not None:
+            self._mark_lost()  # keep answering from memory: a deleted file is not "empty"
+            return
         # One thread reloads; the others keep answering from the previous data rather
         # than queue behind a reload of a large catalogue (they wait only for the first).
         if not self._mutex.acquire(blocking=force or not self._loaded):
@@ -349,6 +363,17 @@ class EmbeddedDatabase:
             self._load()
         finally:
             self._mutex.release()
+
+    def _mark_lost(self) -> None:
+        if self.lost is not None:
+            return
+        held = {name: len(c._docs) for name, c in sorted(self._collections.items())}
+        self.lost = (
+            f"{self.path}: the document store file was deleted; this process answers from "
+            f"the copy it loaded ({', '.join(f'{n} {k}' for k, n in held.items()) or 'empty'}); "
+            "restore the file from a backup or run `recsys catalog load`"
+        )
+        log.error("docstore_file_missing", path=str(self.path), held=held)
 
     def _load(self) -> None:
         try:
@@ -363,6 +388,9 @@ class EmbeddedDatabase:
                 contents = self._parse(fh.read())
         for name in set(self._collections) | set(contents):
             self[name]._replace_all(contents.get(name, {}))
+        if self.lost is not None and signature is not None:
+            log.info("docstore_file_restored", path=str(self.path))
+            self.lost = None
         self._signature = signature
         self._loaded = True
         self._checked_at = time.monotonic()
@@ -483,6 +511,13 @@ class EmbeddedDatabase:
             os.close(fd)
         self._signature = self._stat()
         self._checked_at = time.monotonic()
+        if self.lost is not None:
+            log.warning(
+                "docstore_file_recreated",
+                path=str(self.path),
+                from_memory={n: len(c._docs) for n, c in sorted(self._collections.items())},
+            )
+            self.lost = None
 
 
 # ----------------------------------------------------------------------- the store
@@ -507,6 +542,7 @@ class DocStore:
         self.database = database
         self.uri = uri
         self.backend = backend
+        self.last_error: str | None = None  # why the last ping failed
         self.request_timeout_s = request_timeout_ms / 1000.0
         self.write_batch = write_batch
         self._client = client
@@ -687,12 +723,15 @@ class DocStore:
             }
 
     def ping(self) -> bool:
+        """Whether the store answers; ``last_error`` says why not (shown by ``/readyz``)."""
         try:
             with self._guard("ping", request=True):
                 self.database.command("ping")
         except DocStoreError as exc:
             log.warning("docstore_ping_failed", uri=self.uri, error=str(exc))
+            self.last_error = str(exc)
             return False
+        self.last_error = None
         return True
 
 
