@@ -3,6 +3,7 @@ schema finds no 5xx."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,16 @@ def test_every_route_in_the_schema_answers_json_errors(
     for path in ("/recommendations/{user_id}", "/similar/{item_id}", "/events", "/admin/models"):
         assert path in paths and "/v1" + path in paths
     assert {"/healthz", "/readyz", "/metrics"} <= paths
+    secured = 0
+    for path, operations in spec["paths"].items():
+        url = re.sub(r"\{[^}]+\}", "x1", path)
+        for method, operation in operations.items():
+            if operation.get("security"):  # no key: a JSON 401, whatever the route
+                secured += 1
+                _error(client.request(method.upper(), url), 401, "unauthorized")
+        assert "patch" not in operations
+        _error(client.patch(url), 405, "method_not_allowed")
+    assert secured >= 18  # (v1 and unversioned) events, recommendations, similar, admin
 
 
 # ----------------------------------------------------------------------------- fuzzing

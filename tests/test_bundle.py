@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -137,6 +139,41 @@ def test_bad_manifests_are_refused(
         verify_bundle(target)
 
 
-def test_code_sha_never_fails() -> None:
-    sha = code_sha()
-    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", sha) or sha.endswith("unknown")
+def _git(cwd: Path, *args: str) -> str:
+    done = subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def test_code_sha_is_the_commit_marked_dirty_else_the_package_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Provenance must name the code that trained a bundle: the commit when the source is
+    a git checkout (with ``-dirty`` when tracked files differ), the installed version
+    otherwise; "unknown" is only for a source that is neither."""
+    from importlib.metadata import version
+
+    from recsys_serving.model import bundle
+
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no repository above
+    checkout = tmp_path / "checkout"
+    module = checkout / "recsys_serving" / "model" / "bundle.py"  # where code_sha looks
+    module.parent.mkdir(parents=True)
+    module.write_text("# v1\n")
+    _git(checkout, "init", "-q")
+    _git(checkout, "add", ".")
+    _git(checkout, "commit", "-q", "-m", "v1")
+    head = _git(checkout, "rev-parse", "HEAD")
+    monkeypatch.setattr(bundle, "__file__", str(module))
+    sha = code_sha.__wrapped__  # uncached: the process's own answer is cached for good
+    assert re.fullmatch(r"[0-9a-f]{40}", head)
+    assert sha() == head
+    module.write_text("# v1, edited\n")
+    assert sha() == f"{head}-dirty"
+    shutil.rmtree(checkout / ".git")
+    assert sha() == f"{version('recsys')}+unknown"

@@ -409,8 +409,14 @@ def test_history_failure_is_shown_not_fatal(tmp_path: Path) -> None:
                 raise OSError("lake unreachable")
 
         client.get("/dashboard/data")  # creates the dashboard state
+        assert client.get("/healthz").status_code == 200  # a call the view must still count
         client.app.state.dashboard.history.read = lambda: BrokenRegistry().history(20)
         client.app.state.dashboard.history.ttl = 0
         view = client.get("/dashboard/data").json()
     assert view["history"] == {"events": [], "error": "OSError: lake unreachable"}
-    assert view["models"]["ready"] is False and view["calls"]["total"] >= 0
+    # The rest of the view is still computed from the metrics despite the failure.
+    assert view["models"]["ready"] is False
+    assert view["calls"]["total"] == 1
+    assert [(r["route"], r["status"], r["total"]) for r in view["calls"]["by_route"]] == [
+        ("/healthz", "200", 1)
+    ]

@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import mongomock
@@ -317,28 +317,38 @@ def test_concurrent_writer_processes_lose_no_update(tmp_path: Path) -> None:
     assert store.counts()["users"] == writers * rounds * 3
 
 
-def test_get_user_at_100k_users_is_well_under_a_millisecond(
+def test_reads_of_an_unchanged_file_stat_it_once_a_second_and_never_reparse(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Why a lookup stays cheap (the latency itself is measured by bench/docstore.py):
+    the server's reader stats the file at most once per ``refresh_seconds`` and parses
+    it again only when another process replaced it."""
+    clock = [1000.0]  # a clock the test moves: twenty seconds of reads in no time
+    monkeypatch.setattr(docstore, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     path = tmp_path / "recsys.json"
-    _embedded(path).upsert_users(
-        {"user_id": f"u{n:06d}", "country": "DE", "device": "mobile"} for n in range(100_000)
-    )
+    _embedded(path).upsert_users({"user_id": f"u{n:04d}", "device": "mobile"} for n in range(2000))
     reader = _embedded(path, refresh_seconds=1.0)  # as the server opens it
-    assert reader.get_user("u000000") is not None  # first call loads the file
+    assert reader.get_user("u0000") is not None  # first call loads the file
     database = reader.database
     assert isinstance(database, EmbeddedDatabase)
-    parse, reloads = database._parse, []
-    monkeypatch.setattr(database, "_parse", lambda data: reloads.append(1) or parse(data))
-    timings = []
-    for n in range(0, 100_000, 50):
-        started = time.perf_counter()
-        doc = reader.get_user(f"u{n:06d}")
-        timings.append(time.perf_counter() - started)
-        assert doc is not None
-    assert statistics.median(timings) < 0.0002, statistics.median(timings)
-    assert not reloads  # the file is unchanged: stats every second, never a re-parse
-    assert sorted(timings)[len(timings) * 99 // 100] < 0.01  # robust to a preempted call
+    parse, stat = database._parse, database._stat
+    parses: list[float] = []
+    stats: list[float] = []
+    monkeypatch.setattr(database, "_parse", lambda data: parses.append(clock[0]) or parse(data))
+    monkeypatch.setattr(database, "_stat", lambda: stats.append(clock[0]) or stat())
+    for n in range(2000):
+        clock[0] += 0.01
+        assert reader.get_user(f"u{n:04d}") == {
+            "_id": f"u{n:04d}",
+            "user_id": f"u{n:04d}",
+            "device": "mobile",
+        }
+    assert not parses  # the file is unchanged: never a re-parse
+    assert 18 <= len(stats) <= 21  # one stat per simulated second, not one per read
+    _embedded(path).upsert_users([{"user_id": "late"}])  # another writer replaces the file
+    clock[0] += 1.0
+    assert reader.get_user("late") == {"_id": "late", "user_id": "late"}
+    assert parses == [clock[0]]  # seen at the next check, parsed once
 
 
 def test_embedded_store_rejects_operations_it_does_not_emulate(tmp_path: Path) -> None:

@@ -240,3 +240,24 @@ def test_two_proportion_ztest_matches_the_textbook_formula() -> None:
     assert z3 == pytest.approx((0.076 - 0.072) / se)
     assert two_proportion_ztest(0, 100, 0, 100, alternative="less") == (None, None)
     assert two_proportion_ztest(0, 0, 3, 100, alternative="less") == (None, None)
+
+
+def test_two_proportion_ztest_with_unequal_window_sizes() -> None:
+    """Equal sizes hide a pooled proportion averaged without weights, or 1/n used for
+    both windows: the recent window is usually much smaller than the baseline one."""
+    # 30/500 = 6% against 240/3000 = 8%. By hand: pooled p = 270/3500 = 0.0771429,
+    # SE = sqrt(0.0771429 * 0.9228571 * (1/500 + 1/3000)) = 0.0128885,
+    # z = (0.06 - 0.08) / 0.0128885 = -1.55177, one-sided p = Phi(z) = 0.06036.
+    z, p = two_proportion_ztest(30, 500, 240, 3000, alternative="less")
+    assert z == pytest.approx(-1.551767, abs=1e-6)
+    assert p == pytest.approx(0.060359, abs=1e-6)
+    # Swapped roles: the same z with the other sign, the same one-sided p.
+    z_swapped, p_swapped = two_proportion_ztest(240, 3000, 30, 500, alternative="greater")
+    assert z_swapped == pytest.approx(1.551767, abs=1e-6)
+    assert p_swapped == pytest.approx(0.060359, abs=1e-6)
+    # Non-inferiority with a 10% margin, unpooled: 150/2000 = 7.5% against 0.9 * 8% =
+    # 7.2% of 4000/50000; SE = sqrt(0.075 * 0.925 / 2000 + 0.81 * 0.08 * 0.92 / 50000)
+    # = 0.0059900, z = 0.003 / 0.0059900 = 0.500837, p = 1 - Phi(z) = 0.308243.
+    z_ni, p_ni = two_proportion_ztest(150, 2000, 4000, 50_000, alternative="greater", margin=0.1)
+    assert z_ni == pytest.approx(0.500837, abs=1e-6)
+    assert p_ni == pytest.approx(0.308243, abs=1e-6)

@@ -205,14 +205,15 @@ def test_newer_challenger_supersedes_a_running_canary(
     tmp_path: Path, instance: dg.DagsterInstance
 ) -> None:
     world = World(tmp_path, instance)
-    world.trained("v2")
+    v2 = world.trained("v2")
     world.tick()
+    assert world.registry.alias(CANDIDATE).version == v2  # type: ignore[union-attr]
     v3 = world.trained("v3")
     result = world.tick()
     assert actions(result) == ["canary_started"]
     candidate = world.registry.alias(CANDIDATE)
     assert candidate is not None and candidate.version == v3
-    assert candidate.evidence["superseded"] != v3
+    assert candidate.evidence["superseded"] == v2
 
 
 def test_every_move_of_production_runs_publish_job_once(

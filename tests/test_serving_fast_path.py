@@ -66,6 +66,39 @@ def test_plain_and_declared_forms_answer_alike(service: dict) -> None:
     assert k100.status_code == 200 and len(k100.json()["items"]) > 10
 
 
+def test_answers_are_the_models_recommendations_in_order(
+    service: dict,
+    tiny_bundle: Path,
+) -> None:
+    """The HTTP answer is what ``Recommender.recommend`` returns for the same request:
+    the same items in the same order with the same scores and reasons, ranks from 1."""
+    client: TestClient = service["client"]
+    headers = service["keys"]["recommend"]
+    model = Recommender.load(tiny_bundle)
+    category = str(model.state.categories[0])
+    for user in [*service["users"], "somebody-new"]:
+        best = model.recommend(user, 7)
+        excluded = frozenset(item.item_id for item in best[:2])
+        cases = [
+            (f"/recommendations/{user}?k=7", best),  # the plain form
+            (f"/v1/recommendations/{user}?k=7&x=1", best),  # the declared endpoint
+            (
+                f"/recommendations/{user}?k=5&category={category}"
+                + "".join(f"&exclude={item}" for item in sorted(excluded)),
+                model.recommend(user, 5, categories=[category], exclude=excluded),
+            ),
+        ]
+        for url, expected in cases:
+            r = client.get(url, headers=headers)
+            assert r.status_code == 200, r.text
+            assert r.json()["served_by"] == "champion"
+            assert items_of(r.json()) == [
+                (item.item_id, float(item.score), rank, item.reason)
+                for rank, item in enumerate(expected, 1)
+            ], url
+        assert len({item.score for item in best}) > 1  # an order that reversing would break
+
+
 @pytest.mark.parametrize(
     "query",
     ["k=0", "k=101", "k=-1", "k=abc", "k=", "k=1e1", "k=10&k=x"],
