@@ -362,7 +362,7 @@ BLEND_CANDIDATES: tuple[str, ...] = (
 )
 BLEND_STEPS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 BLEND_ROUNDS = 4
-BLEND_MAX_GROUPS = 4_000
+BLEND_MAX_GROUPS = 2_000
 
 
 def _padded(values: npt.NDArray[Any], groups: npt.NDArray[np.int64], fill: float) -> np.ndarray:
@@ -375,6 +375,48 @@ def _padded(values: npt.NDArray[Any], groups: npt.NDArray[np.int64], fill: float
     return out
 
 
+class _Groups:
+    """Labels of ranking groups padded once into a (groups, longest) matrix, to score
+    many candidate orders of the same groups quickly (the blend search)."""
+
+    def __init__(self, labels: npt.NDArray[np.int8], groups: npt.NDArray[np.int64], k: int):
+        self.groups = groups
+        self.k = k
+        self.gain = _padded(np.power(2.0, labels.astype(np.float64)) - 1.0, groups, 0.0)
+        self.k_eff = min(k, self.gain.shape[1])
+        self.disc = 1.0 / np.log2(np.arange(2, self.k_eff + 2))
+        ideal = (-np.sort(-self.gain, axis=1)[:, : self.k_eff] * self.disc).sum(axis=1)
+        self.has = ideal > 0
+        self.ideal = ideal
+
+    def _mean(self, order: npt.NDArray[np.int64]) -> float:
+        dcg = (np.take_along_axis(self.gain, order, axis=1) * self.disc).sum(axis=1)
+        if not self.has.any():
+            return float("nan")
+        return float((dcg[self.has] / self.ideal[self.has]).mean())
+
+    def ndcg(self, scores: npt.NDArray[np.float64]) -> float:
+        """NDCG@k ordering by ``scores`` alone (ties in any order)."""
+        s = _padded(scores, self.groups, -np.inf)
+        if s.shape[1] > self.k_eff:
+            top = np.argpartition(-s, self.k_eff - 1, axis=1)[:, : self.k_eff]
+        else:
+            top = np.broadcast_to(np.arange(s.shape[1]), s.shape).copy()
+        inner = np.argsort(-np.take_along_axis(s, top, axis=1), axis=1, kind="stable")
+        return self._mean(np.take_along_axis(top, inner, axis=1))
+
+    def served_ndcg(
+        self, scores: npt.NDArray[np.float64], tie: npt.NDArray[np.float64] | None
+    ) -> float:
+        """NDCG@k as the server orders: ``scores`` to the served precision, then ``tie``."""
+        from recsys_serving.model.ranker import TIE_DECIMALS
+
+        s = _padded(np.round(scores, TIE_DECIMALS), self.groups, -np.inf)
+        t = _padded(tie if tie is not None else np.zeros(scores.size), self.groups, -np.inf)
+        order = np.lexsort((-t, -s), axis=-1)[:, : self.k_eff]
+        return self._mean(order)
+
+
 def grouped_ndcg(
     scores: npt.NDArray[np.float64],
     labels: npt.NDArray[np.int8],
@@ -384,19 +426,9 @@ def grouped_ndcg(
 ) -> float:
     """Mean NDCG@k over groups with a positive (gain 2^label - 1, LightGBM's), ranking by
     ``scores`` (to the served tie precision) then ``tie``, as the server orders."""
-    from recsys_serving.model.ranker import TIE_DECIMALS
-
     if not groups.size:
         return float("nan")
-    s = _padded(np.round(scores, TIE_DECIMALS), groups, -np.inf)
-    t = _padded(tie if tie is not None else np.zeros(scores.size), groups, -np.inf)
-    gain = _padded(np.power(2.0, labels.astype(np.float64)) - 1.0, groups, 0.0)
-    order = np.lexsort((-t, -s), axis=-1)[:, :k]
-    disc = 1.0 / np.log2(np.arange(2, k + 2))
-    dcg = (np.take_along_axis(gain, order, axis=1) * disc[: order.shape[1]]).sum(axis=1)
-    ideal = (-np.sort(-gain, axis=1)[:, :k] * disc[: min(k, gain.shape[1])]).sum(axis=1)
-    has = ideal > 0
-    return float((dcg[has] / ideal[has]).mean()) if has.any() else float("nan")
+    return _Groups(labels, groups, k).served_ndcg(scores, tie)
 
 
 def fit_blend(
@@ -415,8 +447,10 @@ def fit_blend(
     scale[scale <= 1e-12] = 1.0
     block = block / scale
 
+    prepared = _Groups(labels, groups, k)
+
     def ndcg(w: npt.NDArray[np.float64]) -> float:
-        return grouped_ndcg(block @ w, labels, groups, k)
+        return prepared.ndcg(block @ w)
 
     n = len(cols)
     singles = [ndcg(np.eye(n)[j]) for j in range(n)]

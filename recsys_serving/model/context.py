@@ -173,6 +173,8 @@ class UserContext:
     ease: HistoryScores
     # Time buckets [lo, hi) around the user's last event (None for cold users).
     era: tuple[int, int] | None
+    # Epoch seconds of the user's last event before as_of (None for cold users).
+    last_ts: float | None = None
 
     @property
     def known(self) -> bool:
@@ -292,19 +294,25 @@ def user_context(
         recent_vector=recent_vector,
         ease=graph_scores(state.ease, state.n_items, seen, seen_weights, EASE_HISTORY_ITEMS),
         era=user_era(state, row),
+        last_ts=user_last_ts(state, row),
     )
+
+
+def user_last_ts(state: ModelState, row: int) -> float | None:
+    """When the user was last active (epoch seconds), from the user table."""
+    if "days_since_last" not in state.user_columns:
+        return None
+    days = float(state.user_table[row, state.user_columns.index("days_since_last")])
+    return None if days < 0 else state.as_of - days * 86_400.0
 
 
 def user_era(state: ModelState, row: int) -> tuple[int, int] | None:
     """The time buckets around the user's last event before ``as_of``."""
     edges = state.time_edges
     buckets = edges.size - 1
-    if buckets <= 0 or "days_since_last" not in state.user_columns:
+    last = user_last_ts(state, row)
+    if buckets <= 0 or last is None:
         return None
-    days = float(state.user_table[row, state.user_columns.index("days_since_last")])
-    if days < 0:
-        return None
-    last = state.as_of - days * 86_400.0
     bucket = int(np.clip(np.searchsorted(edges, last, side="right") - 1, 0, buckets - 1))
     return max(bucket - ERA_HALF_WIDTH, 0), min(bucket + ERA_HALF_WIDTH + 1, buckets)
 

@@ -68,6 +68,10 @@ PAIR_FEATURES: tuple[str, ...] = (
     # the newest buckets (now): taste vs recency for users idle for months.
     "item_share_at_user",
     "item_share_user_vs_now",
+    # Days from the item's release (publication date, else its first interaction) to
+    # the user's last event: negative = released after the user left, small positive
+    # = new when the user was here; UNKNOWN_AGE when either is unknown.
+    "item_age_at_user",
 )
 FEATURE_NAMES: tuple[str, ...] = (
     PAIR_FEATURES
@@ -78,6 +82,8 @@ N_FEATURES = len(FEATURE_NAMES)
 MAX_CATEGORIES_PER_ITEM = 8
 # Smoothing of the time-bucket shares (a share of one in a million).
 SHARE_EPS = 1e-6
+# item_age_at_user when the release or the user's last event is unknown ("very old").
+UNKNOWN_AGE = 100_000.0
 
 
 def padded_categories(state: ModelState) -> npt.NDArray[np.int64]:
@@ -160,6 +166,29 @@ def era_shares(
     return then.astype(np.float32), ratio.astype(np.float32)
 
 
+def release_times(state: ModelState) -> npt.NDArray[np.float64]:
+    """Each item's release: its publication date, else its first interaction before
+    ``as_of``, else NaN; cached on the state."""
+    cached = getattr(state, "_release_times", None)
+    if cached is None:
+        first = state.item_column("first_seen_days").astype(np.float64)
+        seen_at = np.where(first >= 0, state.as_of - first * 86_400.0, np.nan)
+        cached = np.where(np.isfinite(state.published_at), state.published_at, seen_at)
+        object.__setattr__(state, "_release_times", cached)
+    return cached
+
+
+def age_at_user(
+    state: ModelState, items: IntArray, last_ts: float | None
+) -> npt.NDArray[np.float32]:
+    """Days from each item's release to the user's last event (UNKNOWN_AGE if unknown)."""
+    if last_ts is None:
+        return np.full(items.size, UNKNOWN_AGE, dtype=np.float32)
+    release = release_times(state)[items]
+    age = (last_ts - release) / 86_400.0
+    return np.where(np.isfinite(age), age, UNKNOWN_AGE).astype(np.float32)
+
+
 def _top(values: npt.NDArray[np.float32]) -> float:
     """The user's largest aggregate score (over every neighbour, not just candidates,
     so the ratio does not depend on which candidates were drawn); 1 when none."""
@@ -206,6 +235,7 @@ def assemble_features(
     out[:, 15] = ease
     out[:, 16] = ease / _top(ctx.ease.sums)
     out[:, 17], out[:, 18] = era_shares(state, items, ctx.era)
+    out[:, 19] = age_at_user(state, items, ctx.last_ts)
     p = len(PAIR_FEATURES)
     out[:, p : p + len(ITEM_COLUMNS)] = state.item_table[items]
     u0 = p + len(ITEM_COLUMNS)
