@@ -13,9 +13,11 @@ from __future__ import annotations
 import calendar
 import time
 from collections.abc import Iterator
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import polars as pl
 import pytest
@@ -28,7 +30,7 @@ from recsys_serving.api.app import create_app
 from recsys_serving.lake import LocalLake, read_parquet
 from recsys_serving.landing import LANDING_AREA, SegmentWriter
 from recsys_serving.settings import Settings
-from serving_support import new_key, service_settings
+from serving_support import new_key, running_app, service_settings
 from support import ndjson_lines
 
 NOW = time.time()
@@ -336,3 +338,106 @@ def test_processing_quarantines_rows_it_cannot_convert_and_the_run_succeeds(
         "invalid_timestamp": 3,  # 1e308, 1e20, -1e20: no datetime holds them
         "corrupt_landing_line": 4,  # not JSON orjson reads (1e400), a string ts, too deep
     }
+
+
+# ------------------------------------------------------- HTTP details (issue 12, item 7)
+
+
+@pytest.fixture(scope="module")
+def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """The service under uvicorn with the protocol `recsys serve` runs (no model needed)."""
+    settings = service_settings(tmp_path_factory.mktemp("hostile-http") / "home")
+    key = new_key(settings, "recommend,events,admin")
+    app = create_app(settings, docstore=None)
+    with running_app(app, wait_ready=False) as base:
+        yield base, key
+
+
+def _json_error(r: httpx.Response, status: int) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    body = r.json()
+    assert set(body) == {"error", "detail"} and body["error"] and body["detail"]
+    return body
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/recommendations/u1", "/events"])
+def test_a_too_long_url_gets_a_json_400(real_server: tuple[str, str], path: str) -> None:
+    base, key = real_server
+    target = f"{path}?" + "&".join(f"exclude=i{n:0>200}" for n in range(400))  # ~80 KB
+    # http.client, as httpx refuses to send a URL this long itself.
+    conn = HTTPConnection(base.removeprefix("http://"), timeout=10)
+    try:
+        conn.request("GET", target, headers={"X-API-Key": key})
+        raw = conn.getresponse()
+        r = httpx.Response(raw.status, headers=raw.getheaders(), content=raw.read())
+    finally:
+        conn.close()
+    body = _json_error(r, 400)
+    assert body["error"] == "bad_request" and "64 KiB" in body["detail"]
+    # The server is fine afterwards (the refused connection was closed, not the server).
+    assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/recommendations/%ff",
+        "/similar/a%C3%28b",  # an invalid 2-byte sequence
+        "/recommendations/u1?exclude=%fe",
+        "/v1/recommendations/u1?category=%80",
+    ],
+)
+def test_an_invalid_utf8_percent_escape_is_a_422_not_u_fffd(
+    real_server: tuple[str, str], path: str
+) -> None:
+    base, key = real_server
+    body = _json_error(httpx.get(base + path, headers={"X-API-Key": key}, timeout=10), 422)
+    assert body["error"] == "invalid_request"
+    assert body["detail"][0]["type"] == "invalid_percent_encoding"
+    # A correctly encoded non-ASCII id (and an encoded U+FFFD itself) is still fine.
+    r = httpx.get(f"{base}/recommendations/%C3%BC%EF%BF%BD", headers={"X-API-Key": key})
+    assert r.status_code in (200, 503), r.text  # 503: this server has no model
+    assert r.status_code == 200 or r.json()["error"] != "invalid_request"
+
+
+def test_405_lists_every_method_of_the_path(real_server: tuple[str, str]) -> None:
+    base, key = real_server
+    for prefix in ("", "/v1"):
+        for alias in ("production", "candidate"):
+            r = httpx.post(f"{base}{prefix}/admin/aliases/{alias}", headers={"X-API-Key": key})
+            _json_error(r, 405)
+            assert r.headers["allow"] == "DELETE, PUT"
+    r = httpx.get(f"{base}/events", headers={"X-API-Key": key})
+    _json_error(r, 405)
+    assert r.headers["allow"] == "POST"
+    r = httpx.delete(f"{base}/recommendations/u1", headers={"X-API-Key": key})
+    _json_error(r, 405)
+    assert r.headers["allow"] == "GET"
+
+
+def test_the_openapi_documents_what_the_routes_answer(real_server: tuple[str, str]) -> None:
+    base, key = real_server
+    spec = httpx.get(f"{base}/openapi.json").json()
+    post = spec["paths"]["/events"]["post"]
+    # An empty batch is invalid by the schema, and its 422 error body is documented.
+    body_schema = post["requestBody"]["content"]["application/json"]["schema"]
+    assert body_schema["oneOf"][0]["minItems"] == 1
+    r = httpx.post(f"{base}/events", json=[], headers={"X-API-Key": key})
+    assert r.status_code == 422 and r.json()["error"] == "empty_batch"
+    assert {"$ref": "#/components/schemas/ErrorBody"} in (
+        post["responses"]["422"]["content"]["application/json"]["schema"]["anyOf"]
+    )
+    # Every route behind a key documents 401, 403 and 429; every route documents 400.
+    for path, operations in spec["paths"].items():
+        for method, op in operations.items():
+            assert "400" in op["responses"], (method, path)
+            if op.get("security"):
+                assert {"401", "403", "429"} <= set(op["responses"]), (method, path)
+    assert httpx.post(f"{base}/events", json=[ev(1)]).status_code == 401
+    # Both aliases document their own body: the candidate needs its share.
+    candidate = spec["paths"]["/admin/aliases/candidate"]
+    production = spec["paths"]["/admin/aliases/production"]
+    assert set(candidate) == set(production) == {"put", "delete"}
+    ref = candidate["put"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    assert "share" in spec["components"]["schemas"][ref.rsplit("/", 1)[1]]["required"]

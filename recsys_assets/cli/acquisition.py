@@ -242,9 +242,12 @@ def collector(
     """Run the event collector alone (POST /events, GET /healthz)."""
     import uvicorn
 
+    from recsys_serving.api.http import UVICORN_HTTP
+
     uvicorn.run(
         "recsys_serving.api.app:collector_app",
         factory=True,
+        http=UVICORN_HTTP,
         host=host,
         port=port,
         workers=workers,

@@ -67,10 +67,13 @@ def serve(
     )
     import uvicorn
 
+    from recsys_serving.api.http import UVICORN_HTTP
+
     try:
         uvicorn.run(
             "recsys_serving.api.app:service_app",
             factory=True,
+            http=UVICORN_HTTP,
             host=host,
             port=port,
             workers=workers,

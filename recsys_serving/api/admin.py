@@ -87,8 +87,14 @@ class RollbackBody(BaseModel):
 
 class AliasBody(BaseModel):
     version: str = Field(min_length=1, max_length=128)
+    share: float = Field(gt=0.0, le=1.0, description="Share of users routed to it.")
+    reason: Reason
+
+
+class ProductionAliasBody(BaseModel):
+    version: str = Field(min_length=1, max_length=128)
     share: float | None = Field(
-        default=None, gt=0.0, le=1.0, description="Users routed to it (production: 1.0)."
+        default=None, ge=1.0, le=1.0, description="Always 1.0 (every user); may be omitted."
     )
     reason: Reason
 
@@ -232,35 +238,63 @@ async def rollback(request: Request, body: RollbackBody) -> Any:
     )
 
 
+# One path per alias (rather than /aliases/{alias}) so each documents the body it
+# takes: the candidate needs its share of users, production always serves 1.0.
 @router.put(
-    "/aliases/{alias}",
+    "/aliases/production",
     response_model=AliasMove,
-    summary="Point an alias at a version (candidate: with its share of users)",
+    summary="Point production at a version (clears a candidate pointing at it)",
     responses=ERRORS,
 )
-async def set_alias(request: Request, alias: Alias, body: AliasBody) -> Any:
+async def set_production(request: Request, body: ProductionAliasBody) -> Any:
     registry = _registry(request)
     return await _move(
         request,
         lambda: registry.set_alias(
-            alias, body.version, reason=_by(request, body.reason), share=body.share
+            "production", body.version, reason=_by(request, body.reason), share=1.0
         ),
     )
 
 
-@router.delete(
-    "/aliases/{alias}",
+@router.put(
+    "/aliases/candidate",
     response_model=AliasMove,
-    summary="Unset an alias (the candidate: end its phase-in)",
+    summary="Point the candidate at a version, with its share of users",
     responses=ERRORS,
 )
-async def clear_alias(
-    request: Request,
-    alias: Alias,
-    reason: Annotated[str, Query(min_length=1, max_length=500, pattern=PRINTABLE)],
-) -> Any:
+async def set_candidate(request: Request, body: AliasBody) -> Any:
     registry = _registry(request)
-    return await _move(request, lambda: registry.clear_alias(alias, reason=_by(request, reason)))
+    return await _move(
+        request,
+        lambda: registry.set_alias(
+            "candidate", body.version, reason=_by(request, body.reason), share=body.share
+        ),
+    )
+
+
+def _clear_route(alias: Alias, summary: str) -> None:
+    async def clear_alias(
+        request: Request,
+        reason: Annotated[str, Query(min_length=1, max_length=500, pattern=PRINTABLE)],
+    ) -> Any:
+        registry = _registry(request)
+        return await _move(
+            request, lambda: registry.clear_alias(alias, reason=_by(request, reason))
+        )
+
+    clear_alias.__name__ = f"clear_{alias}"
+    router.add_api_route(
+        f"/aliases/{alias}",
+        clear_alias,
+        methods=["DELETE"],
+        response_model=AliasMove,
+        summary=summary,
+        responses=ERRORS,
+    )
+
+
+_clear_route("production", "Unset production (nothing is served until it is set again)")
+_clear_route("candidate", "Unset the candidate (end its phase-in)")
 
 
 def _by(request: Request, reason: str) -> str:

@@ -23,7 +23,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from recsys_serving.api import admin, dashboard, events, health, metrics, recommendations
 from recsys_serving.api.auth import Guard, require
-from recsys_serving.api.errors import install_error_handlers
+from recsys_serving.api.errors import StrictPercentEncoding, install_error_handlers
 from recsys_serving.api.impressions import ImpressionLog
 from recsys_serving.api.metrics import MetricsMiddleware, ServiceMetrics
 from recsys_serving.api.model_manager import (
@@ -79,6 +79,7 @@ def create_app(
     app.state.intake = EventIntake(app.state.lake, settings)
     app.state.metrics = ServiceMetrics(settings.run_dir)
     install_error_handlers(app)
+    app.add_middleware(StrictPercentEncoding)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.include_router(health.router)
     app.include_router(metrics.router)
@@ -205,10 +206,95 @@ def _document_event_contract(app: FastAPI) -> None:
             )
             contract = {k: v for k, v in json_schema().items() if not k.startswith("$")}
             spec.setdefault("components", {}).setdefault("schemas", {})["WeblogEvent"] = contract
+            _document_common_errors(spec)
+            _document_repeatable_query_parameters(spec)
             app.openapi_schema = spec
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+_ERROR_REF = {"$ref": "#/components/schemas/ErrorBody"}
+_COMMON_ERRORS = {
+    "400": "Malformed request: a body that cannot be parsed, or a request line and headers "
+    "larger than the server accepts (about 64 KiB).",
+}
+_AUTH_ERRORS = {
+    "401": "Missing, unknown or revoked API key.",
+    "403": "The key lacks the scope this route needs.",
+    "429": "Rate limit of the key; see `Retry-After`.",
+}
+
+
+def _document_common_errors(spec: dict[str, Any]) -> None:
+    """Document the answers every operation can give besides its own.
+
+    Any request can be refused as malformed (400); a route behind an API key can
+    answer 401, 403 and 429; validation errors (422) have the service's one error
+    shape, not FastAPI's default model.
+    """
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    schemas.setdefault(
+        "ErrorBody",
+        {
+            "title": "ErrorBody",
+            "type": "object",
+            "required": ["error"],
+            "properties": {"error": {"type": "string", "title": "Error"}, "detail": {}},
+        },
+    )
+    for operations in spec.get("paths", {}).values():
+        for operation in operations.values():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue
+            responses = operation["responses"]
+            errors = {**_COMMON_ERRORS, **(_AUTH_ERRORS if operation.get("security") else {})}
+            for status, description in errors.items():
+                responses.setdefault(
+                    status,
+                    {
+                        "description": description,
+                        "content": {"application/json": {"schema": _ERROR_REF}},
+                    },
+                )
+            invalid = responses.get("422", {}).get("content", {}).get("application/json", {})
+            if invalid.get("schema") == {"$ref": "#/components/schemas/HTTPValidationError"}:
+                invalid["schema"] = _ERROR_REF
+    if not any(
+        "HTTPValidationError" in str(op)
+        for ops in spec.get("paths", {}).values()
+        for op in ops.values()
+    ):
+        schemas.pop("HTTPValidationError", None)
+        schemas.pop("ValidationError", None)
+
+
+def _document_repeatable_query_parameters(spec: dict[str, Any]) -> None:
+    """A list in the query string is the parameter repeated: once is one value.
+
+    FastAPI describes ``exclude: list[str] | None`` as an array or null; on the wire
+    ``?exclude=i1`` is one id and null cannot be sent. Documented as what is read
+    (one value, or an array of them), clients and fuzzers see the real contract.
+    """
+    for operations in spec.get("paths", {}).values():
+        for operation in operations.values():
+            if not isinstance(operation, dict):
+                continue
+            for parameter in operation.get("parameters", []):
+                schema = parameter.get("schema", {})
+                if parameter.get("in") != "query":
+                    continue
+                branches = schema.get("anyOf", [schema])
+                arrays = [b for b in branches if b.get("type") == "array" and "items" in b]
+                if len(arrays) != 1 or any(
+                    b.get("type") not in ("array", "null") for b in branches
+                ):
+                    continue
+                array_keys = ("anyOf", "type", "items", "minItems", "maxItems", "uniqueItems")
+                kept = {k: v for k, v in schema.items() if k not in array_keys}
+                parameter["schema"] = {"anyOf": [arrays[0]["items"], arrays[0]], **kept}
+                parameter.setdefault("style", "form")
+                parameter.setdefault("explode", True)
 
 
 async def _seal_periodically(writers: list[Any], settings: Settings) -> None:

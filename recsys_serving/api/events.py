@@ -97,7 +97,24 @@ async def _read_body(request: Request, limit: int) -> bytes:
         400: {"model": ErrorBody, "description": "Body is not parseable JSON."},
         413: {"model": ErrorBody, "description": "Body or batch too large."},
         415: {"model": ErrorBody, "description": "Unsupported Content-Type."},
-        422: {"model": IntakeResponse, "description": "Every event in the batch was rejected."},
+        422: {
+            "description": (
+                "Every event in the batch was rejected (the per-event report), or the batch "
+                "holds no events (an error body). Some rules of the contract are beyond what a "
+                "JSON Schema states: `ts` within the plausible range around the receiver's "
+                "clock, an `event_id` not accepted before."
+            ),
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "anyOf": [
+                            {"$ref": "#/components/schemas/IntakeResponse"},
+                            {"$ref": "#/components/schemas/ErrorBody"},
+                        ]
+                    }
+                }
+            },
+        },
     },
     openapi_extra={
         "requestBody": {
@@ -108,6 +125,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
                         "oneOf": [
                             {
                                 "type": "array",
+                                "minItems": 1,
                                 "items": {"$ref": "#/components/schemas/WeblogEvent"},
                             },
                             {"$ref": "#/components/schemas/WeblogEvent"},

@@ -148,6 +148,13 @@ def _coerce_ts(value: Any) -> float:
     raise ValueError("must be an RFC 3339 string or epoch seconds")
 
 
+def _integral(value: Any) -> Any:
+    # JSON Schema's "integer" includes 3.0; a boolean is never a number here.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
@@ -242,10 +249,15 @@ Id = Annotated[
     Field(min_length=1, max_length=MAX_ID_LENGTH),
     WithJsonSchema(
         {
-            "type": "string",
-            "minLength": 1,
-            "maxLength": MAX_ID_LENGTH,
-            "pattern": "^[^\\u0000-\\u001f\\u007f]+$",
+            "anyOf": [
+                {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": MAX_ID_LENGTH,
+                    "pattern": "^[^\\u0000-\\u001f\\u007f]+$",
+                },
+                {"type": "integer"},
+            ],
             "description": "A string id (integers are accepted and stored as strings).",
         }
     ),
@@ -285,10 +297,13 @@ class WeblogEvent(BaseModel):
     request_id: Id | None = Field(
         default=None, description="The recommendation response an impression or click came from."
     )
-    position: Annotated[int, Field(ge=0, le=10_000)] | None = Field(
-        default=None, description="Rank at which the item was shown."
+    # Strict: a number, never a boolean or a numeric string (what the schema says).
+    position: (
+        Annotated[int, BeforeValidator(_integral), Field(ge=0, le=10_000, strict=True)] | None
+    ) = Field(default=None, description="Rank at which the item was shown.")
+    value: Annotated[float, Field(strict=True, allow_inf_nan=False)] | None = Field(
+        default=None, description="Rating, price, ..."
     )
-    value: float | None = Field(default=None, description="Rating, price, ...", allow_inf_nan=False)
     model_version: Annotated[str, Field(max_length=128)] | None = None
     context: Annotated[dict[str, Any], BeforeValidator(_check_context)] | None = Field(
         default=None,
