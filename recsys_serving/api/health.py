@@ -30,6 +30,11 @@ class Ready(BaseModel):
     ready: bool
     model: dict[str, Any] = Field(description="Versions this worker serves, by alias.")
     checks: dict[str, bool] = Field(description="Each dependency: model loaded, stores answer.")
+    stand_in: dict[str, dict[str, str]] | None = Field(
+        default=None,
+        description="Only while an alias's own version cannot be loaded: the last good "
+        'version serving instead, e.g. {"production": {"version": ..., "instead_of": ...}}.',
+    )
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness probe")
@@ -53,7 +58,9 @@ async def readyz(request: Request) -> Response:
     if state.production is not None and state.production.index is not None:
         checks["index"] = await _ping(state.production.index, timeout)
     ready = all(checks.values())
-    body = {"ready": ready, "model": state.versions(), "checks": checks}
+    body: dict[str, Any] = {"ready": ready, "model": state.versions(), "checks": checks}
+    if stand_in := state.stand_ins():
+        body["stand_in"] = stand_in
     return json_response(body, status_code=200 if ready else 503)
 
 
