@@ -21,7 +21,7 @@ from recsys_serving.api.model_manager import user_bucket
 from recsys_serving.events.schema import WeblogEvent
 from recsys_serving.lake import LocalLake
 from recsys_serving.model.recommender import Recommender
-from recsys_serving.registry import ModelRegistry
+from recsys_serving.registry import PRODUCTION, ModelRegistry
 from recsys_serving.settings import Settings
 from recsys_serving.stores.docstore import DocStoreError
 from serving_support import new_key, running_app, service_settings, serving_client, wait_for
@@ -276,6 +276,33 @@ def test_a_restart_with_an_unloadable_production_serves_the_last_good_version(
         assert r.json()["model_version"] == v2 and r.json()["served_by"] == "champion"
         assert "stand_in" not in client.get("/readyz").json()
         assert "recsys_model_stand_in" not in metrics_of(client)
+
+
+def test_the_admin_api_refuses_to_move_an_alias_to_a_damaged_bundle(
+    settings: Settings,
+    registry: ModelRegistry,
+    key: dict[str, str],
+    tiny_bundle: Path,  # noqa: F811
+    second_bundle: Path,
+) -> None:
+    v1 = registry.register(tiny_bundle).version
+    registry.promote(v1, reason="test")
+    v2 = registry.register(second_bundle).version
+    ranker = Path(registry.lake.local_path(registry.model_key(v2, "ranker.txt")))
+    ranker.write_text(ranker.read_text().replace("tree", "TREE", 1))
+    with serving_client(settings) as client:
+        for method, path, body in (
+            ("POST", "/admin/models/promote", {"version": v2, "reason": "t"}),
+            ("PUT", "/admin/aliases/production", {"version": v2, "reason": "t"}),
+            ("PUT", "/admin/aliases/candidate", {"version": v2, "share": 0.1, "reason": "t"}),
+        ):
+            r = client.request(method, path, json=body, headers=key)
+            assert r.status_code == 409, r.text
+            assert r.json()["error"] == "invalid_bundle"
+            assert f"{v2} fails verification" in r.json()["detail"]
+            assert "ranker.txt: sha256 mismatch" in r.json()["detail"]
+    assert registry.alias(PRODUCTION).version == v1  # type: ignore[union-attr]
+    assert registry.alias("candidate") is None
 
 
 def test_no_loadable_version_at_all_is_still_503(
