@@ -11,6 +11,10 @@ extra service. Layout::
     registry/aliases/<alias>.json          one object per alias, replaced in one write
     registry/history/<ts>-<alias>-<n>.json one immutable record per alias move
 
+Every move to a version first verifies that version's files against its manifest's
+checksums (``verify``): a damaged bundle is refused with :class:`InvalidBundle` and no
+alias moves, whoever asks (the CLI, the admin API, the promotion sensor).
+
 Alias moves are single-object writes (local: write + fsync + rename; S3: one PUT), so a
 serving worker polling ``alias()`` sees the old record or the new one, never a torn one.
 Compare-and-set (``expected=``) is a file lock on a local lake and a conditional PUT
@@ -59,6 +63,7 @@ MODELS = f"{PREFIX}/models"
 REGISTRATIONS = f"{PREFIX}/registrations"
 ALIASES = f"{PREFIX}/aliases"
 HISTORY = f"{PREFIX}/history"
+RELOAD = f"{PREFIX}/reload.json"  # a forced reload, asked of every serving worker
 ALIAS_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 MAX_PREVIOUS = 20  # rollback depth kept in an alias record
 LOCK_TIMEOUT_SECONDS = 30.0
@@ -78,6 +83,10 @@ class AliasConflict(RegistryError):
 
 class NothingToRollBack(RegistryError):
     """Rollback asked for, but there is no candidate and no previous production model."""
+
+
+class InvalidBundle(RegistryError):
+    """The version's bundle in the registry fails verification: no alias may point at it."""
 
 
 class _Any:
@@ -488,6 +497,55 @@ class ModelRegistry:
         log.info("registry.fetch", version=version, dest=str(dest))
         return dest
 
+    def verify(self, version: str) -> dict[str, Any]:
+        """Check every file of ``version`` in the registry against its manifest's checksums
+        (in place on a local lake, through a temporary download on S3); the manifest.
+
+        Raises :class:`InvalidBundle` naming the damaged file: every alias move calls this
+        first, so a corrupt bundle can never become what a restarting server must load.
+        """
+        _check_version(version)
+        where = self.lake.uri_for(f"{MODELS}/{version}")
+        try:
+            local = self.lake.local_path(f"{MODELS}/{version}")
+            if local is not None:
+                manifest = verify_bundle(local)
+            else:
+                import tempfile
+
+                with tempfile.TemporaryDirectory(prefix="recsys-verify-") as tmp:
+                    manifest = verify_bundle(self.fetch(version, tmp))
+        except BundleError as exc:
+            raise InvalidBundle(
+                f"model version {version} fails verification ({exc}); "
+                "no alias was moved: register a good copy of it first"
+            ) from exc
+        if manifest.get("version") != version:
+            raise InvalidBundle(f"{where}: manifest says version {manifest.get('version')}")
+        return manifest
+
+    # --- forced reloads ------------------------------------------------------------
+
+    def request_reload(self, reason: str) -> str:
+        """Ask every serving worker that follows this registry to retry the versions it
+        refused, at its next poll (the channel they already poll for alias moves)."""
+        token = uuid.uuid4().hex
+        record = {"token": token, "at": self.clock().isoformat(), "reason": reason}
+        self.lake.put_bytes(RELOAD, _dumps(record))
+        log.info("registry.reload_requested", token=token, reason=reason)
+        return token
+
+    def reload_token(self) -> str | None:
+        """The last forced reload asked for (None if never): one small object read."""
+        try:
+            raw = self.lake.get_bytes(RELOAD)
+        except FileNotFoundError:
+            return None
+        try:
+            return str(json.loads(raw).get("token")) or None
+        except (json.JSONDecodeError, AttributeError):
+            return None
+
     # --- aliases -------------------------------------------------------------------
 
     @staticmethod
@@ -620,6 +678,7 @@ class ModelRegistry:
             raise RegistryError("production always serves share 1.0; use the candidate alias")
         if not self.exists(version):
             raise UnknownVersion(f"model version {version} is not registered")
+        self.verify(version)
 
         def plan(current: dict[str, Any] | None) -> tuple[str | None, float | None, list[str]]:
             stack = list(current.get("previous_versions") or []) if current else []
@@ -694,6 +753,7 @@ class ModelRegistry:
                 raise NothingToRollBack(
                     f"cannot roll back: previous production version {target} is not registered"
                 )
+            self.verify(target)
             return target, 1.0, rest
 
         return self._move(PRODUCTION, plan, reason=reason, evidence=evidence, expected=ANY)

@@ -230,3 +230,22 @@ def test_history_shows_control_characters_escaped_and_the_cli_refuses_them(
     code, output = run("rollback", "--reason", "x\x1b[2Jy")
     assert code == 2 and "control characters are not allowed" in output
     assert "\x1b" not in output and reg.alias(PRODUCTION).version == v1  # type: ignore[union-attr]
+
+
+def test_promote_refuses_a_damaged_bundle_in_one_line(home: Path, tmp_path: Path) -> None:
+    b1 = make_bundle(tmp_path, 1, 0.2)
+    b2 = make_bundle(tmp_path, 2, 0.3)
+    reg = registry(home)
+    reg.register(b1)
+    reg.register(b2)
+    reg.promote(b1.name, reason="first")
+    damaged = Path(reg.lake.local_path(reg.model_key(b2.name, "ranker.txt")))  # type: ignore[arg-type]
+    damaged.write_text("model X\n")
+    for args in (("promote", b2.name), ("promote", b2.name, "--candidate", "--share", "0.1")):
+        code, output = run(*args)
+        assert code == 1, output
+        lines = [line for line in output.splitlines() if line.strip()]
+        assert len(lines) == 1 and f"model version {b2.name} fails verification" in lines[0]
+        assert "ranker.txt: sha256 mismatch" in lines[0]
+    assert reg.alias(PRODUCTION).version == b1.name  # type: ignore[union-attr]
+    assert reg.alias(CANDIDATE) is None

@@ -271,3 +271,33 @@ def test_every_move_of_production_runs_publish_job_once(
     assert not sensor.targets and publishing.job_name == "publish_job"
     quiet = World(tmp_path / "quiet", instance)
     assert not quiet.tick().run_requests
+
+
+def test_a_damaged_challenger_is_never_phased_in_and_a_damaged_candidate_never_promoted(
+    tmp_path: Path, instance: dg.DagsterInstance
+) -> None:
+    world = World(tmp_path, instance)
+    v2 = world.trained("v2")
+    ranker = world.lake.local_path(world.registry.model_key(v2, "ranker.txt"))
+    ranker.write_text("model XX\n")  # damaged after registration, same size
+    rejected = world.tick()
+    assert actions(rejected) == ["rejected"]
+    reason = rejected.asset_events[0].metadata["reason"].value
+    assert f"{v2} fails verification" in reason and "ranker.txt" in reason
+    assert world.registry.alias(CANDIDATE) is None
+    assert world.registry.alias(PRODUCTION).version == world.v1  # type: ignore[union-attr]
+    assert world.tick().asset_events == []  # decided once; the cursor moved on
+
+    # A canary whose bundle goes bad while it runs ends without reaching production.
+    v3 = world.trained("v3")
+    assert actions(world.tick()) == ["canary_started"]
+    world.canary_running_since(v3, 12, 0.5)
+    world.traffic(v3, 12, 0.10, per_minute=200, seed=7)
+    world.traffic(world.v1, 12, 0.05, per_minute=400, seed=8)
+    ranker = world.lake.local_path(world.registry.model_key(v3, "ranker.txt"))
+    ranker.write_text("model XX\n")
+    ended = world.tick()
+    assert actions(ended) == ["rollback"]
+    assert "candidate bundle fails verification" in ended.asset_events[0].metadata["reason"].value
+    assert world.registry.alias(CANDIDATE) is None
+    assert world.registry.alias(PRODUCTION).version == world.v1  # type: ignore[union-attr]

@@ -439,3 +439,32 @@ def test_promotion_rule_from_settings_and_validation() -> None:
         PromotionRule(min_lift=-0.1)
     with pytest.raises(ValueError, match="tolerance"):
         PromotionRule(guardrails={"x": NAN})
+
+
+def test_no_alias_moves_to_a_bundle_that_fails_verification(
+    registry: ModelRegistry, bundles: Path
+) -> None:
+    from recsys_serving.registry import InvalidBundle
+
+    good = registry.register(make_bundle(bundles, seconds=1)).version
+    bad = registry.register(make_bundle(bundles, seconds=2, payload=b"ranker-2")).version
+    registry.promote(good, reason="first")
+    registry.lake.put_bytes(registry.model_key(bad, "ranker.txt"), b"bitrot!!")  # same size
+    history = len(registry.history())
+    for move in (
+        lambda: registry.promote(bad, reason="test"),
+        lambda: registry.set_alias(CANDIDATE, bad, share=0.1, reason="test"),
+        lambda: registry.set_alias(PRODUCTION, bad, reason="test", expected=good),
+    ):
+        with pytest.raises(InvalidBundle, match=rf"{bad} fails verification .*ranker\.txt"):
+            move()
+    assert registry.alias(PRODUCTION).version == good  # type: ignore[union-attr]
+    assert registry.alias(CANDIDATE) is None
+    assert len(registry.history()) == history
+    # Rolling back onto a damaged previous production is refused the same way.
+    registry.lake.put_bytes(registry.model_key(bad, "ranker.txt"), b"ranker-2")  # repaired
+    registry.promote(bad, reason="repaired")
+    registry.lake.put_bytes(registry.model_key(good, "ranker.txt"), b"bitrot")
+    with pytest.raises(InvalidBundle, match=good):
+        registry.rollback(reason="test")
+    assert registry.alias(PRODUCTION).version == bad  # type: ignore[union-attr]

@@ -178,6 +178,30 @@ def test_old_run_directories_are_pruned_but_never_the_latest_hand_over(tmp_path:
         assert art.key("model_evaluation", "x").startswith(f"{art.RUNS}/run7/")
 
 
+def test_a_re_execution_reads_and_writes_its_root_runs_directory(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from recsys_assets.training.assets import _in_run
+
+    lake = LocalLake(tmp_path / "lake")
+    with art.run_scope(lake, "root-run", "ranking_dataset"):  # the failed parent run's output
+        art.put_json(lake, art.key("ranking_dataset", "stats.json"), {"rows": 1})
+    with art.run_scope(lake, "other-run", "ranking_dataset"):  # a later, unrelated run
+        art.put_json(lake, art.key("ranking_dataset", "stats.json"), {"rows": 2})
+    seen: list[Any] = []
+
+    def ranking_model(context: Any, lake: Any, training: Any) -> str:
+        seen.append(art.key("ranking_model", "ranker.txt"))
+        seen.append(art.get_json(lake.get(), art.key("ranking_dataset", "stats.json")))
+        return "materialized"
+
+    retry = SimpleNamespace(run=SimpleNamespace(root_run_id="root-run"), run_id="retry-run")
+    resource = SimpleNamespace(get=lambda: lake)
+    assert _in_run(ranking_model)(retry, resource, None) == "materialized"
+    assert seen == [f"{art.RUNS}/root-run/ranking_model/ranker.txt", {"rows": 1}]
+    assert lake.exists(f"{art.RUNS}/root-run/ranking_model/{art.DONE}")
+
+
 # ------------------------------------------------------------ two real `recsys retrain`
 SMALL = {"als_iterations": 6, "lgb_rounds": 40, "lgb_min_data_in_leaf": 20}
 
@@ -299,3 +323,78 @@ def test_a_retrain_job_run_waits_for_the_lock_and_holds_it_while_it_runs(
     assert message.startswith(
         f"waiting for the retraining lock, held by run cli-run-, recsys retrain, pid {os.getpid()}"
     )
+
+
+def _retrain_job() -> Any:
+    """retrain_job as the daemon's run worker loads it (from the environment)."""
+    from recsys_assets.definitions import make_definitions
+    from recsys_serving.settings import Settings
+
+    return make_definitions(Settings()).resolve_job_def("retrain_job")
+
+
+@pytest.mark.slow
+def test_a_launched_retrain_job_run_waits_while_recsys_retrain_holds_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dagster as dg
+
+    from recsys_assets.monitoring.sensors import IN_PROCESS_RUN_CONFIG
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("RECSYS_HOME", str(home))
+    monkeypatch.delenv("RECSYS_LAKE_URI", raising=False)
+    from recsys_serving.settings import Settings
+
+    path = lock_path(Settings())
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    results: list[Any] = []
+    with dg.instance_for_test() as instance:
+        try:
+            assert holder.stdout is not None
+            assert any(line.strip() == "held" for line in iter(holder.stdout.readline, ""))
+            runner_thread = threading.Thread(
+                target=lambda: results.append(
+                    dg.execute_job(
+                        dg.reconstructable(_retrain_job),
+                        instance=instance,
+                        run_config=IN_PROCESS_RUN_CONFIG,
+                        tags={"recsys/pipeline": "retrain", "recsys/trigger": "test"},
+                        raise_on_error=False,
+                    )
+                )
+            )
+            runner_thread.start()
+
+            def waiting() -> bool:
+                runs = instance.get_runs()
+                return bool(runs) and any(
+                    "waiting for the retraining lock, held by run feedc0de" in (r.message or "")
+                    for r in instance.all_logs(runs[0].run_id)
+                )
+
+            from serving_support import wait_for
+
+            wait_for(waiting, 60, "the run to wait for the lock")
+            assert not any(
+                r.dagster_event is not None and r.dagster_event.is_step_start
+                for r in instance.all_logs(instance.get_runs()[0].run_id)
+            )  # no step started while recsys retrain holds the lock
+        finally:
+            holder.kill()  # the holder dies: the waiting run goes ahead
+            holder.wait(timeout=30)
+        runner_thread.join(timeout=300)
+        (result,) = results
+        # Past the lock it ran, and failed as a retraining on an empty lake fails.
+        assert not result.success
+        failures = [
+            r.dagster_event.event_specific_data.error.message  # type: ignore[union-attr]
+            for r in instance.all_logs(result.run_id)
+            if r.dagster_event is not None and r.dagster_event.is_step_failure
+        ]
+        assert len(failures) == 1 and "no interactions in the training window" in failures[0]

@@ -21,7 +21,7 @@ from recsys_serving.api.model_manager import user_bucket
 from recsys_serving.events.schema import WeblogEvent
 from recsys_serving.lake import LocalLake
 from recsys_serving.model.recommender import Recommender
-from recsys_serving.registry import ModelRegistry
+from recsys_serving.registry import PRODUCTION, ModelRegistry
 from recsys_serving.settings import Settings
 from recsys_serving.stores.docstore import DocStoreError
 from serving_support import new_key, running_app, service_settings, serving_client, wait_for
@@ -208,6 +208,7 @@ def test_corrupt_bundle_is_refused_and_the_old_model_keeps_serving(
     key: dict[str, str],
     tiny_bundle: Path,  # noqa: F811
     second_bundle: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     v1 = registry.register(tiny_bundle).version
     registry.promote(v1, reason="test")
@@ -217,6 +218,9 @@ def test_corrupt_bundle_is_refused_and_the_old_model_keeps_serving(
     ranker.write_text(ranker.read_text().replace("tree", "TREE", 1))
     with serving_client(settings) as client:
         wait_for(lambda: serving(client, v1), 20, "v1")
+        # Promotion refuses it now (test_registry.py); an alias moved by an older recsys,
+        # or a bundle damaged after its promotion, is still refused by the servers.
+        monkeypatch.setattr(ModelRegistry, "verify", lambda self, version: {})
         registry.promote(v2, reason="test: a tampered bundle")
         wait_for(lambda: v2 in client.app.state.manager.status()["refused"], 20, "v2 refused")
         r = client.get("/recommendations/u000002", headers=key)
@@ -228,6 +232,93 @@ def test_corrupt_bundle_is_refused_and_the_old_model_keeps_serving(
         time.sleep(0.6)  # several polls later: refused once, not once per poll
         samples = metrics_of(client)
     assert samples["recsys_model_load_failures_total"] == [({"reason": "invalid_bundle"}, 1.0)]
+
+
+def test_a_restart_with_an_unloadable_production_serves_the_last_good_version(
+    settings: Settings,
+    registry: ModelRegistry,
+    key: dict[str, str],
+    tiny_bundle: Path,  # noqa: F811
+    second_bundle: Path,
+) -> None:
+    v1 = registry.register(tiny_bundle).version
+    registry.promote(v1, reason="test")
+    v2 = registry.register(second_bundle).version
+    registry.promote(v2, reason="test: good when promoted")
+    # The bundle is damaged after its promotion; a server (re)starts with an empty cache.
+    ranker = Path(registry.lake.local_path(registry.model_key(v2, "ranker.txt")))
+    good = ranker.read_text()
+    ranker.write_text(good.replace("tree", "TREE", 1))
+    with serving_client(settings) as client:
+        wait_for(lambda: serving(client, v1), 20, "the last good version")
+        r = client.get("/recommendations/u000002", headers=key)
+        assert r.status_code == 200, r.text
+        assert r.json()["model_version"] == v1 and r.json()["served_by"] == "last_good"
+        ready = client.get("/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["stand_in"] == {"production": {"version": v1, "instead_of": v2}}
+        samples = metrics_of(client)
+        (stand_in,) = samples["recsys_model_stand_in"]
+        assert stand_in[0]["version"] == v1 and stand_in[0]["instead_of"] == v2
+        assert ({"reason": "invalid_bundle"}, 1.0) in samples["recsys_model_load_failures_total"]
+        assert samples["recsys_recommendations_total"] == [
+            ({"served_by": "last_good", "model_version": v1}, 1.0)
+        ]
+        state = client.get("/admin/models", headers=key).json()
+        assert state["production"]["stands_in_for"] == v2
+        assert state["refused"][v2]["reason"] == "invalid_bundle"
+
+        # Repaired: a forced reload brings production back at once (no 5-minute retry).
+        ranker.write_text(good)
+        reloaded = client.post("/admin/models/reload?force=true", headers=key)
+        assert reloaded.status_code == 200 and reloaded.json()["loaded"] == [v2]
+        r = client.get("/recommendations/u000002", headers=key)
+        assert r.json()["model_version"] == v2 and r.json()["served_by"] == "champion"
+        assert "stand_in" not in client.get("/readyz").json()
+        assert "recsys_model_stand_in" not in metrics_of(client)
+
+
+def test_the_admin_api_refuses_to_move_an_alias_to_a_damaged_bundle(
+    settings: Settings,
+    registry: ModelRegistry,
+    key: dict[str, str],
+    tiny_bundle: Path,  # noqa: F811
+    second_bundle: Path,
+) -> None:
+    v1 = registry.register(tiny_bundle).version
+    registry.promote(v1, reason="test")
+    v2 = registry.register(second_bundle).version
+    ranker = Path(registry.lake.local_path(registry.model_key(v2, "ranker.txt")))
+    ranker.write_text(ranker.read_text().replace("tree", "TREE", 1))
+    with serving_client(settings) as client:
+        for method, path, body in (
+            ("POST", "/admin/models/promote", {"version": v2, "reason": "t"}),
+            ("PUT", "/admin/aliases/production", {"version": v2, "reason": "t"}),
+            ("PUT", "/admin/aliases/candidate", {"version": v2, "share": 0.1, "reason": "t"}),
+        ):
+            r = client.request(method, path, json=body, headers=key)
+            assert r.status_code == 409, r.text
+            assert r.json()["error"] == "invalid_bundle"
+            assert f"{v2} fails verification" in r.json()["detail"]
+            assert "ranker.txt: sha256 mismatch" in r.json()["detail"]
+    assert registry.alias(PRODUCTION).version == v1  # type: ignore[union-attr]
+    assert registry.alias("candidate") is None
+
+
+def test_no_loadable_version_at_all_is_still_503(
+    settings: Settings,
+    registry: ModelRegistry,
+    key: dict[str, str],
+    tiny_bundle: Path,  # noqa: F811
+) -> None:
+    v1 = registry.register(tiny_bundle).version
+    registry.promote(v1, reason="test")
+    ranker = Path(registry.lake.local_path(registry.model_key(v1, "ranker.txt")))
+    ranker.write_text(ranker.read_text().replace("tree", "TREE", 1))
+    with serving_client(settings) as client:
+        wait_for(lambda: v1 in client.app.state.manager.status()["refused"], 20, "v1 refused")
+        assert client.get("/readyz").status_code == 503
+        assert client.get("/recommendations/u000002", headers=key).status_code == 503
 
 
 @pytest.mark.slow

@@ -155,3 +155,51 @@ def test_one_keys_rate_limit_holds_across_workers(server: Server) -> None:
     samples = parse_metrics(httpx.get(f"{server.url}/metrics", timeout=5).text)
     ((_, throttled),) = samples["recsys_throttled_total"]
     assert throttled == codes[429]
+
+
+def test_a_forced_reload_reaches_every_worker(
+    server: Server,
+    tiny_bundle: Path,  # noqa: F811
+    other_bundle: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = ModelRegistry(LocalLake(server.home / "lake"))
+    v1 = registry.register(tiny_bundle).version
+    v2 = registry.register(other_bundle).version
+    registry.promote(v1, reason="test")
+    _, secret = KeyFile.in_home(server.home).create(["admin"])
+    wait_for(
+        lambda: (m := server.models()) and len(m) == 2 and all(v == {v1} for v in m.values()),
+        60,
+        "both workers on v1",
+    )
+    # v2 is damaged when production moves to it (an older recsys did not verify): both
+    # workers refuse it and keep v1, each with a 5-minute back-off before retrying.
+    ranker = Path(registry.lake.local_path(registry.model_key(v2, "ranker.txt")))  # type: ignore[arg-type]
+    good = ranker.read_text()
+    ranker.write_text(good.replace("tree", "TREE", 1))
+    monkeypatch.setattr(ModelRegistry, "verify", lambda self, version: {})
+    registry.promote(v2, reason="test: damaged")
+    headers = {"X-API-Key": secret}
+
+    def refused_by(worker_count: int) -> bool:
+        seen: dict[str, bool] = {}
+        for _ in range(20):  # new connections, spread over the workers by the kernel
+            r = httpx.get(f"{server.url}/admin/models", headers=headers, timeout=10)
+            if r.status_code == 200:
+                seen[r.json()["worker"]] = v2 in r.json()["refused"]
+        return len(seen) == worker_count and all(seen.values())
+
+    wait_for(lambda: refused_by(2), 30, "both workers refusing v2")
+    assert all(v == {v1} for v in server.models().values())
+
+    ranker.write_text(good)  # repaired; one forced reload, answered by one worker
+    reloaded_at = time.monotonic()
+    r = httpx.post(f"{server.url}/admin/models/reload?force=true", headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    wait_for(
+        lambda: (m := server.models()) and len(m) == 2 and all(v == {v2} for v in m.values()),
+        30,
+        "both workers on v2",
+    )
+    assert time.monotonic() - reloaded_at < 15  # a poll interval and a load, not 5 minutes

@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 
 from recsys_assets.cli import app
 from recsys_assets.cli.training import unprocessed_days
+from recsys_assets.definitions import make_definitions
+from recsys_assets.instance import get_instance
 from recsys_assets.training.exclusive import lock_path, retrain_lock
 from recsys_serving.lake import LocalLake
 from recsys_serving.registry import PRODUCTION, ModelRegistry
@@ -122,3 +124,32 @@ def test_retrain_refuses_while_another_retraining_holds_the_lock(
     # ahead, and here fails on the empty lake, past the guard.
     result = runner.invoke(app, ["retrain"])
     assert "no interactions in the training window" in result.output
+
+
+def test_retrain_marks_failed_the_run_of_a_retrain_that_died(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "home"
+    _env(monkeypatch, home)
+    settings = Settings()
+    instance = get_instance(settings)
+    try:
+        job = make_definitions(settings).resolve_job_def("retrain_job")
+        dead = instance.create_run_for_job(
+            job,
+            tags={"recsys/pipeline": "retrain", "recsys/trigger": "cli"},
+            status=dg.DagsterRunStatus.STARTED,
+        )
+    finally:
+        instance.dispose()
+    # The lock is free, so its process is gone: this retraining goes ahead (and fails
+    # on the empty lake) and records the dead one as failed.
+    result = runner.invoke(app, ["retrain"])
+    assert f"marked retraining run {dead.run_id[:8]} failed" in result.output
+    assert "no interactions in the training window" in result.output
+    instance = get_instance(settings)
+    try:
+        run = instance.get_run_by_id(dead.run_id)
+        assert run is not None and run.status == dg.DagsterRunStatus.FAILURE
+    finally:
+        instance.dispose()

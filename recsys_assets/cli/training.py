@@ -84,7 +84,33 @@ def retrain(
             )
         except RetrainBusy as exc:
             fail(str(exc))
-        _retrain(settings, lake, get_instance(settings), run_id, process, started)
+        instance = get_instance(settings)
+        _fail_dead_cli_runs(instance, lake)
+        _retrain(settings, lake, instance, run_id, process, started)
+
+
+def _fail_dead_cli_runs(instance: Any, lake: Any) -> None:
+    """Mark failed the retrainings an earlier ``recsys retrain`` left "running" when its
+    process died: we hold the lock now, so none of them is alive (a local lake's lock
+    covers every process that can write it). Otherwise the instance would show them
+    running for ever and the closed loop would wait for them before retraining."""
+    import dagster as dg
+
+    from recsys_assets.training.exclusive import LOCK_KEY
+
+    if lake.local_path(LOCK_KEY) is None:
+        return  # S3: the lock is per host, a run on another host may be alive
+    alive = [
+        dg.DagsterRunStatus.NOT_STARTED,
+        dg.DagsterRunStatus.STARTING,
+        dg.DagsterRunStatus.STARTED,
+    ]
+    tags = {"recsys/pipeline": "retrain", "recsys/trigger": "cli"}
+    for run in instance.get_runs(filters=dg.RunsFilter(tags=tags, statuses=alive)):
+        instance.report_run_failed(
+            run, message="its recsys retrain process died (the retraining lock was free)"
+        )
+        console.print(f"marked retraining run {run.run_id[:8]} failed: its process had died")
 
 
 def _retrain(

@@ -34,6 +34,7 @@ from recsys_serving.registry import (
     CANDIDATE,
     PRODUCTION,
     AliasConflict,
+    InvalidBundle,
     ModelRegistry,
     NothingToRollBack,
 )
@@ -195,7 +196,10 @@ def start_canary(
         )
     if production is None:
         reason = f"no production model yet; offline: {evaluation.reason or evaluation.decision}"
-        registry.promote(version, reason=reason, evidence={"offline": offline})
+        try:
+            registry.promote(version, reason=reason, evidence={"offline": offline})
+        except InvalidBundle as exc:
+            return _damaged(version, exc, now, prod_version, candidate, offline)
         if candidate is not None:
             # The canary it replaces has nothing to be compared with any more.
             _clear_candidate(registry, candidate.version, "superseded by the first model")
@@ -216,7 +220,10 @@ def start_canary(
         evidence["superseded"] = candidate.version
     share = policy.first_share
     reason = f"offline evaluation says promote ({evaluation.reason}); canary at {_pct(share)}"
-    registry.set_alias(CANDIDATE, version, share=share, reason=reason, evidence=evidence)
+    try:
+        registry.set_alias(CANDIDATE, version, share=share, reason=reason, evidence=evidence)
+    except InvalidBundle as exc:
+        return _damaged(version, exc, now, prod_version, candidate, offline)
     return Decision(
         "canary_started",
         version,
@@ -226,6 +233,27 @@ def start_canary(
         previous_production=prod_version,
         share=share,
         evidence=evidence,
+    )
+
+
+def _damaged(
+    version: str,
+    exc: InvalidBundle,
+    now: datetime,
+    prod_version: str | None,
+    candidate: Any,
+    offline: dict[str, Any],
+) -> Decision:
+    """A challenger whose registered bundle fails verification never gets an alias."""
+    return Decision(
+        "rejected",
+        version,
+        f"not phased in: {exc}",
+        now,
+        production_version=prod_version,
+        previous_production=prod_version,
+        share=candidate.share if candidate else None,
+        evidence={"offline": offline, "invalid_bundle": str(exc)},
     )
 
 
@@ -285,6 +313,8 @@ def step_canary(
             registry.promote(version, reason=reason, evidence=carried)
         except AliasConflict:
             return CanaryStep(None, None)
+        except InvalidBundle as exc:
+            return CanaryStep(_drop_damaged(registry, version, exc, now, production), None)
         previous = production.version if production else None
         decision = Decision(
             "promote",
@@ -362,7 +392,30 @@ def step_canary(
         # A person (or another process) moved the alias since we read it: the next tick
         # judges whatever is there now.
         return CanaryStep(None, verdict)
+    except InvalidBundle as exc:
+        return CanaryStep(_drop_damaged(registry, version, exc, now, production), verdict)
     return CanaryStep(decision, verdict)
+
+
+def _drop_damaged(
+    registry: ModelRegistry, version: str, exc: InvalidBundle, now: datetime, production: Any
+) -> Decision | None:
+    """The candidate's bundle went bad during its canary: end the canary, never promote."""
+    reason = f"candidate bundle fails verification: {exc}"
+    try:
+        registry.clear_alias(CANDIDATE, reason=reason, expected=version)
+    except (AliasConflict, NothingToRollBack):
+        return None  # someone moved it meanwhile; the next tick sees what is there
+    prod = production.version if production is not None else None
+    return Decision(
+        "rollback",
+        version,
+        reason,
+        now,
+        production_version=prod,
+        previous_production=prod,
+        evidence={"invalid_bundle": str(exc)},
+    )
 
 
 def _parse(value: Any) -> datetime | None:

@@ -114,7 +114,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody},
     403: {"model": ErrorBody, "description": "The key lacks the `admin` scope."},
     404: {"model": ErrorBody, "description": "Unknown model version."},
-    409: {"model": ErrorBody, "description": "Nothing to roll back, a conflict, or pinned."},
+    409: {
+        "model": ErrorBody,
+        "description": "Nothing to roll back, a conflict, pinned, or the version's bundle "
+        "fails verification (`invalid_bundle`).",
+    },
 }
 
 
@@ -157,6 +161,7 @@ def _registry(request: Request) -> Any:
 async def _move(request: Request, action: Any) -> Any:
     from recsys_serving.registry import (
         AliasConflict,
+        InvalidBundle,
         NothingToRollBack,
         RegistryError,
         UnknownVersion,
@@ -166,6 +171,8 @@ async def _move(request: Request, action: Any) -> Any:
         event = await run_in_threadpool(action)
     except UnknownVersion as exc:
         raise ApiError(404, "unknown_version", str(exc)) from exc
+    except InvalidBundle as exc:
+        raise ApiError(409, "invalid_bundle", str(exc)) from exc
     except (NothingToRollBack, AliasConflict) as exc:
         raise ApiError(409, "conflict", str(exc)) from exc
     except RegistryError as exc:
@@ -193,14 +200,17 @@ async def models(request: Request) -> Any:
 @router.post(
     "/models/reload",
     response_model=ReloadResult,
-    summary="Poll the model source now (this worker)",
+    summary="Poll the model source now (force: every worker retries refused versions)",
     responses=ERRORS,
 )
 async def reload(
     request: Request,
     force: Annotated[bool, Query(description="Retry versions refused earlier.")] = False,
 ) -> Any:
-    report: PollReport = await run_in_threadpool(_manager(request).poll_once, force)
+    # force: every worker (and every server following the same registry) retries the
+    # versions it refused at its next poll, not only this one.
+    reason = _by(request, "forced reload") if force else ""
+    report: PollReport = await run_in_threadpool(_manager(request).reload, force, reason)
     return json_response(
         {
             "changed": report.changed,

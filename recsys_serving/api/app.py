@@ -115,7 +115,9 @@ def _build_service(
         settings,
         model_source or default_model_source(settings, app.state.lake),
         loader or _recommender_loader(),
-        on_change=lambda s: service_metrics.set_models(s.versions(), s.ready, s.candidate_share),
+        on_change=lambda s: service_metrics.set_models(
+            s.versions(), s.ready, s.candidate_share, s.stand_ins()
+        ),
         on_refused=lambda reason: service_metrics.model_load_failures.labels(reason).inc(),
         index_opener=_index_opener(settings) if index_opener is _DEFAULT else index_opener,
     )

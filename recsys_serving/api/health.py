@@ -33,6 +33,11 @@ class Ready(BaseModel):
     reasons: dict[str, str] = Field(
         default_factory=dict, description="Why a failed check failed, when the dependency says."
     )
+    stand_in: dict[str, dict[str, str]] | None = Field(
+        default=None,
+        description="Only while an alias's own version cannot be loaded: the last good "
+        'version serving instead, e.g. {"production": {"version": ..., "instead_of": ...}}.',
+    )
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness probe")
@@ -62,6 +67,8 @@ async def readyz(request: Request) -> Response:
     body: dict[str, Any] = {"ready": ready, "model": state.versions(), "checks": checks}
     if reasons:  # only when there is one: the usual body stays as it was
         body["reasons"] = reasons
+    if stand_in := state.stand_ins():
+        body["stand_in"] = stand_in
     return json_response(body, status_code=200 if ready else 503)
 
 

@@ -109,6 +109,7 @@ class ServiceMetrics:
         self.run_dir = run_dir
         self.worker = worker_id()
         self._models: dict[str, str] = {}
+        self._stand_ins: dict[str, dict[str, str]] = {}
         # Labelled children of the per-request metrics: ``labels()`` costs more than
         # the update itself.
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
@@ -229,9 +230,17 @@ class ServiceMetrics:
         for reason, n in rejected.items():
             self.events_rejected.labels(reason).inc(n)
 
-    def set_models(self, models: dict[str, str], ready: bool, share: float) -> None:
-        """Publish what this worker serves now: ``{alias: version}``."""
+    def set_models(
+        self,
+        models: dict[str, str],
+        ready: bool,
+        share: float,
+        stand_ins: dict[str, dict[str, str]] | None = None,
+    ) -> None:
+        """Publish what this worker serves now: ``{alias: version}``, and which of those
+        stand in for a version that cannot be loaded (``ServingState.stand_ins``)."""
         self._models = dict(models)
+        self._stand_ins = dict(stand_ins or {})
         self.model_ready.set(1 if ready else 0)
         self.candidate_share.set(share)
         if self.run_dir is not None:
@@ -239,7 +248,8 @@ class ServiceMetrics:
             directory.mkdir(parents=True, exist_ok=True)
             target = directory / f"{self.worker}.json"
             tmp = directory / f".{self.worker}.json.tmp"
-            tmp.write_bytes(orjson.dumps({"models": self._models, "at": time.time()}))
+            state = {"models": self._models, "stand_ins": self._stand_ins, "at": time.time()}
+            tmp.write_bytes(orjson.dumps(state))
             os.replace(tmp, target)
 
     # ---------------------------------------------------------------- exposition
@@ -253,11 +263,16 @@ class ServiceMetrics:
             families = list(self.registry.collect())
         families.append(_online_ctr(families))
         families.append(self._model_info())
+        families.append(self._stand_in_info())
         return generate_latest(_Families(families))  # type: ignore[arg-type]
 
     def _worker_models(self) -> Iterator[tuple[str, dict[str, str]]]:
+        for worker, state in self._worker_states():
+            yield worker, state.get("models", {})
+
+    def _worker_states(self) -> Iterator[tuple[str, dict[str, Any]]]:
         if self.run_dir is None:
-            yield self.worker, self._models
+            yield self.worker, {"models": self._models, "stand_ins": self._stand_ins}
             return
         for path in sorted((self.run_dir / WORKER_STATE_DIR).glob("*.json")):
             if not path.stem.isdigit():
@@ -266,7 +281,7 @@ class ServiceMetrics:
                 path.unlink(missing_ok=True)
                 continue
             with contextlib.suppress(OSError, orjson.JSONDecodeError):
-                yield path.stem, orjson.loads(path.read_bytes()).get("models", {})
+                yield path.stem, orjson.loads(path.read_bytes())
 
     def _model_info(self) -> Metric:
         family = GaugeMetricFamily(
@@ -277,6 +292,21 @@ class ServiceMetrics:
         for worker, models in self._worker_models():
             for alias, version in sorted(models.items()):
                 family.add_metric([alias, version, worker], 1)
+        return family
+
+    def _stand_in_info(self) -> Metric:
+        family = GaugeMetricFamily(
+            "recsys_model_stand_in",
+            "1 while a worker serves a last good version because the alias's own version "
+            "cannot be loaded there.",
+            labels=["alias", "version", "instead_of", "worker"],
+        )
+        for worker, state in self._worker_states():
+            for alias, stand_in in sorted((state.get("stand_ins") or {}).items()):
+                family.add_metric(
+                    [alias, str(stand_in.get("version")), str(stand_in.get("instead_of")), worker],
+                    1,
+                )
         return family
 
     def _forget_dead_workers(self) -> None:

@@ -22,6 +22,13 @@ from champion to challenger, never back.
 The previous production model stays in memory, so a rollback (``recsys models
 rollback``) or a promotion of the loaded candidate is an instant swap at the next
 poll, with no download or load.
+
+Last good model: a worker that cannot load ``production`` and has nothing loaded yet
+(a restart, a new replica) serves the newest previous production version it can load
+(the source's history) instead of answering 503: ``served_by: last_good``,
+``recsys_model_stand_in`` and the ``/readyz`` body say so, and production is retried
+as usual. A forced reload (``reload(force=True)``) is broadcast through the source (the
+registry, which every worker polls) so that every worker retries at its next poll.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ PRODUCTION = "production"
 CANDIDATE = "candidate"
 RETRY_INVALID_SECONDS = 300.0
 RETRY_OTHER_SECONDS = 30.0
+MAX_STAND_IN_TRIES = 5  # previous productions tried when production cannot be loaded
 _WARM_USERS = ("__warmup-0__", "__warmup-1__", "__warmup-2__")
 RANKER_CACHE = ".compiled"
 
@@ -76,6 +84,15 @@ class ModelSource(Protocol):
     def materialize(self, target: Target) -> Path:
         """A verified local bundle directory for ``target``."""
 
+    def previous(self, alias: str) -> list[Target]:
+        """Earlier targets of ``alias``, newest first (stand-ins when it cannot be loaded)."""
+
+    def reload_token(self) -> str | None:
+        """Changes whenever someone asks every worker to reload (None: never asked)."""
+
+    def request_reload(self, reason: str) -> str:
+        """Ask every worker following this source to retry refused versions."""
+
 
 class RegistrySource:
     """Follows the registry's aliases; fetches into the model cache."""
@@ -101,6 +118,20 @@ class RegistrySource:
 
     def materialize(self, target: Target) -> Path:
         return Path(self.registry.fetch(target.ref, self.cache_dir))
+
+    def previous(self, alias: str) -> list[Target]:
+        found: list[str] = []
+        state = self.registry.alias(alias)
+        if state is not None:
+            found += [v for v in state.previous_versions if v]
+        found += [e.version for e in self.registry.history(20, alias=alias) if e.version]
+        return [Target(v, v, 1.0) for v in dict.fromkeys(found)]
+
+    def reload_token(self) -> str | None:
+        return self.registry.reload_token()
+
+    def request_reload(self, reason: str) -> str:
+        return self.registry.request_reload(reason)
 
 
 class PinnedSource:
@@ -132,6 +163,31 @@ class PinnedSource:
             raise FileNotFoundError(f"RECSYS_MODEL_URI {target.ref}: no bundle directory there")
         return path
 
+    def previous(self, alias: str) -> list[Target]:
+        return []  # one pinned bundle, no history
+
+    @property
+    def _reload_file(self) -> Path:
+        return self.cache_dir / ".reload"
+
+    def reload_token(self) -> str | None:
+        # The workers of a host share the model cache: the channel for a pinned model.
+        try:
+            return self._reload_file.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def request_reload(self, reason: str) -> str:
+        import os
+        import uuid
+
+        token = uuid.uuid4().hex
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache_dir / f".reload.{token}"
+        tmp.write_text(token)
+        os.replace(tmp, self._reload_file)
+        return token
+
 
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
@@ -143,6 +199,9 @@ class LoadedModel:
     share: float
     loaded_at: float
     popularity_only: bool = False
+    # Set when this model serves in place of the alias's own version, which could not
+    # be loaded (the last good production model): that version.
+    stands_in_for: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,8 +225,18 @@ class ServingState:
         if cand is not None and (cand.share >= 1.0 or user_bucket(user_id) < cand.share):
             return cand, "challenger"
         if self.production is not None:
-            return self.production, "champion"
+            return self.production, "champion" if self.production.stands_in_for is None else (
+                "last_good"
+            )
         return None
+
+    def stand_ins(self) -> dict[str, dict[str, str]]:
+        """``{alias: {"version": served, "instead_of": wanted}}`` for models standing in."""
+        found = {}
+        for alias, loaded in ((PRODUCTION, self.production), (CANDIDATE, self.candidate)):
+            if loaded is not None and loaded.stands_in_for is not None:
+                found[alias] = {"version": loaded.version, "instead_of": loaded.stands_in_for}
+        return found
 
     def versions(self) -> dict[str, str]:
         found = {}
@@ -225,13 +294,15 @@ class ModelManager:
         self._state = ServingState()
         self._previous: LoadedModel | None = None  # last production, kept for rollback
         self._refused: dict[str, _Refusal] = {}
-        self._poll_lock = threading.Lock()
+        self._poll_lock = threading.RLock()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_poll_at: float | None = None
         self.last_poll_error: str | None = None
         self.polls = 0
+        self._reload_token: str | None = None
+        self._reload_seen = False
 
     @property
     def state(self) -> ServingState:
@@ -275,6 +346,8 @@ class ModelManager:
                 log.error("models.source_unreachable", source=self.source.name, error=str(exc))
                 return report
             self.last_poll_error = None
+            if self._reload_asked():
+                force = True
             if force:
                 self._refused.clear()
             old = self._state
@@ -304,6 +377,34 @@ class ModelManager:
                 self._notify(new)
             return report
 
+    def reload(self, force: bool = False, reason: str = "forced reload") -> PollReport:
+        """Poll now; ``force`` retries refused versions here and, through the source, in
+        every other worker at its next poll."""
+        # One step under the poll lock, so this worker's own poll does the reload (and
+        # reports it) rather than its background poll seeing the broadcast first.
+        with self._poll_lock:
+            if force:
+                try:
+                    token = self.source.request_reload(reason)
+                except Exception as exc:  # this worker still reloads; the others may not
+                    log.error("models.reload_broadcast_failed", error=repr(exc))
+                else:
+                    self._reload_token, self._reload_seen = token, True
+            return self.poll_once(force)
+
+    def _reload_asked(self) -> bool:
+        """True once per forced reload asked of all workers since the last poll."""
+        try:
+            token = self.source.reload_token()
+        except Exception as exc:
+            log.warning("models.reload_token_unreadable", error=repr(exc))
+            return False
+        asked = self._reload_seen and token != self._reload_token
+        self._reload_token, self._reload_seen = token, True
+        if asked:
+            log.info("models.reload_requested", token=token)
+        return asked
+
     def _notify(self, state: ServingState) -> None:
         if self.on_change is not None:
             try:
@@ -325,20 +426,23 @@ class ModelManager:
             return None
         known = self._known(target.ref, old)
         if known is not None:
-            if (known.alias, known.share, known.popularity_only) == (
-                alias,
-                target.share,
-                target.popularity_only,
-            ):
+            wanted = (alias, target.share, target.popularity_only, None)
+            if (known.alias, known.share, known.popularity_only, known.stands_in_for) == wanted:
                 return known
             return replace(
-                known, alias=alias, share=target.share, popularity_only=target.popularity_only
+                known,
+                alias=alias,
+                share=target.share,
+                popularity_only=target.popularity_only,
+                stands_in_for=None,
             )
         # What to serve if the target cannot be loaded: production keeps its model; a
         # candidate that was moved away from is not served any more.
         fallback = current if alias == PRODUCTION else None
         refusal = self._refused.get(target.ref)
         if refusal is not None and time.monotonic() < refusal.retry_after:
+            if alias == PRODUCTION and fallback is None:
+                return self._stand_in(target, report)
             return fallback
         try:
             loaded = self._load(alias, target)
@@ -358,10 +462,48 @@ class ModelManager:
             )
             if self.on_refused is not None:
                 self.on_refused(exc.reason)
+            if alias == PRODUCTION and fallback is None:
+                return self._stand_in(target, report)
+            if fallback is not None and fallback.stands_in_for is not None:
+                return replace(fallback, stands_in_for=target.version or target.ref)
             return fallback
         self._refused.pop(target.ref, None)
         report.loaded.append(loaded.version)
         return loaded
+
+    def _stand_in(self, wanted: Target, report: PollReport) -> LoadedModel | None:
+        """The newest previous production version that loads, serving in place of
+        ``wanted``, which could not be loaded and nothing else is loaded: a restart after
+        a bad promotion serves the last good model instead of 503s."""
+        try:
+            earlier = [t for t in self.source.previous(PRODUCTION) if t.ref != wanted.ref]
+        except Exception as exc:
+            log.error("models.no_history", error=repr(exc))
+            return None
+        for target in earlier[:MAX_STAND_IN_TRIES]:
+            refusal = self._refused.get(target.ref)
+            if refusal is not None and time.monotonic() < refusal.retry_after:
+                continue
+            try:
+                loaded = self._load(PRODUCTION, target)
+            except ModelRefused as exc:
+                retry = (
+                    RETRY_INVALID_SECONDS if exc.reason == "invalid_bundle" else RETRY_OTHER_SECONDS
+                )
+                self._refused[target.ref] = _Refusal(
+                    exc.reason, str(exc), time.time(), time.monotonic() + retry
+                )
+                report.refused[target.ref] = f"{exc.reason}: {exc}"
+                continue
+            self._refused.pop(target.ref, None)
+            report.loaded.append(loaded.version)
+            log.warning(
+                "models.serving_last_good",
+                version=loaded.version,
+                instead_of=wanted.version or wanted.ref,
+            )
+            return replace(loaded, stands_in_for=wanted.version or wanted.ref)
+        return None
 
     def _load(self, alias: str, target: Target) -> LoadedModel:
         from recsys_serving.model.bundle import BundleError
@@ -456,13 +598,16 @@ class ModelManager:
             if m is None:
                 return None
             ranker = getattr(getattr(m.model, "ranker", None), "kind", None)
-            return {
+            found = {
                 "version": m.version,
                 "share": m.share,
                 "loaded_at": m.loaded_at,
                 "ranker": ranker,
                 "answers": "popularity" if m.popularity_only else "model",
             }
+            if m.stands_in_for is not None:
+                found["stands_in_for"] = m.stands_in_for
+            return found
 
         return {
             "source": self.source.name,

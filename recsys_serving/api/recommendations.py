@@ -35,7 +35,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _PLAIN_K = re.compile(rb"(?:k=([1-9][0-9]?|100))?")
 
 ItemId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID, pattern=ID_PATTERN)]
-ServedBy = Literal["champion", "challenger", "fallback"]
+ServedBy = Literal["champion", "challenger", "fallback", "last_good"]
 
 
 class FastRoute(APIRoute):
@@ -91,9 +91,10 @@ class Recommendations(BaseModel):
     model_version: str
     request_id: str = Field(description="Send it back with clicks (`POST /events`).")
     served_by: ServedBy = Field(
-        description="`champion` (production), `challenger` (candidate in phase-in) or "
+        description="`champion` (production), `challenger` (candidate in phase-in), "
         "`fallback` (popular items: a store or the index failed, or production has not "
-        "beaten popularity yet and answers with it: the first-model rule)."
+        "beaten popularity yet and answers with it: the first-model rule) or `last_good` "
+        "(the newest previous production version: production's bundle cannot be loaded here)."
     )
 
 
