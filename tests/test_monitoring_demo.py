@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -172,3 +173,19 @@ def test_no_drift_runs_the_live_phase_without_a_drift(
     )
     assert result.exit_code == 0, result.output
     assert seen == {"drift_at": None, "max_live": 60.0}
+
+
+def test_no_drift_verdict_counts_only_the_drop_sensors_retrainings() -> None:
+    from recsys_assets.cli.demo import no_drift_verdict
+    from recsys_assets.report import RetrainRun
+
+    at = datetime(2026, 12, 1, tzinfo=UTC)
+    nightly = RetrainRun("n1", at, at, "SUCCESS", "nightly")
+    ok, line = no_drift_verdict([nightly], False, [], 8.0)
+    assert ok and line.startswith("demo without drift: 0 false retraining(s)")
+    assert "in 8.0 min of live traffic; production unchanged (decisions: none)" in line
+    dropped = RetrainRun("d1", at, None, "STARTED", "ctr_drop")
+    ok, line = no_drift_verdict([nightly, dropped], False, ["retrain"], 8.0)
+    assert not ok and "1 false retraining(s) launched by ctr_drop_sensor" in line
+    ok, line = no_drift_verdict([], True, ["promote"], 8.0)
+    assert not ok and "production changed (decisions: promote)" in line

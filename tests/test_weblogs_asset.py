@@ -311,3 +311,20 @@ def test_output_with_a_repeated_event_id_fails_event_ids_unique() -> None:
     assert outcome.passed is False
     assert outcome.observed["unexpected"] == 1
     assert outcome.observed["examples"] == ["event_id 'a' twice or more"]
+
+
+def test_a_run_that_breaks_is_told_by_its_root_error_on_one_line() -> None:
+    """Not a check: Dagster's wrapper errors are peeled off, the trace stays in the run log."""
+    from recsys_assets.runs import _outcome
+
+    @dg.asset
+    def breaks() -> None:
+        raise ValueError("conversion from f64 to i64 failed in column 'ts'\n  [inf]")
+
+    result = dg.materialize([breaks], raise_on_error=False)
+    outcome = _outcome(result)
+    assert not outcome.success and outcome.check_failures == {}
+    assert outcome.failure == (
+        "ValueError: conversion from f64 to i64 failed in column 'ts' [inf] "
+        f"(stack trace in the Dagster UI, run {result.run_id[:8]})"
+    )

@@ -334,6 +334,23 @@ def retrain_runs(instance: Any, since: datetime) -> list[Any]:
     return sorted(found, key=lambda r: r.start)
 
 
+def no_drift_verdict(
+    runs: list[Any], new_model: bool, actions: list[str], live_minutes: float
+) -> tuple[bool, str]:
+    """A run without drift: every retraining the drop sensor launched is a false alarm.
+
+    Nightly or manual retrainings are not the sensor's doing and do not count; a change
+    of production does (nothing should have beaten the model on unchanged tastes).
+    """
+    false_retrains = [r for r in runs if r.trigger == "ctr_drop"]
+    line = (
+        f"demo without drift: {len(false_retrains)} false retraining(s) launched by "
+        f"ctr_drop_sensor in {live_minutes:.1f} min of live traffic; production "
+        f"{'changed' if new_model else 'unchanged'} (decisions: {', '.join(actions) or 'none'})"
+    )
+    return not false_retrains and not new_model, line
+
+
 def _pct(value: float | None) -> str:
     return "  n/a" if value is None else f"{value:5.1%}"
 
@@ -696,16 +713,10 @@ def _report(
     closed = new_model and "promote" in actions
     elapsed = time.perf_counter() - started
     if live.drift_at is None:
-        # No drift: every retraining the drop sensor launched is a false alarm.
-        false_retrains = [r for r in runs if r.trigger == "ctr_drop"]
         live_minutes = (datetime.now(UTC) - live.started).total_seconds() / 60
-        summary(
-            f"demo without drift: {len(false_retrains)} false retraining(s) launched by "
-            f"ctr_drop_sensor in {live_minutes:.1f} min of live traffic; production "
-            f"{'changed' if new_model else 'unchanged'} "
-            f"(decisions: {', '.join(actions) or 'none'}); report {files.html}"
-        )
-        return not false_retrains and not new_model
+        ok, line = no_drift_verdict(runs, new_model, actions, live_minutes)
+        summary(f"{line}; report {files.html}")
+        return ok
     if closed:
         summary(
             f"demo: the loop closed on its own ({' -> '.join(dict.fromkeys(actions))}); "

@@ -32,7 +32,7 @@ the CLI prints for a failed check.
 
 Partitions are reduced to these inputs as they are processed and validated while
 processing goes on (see :class:`WeblogValidator` for where), one partition at a
-time, or a few small ones together once they reach ``batch_rows`` rows (the five
+time, or a few small ones together once they reach ``batch_rows`` rows (the six
 suites have a fixed cost of ~0.06 s per batch, which would dominate a year of small
 daily partitions). Validating a 300k-event partition on its own costs no more CPU
 than in 2M-row batches and keeps memory bounded by a partition, not by the length
