@@ -124,9 +124,9 @@ def _batched(events: Iterator[RawEvent], size: int) -> Iterator[list[RawEvent]]:
             if len(batch) >= size:
                 yield batch
                 batch = []
-    except IngestFileError:
-        # The items read before a file turned out broken are still submitted (the
-        # error message says so), then the error is reported.
+    except (IngestFileError, OSError, EOFError):
+        # The events read before a file turned out broken (malformed JSON, a gzip
+        # stream cut by a crash) are still submitted, then the error is reported.
         if batch:
             yield batch
         raise
@@ -165,7 +165,11 @@ def ingest_files(
                 _file_failed(report, str(exc), on_file_error)
                 continue
             except (OSError, EOFError, gzip.BadGzipFile) as exc:
-                _file_failed(report, f"{name}: cannot read ({exc})", on_file_error)
+                _file_failed(
+                    report,
+                    f"{name}: cannot read ({exc}); the events before that point were ingested",
+                    on_file_error,
+                )
                 continue
             received = report.result.received - before.received
             if received and report.result.accepted == before.accepted:

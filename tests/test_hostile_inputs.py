@@ -485,3 +485,19 @@ def test_ingest_streamed_array_cut_by_a_parse_error_lands_what_came_before(
     assert "ingested 1 events from 1 file(s): 1 landed, 0 quarantined" in result.output
     lake = LocalLake(home / "lake")
     assert [e["event_id"] for e in ndjson_lines(lake, "landing/")] == ["eok1"]
+
+
+def test_ingest_of_a_gzip_cut_by_a_crash_lands_what_it_could_read(
+    home: Path, tmp_path: Path
+) -> None:
+    f = tmp_path / "cut.ndjson.gz"
+    whole = gzip.compress(b"\n".join(orjson.dumps(ev(f"ok{i}")) for i in range(2_000)) + b"\n")
+    f.write_bytes(whole[: len(whole) * 3 // 4])
+    result = runner.invoke(cli, ["ingest", str(f), "--no-process"])
+    assert result.exit_code == 1, result.output
+    assert "cannot read" in result.output and "before that point were ingested" in result.output
+    lake = LocalLake(home / "lake")
+    landed = ndjson_lines(lake, "landing/")
+    assert 0 < len(landed) < 2_000
+    assert f"{len(landed):,} landed, 0 quarantined" in result.output
+    assert [e["event_id"] for e in landed] == [f"eok{i}" for i in range(len(landed))]
