@@ -8,6 +8,7 @@ for, and errors name the file and line.
 from __future__ import annotations
 
 import gzip
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,23 +66,41 @@ def _json_array_events(path: Path, name: str) -> Iterator[RawEvent]:
         try:
             parsed = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
-            if "depth" in str(exc) or "recursion" in str(exc).lower():
-                # One item nested past orjson's limit: the streaming parser has none,
-                # so every other item still lands and that one is refused by the intake.
+            parsed = _lenient_loads(data)
+            if parsed is _TOO_DEEP:
+                # One item nested past the parsers' limits: the streaming parser has
+                # none, so every other item still lands and that one is refused.
                 del data
                 yield from _stream_array_events(path, name)
                 return
-            line = data.count(b"\n", 0, exc.pos) + 1
-            col = exc.pos - (data.rfind(b"\n", 0, exc.pos) + 1) + 1
-            raise IngestFileError(
-                f"{name}:{line}:{col}: malformed JSON ({str(exc).split(':')[0]}); "
-                "nothing from this file was ingested"
-            ) from exc
+            if parsed is _MALFORMED:
+                line = data.count(b"\n", 0, exc.pos) + 1
+                col = exc.pos - (data.rfind(b"\n", 0, exc.pos) + 1) + 1
+                raise IngestFileError(
+                    f"{name}:{line}:{col}: malformed JSON ({str(exc).split(':')[0]}); "
+                    "nothing from this file was ingested"
+                ) from exc
         items = parsed if isinstance(parsed, list) else [parsed]
         for i, item in enumerate(items):
             yield RawEvent(f"{name}:item {i}", b"", parsed=item)
         return
     yield from _stream_array_events(path, name)
+
+
+_TOO_DEEP = object()
+_MALFORMED = object()
+
+
+def _lenient_loads(data: bytes) -> object:
+    """What orjson refuses in valid JSON (a number past float range, a lone surrogate
+    escape, nesting past 1024 levels) is one item's problem, not the file's: the
+    standard parser reads them, and the intake then refuses just those items."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        return _TOO_DEEP
+    except ValueError:
+        return _MALFORMED
 
 
 def _stream_array_events(path: Path, name: str) -> Iterator[RawEvent]:
@@ -99,11 +118,18 @@ def _stream_array_events(path: Path, name: str) -> Iterator[RawEvent]:
 
 def _batched(events: Iterator[RawEvent], size: int) -> Iterator[list[RawEvent]]:
     batch: list[RawEvent] = []
-    for ev in events:
-        batch.append(ev)
-        if len(batch) >= size:
+    try:
+        for ev in events:
+            batch.append(ev)
+            if len(batch) >= size:
+                yield batch
+                batch = []
+    except (IngestFileError, OSError, EOFError):
+        # The events read before a file turned out broken (malformed JSON, a gzip
+        # stream cut by a crash) are still submitted, then the error is reported.
+        if batch:
             yield batch
-            batch = []
+        raise
     if batch:
         yield batch
 
@@ -139,7 +165,11 @@ def ingest_files(
                 _file_failed(report, str(exc), on_file_error)
                 continue
             except (OSError, EOFError, gzip.BadGzipFile) as exc:
-                _file_failed(report, f"{name}: cannot read ({exc})", on_file_error)
+                _file_failed(
+                    report,
+                    f"{name}: cannot read ({exc}); the events before that point were ingested",
+                    on_file_error,
+                )
                 continue
             received = report.result.received - before.received
             if received and report.result.accepted == before.accepted:

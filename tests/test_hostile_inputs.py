@@ -11,6 +11,7 @@ was accepted is exactly what landed and was processed).
 from __future__ import annotations
 
 import calendar
+import gzip
 import time
 from collections.abc import Iterator
 from http.client import HTTPConnection
@@ -441,3 +442,62 @@ def test_the_openapi_documents_what_the_routes_answer(real_server: tuple[str, st
     assert set(candidate) == set(production) == {"put", "delete"}
     ref = candidate["put"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     assert "share" in spec["components"]["schemas"][ref.rsplit("/", 1)[1]]["required"]
+
+
+def _array_items() -> list[bytes]:
+    """A JSON array's items: valid JSON that orjson refuses, each one item's problem."""
+    return [
+        orjson.dumps(ev("ok1")),
+        raw_event(2, "value", b"1e400"),  # past float range: non-finite
+        raw_event(3, "ts", b"-1e400"),
+        raw_event(4, "model_version", b'"\\ud800"'),  # a lone surrogate escape
+        raw_event(5, "context", b'{"n": 1' + b"0" * 30 + b"}"),  # past 64 bits
+        raw_event(6, "context", nested_bytes(300)),
+        orjson.dumps(ev("ok2")),
+    ]
+
+
+def test_ingest_json_array_with_values_orjson_refuses_lands_the_valid_items(
+    home: Path, tmp_path: Path
+) -> None:
+    f = tmp_path / "odd.json"
+    f.write_bytes(b"[" + b",\n".join(_array_items()) + b"]")
+    result = runner.invoke(cli, ["ingest", str(f), "--no-process"])
+    assert result.exit_code == 0, result.output
+    assert "ingested 7 events from 1 file(s): 2 landed, 5 quarantined" in result.output
+    for i, code in [(1, "non_finite_number"), (2, "non_finite_number"), (5, "context_too_deep")]:
+        assert f"{f}:item {i}: {code}" in result.output
+    lake = LocalLake(home / "lake")
+    assert sorted(e["event_id"] for e in ndjson_lines(lake, "landing/")) == ["eok1", "eok2"]
+    assert len(ndjson_lines(lake, "quarantine/intake/")) == 5
+
+
+def test_ingest_streamed_array_cut_by_a_parse_error_lands_what_came_before(
+    home: Path, tmp_path: Path
+) -> None:
+    """A gzipped array is streamed; its parser stops at a number past float range. The
+    items before it land (as the message says), and the file is reported failed."""
+    f = tmp_path / "odd.json.gz"
+    f.write_bytes(gzip.compress(b"[" + b",\n".join(_array_items()) + b"]"))
+    result = runner.invoke(cli, ["ingest", str(f), "--no-process"])
+    assert result.exit_code == 1, result.output
+    assert "items 0..0 were ingested, the rest was not" in result.output
+    assert "ingested 1 events from 1 file(s): 1 landed, 0 quarantined" in result.output
+    lake = LocalLake(home / "lake")
+    assert [e["event_id"] for e in ndjson_lines(lake, "landing/")] == ["eok1"]
+
+
+def test_ingest_of_a_gzip_cut_by_a_crash_lands_what_it_could_read(
+    home: Path, tmp_path: Path
+) -> None:
+    f = tmp_path / "cut.ndjson.gz"
+    whole = gzip.compress(b"\n".join(orjson.dumps(ev(f"ok{i}")) for i in range(2_000)) + b"\n")
+    f.write_bytes(whole[: len(whole) * 3 // 4])
+    result = runner.invoke(cli, ["ingest", str(f), "--no-process"])
+    assert result.exit_code == 1, result.output
+    assert "cannot read" in result.output and "before that point were ingested" in result.output
+    lake = LocalLake(home / "lake")
+    landed = ndjson_lines(lake, "landing/")
+    assert 0 < len(landed) < 2_000
+    assert f"{len(landed):,} landed, 0 quarantined" in result.output
+    assert [e["event_id"] for e in landed] == [f"eok{i}" for i in range(len(landed))]

@@ -188,7 +188,7 @@ def _json_problem(value: Any, max_depth: int) -> tuple[str, str] | None:
             if depth > max_depth:
                 return (
                     "context_too_deep",
-                    f"context nests deeper than {max_depth} levels (at {where[:120]})",
+                    f"nests deeper than {max_depth} levels (at {where[:120]})",
                 )
             items = node.items() if isinstance(node, dict) else enumerate(node)
             for key, child in items:
