@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -178,9 +180,6 @@ class PinnedSource:
             return None
 
     def request_reload(self, reason: str) -> str:
-        import os
-        import uuid
-
         token = uuid.uuid4().hex
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.cache_dir / f".reload.{token}"
@@ -225,9 +224,8 @@ class ServingState:
         if cand is not None and (cand.share >= 1.0 or user_bucket(user_id) < cand.share):
             return cand, "challenger"
         if self.production is not None:
-            return self.production, "champion" if self.production.stands_in_for is None else (
-                "last_good"
-            )
+            standing_in = self.production.stands_in_for is not None
+            return self.production, "last_good" if standing_in else "champion"
         return None
 
     def stand_ins(self) -> dict[str, dict[str, str]]:
