@@ -99,8 +99,13 @@ def test_ease_above_the_size_guard_is_skipped_and_says_so(prepared: steps.Prepar
 # -------------------------------------------------------------- leave-last-out
 def test_leave_last_out_holds_out_each_users_own_last_events(prepared: steps.Prepared) -> None:
     enc, window = prepared.enc, prepared.window
-    lastout = leave_last_out(enc, window, tiny_params(lastout_users=50, lastout_share=0.25))
-    assert lastout is not None and 0 < lastout.users.size <= 50
+    params = tiny_params(lastout_users=50, lastout_share=0.25, lastout_rounds=2)
+    rounds = leave_last_out(enc, window, params)
+    assert len(rounds) == 2
+    assert not set(rounds[0].users.tolist()) & set(rounds[1].users.tolist())  # disjoint
+    eligible = int((np.bincount(enc.user[enc.ts < window.holdout_start]) >= 5).sum())
+    lastout = rounds[0]
+    assert 0 < lastout.users.size <= min(25, eligible * params.lastout_max_users_share)
     assert not (lastout.mask & (enc.ts >= window.holdout_start)).any()  # never the holdout
     assert set(np.unique(enc.user[lastout.mask]).tolist()) == set(lastout.users.tolist())
     for u in lastout.users[:10].tolist():
@@ -128,16 +133,17 @@ def test_the_ranking_dataset_holds_the_leave_last_out_queries(
 ) -> None:
     stats = art.get_json(tiny_world.lake, art.key(steps.RANKING_DATASET, "stats.json"))
     assert stats["lastout"]["users"] > 0
-    assert prepared.lastout is not None
-    state = steps.load_state(tiny_world.lake, prepared, "lastout", tiny_params())
+    assert prepared.lastouts
+    lastout = prepared.lastouts[0]
+    state = steps.load_state(tiny_world.lake, prepared, "lastout0", tiny_params())
     assert state.as_of == prepared.window.holdout_start
     # Leak-free: the lastout state never saw a held-out event of its users.
     enc = prepared.enc
-    for u in prepared.lastout.users[:20].tolist():
-        held = set(enc.item[(enc.user == u) & prepared.lastout.mask].tolist())
+    for u in lastout.users[:20].tolist():
+        held = set(enc.item[(enc.user == u) & lastout.mask].tolist())
         row = state.user_row(str(state.user_ids[u]))
         seen = set(state.seen.row(row)[0].tolist()) if row is not None else set()
-        kept = set(enc.item[(enc.user == u) & ~prepared.lastout.mask & (enc.ts < state.as_of)])
+        kept = set(enc.item[(enc.user == u) & ~lastout.mask & (enc.ts < state.as_of)])
         assert seen == kept and not (held - kept) & seen
 
 

@@ -73,32 +73,54 @@ class LastOut:
         return grades
 
 
-def leave_last_out(enc: Encoded, window: TrainingWindow, params: TrainingParams) -> LastOut | None:
-    """The held-out events of up to ``lastout_users`` sampled users with at least
-    ``lastout_min_events`` events before the holdout; ``None`` when switched off or
-    when no user qualifies."""
+def leave_last_out(enc: Encoded, window: TrainingWindow, params: TrainingParams) -> list[LastOut]:
+    """Up to ``lastout_rounds`` disjoint samples of users with at least
+    ``lastout_min_events`` events before the holdout, each at most
+    ``lastout_max_users_share`` of them (and ``lastout_users`` over all rounds), with
+    their held-out events; one snapshot each. Empty when switched off or when no user
+    qualifies."""
     as_of = window.holdout_start
-    if params.lastout_users <= 0:
-        return None
+    if params.lastout_users <= 0 or params.lastout_rounds <= 0:
+        return []
     before = np.flatnonzero(enc.ts < as_of)
     if not before.size:
-        return None
+        return []
     counts = np.bincount(enc.user[before])
     eligible = np.flatnonzero(counts >= params.lastout_min_events)
     if not eligible.size:
-        return None
+        return []
     rng = np.random.default_rng([params.seed, 0x1A57])
-    if eligible.size > params.lastout_users:
-        eligible = np.sort(rng.choice(eligible, size=params.lastout_users, replace=False))
-    rows = before[np.isin(enc.user[before], eligible)]
+    per_round = min(
+        -(-params.lastout_users // params.lastout_rounds),
+        max(1, int(eligible.size * params.lastout_max_users_share)),
+    )
+    shuffled = rng.permutation(eligible)
+    out = []
+    for j in range(params.lastout_rounds):
+        chosen = np.sort(shuffled[j * per_round : (j + 1) * per_round])
+        if not chosen.size:
+            break
+        out.append(_held_out(enc, before, counts, chosen, params, float(as_of)))
+    return out
+
+
+def _held_out(
+    enc: Encoded,
+    before: npt.NDArray[np.int64],
+    counts: npt.NDArray[np.int64],
+    users: npt.NDArray[np.int64],
+    params: TrainingParams,
+    as_of: float,
+) -> LastOut:
+    rows = before[np.isin(enc.user[before], users)]
     # Each user's events in time order (ties: encoded order), the last share held out.
     order = np.lexsort((rows, enc.ts[rows], enc.user[rows]))
     rows = rows[order]
-    users = enc.user[rows]
-    starts = np.searchsorted(users, users, side="left")
+    owner = enc.user[rows]
+    starts = np.searchsorted(owner, owner, side="left")
     rank = np.arange(rows.size) - starts
-    n = counts[users]
+    n = counts[owner]
     held = np.maximum(np.floor(n * params.lastout_share), 1)
     mask = np.zeros(enc.ts.size, dtype=bool)
     mask[rows[rank >= n - held]] = True
-    return LastOut(mask=mask, users=eligible.astype(np.int64), as_of=float(as_of))
+    return LastOut(mask=mask, users=users.astype(np.int64), as_of=as_of)

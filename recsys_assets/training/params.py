@@ -94,7 +94,15 @@ class TrainingParams:
     # Leave-last-out ranking queries (lastout.py): this many sampled users with at
     # least lastout_min_events events before the holdout hold out their last
     # lastout_share of events; one extra state is built without them (0 = off).
+    # At most lastout_max_users_share of the eligible users are sampled: holding out
+    # everybody's last events would deplete the popularity of the newest days in the
+    # lastout state (the ranker then learns that what is trending now is not wanted,
+    # and loses to recent popularity on a global time split).
+    # Several disjoint samples (lastout_rounds snapshots) give more queries without
+    # depleting any one state.
     lastout_users: int = 2_000
+    lastout_max_users_share: float = 0.25
+    lastout_rounds: int = 4
     lastout_share: float = 0.2
     lastout_min_events: int = 5
     # Equal time buckets from the window start to as_of counting item interactions

@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -136,25 +136,27 @@ class Prepared:
     enc: Encoded
     window: TrainingWindow
     meta: dict[str, Any]
-    lastout: LastOut | None = None
+    lastouts: list[LastOut] = field(default_factory=list)
 
     def snapshots(self) -> list[str]:
         """``rank0`` (newest cut-off) .. ``rankN``, then ``eval`` and ``serve``, then
-        ``lastout`` (leave-last-out queries, ``lastout.py``) when there is one."""
+        ``lastout0`` .. (leave-last-out queries, ``lastout.py``) when there are any."""
         names = [f"rank{j}" for j in range(len(self.window.cutoffs))] + ["eval", "serve"]
-        return names + ([LASTOUT] if self.lastout is not None else [])
+        return names + [f"{LASTOUT}{j}" for j in range(len(self.lastouts))]
 
     def as_of(self, snapshot: str) -> float:
         w = self.window
         if snapshot.startswith("rank"):
             return w.cutoffs[int(snapshot[4:])]
-        return {"eval": w.holdout_start, "serve": w.end, LASTOUT: w.holdout_start}[snapshot]
+        if snapshot.startswith(LASTOUT):
+            return w.holdout_start
+        return {"eval": w.holdout_start, "serve": w.end}[snapshot]
 
     def enc_for(self, snapshot: str) -> Encoded:
         """The interactions a snapshot is built from: all, except the held-out events
         for ``lastout``."""
-        if snapshot == LASTOUT and self.lastout is not None:
-            return self.lastout.kept(self.enc)
+        if snapshot.startswith(LASTOUT):
+            return self.lastouts[int(snapshot[len(LASTOUT) :])].kept(self.enc)
         return self.enc
 
 
@@ -168,14 +170,17 @@ def load_prepared(lake: Lake) -> Prepared:
     )
     meta = art.get_json(lake, art.key(INTERACTIONS, "window.json"))
     window = TrainingWindow.from_bounds(meta["bounds"])
-    lastout = None
-    if "lastout/mask" in arrays:
-        lastout = LastOut(
-            mask=arrays["lastout/mask"].astype(bool),
-            users=arrays["lastout/users"].astype(np.int64),
-            as_of=window.holdout_start,
+    lastouts = []
+    while f"lastout/mask{len(lastouts)}" in arrays:
+        j = len(lastouts)
+        lastouts.append(
+            LastOut(
+                mask=arrays[f"lastout/mask{j}"].astype(bool),
+                users=arrays[f"lastout/users{j}"].astype(np.int64),
+                as_of=window.holdout_start,
+            )
         )
-    return Prepared(vocab, enc, window, meta, lastout)
+    return Prepared(vocab, enc, window, meta, lastouts)
 
 
 def load_state(lake: Lake, prep: Prepared, snapshot: str, params: TrainingParams) -> ModelState:
@@ -233,9 +238,9 @@ def run_interactions(lake: Lake, params: TrainingParams) -> dict[str, Any]:
     enc = encode(interactions, vocab)
     arrays = {f"vocab/{k}": v for k, v in vocab.to_arrays().items()}
     arrays |= {f"enc/{k}": v for k, v in enc.to_arrays().items()}
-    lastout = leave_last_out(enc, interactions.window, params)
-    if lastout is not None:
-        arrays |= {"lastout/mask": lastout.mask, "lastout/users": lastout.users}
+    lastouts = leave_last_out(enc, interactions.window, params)
+    for j, lastout in enumerate(lastouts):
+        arrays |= {f"lastout/mask{j}": lastout.mask, f"lastout/users{j}": lastout.users}
     size = art.put_arrays(lake, art.key(INTERACTIONS, "prepared.npz"), arrays)
     catalog_users = set(users["user_id"].to_list())
     logged_users = set(vocab.user_ids.tolist())
@@ -249,8 +254,9 @@ def run_interactions(lake: Lake, params: TrainingParams) -> dict[str, Any]:
         ),
         "impressions_clicked": int(interactions.impressions["clicked"].sum() or 0),
         "lastout": {
-            "users": int(lastout.users.size) if lastout is not None else 0,
-            "held_out_events": int(lastout.mask.sum()) if lastout is not None else 0,
+            "rounds": len(lastouts),
+            "users": sum(int(lo.users.size) for lo in lastouts),
+            "held_out_events": sum(int(lo.mask.sum()) for lo in lastouts),
         },
     }
     meta = {
@@ -305,7 +311,9 @@ def run_retrieval(lake: Lake, params: TrainingParams) -> dict[str, Any]:
     prep = load_prepared(lake)
     params, selection = select_als(prep.enc, prep.vocab, prep.window, params)
     art.put_json(lake, art.key(RETRIEVAL, "als_selection.json"), selection)
-    ease_lambda, ease_selection = select_lambda(prep.enc, prep.vocab, prep.lastout, params)
+    ease_lambda, ease_selection = select_lambda(
+        prep.enc, prep.vocab, prep.lastouts[0] if prep.lastouts else None, params
+    )
     art.put_json(lake, art.key(RETRIEVAL, "ease_selection.json"), ease_selection)
     out: dict[str, Any] = {
         "als": {},
@@ -419,11 +427,10 @@ def run_ranking_dataset(lake: Lake, params: TrainingParams) -> dict[str, Any]:
             continue  # an older cut-off without usable labels adds nothing
         parts.append(part)
         frames.append(part.frame(state).with_columns(pl.lit(j, dtype=pl.Int16).alias("cutoff")))
-    lastout_stats: dict[str, Any] = {"users": 0}
-    if prep.lastout is not None:
-        # Every sampled user's own held-out recent past (lastout.py), one group each.
-        state = load_state(lake, prep, LASTOUT, params)
-        grades = prep.lastout.labels(prep.enc)
+    lastout_stats: dict[str, Any] = {"users": 0, "rows": 0, "rounds": 0}
+    for j, lastout in enumerate(prep.lastouts):
+        # Sampled users' own held-out recent past (lastout.py), one group each.
+        state = load_state(lake, prep, f"{LASTOUT}{j}", params)
         try:
             part = build_ranking_dataset(
                 state,
@@ -431,16 +438,18 @@ def run_ranking_dataset(lake: Lake, params: TrainingParams) -> dict[str, Any]:
                 state.as_of,
                 params,
                 max_users=params.lastout_users,
-                labels=(grades, {}),
+                labels=(lastout.labels(prep.enc), {}),
             )
         except ValueError as exc:
-            lastout_stats = {"users": 0, "skipped": str(exc)}
-        else:
-            lastout_stats = {k: part.stats[k] for k in ("users", "rows", "candidate_recall")}
-            parts.append(part)
-            frames.append(
-                part.frame(state).with_columns(pl.lit(len(cutoffs), dtype=pl.Int16).alias("cutoff"))
-            )
+            lastout_stats.setdefault("skipped", []).append(str(exc))
+            continue
+        lastout_stats["users"] += part.stats["users"]
+        lastout_stats["rows"] += part.stats["rows"]
+        lastout_stats["rounds"] += 1
+        parts.append(part)
+        frames.append(
+            part.frame(state).with_columns(pl.lit(len(cutoffs) + j, dtype=pl.Int16).alias("cutoff"))
+        )
     dataset = RankingDataset.concat(parts)
     buffer = io.BytesIO()
     pl.concat(frames).write_parquet(buffer)
@@ -448,7 +457,7 @@ def run_ranking_dataset(lake: Lake, params: TrainingParams) -> dict[str, Any]:
     bad = non_finite(dataset.features, FEATURE_NAMES)
     stats = {
         **dataset.stats,
-        "cutoffs": len(parts) - int(lastout_stats["users"] > 0),
+        "cutoffs": len(parts) - lastout_stats["rounds"],
         "lastout": lastout_stats,
         "non_finite": bad,
     }

@@ -168,12 +168,15 @@ def era_shares(
 
 def release_times(state: ModelState) -> npt.NDArray[np.float64]:
     """Each item's release: its publication date, else its first interaction before
-    ``as_of``, else NaN; cached on the state."""
+    ``as_of``, else NaN; never after ``as_of`` (the served state lists items the
+    catalogue publishes after the last event, which no training state has: they look
+    just released, as ``item_age_days`` has them); cached on the state."""
     cached = getattr(state, "_release_times", None)
     if cached is None:
         first = state.item_column("first_seen_days").astype(np.float64)
         seen_at = np.where(first >= 0, state.as_of - first * 86_400.0, np.nan)
         cached = np.where(np.isfinite(state.published_at), state.published_at, seen_at)
+        cached = np.where(np.isfinite(cached), np.minimum(cached, state.as_of), cached)
         object.__setattr__(state, "_release_times", cached)
     return cached
 
