@@ -76,9 +76,25 @@ def ingest(
     )
     failed = bool(report.failed_files or report.rejected_files)
     if process and r.days:
-        failed |= not _process_days(settings, sorted(r.days))
+        # One run per stretch of consecutive dates: a file holding a 2001 event among
+        # today's must not become a run over every empty partition in between.
+        for days in contiguous_days(sorted(r.days)):
+            failed |= not _process_days(settings, days)
     if failed:
         raise typer.Exit(1)
+
+
+def contiguous_days(days: list[str]) -> list[list[str]]:
+    """Sorted ISO dates split into runs of consecutive dates."""
+    from datetime import date, timedelta
+
+    runs: list[list[str]] = []
+    for day in days:
+        if runs and date.fromisoformat(day) - date.fromisoformat(runs[-1][-1]) == timedelta(1):
+            runs[-1].append(day)
+        else:
+            runs.append([day])
+    return runs
 
 
 @app.command("process")
