@@ -501,3 +501,33 @@ def test_ingest_of_a_gzip_cut_by_a_crash_lands_what_it_could_read(
     assert 0 < len(landed) < 2_000
     assert f"{len(landed):,} landed, 0 quarantined" in result.output
     assert [e["event_id"] for e in landed] == [f"eok{i}" for i in range(len(landed))]
+
+
+def test_contiguous_days() -> None:
+    from recsys_assets.cli.acquisition import contiguous_days
+
+    days = ["2001-09-09", "2026-12-04", "2026-12-05", "2026-12-07"]
+    assert contiguous_days(days) == [["2001-09-09"], ["2026-12-04", "2026-12-05", "2026-12-07"]]
+    assert contiguous_days(days, max_gap=0) == [
+        ["2001-09-09"],
+        ["2026-12-04", "2026-12-05"],
+        ["2026-12-07"],
+    ]
+    month_apart = ["2026-01-01", "2026-02-02", "2026-03-07"]  # 31, then 32 empty days
+    assert contiguous_days(month_apart) == [["2026-01-01", "2026-02-02"], ["2026-03-07"]]
+    assert contiguous_days([]) == []
+
+
+def test_ingest_of_an_old_event_among_recent_ones_processes_only_their_dates(
+    home: Path, tmp_path: Path
+) -> None:
+    """A 2001 event in a file of today's must not make one run over 25 years of empty
+    partitions (minutes of work): each stretch of dates is its own run."""
+    f = tmp_path / "mixed.ndjson"
+    f.write_bytes(
+        b"\n".join([orjson.dumps(ev("old", ts=1_000_000_000)), orjson.dumps(ev("new"))]) + b"\n"
+    )
+    result = runner.invoke(cli, ["ingest", str(f)])
+    assert result.exit_code == 0, result.output
+    assert "weblogs 2001-09-09..2001-09-09: 1 rows" in result.output
+    assert result.output.count("succeeded") == 2

@@ -101,9 +101,35 @@ def ingest(
     failed = bool(report.failed_files or report.rejected_files)
     days = sorted(set(r.days) | set(recovered))
     if process and days:
-        failed |= not _process_days(settings, days)
+        # One run per stretch of nearby dates: a file holding a 2001 event among
+        # today's must not become a run over every empty partition in between.
+        for stretch in contiguous_days(days):
+            failed |= not _process_days(settings, stretch)
     if failed:
         raise typer.Exit(1)
+
+
+MAX_EMPTY_DAYS_IN_A_RUN = 31
+
+
+def contiguous_days(days: list[str], max_gap: int = MAX_EMPTY_DAYS_IN_A_RUN) -> list[list[str]]:
+    """Sorted ISO dates split into stretches with at most ``max_gap`` empty days inside.
+
+    One run per date would cost seconds each on a sparse log (a date here and there
+    over years); one run over the whole range would walk every empty partition in
+    between (a 2001 event among today's: 25 years). A month of empty partitions costs
+    a run little, so nearer dates share one.
+    """
+    from datetime import date, timedelta
+
+    runs: list[list[str]] = []
+    for day in days:
+        gap = date.fromisoformat(day) - date.fromisoformat(runs[-1][-1]) if runs else None
+        if gap is not None and gap <= timedelta(max_gap + 1):
+            runs[-1].append(day)
+        else:
+            runs.append([day])
+    return runs
 
 
 @app.command("process")
