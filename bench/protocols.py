@@ -348,14 +348,20 @@ def _popular_lists(
 ) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for u in users:
-        scores = key(u)
-        row = m.users[u]
-        seen = m.matrix.indices[m.matrix.indptr[row] : m.matrix.indptr[row + 1]]
-        scores = scores.copy()
-        scores[seen] = -np.inf
-        top = np.argsort(-scores, kind="stable")[:K]
-        out[u] = [m.items[i] for i in top if np.isfinite(scores[i])]
+        out[u] = _top_unseen(m, u, key(u))
     return out
+
+
+def _top_unseen(m: Interactions, user: str, scores: npt.NDArray[np.float64]) -> list[str]:
+    """The K best-scored items the user has not seen (partial sort: catalogues can be big)."""
+    row = m.users[user]
+    seen = m.matrix.indices[m.matrix.indptr[row] : m.matrix.indptr[row + 1]]
+    scores = scores.copy()
+    scores[seen] = -np.inf
+    n = min(K, scores.size)
+    part = np.argpartition(-scores, n - 1)[:n] if n < scores.size else np.arange(scores.size)
+    top = part[np.lexsort((part, -scores[part]))]
+    return [m.items[i] for i in top if np.isfinite(scores[i])]
 
 
 def _counts(m: Interactions) -> npt.NDArray[np.float64]:
@@ -390,17 +396,29 @@ def recent_popularity_lists(
 def user_recent_popularity_lists(
     m: Interactions, users: list[str], grid: list[Config]
 ) -> Iterator[tuple[Config, dict[str, list[str]]]]:
-    """Events per item in the N days before each user's own last training event."""
+    """Events per item in the N days before each user's own last training event.
+
+    Users are visited in the order of that instant with a sliding window of counts
+    (each event enters and leaves once), so the cost grows with the log, not with
+    users x log."""
     counts = _counts(m)
     tie = counts / (counts.max() + 1.0)
+    order = sorted(users, key=lambda u: m.last_ts[u])
     for cfg in grid:
         span = cfg["days"] * DAY
-
-        def key(u: str, span: float = span) -> npt.NDArray[np.float64]:
+        window = np.zeros(len(m.items), dtype=np.float64)
+        lo = hi = 0
+        lists: dict[str, list[str]] = {}
+        for u in order:
             now = m.last_ts[u]
-            return _window_counts(m, now - span, now) + tie
-
-        yield cfg, _popular_lists(m, users, key)
+            while hi < m.ts.size and m.ts[hi] <= now:
+                window[m.ev_items[hi]] += 1.0
+                hi += 1
+            while lo < hi and m.ts[lo] <= now - span:
+                window[m.ev_items[lo]] -= 1.0
+                lo += 1
+            lists[u] = _top_unseen(m, u, window + tie)
+        yield cfg, lists
 
 
 FULL_GRIDS: dict[str, list[Config]] = {

@@ -23,6 +23,9 @@ Or call the builders directly:
   the real intake into ``root/home/lake``, processes them with the real business rules
   and writes the catalogue snapshots, as ``recsys catalog load`` + ``recsys ingest``
   would (pass the training rows of a split to train on them only);
+* ``land_split(root, dataset, protocol) -> (BurstyWorld, ProtocolSplit)``: lands only
+  the training events of acceptance's ``per-user`` or ``global`` split; the split's
+  ``truth`` is what a served list is scored against (``protocols.metrics``);
 * ``bursty_params(settings)``: small ``TrainingParams`` (small ALS, few boosting rounds)
   on the settings' windows, which are the defaults acceptance retrains with.
 """
@@ -148,6 +151,17 @@ def build_bursty_world(root: Path, seed: int = 0, **sizes: Any) -> BurstyWorld:
     ds = bursty_dataset(seed, **sizes)
     assert ds.users is not None
     return land_bursty(root, ds.events, ds.items, ds.users, seed)
+
+
+def land_split(
+    root: Path, ds: datasets.Dataset, protocol: str, seed: int = 0
+) -> tuple[BurstyWorld, protocols.ProtocolSplit]:
+    """Land only the training events of an acceptance split (``per-user`` or ``global``,
+    ``bench/protocols.py``), as acceptance ingests them; the split holds the test truth."""
+    assert ds.users is not None
+    sp = protocols.split(ds.events, protocol)
+    rows = ds.events.with_row_index("n").join(sp.train.select("n"), on="n", how="semi")
+    return land_bursty(root, rows.drop("n"), ds.items, ds.users, seed), sp
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from bursty_support import bursty_dataset, bursty_world, protocols  # noqa: F401
+from bursty_support import bursty_dataset, bursty_world, land_split, protocols  # noqa: F401
 
 from recsys_assets.weblogs.processing import partition_key
 from recsys_serving.lake import LocalLake
@@ -139,3 +139,14 @@ def test_bursty_fixture_lands_every_rating_in_the_lake(bursty_world) -> None:  #
     assert landed.height == bursty_world.events.height
     assert set(landed["event_type"]) == {"rating"}
     assert (Path(lake.root) / "catalog" / "items.parquet").exists()
+
+
+def test_land_split_lands_only_the_training_events(tmp_path: Path) -> None:
+    ds = bursty_dataset(seed=1, n_users=60, n_items=80, median_ratings=12, days=60)
+    world, sp = land_split(tmp_path, ds, "per-user")
+    keys = [partition_key(day) for day in world.days]
+    landed = pl.concat([pl.read_parquet(Path(world.lake.root) / key) for key in keys])
+    assert landed.height == sp.train.height < ds.events.height
+    test_pairs = {(u, i) for u, items in sp.truth.items() for i in items}
+    landed_pairs = set(landed.select("user_id", "item_id").iter_rows())
+    assert not test_pairs & landed_pairs

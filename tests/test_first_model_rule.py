@@ -245,3 +245,46 @@ def test_a_model_below_popularity_answers_with_popularity_until_one_beats_it(
     assert not serves_popularity(ModelRegistry(lake).alias(PRODUCTION))
     body, _ = recommend(lake, tmp_path / "second", user)
     assert body["served_by"] == "champion"
+
+
+# ------------------------------------------------------------------ the per-user holdout
+def test_per_user_split_holds_out_each_users_last_fifth_and_their_later_impressions() -> None:
+    from recsys_assets.training.data import Encoded
+    from recsys_assets.training.evaluation import per_user_split
+
+    # user 0: 5 events (two at t=4: item 3 sorts before item 7) -> 4 train, item 7 test;
+    # user 1: 10 events -> 8 train; its test items 5 (seen before) and 9 -> truth {9};
+    # user 2: 3 events, too few to be sampled (PER_USER_MIN_EVENTS = 5).
+    rows = [(0, 1, 1.0), (0, 2, 2.0), (0, 4, 3.0), (0, 7, 4.0), (0, 3, 4.0)]
+    rows += [(1, i, 10.0 + i) for i in range(8)] + [(1, 5, 30.0), (1, 9, 31.0)]
+    rows += [(2, 1, 5.0), (2, 2, 6.0), (2, 3, 7.0)]
+    rows.sort(key=lambda r: r[2])
+    user, item, ts = (np.asarray(c) for c in zip(*rows, strict=True))
+    n = user.size
+    enc = Encoded(
+        user=user.astype(np.int64),
+        item=item.astype(np.int64),
+        ts=ts.astype(np.float64),
+        weight=np.ones(n, np.float32),
+        grade=np.ones(n, np.int8),
+        session=np.zeros(n, np.int64),
+        rating=np.full(n, np.nan),
+        imp_user=np.asarray([0, 0, 1, -1], np.int64),
+        imp_item=np.asarray([7, 7, 9, 1], np.int64),
+        imp_ts=np.asarray([3.5, 4.0, 29.0, 50.0]),
+        imp_clicked=np.zeros(4, bool),
+        imp_position=np.zeros(4, np.int64),
+        imp_request=np.zeros(4, np.int64),
+    )
+    ids = np.asarray([f"u{k}" for k in range(3)])
+    items = np.asarray([f"i{k}" for k in range(10)])
+    split = per_user_split(enc, ids, items, TrainingParams())
+    assert split is not None
+    assert split.truth == {"u0": {"i7"}, "u1": {"i9"}}
+    assert split.stats["users_sampled"] == 2 and split.stats["test_events"] == 3
+    kept = set(zip(split.train.user.tolist(), split.train.item.tolist(), strict=True))
+    assert (0, 3) in kept and (0, 7) not in kept and (1, 9) not in kept
+    assert split.train.user.size == n - 3
+    assert np.all(np.diff(split.train.ts) >= 0)
+    # Impressions of a held-out user from their first test event (t=4 for u0) are gone.
+    assert split.train.imp_ts.tolist() == [3.5, 29.0, 50.0]

@@ -12,6 +12,7 @@ import uuid
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from recsys_assets.cli import app
 from recsys_assets.cli.common import console, fail, progress, summary
@@ -161,6 +162,12 @@ def retrain(
     if isinstance(ours, int | float) and isinstance(base, int | float):
         lift = f" ({(ours - base) / base:+.0%})" if base else ""
         comparison = f"NDCG@{k} {ours:.4f} vs popularity {base:.4f}{lift}; "
+    ours_pu = evaluation.get(f"per_user_challenger_ndcg@{k}")
+    base_pu = evaluation.get(f"per_user_popularity_ndcg@{k}")
+    if isinstance(ours_pu, int | float) and isinstance(base_pu, int | float):
+        comparison += f"per-user NDCG@{k} {ours_pu:.4f} vs popularity {base_pu:.4f}; "
+    if evaluation.get("warning"):
+        console.print(f"[yellow]warning:[/] {escape(str(evaluation['warning']))}")
     summary(
         f"retrained {registered['version']}: {comparison}decision {evaluation['decision']}; "
         f"registered as {registered['registered_as']}; run {run_id[:8]} in {elapsed:.1f}s"

@@ -139,7 +139,7 @@ class TrainingParams:
     eval_max_users: int = 5_000
     # Per-user holdout (each sampled user's last 20% of events; 0 switches it off): users
     # scored, and the cost of one more state snapshot of the window (evaluation.py).
-    eval_per_user_users: int = 2_000
+    eval_per_user_users: int = 1_000
     ips_clip: float = 10.0
     # A window with fewer positive events than this is refused.
     min_events: int = 200
