@@ -297,27 +297,3 @@ def test_a_bundle_of_an_older_state_format_is_refused(tiny_bundle: Path, tmp_pat
     (old / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="state format"):
         Recommender.load(old)
-
-
-def test_cut_off_queries_weigh_as_much_as_the_leave_last_out_ones(
-    tiny_world: TinyWorld, tiny_outcome: TrainOutcome
-) -> None:
-    from recsys_assets.training.ranking import query_weights
-
-    dataset = steps.load_ranking_dataset(tiny_world.lake)
-    assert dataset.lastout.size == dataset.groups.size and dataset.lastout.any()
-    rng = np.random.default_rng(2)
-    groups = np.full(10, 5, dtype=np.int64)
-    lastout = np.asarray([True] * 8 + [False] * 2)
-    data = RankingDataset(
-        rng.random((50, len(FEATURE_NAMES))).astype(np.float32),
-        np.zeros(50, dtype=np.int8),
-        groups,
-        np.arange(10, dtype=np.int64),
-        np.arange(50, dtype=np.int64),
-        lastout=lastout,
-    )
-    weights = query_weights(data, tiny_params())
-    assert weights is not None
-    assert weights[lastout].sum() == pytest.approx(weights[~lastout].sum())
-    assert query_weights(data, tiny_params(lastout_balance=False)) is None

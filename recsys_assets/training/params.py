@@ -103,8 +103,6 @@ class TrainingParams:
     lastout_users: int = 2_000
     lastout_max_users_share: float = 0.25
     lastout_rounds: int = 4
-    # Weigh the global cut-off queries up to the leave-last-out ones' total (ranking.py).
-    lastout_balance: bool = True
     lastout_share: float = 0.2
     lastout_min_events: int = 5
     # Equal time buckets from the window start to as_of counting item interactions

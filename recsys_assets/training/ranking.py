@@ -35,9 +35,6 @@ class RankingDataset:
     users: npt.NDArray[np.int64]  # user row per group
     items: npt.NDArray[np.int64]  # item row per row
     stats: dict[str, Any] = field(default_factory=dict)
-    # Per group: True for a leave-last-out query (lastout.py), False for a global
-    # cut-off's; empty when unknown (all cut-off queries).
-    lastout: npt.NDArray[np.bool_] = field(default_factory=lambda: np.empty(0, dtype=bool))
 
     @classmethod
     def concat(cls, parts: list[RankingDataset]) -> RankingDataset:
@@ -90,13 +87,7 @@ class RankingDataset:
         change[1:] = (users[1:] != users[:-1]) | (cutoff[1:] != cutoff[:-1])
         starts = np.flatnonzero(change)
         groups = np.diff(np.append(starts, users.size)).astype(np.int64)
-        lastout = (
-            frame["lastout"].to_numpy()[starts].astype(bool)
-            if "lastout" in frame.columns
-            else np.empty(0, dtype=bool)
-        )
         return cls(
-            lastout=lastout,
             features=frame.select(list(FEATURE_NAMES)).to_numpy().astype(np.float32),
             labels=frame["label"].to_numpy().astype(np.int8),
             groups=groups,
@@ -251,26 +242,6 @@ class RankerFit:
     valid_groups: npt.NDArray[np.bool_] = field(default_factory=lambda: np.empty(0, bool))
 
 
-def query_weights(
-    dataset: RankingDataset, params: TrainingParams
-) -> npt.NDArray[np.float64] | None:
-    """Per-group weights that give the global cut-off queries as much total weight as
-    the (usually far more numerous) leave-last-out ones, or ``None`` (all equal).
-
-    The two kinds teach different regimes: users asked right after their last events
-    (a global time split, where what is trending now wins) and users whose burst ended
-    long before (a per-user split, where taste and what was around then win). Left
-    unweighted, the lastout queries swamped the cut-off ones on a bursty log and the
-    model lost to recent popularity on a global split (bench/RESULTS.md)."""
-    kinds = dataset.lastout
-    if not params.lastout_balance or kinds.size != dataset.groups.size:
-        return None
-    n_lastout, n_cutoff = int(kinds.sum()), int((~kinds).sum())
-    if not n_lastout or not n_cutoff or n_cutoff >= n_lastout:
-        return None
-    return np.where(kinds, 1.0, n_lastout / n_cutoff)
-
-
 def train_ranker(dataset: RankingDataset, params: TrainingParams) -> RankerFit:
     """LightGBM lambdarank with early stopping on a validation split by user."""
     import lightgbm as lgb
@@ -284,13 +255,10 @@ def train_ranker(dataset: RankingDataset, params: TrainingParams) -> RankerFit:
         is_valid = dataset.users == unique[rng.integers(0, unique.size)]
     row_valid = np.repeat(is_valid, dataset.groups)
     names = list(FEATURE_NAMES)
-    weights = query_weights(dataset, params)
-    row_weight = np.repeat(weights, dataset.groups) if weights is not None else None
     train_set = lgb.Dataset(
         dataset.features[~row_valid],
         label=dataset.labels[~row_valid],
         group=dataset.groups[~is_valid],
-        weight=row_weight[~row_valid] if row_weight is not None else None,
         feature_name=names,
         free_raw_data=False,
     )
@@ -327,7 +295,6 @@ def train_ranker(dataset: RankingDataset, params: TrainingParams) -> RankerFit:
             dataset.features[row_valid],
             label=dataset.labels[row_valid],
             group=dataset.groups[is_valid],
-            weight=row_weight[row_valid] if row_weight is not None else None,
             reference=train_set,
             feature_name=names,
         )
@@ -353,7 +320,6 @@ def train_ranker(dataset: RankingDataset, params: TrainingParams) -> RankerFit:
             dataset.features,
             label=dataset.labels,
             group=dataset.groups,
-            weight=row_weight,
             feature_name=names,
         )
         booster = lgb.train(lgb_params, full, num_boost_round=best)

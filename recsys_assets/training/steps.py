@@ -426,11 +426,7 @@ def run_ranking_dataset(lake: Lake, params: TrainingParams) -> dict[str, Any]:
                 raise
             continue  # an older cut-off without usable labels adds nothing
         parts.append(part)
-        frames.append(
-            part.frame(state).with_columns(
-                pl.lit(j, dtype=pl.Int16).alias("cutoff"), pl.lit(False).alias("lastout")
-            )
-        )
+        frames.append(part.frame(state).with_columns(pl.lit(j, dtype=pl.Int16).alias("cutoff")))
     lastout_stats: dict[str, Any] = {"users": 0, "rows": 0, "rounds": 0}
     for j, lastout in enumerate(prep.lastouts):
         # Sampled users' own held-out recent past (lastout.py), one group each.
@@ -452,10 +448,7 @@ def run_ranking_dataset(lake: Lake, params: TrainingParams) -> dict[str, Any]:
         lastout_stats["rounds"] += 1
         parts.append(part)
         frames.append(
-            part.frame(state).with_columns(
-                pl.lit(len(cutoffs) + j, dtype=pl.Int16).alias("cutoff"),
-                pl.lit(True).alias("lastout"),
-            )
+            part.frame(state).with_columns(pl.lit(len(cutoffs) + j, dtype=pl.Int16).alias("cutoff"))
         )
     dataset = RankingDataset.concat(parts)
     buffer = io.BytesIO()
