@@ -501,3 +501,159 @@ def test_ingest_of_a_gzip_cut_by_a_crash_lands_what_it_could_read(
     assert 0 < len(landed) < 2_000
     assert f"{len(landed):,} landed, 0 quarantined" in result.output
     assert [e["event_id"] for e in landed] == [f"eok{i}" for i in range(len(landed))]
+
+
+# ------------------------------------------- red team: kinds the issue did not list
+#
+# Each kind below was sent through `recsys ingest` and `POST /events` (service and
+# collector). The first three broke something before their fix: a finite but huge
+# ``value`` landed and processed, then became inf in training's float32 feature
+# tables (an item's mean rating) so the blocking features-finite check failed every
+# retrain; control characters in ``model_version`` (NUL, terminal escapes) landed
+# and reached every report printing it; a UTF-8 byte order mark at the start of a
+# file cost its first event (NDJSON) or turned a JSON array file into one rejected
+# line. The rest are accepted or refused as the contract says, with exact accounting.
+
+RED_HOSTILE: dict[str, bytes] = {
+    "value_1e308": raw_event(101, "value", b"1e308"),
+    "value_integer_past_64_bits": raw_event(102, "value", str(2**70).encode()),
+    "value_minus_1e300_rating": orjson.dumps(ev(103, event_type="rating", value=-1e300)),
+    "model_version_nul": raw_event(104, "model_version", b'"v\\u0000"'),
+    "model_version_escape": raw_event(105, "model_version", b'"\\u001b[31mred"'),
+    "value_as_string": raw_event(106, "value", b'"5"'),
+    "ts_numeric_string": raw_event(107, "ts", b'"1700000000"'),
+    "ts_boolean": raw_event(108, "ts", b"true"),
+    "ts_year_1_with_offset": raw_event(109, "ts", b'"0001-01-01T00:00:00+01:00"'),
+    "ts_year_9999_with_offset": raw_event(110, "ts", b'"9999-12-31T23:59:59-01:00"'),
+    "position_boolean": raw_event(111, "position", b"true"),
+    "event_type_upper_case": orjson.dumps(ev(112, event_type="VIEW")),
+    "event_type_unknown": orjson.dumps(ev(113, event_type="hover")),
+    "context_array": orjson.dumps(ev(114, context=[1, 2])),
+    "context_long_key": orjson.dumps(ev(115, context={"k" * 9_000: 1})),
+    "session_id_empty": raw_event(116, "session_id", b'""'),
+    "id_100k_chars": raw_event(117, "user_id", orjson.dumps("x" * 100_000)),
+    "invalid_utf8": raw_event(118, "user_id", b'"u\xff\xfe"'),
+    "bom_mid_file": b"\xef\xbb\xbf" + orjson.dumps(ev(119)),
+    "top_level_array": b"[" + orjson.dumps(ev(120)) + b"]",
+    "top_level_number": b"42",
+    "binary": bytes(b for b in range(256) if b != 10),
+}
+# Odd but harmless: each lands, is processed and kept.
+RED_HARMLESS: dict[str, bytes] = {
+    "crlf": orjson.dumps(ev(201)) + b"\r",
+    "duplicate_keys": raw_event(202, "user_id", b'"a","user_id":"b"'),
+    "id_whitespace_only": raw_event(203, "user_id", b'"   "'),
+    "id_path_like": raw_event(204, "item_id", b'"../../etc/passwd"'),
+    "id_nfc": orjson.dumps(ev(205, user_id="caf\u00e9")),
+    "id_nfd": orjson.dumps(ev(206, user_id="cafe\u0301")),
+    "id_zero_width": orjson.dumps(ev(207, user_id="\u200b")),
+    "id_256_emoji": orjson.dumps(ev(208, user_id="\U0001f600" * 256)),
+    "id_integer_past_int64": raw_event(209, "user_id", str(2**63).encode()),
+    "ts_fractional": raw_event(210, "ts", str(NOW - 3_600.123456789).encode()),
+    "context_nul": raw_event(211, "context", b'{"k":"a\\u0000b","\\u0000":1}'),
+    "context_empty": orjson.dumps(ev(212, context={})),
+    "context_largest_float": orjson.dumps(ev(213, context={"f": 1.7976931348623157e308})),
+    "value_at_the_bound": orjson.dumps(ev(214, event_type="rating", value=-1e12)),
+    "request_id_garbage": orjson.dumps(ev(215, event_type="click", request_id="\u202e\ufeffx")),
+}
+
+
+@pytest.mark.parametrize(
+    "probe", ["value_1e308", "value_integer_past_64_bits", "model_version_nul", "binary"]
+)
+def test_red_team_probe_alone_gets_a_json_422(http: tuple[TestClient, dict], probe: str) -> None:
+    client, headers = http
+    for content_type in ("application/x-ndjson", "application/json"):
+        r = client.post(
+            "/events",
+            content=RED_HOSTILE[probe],
+            headers={**headers, "Content-Type": content_type},
+        )
+        assert 400 <= r.status_code < 500, r.text
+        assert r.headers["content-type"].startswith("application/json")
+        if r.status_code == 422:
+            assert r.json()["rejected"] == 1 and r.json()["errors"][0]["reason"]
+    landed, _ = _landed_and_quarantined(client)
+    assert landed == []
+
+
+def test_red_team_batch_keeps_every_valid_event(http: tuple[TestClient, dict]) -> None:
+    client, headers = http
+    lines = [*RED_HOSTILE.values(), *RED_HARMLESS.values()]
+    r = client.post(
+        "/events",
+        content=b"\n".join(lines),
+        headers={**headers, "Content-Type": "application/x-ndjson"},
+    )
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert (body["received"], body["accepted"], body["rejected"]) == (
+        len(lines),
+        len(RED_HARMLESS),
+        len(RED_HOSTILE),
+    )
+    landed, quarantined = _landed_and_quarantined(client)
+    assert len(landed) == len(RED_HARMLESS) and len(quarantined) == len(RED_HOSTILE)
+
+
+@pytest.mark.slow
+def test_red_team_ingest_accounts_for_every_line_and_processing_keeps_every_accepted(
+    home: Path, tmp_path: Path
+) -> None:
+    """One file mixing every kind (empty and blank lines, no final newline), plus a
+    landing file placed past the intake with a value training cannot sum: one
+    `recsys ingest` run accounts for each line, and processing keeps or quarantines
+    every accepted event, with a reason."""
+    day = time.strftime("%Y-%m-%d", time.gmtime(NOW - 3_600))
+    lake = LocalLake(home / "lake")
+    writer = SegmentWriter(lake, LANDING_AREA, writer_id="hand-copy")
+    writer.append({day: raw_event(301, "value", b"1e308") + b"\n"})
+    writer.close()
+
+    good = [orjson.dumps(ev(f"ok{i}")) for i in range(6)]
+    lines = [
+        *good[:3],
+        *RED_HOSTILE.values(),
+        b"",
+        b"  \t ",
+        *RED_HARMLESS.values(),
+        *good[3:],
+    ]
+    f = tmp_path / "red.ndjson"
+    f.write_bytes(b"\n".join(lines))  # no final newline
+    result = runner.invoke(cli, ["ingest", str(f), "--show-errors", "100"])
+    assert result.exit_code == 0, result.output
+    accepted, rejected = len(good) + len(RED_HARMLESS), len(RED_HOSTILE)
+    assert (
+        f"ingested {accepted + rejected} events from 1 file(s): {accepted} landed, "
+        f"{rejected} quarantined" in result.output
+    )
+    for n, line in enumerate(lines, 1):
+        if line in RED_HOSTILE.values():
+            assert f"{f}:{n}: " in result.output
+    assert "Traceback" not in result.output and "succeeded" in result.output
+    weblogs = read_parquet(lake, partition_key(day))
+    later = read_parquet(lake, quarantine_key(day))
+    assert weblogs.height + later.height == accepted + 1  # + the hand-placed line
+    assert later.filter(pl.col("event_id") == "e301")["reason"].to_list() == ["implausible_value"]
+    assert {f"eok{i}" for i in range(6)} | {f"e{i}" for i in range(201, 216)} <= set(
+        weblogs["event_id"]
+    )
+
+
+@pytest.mark.parametrize("name", ["bom.ndjson", "bom.json", "bom.ndjson.gz", "bom.json.gz"])
+def test_ingest_of_a_file_starting_with_a_utf8_bom_lands_every_event(
+    home: Path, tmp_path: Path, name: str
+) -> None:
+    good = [orjson.dumps(ev(f"ok{i}")) for i in range(5)]
+    body = b"[" + b",".join(good) + b"]" if ".json" in name and "ndjson" not in name else None
+    data = b"\xef\xbb\xbf" + (body if body is not None else b"\n".join(good) + b"\n")
+    f = tmp_path / name
+    f.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    result = runner.invoke(cli, ["ingest", str(f), "--no-process"])
+    assert result.exit_code == 0, result.output
+    assert "ingested 5 events from 1 file(s): 5 landed, 0 quarantined" in result.output
+    lake = LocalLake(home / "lake")
+    assert sorted(e["event_id"] for e in ndjson_lines(lake, "landing/")) == [
+        f"eok{i}" for i in range(5)
+    ]
