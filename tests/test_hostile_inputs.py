@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import calendar
 import gzip
+import socket
 import time
 from collections.abc import Iterator
 from http.client import HTTPConnection
@@ -657,3 +658,42 @@ def test_ingest_of_a_file_starting_with_a_utf8_bom_lands_every_event(
     assert sorted(e["event_id"] for e in ndjson_lines(lake, "landing/")) == [
         f"eok{i}" for i in range(5)
     ]
+
+
+def _events_requests(base: str, key: str, status: str) -> float:
+    metrics = httpx.get(f"{base}/metrics", headers={"X-API-Key": key}, timeout=10).text
+    prefix = f'recsys_http_requests_total{{method="POST",route="/events",status="{status}"}} '
+    return sum(
+        float(line.removeprefix(prefix)) for line in metrics.splitlines() if line.startswith(prefix)
+    )
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_client_gone_mid_body_is_not_a_500(real_server: tuple[str, str], framing: str) -> None:
+    """A shipper killed (or a phone losing signal) in the middle of its body: before,
+    the intake raised ClientDisconnect, logged a traceback and counted a 500 in
+    ``recsys_http_requests_total``, which is what error-rate alerts watch."""
+    base, key = real_server
+    host, port = base.removeprefix("http://").split(":")
+    event = orjson.dumps(ev("gone"))
+    if framing == "chunked":
+        head = b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(event) + event[:10]
+    else:
+        head = b"Content-Length: %d\r\n\r\n" % (len(event) + 100) + event
+    before = _events_requests(base, key, "400")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(
+            b"POST /events HTTP/1.1\r\nHost: t\r\nX-API-Key: "
+            + key.encode()
+            + b"\r\nContent-Type: application/json\r\n"
+            + head
+        )
+        conn.shutdown(socket.SHUT_WR)
+        while conn.recv(65536):  # until the server closes: it answers no one
+            pass
+    deadline = time.monotonic() + 10
+    while _events_requests(base, key, "400") == before and time.monotonic() < deadline:
+        pass  # the app records the request after the server dropped the connection
+    assert _events_requests(base, key, "400") == before + 1
+    assert _events_requests(base, key, "500") == 0
+    assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
