@@ -697,3 +697,24 @@ def test_a_client_gone_mid_body_is_not_a_500(real_server: tuple[str, str], frami
     assert _events_requests(base, key, "400") == before + 1
     assert _events_requests(base, key, "500") == 0
     assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
+
+
+@pytest.mark.slow
+def test_ingest_of_one_old_event_processes_its_day_not_every_day_since(
+    home: Path, tmp_path: Path
+) -> None:
+    """A valid event from years ago (a backfill line, a client clock reset) in today's
+    file: ingest used to run weblogs over every partition from that day to today
+    (2020-06-01: 2,300+ partitions, minutes), now the touched days only."""
+    f = tmp_path / "old.ndjson"
+    lines = [orjson.dumps(ev(f"ok{i}")) for i in range(3)]
+    lines.append(orjson.dumps(ev("old", ts="2020-06-01T12:00:00Z")))
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    result = runner.invoke(cli, ["ingest", str(f)])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("succeeded") == 2, result.output
+    lake = LocalLake(home / "lake")
+    days = {o.key.split("/")[1] for o in lake.list("weblogs/") if o.key.endswith(".parquet")}
+    today = time.strftime("date=%Y-%m-%d", time.gmtime(NOW - 3_600))
+    assert days == {"date=2020-06-01", today}
+    assert _parquet_rows(lake, "weblogs/").height == 4
