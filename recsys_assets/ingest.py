@@ -71,9 +71,20 @@ def _ndjson_events(fh: BinaryIO, name: str) -> Iterator[RawEvent]:
 
 
 def _json_array_events(path: Path, name: str) -> Iterator[RawEvent]:
-    size = path.stat().st_size
-    if path.suffix != ".gz" and size <= WHOLE_FILE_JSON_LIMIT:
+    # A .gz array that fits is parsed whole too: streamed, a value the streaming parser
+    # refuses (NaN, 1e400) stops the file there, and the items after it go unaccounted.
+    data: bytes | None = None
+    if path.suffix == ".gz":
+        try:
+            with _open(path) as fh:
+                data = fh.read(WHOLE_FILE_JSON_LIMIT + 1)
+        except (OSError, EOFError):
+            data = None  # a cut or corrupt stream: streamed, what precedes the damage lands
+        if data is not None and len(data) > WHOLE_FILE_JSON_LIMIT:
+            data = None
+    elif path.stat().st_size <= WHOLE_FILE_JSON_LIMIT:
         data = path.read_bytes().removeprefix(UTF8_BOM)
+    if data is not None:
         try:
             parsed = orjson.loads(data)
         except orjson.JSONDecodeError as exc:

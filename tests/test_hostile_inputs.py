@@ -474,10 +474,12 @@ def test_ingest_json_array_with_values_orjson_refuses_lands_the_valid_items(
 
 
 def test_ingest_streamed_array_cut_by_a_parse_error_lands_what_came_before(
-    home: Path, tmp_path: Path
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A gzipped array is streamed; its parser stops at a number past float range. The
-    items before it land (as the message says), and the file is reported failed."""
+    """An array too large to parse whole is streamed; its parser stops at a number past
+    float range. The items before it land (as the message says), and the file is
+    reported failed."""
+    monkeypatch.setattr("recsys_assets.ingest.WHOLE_FILE_JSON_LIMIT", 64)
     f = tmp_path / "odd.json.gz"
     f.write_bytes(gzip.compress(b"[" + b",\n".join(_array_items()) + b"]"))
     result = runner.invoke(cli, ["ingest", str(f), "--no-process"])
@@ -718,3 +720,27 @@ def test_ingest_of_one_old_event_processes_its_day_not_every_day_since(
     today = time.strftime("date=%Y-%m-%d", time.gmtime(NOW - 3_600))
     assert days == {"date=2020-06-01", today}
     assert _parquet_rows(lake, "weblogs/").height == 4
+
+
+def test_ingest_of_a_gzipped_array_with_values_orjson_refuses_accounts_for_each_item(
+    home: Path, tmp_path: Path
+) -> None:
+    """Before, a .gz array was always streamed and stopped at the first value the
+    streaming parser refuses (1e400): the items after it were neither landed nor
+    rejected and the file failed. One that fits is now parsed whole, like a plain one."""
+    f = tmp_path / "odd.json.gz"
+    f.write_bytes(gzip.compress(b"\xef\xbb\xbf[" + b",\n".join(_array_items()) + b"]"))
+    result = runner.invoke(cli, ["ingest", str(f), "--no-process"])
+    assert result.exit_code == 0, result.output
+    assert "ingested 7 events from 1 file(s): 2 landed, 5 quarantined" in result.output
+    lake = LocalLake(home / "lake")
+    assert sorted(e["event_id"] for e in ndjson_lines(lake, "landing/")) == ["eok1", "eok2"]
+    # A gzip stream cut by a crash is still streamed: what precedes the cut lands.
+    whole = gzip.compress(b"[" + b",".join(orjson.dumps(ev(f"c{i}")) for i in range(2_000)) + b"]")
+    cut = tmp_path / "cut.json.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    result = runner.invoke(cli, ["ingest", str(cut), "--no-process"])
+    assert result.exit_code == 1, result.output
+    landed = [e for e in ndjson_lines(lake, "landing/") if e["event_id"].startswith("ec")]
+    assert 0 < len(landed) < 2_000
+    assert [e["event_id"] for e in landed] == [f"ec{i}" for i in range(len(landed))]
