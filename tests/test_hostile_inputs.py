@@ -744,3 +744,26 @@ def test_ingest_of_a_gzipped_array_with_values_orjson_refuses_accounts_for_each_
     landed = [e for e in ndjson_lines(lake, "landing/") if e["event_id"].startswith("ec")]
     assert 0 < len(landed) < 2_000
     assert [e["event_id"] for e in landed] == [f"ec{i}" for i in range(len(landed))]
+
+
+def test_a_null_item_of_a_json_array_is_not_an_object_not_an_empty_line(
+    http: tuple[TestClient, dict],
+) -> None:
+    """Before, ``null`` in an array was reported as "empty: empty line" and quarantined
+    with no bytes at all."""
+    client, headers = http
+    body = b"[null," + orjson.dumps(ev("ok")) + b"]"
+    r = client.post(
+        "/events", content=body, headers={**headers, "Content-Type": "application/json"}
+    )
+    assert r.status_code == 202, r.text
+    assert r.json()["errors"] == [
+        {
+            "at": "index 0",
+            "code": "not_an_object",
+            "reason": "event must be a JSON object, got null",
+        }
+    ]
+    landed, quarantined = _landed_and_quarantined(client)
+    assert [e["event_id"] for e in landed] == ["eok"]
+    assert [(q["code"], q["raw"]) for q in quarantined] == [("not_an_object", "null")]
