@@ -21,6 +21,10 @@ from recsys_serving.events.intake import EventIntake, IntakeResult, RawEvent
 
 BATCH = 5_000
 WHOLE_FILE_JSON_LIMIT = 256 * 1024 * 1024
+# Windows tools (PowerShell's Out-File, Notepad, Excel's "UTF-8" export) start a file
+# with one; JSON parsers refuse it, which cost the first event of an NDJSON file and
+# turned a whole JSON array file into one rejected line.
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class IngestFileError(Exception):
@@ -37,9 +41,16 @@ class IngestReport:
 
 
 def _open(path: Path) -> BinaryIO:
-    fh = path.open("rb")
-    if path.suffix == ".gz":
-        return gzip.GzipFile(fileobj=fh)  # type: ignore[return-value]
+    """The file's bytes (decompressed), past a leading UTF-8 byte order mark."""
+    raw = path.open("rb")
+    fh: BinaryIO = gzip.GzipFile(fileobj=raw) if path.suffix == ".gz" else raw  # type: ignore[assignment]
+    try:
+        if fh.read(len(UTF8_BOM)) != UTF8_BOM:
+            fh.seek(0)
+    except BaseException:
+        fh.close()
+        raw.close()
+        raise
     return fh
 
 
@@ -60,9 +71,20 @@ def _ndjson_events(fh: BinaryIO, name: str) -> Iterator[RawEvent]:
 
 
 def _json_array_events(path: Path, name: str) -> Iterator[RawEvent]:
-    size = path.stat().st_size
-    if path.suffix != ".gz" and size <= WHOLE_FILE_JSON_LIMIT:
-        data = path.read_bytes()
+    # A .gz array that fits is parsed whole too: streamed, a value the streaming parser
+    # refuses (NaN, 1e400) stops the file there, and the items after it go unaccounted.
+    data: bytes | None = None
+    if path.suffix == ".gz":
+        try:
+            with _open(path) as fh:
+                data = fh.read(WHOLE_FILE_JSON_LIMIT + 1)
+        except (OSError, EOFError):
+            data = None  # a cut or corrupt stream: streamed, what precedes the damage lands
+        if data is not None and len(data) > WHOLE_FILE_JSON_LIMIT:
+            data = None
+    elif path.stat().st_size <= WHOLE_FILE_JSON_LIMIT:
+        data = path.read_bytes().removeprefix(UTF8_BOM)
+    if data is not None:
         try:
             parsed = orjson.loads(data)
         except orjson.JSONDecodeError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import calendar
 import gzip
+import socket
 import time
 from collections.abc import Iterator
 from http.client import HTTPConnection
@@ -473,10 +474,12 @@ def test_ingest_json_array_with_values_orjson_refuses_lands_the_valid_items(
 
 
 def test_ingest_streamed_array_cut_by_a_parse_error_lands_what_came_before(
-    home: Path, tmp_path: Path
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A gzipped array is streamed; its parser stops at a number past float range. The
-    items before it land (as the message says), and the file is reported failed."""
+    """An array too large to parse whole is streamed; its parser stops at a number past
+    float range. The items before it land (as the message says), and the file is
+    reported failed."""
+    monkeypatch.setattr("recsys_assets.ingest.WHOLE_FILE_JSON_LIMIT", 64)
     f = tmp_path / "odd.json.gz"
     f.write_bytes(gzip.compress(b"[" + b",\n".join(_array_items()) + b"]"))
     result = runner.invoke(cli, ["ingest", str(f), "--no-process"])
@@ -531,3 +534,266 @@ def test_ingest_of_an_old_event_among_recent_ones_processes_only_their_dates(
     assert result.exit_code == 0, result.output
     assert "weblogs 2001-09-09..2001-09-09: 1 rows" in result.output
     assert result.output.count("succeeded") == 2
+
+
+# ------------------------------------------- red team: kinds the issue did not list
+#
+# Each kind below was sent through `recsys ingest` and `POST /events` (service and
+# collector). The first three broke something before their fix: a finite but huge
+# ``value`` landed and processed, then became inf in training's float32 feature
+# tables (an item's mean rating) so the blocking features-finite check failed every
+# retrain; control characters in ``model_version`` (NUL, terminal escapes) landed
+# and reached every report printing it; a UTF-8 byte order mark at the start of a
+# file cost its first event (NDJSON) or turned a JSON array file into one rejected
+# line. The rest are accepted or refused as the contract says, with exact accounting.
+
+RED_HOSTILE: dict[str, bytes] = {
+    "value_1e308": raw_event(101, "value", b"1e308"),
+    "value_integer_past_64_bits": raw_event(102, "value", str(2**70).encode()),
+    "value_minus_1e300_rating": orjson.dumps(ev(103, event_type="rating", value=-1e300)),
+    "model_version_nul": raw_event(104, "model_version", b'"v\\u0000"'),
+    "model_version_escape": raw_event(105, "model_version", b'"\\u001b[31mred"'),
+    "value_as_string": raw_event(106, "value", b'"5"'),
+    "ts_numeric_string": raw_event(107, "ts", b'"1700000000"'),
+    "ts_boolean": raw_event(108, "ts", b"true"),
+    "ts_year_1_with_offset": raw_event(109, "ts", b'"0001-01-01T00:00:00+01:00"'),
+    "ts_year_9999_with_offset": raw_event(110, "ts", b'"9999-12-31T23:59:59-01:00"'),
+    "position_boolean": raw_event(111, "position", b"true"),
+    "event_type_upper_case": orjson.dumps(ev(112, event_type="VIEW")),
+    "event_type_unknown": orjson.dumps(ev(113, event_type="hover")),
+    "context_array": orjson.dumps(ev(114, context=[1, 2])),
+    "context_long_key": orjson.dumps(ev(115, context={"k" * 9_000: 1})),
+    "session_id_empty": raw_event(116, "session_id", b'""'),
+    "id_100k_chars": raw_event(117, "user_id", orjson.dumps("x" * 100_000)),
+    "invalid_utf8": raw_event(118, "user_id", b'"u\xff\xfe"'),
+    "bom_mid_file": b"\xef\xbb\xbf" + orjson.dumps(ev(119)),
+    "top_level_array": b"[" + orjson.dumps(ev(120)) + b"]",
+    "top_level_number": b"42",
+    "binary": bytes(b for b in range(256) if b != 10),
+}
+# Odd but harmless: each lands, is processed and kept.
+RED_HARMLESS: dict[str, bytes] = {
+    "crlf": orjson.dumps(ev(201)) + b"\r",
+    "duplicate_keys": raw_event(202, "user_id", b'"a","user_id":"b"'),
+    "id_whitespace_only": raw_event(203, "user_id", b'"   "'),
+    "id_path_like": raw_event(204, "item_id", b'"../../etc/passwd"'),
+    "id_nfc": orjson.dumps(ev(205, user_id="caf\u00e9")),
+    "id_nfd": orjson.dumps(ev(206, user_id="cafe\u0301")),
+    "id_zero_width": orjson.dumps(ev(207, user_id="\u200b")),
+    "id_256_emoji": orjson.dumps(ev(208, user_id="\U0001f600" * 256)),
+    "id_integer_past_int64": raw_event(209, "user_id", str(2**63).encode()),
+    "ts_fractional": raw_event(210, "ts", str(NOW - 3_600.123456789).encode()),
+    "context_nul": raw_event(211, "context", b'{"k":"a\\u0000b","\\u0000":1}'),
+    "context_empty": orjson.dumps(ev(212, context={})),
+    "context_largest_float": orjson.dumps(ev(213, context={"f": 1.7976931348623157e308})),
+    "value_at_the_bound": orjson.dumps(ev(214, event_type="rating", value=-1e12)),
+    "request_id_garbage": orjson.dumps(ev(215, event_type="click", request_id="\u202e\ufeffx")),
+}
+
+
+@pytest.mark.parametrize(
+    "probe", ["value_1e308", "value_integer_past_64_bits", "model_version_nul", "binary"]
+)
+def test_red_team_probe_alone_gets_a_json_422(http: tuple[TestClient, dict], probe: str) -> None:
+    client, headers = http
+    for content_type in ("application/x-ndjson", "application/json"):
+        r = client.post(
+            "/events",
+            content=RED_HOSTILE[probe],
+            headers={**headers, "Content-Type": content_type},
+        )
+        assert 400 <= r.status_code < 500, r.text
+        assert r.headers["content-type"].startswith("application/json")
+        if r.status_code == 422:
+            assert r.json()["rejected"] == 1 and r.json()["errors"][0]["reason"]
+    landed, _ = _landed_and_quarantined(client)
+    assert landed == []
+
+
+def test_red_team_batch_keeps_every_valid_event(http: tuple[TestClient, dict]) -> None:
+    client, headers = http
+    lines = [*RED_HOSTILE.values(), *RED_HARMLESS.values()]
+    r = client.post(
+        "/events",
+        content=b"\n".join(lines),
+        headers={**headers, "Content-Type": "application/x-ndjson"},
+    )
+    assert r.status_code == 202, r.text
+    body = r.json()
+    assert (body["received"], body["accepted"], body["rejected"]) == (
+        len(lines),
+        len(RED_HARMLESS),
+        len(RED_HOSTILE),
+    )
+    landed, quarantined = _landed_and_quarantined(client)
+    assert len(landed) == len(RED_HARMLESS) and len(quarantined) == len(RED_HOSTILE)
+
+
+@pytest.mark.slow
+def test_red_team_ingest_accounts_for_every_line_and_processing_keeps_every_accepted(
+    home: Path, tmp_path: Path
+) -> None:
+    """One file mixing every kind (empty and blank lines, no final newline), plus a
+    landing file placed past the intake with a value training cannot sum: one
+    `recsys ingest` run accounts for each line, and processing keeps or quarantines
+    every accepted event, with a reason."""
+    day = time.strftime("%Y-%m-%d", time.gmtime(NOW - 3_600))
+    lake = LocalLake(home / "lake")
+    writer = SegmentWriter(lake, LANDING_AREA, writer_id="hand-copy")
+    writer.append({day: raw_event(301, "value", b"1e308") + b"\n"})
+    writer.close()
+
+    good = [orjson.dumps(ev(f"ok{i}")) for i in range(6)]
+    lines = [
+        *good[:3],
+        *RED_HOSTILE.values(),
+        b"",
+        b"  \t ",
+        *RED_HARMLESS.values(),
+        *good[3:],
+    ]
+    f = tmp_path / "red.ndjson"
+    f.write_bytes(b"\n".join(lines))  # no final newline
+    result = runner.invoke(cli, ["ingest", str(f), "--show-errors", "100"])
+    assert result.exit_code == 0, result.output
+    accepted, rejected = len(good) + len(RED_HARMLESS), len(RED_HOSTILE)
+    assert (
+        f"ingested {accepted + rejected} events from 1 file(s): {accepted} landed, "
+        f"{rejected} quarantined" in result.output
+    )
+    for n, line in enumerate(lines, 1):
+        if line in RED_HOSTILE.values():
+            assert f"{f}:{n}: " in result.output
+    assert "Traceback" not in result.output and "succeeded" in result.output
+    weblogs = read_parquet(lake, partition_key(day))
+    later = read_parquet(lake, quarantine_key(day))
+    assert weblogs.height + later.height == accepted + 1  # + the hand-placed line
+    assert later.filter(pl.col("event_id") == "e301")["reason"].to_list() == ["implausible_value"]
+    assert {f"eok{i}" for i in range(6)} | {f"e{i}" for i in range(201, 216)} <= set(
+        weblogs["event_id"]
+    )
+
+
+@pytest.mark.parametrize("name", ["bom.ndjson", "bom.json", "bom.ndjson.gz", "bom.json.gz"])
+def test_ingest_of_a_file_starting_with_a_utf8_bom_lands_every_event(
+    home: Path, tmp_path: Path, name: str
+) -> None:
+    good = [orjson.dumps(ev(f"ok{i}")) for i in range(5)]
+    body = b"[" + b",".join(good) + b"]" if ".json" in name and "ndjson" not in name else None
+    data = b"\xef\xbb\xbf" + (body if body is not None else b"\n".join(good) + b"\n")
+    f = tmp_path / name
+    f.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    result = runner.invoke(cli, ["ingest", str(f), "--no-process"])
+    assert result.exit_code == 0, result.output
+    assert "ingested 5 events from 1 file(s): 5 landed, 0 quarantined" in result.output
+    lake = LocalLake(home / "lake")
+    assert sorted(e["event_id"] for e in ndjson_lines(lake, "landing/")) == [
+        f"eok{i}" for i in range(5)
+    ]
+
+
+def _events_requests(base: str, key: str, status: str) -> float:
+    metrics = httpx.get(f"{base}/metrics", headers={"X-API-Key": key}, timeout=10).text
+    prefix = f'recsys_http_requests_total{{method="POST",route="/events",status="{status}"}} '
+    return sum(
+        float(line.removeprefix(prefix)) for line in metrics.splitlines() if line.startswith(prefix)
+    )
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_client_gone_mid_body_is_not_a_500(real_server: tuple[str, str], framing: str) -> None:
+    """A shipper killed (or a phone losing signal) in the middle of its body: before,
+    the intake raised ClientDisconnect, logged a traceback and counted a 500 in
+    ``recsys_http_requests_total``, which is what error-rate alerts watch."""
+    base, key = real_server
+    host, port = base.removeprefix("http://").split(":")
+    event = orjson.dumps(ev("gone"))
+    if framing == "chunked":
+        head = b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(event) + event[:10]
+    else:
+        head = b"Content-Length: %d\r\n\r\n" % (len(event) + 100) + event
+    before = _events_requests(base, key, "400")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(
+            b"POST /events HTTP/1.1\r\nHost: t\r\nX-API-Key: "
+            + key.encode()
+            + b"\r\nContent-Type: application/json\r\n"
+            + head
+        )
+        conn.shutdown(socket.SHUT_WR)
+        while conn.recv(65536):  # until the server closes: it answers no one
+            pass
+    deadline = time.monotonic() + 10
+    while _events_requests(base, key, "400") == before and time.monotonic() < deadline:
+        pass  # the app records the request after the server dropped the connection
+    assert _events_requests(base, key, "400") == before + 1
+    assert _events_requests(base, key, "500") == 0
+    assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
+
+
+@pytest.mark.slow
+def test_ingest_of_one_old_event_processes_its_day_not_every_day_since(
+    home: Path, tmp_path: Path
+) -> None:
+    """A valid event from years ago (a backfill line, a client clock reset) in today's
+    file: ingest used to run weblogs over every partition from that day to today
+    (2020-06-01: 2,300+ partitions, minutes), now the touched days only."""
+    f = tmp_path / "old.ndjson"
+    lines = [orjson.dumps(ev(f"ok{i}")) for i in range(3)]
+    lines.append(orjson.dumps(ev("old", ts="2020-06-01T12:00:00Z")))
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    result = runner.invoke(cli, ["ingest", str(f)])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("succeeded") == 2, result.output
+    lake = LocalLake(home / "lake")
+    days = {o.key.split("/")[1] for o in lake.list("weblogs/") if o.key.endswith(".parquet")}
+    today = time.strftime("date=%Y-%m-%d", time.gmtime(NOW - 3_600))
+    assert days == {"date=2020-06-01", today}
+    assert _parquet_rows(lake, "weblogs/").height == 4
+
+
+def test_ingest_of_a_gzipped_array_with_values_orjson_refuses_accounts_for_each_item(
+    home: Path, tmp_path: Path
+) -> None:
+    """Before, a .gz array was always streamed and stopped at the first value the
+    streaming parser refuses (1e400): the items after it were neither landed nor
+    rejected and the file failed. One that fits is now parsed whole, like a plain one."""
+    f = tmp_path / "odd.json.gz"
+    f.write_bytes(gzip.compress(b"\xef\xbb\xbf[" + b",\n".join(_array_items()) + b"]"))
+    result = runner.invoke(cli, ["ingest", str(f), "--no-process"])
+    assert result.exit_code == 0, result.output
+    assert "ingested 7 events from 1 file(s): 2 landed, 5 quarantined" in result.output
+    lake = LocalLake(home / "lake")
+    assert sorted(e["event_id"] for e in ndjson_lines(lake, "landing/")) == ["eok1", "eok2"]
+    # A gzip stream cut by a crash is still streamed: what precedes the cut lands.
+    whole = gzip.compress(b"[" + b",".join(orjson.dumps(ev(f"c{i}")) for i in range(2_000)) + b"]")
+    cut = tmp_path / "cut.json.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    result = runner.invoke(cli, ["ingest", str(cut), "--no-process"])
+    assert result.exit_code == 1, result.output
+    landed = [e for e in ndjson_lines(lake, "landing/") if e["event_id"].startswith("ec")]
+    assert 0 < len(landed) < 2_000
+    assert [e["event_id"] for e in landed] == [f"ec{i}" for i in range(len(landed))]
+
+
+def test_a_null_item_of_a_json_array_is_not_an_object_not_an_empty_line(
+    http: tuple[TestClient, dict],
+) -> None:
+    """Before, ``null`` in an array was reported as "empty: empty line" and quarantined
+    with no bytes at all."""
+    client, headers = http
+    body = b"[null," + orjson.dumps(ev("ok")) + b"]"
+    r = client.post(
+        "/events", content=body, headers={**headers, "Content-Type": "application/json"}
+    )
+    assert r.status_code == 202, r.text
+    assert r.json()["errors"] == [
+        {
+            "at": "index 0",
+            "code": "not_an_object",
+            "reason": "event must be a JSON object, got null",
+        }
+    ]
+    landed, quarantined = _landed_and_quarantined(client)
+    assert [e["event_id"] for e in landed] == ["eok"]
+    assert [(q["code"], q["raw"]) for q in quarantined] == [("not_an_object", "null")]

@@ -29,7 +29,7 @@ import numpy as np
 import orjson
 import polars as pl
 
-from recsys_serving.events.schema import EVENT_TYPES
+from recsys_serving.events.schema import EVENT_TYPES, MAX_ABS_VALUE
 from recsys_serving.lake import Lake, read_parquet, write_parquet
 from recsys_serving.landing import LANDING_AREA, LandingFile, iter_lines, list_sealed
 
@@ -276,6 +276,8 @@ def apply_rules(
         .then(pl.lit("invalid_timestamp"))
         .when(pl.col("value").is_not_null() & ~pl.col("value").is_finite())
         .then(pl.lit("non_finite_value"))
+        .when(pl.col("value").abs() > MAX_ABS_VALUE)
+        .then(pl.lit("implausible_value"))
         .when(pl.col("_ts") > latest)
         .then(pl.lit("future_timestamp"))
         .when(pl.col("_ts") < epoch)
@@ -347,6 +349,15 @@ def apply_rules(
         .then(pl.format("ts {} cannot be a point in time", pl.col("ts").cast(pl.String)))
         .when(pl.col("reason") == "non_finite_value")
         .then(pl.format("value {} is not a finite number", pl.col("value").cast(pl.String)))
+        .when(pl.col("reason") == "implausible_value")
+        .then(
+            pl.format(
+                "value {} is outside -{} .. {} (training would overflow)",
+                pl.col("value").cast(pl.String),
+                pl.lit(f"{MAX_ABS_VALUE:g}"),
+                pl.lit(f"{MAX_ABS_VALUE:g}"),
+            )
+        )
         .when(pl.col("reason") == "future_timestamp")
         .then(pl.format("ts {} is after {}", pl.col("_ts"), pl.lit(latest.isoformat())))
         .when(pl.col("reason") == "before_catalog_epoch")

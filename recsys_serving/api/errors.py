@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -77,6 +78,17 @@ def install_error_handlers(app: FastAPI) -> None:
             {"error": _CODES.get(exc.status_code, "error"), "detail": exc.detail},
             status_code=exc.status_code,
             headers=headers or None,
+        )
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_disconnect(request: Request, _: ClientDisconnect) -> Response:
+        # A client gone before its body was complete (a dropped mobile connection, a
+        # killed shipper) is the client's fault, not a 500: nothing of that body was
+        # taken, no one reads this answer, and the error rate must not count it.
+        log.info("http.client_disconnected", path=request.url.path)
+        return json_response(
+            {"error": "client_disconnected", "detail": "the client closed before its body ended"},
+            status_code=400,
         )
 
     @app.exception_handler(Exception)

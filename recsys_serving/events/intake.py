@@ -173,14 +173,16 @@ class EventIntake:
 
         def reject(ev: RawEvent, code: str, reason: str, event_id: Any = None) -> None:
             result.reject(ev.locator, code, reason, event_id)
-            raw = ev.raw if ev.raw or ev.parsed is None else reserialize(ev.parsed)
+            raw = ev.raw if ev.raw else reserialize(ev.parsed)
             quarantined.append(quarantine_record(raw, reason, code, source, ev.locator))
 
         with self._recent_lock:
             for ev in events:
                 result.received += 1
                 obj = ev.parsed
-                if obj is None:
+                # No bytes means an item of a parsed array (blank lines never get here),
+                # so a None there is the JSON null it holds, not "still to parse".
+                if obj is None and ev.raw:
                     if len(ev.raw) > max_event:
                         reject(ev, "too_large", f"event larger than {max_event} bytes")
                         continue

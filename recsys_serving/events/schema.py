@@ -48,6 +48,10 @@ EVENT_TS_MIN = date(1970, 1, 1)
 EVENT_MAX_FUTURE_SECONDS = 86_400.0
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
+# A rating, a price or a quantity: far past any of them, a finite ``value`` still
+# overflows what training adds up (two ratings of 1e308 make an item's mean rating
+# inf, and the blocking features-finite check then fails every retrain).
+MAX_ABS_VALUE = 1e12
 
 # Error types of the intake limits; the intake uses them as the rejection code.
 LIMIT_CODES: frozenset[str] = frozenset(
@@ -146,6 +150,16 @@ def _coerce_ts(value: Any) -> float:
             raise ValueError("RFC 3339 timestamp must carry an offset (e.g. Z or +02:00)")
         return parsed.timestamp()
     raise ValueError("must be an RFC 3339 string or epoch seconds")
+
+
+def _check_text(value: Any) -> Any:
+    # A free string that reports and terminals print (model_version): no control
+    # characters (NUL, terminal escapes) and nothing a serializer cannot write.
+    if isinstance(value, str):
+        if _CONTROL.search(value):
+            raise ValueError("must not contain control characters")
+        _check_unicode(value)
+    return value
 
 
 def _integral(value: Any) -> Any:
@@ -301,10 +315,21 @@ class WeblogEvent(BaseModel):
     position: (
         Annotated[int, BeforeValidator(_integral), Field(ge=0, le=10_000, strict=True)] | None
     ) = Field(default=None, description="Rank at which the item was shown.")
-    value: Annotated[float, Field(strict=True, allow_inf_nan=False)] | None = Field(
-        default=None, description="Rating, price, ..."
-    )
-    model_version: Annotated[str, Field(max_length=128)] | None = None
+    value: (
+        Annotated[
+            float,
+            Field(strict=True, allow_inf_nan=False, ge=-MAX_ABS_VALUE, le=MAX_ABS_VALUE),
+        ]
+        | None
+    ) = Field(default=None, description="Rating, price, ...; at most 1e12 in magnitude.")
+    model_version: (
+        Annotated[
+            str,
+            Field(max_length=128, pattern="^[^\\u0000-\\u001f\\u007f]*$"),
+            BeforeValidator(_check_text),
+        ]
+        | None
+    ) = None
     context: Annotated[dict[str, Any], BeforeValidator(_check_context)] | None = Field(
         default=None,
         description="Free attributes: a JSON object of at most 8 KiB nested at most 32 "
