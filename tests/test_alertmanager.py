@@ -264,11 +264,17 @@ def test_routes_inhibition_and_delivery_with_a_real_alertmanager(
     model = alert("RecsysModelNotLoaded", "critical", cause="not_ready", instance="a:8000")
     fallback = alert("RecsysFallbackShareHigh", "warning")
     latency = alert("RecsysRecommendationLatencyHigh", "warning", route="/recommendations")
-    response = httpx.post(f"{url}/api/v2/alerts", json=[model, fallback, latency])
+    # The inhibiting alert goes first, and the others only once it was delivered: posted
+    # in one batch, Alertmanager's inhibitor and dispatcher read the new alerts on their
+    # own goroutines, and on a loaded machine the warning was sometimes notified before
+    # the inhibitor had seen the critical alert (a race in Alertmanager, not in our rules;
+    # Prometheus sends the critical alert from the start of its outage anyway).
+    response = httpx.post(f"{url}/api/v2/alerts", json=[model])
     assert response.status_code == 200, response.text
-
     # The critical alert is emailed (and chatted); the warning goes to chat only.
     wait_until(lambda: len(smtp_server.messages) >= 1, 30, "the page by email", alertmanager)
+    response = httpx.post(f"{url}/api/v2/alerts", json=[fallback, latency])
+    assert response.status_code == 200, response.text
     wait_until(
         lambda: len(chat_titles(alert_webhook_server)) >= 2, 30, "the chat messages", alertmanager
     )
