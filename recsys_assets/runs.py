@@ -16,6 +16,7 @@ from dagster._core.storage.tags import (
 )
 
 from recsys_assets.instance import get_instance
+from recsys_assets.weblogs.quality import CLIENT_BEHAVIOUR_CHECKS as WARN_ONLY
 from recsys_serving.settings import Settings
 
 
@@ -84,8 +85,9 @@ def _outcome(result: dg.ExecuteInProcessResult) -> RunOutcome:
         elif event.event_type_value == "STEP_FAILURE" and step_error is None:
             step_error = _root_cause(event.event_specific_data.error)  # type: ignore[union-attr]
     if not outcome.success:
-        if outcome.check_failures:
-            outcome.failure = "; ".join(outcome.check_failures.values())
+        blocking = [line for name, line in outcome.check_failures.items() if name not in WARN_ONLY]
+        if blocking:
+            outcome.failure = "; ".join(blocking)
         else:
             where = f"stack trace in the Dagster UI, run {outcome.run_id[:8]}"
             outcome.failure = f"{step_error or 'run failed'} ({where})"

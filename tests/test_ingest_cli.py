@@ -135,7 +135,8 @@ def test_a_file_ingested_twice_passes_with_its_replays_counted(home: Path, tmp_p
 def test_a_failed_check_is_one_line_with_count_examples_and_remedy(
     home: Path, tmp_path: Path
 ) -> None:
-    """A real integrity violation (ids reused for other events) fails, told in one line."""
+    """Ids reused for other events fail their check, told in one line; a client's fault,
+    so the run goes on (the check warns) and the command succeeds."""
     first, reused = tmp_path / "a.ndjson", tmp_path / "b.ndjson"
     first.write_bytes(b"\n".join(orjson.dumps(ev(i)) for i in range(120)) + b"\n")
     reused.write_bytes(
@@ -151,16 +152,18 @@ def test_a_failed_check_is_one_line_with_count_examples_and_remedy(
         timeout=300,
     )
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 1, output
+    assert proc.returncode == 0, output
     assert "Traceback" not in output and "Stack Trace" not in output, output
     assert "DagsterAssetCheckFailedError" not in output, output
     failed = [line for line in output.splitlines() if "failed:" in line]
     assert len(failed) == 1, output
     line = failed[0]
-    assert line.startswith("check conflicting_duplicate_rate_below_threshold failed: 120 rows")
+    assert line.startswith(
+        "warning (not blocking): check conflicting_duplicate_rate_below_threshold failed: 120 rows"
+    )
     assert "e.g. event_id 'e0' landed as different events; event_id 'e1' landed" in line
     assert "to do: a client sends different events under one event_id" in line
-    assert "checks 5/6 passed" in output and "FAILED" in output
+    assert "checks 5/6 passed" in output and "succeeded" in output and "FAILED" not in output
 
 
 def test_status_without_a_home_creates_nothing(

@@ -156,6 +156,7 @@ def process_cmd(
 
 def _process_days(settings, days: list[str]) -> bool:
     from recsys_assets.runs import materialize_weblogs
+    from recsys_assets.weblogs.quality import CLIENT_BEHAVIOUR_CHECKS
 
     started = time.perf_counter()
     with console.status(f"processing weblogs {days[0]}..{days[-1]} ({len(days)} dates)"):
@@ -167,9 +168,14 @@ def _process_days(settings, days: list[str]) -> bool:
             console.print(f"  check {name}: [green]passed[/]")
     # A failed check is one line (which, how many rows, two examples, what to do); any
     # other failure is its error on one line. Stack traces stay in the run's log.
-    for line in outcome.check_failures.values():
-        console.print(f"[bold red]{escape(line)}[/]")
-    if outcome.failure and not outcome.check_failures:
+    blocked = False
+    for name, line in outcome.check_failures.items():
+        if name in CLIENT_BEHAVIOUR_CHECKS:  # a client's fault: told, never blocking
+            console.print(f"[bold yellow]warning (not blocking):[/] {escape(line)}")
+        else:
+            blocked = True
+            console.print(f"[bold red]{escape(line)}[/]")
+    if outcome.failure and not blocked:
         console.print(f"[bold red]run failed:[/] {escape(outcome.failure)}")
     reasons = meta.get("quarantine_reasons") or {}
     why = ", ".join(f"{k} {v:,}" for k, v in sorted(reasons.items()))

@@ -7,7 +7,12 @@ import orjson
 
 from recsys_assets.resources import LakeResource, RecsysConfig
 from recsys_assets.weblogs.processing import Rules, process_partitions
-from recsys_assets.weblogs.quality import CHECK_DESCRIPTIONS, WeblogValidator, failure_line
+from recsys_assets.weblogs.quality import (
+    CHECK_DESCRIPTIONS,
+    CLIENT_BEHAVIOUR_CHECKS,
+    WeblogValidator,
+    failure_line,
+)
 from recsys_serving.settings import get_settings
 
 WEBLOG_PARTITIONS = dg.DailyPartitionsDefinition(
@@ -28,7 +33,9 @@ landing_weblogs = dg.AssetSpec(
 )
 
 WEBLOG_CHECKS = [
-    dg.AssetCheckSpec(name, asset="weblogs", blocking=True, description=text)
+    dg.AssetCheckSpec(
+        name, asset="weblogs", blocking=name not in CLIENT_BEHAVIOUR_CHECKS, description=text
+    )
     for name, text in CHECK_DESCRIPTIONS.items()
 ]
 
@@ -90,6 +97,11 @@ def weblogs(
         dg.AssetCheckResult(
             check_name=o.name,
             passed=o.passed,
+            severity=(
+                dg.AssetCheckSeverity.WARN
+                if o.name in CLIENT_BEHAVIOUR_CHECKS
+                else dg.AssetCheckSeverity.ERROR
+            ),
             metadata={
                 "partitions_checked": len(days),
                 "failed_partitions": ", ".join(o.failed_partitions[:50]) or "none",

@@ -17,14 +17,16 @@ prepares what each suite reads, so a 10M-event backfill is validated in seconds:
 * per-partition suites see one row of polars-computed figures per partition, as
   their expectations are about the output as a whole: how many ``event_id``\\ s
   repeat in it, and two *rates* of benign row-level anomalies, which are accounted
-  for, never blocking on their own. A click that matches no impression logged for its
-  ``request_id`` and ``item_id`` is kept (unattributed; clients lose impressions, and a
-  request can straddle midnight) and counted; a replayed event (a resend, a file
-  ingested twice) is quarantined as ``duplicate_event_id`` and counted. Only a *rate*
-  past its threshold (settings) fails, and only in a partition with at least
-  ``min_rows`` rows in the rate's denominator, so one row never halts a partition.
-  Replays never count towards a rate: dedup makes them harmless. Conflicting ids (one
-  ``event_id``, different events) do, as every copy but the first is a real event lost.
+  for. A click that matches no impression logged for its ``request_id`` and
+  ``item_id`` is kept (unattributed; clients lose impressions, and a request can
+  straddle midnight) and counted; a replayed event (a resend, a file ingested twice)
+  is quarantined as ``duplicate_event_id`` and counted. Only a *rate* past its
+  threshold (settings) fails, and only in a partition with at least ``min_rows`` rows
+  in the rate's denominator. Replays never count towards a rate: dedup makes them
+  harmless. Conflicting ids (one ``event_id``, different events) do, as every copy but
+  the first is a real event lost. These two rate checks warn and never block
+  (``CLIENT_BEHAVIOUR_CHECKS``): what one client does wrong must not halt the
+  partition for the others.
 
 Every check records how many rows broke it, two examples and what to do
 (``unexpected``, ``examples``, ``remedy`` in its metadata), which is the one line
@@ -79,6 +81,15 @@ CHECK_DESCRIPTIONS: dict[str, str] = {
         "RECSYS_MIN_ROWS_FOR_RATE_CHECKS ids. Replays of the same event never count."
     ),
 }
+
+# Checks on what clients do rather than on what processing wrote: a client reusing
+# event ids or losing impressions is a fault of that client, accounted for row by row
+# (quarantined or kept as unattributed), so these warn (in the UI, the run's log and
+# the CLI) and never halt the partition for every other client. The other checks guard
+# the output's own integrity and block what reads it.
+CLIENT_BEHAVIOUR_CHECKS = frozenset(
+    {"unattributed_click_rate_below_threshold", "conflicting_duplicate_rate_below_threshold"}
+)
 
 # What to do when a check fails: the end of the one line the CLI prints.
 REMEDIES: dict[str, str] = {
