@@ -797,3 +797,34 @@ def test_a_null_item_of_a_json_array_is_not_an_object_not_an_empty_line(
     landed, quarantined = _landed_and_quarantined(client)
     assert [e["event_id"] for e in landed] == ["eok"]
     assert [(q["code"], q["raw"]) for q in quarantined] == [("not_an_object", "null")]
+
+
+def test_client_named_model_versions_cannot_flood_the_metrics(
+    http: tuple[TestClient, dict],
+) -> None:
+    """``model_version`` on a click comes from the client: 5,000 distinct values must not
+    become 5,000 series. Well-formed versions get a series up to a bound, the rest count
+    as ``other``; the total stays exact."""
+    from recsys_serving.api.metrics import MAX_CLICK_VERSIONS
+
+    client, headers = http
+    real = [f"v20261201000000-{i:08x}" for i in range(MAX_CLICK_VERSIONS + 36)]
+    forged = [f"attacker-{i}" for i in range(400)]
+    events = [
+        ev(f"c{i}", event_type="click", model_version=version, request_id=f"r{i}")
+        for i, version in enumerate(real + forged)
+    ]
+    r = client.post("/events", json=events, headers=headers)
+    assert r.status_code == 202, r.text
+    assert r.json()["accepted"] == len(events)
+    clicks = {
+        s.labels["model_version"]: s.value
+        for family in client.app.state.metrics.registry.collect()
+        if family.name == "recsys_clicks"
+        for s in family.samples
+        if s.name == "recsys_clicks_total"
+    }
+    assert len(clicks) == MAX_CLICK_VERSIONS + 1
+    assert set(clicks) - {"other"} == set(real[:MAX_CLICK_VERSIONS])
+    assert clicks["other"] == 36 + 400
+    assert sum(clicks.values()) == len(events)

@@ -165,7 +165,7 @@ async def post_events(
     metrics = request.app.state.metrics
     metrics.events_landed("collector", result.accepted, result.reasons)
     for version, n in _accepted_clicks(events, result).items():
-        metrics.clicks.labels(version).inc(n)
+        metrics.clicks_for(version, n)
     status = 202 if result.accepted > 0 else 422
     return json_response(result.as_dict(), status_code=status)
 
