@@ -24,6 +24,7 @@ import polars as pl
 
 from recsys_assets.training.data import Encoded, TrainingWindow
 from recsys_assets.training.params import TrainingParams
+from recsys_assets.training.ranking import best_grades
 
 SNAPSHOT = "lastout"
 
@@ -60,17 +61,7 @@ class LastOut:
         )
         kept_mask = ~self.mask & (enc.ts < self.as_of) & np.isin(enc.user, self.users)
         kept = pl.DataFrame({"u": enc.user[kept_mask], "i": enc.item[kept_mask]}).unique()
-        frame = (
-            held.join(kept, on=["u", "i"], how="anti")
-            .group_by("u", "i")
-            .agg(pl.col("g").max())
-            .sort("u", "i")
-        )
-        grades: dict[int, dict[int, int]] = {}
-        for u, i, g in frame.iter_rows():
-            if g > 0:
-                grades.setdefault(int(u), {})[int(i)] = int(g)
-        return grades
+        return best_grades(held.join(kept, on=["u", "i"], how="anti"))
 
 
 def leave_last_out(enc: Encoded, window: TrainingWindow, params: TrainingParams) -> list[LastOut]:

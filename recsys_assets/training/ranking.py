@@ -96,21 +96,25 @@ class RankingDataset:
         )
 
 
+def best_grades(events: pl.DataFrame) -> dict[int, dict[int, int]]:
+    """``{user: {item: grade}}`` from ``u, i, g`` rows: each pair's best grade, positive
+    grades only."""
+    frame = events.group_by("u", "i").agg(pl.col("g").max()).sort("u", "i")
+    grades: dict[int, dict[int, int]] = {}
+    for u, i, g in frame.iter_rows():
+        if g > 0:
+            grades.setdefault(int(u), {})[int(i)] = int(g)
+    return grades
+
+
 def label_table(
     enc: Encoded, start: float, end: float
 ) -> tuple[dict[int, dict[int, int]], dict[int, set[int]]]:
     """Grades per (user, item) in ``[start, end)`` and items shown there per user."""
     mask = (enc.ts >= start) & (enc.ts < end)
-    frame = (
+    grades = best_grades(
         pl.DataFrame({"u": enc.user[mask], "i": enc.item[mask], "g": enc.grade[mask]})
-        .group_by("u", "i")
-        .agg(pl.col("g").max())
-        .sort("u", "i")
     )
-    grades: dict[int, dict[int, int]] = {}
-    for u, i, g in frame.iter_rows():
-        if g > 0:
-            grades.setdefault(int(u), {})[int(i)] = int(g)
     imask = (enc.imp_ts >= start) & (enc.imp_ts < end) & (enc.imp_user >= 0)
     shown_frame = (
         pl.DataFrame({"u": enc.imp_user[imask], "i": enc.imp_item[imask]}).unique().sort("u", "i")
