@@ -126,20 +126,22 @@ def redact_uri(uri: str) -> str:
 
 
 # ------------------------------------------------------------------ embedded backend
-def _stored(value: Any) -> Any:
-    """What a MongoDB round trip would give back: a deep copy whose datetimes are
-    tz-aware UTC with millisecond precision (naive ones are taken as UTC, as pymongo does)."""
-    if isinstance(value, dict):
-        return {k: _stored(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_stored(v) for v in value]
-    if isinstance(value, datetime):
-        aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-        return aware.replace(microsecond=aware.microsecond // 1000 * 1000)
-    return value
-
-
 def _bson_default(obj: Any) -> Any:
+    """BSON types as relaxed extended JSON, the text MongoDB tools write.
+
+    Datetimes are what a MongoDB round trip gives back: UTC (naive ones taken as UTC, as
+    pymongo does) at millisecond precision. The common case is formatted here, as
+    ``bson.json_util`` would but without its ``strftime``: a catalogue load encodes
+    millions of them.
+    """
+    if isinstance(obj, datetime):
+        t = obj.replace(tzinfo=UTC) if obj.tzinfo is None else obj.astimezone(UTC)
+        if 1970 <= t.year <= 9999:
+            ms = t.microsecond // 1000
+            return {
+                "$date": f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:"
+                f"{t.second:02d}{f'.{ms:03d}' if ms else ''}Z"
+            }
     return json_util.default(obj, json_options=_JSON_OPTIONS)
 
 
@@ -175,7 +177,7 @@ class _BulkRecorder:
     """
 
     def __init__(self) -> None:
-        self.replacements: list[tuple[str, dict[str, Any], bool]] = []
+        self.replacements: list[tuple[str, Mapping[str, Any], bool]] = []
 
     def add_replace(
         self, selector: Mapping[str, Any], doc: Mapping[str, Any], upsert: bool, **_: Any
@@ -186,7 +188,7 @@ class _BulkRecorder:
             raise ValueError(f"the embedded store keys documents by string _id, got {selector!r}")
         if "_id" in doc and doc["_id"] != selector["_id"]:
             raise ValueError("the replacement's _id differs from the filter's")
-        self.replacements.append((selector["_id"], _stored(doc), bool(upsert)))
+        self.replacements.append((selector["_id"], doc, bool(upsert)))
 
     def _unsupported(self, *_: Any, **__: Any) -> None:
         raise TypeError("the embedded store's bulk_write accepts ReplaceOne operations only")
@@ -334,14 +336,14 @@ class EmbeddedCollection:
                 old = current.get(key)
                 if old is None and not upsert:
                     continue
-                doc["_id"] = key
-                text = _encode(doc)
+                # Encoded now: later changes by the caller cannot reach the store.
+                text = _encode(doc if "_id" in doc else {"_id": key, **doc})
                 if old is None:
                     upserted.append({"index": index, "_id": key})
                 else:
                     matched += 1
                     # Same text, or same document in another field order: unchanged.
-                    if old == text or _decode(old) == doc:
+                    if old == text or _decode(old) == _decode(text):
                         continue
                     modified += 1
                 current[key] = changed[key] = text
