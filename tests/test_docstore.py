@@ -586,6 +586,31 @@ def test_a_deleted_file_is_a_loud_loss_never_a_silently_empty_store(tmp_path: Pa
     assert store.ping() is True and store.last_error is None
 
 
+def test_a_file_deleted_while_a_writer_waits_for_the_lock_loses_no_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wait for SQLite's write lock can be long (a load in another process); a
+    commit into a file deleted meanwhile would vanish, so the writer checks after."""
+    path = tmp_path / "recsys.sqlite"
+    store = _embedded(path)
+    store.upsert_users([{"user_id": "u1"}])
+    database = store.database
+    assert isinstance(database, EmbeddedDatabase)
+    refresh, deleted = database.refresh, []
+
+    def refresh_then_delete(force: bool = False) -> None:
+        refresh(force)
+        if not deleted:  # deleted between the check and BEGIN IMMEDIATE, once
+            deleted.append(path)
+            path.unlink()
+
+    monkeypatch.setattr(database, "refresh", refresh_then_delete)
+    with capture_logs() as logs:
+        store.upsert_users([{"user_id": "u2"}])
+    assert deleted and "docstore_file_recreated" in [e["event"] for e in logs]
+    assert _embedded(path).counts() == {"items": 0, "users": 2}
+
+
 def test_a_restored_file_is_picked_up_and_readiness_comes_back(tmp_path: Path) -> None:
     from serving_support import serving_client
 

@@ -712,6 +712,21 @@ class EmbeddedDatabase:
             yield  # nested: the outer session commits
             return
         with self._mutex:
+            conn = self._begin()
+            self._writer = threading.get_ident()
+            try:
+                yield
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise self._failure(exc, "commit") from exc
+            finally:
+                self._writer = None
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+
+    def _begin(self) -> sqlite3.Connection:
+        """BEGIN IMMEDIATE on the file now at the path (never on a deleted one)."""
+        for _ in range(3):
             self.refresh(force=True)
             if self.lost is not None:
                 self._recreate()
@@ -728,16 +743,13 @@ class EmbeddedDatabase:
                 raise self._failure(exc, "write") from exc
             except sqlite3.Error as exc:
                 raise self._failure(exc, "write") from exc
-            self._writer = threading.get_ident()
-            try:
-                yield
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise self._failure(exc, "commit") from exc
-            finally:
-                self._writer = None
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+            # The wait for the write lock can be long: the file may have been deleted or
+            # replaced meanwhile, and a commit to a deleted file would be lost silently.
+            if self._stat_identity() == self._identity:
+                return conn
+            conn.execute("ROLLBACK")
+            self._checked_at = -math.inf
+        raise DocStoreError(f"{self.path}: the file kept changing under this writer")
 
     def _recreate(self) -> None:
         """Write what this process holds to a new file at the path (the old one is gone)."""
