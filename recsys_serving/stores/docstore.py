@@ -444,9 +444,9 @@ class EmbeddedDatabase:
             self._generation += 1
 
     # -- errors
-    def _corrupt(self, detail: str, path: Path | None = None) -> DocStoreError:
+    def _corrupt(self, detail: str) -> DocStoreError:
         return DocStoreError(
-            f"{path or self.path}: corrupt document store file ({detail}); restore it from "
+            f"{self.path}: corrupt document store file ({detail}); restore it from "
             "a backup, or move it away and run `recsys catalog load` again"
         )
 
