@@ -373,7 +373,7 @@ class Settings(BaseSettings):
 
     @property
     def docstore_path(self) -> Path:
-        return self.resolved_home / "docstore" / f"{self.mongo_db}.json"
+        return self.resolved_home / "docstore" / f"{self.mongo_db}.sqlite"
 
     @property
     def alert_recipients(self) -> list[str]:

@@ -65,7 +65,7 @@ def test_simulator_catalogue_loads_without_rejects(home: Path, tmp_path: Path) -
     status = runner.invoke(app, ["catalog", "status"])
     assert status.exit_code == 0, status.output
     assert "items: 200 documents, 0 lines quarantined" in status.output
-    assert f"catalog {(home / 'docstore' / 'recsys.json').as_uri()}: 200 items, 300 users" in (
+    assert f"catalog {(home / 'docstore' / 'recsys.sqlite').as_uri()}: 200 items, 300 users" in (
         status.output
     )
 

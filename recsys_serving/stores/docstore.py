@@ -6,36 +6,45 @@ Two backends sit behind one class, :class:`DocStore`, and it only ever calls the
 a change of ``RECSYS_MONGO_URI``, never of code:
 
 - ``mongodb://`` / ``mongodb+srv://``: a real server through ``pymongo.MongoClient``.
-- unset or ``mongomock://``: the embedded store, :class:`EmbeddedDatabase`. Its
-  collections answer the same pymongo calls from an ``_id -> document`` dict (mongomock
-  scans every document for ``find_one({"_id": ...})``, 120 ms at 100k users, and its
-  upserts are O(n) each), match any other filter with mongomock's query engine, and
-  persist to one JSON file so the pipeline, the CLI and every server worker (separate
-  processes) see the same data.
+- unset or ``mongomock://``: the embedded store, :class:`EmbeddedDatabase`: one SQLite
+  file in WAL mode shared by the pipeline, the CLI and every server worker (separate
+  processes). Its collections answer the same pymongo calls; a document is one row
+  (``(collection, _id)`` primary key, the document as MongoDB extended JSON text, so
+  datetimes survive), ``_id`` lookups and ranges are primary-key searches, and any other
+  filter is matched by mongomock's query engine while paging through the collection.
 
-Embedded persistence: a writer takes a ``filelock`` lock beside the file, reloads the
-file if another process changed it, applies its writes in memory, then replaces the file
-atomically (temp file + fsync + rename + fsync of the directory; ``bson.json_util``
-keeps datetimes). A reader stats the file at most every ``refresh_seconds`` and reloads
-when its inode, size or mtime changed, so a write is visible to every process within a
-second and a reader never sees a half-written file.
+Why SQLite: the JSON file of earlier versions was rewritten whole on every write and
+re-read whole by every reader after it, so both grew with the catalogue. Here a write
+touches its rows, a reader's next query simply sees the last commit of any process (WAL:
+readers never wait for the writer), and a catalogue load is one transaction. Durability:
+``synchronous=FULL``, so every commit fsyncs the WAL and an acknowledged write survives
+a power cut, as the JSON store's fsync-and-rename did; ``NORMAL`` would save that fsync
+but may lose the last commits on power loss, and commits are few (a load is one) so the
+cost is small. Writers wait up to ``lock_timeout_seconds`` for SQLite's write lock
+(``busy_timeout``); readers up to ``READ_BUSY_SECONDS``, which WAL makes rare.
 
-A file that disappears under a process that had loaded it is a loss, never an empty
-store: the process keeps answering from the copy it holds, logs
-``docstore_file_missing`` (error) once, and ``ping`` fails with the reason, so
-``/readyz`` is 503 naming the file until it is restored (from a backup, or by
-``recsys catalog load``). A write in such a process recreates the file from its copy
-plus the write, with a ``docstore_file_recreated`` warning. A process that starts
-after the deletion cannot tell it from a new, empty store.
+A JSON store of an earlier version (``<db>.json`` beside ``<db>.sqlite``) is imported in
+the transaction that creates the SQLite file and then renamed ``<db>.json.imported``, so
+it is imported once and never again over newer data.
+
+A file that disappears under a process that had opened it is a loss, never an empty
+store: the process keeps answering from the file it holds open (SQLite keeps reading
+the unlinked file), logs ``docstore_file_missing`` (error) once, and ``ping`` fails with
+the reason, so ``/readyz`` is 503 naming the file until it is restored (from a backup,
+or by ``recsys catalog load``). The deleted file's ``-wal``/``-shm`` are removed then, so
+a new file at that path is never paired with them. A write in such a process recreates
+the file from what it holds plus the write, with a ``docstore_file_recreated`` warning.
+A process that starts after the deletion cannot tell it from a new, empty store.
 """
 
 from __future__ import annotations
 
-import bisect
+import contextlib
 import json
 import math
 import os
 import re
+import sqlite3
 import threading
 import time
 import uuid
@@ -64,7 +73,13 @@ log = get_logger(__name__)
 ITEMS = "items"
 USERS = "users"
 FILE_FORMAT = "recsys-docstore"
-FILE_VERSION = 1
+FILE_VERSION = 2  # the SQLite layout; 1 was the single JSON file, still imported
+LEGACY_FILE_VERSION = 1
+READ_BUSY_SECONDS = 2.0
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024  # the WAL is truncated back to this after a big load
+WRITER_CACHE_KIB = -64 * 1024  # 64 MiB page cache for the writer connection (loads)
+SQL_IN_CHUNK = 500
+SCAN_PAGE = 1000
 WRITE_BATCH = 1000
 BULK_SOCKET_TIMEOUT_MS = 60_000
 HEARTBEAT_MS = 2_000
@@ -111,30 +126,46 @@ def redact_uri(uri: str) -> str:
 
 
 # ------------------------------------------------------------------ embedded backend
-def _copy(value: Any) -> Any:
-    """Hand out copies, like a driver does, so callers cannot corrupt the shared cache."""
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    return value
-
-
-def _stored(value: Any) -> Any:
-    """What a MongoDB round trip would give back: a deep copy whose datetimes are
-    tz-aware UTC with millisecond precision (naive ones are taken as UTC, as pymongo does)."""
-    if isinstance(value, dict):
-        return {k: _stored(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_stored(v) for v in value]
-    if isinstance(value, datetime):
-        aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-        return aware.replace(microsecond=aware.microsecond // 1000 * 1000)
-    return value
-
-
 def _bson_default(obj: Any) -> Any:
+    """BSON types as relaxed extended JSON, the text MongoDB tools write.
+
+    Datetimes are what a MongoDB round trip gives back: UTC (naive ones taken as UTC, as
+    pymongo does) at millisecond precision. The common case is formatted here, as
+    ``bson.json_util`` would but without its ``strftime``: a catalogue load encodes
+    millions of them.
+    """
+    if isinstance(obj, datetime):
+        t = obj.replace(tzinfo=UTC) if obj.tzinfo is None else obj.astimezone(UTC)
+        if 1970 <= t.year <= 9999:
+            ms = t.microsecond // 1000
+            return {
+                "$date": f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:"
+                f"{t.second:02d}{f'.{ms:03d}' if ms else ''}Z"
+            }
     return json_util.default(obj, json_options=_JSON_OPTIONS)
+
+
+def _encode(doc: Mapping[str, Any]) -> str:
+    """A document as MongoDB extended JSON (relaxed), the text one row holds."""
+    return orjson.dumps(doc, default=_bson_default, option=orjson.OPT_PASSTHROUGH_DATETIME).decode()
+
+
+def _revive(value: Any) -> Any:
+    if isinstance(value, dict):
+        out = {k: _revive(v) for k, v in value.items()}
+        if any(k.startswith("$") for k in out):  # {"$date": ...} and the other BSON types
+            return json_util.object_hook(out, _JSON_OPTIONS)
+        return out
+    if isinstance(value, list):
+        return [_revive(v) for v in value]
+    return value
+
+
+def _decode(text: str) -> dict[str, Any]:
+    # orjson parses; only documents holding a BSON type ("$date"...) take the slow walk.
+    # Field names starting with "$" are refused on the way in, so "$ means a BSON type.
+    parsed = orjson.loads(text)
+    return _revive(parsed) if '"$' in text else parsed
 
 
 class _BulkRecorder:
@@ -146,16 +177,18 @@ class _BulkRecorder:
     """
 
     def __init__(self) -> None:
-        self.replacements: list[tuple[Any, dict[str, Any], bool]] = []
+        self.replacements: list[tuple[str, Mapping[str, Any], bool]] = []
 
     def add_replace(
         self, selector: Mapping[str, Any], doc: Mapping[str, Any], upsert: bool, **_: Any
     ) -> None:
         if set(selector) != {"_id"} or isinstance(selector["_id"], dict):
             raise ValueError(f"the embedded store replaces by _id only, got filter {selector!r}")
+        if not isinstance(selector["_id"], str):
+            raise ValueError(f"the embedded store keys documents by string _id, got {selector!r}")
         if "_id" in doc and doc["_id"] != selector["_id"]:
             raise ValueError("the replacement's _id differs from the filter's")
-        self.replacements.append((selector["_id"], _stored(doc), bool(upsert)))
+        self.replacements.append((selector["_id"], doc, bool(upsert)))
 
     def _unsupported(self, *_: Any, **__: Any) -> None:
         raise TypeError("the embedded store's bulk_write accepts ReplaceOne operations only")
@@ -163,30 +196,22 @@ class _BulkRecorder:
     add_insert = add_update = add_delete = _unsupported
 
 
+def _chunks(values: Sequence[Any], size: int = SQL_IN_CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
 class EmbeddedCollection:
-    """One collection of :class:`EmbeddedDatabase`, speaking the pymongo calls DocStore uses."""
+    """One collection of :class:`EmbeddedDatabase`, speaking the pymongo calls DocStore uses.
+
+    Rows of one table keyed by ``(collection, _id)``: ``_id`` lookups, ``$in`` and
+    ``$gt``/``$gte`` ranges are primary-key searches; any other filter pages through
+    the collection in ``_id`` order and applies mongomock's matcher to each document.
+    """
 
     def __init__(self, database: EmbeddedDatabase, name: str) -> None:
         self.database = database
         self.name = name
-        self._docs: dict[Any, dict[str, Any]] = {}
-        self._sorted_ids: list[Any] | None = None
-
-    def _replace_all(self, docs: dict[Any, dict[str, Any]]) -> None:
-        self._docs = docs
-        self._sorted_ids = None
-
-    def _current(self) -> dict[Any, dict[str, Any]]:
-        self.database.refresh()
-        return self._docs
-
-    def _ids_in_order(self, docs: dict[Any, dict[str, Any]]) -> list[Any]:
-        ids = self._sorted_ids
-        if ids is None or docs is not self._docs:
-            ids = sorted(docs)
-            if docs is self._docs:
-                self._sorted_ids = ids
-        return ids
 
     def find(
         self,
@@ -195,58 +220,105 @@ class EmbeddedCollection:
         sort: Sequence[tuple[str, int]] | None = None,
         limit: int = 0,
     ) -> Iterator[dict[str, Any]]:
-        """Matching documents (copies); ``_id`` lookups and ranges never scan."""
-        docs = self._current()
+        """Matching documents (fresh copies); ``_id`` lookups and ranges never scan."""
         direction = 0
         if sort:
             if len(sort) != 1 or sort[0][0] != "_id" or sort[0][1] not in (1, -1):
                 raise ValueError(f"the embedded store sorts by _id only, got {sort!r}")
             direction = sort[0][1]
-        found = self._select(docs, dict(filter or {}), direction)
-        for n, doc in enumerate(found, 1):
-            yield _copy(doc)
-            if limit and n >= limit:
-                return
+        return self._find(dict(filter or {}), direction, limit)
 
-    def _select(
-        self, docs: dict[Any, dict[str, Any]], flt: dict[str, Any], direction: int
-    ) -> Iterable[dict[str, Any]]:
-        fast = self._by_id(docs, flt["_id"], direction) if list(flt) == ["_id"] else None
-        if fast is not None:
-            return fast
-        ids = self._ids_in_order(docs) if direction else list(docs)
-        order = ids[::-1] if direction < 0 else ids
-        if not flt:
-            return (docs[i] for i in order)
-        return (docs[i] for i in order if filter_applies(flt, docs[i]))
-
-    def _by_id(
-        self, docs: dict[Any, dict[str, Any]], cond: Any, direction: int
-    ) -> Iterable[dict[str, Any]] | None:
-        """Equality, ``$in`` and ``$gt``/``$gte`` on ``_id`` without a scan (else None)."""
-        if not isinstance(cond, dict):
-            doc = docs.get(cond)
-            return [doc] if doc is not None else []
-        if set(cond) == {"$in"}:
-            wanted = list(dict.fromkeys(cond["$in"]))
+    def _find(self, flt: dict[str, Any], direction: int, limit: int) -> Iterator[dict[str, Any]]:
+        cond = flt.get("_id", _MISSING)
+        if list(flt) == ["_id"] and not isinstance(cond, dict):
+            if not isinstance(cond, str):
+                return  # only string ids are stored
+            row = self.database.fetch_one(
+                "SELECT doc FROM documents WHERE collection = ? AND _id = ?", (self.name, cond)
+            )
+            if row is not None:
+                yield _decode(row[0])
+            return
+        if list(flt) == ["_id"] and set(cond) == {"$in"}:
+            wanted = list(dict.fromkeys(i for i in cond["$in"] if isinstance(i, str)))
             if direction:
                 wanted.sort(reverse=direction < 0)
-            return [docs[i] for i in wanted if i in docs]
-        if set(cond) in ({"$gt"}, {"$gte"}):
-            ids = self._ids_in_order(docs)
-            bound = cond.get("$gt", cond.get("$gte"))
-            start = (bisect.bisect_right if "$gt" in cond else bisect.bisect_left)(ids, bound)
-            chosen = ids[start:] if direction >= 0 else ids[start:][::-1]
-            return (docs[i] for i in chosen if i in docs)
-        return None
+            found = self._texts(wanted)
+            chosen = [i for i in wanted if i in found]
+            for i in chosen[:limit] if limit else chosen:
+                yield _decode(found[i])
+            return
+        lower: tuple[str, str] | None = None
+        match: dict[str, Any] | None = flt or None
+        if (
+            list(flt) == ["_id"]
+            and set(cond) in ({"$gt"}, {"$gte"})
+            and isinstance(next(iter(cond.values())), str)
+        ):
+            lower = (">" if "$gt" in cond else ">=", next(iter(cond.values())))
+            match = None
+        yield from self._scan(lower, direction >= 0, limit, match)
+
+    def _texts(self, ids: Sequence[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for chunk in _chunks(ids):
+            marks = ",".join("?" * len(chunk))
+            found.update(
+                self.database.fetch_all(
+                    f"SELECT _id, doc FROM documents WHERE collection = ? AND _id IN ({marks})",
+                    (self.name, *chunk),
+                )
+            )
+        return found
+
+    def _scan(
+        self,
+        lower: tuple[str, str] | None,
+        ascending: bool,
+        limit: int,
+        match: dict[str, Any] | None,
+    ) -> Iterator[dict[str, Any]]:
+        # Keyset pages, each its own short read: no cursor (and no WAL snapshot) stays
+        # open while the caller consumes, so a slow consumer never holds up checkpoints.
+        page = min(limit, SCAN_PAGE) if limit and match is None else SCAN_PAGE
+        after: str | None = None
+        yielded = 0
+        while True:
+            where, params = ["collection = ?"], [self.name]
+            if lower is not None:
+                where.append(f"_id {lower[0]} ?")
+                params.append(lower[1])
+            if after is not None:
+                where.append("_id > ?" if ascending else "_id < ?")
+                params.append(after)
+            rows = self.database.fetch_all(
+                f"SELECT _id, doc FROM documents WHERE {' AND '.join(where)} "
+                f"ORDER BY _id {'ASC' if ascending else 'DESC'} LIMIT ?",
+                (*params, page),
+            )
+            for _, text in rows:
+                doc = _decode(text)
+                if match is None or filter_applies(match, doc):
+                    yield doc
+                    yielded += 1
+                    if limit and yielded >= limit:
+                        return
+            if len(rows) < page:
+                return
+            after = rows[-1][0]
 
     def find_one(self, filter: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
         return next(self.find(filter, limit=1), None)
 
     def estimated_document_count(self) -> int:
-        return len(self._current())
+        row = self.database.fetch_one(
+            "SELECT count(*) FROM documents WHERE collection = ?", (self.name,)
+        )
+        return int(row[0]) if row else 0
 
     def count_documents(self, filter: Mapping[str, Any]) -> int:
+        if not filter:
+            return self.estimated_document_count()
         return sum(1 for _ in self.find(filter))
 
     def bulk_write(
@@ -258,22 +330,29 @@ class EmbeddedCollection:
         upserted: list[dict[str, Any]] = []
         matched = modified = 0
         with self.database.write():
-            docs = self._docs
+            current = self._texts(list(dict.fromkeys(k for k, _, _ in recorder.replacements)))
+            changed: dict[str, str] = {}
             for index, (key, doc, upsert) in enumerate(recorder.replacements):
-                old = docs.get(key)
+                old = current.get(key)
                 if old is None and not upsert:
                     continue
-                doc["_id"] = key
+                # Encoded now: later changes by the caller cannot reach the store.
+                text = _encode(doc if "_id" in doc else {"_id": key, **doc})
                 if old is None:
                     upserted.append({"index": index, "_id": key})
-                    self._sorted_ids = None
                 else:
                     matched += 1
-                    if old == doc:
+                    # Same text, or same document in another field order: unchanged.
+                    if old == text or _decode(old) == _decode(text):
                         continue
                     modified += 1
-                docs[key] = doc
-                self.database.mark_dirty()
+                current[key] = changed[key] = text
+            if changed:
+                self.database.execute_many(
+                    "INSERT INTO documents (collection, _id, doc) VALUES (?, ?, ?) "
+                    "ON CONFLICT (collection, _id) DO UPDATE SET doc = excluded.doc",
+                    [(self.name, key, text) for key, text in changed.items()],
+                )
         return BulkWriteResult(
             {
                 "nInserted": 0,
@@ -289,11 +368,24 @@ class EmbeddedCollection:
         )
 
 
-Signature = tuple[int, int, int]
+Identity = tuple[int, int]  # (st_dev, st_ino) of the database file a connection opened
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS documents (collection TEXT NOT NULL, _id TEXT NOT NULL, "
+    "doc TEXT NOT NULL, PRIMARY KEY (collection, _id)) WITHOUT ROWID",
+)
 
 
 class EmbeddedDatabase:
-    """Collections in memory, persisted to one JSON file shared by every process."""
+    """Collections in one SQLite file (WAL mode) shared by every process.
+
+    Each thread reads through its own connection in autocommit mode, so a read sees the
+    last committed write of any process and costs one primary-key search, whatever the
+    size of the file. Writes go through one connection per process inside
+    :meth:`write`, one transaction each (``BEGIN IMMEDIATE``: SQLite's write lock
+    serialises writers across processes; WAL lets readers go on meanwhile).
+    """
 
     def __init__(
         self,
@@ -301,20 +393,30 @@ class EmbeddedDatabase:
         *,
         refresh_seconds: float = 1.0,
         lock_timeout_seconds: float = 600.0,
+        read_busy_seconds: float = READ_BUSY_SECONDS,
     ) -> None:
         self.path = Path(path)
+        if self.path.suffix == ".json":
+            raise DocStoreError(
+                f"{self.path}: the embedded store is a SQLite file; name it .sqlite (a "
+                ".json store of an earlier version beside it is imported on first open)"
+            )
+        self.legacy_path = self.path.with_suffix(".json")
         self.refresh_seconds = refresh_seconds
-        self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.lock_timeout_seconds = lock_timeout_seconds
-        self._file_lock: FileLock | None = None
-        self._mutex = threading.RLock()
+        self.read_busy_seconds = read_busy_seconds
+        self._open_lock = FileLock(
+            self.path.with_name(self.path.name + ".lock"), timeout=lock_timeout_seconds
+        )
+        self._mutex = threading.RLock()  # the write session and (re)opening the file
+        self._local = threading.local()  # each thread's read connection
         self._collections: dict[str, EmbeddedCollection] = {}
-        self._signature: Signature | None = None
-        self._loaded = False
+        self._conn: sqlite3.Connection | None = None  # this process's writer connection
+        self._identity: Identity | None = None
+        self._generation = 0  # bumped whenever another file is opened at the path
         self._checked_at = -math.inf
         self._writer: int | None = None  # thread id holding the write session
-        self._dirty = False
-        self.lost: str | None = None  # why the loaded file is gone, while it is
+        self.lost: str | None = None  # why the opened file is gone, while it is
 
     def __getitem__(self, name: str) -> EmbeddedCollection:
         with self._mutex:
@@ -329,195 +431,389 @@ class EmbeddedDatabase:
         self.refresh(force=True)
         if self.lost is not None:
             raise DocStoreError(self.lost)
+        self.fetch_one("SELECT value FROM meta WHERE key = 'format'", ())
         return {"ok": 1.0}
 
-    # -- reading
-    def _stat(self) -> Signature | None:
+    def close(self) -> None:
+        with self._mutex:
+            for conn in (self._conn, getattr(self._local, "conn", None)):
+                if conn is not None:
+                    conn.close()
+            self._conn = self._identity = None
+            self._local = threading.local()
+            self._generation += 1
+
+    # -- errors
+    def _corrupt(self, detail: str) -> DocStoreError:
+        return DocStoreError(
+            f"{self.path}: corrupt document store file ({detail}); restore it from "
+            "a backup, or move it away and run `recsys catalog load` again"
+        )
+
+    def _failure(self, exc: sqlite3.Error, op: str) -> DocStoreError:
+        text = str(exc)
+        if isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text):
+            return StoreUnavailable(
+                f"{self.path}: {op}: the database stayed locked ({text})", timeout=True
+            )
+        if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+            return self._corrupt(text)
+        return DocStoreError(f"{self.path}: {op} failed: {text}")
+
+    # -- opening and watching the file
+    def _connect(self, *, create: bool, busy_seconds: float) -> sqlite3.Connection:
+        mode = "rwc" if create else "rw"
+        conn = sqlite3.connect(
+            f"{self.path.resolve().as_uri()}?mode={mode}",
+            uri=True,
+            timeout=busy_seconds,
+            isolation_level=None,  # autocommit: every read sees the latest commit
+            check_same_thread=False,  # used under self._mutex, or by its own thread only
+            cached_statements=64,
+        )
+        try:
+            # FULL: each commit fsyncs the WAL, so a write acknowledged is on disk even
+            # after a power cut, as the JSON store's fsync-and-rename was (see module doc).
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _stat_identity(self) -> Identity | None:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
             return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
+        return (st.st_dev, st.st_ino)
+
+    def _open_file(self) -> None:
+        """(Re)open the file at the path: create it, or import a JSON store, if needed."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with self._open_lock:
+                if not self.path.exists():
+                    self._remove_orphans()
+                conn = self._connect(create=True, busy_seconds=self.lock_timeout_seconds)
+                try:
+                    conn.execute(f"PRAGMA cache_size = {WRITER_CACHE_KIB}")
+                    self._initialize(conn)
+                    identity = self._stat_identity()
+                except BaseException:
+                    conn.close()
+                    raise
+        except Timeout as exc:
+            raise DocStoreError(
+                f"{self._open_lock.lock_file}: held by another process for more than "
+                f"{self.lock_timeout_seconds:.0f}s"
+            ) from exc
+        except sqlite3.Error as exc:
+            raise self._failure(exc, "open") from exc
+        old, self._conn = self._conn, conn
+        if old is not None:
+            # SQLite neither checkpoints nor deletes the WAL when closing a connection
+            # whose file has been unlinked or replaced, so this cannot harm the new file.
+            old.close()
+        self._identity = identity
+        self._generation += 1
+        if self.lost is not None:
+            log.info("docstore_file_restored", path=str(self.path))
+            self.lost = None
+
+    def _initialize(self, conn: sqlite3.Connection) -> None:
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise
+            row = None
+        if row is None:
+            if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+                raise DocStoreError(f"{self.path}: SQLite refused WAL mode on this file system")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                foreign = conn.execute(
+                    "SELECT count(*) FROM sqlite_schema WHERE type = 'table' "
+                    "AND name NOT IN ('meta', 'documents')"
+                ).fetchone()[0]
+                if foreign:
+                    raise self._corrupt(f"not a {FILE_FORMAT} database")
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                row = conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+                imported = None
+                if row is None:  # another process did not initialize it meanwhile
+                    conn.executemany(
+                        "INSERT INTO meta (key, value) VALUES (?, ?)",
+                        [
+                            ("format", FILE_FORMAT),
+                            ("version", str(FILE_VERSION)),
+                            ("created_at", datetime.now(UTC).isoformat(timespec="seconds")),
+                        ],
+                    )
+                    imported = self._import_legacy(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            if imported is not None:
+                done = self.legacy_path.with_name(self.legacy_path.name + ".imported")
+                os.replace(self.legacy_path, done)
+                log.info(
+                    "docstore_imported", source=str(self.legacy_path), kept_as=str(done), **imported
+                )
+            return
+        if row[0] != FILE_FORMAT:
+            raise self._corrupt(f"not a {FILE_FORMAT} database")
+        version = conn.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
+        if version is None or version[0] != str(FILE_VERSION):
+            raise self._corrupt(f"unsupported version {version and version[0]!r}")
+
+    def _import_legacy(self, conn: sqlite3.Connection) -> dict[str, int] | None:
+        """The JSON store of earlier versions, into this new file, in its transaction."""
+        try:
+            data = self.legacy_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        contents = _parse_legacy(data, self.legacy_path)
+        for name, docs in contents.items():
+            conn.executemany(
+                "INSERT INTO documents (collection, _id, doc) VALUES (?, ?, ?)",
+                ((name, key, _encode(doc)) for key, doc in docs.items()),
+            )
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('imported_from', ?)", (str(self.legacy_path),)
+        )
+        return {name: len(docs) for name, docs in sorted(contents.items())}
+
+    def _remove_orphans(self) -> None:
+        """Drop the WAL and shared-memory files of a database file that is gone.
+
+        A WAL replayed onto another database file corrupts it, and a new file must not
+        share the wal-index of the deleted one that running processes still map. Called
+        with the open lock held and the database file absent.
+        """
+        for suffix in ("-wal", "-shm"):
+            orphan = self.path.with_name(self.path.name + suffix)
+            with contextlib.suppress(FileNotFoundError):
+                orphan.unlink()
+                log.warning("docstore_orphan_removed", path=str(orphan))
 
     def refresh(self, force: bool = False) -> None:
-        """Reload when another process replaced the file (checked at most every interval)."""
+        """Open the file on first use, then notice (at most every ``refresh_seconds``)
+        that it was deleted or replaced. Nothing is reloaded: reads go to SQLite."""
         if self._writer == threading.get_ident():
-            return  # inside our own write session, memory is ahead of the file
+            return  # inside our own write session, which checked when it began
         now = time.monotonic()
-        if not force and self._loaded and now - self._checked_at < self.refresh_seconds:
+        if self._conn is not None and not force and now - self._checked_at < self.refresh_seconds:
             return
-        signature = self._stat()
+        if self._conn is None:
+            with self._mutex:
+                if self._conn is None:
+                    self._open_file()
+            self._checked_at = now
+            return
+        identity = self._stat_identity()
         self._checked_at = now
-        if self._loaded and signature == self._signature:
+        if identity == self._identity:
             return
-        if self._loaded and signature is None and self._signature is not None:
-            self._mark_lost()  # keep answering from memory: a deleted file is not "empty"
-            return
-        # One thread reloads; the others keep answering from the previous data rather
-        # than queue behind a reload of a large catalogue (they wait only for the first).
-        if not self._mutex.acquire(blocking=force or not self._loaded):
-            return
-        try:
-            if self._loaded and self._stat() == self._signature:
+        with self._mutex:
+            identity = self._stat_identity()
+            if identity == self._identity:
                 return
-            self._load()
-        finally:
-            self._mutex.release()
+            if identity is None:
+                self._mark_lost()
+            else:
+                self._open_file()  # restored from a backup, or recreated by another process
+
+    def _held(self) -> dict[str, int]:
+        assert self._conn is not None
+        return dict(
+            self._conn.execute(
+                "SELECT collection, count(*) FROM documents GROUP BY collection ORDER BY 1"
+            ).fetchall()
+        )
 
     def _mark_lost(self) -> None:
         if self.lost is not None:
             return
-        held = {name: len(c._docs) for name, c in sorted(self._collections.items())}
+        held = self._held()
         self.lost = (
             f"{self.path}: the document store file was deleted; this process answers from "
-            f"the copy it loaded ({', '.join(f'{n} {k}' for k, n in held.items()) or 'empty'}); "
+            f"the copy it opened ({', '.join(f'{n} {k}' for k, n in held.items()) or 'empty'}); "
             "restore the file from a backup or run `recsys catalog load`"
         )
         log.error("docstore_file_missing", path=str(self.path), held=held)
+        with self._open_lock:
+            if not self.path.exists():
+                self._remove_orphans()
 
-    def _load(self) -> None:
+    # -- reading
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        if self._writer == threading.get_ident():
+            assert self._conn is not None
+            yield self._conn  # sees the session's own uncommitted writes
+            return
+        self.refresh()
+        local = self._local
+        conn: sqlite3.Connection | None = getattr(local, "conn", None)
+        if conn is not None and local.generation != self._generation:
+            conn.close()
+            conn = local.conn = None
+        if conn is None and self.lost is None:
+            generation = self._generation
+            try:
+                conn = self._connect(create=False, busy_seconds=self.read_busy_seconds)
+            except sqlite3.OperationalError:
+                conn = None  # deleted meanwhile: the next check marks it lost
+            local.conn, local.generation = conn, generation
+        if conn is not None:
+            yield conn
+            return
+        with self._mutex:  # the file is gone: read what the writer connection still holds
+            assert self._conn is not None
+            yield self._conn
+
+    def fetch_one(self, sql: str, params: Sequence[Any]) -> tuple[Any, ...] | None:
         try:
-            fh = open(self.path, "rb")  # noqa: SIM115 - fstat of the very file we read
-        except FileNotFoundError:
-            contents: dict[str, dict[Any, dict[str, Any]]] = {}
-            signature = None
-        else:
-            with fh:
-                st = os.fstat(fh.fileno())
-                signature = (st.st_ino, st.st_size, st.st_mtime_ns)
-                contents = self._parse(fh.read())
-        for name in set(self._collections) | set(contents):
-            self[name]._replace_all(contents.get(name, {}))
-        if self.lost is not None and signature is not None:
-            log.info("docstore_file_restored", path=str(self.path))
-            self.lost = None
-        self._signature = signature
-        self._loaded = True
-        self._checked_at = time.monotonic()
+            with self._reading() as conn:
+                return conn.execute(sql, params).fetchone()
+        except sqlite3.Error as exc:
+            raise self._failure(exc, "read") from exc
 
-    def _parse(self, data: bytes) -> dict[str, dict[Any, dict[str, Any]]]:
-        def corrupt(detail: str) -> DocStoreError:
-            return DocStoreError(
-                f"{self.path}: corrupt document store file ({detail}); restore it from a "
-                "backup, or move it away and run `recsys catalog load` again"
-            )
-
+    def fetch_all(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         try:
-            parsed = json_util.loads(data, json_options=_JSON_OPTIONS)
-        except json.JSONDecodeError as exc:
-            raise corrupt(f"invalid JSON at line {exc.lineno}, column {exc.colno}") from exc
-        except (UnicodeDecodeError, ValueError, TypeError) as exc:
-            raise corrupt(str(exc)) from exc
-        if not isinstance(parsed, dict) or parsed.get("format") != FILE_FORMAT:
-            raise corrupt(f"not a {FILE_FORMAT} file")
-        if parsed.get("version") != FILE_VERSION:
-            raise corrupt(f"unsupported version {parsed.get('version')!r}")
-        collections = parsed.get("collections")
-        if not isinstance(collections, dict):
-            raise corrupt("no collections")
-        contents: dict[str, dict[Any, dict[str, Any]]] = {}
-        for name, docs in collections.items():
-            if not isinstance(docs, list):
-                raise corrupt(f"collection {name!r} is not a list")
-            by_id: dict[Any, dict[str, Any]] = {}
-            for n, doc in enumerate(docs):
-                if not isinstance(doc, dict) or "_id" not in doc:
-                    raise corrupt(f"document {n} of {name!r} has no _id")
-                by_id[doc["_id"]] = doc
-            contents[name] = by_id
-        return contents
+            with self._reading() as conn:
+                return conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise self._failure(exc, "read") from exc
 
     # -- writing
-    def mark_dirty(self) -> None:
-        self._dirty = True
+    def execute_many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        if self._writer != threading.get_ident() or self._conn is None:
+            raise RuntimeError("execute_many outside a write session")
+        try:
+            self._conn.executemany(sql, rows)
+        except sqlite3.Error as exc:
+            raise self._failure(exc, "write") from exc
 
     @contextmanager
     def write(self) -> Iterator[None]:
-        """A write session: exclusive across processes, persisted once when it ends.
+        """A write session: one transaction, exclusive across processes.
 
-        A failure inside the session discards its changes: memory is reloaded from the
-        file, which still holds the last committed state.
+        A failure inside the session rolls it back, so the file keeps the last committed
+        state. A session in a process whose file was deleted first recreates the file
+        from what that process still holds.
         """
         if self._writer == threading.get_ident():
-            yield  # nested: the outer session persists
+            yield  # nested: the outer session commits
             return
         with self._mutex:
-            if self._file_lock is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._file_lock = FileLock(self.lock_path, timeout=self.lock_timeout_seconds)
+            conn = self._begin()
+            self._writer = threading.get_ident()
             try:
-                self._file_lock.acquire()
-            except Timeout as exc:
-                raise DocStoreError(
-                    f"{self.lock_path}: another writer held the document store lock for "
-                    f"more than {self.lock_timeout_seconds:.0f}s"
-                ) from exc
-            try:
-                self.refresh(force=True)
-                self._writer = threading.get_ident()
-                self._dirty = False
-                committed = False
-                try:
-                    yield
-                    if self._dirty:
-                        self._persist()
-                    committed = True
-                finally:
-                    self._writer = None
-                    if not committed and self._dirty:
-                        self._loaded = False  # the next access reloads the committed file
-                    self._dirty = False
+                yield
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise self._failure(exc, "commit") from exc
             finally:
-                self._file_lock.release()
+                self._writer = None
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
 
-    def _persist(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
-        header = {
-            "format": FILE_FORMAT,
-            "version": FILE_VERSION,
-            "saved_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-        }
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(orjson.dumps(header)[:-1] + b',"collections":{\n')
-                names = sorted(self._collections)
-                for i, name in enumerate(names):
-                    fh.write(orjson.dumps(name) + b":[\n")
-                    docs = list(self._collections[name]._docs.values())
-                    for start in range(0, len(docs), 10_000):
-                        chunk = docs[start : start + 10_000]
-                        if start:
-                            fh.write(b",\n")
-                        fh.write(
-                            b",\n".join(
-                                orjson.dumps(
-                                    d, default=_bson_default, option=orjson.OPT_PASSTHROUGH_DATETIME
-                                )
-                                for d in chunk
-                            )
-                        )
-                    fh.write(b"\n]" + (b",\n" if i < len(names) - 1 else b"\n"))
-                fh.write(b"}}\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self._signature = self._stat()
-        self._checked_at = time.monotonic()
-        if self.lost is not None:
-            log.warning(
-                "docstore_file_recreated",
-                path=str(self.path),
-                from_memory={n: len(c._docs) for n, c in sorted(self._collections.items())},
-            )
+    def _begin(self) -> sqlite3.Connection:
+        """BEGIN IMMEDIATE on the file now at the path (never on a deleted one)."""
+        for _ in range(3):
+            self.refresh(force=True)
+            if self.lost is not None:
+                self._recreate()
+            conn = self._conn
+            assert conn is not None
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if "locked" in str(exc) or "busy" in str(exc):
+                    raise DocStoreError(
+                        f"{self.path}: another writer held the document store for more "
+                        f"than {self.lock_timeout_seconds:.0f}s"
+                    ) from exc
+                raise self._failure(exc, "write") from exc
+            except sqlite3.Error as exc:
+                raise self._failure(exc, "write") from exc
+            # The wait for the write lock can be long: the file may have been deleted or
+            # replaced meanwhile, and a commit to a deleted file would be lost silently.
+            if self._stat_identity() == self._identity:
+                return conn
+            conn.execute("ROLLBACK")
+            self._checked_at = -math.inf
+        raise DocStoreError(f"{self.path}: the file kept changing under this writer")
+
+    def _recreate(self) -> None:
+        """Write what this process holds to a new file at the path (the old one is gone)."""
+        assert self._conn is not None
+        with self._open_lock:
+            if self.path.exists():  # restored by someone else meanwhile: use theirs
+                self._open_file()
+                return
+            self._remove_orphans()
+            held = self._held()
+            tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
+            try:
+                copy = sqlite3.connect(tmp)
+                try:
+                    self._conn.backup(copy)
+                finally:
+                    copy.close()
+                os.replace(tmp, self.path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             self.lost = None
+            self._open_file()
+        log.warning("docstore_file_recreated", path=str(self.path), from_memory=held)
+
+
+def _parse_legacy(data: bytes, path: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """The collections of a JSON store written by earlier versions (one JSON document)."""
+
+    def corrupt(detail: str) -> DocStoreError:
+        return DocStoreError(
+            f"{path}: corrupt document store file ({detail}); it was not imported: restore "
+            "it from a backup, or move it away and run `recsys catalog load` again"
+        )
+
+    try:
+        parsed = json_util.loads(data, json_options=_JSON_OPTIONS)
+    except json.JSONDecodeError as exc:
+        raise corrupt(f"invalid JSON at line {exc.lineno}, column {exc.colno}") from exc
+    except (UnicodeDecodeError, ValueError, TypeError) as exc:
+        raise corrupt(str(exc)) from exc
+    if not isinstance(parsed, dict) or parsed.get("format") != FILE_FORMAT:
+        raise corrupt(f"not a {FILE_FORMAT} file")
+    if parsed.get("version") != LEGACY_FILE_VERSION:
+        raise corrupt(f"unsupported version {parsed.get('version')!r}")
+    collections = parsed.get("collections")
+    if not isinstance(collections, dict):
+        raise corrupt("no collections")
+    contents: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, docs in collections.items():
+        if not isinstance(docs, list):
+            raise corrupt(f"collection {name!r} is not a list")
+        by_id: dict[str, dict[str, Any]] = {}
+        for n, doc in enumerate(docs):
+            if not isinstance(doc, dict) or not isinstance(doc.get("_id"), str):
+                raise corrupt(f"document {n} of {name!r} has no string _id")
+            by_id[doc["_id"]] = doc
+        contents[name] = by_id
+    return contents
 
 
 # ----------------------------------------------------------------------- the store
@@ -576,6 +872,8 @@ class DocStore:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+        if isinstance(self.database, EmbeddedDatabase):
+            self.database.close()
 
     # -- errors
     def _known_down(self) -> str | None:
@@ -623,7 +921,7 @@ class DocStore:
 
     # -- writes
     def batch(self) -> AbstractContextManager[None]:
-        """Group many upserts: the embedded store locks once and persists once at the end.
+        """Group many upserts: the embedded store writes them in one transaction.
 
         A real backend writes each bulk as it goes (upserts are idempotent, so a failed
         load is simply run again).
