@@ -395,13 +395,17 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(
         clients.join(timeout=30)
     assert clients.error is None and clients.clicks > 0
 
-    # The job variable's own query: Grafana lists the scraped job.
-    values = httpx.get(
-        f"{prometheus.url}/api/v1/label/job/values",
-        params={"match[]": "recsys_http_requests_total"},
-        timeout=10,
-    ).json()["data"]
-    assert JOB in values
+    # Each variable's own query (label values of a metric) lists the scraped job.
+    for dashboard in dashboards:
+        for variable in dashboard["templating"]["list"]:
+            query = variable["query"]
+            assert query["query"] == f"label_values({query['metric']},{query['label']})"
+            values = httpx.get(
+                f"{prometheus.url}/api/v1/label/{query['label']}/values",
+                params={"match[]": query["metric"]},
+                timeout=10,
+            ).json()["data"]
+            assert set(variable["current"]["value"]) <= set(values), (variable, values)
     # The promotion is seen as the served version, under its alias.
     info = prometheus.query_range(f'count by (alias, version) (recsys_model_info{{job="{JOB}"}})')
     assert {(s["metric"]["alias"], s["metric"]["version"]) for s in info["data"]["result"]} == {
