@@ -159,7 +159,7 @@ def test_the_dashboards_cover_what_operators_watch(dashboards: list[dict[str, An
         "latency percentiles": "job_route:recsys_http_request_duration_seconds:p99_5m",
         "errors": "job:recsys_http_5xx_ratio:rate5m",
         "fallback share": "job:recsys_fallback_share:rate5m",
-        "online CTR per model version": "sum by (model_version) (rate(recsys_clicks_total",
+        "online CTR per model version": "sum by (model_version) (increase(recsys_clicks_total",
         "promotions": "count by (alias, version) (recsys_model_info",
     }
     for what, expr in wanted.items():
