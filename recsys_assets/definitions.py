@@ -17,6 +17,7 @@ from recsys_assets.training.resources import TrainingConfig
 from recsys_assets.weblogs.assets import landing_weblogs, weblogs
 from recsys_assets.weblogs.freshness import weblog_freshness_sensor
 from recsys_assets.weblogs.sensors import landing_files_sensor, weblogs_job
+from recsys_serving.logging import configure_logging
 from recsys_serving.settings import Settings, get_settings
 
 
@@ -52,4 +53,7 @@ def make_definitions(settings: Settings) -> dg.Definitions:
     )
 
 
+# Code servers, run and step workers import this module: their structlog lines go through
+# the standard library, where Dagster captures the loggers dagster.yaml manages.
+configure_logging()
 defs = make_definitions(get_settings())

@@ -3,7 +3,8 @@
 # and .ci/run, so a newcomer's `make test` needs no other step and CI never skips a test
 # for a missing binary:
 #   postgresql               real server for the production Dagster instance (tests/pg_support.py)
-#   prometheus               promtool: check config/rules, rule unit tests
+#   prometheus               promtool: check config/rules, rule unit tests; the server the
+#                            Grafana dashboard queries are run against
 #   prometheus-alertmanager  amtool and the Alertmanager the routing test starts
 #   docker-registry          the OCI registry the promoted model image is pushed to
 #   chromium, chromium-driver, fonts-liberation   headless browser tests (text needs a font)

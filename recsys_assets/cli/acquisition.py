@@ -275,6 +275,7 @@ def collector(
     import uvicorn
 
     from recsys_serving.api.http import UVICORN_HTTP
+    from recsys_serving.logging import uvicorn_log_config
 
     uvicorn.run(
         "recsys_serving.api.app:collector_app",
@@ -284,6 +285,7 @@ def collector(
         port=port,
         workers=workers,
         log_level="warning",
+        log_config=uvicorn_log_config(),  # uvicorn's lines in the service's JSON format
     )
 
 

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from recsys_assets.cli import app
-from recsys_assets.cli.common import console, fail, summary
+from recsys_assets.cli.common import fail
 
 
 @app.command()
@@ -27,6 +27,13 @@ def serve(
         ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="Server log level.")] = "warning",
+    access_log: Annotated[
+        bool,
+        typer.Option(
+            envvar="RECSYS_ACCESS_LOG",
+            help="Log every request (one JSON line each, like every other log line).",
+        ),
+    ] = False,
 ) -> None:
     """Serve recommendations, /events, /admin, /healthz, /readyz and /metrics over HTTP."""
     # Every worker follows the registry (or the pinned --model-uri) on its own and swaps
@@ -34,6 +41,13 @@ def serve(
     # The workers read everything from the environment: settle it before they start.
     if model_uri:
         os.environ["RECSYS_MODEL_URI"] = model_uri
+    # A server's output is its log: every line, these included, is rendered by
+    # recsys_serving.logging (JSON unless RECSYS_LOG_FORMAT=console), and uvicorn's
+    # log_config gives each worker process the same handler.
+    from recsys_serving.logging import configure_logging, get_logger, uvicorn_log_config
+
+    configure_logging()
+    log = get_logger("recsys_assets.cli.serve")
     from recsys_serving.keys import KeyFile, KeyRing, KeyStoreError
     from recsys_serving.settings import Settings
 
@@ -53,17 +67,20 @@ def serve(
     source = settings.model_uri or f"registry in {settings.resolved_lake_uri}"
     active = [k for k in keyring.all_keys() if k.active]
     shown = "localhost" if host in {"0.0.0.0", "::"} else host
-    console.print(f"model source: {source}")
     if not settings.auth_enabled:
-        console.print("[yellow]auth disabled (RECSYS_AUTH_ENABLED=false): no API keys needed[/]")
+        log.warning("serve.auth_disabled", hint="RECSYS_AUTH_ENABLED=false: no API keys needed")
     elif not active:
-        console.print(
-            "[yellow]no API keys yet: every API call will get 401; create one with "
-            "`recsys keys create --scopes recommend,events`[/]"
+        log.warning(
+            "serve.no_api_keys",
+            hint="every API call will get 401; create a key with "
+            "`recsys keys create --scopes recommend,events`",
         )
-    summary(
-        f"recsys serving on http://{shown}:{port} with {workers} worker(s); "
-        f"API docs http://{shown}:{port}/docs"
+    log.info(
+        "serve.starting",
+        url=f"http://{shown}:{port}",
+        docs=f"http://{shown}:{port}/docs",
+        workers=workers,
+        model_source=source,
     )
     import uvicorn
 
@@ -78,7 +95,8 @@ def serve(
             port=port,
             workers=workers,
             log_level=log_level,
-            access_log=False,
+            log_config=uvicorn_log_config(),
+            access_log=access_log,
             timeout_graceful_shutdown=10,
         )
     finally:
