@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import mmap
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import ijson
+import numpy as np
 import orjson
 
 from recsys_serving.events.intake import EventIntake, IntakeResult, RawEvent
@@ -330,12 +333,32 @@ def _file_failed(report: IngestReport, message: str, cb: Callable[[str], None] |
 
 
 def count_lines(path: Path) -> int:
-    """A cheap upfront count for the progress bar (NDJSON only; arrays report as they go)."""
+    """A cheap upfront count for the progress bar (NDJSON only; arrays report as they go).
+
+    A plain file is counted through a memory map with numpy, never copied: on a
+    multi-GB log the read copy and ``bytes.count`` cost ~5% of the whole ingest.
+    """
+    if path.suffix != ".gz":
+        with path.open("rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if not size:
+                return 0
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                data = np.frombuffer(mm, dtype=np.uint8)
+                total = sum(
+                    int(np.count_nonzero(data[at : at + _COUNT_CHUNK] == 10))
+                    for at in range(0, size, _COUNT_CHUNK)
+                )
+                del data  # the map cannot close while numpy still views it
+            return total
     total = 0
     with _open(path) as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             total += chunk.count(b"\n")
     return total
+
+
+_COUNT_CHUNK = 1 << 22
 
 
 __all__ = ["IngestFileError", "IngestReport", "count_lines", "ingest_files"]

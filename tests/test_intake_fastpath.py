@@ -539,3 +539,13 @@ def test_the_block_reader_hands_over_every_whole_line_before_a_cut_gzip() -> Non
         for chunk, _ in ingest._ndjson_batches(fh):
             got += chunk
     assert 0 < len(got) < len(lines) and got == lines[: len(got)]
+
+
+@pytest.mark.parametrize("name", ["a.ndjson", "a.ndjson.gz", "empty.ndjson"])
+def test_count_lines_for_the_progress_bar_counts_newlines(tmp_path: Path, name: str) -> None:
+    from recsys_assets.ingest import count_lines
+
+    data = b"" if name.startswith("empty") else b"\xef\xbb\xbf{}\n\n{}\r\n" * 3 + b"{}"
+    f = tmp_path / name
+    f.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    assert count_lines(f) == data.count(b"\n")
