@@ -9,6 +9,10 @@ defaults apply) which is deleted afterwards.
 
     .venv/bin/python bench/ingest.py            # full run (~10 min on 2 cores)
     .venv/bin/python bench/ingest.py --quick    # smaller sizes, shorter load
+    # issue 13: recsys ingest of a 10M-event log, plain and .gz, this code beside a
+    # checkout of the previous one (the log is simulated once and kept in --bulk-files)
+    .venv/bin/python bench/ingest.py --only bulk --bulk-files /tmp/bulk10m \\
+        --baseline ../wt-main --out bench/results/ingest-bulk.json
 
 Results (figures + machine) are written as JSON next to this file; see RESULTS.md.
 """
@@ -496,6 +500,120 @@ def bench_ingest_file(root: Path, n_events: int) -> dict[str, Any]:
     return result
 
 
+# ------------------------------------------------------------------ bulk ingest (issue 13)
+_RUN = re.compile(
+    r"weblogs \S+: ([\d,]+) rows, ([\d,]+) quarantined.*?; checks (\d+)/(\d+) passed; "
+    r"run \w+ (succeeded|FAILED) in ([\d.]+)s"
+)
+LANDING_TARGET = 500_000.0
+END_TO_END_TARGET = 250_000.0
+
+
+def bulk_files(files_dir: Path, n_events: int, gz: bool) -> tuple[list[Path], float]:
+    """The simulated part files for ``n_events`` (kept in ``files_dir`` between runs, so
+    the old and the new code read the very same bytes), gzipped copies if asked."""
+    marker = files_dir / "events.txt"
+    plain = sorted((files_dir / "weblogs").glob("part-*.ndjson"))
+    sim_s = 0.0
+    if not (marker.exists() and marker.read_text().strip() == str(n_events) and plain):
+        plain, sim_s = simulate(files_dir, n_events)
+        marker.write_text(f"{n_events}\n")
+    if not gz:
+        return plain, sim_s
+    out = []
+    for path in plain:
+        target = path.with_name(path.name + ".gz")
+        if not target.exists():
+            say(f"gzip {path.name} (level 6, as log rotation writes it; not timed)")
+            tmp = target.with_name(target.name + ".tmp")
+            with path.open("rb") as src, tmp.open("wb") as dst:
+                subprocess.run(["gzip", "-6", "-c"], stdin=src, stdout=dst, check=True)
+            tmp.replace(target)
+        out.append(target)
+    return out, sim_s
+
+
+def bench_bulk_ingest(
+    root: Path,
+    n_events: int,
+    files_dir: Path | None,
+    formats: Sequence[str],
+    baseline: Path | None,
+    process: bool,
+) -> list[dict[str, Any]]:
+    """``recsys ingest`` of a large simulated log as an operator runs it: the landing
+    (validation, quarantine, fsync: the CLI's own "ingested ... in Xs") and, with
+    ``process``, the whole command including the ``weblogs`` run and its checks.
+
+    With ``baseline`` (a checkout of the previous code), every case runs twice in the
+    same session: the code of this tree, then the baseline's (``PYTHONPATH``).
+    """
+    files_dir = files_dir or root / "files"
+    files_dir.mkdir(parents=True, exist_ok=True)
+    variants = [("new", None)] + ([("old", baseline)] if baseline else [])
+    rows = []
+    for fmt in formats:
+        files, _ = bulk_files(files_dir, n_events, gz=fmt == "gz")
+        for variant, code in variants:
+            home = root / f"{variant}-{fmt}"
+            home.mkdir(parents=True)
+            env = isolated_env(home)
+            if code is not None:
+                env["PYTHONPATH"] = str(code)
+            cmd: list[str | Path] = [RECSYS, "ingest", *files]
+            if not process:
+                cmd.append("--no-process")
+            load = load_average()
+            say(f"[{variant} code, {fmt}] recsys ingest of {n_events:,} events; load {load}")
+            m = run_measured(cmd, env)
+            figures = _ingest_figures(m)
+            runs = _RUN.findall(m.stdout)
+            landed_lines = count_lines(home / "lake" / "landing")
+            intake_ok = (
+                figures["received"] == n_events
+                and figures["landed"] + figures["quarantined"] == n_events
+                and landed_lines == figures["landed"]
+            )
+            row: dict[str, Any] = {
+                "code": variant,
+                "format": fmt,
+                "events": n_events,
+                "landed": figures["landed"],
+                "quarantined": figures["quarantined"],
+                "landing_s": figures["cli_s"],
+                "landing_events_per_s": rate(n_events, figures["cli_s"]),
+                "wall_s": m.wall_s,
+                "wall_events_per_s": rate(n_events, m.wall_s),
+                "peak_rss_mib": m.max_rss_mib,
+                "cpu_s": m.cpu_s,
+                "load_before": load,
+                "command": "recsys ingest "
+                + " ".join(p.name for p in files)
+                + ("" if process else " --no-process"),
+            }
+            if process:
+                weblog_rows = sum(int(r[0].replace(",", "")) for r in runs)
+                weblog_q = sum(int(r[1].replace(",", "")) for r in runs)
+                row.update(
+                    run_s=sum(float(r[5]) for r in runs),
+                    weblog_rows=weblog_rows,
+                    weblog_quarantined=weblog_q,
+                    checks=", ".join(f"{r[2]}/{r[3]}" for r in runs),
+                    runs_ok=bool(runs) and all(r[4] == "succeeded" for r in runs),
+                )
+                intake_ok = intake_ok and weblog_rows + weblog_q == figures["landed"]
+            row["accounting_ok"] = intake_ok and m.returncode == 0
+            rows.append(row)
+            say(
+                f"[{variant} code, {fmt}] landing {row['landing_events_per_s']:,.0f} events/s "
+                f"({row['landing_s']:.1f}s), whole command {row['wall_events_per_s']:,.0f} "
+                f"events/s ({row['wall_s']:.1f}s), peak RSS {row['peak_rss_mib']:,.0f} MiB, "
+                f"accounting {'ok' if row['accounting_ok'] else 'MISMATCH'}"
+            )
+            shutil.rmtree(home, ignore_errors=True)
+    return rows
+
+
 _PROCESSED = re.compile(
     r"weblogs \S+: ([\d,]+) rows, ([\d,]+) quarantined; checks (\d+)/(\d+) passed; "
     r"run \w+ (succeeded|FAILED) in ([\d.]+)s"
@@ -681,6 +799,33 @@ def report(results: dict[str, Any]) -> str:
                 ],
             )
         )
+    if results.get("bulk"):
+        rows = [
+            [
+                f"{r['code']} {r['format']}",
+                f"{r['landing_events_per_s']:,.0f}",
+                f"{r['landing_s']:.1f}",
+                f"{r.get('run_s', 0):.1f}",
+                f"{r['wall_events_per_s']:,.0f}",
+                f"{r['wall_s']:.1f}",
+                f"{r['peak_rss_mib']:,.0f}",
+                f"{r['landed']:,}+{r['quarantined']:,}",
+                "ok" if r["accounting_ok"] else "MISMATCH",
+                str(r["load_before"]),
+            ]
+            for r in results["bulk"]
+        ]
+        parts.append(
+            _table(
+                f"4. bulk recsys ingest ({results['bulk'][0]['events']:,} events)",
+                [
+                    *("code, format", "landing ev/s", "landing s", "run s"),
+                    *("whole ev/s", "wall s", "peak RSS MiB", "landed+quarantined"),
+                    *("accounting", "load before"),
+                ],
+                rows,
+            )
+        )
     if results.get("process"):
         p = results["process"]
         b = p["weblogs_asset"]
@@ -740,6 +885,17 @@ def summary_line(results: dict[str, Any]) -> str:
         bits[-1] += f" (target 50k {'met' if best >= COLLECTOR_TARGET else 'MISSED'})"
     if results.get("ingest_file"):
         bits.append(f"ingest {results['ingest_file']['events_per_s']:,.0f} ev/s")
+    for r in results.get("bulk", []):
+        bits.append(
+            f"bulk {r['code']} {r['format']}: landing {r['landing_events_per_s']:,.0f} ev/s "
+            f"(target 500k {'met' if r['landing_events_per_s'] >= LANDING_TARGET else 'MISSED'})"
+            + (
+                f", whole {r['wall_events_per_s']:,.0f} ev/s (target 250k "
+                f"{'met' if r['wall_events_per_s'] >= END_TO_END_TARGET else 'MISSED'})"
+                if "run_s" in r
+                else ""
+            )
+        )
     if results.get("process"):
         a = results["process"]["process_partitions"]
         b = results["process"]["weblogs_asset"]
@@ -757,7 +913,11 @@ def summary_line(results: dict[str, Any]) -> str:
         )
     accounting = all(
         r.get("accounting_ok", True)
-        for r in [*results.get("collector", []), results.get("ingest_file", {})]
+        for r in [
+            *results.get("collector", []),
+            results.get("ingest_file", {}),
+            *results.get("bulk", []),
+        ]
     )
     bits.append("accounting ok" if accounting else "ACCOUNTING MISMATCH")
     return "ingest bench: " + "; ".join(bits)
@@ -771,7 +931,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1M events to process, 5s load")
     parser.add_argument(
         "--only",
-        choices=["collector", "ingest", "process"],
+        choices=["collector", "ingest", "process", "bulk"],
         action="append",
         help="run only these scenarios (repeatable)",
     )
@@ -782,6 +942,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ingest-events", type=int, default=1_000_000)
     parser.add_argument("--process-events", type=int, help="10M (quick: 1M)")
     parser.add_argument("--profile", type=int, default=0, help="cProfile top N of (a)")
+    parser.add_argument(
+        "--bulk-events", type=int, default=10_000_000, help="bulk: events in the log (10M)"
+    )
+    parser.add_argument(
+        "--bulk-formats", nargs="+", choices=["plain", "gz"], default=["plain", "gz"]
+    )
+    parser.add_argument(
+        "--bulk-no-process", action="store_true", help="bulk: landing only (--no-process)"
+    )
+    parser.add_argument(
+        "--bulk-files",
+        type=Path,
+        help="bulk: keep the simulated log here and reuse it across runs",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="bulk: a checkout of the previous code, run beside this one (PYTHONPATH)",
+    )
     parser.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--out", type=Path, help="JSON results (default bench/results/...)")
     args = parser.parse_args(argv)
@@ -798,6 +977,7 @@ def main(argv: list[str] | None = None) -> int:
 
     largest = max(
         args.ingest_events if "ingest" in only else 0,
+        args.bulk_events if "bulk" in only else 0,
         process_events if "process" in only else 0,
     )
     need = largest * DISK_BYTES_PER_EVENT
@@ -832,6 +1012,20 @@ def main(argv: list[str] | None = None) -> int:
         steps.append(("ingest_file", lambda r: bench_ingest_file(r, args.ingest_events)))
     if "process" in only:
         steps.append(("process", lambda r: bench_process(r, process_events, args.profile)))
+    if "bulk" in only:
+        steps.append(
+            (
+                "bulk",
+                lambda r: bench_bulk_ingest(
+                    r,
+                    args.bulk_events,
+                    args.bulk_files,
+                    args.bulk_formats,
+                    args.baseline,
+                    not args.bulk_no_process,
+                ),
+            )
+        )
     try:
         for name, step in steps:
             scenario_root = root / name

@@ -79,6 +79,7 @@ class _OpenSegment:
     seq: int
     opened_at: float
     size: int = 0
+    dirty: bool = False  # written since its last fsync
 
 
 class SegmentWriter:
@@ -111,7 +112,11 @@ class SegmentWriter:
     def _sealed_key(self, date: str, seq: int) -> str:
         return f"{self.area}/date={date}/{self._next_ns():019d}-{self.writer_id}-{seq:06d}.ndjson"
 
-    def append(self, by_date: dict[str, bytes]) -> None:
+    def append(self, by_date: dict[str, bytes], sync: bool = True) -> None:
+        """Append each date's bytes; durable on return unless ``sync`` is False, in
+        which case :meth:`flush` (or sealing the segment) makes it durable later: one
+        fsync per segment instead of one per batch, for a bulk load that reports
+        success only after flushing."""
         by_date = {d: b for d, b in by_date.items() if b}
         if not by_date:
             return
@@ -129,9 +134,20 @@ class SegmentWriter:
                     written = os.write(seg.fd, view)
                     view = view[written:]
                 seg.size += len(data)
+                seg.dirty = True
                 touched.append(seg)
-            for seg in touched:
-                os.fsync(seg.fd)
+            if sync:
+                for seg in touched:
+                    os.fsync(seg.fd)
+                    seg.dirty = False
+
+    def flush(self) -> None:
+        """fsync every open segment written since its last fsync."""
+        with self._lock:
+            for seg in self._open.values():
+                if seg.dirty:
+                    os.fsync(seg.fd)
+                    seg.dirty = False
 
     def _segment_for(self, date: str, incoming: int) -> _OpenSegment:
         seg = self._open.get(date)
@@ -163,6 +179,9 @@ class SegmentWriter:
             if seg.size == 0 or not seg.path.exists():
                 seg.path.unlink(missing_ok=True)
                 return
+            if seg.dirty:
+                os.fsync(seg.fd)  # a sealed segment is always durable
+                seg.dirty = False
             assert self._local_root is not None
             target = self._local_root / self._sealed_key(date, seg.seq)
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -12,14 +12,18 @@ import json
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
+from operator import itemgetter
 from typing import Any
 
+import msgspec
+import numpy as np
 import orjson
 from pydantic import ValidationError
 
+from recsys_serving.events import fastpath
 from recsys_serving.events.schema import (
     Limits,
     WeblogEvent,
@@ -122,24 +126,68 @@ class RecentIds:
     """A bounded memory of accepted event ids, to answer a retried batch precisely.
 
     The weblogs asset deduplicates exactly per partition; this cache only lets the
-    collector tell a client at once that it resent something.
+    collector tell a client at once that it resent something. Ids are kept per batch
+    (a list each, oldest first) beside one set, so a batch is checked and remembered
+    with a few set operations instead of one per id; the oldest are forgotten first.
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._ids: set[str] = set()
-        self._order: deque[str] = deque()
+        self._batches: deque[list[str]] = deque()
 
     def __contains__(self, event_id: str) -> bool:
         return event_id in self._ids
 
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def isdisjoint(self, event_ids: Iterable[str]) -> bool:
+        return self._ids.isdisjoint(event_ids)
+
     def add(self, event_id: str) -> None:
-        if self.capacity <= 0 or event_id in self._ids:
+        self.add_batch([event_id])
+
+    def add_batch(self, event_ids: list[str]) -> None:
+        """Remember a batch's accepted ids (in acceptance order)."""
+        if self.capacity <= 0 or not event_ids:
             return
-        self._ids.add(event_id)
-        self._order.append(event_id)
-        if len(self._order) > self.capacity:
-            self._ids.discard(self._order.popleft())
+        if not self._ids.isdisjoint(event_ids) or len(set(event_ids)) != len(event_ids):
+            event_ids = [i for i in dict.fromkeys(event_ids) if i not in self._ids]
+        if len(event_ids) >= self.capacity:
+            kept = event_ids[len(event_ids) - self.capacity :]
+            self._ids = set(kept)
+            self._batches = deque([kept])
+            return
+        self._ids.update(event_ids)
+        self._batches.append(event_ids)
+        excess = len(self._ids) - self.capacity
+        while excess > 0:
+            oldest = self._batches[0]
+            if len(oldest) <= excess:
+                self._batches.popleft()
+                self._ids.difference_update(oldest)
+                excess -= len(oldest)
+            else:
+                self._ids.difference_update(oldest[:excess])
+                self._batches[0] = oldest[excess:]
+                excess = 0
+
+
+@dataclass(slots=True)
+class _Rejection:
+    at: int  # position in the batch
+    code: str
+    reason: str
+    event_id: Any = None
+
+
+@dataclass(slots=True)
+class _Accepted:
+    at: int
+    event_id: str
+    ts: float
+    line: Any  # a fast-path Struct, or the contract path's landing line as msgspec.Raw
 
 
 class EventIntake:
@@ -158,101 +206,239 @@ class EventIntake:
         self.recent = RecentIds(settings.dedup_cache_size)
         self._recent_lock = threading.Lock()
         self._epoch = datetime.combine(settings.catalog_epoch, datetime.min.time(), UTC).timestamp()
+        self._days: dict[int, str] = {}
 
-    def submit(self, events: Iterable[RawEvent], source: str) -> IntakeResult:
-        """Validate a batch, make it durable, and report exactly what happened to each event."""
-        result = IntakeResult()
-        landed: dict[str, list[bytes]] = {}
-        quarantined: list[bytes] = []
+    def submit(self, events: Iterable[RawEvent], source: str, *, sync: bool = True) -> IntakeResult:
+        """Validate a batch, make it durable, and report exactly what happened to each event.
+
+        ``sync=False``: as for :meth:`submit_lines`."""
+        batch = events if isinstance(events, list) else list(events)
+        raw = [i for i, ev in enumerate(batch) if ev.parsed is None and ev.raw]
+        lines = [batch[i].raw for i in raw]
+        return self._submit(
+            len(batch),
+            lines,
+            raw,
+            lambda i: batch[i],
+            source,
+            sync=sync,
+        )
+
+    def submit_lines(
+        self,
+        lines: Sequence[bytes],
+        locate: Callable[[int], str],
+        source: str,
+        *,
+        sync: bool = True,
+    ) -> IntakeResult:
+        """:meth:`submit` for non-blank NDJSON lines (``locate(i)`` names line ``i`` in a
+        rejection), without building an event object per line.
+
+        ``sync=False`` leaves the fsync to :meth:`flush` or :meth:`close` (a bulk
+        ingest makes its data durable once, before it reports success, instead of
+        once per batch); the collector keeps ``sync=True``: durable before its 202.
+        """
+        return self._submit(
+            len(lines),
+            lines,
+            range(len(lines)),
+            lambda i: RawEvent(locate(i), lines[i]),
+            source,
+            sync=sync,
+        )
+
+    def _submit(
+        self,
+        n: int,
+        lines: Sequence[bytes],
+        line_at: Sequence[int],
+        event_at: Callable[[int], RawEvent],
+        source: str,
+        *,
+        sync: bool,
+    ) -> IntakeResult:
+        """The one intake: raw lines through the compiled fast path, everything it does
+        not accept (and every already-parsed item) through the pydantic contract, then
+        duplicates, partitions and durable writes, in the order the events came."""
+        result = IntakeResult(received=n)
         now = time.time()
         arrival_day = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
         latest_ok = now + self.settings.future_tolerance_seconds
         max_event = self.settings.max_event_bytes
         limits = Limits.from_settings(self.settings, now=now)
-        batch_ids: set[str] = set()
 
-        def reject(ev: RawEvent, code: str, reason: str, event_id: Any = None) -> None:
-            result.reject(ev.locator, code, reason, event_id)
-            raw = ev.raw if ev.raw else reserialize(ev.parsed)
-            quarantined.append(quarantine_record(raw, reason, code, source, ev.locator))
+        fast = fastpath.validate(lines, limits, max_event)
+        if len(line_at) == n and isinstance(line_at, range):
+            positions = fast.positions
+            slow = fast.rest
+        else:
+            positions = [line_at[k] for k in fast.positions]
+            in_fast = set(positions)
+            slow = [i for i in range(n) if i not in in_fast]
+        rejected: list[_Rejection] = []
+        accepted: list[_Accepted] = []
+        for i in slow:
+            outcome = self._contract(event_at(i), limits, max_event)
+            if isinstance(outcome, _Rejection):
+                outcome.at = i
+                rejected.append(outcome)
+            else:
+                outcome.at = i
+                accepted.append(outcome)
+
+        at, ids, ts, items = positions, fast.event_ids, fast.ts, fast.events
+        if accepted:
+            merged = sorted([*map(_Accepted, at, ids, ts, items), *accepted], key=lambda a: a.at)
+            at = [a.at for a in merged]
+            ids = [a.event_id for a in merged]
+            ts = [a.ts for a in merged]
+            items = [a.line for a in merged]
 
         with self._recent_lock:
-            for ev in events:
-                result.received += 1
-                obj = ev.parsed
-                # No bytes means an item of a parsed array (blank lines never get here),
-                # so a None there is the JSON null it holds, not "still to parse".
-                if obj is None and ev.raw:
-                    if len(ev.raw) > max_event:
-                        reject(ev, "too_large", f"event larger than {max_event} bytes")
-                        continue
-                    if not ev.raw.strip():
-                        reject(ev, "empty", "empty line")
-                        continue
-                    try:
-                        obj = orjson.loads(ev.raw)
-                    except orjson.JSONDecodeError as exc:
-                        code, reason = _json_error(ev.raw, exc)
-                        reject(ev, code, reason)
-                        continue
-                if not isinstance(obj, dict):
-                    reject(ev, "not_an_object", f"event must be a JSON object, got {_kind(obj)}")
-                    continue
-                try:
-                    event = WeblogEvent.model_validate(obj, context=limits)
-                    line = orjson.dumps(normalize(event)) + b"\n"
-                except ValidationError as exc:
-                    reject(ev, error_code(exc), describe_error(exc), obj.get("event_id"))
-                    continue
-                except Exception as exc:  # one event never fails its batch
-                    # The contract should have refused it; whatever slipped through is
-                    # still accounted for (quarantined with its bytes), never a 500.
-                    log.warning("intake.unexpected_rejection", at=ev.locator, error=repr(exc))
-                    reject(
-                        ev, "invalid_event", f"cannot be stored: {type(exc).__name__}: {exc}"[:300]
-                    )
-                    continue
-                if event.event_id in self.recent or event.event_id in batch_ids:
-                    reject(
-                        ev,
-                        "duplicate_event_id",
-                        f"event_id {event.event_id!r} was already accepted",
-                        event.event_id,
-                    )
-                    continue
-                batch_ids.add(event.event_id)
-                # Out-of-range timestamps land under the arrival date so the weblogs
-                # asset quarantines them with the business rule that explains why.
-                day = _day(event.ts) if self._epoch <= event.ts <= latest_ok else arrival_day
-                landed.setdefault(day, []).append(line)
-                result.accepted += 1
+            # A resent event (its id accepted before, or earlier in this batch) is
+            # refused; in the usual batch there is none, which two set operations show.
+            if len(set(ids)) != len(ids) or not self.recent.isdisjoint(ids):
+                seen: set[str] = set()
+                keep = []
+                for k, event_id in enumerate(ids):
+                    if event_id in self.recent or event_id in seen:
+                        rejected.append(
+                            _Rejection(
+                                at[k],
+                                "duplicate_event_id",
+                                f"event_id {event_id!r} was already accepted",
+                                event_id,
+                            )
+                        )
+                    else:
+                        seen.add(event_id)
+                        keep.append(k)
+                at = [at[k] for k in keep]
+                ids = [ids[k] for k in keep]
+                ts = [ts[k] for k in keep]
+                items = [items[k] for k in keep]
+
+            landed = self._by_day(items, ts, latest_ok, arrival_day)
+            quarantined = b""
+            if rejected:
+                rejected.sort(key=lambda r: r.at)
+                records = []
+                for r in rejected:
+                    ev = event_at(r.at)
+                    result.reject(ev.locator, r.code, r.reason, r.event_id)
+                    raw = ev.raw if ev.raw else reserialize(ev.parsed)
+                    records.append(quarantine_record(raw, r.reason, r.code, source, ev.locator))
+                quarantined = b"".join(records)
             # Durable before answering: quarantine first so a crash between the two
             # writes can only duplicate a rejection, never lose an accepted event.
             if quarantined:
-                self.quarantine.append({arrival_day: b"".join(quarantined)})
-            self.landing.append({d: b"".join(lines) for d, lines in landed.items()})
-            for event_id in batch_ids:
-                self.recent.add(event_id)
-            for day in landed:
-                result.days.add(day)
+                self.quarantine.append({arrival_day: quarantined}, sync=sync)
+            self.landing.append(landed, sync=sync)
+            self.recent.add_batch(ids)
+            result.accepted = len(ids)
+            result.days.update(landed)
         return result
+
+    def _contract(self, ev: RawEvent, limits: Limits, max_event: int) -> _Rejection | _Accepted:
+        """One event through the pydantic contract: the reference for every decision."""
+        obj = ev.parsed
+        # No bytes means an item of a parsed array (blank lines never get here),
+        # so a None there is the JSON null it holds, not "still to parse".
+        if obj is None and ev.raw:
+            if len(ev.raw) > max_event:
+                return _Rejection(0, "too_large", f"event larger than {max_event} bytes")
+            if not ev.raw.strip():
+                return _Rejection(0, "empty", "empty line")
+            try:
+                obj = orjson.loads(ev.raw)
+            except orjson.JSONDecodeError as exc:
+                code, reason = _json_error(ev.raw, exc)
+                return _Rejection(0, code, reason)
+        if not isinstance(obj, dict):
+            return _Rejection(0, "not_an_object", f"event must be a JSON object, got {_kind(obj)}")
+        try:
+            event = WeblogEvent.model_validate(obj, context=limits)
+            line = orjson.dumps(normalize(event))
+        except ValidationError as exc:
+            return _Rejection(0, error_code(exc), describe_error(exc), obj.get("event_id"))
+        except Exception as exc:  # one event never fails its batch
+            # The contract should have refused it; whatever slipped through is
+            # still accounted for (quarantined with its bytes), never a 500.
+            log.warning("intake.unexpected_rejection", at=ev.locator, error=repr(exc))
+            return _Rejection(
+                0, "invalid_event", f"cannot be stored: {type(exc).__name__}: {exc}"[:300]
+            )
+        return _Accepted(0, event.event_id, event.ts, msgspec.Raw(line))
+
+    def _by_day(
+        self, items: list[Any], ts: list[float], latest_ok: float, arrival_day: str
+    ) -> dict[str, bytes]:
+        """Accepted events as NDJSON per event date, in arrival order.
+
+        Out-of-range timestamps land under the arrival date so the weblogs asset
+        quarantines them with the business rule that explains why. Dates come from
+        whole-batch arithmetic; the few events within 10 us before a midnight (where
+        ``fromtimestamp`` rounds to the next day) are dated by ``_day`` itself.
+        """
+        if not items:
+            return {}
+        seconds = np.asarray(ts, dtype=np.float64)
+        index = np.floor_divide(seconds, 86_400.0)
+        inside = (seconds >= self._epoch) & (seconds <= latest_ok)
+        exact = inside & ((index + 1.0) * 86_400.0 - seconds >= 1e-5)
+        if exact.all() and index.min() == index.max():
+            return {self._date(int(index[0])): fastpath.encode_lines(items)}
+        codes = index.astype(np.int64)
+        codes[~inside] = _day_index(arrival_day)
+        for k in np.flatnonzero(inside & ~exact).tolist():
+            codes[k] = _day_index(_day(ts[k]))
+        order = np.argsort(codes, kind="stable")  # arrival order within a date
+        cuts = np.flatnonzero(np.diff(codes[order])) + 1
+        landed = {}
+        for group in np.split(order, cuts):
+            picked = group.tolist()
+            day = self._date(int(codes[picked[0]]))
+            landed[day] = fastpath.encode_lines(
+                itemgetter(*picked)(items) if len(picked) > 1 else [items[picked[0]]]
+            )
+        return landed
+
+    def _date(self, index: int) -> str:
+        day = self._days.get(index)
+        if day is None:
+            day = self._days[index] = _day(index * 86_400.0)
+        return day
 
     def quarantine_raw(self, raw: bytes, code: str, reason: str, source: str, locator: str) -> None:
         """Keep bytes that never became events (an unparseable body, a cut-off file tail)."""
         day = datetime.now(UTC).strftime("%Y-%m-%d")
         self.quarantine.append({day: quarantine_record(raw, reason, code, source, locator)})
 
+    def flush(self) -> None:
+        """Make everything appended so far durable (quarantine first, as in a batch)."""
+        self.quarantine.flush()
+        self.landing.flush()
+
     def seal_expired(self) -> None:
         self.landing.seal_expired()
         self.quarantine.seal_expired()
 
     def close(self) -> None:
-        self.landing.close()
         self.quarantine.close()
+        self.landing.close()
 
 
 def _day(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+
+
+_EPOCH_DATE = date(1970, 1, 1)
+
+
+def _day_index(day: str) -> int:
+    """Days since 1970-01-01 of an ISO date (what ``_date`` turns back into it)."""
+    return (date.fromisoformat(day) - _EPOCH_DATE).days
 
 
 def _kind(obj: Any) -> str:

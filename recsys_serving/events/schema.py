@@ -257,6 +257,34 @@ def _check_context(value: Any, info: ValidationInfo) -> Any:
     return value
 
 
+def coerce_timestamp(value: Any) -> float:
+    """Epoch seconds of an RFC 3339 string or a number, exactly as the contract reads
+    ``ts`` (the bulk fast path parses the forms msgspec cannot with this)."""
+    return _coerce_ts(value)
+
+
+def clean_context_bytes(value: Any, limits: Limits) -> bytes | None:
+    """``value`` serialized as a landing line holds it when the contract accepts it as
+    ``context``; None when the contract refuses it (its validator then says why).
+
+    The same checks as ``_check_context`` in the same order, for the bulk fast path.
+    """
+    if not isinstance(value, dict):
+        return None
+    try:
+        data = orjson.dumps(value)
+    except (orjson.JSONEncodeError, TypeError):
+        return None
+    if len(data) > limits.context_max_bytes:
+        return None
+    try:
+        if _json_problem(value, limits.context_max_depth) is not None:
+            return None
+    except ValueError:
+        return None
+    return data
+
+
 Id = Annotated[
     str,
     BeforeValidator(_coerce_id),
