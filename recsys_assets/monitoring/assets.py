@@ -65,7 +65,8 @@ def alert_decision(notifier: NotifierResource, decision: Decision, key: str) -> 
     return delivery_metadata(results)
 
 
-def _value(metadata: Any, key: str) -> Any:
+def metadata_value(metadata: Any, key: str) -> Any:
+    """A materialization's metadata entry as a plain value (or None)."""
     raw = metadata.get(key)
     return getattr(raw, "value", raw)
 
@@ -74,7 +75,7 @@ def evaluation_for(
     instance: dg.DagsterInstance, version: str, registered: dict[str, Any]
 ) -> EvaluationOutcome | None:
     """What ``model_evaluation`` said about ``version`` (newest evaluation that names it)."""
-    if _value(registered, "decision"):
+    if metadata_value(registered, "decision"):
         return _outcome(version, registered, None)
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=EVALUATION), limit=50
@@ -83,7 +84,7 @@ def evaluation_for(
         mat = record.asset_materialization
         if mat is None:
             continue
-        if _value(mat.metadata, "challenger_version") == version:
+        if metadata_value(mat.metadata, "challenger_version") == version:
             return _outcome(version, mat.metadata, record.run_id)
     return None
 
@@ -95,13 +96,13 @@ def registration_of(instance: dg.DagsterInstance, version: str) -> dict[str, Any
     ).records
     for record in records:
         mat = record.asset_materialization
-        if mat is not None and _value(mat.metadata, "version") == version:
+        if mat is not None and metadata_value(mat.metadata, "version") == version:
             return dict(mat.metadata)
     return None
 
 
 def _outcome(version: str, meta: Any, run_id: str | None) -> EvaluationOutcome:
-    metrics = _value(meta, "metrics")
+    metrics = metadata_value(meta, "metrics")
     if isinstance(metrics, str):
         try:
             metrics = orjson.loads(metrics)
@@ -109,9 +110,9 @@ def _outcome(version: str, meta: Any, run_id: str | None) -> EvaluationOutcome:
             metrics = {"raw": metrics}
     return EvaluationOutcome(
         version=version,
-        decision=str(_value(meta, "decision") or ""),
-        reason=str(_value(meta, "decision_reason") or ""),
-        production_version=_value(meta, "production_version") or None,
+        decision=str(metadata_value(meta, "decision") or ""),
+        reason=str(metadata_value(meta, "decision_reason") or ""),
+        production_version=metadata_value(meta, "production_version") or None,
         metrics=metrics if isinstance(metrics, dict) else {},
         run_id=run_id,
     )

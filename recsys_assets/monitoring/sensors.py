@@ -41,6 +41,7 @@ from recsys_assets.monitoring.assets import (
     alert_decision,
     canary_job,
     evaluation_for,
+    metadata_value,
     monitoring_job,
 )
 from recsys_assets.monitoring.config import ClosedLoopConfig
@@ -484,11 +485,6 @@ def judge_request(assessment: CanaryAssessment, now: datetime, job_name: str) ->
     )
 
 
-def _value(metadata: Any, key: str) -> Any:
-    raw = metadata.get(key)
-    return getattr(raw, "value", raw)
-
-
 def build_promotion_sensor(
     tick_seconds: int, *, canary: Target = canary_job, publish_job: Target | None = None
 ) -> dg.SensorDefinition:
@@ -529,7 +525,7 @@ def build_promotion_sensor(
         ).records
         for record in records:
             mat = record.asset_materialization
-            version = _value(mat.metadata, "version") if mat is not None else None
+            version = metadata_value(mat.metadata, "version") if mat is not None else None
             if version and str(version) not in acted_on and registry.exists(str(version)):
                 assert mat is not None
                 outcome = evaluation_for(context.instance, str(version), dict(mat.metadata))
