@@ -1,7 +1,8 @@
 """ctr_drop_sensor on synthetic CTR series in a real lake, evaluated against a real
 Dagster instance: no trigger on noise, one trigger on a real drop (with the evidence in
 its tags), none during the cool-down or while a repair is under way, and a cursor that
-survives a daemon restart."""
+survives a daemon restart. The tick only requests runs; the ``monitoring_job`` run it
+requests records the drop (decision log, alert, ``online_ctr`` metadata)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,11 @@ import pytest
 from monitoring_support import closed_loop_config, register_model, resources, write_feedback
 
 from recsys_assets.monitoring import sensors
+from recsys_assets.monitoring.assets import monitoring_job, online_ctr
 from recsys_assets.monitoring.promotion import read_decisions
 from recsys_assets.monitoring.sensors import DropCursor, build_ctr_drop_sensor, evaluate_drop
 from recsys_serving.lake import LocalLake
 from recsys_serving.registry import CANDIDATE, PRODUCTION, ModelRegistry
-
-sensor = build_ctr_drop_sensor(30)
 
 
 @dg.op
@@ -33,6 +33,13 @@ def _stand_in() -> None:
 @dg.job(name="retrain_job", tags={"recsys/pipeline": "retrain"})
 def retrain_job() -> None:
     _stand_in()
+
+
+sensor = build_ctr_drop_sensor(30, retrain_job=retrain_job)
+
+
+def retrains(result: dg.SensorResult) -> list[dg.RunRequest]:
+    return [r for r in result.run_requests if r.job_name == "retrain_job"]
 
 
 @dg.job(name="weblogs_job")
@@ -62,7 +69,12 @@ class World:
         self.v1 = register_model(self.registry, root, "v1")
         self.registry.set_alias(PRODUCTION, self.v1, reason="test")
         self.resources = resources(self.lake, webhook_url, **config)
-        self.defs = dg.Definitions(sensors=[sensor], jobs=[retrain_job], resources=self.resources)
+        self.defs = dg.Definitions(
+            assets=[online_ctr],
+            sensors=[sensor],
+            jobs=[retrain_job, weblogs_job, monitoring_job],
+            resources=self.resources,
+        )
         self.now = sensors._now()
 
     def feedback(self, ctrs: list[float], version: str | None = None, seed: int = 0) -> None:
@@ -104,9 +116,10 @@ def test_a_real_drop_launches_one_retraining_with_its_evidence(
     assert DropCursor.parse(waiting.cursor).pending_since is not None
     weblogs_processed(instance)
     result = world.tick(instance, waiting.cursor)
-    assert len(result.run_requests) == 1
+    assert len(retrains(result)) == 1
     assert DropCursor.parse(result.cursor).pending_since is None
-    request = result.run_requests[0]
+    request, record = result.run_requests
+    assert request.job_name == "retrain_job"
     tags = request.tags
     assert request.run_key.startswith(f"ctr-drop-{world.v1}-")
     assert tags["recsys/pipeline"] == "retrain" and tags["recsys/trigger"] == "ctr_drop"
@@ -116,10 +129,23 @@ def test_a_real_drop_launches_one_retraining_with_its_evidence(
     assert float(tags["recsys/drop/recent_ctr"]) < float(tags["recsys/drop/baseline_ctr"])
     assert ".." in tags["recsys/drop/recent_window"] and "/" in tags["recsys/drop/impressions"]
 
+    # The tick itself wrote nothing: the drop is recorded by the run it requested.
+    assert not result.asset_events and read_decisions(world.lake) == []
+    assert not alert_webhook_server.requests
+    assert record.job_name == "monitoring_job" and record.run_key == f"{request.run_key}-recorded"
+    assert record.tags["recsys/drop/p_value"] == tags["recsys/drop/p_value"]
+    assert "recsys/trigger" not in record.tags  # not a retraining
+    assert record.tags["recsys/pipeline"] == "monitoring"
+    recorded = world.defs.resolve_job_def("monitoring_job").execute_in_process(
+        run_config=record.run_config, tags=record.tags, instance=instance
+    )
+    assert recorded.success
+
     # The evidence is visible in the UI, the lake's decision log and the alert.
-    (observation,) = result.asset_events
-    assert observation.asset_key == dg.AssetKey("online_ctr")
+    (observation,) = recorded.asset_materializations_for_node("online_ctr")
+    assert observation.metadata["event"].value == "ctr_drop"
     assert observation.metadata["run_key"].value == request.run_key
+    assert observation.metadata["evidence"].value["p_value"] < 0.01
     (decision,) = read_decisions(world.lake)
     assert decision["action"] == "drop_detected" and decision["evidence"]["run_key"]
     (posted,) = alert_webhook_server.requests
@@ -141,14 +167,14 @@ def test_a_real_drop_launches_one_retraining_with_its_evidence(
     foreign = DropCursor.parse(result.cursor)
     foreign.last_version = "v20200101000000-00000000"
     weblogs_processed(instance)
-    assert len(world.tick(instance, foreign.dump()).run_requests) == 1
+    assert len(retrains(world.tick(instance, foreign.dump()))) == 1
 
     # Once the cool-down is over a drop that is still there may retrain again.
     expired = DropCursor.parse(result.cursor)
     expired.last_trigger_at = (world.now - timedelta(minutes=31)).isoformat()
     weblogs_processed(instance)
     later = world.tick(instance, expired.dump())
-    assert len(later.run_requests) == 1
+    assert len(retrains(later)) == 1
 
     # A lost cursor at the same moment gives the same run key: the daemon would not
     # launch that retraining twice.
@@ -178,7 +204,7 @@ def test_holds_while_a_retraining_runs_or_a_canary_is_judged(
     assert not held.run_requests and "canary" in (held.skip_message or "")
     world.registry.clear_alias(CANDIDATE, reason="test")
     weblogs_processed(instance)
-    assert len(world.tick(instance).run_requests) == 1
+    assert len(retrains(world.tick(instance))) == 1
 
 
 def test_a_drop_whose_weblogs_never_get_processed_still_retrains_after_the_wait(
@@ -190,7 +216,7 @@ def test_a_drop_whose_weblogs_never_get_processed_still_retrains_after_the_wait(
     assert not waiting.run_requests
     stale = DropCursor.parse(waiting.cursor)
     stale.pending_since = (world.now - timedelta(minutes=6)).isoformat()
-    assert len(world.tick(instance, stale.dump()).run_requests) == 1
+    assert len(retrains(world.tick(instance, stale.dump()))) == 1
     # A drop that goes away clears the pending state.
     calm = World(tmp_path / "calm")
     calm.feedback([0.08] * 45)
@@ -223,11 +249,13 @@ def test_code_location_wires_the_closed_loop(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path, nightly_retrain_enabled=False, closed_loop_tick_seconds=7)
     repo = make_definitions(settings).get_repository_def()
     drop = repo.get_sensor_def("ctr_drop_sensor")
-    assert drop.job_name == "retrain_job" and drop.minimum_interval_seconds == 7
+    assert [t.job_name for t in drop.targets] == ["retrain_job", "monitoring_job"]
+    assert drop.minimum_interval_seconds == 7
     assert drop.default_status == dg.DefaultSensorStatus.RUNNING
-    assert repo.get_sensor_def("promotion_sensor").default_status == (
-        dg.DefaultSensorStatus.RUNNING
-    )
+    promotion = repo.get_sensor_def("promotion_sensor")
+    assert promotion.default_status == dg.DefaultSensorStatus.RUNNING
+    assert [t.job_name for t in promotion.targets] == ["canary_job", "publish_job"]
+    assert repo.get_job("canary_job").executor_def.name == "in_process"
     nightly = repo.get_schedule_def("nightly_retrain_schedule")
     assert nightly.job_name == "retrain_job"
     assert nightly.default_status == dg.DefaultScheduleStatus.STOPPED

@@ -88,6 +88,7 @@ def test_the_run_queue_allows_one_retraining_and_one_weblogs_run(
         limits = coordinator.get_run_queue_config().tag_concurrency_limits
     assert {"key": PIPELINE_TAG, "value": "retrain", "limit": 1} in limits
     assert {"key": PIPELINE_TAG, "value": "weblogs", "limit": 1} in limits
+    assert {"key": PIPELINE_TAG, "value": "canary", "limit": 1} in limits  # promotion steps
 
     # What the daemon decides with these limits while one retraining is running.
     def run(pipeline: str | None) -> dg.DagsterRun:

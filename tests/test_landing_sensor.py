@@ -4,13 +4,10 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG,
-    ASSET_PARTITION_RANGE_START_TAG,
-)
 
 from recsys_assets.definitions import make_definitions
 from recsys_assets.resources import LakeResource
+from recsys_assets.runs import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
 from recsys_assets.weblogs.sensors import GRACE_SECONDS, LandingCursor, landing_files_sensor
 from recsys_serving.lake import LocalLake
 from recsys_serving.landing import SegmentWriter, list_sealed
@@ -58,8 +55,8 @@ def test_new_files_become_one_run_for_their_dates(lake: LocalLake) -> None:
         seal(lake, "2026-11-03")
         requests, cursor = tick(instance, lake, cursor)
         assert len(requests) == 1
-        assert requests[0].tags[ASSET_PARTITION_RANGE_START_TAG] == "2026-11-01"
-        assert requests[0].tags[ASSET_PARTITION_RANGE_END_TAG] == "2026-11-03"
+        assert requests[0].tags[PARTITION_RANGE_START_TAG] == "2026-11-01"
+        assert requests[0].tags[PARTITION_RANGE_END_TAG] == "2026-11-03"
         assert requests[0].tags["recsys/landing_files"] == "2"
 
 

@@ -1,7 +1,10 @@
-"""promotion_sensor: an offline "promote" becomes a canary, the canary is judged on
-live CTR and ramped, promoted or rolled back, every decision is recorded (asset
-materialization, registry history, lake log, alert), and nothing moves without a
-successful registration."""
+"""promotion_sensor and canary_job: an offline "promote" becomes a canary, the canary
+is judged on live CTR and ramped, promoted or rolled back, every decision is recorded
+(a ``production_model`` materialization of a ``canary_job`` run, registry history,
+lake log, alert), and nothing moves without a successful registration.
+
+The sensor only requests runs (run key, evidence tags) and writes nothing; each test
+tick executes the runs it requested against the same instance, as the daemon would."""
 
 from __future__ import annotations
 
@@ -15,12 +18,31 @@ import numpy as np
 import pytest
 from monitoring_support import register_model, resources, write_feedback
 
+from recsys_assets.monitoring.assets import canary_job, production_model
 from recsys_assets.monitoring.promotion import read_decisions
 from recsys_assets.monitoring.sensors import PromotionCursor, build_promotion_sensor
 from recsys_serving.lake import LocalLake
 from recsys_serving.registry import CANDIDATE, PRODUCTION, ModelRegistry
 
 sensor = build_promotion_sensor(30)
+
+
+class Step:
+    """One sensor tick and the canary_job runs it requested, executed in order."""
+
+    def __init__(self, tick: dg.SensorResult, runs: list[dg.ExecuteInProcessResult]) -> None:
+        self.tick = tick
+        self.runs = runs
+        self.run_requests = tick.run_requests
+        self.cursor = tick.cursor
+        self.skip_message = tick.skip_message
+        # Decisions only: a run that found nothing to do records "wait" or "none".
+        self.asset_events = [
+            mat
+            for run in runs
+            for mat in run.asset_materializations_for_node("production_model")
+            if mat.metadata["action"].value not in ("wait", "none")
+        ]
 
 
 class World:
@@ -42,12 +64,17 @@ class World:
         self.webhook: Any = config.pop("webhook", None)
         self.resources = resources(self.lake, self.webhook.url if self.webhook else None, **config)
         self.defs = dg.Definitions(
-            assets=[dg.AssetSpec("model_evaluation"), dg.AssetSpec("registered_model")],
+            assets=[
+                dg.AssetSpec("model_evaluation"),
+                dg.AssetSpec("registered_model"),
+                production_model,
+            ],
             sensors=[sensor_def],
-            jobs=jobs or [],
+            jobs=[canary_job, *(jobs or [])],
             resources=self.resources,
         )
         self.cursor: str | None = None
+        self.launched: set[str | None] = set()
 
     def trained(self, tag: str, decision: str = "promote", register: bool = True) -> str:
         """What a retraining run leaves behind: an evaluation, then (maybe) a registration."""
@@ -70,7 +97,8 @@ class World:
             )
         return version
 
-    def tick(self, cursor: str | None = None) -> dg.SensorResult:
+    def sense(self, cursor: str | None = None) -> dg.SensorResult:
+        """The sensor's tick alone (what the daemon evaluates)."""
         context = dg.build_sensor_context(
             instance=self.instance,
             definitions=self.defs,
@@ -80,6 +108,25 @@ class World:
         result = self.sensor.evaluate_tick(context)
         self.cursor = result.cursor
         return result
+
+    def execute(self, request: dg.RunRequest) -> dg.ExecuteInProcessResult:
+        """Run a requested canary_job run as the daemon would launch it."""
+        result = self.defs.resolve_job_def("canary_job").execute_in_process(
+            run_config=request.run_config, tags=request.tags, instance=self.instance
+        )
+        assert result.success
+        return result
+
+    def tick(self, cursor: str | None = None) -> Step:
+        """A tick and the canary_job runs it requested, launched as the daemon does:
+        once per run key."""
+        result = self.sense(cursor)
+        runs = []
+        for request in result.run_requests:
+            if request.job_name == "canary_job" and request.run_key not in self.launched:
+                self.launched.add(request.run_key)
+                runs.append(self.execute(request))
+        return Step(result, runs)
 
     def canary_running_since(self, version: str, minutes: int, share: float) -> None:
         """Set the candidate as if its current step had begun ``minutes`` ago."""
@@ -100,7 +147,7 @@ def instance() -> Iterator[dg.DagsterInstance]:
         yield inst
 
 
-def actions(result: dg.SensorResult) -> list[str]:
+def actions(result: Step) -> list[str]:
     return [event.metadata["action"].value for event in result.asset_events]
 
 
@@ -219,8 +266,6 @@ def test_newer_challenger_supersedes_a_running_canary(
 def test_every_move_of_production_runs_publish_job_once(
     tmp_path: Path, instance: dg.DagsterInstance
 ) -> None:
-    publishing = build_promotion_sensor(30, publish_job="publish_job")
-
     @dg.op
     def _stand_in() -> None:
         """The sensor only needs a job called publish_job to target."""
@@ -229,9 +274,13 @@ def test_every_move_of_production_runs_publish_job_once(
     def publish_job() -> None:
         _stand_in()
 
-    def published(result: dg.SensorResult) -> list[tuple[str, str]]:
+    publishing = build_promotion_sensor(30, publish_job=publish_job)
+
+    def published(result: Step) -> list[tuple[str, str]]:
         return [
-            (r.tags["recsys/model_version"], r.tags["recsys/trigger"]) for r in result.run_requests
+            (r.tags["recsys/model_version"], r.tags["recsys/trigger"])
+            for r in result.run_requests
+            if r.job_name == "publish_job"
         ]
 
     world = World(tmp_path, instance, sensor_def=publishing, jobs=[publish_job])
@@ -243,17 +292,19 @@ def test_every_move_of_production_runs_publish_job_once(
 
     v2 = world.trained("v2")
     started = world.tick()
-    assert actions(started) == ["canary_started"] and not started.run_requests
+    assert actions(started) == ["canary_started"] and not published(started)
     world.canary_running_since(v2, 12, 0.1)
     world.traffic(v2, 12, 0.10, per_minute=100, seed=1)
     world.traffic(world.v1, 12, 0.05, per_minute=900, seed=2)
     ramped = world.tick()
-    assert actions(ramped) == ["ramp"] and not ramped.run_requests  # a canary is not production
+    assert actions(ramped) == ["ramp"] and not published(ramped)  # a canary is not production
     world.canary_running_since(v2, 12, 0.5)
     promoted = world.tick()
     assert actions(promoted) == ["promote"]
-    assert published(promoted) == [(v2, "production_changed")]
-    (request,) = promoted.run_requests
+    # The canary_job run moved production after the tick: the next tick publishes it.
+    moved = world.tick()
+    assert published(moved) == [(v2, "production_changed")]
+    (request,) = moved.run_requests
     assert request.run_key.startswith(f"publish-{v2}-")
     assert not world.tick().run_requests
 
@@ -262,13 +313,19 @@ def test_every_move_of_production_runs_publish_job_once(
     world.registry.rollback(reason="test: by hand")
     rolled_back = world.tick()
     assert published(rolled_back) == [(world.v1, "production_changed")]
-    assert rolled_back.run_requests[0].run_key not in {first.run_requests[0].run_key}
-    # A lost cursor asks again with the same key, which Dagster launches only once.
+    assert rolled_back.run_requests[0].run_key != first.run_requests[0].run_key
+    # A lost cursor asks again with the same keys, which Dagster launches only once
+    # (so v2, rolled back, is not phased in again).
     again = world.tick(cursor="")
-    assert [r.run_key for r in again.run_requests] == [rolled_back.run_requests[0].run_key]
+    assert [r.run_key for r in again.run_requests] == [
+        f"canary-start-{v2}",
+        rolled_back.run_requests[0].run_key,
+    ]
+    assert not again.runs
 
     # Without a publish job (RECSYS_PUBLISH_ON_PROMOTION=false) nothing is published.
-    assert not sensor.targets and publishing.job_name == "publish_job"
+    assert [t.job_name for t in sensor.targets] == ["canary_job"]
+    assert [t.job_name for t in publishing.targets] == ["canary_job", "publish_job"]
     quiet = World(tmp_path / "quiet", instance)
     assert not quiet.tick().run_requests
 
@@ -301,3 +358,63 @@ def test_a_damaged_challenger_is_never_phased_in_and_a_damaged_candidate_never_p
     assert "candidate bundle fails verification" in ended.asset_events[0].metadata["reason"].value
     assert world.registry.alias(CANDIDATE) is None
     assert world.registry.alias(PRODUCTION).version == world.v1  # type: ignore[union-attr]
+
+
+def test_the_sensor_only_requests_runs_and_each_run_records_its_decision(
+    tmp_path: Path, instance: dg.DagsterInstance, alert_webhook_server: Any
+) -> None:
+    world = World(tmp_path, instance, webhook=alert_webhook_server)
+    v2 = world.trained("v2")
+    moves = len(world.registry.history())
+    tick = world.sense()
+    (start,) = tick.run_requests
+    assert start.job_name == "canary_job" and start.run_key == f"canary-start-{v2}"
+    assert start.tags["recsys/pipeline"] == "canary"
+    assert start.tags["recsys/model_version"] == v2
+    assert start.tags["recsys/evaluation/decision"] == "promote"
+    assert start.tags["recsys/evaluation/reason"] == "ndcg@10 +12% (promote)"
+    # The tick wrote nothing: no alias moved, no decision logged, nobody alerted.
+    assert world.registry.alias(CANDIDATE) is None and len(world.registry.history()) == moves
+    assert read_decisions(world.lake) == [] and not alert_webhook_server.requests
+    assert not tick.asset_events
+
+    run = world.execute(start)
+    (mat,) = run.asset_materializations_for_node("production_model")
+    assert mat.metadata["action"].value == "canary_started"
+    assert instance.get_run_by_id(run.run_id).tags["recsys/model_version"] == v2  # type: ignore[union-attr]
+    assert [d["action"] for d in read_decisions(world.lake)] == ["canary_started"]
+
+    world.canary_running_since(v2, 12, 0.1)
+    world.traffic(v2, 12, 0.10, per_minute=100, seed=1)
+    world.traffic(world.v1, 12, 0.05, per_minute=900, seed=2)
+    (judge,) = world.sense().run_requests
+    assert judge.job_name == "canary_job" and judge.run_key.startswith(f"canary-{v2}-")
+    assert judge.tags["recsys/canary/action"] == "ramp"
+    assert float(judge.tags["recsys/canary/p_not_worse"]) < 0.05
+    assert float(judge.tags["recsys/canary/candidate_ctr"]) > float(
+        judge.tags["recsys/canary/production_ctr"]
+    )
+    assert world.registry.alias(CANDIDATE).share == 0.1  # type: ignore[union-attr]
+    assert len(read_decisions(world.lake)) == 1
+
+    # While a canary_job run is queued or running, the sensor asks for nothing more.
+    queued = instance.create_run_for_job(
+        world.defs.resolve_job_def("canary_job"), tags=judge.tags, run_config=judge.run_config
+    )
+    waiting = world.sense()
+    assert not waiting.run_requests and queued.run_id[:8] in (waiting.skip_message or "")
+    instance.delete_run(queued.run_id)
+
+    run = world.execute(judge)
+    (mat,) = run.asset_materializations_for_node("production_model")
+    assert mat.metadata["action"].value == "ramp" and mat.metadata["candidate_share"].value == 0.5
+    assert mat.metadata["p_not_worse"].value < 0.05
+    assert world.registry.alias(CANDIDATE).share == 0.5  # type: ignore[union-attr]
+
+    # Re-executing that run (the UI's button) judges the same moment again: the step it
+    # judged is over, so nothing moves twice.
+    again = world.execute(judge)
+    (mat,) = again.asset_materializations_for_node("production_model")
+    assert mat.metadata["action"].value == "wait"
+    assert world.registry.alias(CANDIDATE).share == 0.5  # type: ignore[union-attr]
+    assert [d["action"] for d in read_decisions(world.lake)] == ["canary_started", "ramp"]

@@ -7,12 +7,9 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 import pytest
-from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG,
-    ASSET_PARTITION_RANGE_START_TAG,
-)
 
 from recsys_assets.definitions import build_resources
+from recsys_assets.runs import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
 from recsys_assets.weblogs.assets import WEBLOG_PARTITIONS, landing_weblogs, weblogs
 from recsys_assets.weblogs.processing import EventIdCounts, Rules, process_partitions
 from recsys_assets.weblogs.quality import WeblogValidator
@@ -67,7 +64,7 @@ def run_range(settings: Settings, start: str, end: str) -> dg.ExecuteInProcessRe
     with dg.instance_for_test() as instance:
         return job.execute_in_process(
             instance=instance,
-            tags={ASSET_PARTITION_RANGE_START_TAG: start, ASSET_PARTITION_RANGE_END_TAG: end},
+            tags={PARTITION_RANGE_START_TAG: start, PARTITION_RANGE_END_TAG: end},
             raise_on_error=False,
         )
 

@@ -285,20 +285,25 @@ class LoopWatcher:
     def _poll_runs(self) -> None:
         import dagster as dg
 
-        runs = self.instance.get_runs(
-            filters=dg.RunsFilter(tags={"recsys/pipeline": "retrain"}, created_after=self.since)
-        )
-        for run in reversed(runs):
-            status = run.status.value.lower()
-            if self.run_status.get(run.run_id) == status:
-                continue
-            self.run_status[run.run_id] = status
-            trigger = run.tags.get("recsys/trigger", "?")
-            out.print(
-                f"[bold magenta]loop[/] {datetime.now(UTC):%H:%M:%S}  {'retrain run':<15} "
-                f"{run.run_id[:8]}  {run.job_name} {status} (trigger: {trigger})",
-                highlight=False,
+        # Retrainings, and the canary_job runs that take each promotion step.
+        for pipeline in ("retrain", "canary"):
+            runs = self.instance.get_runs(
+                filters=dg.RunsFilter(tags={"recsys/pipeline": pipeline}, created_after=self.since)
             )
+            for run in reversed(runs):
+                status = run.status.value.lower()
+                if self.run_status.get(run.run_id) == status:
+                    continue
+                self.run_status[run.run_id] = status
+                if pipeline == "canary" and status not in ("success", "failure"):
+                    continue  # one line per promotion step: its outcome
+                trigger = run.tags.get("recsys/trigger", "?")
+                out.print(
+                    f"[bold magenta]loop[/] {datetime.now(UTC):%H:%M:%S}  "
+                    f"{pipeline + ' run':<15} {run.run_id[:8]}  {run.job_name} {status} "
+                    f"(trigger: {trigger})",
+                    highlight=False,
+                )
 
     def done(self) -> bool:
         return (

@@ -1,15 +1,16 @@
 """``recsys retrain``: process what has landed, then run the whole training graph.
 
-The run goes through the project's Dagster instance (``$RECSYS_HOME/dagster``), so it
-appears in the UI with its metadata like a run launched by a sensor.
+The run is created in the project's Dagster instance (``$RECSYS_HOME/dagster``) from
+the code location's ``retrain_job`` and executed by the job's own executor, with this
+process as its run worker (:func:`recsys_assets.runs.execute_run`); the progress bar
+follows the run's event log, as the UI does. It appears in the UI with its logs and
+metadata like a run launched by a sensor.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
-import uuid
 from typing import Annotated, Any
 
 import typer
@@ -77,17 +78,25 @@ def retrain(
     settings = Settings()
     lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
     started = time.perf_counter()
-    run_id = str(uuid.uuid4())
     with contextlib.ExitStack() as held:
         try:
+            # Re-entrant: the run this thread executes joins this hold (its executor
+            # writes its run id into the lock) instead of waiting for it.
             held.enter_context(
-                retrain_lock(lock_path(settings, lake), run_id=run_id, trigger="recsys retrain")
+                retrain_lock(
+                    lock_path(settings, lake),
+                    run_id=None,
+                    trigger="recsys retrain",
+                    reentrant=True,
+                    # A retrain that has just started creates its run within seconds.
+                    name_run_within=30.0,
+                )
             )
         except RetrainBusy as exc:
             fail(str(exc))
         instance = get_instance(settings)
         _fail_dead_cli_runs(instance, lake)
-        _retrain(settings, lake, instance, run_id, process, started)
+        _retrain(settings, lake, instance, process, started)
 
 
 def _fail_dead_cli_runs(instance: Any, lake: Any) -> None:
@@ -114,13 +123,11 @@ def _fail_dead_cli_runs(instance: Any, lake: Any) -> None:
         console.print(f"marked retraining run {run.run_id[:8]} failed: its process had died")
 
 
-def _retrain(
-    settings: Any, lake: Any, instance: Any, run_id: str, process: bool, started: float
-) -> None:
-    from dagster._core.events import DagsterEventType
+def _retrain(settings: Any, lake: Any, instance: Any, process: bool, started: float) -> None:
+    import dagster as dg
 
-    from recsys_assets.definitions import make_definitions
-    from recsys_assets.runs import CLI_RUN_CONFIG, _outcome, materialize_weblogs
+    from recsys_assets.monitoring.sensors import IN_PROCESS_RUN_CONFIG
+    from recsys_assets.runs import CLI_RUN_CONFIG, execute_run, materialize_weblogs
     from recsys_assets.training.jobs import RETRAIN_TAGS
 
     if process:
@@ -136,45 +143,34 @@ def _retrain(
             rows = outcome.materialized.get("weblogs", {}).get("dagster/row_count", 0)
             console.print(f"processed weblogs {days[0]}..{days[-1]}: {rows:,} rows")
 
-    job = make_definitions(settings).resolve_job_def("retrain_job")
     done: set[str] = set()
-    stop = threading.Event()
-    quiet = CLI_RUN_CONFIG  # no Dagster stack traces: the failure is said in one line below
+    # One process, as the sensor's retrainings; no Dagster stack traces on the console:
+    # the failure is said in one line below.
+    run_config = {**IN_PROCESS_RUN_CONFIG, **CLI_RUN_CONFIG}
 
     with progress() as bar:
         task = bar.add_task("retraining", total=len(RETRAIN_STEPS))
 
-        def watch() -> None:
-            # The run executes in this process; its events land in the instance's
-            # storage, which is what the bar (and the UI) follow.
-            while not stop.wait(0.5):
-                try:
-                    records = instance.all_logs(
-                        run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION
-                    )
-                except Exception:
-                    continue
-                for record in records:
-                    key = record.dagster_event.asset_key.to_user_string()
-                    if key not in done:
-                        done.add(key)
-                        bar.update(task, completed=len(done), description=f"retraining: {key}")
+        def started_run(run_id: str) -> None:
+            bar.update(task, description=f"retraining (run {run_id[:8]})")
 
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        try:
-            result = job.execute_in_process(
-                instance=instance,
-                run_id=run_id,
-                tags={**RETRAIN_TAGS, "recsys/trigger": "cli"},
-                run_config=quiet,
-                raise_on_error=False,
-            )
-        finally:
-            stop.set()
-            watcher.join(timeout=5)
-        outcome = _outcome(result)
+        def materialized(record: Any) -> None:
+            key = record.dagster_event.asset_key.to_user_string()
+            if key not in done:
+                done.add(key)
+                bar.update(task, completed=len(done), description=f"retraining: {key}")
+
+        outcome = execute_run(
+            "retrain_job",
+            instance,
+            tags={**RETRAIN_TAGS, "recsys/trigger": "cli"},
+            run_config=run_config,
+            on_event=materialized,
+            of_type=dg.DagsterEventType.ASSET_MATERIALIZATION,
+            on_start=started_run,
+        )
         bar.update(task, completed=len(outcome.materialized))
+    run_id = outcome.run_id
 
     elapsed = time.perf_counter() - started
     if not outcome.success:

@@ -11,25 +11,25 @@ from dataclasses import dataclass
 
 import dagster as dg
 
-from recsys_assets.monitoring.assets import online_ctr, production_model
+from recsys_assets.monitoring.assets import canary_job, monitoring_job, online_ctr, production_model
 from recsys_assets.monitoring.config import ClosedLoopConfig
 from recsys_assets.monitoring.schedules import (
     build_nightly_retrain_schedule,
     build_online_ctr_schedule,
-    monitoring_job,
 )
 from recsys_assets.monitoring.sensors import (
     build_ctr_drop_sensor,
     build_promotion_sensor,
     build_retrain_failure_sensor,
 )
-from recsys_assets.packaging.assets import PUBLISH_JOB
+from recsys_assets.packaging.assets import publish_job
+from recsys_assets.training.jobs import retrain_job
 from recsys_serving.settings import Settings
 
 
 @dataclass(frozen=True)
 class ClosedLoopDefs:
-    assets: list[dg.AssetsDefinition | dg.AssetSpec]
+    assets: list[dg.AssetsDefinition]
     jobs: list[dg.UnresolvedAssetJobDefinition]
     sensors: list[dg.SensorDefinition]
     schedules: list[dg.ScheduleDefinition]
@@ -40,11 +40,13 @@ def closed_loop(settings: Settings) -> ClosedLoopDefs:
     tick = settings.closed_loop_tick_seconds
     return ClosedLoopDefs(
         assets=[online_ctr, production_model],
-        jobs=[monitoring_job],
+        jobs=[monitoring_job, canary_job],
         sensors=[
-            build_ctr_drop_sensor(tick),
+            build_ctr_drop_sensor(tick, retrain_job=retrain_job, record_job=monitoring_job),
             build_promotion_sensor(
-                tick, publish_job=PUBLISH_JOB if settings.publish_on_promotion else None
+                tick,
+                canary=canary_job,
+                publish_job=publish_job if settings.publish_on_promotion else None,
             ),
             build_retrain_failure_sensor(tick),
         ],

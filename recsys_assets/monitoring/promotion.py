@@ -34,6 +34,7 @@ from recsys_serving.registry import (
     CANDIDATE,
     PRODUCTION,
     AliasConflict,
+    AliasState,
     InvalidBundle,
     ModelRegistry,
     NothingToRollBack,
@@ -284,6 +285,67 @@ class CanaryStep:
     verdict: CanaryVerdict | None
 
 
+@dataclass(frozen=True)
+class CanaryAssessment:
+    """What the judge would do with the running canary now, before anything moves.
+
+    ``verdict`` is None when there is nothing to compare (no production model, or the
+    candidate already is production): the candidate is then simply promoted.
+    """
+
+    candidate: AliasState
+    production: AliasState | None
+    carried: dict[str, Any]
+    verdict: CanaryVerdict | None
+
+    @property
+    def action(self) -> str:
+        return "promote" if self.verdict is None else self.verdict.action
+
+
+def assess_canary(
+    registry: ModelRegistry,
+    lake: Lake,
+    drop: DropPolicy,
+    policy: CanaryPolicy,
+    now: datetime,
+) -> CanaryAssessment | None:
+    """Judge the running canary once without moving anything; None if there is none.
+
+    Read-only, so the promotion sensor can decide *that* a judging run is due; the run
+    then calls :func:`step_canary`, which judges again on the same window and applies.
+    """
+    candidate = registry.alias(CANDIDATE)
+    if candidate is None:
+        return None
+    version = candidate.version
+    production = registry.alias(PRODUCTION)
+    carried = {
+        k: candidate.evidence[k]
+        for k in ("offline", "canary_started_at", "ramp")
+        if k in candidate.evidence
+    }
+    if production is None or production.version == version:
+        return CanaryAssessment(candidate, production, carried, None)
+    started = _parse(carried.get("canary_started_at")) or candidate.updated_at
+    start, end = canary_window(candidate.updated_at, now, drop)
+    lookback = now - start + timedelta(seconds=drop.bucket_seconds)
+    series, _orphans = load_ctr_series(
+        lake, now, lookback=lookback, bucket_seconds=drop.bucket_seconds
+    )
+    verdict = judge_canary(
+        window_stats(series, version, start, end),
+        window_stats(series, production.version, start, end),
+        candidate_version=version,
+        production_version=production.version,
+        share=candidate.share,
+        started_at=started,
+        now=now,
+        policy=policy,
+    )
+    return CanaryAssessment(candidate, production, carried, verdict)
+
+
 def step_canary(
     registry: ModelRegistry,
     lake: Lake,
@@ -292,18 +354,24 @@ def step_canary(
     now: datetime,
 ) -> CanaryStep:
     """Judge the running canary once and apply the verdict (ramp, promote or roll back)."""
-    candidate = registry.alias(CANDIDATE)
-    if candidate is None:
+    assessment = assess_canary(registry, lake, drop, policy, now)
+    if assessment is None:
         return CanaryStep(None, None)
-    version = candidate.version
-    production = registry.alias(PRODUCTION)
-    carried = {
-        k: candidate.evidence[k]
-        for k in ("offline", "canary_started_at", "ramp")
-        if k in candidate.evidence
-    }
-    started = _parse(carried.get("canary_started_at")) or candidate.updated_at
-    if production is None or production.version == version:
+    return apply_canary(registry, assessment, now)
+
+
+def apply_canary(
+    registry: ModelRegistry, assessment: CanaryAssessment, now: datetime
+) -> CanaryStep:
+    """Move the aliases as ``assessment`` says (compare-and-set on the judged version).
+
+    Every alias move of the canary happens here (and in :func:`start_canary`).
+    """
+    version = assessment.candidate.version
+    production = assessment.production
+    carried = assessment.carried
+    verdict = assessment.verdict
+    if verdict is None:
         reason = (
             "candidate is already production"
             if production is not None
@@ -326,21 +394,7 @@ def step_canary(
             evidence=carried,
         )
         return CanaryStep(decision, None)
-    start, end = canary_window(candidate.updated_at, now, drop)
-    lookback = now - start + timedelta(seconds=drop.bucket_seconds)
-    series, _orphans = load_ctr_series(
-        lake, now, lookback=lookback, bucket_seconds=drop.bucket_seconds
-    )
-    verdict = judge_canary(
-        window_stats(series, version, start, end),
-        window_stats(series, production.version, start, end),
-        candidate_version=version,
-        production_version=production.version,
-        share=candidate.share,
-        started_at=started,
-        now=now,
-        policy=policy,
-    )
+    assert production is not None  # a verdict compares the candidate with production
     if verdict.action == "wait":
         return CanaryStep(None, verdict)
     evidence = {**carried, "online": verdict.evidence()}

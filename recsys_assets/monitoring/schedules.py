@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from recsys_assets.monitoring.assets import online_ctr
+from recsys_assets.monitoring.assets import monitoring_job
 from recsys_assets.monitoring.sensors import (
     IN_PROCESS_RUN_CONFIG,
     PIPELINE_TAG,
@@ -18,13 +18,6 @@ from recsys_assets.monitoring.sensors import (
     RETRAIN_PIPELINE,
     TRIGGER_TAG,
     retrain_in_progress,
-)
-
-monitoring_job = dg.define_asset_job(
-    "monitoring_job",
-    selection=dg.AssetSelection.assets(online_ctr),
-    tags={PIPELINE_TAG: "monitoring"},
-    description="Record a snapshot of online CTR and service health.",
 )
 
 

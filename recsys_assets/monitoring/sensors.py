@@ -1,24 +1,28 @@
-"""The sensors that close the loop.
+"""The sensors that close the loop. They only decide *that* something should run: each
+tick makes cheap reads (the registry's aliases, the instance's records, the CTR series
+the tests need) and returns ``RunRequest``s whose run keys and tags name the evidence.
+The work (moving aliases, recording decisions, alerting) happens in those runs, so each
+decision has a run with its logs in the UI, Dagster's retries, and a re-execute button.
 
 * ``ctr_drop_sensor``: runs the drop test on the production model every tick; on a
-  significant drop it launches ``retrain_job`` with a run key and tags naming the
-  evidence. It holds while a retraining runs or a canary is being judged (the loop is
-  already repairing) and for ``retrain_cooldown_minutes`` after a trigger, so one drop
-  launches one retraining. Its cursor (JSON) holds the last trigger, and Dagster
-  persists cursors in the instance, so a daemon restart does not reset the cool-down.
-* ``promotion_sensor``: turns each new ``registered_model`` materialization whose
-  evaluation said ``promote`` into a canary (the ``candidate`` alias at the first ramp
-  share) and judges the running canary every tick (ramp, promote, roll back). Its
-  cursor is the last ``registered_model`` record it acted on; the canary's state is the
-  registry itself, so a restart resumes at the next tick. A failed retraining or
-  evaluation produces no ``registered_model`` materialization and therefore never
-  moves an alias. It also requests one ``publish_job`` run per move of the
-  ``production`` alias, whoever made it (itself, the CLI, the admin API).
-* ``retrain_failure_sensor``: tells a person when a retraining run fails.
-
-Each decision is reported as a ``production_model`` materialization (or an
-``online_ctr`` observation for a drop) with its evidence, appended to
-``monitoring/decisions/`` in the lake, and sent through the notifier.
+  significant drop it requests ``retrain_job`` with a run key and tags naming the
+  evidence, and a ``monitoring_job`` run that records the drop (decision log, alert,
+  ``online_ctr`` metadata). It holds while a retraining runs or a canary is being
+  judged (the loop is already repairing) and for ``retrain_cooldown_minutes`` after a
+  trigger, so one drop launches one retraining. Its cursor (JSON) holds the last
+  trigger, and Dagster persists cursors in the instance, so a daemon restart does not
+  reset the cool-down.
+* ``promotion_sensor``: requests a ``canary_job`` run (``production_model``, step
+  ``start``) for each new ``registered_model`` materialization, and a ``judge`` run
+  whenever the running canary's verdict, judged read-only in the tick, is not "wait"
+  (ramp, promote, roll back). Its cursor is the last ``registered_model`` record it
+  acted on; the canary's state is the registry itself, so a restart resumes at the
+  next tick. A failed retraining or evaluation produces no ``registered_model``
+  materialization and therefore never moves an alias. It also requests one
+  ``publish_job`` run per move of the ``production`` alias, whoever made it (a
+  ``canary_job`` run, the CLI, the admin API).
+* ``retrain_failure_sensor``: tells a person when a retraining run fails (Dagster's
+  run-failure alerting pattern: the failed run is the run that holds the logs).
 """
 
 from __future__ import annotations
@@ -31,28 +35,38 @@ from typing import Any
 import dagster as dg
 import orjson
 
-from recsys_assets.alerts.notifier import Alert, NotifierResource, delivery_metadata
-from recsys_assets.monitoring.assets import ONLINE_CTR, PRODUCTION_MODEL
+from recsys_assets.alerts.notifier import NotifierResource
+from recsys_assets.monitoring.assets import (
+    REGISTERED,
+    alert_decision,
+    canary_job,
+    evaluation_for,
+    metadata_value,
+    monitoring_job,
+)
 from recsys_assets.monitoring.config import ClosedLoopConfig
 from recsys_assets.monitoring.ctr import DropVerdict, drop_test, load_ctr_series
 from recsys_assets.monitoring.promotion import (
+    CanaryAssessment,
     Decision,
     EvaluationOutcome,
+    assess_canary,
     record_decision,
-    start_canary,
-    step_canary,
 )
 from recsys_assets.resources import LakeResource
 from recsys_serving.lake import Lake
 from recsys_serving.registry import CANDIDATE, PRODUCTION, ModelRegistry
+
+# A job a sensor targets: an op job or ``define_asset_job``'s result (which dagster
+# does not export as a type).
+Target = Any
 
 RETRAIN_JOB = "retrain_job"
 WEBLOGS_JOB = "weblogs_job"
 PIPELINE_TAG = "recsys/pipeline"
 RETRAIN_PIPELINE = "retrain"
 TRIGGER_TAG = "recsys/trigger"
-EVALUATION = dg.AssetKey("model_evaluation")
-REGISTERED = dg.AssetKey("registered_model")
+CANARY_PIPELINE = "canary"
 # A retraining is a chain of steps that mostly wait for each other: one process per step
 # costs seconds of start-up each (more on a busy machine) and buys little parallelism.
 IN_PROCESS_RUN_CONFIG: dict[str, Any] = {"execution": {"config": {"in_process": {}}}}
@@ -96,20 +110,18 @@ def retrain_in_progress(instance: dg.DagsterInstance) -> str | None:
     return runs[0].run_id if runs else None
 
 
-def _alert(notifier: NotifierResource, decision: Decision, key: str) -> dict[str, str]:
-    results = notifier.get().send(
-        Alert(
-            key=key,
-            status="firing",
-            severity=decision.severity,
-            title=decision.title,
-            summary=decision.reason,
-            details={k: v for k, v in decision.as_dict().items() if k != "evidence"}
-            | {"evidence": decision.evidence},
-            at=decision.at,
-        )
+def canary_in_progress(instance: dg.DagsterInstance) -> str | None:
+    """The id of a queued or running ``canary_job`` run, if any (its step is not applied
+    yet, so judging again now would judge a state about to change)."""
+    runs = instance.get_runs(
+        filters=dg.RunsFilter(tags={PIPELINE_TAG: CANARY_PIPELINE}, statuses=IN_PROGRESS),
+        limit=1,
     )
-    return delivery_metadata(results)
+    return runs[0].run_id if runs else None
+
+
+def _in_process(config: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {**IN_PROCESS_RUN_CONFIG, **(config or {})}
 
 
 # ------------------------------------------------------------------ CTR drop -> retrain
@@ -281,29 +293,60 @@ def _hm(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def build_ctr_drop_sensor(tick_seconds: int) -> dg.SensorDefinition:
+def drop_record_request(tick: DropTick, now: datetime, job: Target) -> dg.RunRequest:
+    """The ``monitoring_job`` run that records a drop the sensor acted on.
+
+    Tagged like the retraining's evidence but not as a retraining (no ``recsys/trigger``
+    or retrain pipeline tag): the run queue's one-retraining limit and the loop's
+    "retraining in progress" check must not count it.
+    """
+    assert tick.run_key is not None
+    tags = {k: v for k, v in tick.tags.items() if k.startswith("recsys/drop/")}
+    config = {
+        "drop_evidence": orjson.dumps(tick.evidence).decode(),
+        "drop_summary": tick.summary or "",
+        "detected_at": now.isoformat(),
+        "retrain_run_key": tick.run_key,
+    }
+    return dg.RunRequest(
+        job_name=job.name,
+        run_key=f"{tick.run_key}-recorded",
+        tags={
+            **tags,
+            PIPELINE_TAG: "monitoring",
+            "recsys/event": "ctr_drop",
+            "recsys/retrain_run_key": tick.run_key,
+        },
+        run_config=_in_process({"ops": {"online_ctr": {"config": config}}}),
+    )
+
+
+def build_ctr_drop_sensor(
+    tick_seconds: int, *, retrain_job: Target, record_job: Target = monitoring_job
+) -> dg.SensorDefinition:
+    """``retrain_job`` repairs a drop; ``record_job`` (``online_ctr``) records it."""
+
     @dg.sensor(
         name="ctr_drop_sensor",
-        job_name=RETRAIN_JOB,
+        jobs=[retrain_job, record_job],
         minimum_interval_seconds=tick_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=(
             "Launches retrain_job when the production model's recent online CTR is "
             "significantly below its baseline (one-sided two-proportion z-test, minimum "
-            "impressions, minimum relative drop); one retraining per drop (cool-down)."
+            "impressions, minimum relative drop); one retraining per drop (cool-down). "
+            "A monitoring_job run records the drop with its evidence."
         ),
     )
     def ctr_drop_sensor(
         context: dg.SensorEvaluationContext,
         lake: LakeResource,
         closed_loop: ClosedLoopConfig,
-        notifier: NotifierResource,
     ) -> dg.SensorResult:
         now = _now()
         cursor = DropCursor.parse(context.cursor)
-        store = lake.get()
         tick = evaluate_drop(
-            store,
+            lake.get(),
             closed_loop,
             cursor,
             now,
@@ -312,42 +355,18 @@ def build_ctr_drop_sensor(tick_seconds: int) -> dg.SensorDefinition:
         )
         if tick.run_key is None:
             return dg.SensorResult(skip_reason=tick.skip_reason, cursor=cursor.dump())
-        evidence = tick.evidence
-        version = evidence.get("model_version")
-        summary = tick.summary or ""
-        context.log.warning(f"CTR drop, launching {RETRAIN_JOB}: {summary}")
-        decision = Decision(
-            "drop_detected",
-            version,
-            summary,
-            now,
-            production_version=version,
-            previous_production=version,
-            evidence={**evidence, "run_key": tick.run_key},
-        )
-        record_decision(store, decision)
-        delivery = _alert(notifier, decision, f"recsys-ctr-drop-{version}")
-        observation = dg.AssetObservation(
-            asset_key=ONLINE_CTR,
-            metadata={
-                "event": "ctr_drop",
-                "model_version": version or "",
-                "recent_ctr": float((evidence.get("recent") or {}).get("ctr") or 0.0),
-                "baseline_ctr": float((evidence.get("baseline") or {}).get("ctr") or 0.0),
-                "p_value": float(evidence.get("p_value") or 0.0),
-                "run_key": tick.run_key,
-                "evidence": dg.MetadataValue.json(evidence),
-                **delivery,
-            },
-        )
+        context.log.warning(f"CTR drop, requesting {retrain_job.name}: {tick.summary}")
         return dg.SensorResult(
             run_requests=[
                 dg.RunRequest(
-                    run_key=tick.run_key, tags=tick.tags, run_config=IN_PROCESS_RUN_CONFIG
-                )
+                    job_name=retrain_job.name,
+                    run_key=tick.run_key,
+                    tags=tick.tags,
+                    run_config=IN_PROCESS_RUN_CONFIG,
+                ),
+                drop_record_request(tick, now, record_job),
             ],
             cursor=cursor.dump(),
-            asset_events=[observation],
         )
 
     return ctr_drop_sensor
@@ -372,7 +391,9 @@ class PromotionCursor:
         ).decode()
 
 
-def publish_request(registry: ModelRegistry, cursor: PromotionCursor) -> dg.RunRequest | None:
+def publish_request(
+    registry: ModelRegistry, cursor: PromotionCursor, job_name: str = "publish_job"
+) -> dg.RunRequest | None:
     """A publish_job run for a production model that has moved since the last request.
 
     Keyed by the move (version and when the alias was set), not by who made it: the
@@ -389,93 +410,114 @@ def publish_request(registry: ModelRegistry, cursor: PromotionCursor) -> dg.RunR
         return None
     cursor.published_key = key
     return dg.RunRequest(
+        job_name=job_name,
         run_key=key,
         tags={TRIGGER_TAG: "production_changed", "recsys/model_version": production.version},
     )
 
 
-def _value(metadata: dict[str, Any], key: str) -> Any:
-    raw = metadata.get(key)
-    return getattr(raw, "value", raw)
+def _step_config(step: str, version: str, judged_at: datetime | None = None) -> dict[str, Any]:
+    config = {
+        "step": step,
+        "version": version,
+        "judged_at": judged_at.isoformat() if judged_at else "",
+    }
+    # canary_job's executor is in-process already (no executor config to give).
+    return {"ops": {"production_model": {"config": config}}}
 
 
-def evaluation_for(
-    instance: dg.DagsterInstance, version: str, registered: dict[str, Any]
-) -> EvaluationOutcome | None:
-    """What ``model_evaluation`` said about ``version`` (newest evaluation that names it)."""
-    if _value(registered, "decision"):
-        return _outcome(version, registered, None)
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=EVALUATION), limit=50
-    ).records
-    for record in records:
-        mat = record.asset_materialization
-        if mat is None:
-            continue
-        if _value(mat.metadata, "challenger_version") == version:
-            return _outcome(version, mat.metadata, record.run_id)
-    return None
-
-
-def _outcome(version: str, meta: dict[str, Any], run_id: str | None) -> EvaluationOutcome:
-    metrics = _value(meta, "metrics")
-    if isinstance(metrics, str):
-        try:
-            metrics = orjson.loads(metrics)
-        except orjson.JSONDecodeError:
-            metrics = {"raw": metrics}
-    return EvaluationOutcome(
-        version=version,
-        decision=str(_value(meta, "decision") or ""),
-        reason=str(_value(meta, "decision_reason") or ""),
-        production_version=_value(meta, "production_version") or None,
-        metrics=metrics if isinstance(metrics, dict) else {},
-        run_id=run_id,
+def start_request(outcome: EvaluationOutcome, job_name: str) -> dg.RunRequest:
+    """A ``canary_job`` run acting on a registered challenger's offline evaluation."""
+    return dg.RunRequest(
+        job_name=job_name,
+        run_key=f"canary-start-{outcome.version}",
+        tags={
+            PIPELINE_TAG: CANARY_PIPELINE,
+            TRIGGER_TAG: "registered",
+            "recsys/model_version": outcome.version,
+            "recsys/evaluation/decision": outcome.decision,
+            "recsys/evaluation/reason": outcome.reason[:200],
+            "recsys/evaluation/production_version": outcome.production_version or "",
+            "recsys/evaluation/run_id": outcome.run_id or "",
+        },
+        run_config=_step_config("start", outcome.version),
     )
 
 
-def _materialization(decision: Decision, delivery: dict[str, str]) -> dg.AssetMaterialization:
-    return dg.AssetMaterialization(
-        asset_key=PRODUCTION_MODEL,
-        description=decision.title,
-        metadata={
-            **decision.metadata(),
-            "evidence": dg.MetadataValue.json(decision.evidence),
-            **delivery,
-        },
+def judge_request(assessment: CanaryAssessment, now: datetime, job_name: str) -> dg.RunRequest:
+    """A ``canary_job`` run applying a verdict the tick reached (never for "wait").
+
+    The run judges again at the same ``now``, on the same window, so it reaches the same
+    verdict unless late data changed it (then it records what it found instead). The
+    key names the canary step and the tick: a "wait" found by the run lets a later
+    tick ask again.
+    """
+    candidate = assessment.candidate
+    version = candidate.version
+    tags = {
+        PIPELINE_TAG: CANARY_PIPELINE,
+        TRIGGER_TAG: "canary_judge",
+        "recsys/model_version": version,
+        "recsys/canary/action": assessment.action,
+        "recsys/canary/share": f"{candidate.share:.2f}",
+    }
+    verdict = assessment.verdict
+    if verdict is not None:
+        tags["recsys/canary/reason"] = verdict.reason
+        tags["recsys/canary/impressions"] = (
+            f"{verdict.candidate.impressions}/{verdict.production.impressions}"
+        )
+        for arm, stats in (("candidate", verdict.candidate), ("production", verdict.production)):
+            if stats.ctr is not None:
+                tags[f"recsys/canary/{arm}_ctr"] = f"{stats.ctr:.4f}"
+        for name, value in (("p_worse", verdict.p_worse), ("p_not_worse", verdict.p_not_worse)):
+            if value is not None:
+                tags[f"recsys/canary/{name}"] = f"{value:.3g}"
+    step = candidate.updated_at.astimezone(UTC)
+    return dg.RunRequest(
+        job_name=job_name,
+        run_key=(
+            f"canary-{version}-{step:%Y%m%dT%H%M%SZ}-{assessment.action}-"
+            f"{now.astimezone(UTC):%Y%m%dT%H%M%SZ}"
+        ),
+        tags=tags,
+        run_config=_step_config("judge", version, now),
     )
 
 
 def build_promotion_sensor(
-    tick_seconds: int, publish_job: str | None = None
+    tick_seconds: int, *, canary: Target = canary_job, publish_job: Target | None = None
 ) -> dg.SensorDefinition:
-    """``publish_job``: the job to run whenever the production model changes (the OCI
+    """``canary``: the job that takes one promotion step (``production_model``);
+    ``publish_job``: the job to run whenever the production model changes (the OCI
     artifact), if any."""
+    targets = [canary] if publish_job is None else [canary, publish_job]
 
     @dg.sensor(
         name="promotion_sensor",
-        job_name=publish_job,
+        jobs=targets,
         minimum_interval_seconds=tick_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=(
-            "Phases a newly registered challenger in as the canary when model_evaluation "
-            "said promote, then judges candidate vs production online CTR each tick: ramp "
-            "through the configured shares, promote at 100%, or roll back. Runs publish_job "
-            "whenever the production model changes, whoever moved it."
+            "Requests a canary_job run to phase a newly registered challenger in when "
+            "model_evaluation said promote, and one to apply each canary verdict (ramp, "
+            "promote at 100%, roll back) on candidate vs production online CTR. Runs "
+            "publish_job whenever the production model changes, whoever moved it."
         ),
     )
     def promotion_sensor(
         context: dg.SensorEvaluationContext,
         lake: LakeResource,
         closed_loop: ClosedLoopConfig,
-        notifier: NotifierResource,
     ) -> dg.SensorResult:
         now = _now()
         store = lake.get()
         registry = ModelRegistry(store)
         cursor = PromotionCursor.parse(context.cursor)
-        canary = closed_loop.canary_policy()
-        decisions: list[Decision] = []
+        production = registry.alias(PRODUCTION)
+        candidate = registry.alias(CANDIDATE)
+        acted_on = {a.version for a in (production, candidate) if a is not None}
+        requests: list[dg.RunRequest] = []
         records = context.instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=REGISTERED, after_storage_id=cursor.registered_after),
             limit=20,
@@ -483,34 +525,36 @@ def build_promotion_sensor(
         ).records
         for record in records:
             mat = record.asset_materialization
-            version = _value(mat.metadata, "version") if mat is not None else None
-            if version and registry.exists(str(version)):
+            version = metadata_value(mat.metadata, "version") if mat is not None else None
+            if version and str(version) not in acted_on and registry.exists(str(version)):
+                assert mat is not None
                 outcome = evaluation_for(context.instance, str(version), dict(mat.metadata))
                 if outcome is None:
                     context.log.warning(f"no model_evaluation names {version}; not promoting it")
                 else:
-                    decision = start_canary(registry, outcome, canary, now)
-                    if decision is not None:
-                        decisions.append(decision)
+                    requests.append(start_request(outcome, canary.name))
             cursor.registered_after = record.storage_id
-        step = step_canary(registry, store, closed_loop.drop_policy(), canary, now)
-        if step.decision is not None:
-            decisions.append(step.decision)
-        events = []
-        for decision in decisions:
-            context.log.info(f"{decision.action}: {decision.reason}")
-            record_decision(store, decision)
-            delivery = _alert(notifier, decision, f"recsys-promotion-{decision.version}")
-            events.append(_materialization(decision, delivery))
-        publish = publish_request(registry, cursor) if publish_job is not None else None
-        if not events and publish is None:
-            reason = f"canary {step.verdict.describe()}" if step.verdict else "no canary running"
+        reason = "no canary running"
+        in_flight = canary_in_progress(context.instance)
+        if in_flight is not None:
+            reason = f"canary_job run {in_flight[:8]} is in progress"
+        elif not requests:
+            assessment = assess_canary(
+                registry, store, closed_loop.drop_policy(), closed_loop.canary_policy(), now
+            )
+            if assessment is not None and assessment.action != "wait":
+                requests.append(judge_request(assessment, now, canary.name))
+            elif assessment is not None and assessment.verdict is not None:
+                reason = f"canary {assessment.verdict.describe()}"
+        for request in requests:
+            context.log.info(f"requesting {request.run_key} ({dict(request.tags)})")
+        if publish_job is not None:
+            publish = publish_request(registry, cursor, publish_job.name)
+            if publish is not None:
+                requests.append(publish)
+        if not requests:
             return dg.SensorResult(skip_reason=reason, cursor=cursor.dump())
-        return dg.SensorResult(
-            asset_events=events,
-            run_requests=[publish] if publish is not None else [],
-            cursor=cursor.dump(),
-        )
+        return dg.SensorResult(run_requests=requests, cursor=cursor.dump())
 
     return promotion_sensor
 
@@ -547,6 +591,6 @@ def build_retrain_failure_sensor(tick_seconds: int) -> dg.SensorDefinition:
             },
         )
         record_decision(store, decision)
-        _alert(notifier, decision, f"recsys-retrain-failed-{run.run_id}")
+        alert_decision(notifier, decision, f"recsys-retrain-failed-{run.run_id}")
 
     return retrain_failure_sensor

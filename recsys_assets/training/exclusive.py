@@ -12,7 +12,10 @@ blocks the next one.
 
 ``recsys retrain`` asks once and refuses with one line naming the holder; a run of
 ``retrain_job`` launched by the daemon waits for the lock (a queue of one), logging
-who holds it, for up to :data:`WAIT_SECONDS`.
+who holds it, for up to :data:`WAIT_SECONDS`. ``recsys retrain`` then executes its
+run in the thread that holds the lock, so the run's executor finds the lock already
+held by that thread and only writes its run id into it (the lock is re-entrant per
+thread, never across threads or processes).
 
 S3 lake: there is no lock file shared between machines. The lock then lives in the
 Dagster instance directory (``$DAGSTER_HOME``), which serializes the CLI and the runs
@@ -28,6 +31,7 @@ import fcntl
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -47,6 +51,22 @@ log = get_logger(__name__)
 LOCK_KEY = "training/.retrain.lock"
 WAIT_SECONDS = 6 * 3600.0  # a queued run gives up after this (the holder is stuck)
 POLL_SECONDS = 1.0
+
+
+# Lock files this thread holds, with their descriptors (re-entrancy, see the docstring).
+_held = threading.local()
+
+
+def _held_here() -> dict[str, int]:
+    if not hasattr(_held, "fds"):
+        _held.fds = {}
+    return _held.fds
+
+
+def _write_holder(fd: int, holder: Holder) -> None:
+    data = json.dumps(asdict(holder)).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
 
 
 class RetrainBusy(Exception):
@@ -95,6 +115,17 @@ def _holder_of(path: Path, patience: float = 0.5) -> Holder | None:
     return holder
 
 
+def _holder_with_run(path: Path, patience: float) -> Holder | None:
+    """The holder once it has written its run id (None if it did not within ``patience``)."""
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        holder = read_holder(path)
+        if holder is not None and holder.run_id is not None:
+            return holder
+        time.sleep(0.1)
+    return None
+
+
 @contextmanager
 def retrain_lock(
     path: Path,
@@ -103,13 +134,34 @@ def retrain_lock(
     trigger: str,
     wait_seconds: float = 0.0,
     on_wait: Callable[[Holder | None], None] | None = None,
+    reentrant: bool = False,
+    name_run_within: float = 0.0,
 ) -> Iterator[Holder]:
     """Hold the retraining lock for the duration of the block.
 
     ``wait_seconds=0`` refuses at once (:class:`RetrainBusy`); otherwise waits up to that
-    long, calling ``on_wait`` once with the holder.
+    long, calling ``on_wait`` once with the holder. ``reentrant``: a nested call in
+    this thread (the run this thread goes on to execute) joins this hold instead of
+    waiting for it: it only writes its run id into the lock file, and the outer block
+    keeps and releases the lock. ``name_run_within``: when refusing a holder that has
+    no run yet (a ``recsys retrain`` between taking the lock and creating its run),
+    wait up to that long for its run id, so the refusal names the run.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    held = _held_here()
+    key = str(path.resolve())
+    if key in held:
+        outer = read_holder(path)
+        holder = Holder(
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            run_id=run_id or (outer.run_id if outer else None),
+            trigger=outer.trigger if outer else trigger,
+            since=outer.since if outer else datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        _write_holder(held[key], holder)
+        yield holder
+        return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         deadline = time.monotonic() + wait_seconds
@@ -121,6 +173,8 @@ def retrain_lock(
             except BlockingIOError:
                 holder = _holder_of(path)
                 if time.monotonic() >= deadline:
+                    if holder is not None and holder.run_id is None and name_run_within > 0:
+                        holder = _holder_with_run(path, name_run_within) or holder
                     who = holder.describe() if holder else "another process"
                     raise RetrainBusy(
                         f"another retraining is running ({who}); wait for it to finish "
@@ -137,13 +191,14 @@ def retrain_lock(
             trigger=trigger,
             since=datetime.now(UTC).isoformat(timespec="seconds"),
         )
-        data = json.dumps(asdict(holder)).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
+        _write_holder(fd, holder)
         log.info("retrain.lock_taken", path=str(path), run_id=run_id, trigger=trigger)
+        if reentrant:
+            held[key] = fd
         try:
             yield holder
         finally:
+            held.pop(key, None)
             os.ftruncate(fd, 0)  # no stale holder for the next reader
     finally:
         os.close(fd)  # releases the lock (the kernel does the same if we die)

@@ -11,12 +11,9 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 import orjson
-from dagster._core.storage.tags import (
-    ASSET_PARTITION_RANGE_END_TAG,
-    ASSET_PARTITION_RANGE_START_TAG,
-)
 
 from recsys_assets.resources import LakeResource
+from recsys_assets.runs import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
 from recsys_assets.weblogs.assets import WEBLOG_PARTITIONS, weblogs
 from recsys_serving.landing import LANDING_AREA, LandingFile, list_sealed, recover_orphans
 
@@ -72,7 +69,7 @@ def run_request_for(days: list[str], files: list[LandingFile]) -> dg.RunRequest:
     tags = {"recsys/trigger": "landing_files", "recsys/landing_files": str(len(files))}
     if start == end:
         return dg.RunRequest(run_key=f"landing-{digest}", partition_key=start, tags=tags)
-    tags |= {ASSET_PARTITION_RANGE_START_TAG: start, ASSET_PARTITION_RANGE_END_TAG: end}
+    tags |= {PARTITION_RANGE_START_TAG: start, PARTITION_RANGE_END_TAG: end}
     return dg.RunRequest(run_key=f"landing-{digest}", tags=tags)
 
 
