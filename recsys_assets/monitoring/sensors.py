@@ -43,6 +43,8 @@ from recsys_assets.monitoring.promotion import (
     step_canary,
 )
 from recsys_assets.resources import LakeResource
+from recsys_assets.tracking.mirror import mirror_if_moved
+from recsys_assets.tracking.resource import MlflowResource
 from recsys_serving.lake import Lake
 from recsys_serving.registry import CANDIDATE, PRODUCTION, ModelRegistry
 
@@ -358,17 +360,24 @@ def build_ctr_drop_sensor(tick_seconds: int) -> dg.SensorDefinition:
 class PromotionCursor:
     registered_after: int | None = None
     published_key: str | None = None  # run key of the last publish_job run requested
+    mlflow: dict[str, Any] = field(default_factory=dict)  # tracking.mirror_if_moved's state
 
     @classmethod
     def parse(cls, raw: str | None) -> PromotionCursor:
         if not raw:
             return cls()
         data = orjson.loads(raw)
-        return cls(data.get("registered_after"), data.get("published_key"))
+        return cls(
+            data.get("registered_after"), data.get("published_key"), data.get("mlflow") or {}
+        )
 
     def dump(self) -> str:
         return orjson.dumps(
-            {"registered_after": self.registered_after, "published_key": self.published_key}
+            {
+                "registered_after": self.registered_after,
+                "published_key": self.published_key,
+                "mlflow": self.mlflow,
+            }
         ).decode()
 
 
@@ -469,6 +478,7 @@ def build_promotion_sensor(
         lake: LakeResource,
         closed_loop: ClosedLoopConfig,
         notifier: NotifierResource,
+        mlflow: MlflowResource,
     ) -> dg.SensorResult:
         now = _now()
         store = lake.get()
@@ -502,6 +512,10 @@ def build_promotion_sensor(
             record_decision(store, decision)
             delivery = _alert(notifier, decision, f"recsys-promotion-{decision.version}")
             events.append(_materialization(decision, delivery))
+        # MLflow mirrors every alias move, whoever made it; it never blocks the loop.
+        mirrored = mirror_if_moved(mlflow.mirror(), registry, cursor.mlflow, now)
+        if mirrored is not None and mirrored["mlflow"] == "failed":
+            context.log.warning(f"MLflow not updated, retried later: {mirrored['error']}")
         publish = publish_request(registry, cursor) if publish_job is not None else None
         if not events and publish is None:
             reason = f"canary {step.verdict.describe()}" if step.verdict else "no canary running"
