@@ -25,6 +25,7 @@ from monitoring_support import register_model, resources
 from typer.testing import CliRunner
 
 from recsys_assets.cli import app
+from recsys_assets.cli.demo import _mlflow_lines
 from recsys_assets.definitions import build_resources
 from recsys_assets.monitoring.sensors import PromotionCursor, build_promotion_sensor
 from recsys_assets.tracking.mirror import (
@@ -349,3 +350,8 @@ def test_the_embedded_default_is_sqlite_under_the_home(tmp_path: Path) -> None:
     assert run.info.artifact_uri.startswith(artifacts.as_uri())
     assert (Path(urlparse(run.info.artifact_uri).path) / "bundle" / "manifest.json").is_file()
     assert mirror_for(Settings(home=tmp_path, mlflow_tracking_uri="OFF")) is None
+    # What `recsys demo` prints at the end: the runs, the aliases, how to browse them.
+    lines = "\n".join(_mlflow_lines(settings, registry.lake))
+    assert "1 retraining run(s) in experiment recsys-training" in lines
+    assert f"production -> version 1 ({version})" in lines and "1 alias move(s)" in lines
+    assert f"mlflow ui --backend-store-uri {mirror.tracking_uri}" in lines

@@ -485,6 +485,25 @@ class MlflowMirror:
             report.moves_recorded += self._record_moves(registry, alias, tags, mirrored, moves)
         return report
 
+    def overview(self) -> dict[str, Any]:
+        """What a person finds in MLflow: runs, model versions, aliases, recorded moves."""
+        runs = self.client.search_runs([self.experiment_id()], max_results=1000)
+        model = self.client.get_registered_model(self.model_name)
+        versions = self.client.search_model_versions(
+            f"name = '{self.model_name}'", max_results=1000
+        )
+        by_number = {str(mv.version): (mv.tags or {}).get(VERSION_TAG) for mv in versions}
+        return {
+            "experiment": self.experiment,
+            "runs": len(runs),
+            "model": self.model_name,
+            "versions": len(versions),
+            "aliases": {
+                str(a): (str(n), by_number.get(str(n))) for a, n in (model.aliases or {}).items()
+            },
+            "moves": sum(1 for k in (model.tags or {}) if k.startswith("move.")),
+        }
+
     def _record_moves(
         self,
         registry: ModelRegistry,
