@@ -355,3 +355,22 @@ def test_the_embedded_default_is_sqlite_under_the_home(tmp_path: Path) -> None:
     assert "1 retraining run(s) in experiment recsys-training" in lines
     assert f"production -> version 1 ({version})" in lines and "1 alias move(s)" in lines
     assert f"mlflow ui --backend-store-uri {mirror.tracking_uri}" in lines
+
+
+def test_a_long_registry_is_caught_up_in_batches_alias_targets_first(
+    tmp_path: Path, mlflow_server: MlflowServer
+) -> None:
+    registry = ModelRegistry(LocalLake(tmp_path / "lake"))
+    for i in range(3):
+        register_model(registry, tmp_path, f"b{i}")
+    old, middle, new = registry.version_ids()  # sortable: the registry's own order
+    registry.set_alias(PRODUCTION, old, reason="the oldest serves")
+    mirror = MlflowMirror(mlflow_server.url, model_name="recsys-batches")
+    first = mirror.sync(registry, max_versions=1)
+    assert first.versions_created == [old, new] and not first.complete
+    client = mlflow_server.client()
+    aliases = client.get_registered_model("recsys-batches").aliases
+    assert {k: str(v) for k, v in aliases.items()} == {PRODUCTION: first.mlflow_versions[old]}
+    second = mirror.sync(registry, max_versions=1)
+    assert second.versions_created == [middle] and second.complete
+    assert mirror.sync(registry).versions_created == []

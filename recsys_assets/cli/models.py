@@ -439,7 +439,7 @@ def sync_mlflow(
     if behind is not None:
         console.print(f"last mirror failure ({behind['at']}, {behind['what']}): {behind['error']}")
     with console.status(f"syncing the registry into {mirror.tracking_uri}"):
-        outcome = mirror_registry(mirror, reg, moves=moves)
+        outcome = mirror_registry(mirror, reg, moves=moves, max_versions=None)
     if outcome["mlflow"] != "ok":
         fail(f"MLflow sync failed: {outcome['error']}")
     report = outcome["report"]

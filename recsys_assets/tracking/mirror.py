@@ -53,18 +53,21 @@ VERSION_TAG = "recsys.version"
 BUNDLE_DIR = "bundle"
 STATUS_KEY = "tracking/mlflow.json"  # the last failure, until a sync succeeds
 MOVES_PER_SYNC = 20  # alias moves caught up per alias and call (sync-mlflow asks for more)
-LOCK_TIMEOUT_SECONDS = 60.0
+VERSIONS_PER_SYNC = 20  # versions created per call (sync-mlflow: all)
+LOCK_TIMEOUT_SECONDS = 20.0  # a sensor tick must finish well within Dagster's 60 s
 _TAG_MAX = 5000
 _PARAM_MAX = 6000
 _BATCH = 100
 
 # A mirror call must not hold a retraining or a sensor tick for minutes: MLflow's own
 # defaults retry a refused connection 7 times with exponential backoff (minutes) and wait
-# 120 s for an answer. An operator's own values win.
-_HTTP_DEFAULTS = {
+# 120 s for an answer. Its "View run at" lines on stdout would land in the CLI's output
+# (the run id is in our structured log). An operator's own values win.
+_CLIENT_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 
 
@@ -253,7 +256,7 @@ def training_record(
 
 
 def _configure_http() -> None:
-    for name, value in _HTTP_DEFAULTS.items():
+    for name, value in _CLIENT_DEFAULTS.items():
         os.environ.setdefault(name, value)
 
 
@@ -265,6 +268,7 @@ class SyncReport:
     runs_backfilled: list[str] = field(default_factory=list)
     aliases: dict[str, str | None] = field(default_factory=dict)  # moved: alias -> version
     moves_recorded: int = 0
+    complete: bool = True  # False: versions left for the next call (max_versions)
     mlflow_versions: dict[str, str] = field(default_factory=dict)  # recsys -> mlflow version
 
     def summary(self) -> str:
@@ -273,6 +277,7 @@ class SyncReport:
             f"{len(self.versions_created)} version(s) created "
             f"({len(self.runs_backfilled)} run(s) backfilled), "
             f"aliases moved: {moved or 'none'}, {self.moves_recorded} move(s) recorded"
+            + ("" if self.complete else "; more versions left for the next sync")
         )
 
 
@@ -445,33 +450,47 @@ class MlflowMirror:
         log.info("mlflow.version", version=mv.version, mlflow_version=created.version)
         return str(created.version)
 
-    def sync(self, registry: ModelRegistry, *, moves: int = MOVES_PER_SYNC) -> SyncReport:
-        """Make MLflow's registered model match the lake registry (idempotent)."""
+    def sync(
+        self,
+        registry: ModelRegistry,
+        *,
+        moves: int = MOVES_PER_SYNC,
+        max_versions: int | None = VERSIONS_PER_SYNC,
+    ) -> SyncReport:
+        """Make MLflow's registered model match the lake registry (idempotent).
+
+        At most ``max_versions`` missing versions are created per call (the newest, and
+        whatever an alias points to), so the first sync of a long registry never holds a
+        sensor tick for minutes; ``report.complete`` says whether anything is left."""
         if self.lock_path is None:
-            return self._sync(registry, moves)
+            return self._sync(registry, moves, max_versions)
         from filelock import FileLock
 
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.lock_path), timeout=LOCK_TIMEOUT_SECONDS):
-            return self._sync(registry, moves)
+            return self._sync(registry, moves, max_versions)
 
-    def _sync(self, registry: ModelRegistry, moves: int) -> SyncReport:
+    def _sync(self, registry: ModelRegistry, moves: int, max_versions: int | None) -> SyncReport:
         report = SyncReport()
         self._ensure_model()
         mirrored = self.mirrored_versions()
-        for version in registry.version_ids():
-            if version not in mirrored:
-                mirrored[version] = self._create_version(registry, registry.get(version), report)
-                report.versions_created.append(version)
+        lake_aliases = registry.aliases()
+        missing = [v for v in registry.version_ids() if v not in mirrored]
+        if max_versions is not None and len(missing) > max_versions:
+            targets = {state.version for state in lake_aliases.values()}
+            missing = sorted(set(missing[-max_versions:]) | (targets & set(missing)))
+            report.complete = False
+        for version in missing:
+            mirrored[version] = self._create_version(registry, registry.get(version), report)
+            report.versions_created.append(version)
         report.mlflow_versions = mirrored
         model = self.client.get_registered_model(self.model_name)
         have = {str(k): str(v) for k, v in (model.aliases or {}).items()}
-        lake_aliases = registry.aliases()
         for alias in sorted({PRODUCTION, CANDIDATE, *lake_aliases}):
             state = lake_aliases.get(alias)
             want = mirrored.get(state.version) if state is not None else None
-            if want == have.get(alias):
-                continue
+            if want == have.get(alias) or (state is not None and want is None):
+                continue  # (a version the lake lists but cannot read yet: next sync)
             if want is None:
                 self.client.delete_registered_model_alias(self.model_name, alias)
             else:
@@ -573,14 +592,18 @@ def mirror_status(lake: Lake) -> dict[str, Any] | None:
 
 
 def mirror_registry(
-    mirror: MlflowMirror | None, registry: ModelRegistry, *, moves: int = MOVES_PER_SYNC
+    mirror: MlflowMirror | None,
+    registry: ModelRegistry,
+    *,
+    moves: int = MOVES_PER_SYNC,
+    max_versions: int | None = VERSIONS_PER_SYNC,
 ) -> dict[str, Any]:
     """Sync the registry into MLflow; never raises. Returns what to show the operator:
     ``{"mlflow": "off" | "ok" | "failed", ...}``."""
     if mirror is None:
         return {"mlflow": OFF}
     try:
-        report = mirror.sync(registry, moves=moves)
+        report = mirror.sync(registry, moves=moves, max_versions=max_versions)
     except Exception as exc:
         return {"mlflow": "failed", "error": _failed(registry.lake, "sync", exc)}
     try:
@@ -693,7 +716,8 @@ def mirror_if_moved(
         return None
     outcome = mirror_registry(mirror, registry)
     if outcome["mlflow"] == "ok":
-        state["mirrored"] = fingerprint
+        if outcome["report"].complete:  # else the next tick creates the next batch
+            state["mirrored"] = fingerprint
         state.pop("retry_at", None)
     else:
         state["retry_at"] = datetime.fromtimestamp(
