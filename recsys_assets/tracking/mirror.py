@@ -61,13 +61,14 @@ _BATCH = 100
 
 # A mirror call must not hold a retraining or a sensor tick for minutes: MLflow's own
 # defaults retry a refused connection 7 times with exponential backoff (minutes) and wait
-# 120 s for an answer. Its "View run at" lines on stdout would land in the CLI's output
-# (the run id is in our structured log). An operator's own values win.
+# 120 s for an answer. Its "View run at" lines and INFO logs would land in the CLI's
+# output (the run id is in our structured log). An operator's own values win.
 _CLIENT_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # not "Creating initial MLflow database tables..."
 }
 
 
