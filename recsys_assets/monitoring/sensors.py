@@ -13,7 +13,8 @@
   registry itself, so a restart resumes at the next tick. A failed retraining or
   evaluation produces no ``registered_model`` materialization and therefore never
   moves an alias. It also requests one ``publish_job`` run per move of the
-  ``production`` alias, whoever made it (itself, the CLI, the admin API).
+  ``production`` alias, whoever made it (itself, the CLI, the admin API), and mirrors
+  every alias move into MLflow (``recsys_assets.tracking``; never failing the tick).
 * ``retrain_failure_sensor``: tells a person when a retraining run fails.
 
 Each decision is reported as a ``production_model`` materialization (or an
