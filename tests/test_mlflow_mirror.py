@@ -206,6 +206,13 @@ def test_a_retraining_is_an_mlflow_run_and_its_registration_a_model_version(
     # Per-step figures and durations.
     assert metrics["steps/interactions/events"] == manifest["data"]["events"]
     assert "steps/ranking_model/best_iteration" in metrics
+    # The ranker's learning curve: validation NDCG per boosting round, as metric history.
+    curve = client.get_metric_history(
+        run.info.run_id, "steps/ranking_model/valid_ndcg_at_10_by_round"
+    )
+    assert [m.step for m in curve] == list(range(1, len(curve) + 1)) and len(curve) >= 2
+    best = int(metrics["steps/ranking_model/best_iteration"])
+    assert curve[best - 1].value == pytest.approx(metrics["steps/ranking_model/valid_ndcg"])
     assert {"steps/seconds/interactions", "steps/seconds/model_evaluation"} <= set(metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "bundle")}
     assert artifacts == {"bundle/manifest.json", "bundle/location.txt"}

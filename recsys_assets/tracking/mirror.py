@@ -126,6 +126,7 @@ class RunRecord:
     version: str
     params: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    series: dict[str, list[float]] = field(default_factory=dict)  # key -> value per step
     tags: dict[str, str] = field(default_factory=dict)
     files: dict[str, Any] = field(default_factory=dict)  # artifact path -> dict | str
     note: str = ""
@@ -183,9 +184,20 @@ def training_record(
     components = manifest.get("components") or {}
     metrics.update(numeric("steps/retrieval_model/als", components.get("als") or {}))
     metrics.update(numeric("steps/ranking_dataset", components.get("ranking_dataset") or {}))
-    ranker = {k: v for k, v in (components.get("ranker") or {}).items() if k != "ranking"}
-    ranker.pop("feature_importance", None)
+    ranker = {
+        k: v
+        for k, v in (components.get("ranker") or {}).items()
+        if k not in ("ranking", "feature_importance", "curves")
+    }
     metrics.update(numeric("steps/ranking_model", ranker))
+    eval_k = (manifest.get("params") or {}).get("eval_k", 10)
+    series = {
+        clean_key(f"steps/ranking_model/{name}_ndcg@{eval_k}_by_round"): [
+            float(v) for v in curve if _number(v) is not None
+        ]
+        for name, curve in ((components.get("ranker") or {}).get("curves") or {}).items()
+        if isinstance(curve, list)
+    }
     metrics.update(numeric("steps/ranking_model/gate", ranking))
     metrics.update(numeric("steps/seconds", dict(step_seconds or {})))
     code_sha = str(manifest.get("code_sha") or "unknown")
@@ -253,7 +265,9 @@ def training_record(
             "was trained, or it was registered by hand): only the manifest's figures."
         )
     tags["mlflow.note.content"] = _text(note, 50_000)
-    return RunRecord(version=version, params=params, metrics=metrics, tags=tags, files=files)
+    return RunRecord(
+        version=version, params=params, metrics=metrics, series=series, tags=tags, files=files
+    )
 
 
 def _configure_http() -> None:
@@ -365,6 +379,11 @@ class MlflowMirror:
         try:
             now = int(time.time() * 1000)
             metrics = [Metric(k, v, now, 0) for k, v in sorted(record.metrics.items())]
+            metrics += [
+                Metric(k, v, now, step)
+                for k, values in sorted(record.series.items())
+                for step, v in enumerate(values, start=1)
+            ]
             params = [Param(k, v) for k, v in sorted(record.params.items())]
             tags = [RunTag(k, v) for k, v in sorted(record.tags.items())]
             for i in range(0, len(metrics), 1000):
