@@ -37,6 +37,7 @@ from recsys_assets.tracking.mirror import (
     mirror_for,
     mirror_if_moved,
     mirror_registry,
+    record_retraining,
 )
 from recsys_assets.tracking.resource import MlflowResource
 from recsys_assets.training.assets import TRAINING_ASSETS
@@ -381,3 +382,32 @@ def test_a_long_registry_is_caught_up_in_batches_alias_targets_first(
     second = mirror.sync(registry, max_versions=1)
     assert second.versions_created == [middle] and second.complete
     assert mirror.sync(registry).versions_created == []
+
+
+def test_a_run_a_sync_backfilled_first_is_completed_in_place(
+    tmp_path: Path, mlflow_server: MlflowServer
+) -> None:
+    """The loop may sync between the lake registration and the retraining's own record
+    (a first model moves production): the version keeps one run, with everything."""
+    registry = ModelRegistry(LocalLake(tmp_path / "lake"))
+    version = register_model(registry, tmp_path, "race")
+    mirror = MlflowMirror(mlflow_server.url, model_name="recsys-race", lock_path=tmp_path / "l")
+    assert mirror.sync(registry).runs_backfilled == [version]
+    client = mlflow_server.client()
+    linked = client.get_model_version("recsys-race", "1").run_id
+    evaluation = {
+        "k": 10,
+        "decision": "first_model",
+        "decision_reason": "no production yet",
+        "metrics": {"challenger": {"ndcg@10": 0.25}, "popularity": {"ndcg@10": 0.2}},
+        "first_model_rule": {"applies": True, "serve": True, "reason": "beats popularity"},
+    }
+    outcome = record_retraining(mirror, registry, version, evaluation=evaluation)
+    assert outcome["mlflow"] == "ok" and outcome["run_id"] == linked
+    run = client.get_run(linked)
+    assert "backfilled" not in run.data.tags and run.data.tags["decision"] == "first_model"
+    assert run.data.metrics["holdout/challenger/ndcg_at_10"] == 0.25
+    runs = client.search_runs(
+        [mirror.experiment_id()], filter_string=f"tags.`{VERSION_TAG}` = '{version}'"
+    )
+    assert [r.info.run_id for r in runs] == [linked]

@@ -32,6 +32,7 @@ import os
 import re
 import time
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -320,6 +321,7 @@ class MlflowMirror:
         self.model_name = model_name
         self.lock_path = lock_path
         self._client: MlflowClient | None = None
+        self._lock: Any = None
         self._experiment_id: str | None = None
 
     @property
@@ -365,17 +367,44 @@ class MlflowMirror:
         chosen = (finished or runs or [None])[0]
         return chosen.info.run_id if chosen is not None else None
 
+    def lock(self) -> AbstractContextManager[Any]:
+        """This host's mirror lock (re-entrant): one writer at a time, so a sensor's sync
+        and a retraining's run never race on the same version or the SQLite file."""
+        if self.lock_path is None:
+            return nullcontext()
+        if self._lock is None:
+            from filelock import FileLock
+
+            self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = FileLock(str(self.lock_path), timeout=LOCK_TIMEOUT_SECONDS)
+        return self._lock
+
     def log_run(self, record: RunRecord) -> str:
-        """Create one finished run from ``record``; a version already recorded by a
-        finished run is not recorded twice (a retried registration step)."""
-        existing = self.find_run(record.version)
-        if existing is not None and self.client.get_run(existing).info.status == "FINISHED":
-            return existing
+        """Record ``record`` as a finished run and return its id.
+
+        A version already recorded by a full run is not recorded twice (a retried
+        registration step). A run a sync backfilled from the manifest meanwhile (it saw
+        the version registered before this call) is completed in place, so the model
+        version stays linked to the one run that has everything."""
+        with self.lock():
+            return self._log_run(record)
+
+    def _log_run(self, record: RunRecord) -> str:
         from mlflow.entities import Metric, Param, RunTag
 
         client = self.client
-        run = client.create_run(self.experiment_id(), run_name=record.version)
-        run_id = run.info.run_id
+        existing = self.find_run(record.version)
+        run_id: str | None = None
+        if existing is not None:
+            run = client.get_run(existing)
+            backfilled = run.data.tags.get("backfilled") == "true"
+            if run.info.status == "FINISHED" and (not backfilled or "backfilled" in record.tags):
+                return existing
+            if run.info.status == "FINISHED":
+                run_id = existing
+        created = run_id is None
+        if run_id is None:
+            run_id = client.create_run(self.experiment_id(), run_name=record.version).info.run_id
         try:
             now = int(time.time() * 1000)
             metrics = [Metric(k, v, now, 0) for k, v in sorted(record.metrics.items())]
@@ -397,11 +426,17 @@ class MlflowMirror:
                     client.log_text(run_id, content, path)
                 else:
                     client.log_dict(run_id, _jsonable(content), path)
+            if not created and "backfilled" not in record.tags:
+                client.delete_tag(run_id, "backfilled")
         except Exception:
-            client.set_terminated(run_id, status="FAILED")
+            if created:
+                client.set_terminated(run_id, status="FAILED")
             raise
-        client.set_terminated(run_id, status="FINISHED")
-        log.info("mlflow.run", version=record.version, run_id=run_id, metrics=len(metrics))
+        if created:
+            client.set_terminated(run_id, status="FINISHED")
+        log.info(
+            "mlflow.run", version=record.version, run_id=run_id, metrics=len(metrics), new=created
+        )
         return run_id
 
     # --- registry ----------------------------------------------------------------------
@@ -482,12 +517,7 @@ class MlflowMirror:
         At most ``max_versions`` missing versions are created per call (the newest, and
         whatever an alias points to), so the first sync of a long registry never holds a
         sensor tick for minutes; ``report.complete`` says whether anything is left."""
-        if self.lock_path is None:
-            return self._sync(registry, moves, max_versions)
-        from filelock import FileLock
-
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.lock_path), timeout=LOCK_TIMEOUT_SECONDS):
+        with self.lock():
             return self._sync(registry, moves, max_versions)
 
     def _sync(self, registry: ModelRegistry, moves: int, max_versions: int | None) -> SyncReport:
