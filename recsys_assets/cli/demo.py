@@ -677,7 +677,7 @@ def _mlflow_lines(settings: Any, lake: Any) -> list[str]:
     return [
         f"MLflow runs: {seen['runs']} retraining run(s) in experiment {seen['experiment']}",
         f"MLflow model: {seen['model']}, {seen['versions']} version(s), {aliases or 'no alias'}; "
-        f"{seen['moves']} alias move(s) as tags move.<alias>.<seq>",
+        f"{seen['moves']} alias move(s) as tags move.<alias>.<time>",
         f"MLflow UI:   {browse_hint(mirror.tracking_uri)}",
     ]
 

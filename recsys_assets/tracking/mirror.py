@@ -12,7 +12,7 @@ versions, so this module copies into it:
 * every registered version as a version of the ``recsys`` registered model (its source is
   the run's ``bundle/`` artifacts), the aliases (``production``, ``candidate``) where the
   lake says they point, and each alias move (promotions, canaries, rollbacks) as a
-  registered-model tag ``move.<alias>.<seq>``.
+  registered-model tag ``move.<alias>.<time>``.
 
 The registry side is a reconciliation, not a replay: :meth:`MlflowMirror.sync` compares
 the lake with MLflow and creates or moves what differs, so a second call does nothing and
@@ -130,7 +130,6 @@ class RunRecord:
     series: dict[str, list[float]] = field(default_factory=dict)  # key -> value per step
     tags: dict[str, str] = field(default_factory=dict)
     files: dict[str, Any] = field(default_factory=dict)  # artifact path -> dict | str
-    note: str = ""
 
 
 def training_record(
@@ -455,7 +454,7 @@ class MlflowMirror:
                 tags={"source_of_truth": "the recsys lake registry (registry/ in the lake)"},
                 description=(
                     "Mirror of the recsys lake registry: versions, aliases (production, "
-                    "candidate) and every alias move (tags move.<alias>.<seq>). Serving reads "
+                    "candidate) and every alias move (tags move.<alias>.<time>). Serving reads "
                     "the lake; moves made here are overwritten by the next sync."
                 ),
             )
@@ -599,8 +598,11 @@ class MlflowMirror:
                 f"{event.previous or 'none'} -> {event.version or 'cleared'}{share} "
                 f"(MLflow version {mv}): {event.reason}"
             )
+            # Keyed by the move's time, not its seq: a fresh lake (the demo) restarts seq
+            # at 1 and must not overwrite an older lake's moves; the time also sorts.
+            stamp = event.at.astimezone(UTC).strftime("%Y%m%dT%H%M%S%fZ")
             self.client.set_registered_model_tag(
-                self.model_name, f"move.{alias}.{event.seq:06d}", _text(text)
+                self.model_name, f"move.{alias}.{stamp}", _text(f"#{event.seq} {text}")
             )
         self.client.set_registered_model_tag(self.model_name, marker, newest[0].key)
         return len(events)
