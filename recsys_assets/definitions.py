@@ -11,6 +11,7 @@ from recsys_assets.monitoring.defs import closed_loop
 from recsys_assets.packaging.assets import promoted_image, publish_job
 from recsys_assets.packaging.resource import OciResource
 from recsys_assets.resources import LakeResource, RecsysConfig
+from recsys_assets.tracking.resource import MlflowResource
 from recsys_assets.training.assets import TRAINING_ASSETS
 from recsys_assets.training.jobs import retrain_job
 from recsys_assets.training.resources import TrainingConfig
@@ -29,6 +30,7 @@ def build_resources(settings: Settings) -> dict[str, object]:
         "oci": OciResource.from_settings(settings),
         "docstore": DocStoreResource.from_settings(settings),
         "training": TrainingConfig.from_settings(settings),
+        "mlflow": MlflowResource.from_settings(settings),
         **closed_loop(settings).resources,
     }
 

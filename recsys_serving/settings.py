@@ -318,6 +318,16 @@ class Settings(BaseSettings):
         default=None, description="OCI registry password or token (secret)."
     )
 
+    # Experiment tracking: training runs and the registry mirrored into MLflow.
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        description=(
+            "MLflow tracking server (http://host:5000) that records every retraining and "
+            "mirrors the registry's versions and alias moves; unset: a SQLite store under "
+            "<home>/mlflow; 'off': no MLflow. The lake registry stays what serving reads."
+        ),
+    )
+
     # Production Dagster instance.
     dagster_pg_url: str | None = Field(
         default=None, description="postgresql://... switches Dagster storage to PostgreSQL."

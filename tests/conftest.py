@@ -36,6 +36,9 @@ def _no_deployment_settings_from_the_caller() -> Iterator[None]:
             stray = name.startswith("RECSYS_") and name not in _KEPT_VARIABLES
             if stray or name.startswith("DAGSTER_PG_") or name == "PROMETHEUS_MULTIPROC_DIR":
                 mp.delenv(name)
+        # No MLflow mirror unless a test asks for one (tests/test_mlflow_mirror.py): its
+        # import and SQLite store cost seconds per process the suite starts.
+        mp.setenv("RECSYS_MLFLOW_TRACKING_URI", "off")
         yield
 
 

@@ -14,6 +14,7 @@ import polars as pl
 from recsys_assets.alerts.notifier import NotifierResource
 from recsys_assets.monitoring.config import ClosedLoopConfig
 from recsys_assets.resources import LakeResource
+from recsys_assets.tracking.resource import MlflowResource
 from recsys_assets.weblogs.processing import partition_key
 from recsys_serving.lake import Lake, LocalLake, read_parquet, write_parquet
 from recsys_serving.model.bundle import BundleWriter
@@ -107,4 +108,5 @@ def resources(lake: LocalLake, webhook_url: str | None = None, **overrides: Any)
         "lake": LakeResource(uri=str(lake.root)),
         "closed_loop": closed_loop_config(**overrides),
         "notifier": NotifierResource(webhook_url=webhook_url),
+        "mlflow": MlflowResource(tracking_uri="off"),
     }

@@ -659,6 +659,34 @@ def _live(
     return LiveOutcome(result, timeline, started, watcher, drift_after)
 
 
+def _mlflow_lines(settings: Any, lake: Any) -> list[str]:
+    """Where the retrainings' MLflow runs and the mirrored alias moves can be seen (after
+    one last sync, so a move the loop made in the last seconds is there too)."""
+    from recsys_assets.tracking.mirror import browse_hint, mirror_for, mirror_registry
+    from recsys_serving.registry import ModelRegistry
+
+    mirror = mirror_for(settings)
+    if mirror is None:
+        return ["MLflow:      off (RECSYS_MLFLOW_TRACKING_URI=off)"]
+    outcome = mirror_registry(mirror, ModelRegistry(lake))
+    if outcome["mlflow"] != "ok":
+        return [f"MLflow:      not updated ({outcome['error']}); `recsys models sync-mlflow`"]
+    try:
+        seen = mirror.overview()
+    except Exception as exc:  # the demo's verdict never depends on MLflow
+        return [f"MLflow:      {browse_hint(mirror.tracking_uri)} (overview failed: {exc})"]
+    aliases = ", ".join(
+        f"{alias} -> version {number} ({version})"
+        for alias, (number, version) in sorted(seen["aliases"].items())
+    )
+    return [
+        f"MLflow runs: {seen['runs']} retraining run(s) in experiment {seen['experiment']}",
+        f"MLflow model: {seen['model']}, {seen['versions']} version(s), {aliases or 'no alias'}; "
+        f"{seen['moves']} alias move(s) as tags move.<alias>.<time>",
+        f"MLflow UI:   {browse_hint(mirror.tracking_uri)}",
+    ]
+
+
 def _report(
     settings: Any,
     lake: Any,
@@ -714,6 +742,8 @@ def _report(
     out.print(f"chart:       {files.png}")
     for name, url in links.items():
         out.print(f"{name}: {url}")
+    for line in _mlflow_lines(settings, lake):
+        out.print(line, highlight=False)
     actions = live.watcher.actions
     closed = new_model and "promote" in actions
     elapsed = time.perf_counter() - started

@@ -317,6 +317,7 @@ def register(
             )
     except _refusals() as exc:
         fail(str(exc))
+    _mirror(settings, reg)
     summary(
         f"registered {mv.version}: {len(mv.files)} file(s), {_size(mv.size)} "
         f"in {reg.uri(mv.version)}"
@@ -361,6 +362,7 @@ def promote(
     except _refusals() as exc:
         fail(str(exc))
     _notify(settings, event, title)
+    _mirror(settings, reg)
     _publish_hint(settings, event)
     share_text = f" at {event.share:.0%}" if event.alias != PRODUCTION else ""
     summary(f"{event.alias}: {event.previous or 'none'} -> {event.version}{share_text} ({why})")
@@ -389,8 +391,62 @@ def rollback(
         title = f"Production rolled back to {event.version} by hand"
         text = f"production: {event.previous} -> {event.version} ({why})"
     _notify(settings, event, title)
+    _mirror(settings, reg)
     _publish_hint(settings, event)
     summary(text)
+
+
+def _mirror(settings: Settings, reg: ModelRegistry) -> None:
+    """Mirror the move into MLflow; a failure is a warning, never an undone move."""
+    from recsys_assets.tracking.mirror import mirror_for, mirror_registry
+
+    mirror = mirror_for(settings)
+    if mirror is None:
+        return
+    with console.status("mirroring the registry into MLflow"):
+        outcome = mirror_registry(mirror, reg)
+    if outcome["mlflow"] == "ok":
+        console.print(f"MLflow: {outcome['report'].summary()}")
+    else:
+        console.print(
+            f"[yellow]warning:[/] MLflow not updated ({escape(outcome['error'])}); the move "
+            "stands, `recsys models sync-mlflow` or the next move catches it up"
+        )
+
+
+@models_app.command("sync-mlflow")
+def sync_mlflow(
+    moves: Annotated[
+        int, typer.Option(min=1, help="Most alias moves per alias to catch up.")
+    ] = 1000,
+) -> None:
+    """Mirror the registry into MLflow: a model version (and a run) per registered version,
+    the aliases where the lake says, every alias move as a tag. Idempotent: run it after
+    MLflow was unreachable, or to fill a new tracking server."""
+    from recsys_assets.tracking.mirror import (
+        browse_hint,
+        mirror_for,
+        mirror_registry,
+        mirror_status,
+    )
+
+    settings = _settings()
+    reg = _registry(settings)
+    mirror = mirror_for(settings)
+    if mirror is None:
+        fail("RECSYS_MLFLOW_TRACKING_URI=off: there is no MLflow to sync")
+    behind = mirror_status(reg.lake)
+    if behind is not None:
+        console.print(f"last mirror failure ({behind['at']}, {behind['what']}): {behind['error']}")
+    with console.status(f"syncing the registry into {mirror.tracking_uri}"):
+        outcome = mirror_registry(mirror, reg, moves=moves, max_versions=None)
+    if outcome["mlflow"] != "ok":
+        fail(f"MLflow sync failed: {outcome['error']}")
+    report = outcome["report"]
+    summary(
+        f"MLflow in sync: {len(report.mlflow_versions)} version(s); {report.summary()}; "
+        f"browse: {browse_hint(mirror.tracking_uri)}"
+    )
 
 
 def _publish_hint(settings: Settings, event: AliasEvent) -> None:

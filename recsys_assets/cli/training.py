@@ -196,6 +196,15 @@ def _retrain(settings: Any, lake: Any, instance: Any, process: bool, started: fl
         comparison += f"per-user NDCG@{k} {ours_pu:.4f} vs popularity {base_pu:.4f}; "
     if evaluation.get("warning"):
         console.print(f"[yellow]warning:[/] {escape(str(evaluation['warning']))}")
+    if registered.get("mlflow_run_id"):
+        console.print(
+            f"MLflow run {registered['mlflow_run_id']} in {registered['mlflow_tracking_uri']}"
+        )
+    elif registered.get("mlflow") == "failed":
+        console.print(
+            f"[yellow]warning:[/] MLflow not updated ({escape(str(registered['mlflow_error']))}); "
+            "`recsys models sync-mlflow` catches it up"
+        )
     summary(
         f"retrained {registered['version']}: {comparison}decision {evaluation['decision']}; "
         f"registered as {registered['registered_as']}; run {run_id[:8]} in {elapsed:.1f}s"

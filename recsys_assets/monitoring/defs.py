@@ -23,6 +23,7 @@ from recsys_assets.monitoring.sensors import (
     build_retrain_failure_sensor,
 )
 from recsys_assets.packaging.assets import publish_job
+from recsys_assets.tracking.jobs import mlflow_sync_job
 from recsys_assets.training.jobs import retrain_job
 from recsys_serving.settings import Settings
 
@@ -30,7 +31,7 @@ from recsys_serving.settings import Settings
 @dataclass(frozen=True)
 class ClosedLoopDefs:
     assets: list[dg.AssetsDefinition]
-    jobs: list[dg.UnresolvedAssetJobDefinition]
+    jobs: list[dg.UnresolvedAssetJobDefinition | dg.JobDefinition]
     sensors: list[dg.SensorDefinition]
     schedules: list[dg.ScheduleDefinition]
     resources: dict[str, dg.ConfigurableResource]
@@ -40,13 +41,14 @@ def closed_loop(settings: Settings) -> ClosedLoopDefs:
     tick = settings.closed_loop_tick_seconds
     return ClosedLoopDefs(
         assets=[online_ctr, production_model],
-        jobs=[monitoring_job, canary_job],
+        jobs=[monitoring_job, canary_job, mlflow_sync_job],
         sensors=[
             build_ctr_drop_sensor(tick, retrain_job=retrain_job, record_job=monitoring_job),
             build_promotion_sensor(
                 tick,
                 canary=canary_job,
                 publish_job=publish_job if settings.publish_on_promotion else None,
+                mlflow_sync=mlflow_sync_job,
             ),
             build_retrain_failure_sensor(tick),
         ],

@@ -20,12 +20,17 @@ decision has a run with its logs in the UI, Dagster's retries, and a re-execute 
   next tick. A failed retraining or evaluation produces no ``registered_model``
   materialization and therefore never moves an alias. It also requests one
   ``publish_job`` run per move of the ``production`` alias, whoever made it (a
-  ``canary_job`` run, the CLI, the admin API).
+  ``canary_job`` run, the CLI, the admin API), and an ``mlflow_sync_job`` run whenever
+  the aliases moved since the last sync it requested (again every
+  ``RETRY_AFTER_SECONDS`` while MLflow cannot be reached): the mirror's work and
+  failures are in that run.
 * ``retrain_failure_sensor``: tells a person when a retraining run fails (Dagster's
   run-failure alerting pattern: the failed run is the run that holds the logs).
 """
 
 from __future__ import annotations
+
+import hashlib
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +59,13 @@ from recsys_assets.monitoring.promotion import (
     record_decision,
 )
 from recsys_assets.resources import LakeResource
+from recsys_assets.tracking.mirror import (
+    OFF,
+    RETRY_AFTER_SECONDS,
+    alias_fingerprint,
+    mirror_status,
+)
+from recsys_assets.tracking.resource import MlflowResource
 from recsys_serving.lake import Lake
 from recsys_serving.registry import CANDIDATE, PRODUCTION, ModelRegistry
 
@@ -377,17 +389,24 @@ def build_ctr_drop_sensor(
 class PromotionCursor:
     registered_after: int | None = None
     published_key: str | None = None  # run key of the last publish_job run requested
+    mlflow: dict[str, Any] = field(default_factory=dict)  # mlflow_sync_request's memory
 
     @classmethod
     def parse(cls, raw: str | None) -> PromotionCursor:
         if not raw:
             return cls()
         data = orjson.loads(raw)
-        return cls(data.get("registered_after"), data.get("published_key"))
+        return cls(
+            data.get("registered_after"), data.get("published_key"), data.get("mlflow") or {}
+        )
 
     def dump(self) -> str:
         return orjson.dumps(
-            {"registered_after": self.registered_after, "published_key": self.published_key}
+            {
+                "registered_after": self.registered_after,
+                "published_key": self.published_key,
+                "mlflow": self.mlflow,
+            }
         ).decode()
 
 
@@ -413,6 +432,32 @@ def publish_request(
         job_name=job_name,
         run_key=key,
         tags={TRIGGER_TAG: "production_changed", "recsys/model_version": production.version},
+    )
+
+
+def mlflow_sync_request(
+    registry: ModelRegistry, lake: Lake, cursor: PromotionCursor, now: datetime, job_name: str
+) -> dg.RunRequest | None:
+    """An ``mlflow_sync_job`` run when the aliases moved since the last one requested,
+    or when the last sync failed (``tracking/mlflow.json``) and ``RETRY_AFTER_SECONDS``
+    have passed: an unreachable MLflow is asked again every few minutes, not every tick.
+    The first tick after a start catches up with whatever happened before."""
+    fingerprint = alias_fingerprint(registry)
+    state = cursor.mlflow
+    requested_at = state.get("requested_at")
+    if fingerprint == state.get("requested"):
+        due = requested_at is None or (
+            now.timestamp() - datetime.fromisoformat(requested_at).timestamp()
+            >= RETRY_AFTER_SECONDS
+        )
+        if not due or mirror_status(lake) is None:
+            return None
+    digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    state.update(requested=fingerprint, requested_at=now.isoformat())
+    return dg.RunRequest(
+        job_name=job_name,
+        run_key=f"mlflow-sync-{digest}-{now.astimezone(UTC):%Y%m%dT%H%M%SZ}",
+        tags={TRIGGER_TAG: "aliases_moved", "recsys/aliases": fingerprint[:250]},
     )
 
 
@@ -486,12 +531,16 @@ def judge_request(assessment: CanaryAssessment, now: datetime, job_name: str) ->
 
 
 def build_promotion_sensor(
-    tick_seconds: int, *, canary: Target = canary_job, publish_job: Target | None = None
+    tick_seconds: int,
+    *,
+    canary: Target = canary_job,
+    publish_job: Target | None = None,
+    mlflow_sync: Target | None = None,
 ) -> dg.SensorDefinition:
     """``canary``: the job that takes one promotion step (``production_model``);
     ``publish_job``: the job to run whenever the production model changes (the OCI
-    artifact), if any."""
-    targets = [canary] if publish_job is None else [canary, publish_job]
+    artifact), if any; ``mlflow_sync``: the job that mirrors alias moves into MLflow."""
+    targets = [t for t in (canary, publish_job, mlflow_sync) if t is not None]
 
     @dg.sensor(
         name="promotion_sensor",
@@ -509,6 +558,7 @@ def build_promotion_sensor(
         context: dg.SensorEvaluationContext,
         lake: LakeResource,
         closed_loop: ClosedLoopConfig,
+        mlflow: MlflowResource,
     ) -> dg.SensorResult:
         now = _now()
         store = lake.get()
@@ -552,6 +602,10 @@ def build_promotion_sensor(
             publish = publish_request(registry, cursor, publish_job.name)
             if publish is not None:
                 requests.append(publish)
+        if mlflow_sync is not None and mlflow.tracking_uri != OFF:
+            sync = mlflow_sync_request(registry, store, cursor, now, mlflow_sync.name)
+            if sync is not None:
+                requests.append(sync)
         if not requests:
             return dg.SensorResult(skip_reason=reason, cursor=cursor.dump())
         return dg.SensorResult(run_requests=requests, cursor=cursor.dump())

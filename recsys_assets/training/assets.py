@@ -17,12 +17,15 @@ import dagster as dg
 import orjson
 
 from recsys_assets.resources import LakeResource
+from recsys_assets.tracking.mirror import OFF, record_retraining
+from recsys_assets.tracking.resource import MlflowResource
 from recsys_assets.training import artifacts as art
 from recsys_assets.training import steps
 from recsys_assets.training.checks import finite_check
 from recsys_assets.training.data import TrainingDataError
 from recsys_assets.training.evaluation import metrics_chart_png
 from recsys_assets.training.resources import TrainingConfig
+from recsys_serving.registry import ModelRegistry
 
 GROUP = "training"
 
@@ -38,7 +41,10 @@ def _in_run(fn: Callable[..., dg.MaterializeResult]) -> Callable[..., dg.Materia
 
     @functools.wraps(fn)
     def in_run(
-        context: dg.AssetExecutionContext, lake: LakeResource, training: TrainingConfig
+        context: dg.AssetExecutionContext,
+        lake: LakeResource,
+        training: TrainingConfig,
+        **resources: Any,
     ) -> dg.MaterializeResult:
         run = context.run.root_run_id or context.run_id
         store = lake.get()
@@ -47,7 +53,7 @@ def _in_run(fn: Callable[..., dg.MaterializeResult]) -> Callable[..., dg.Materia
             if removed:
                 context.log.info(f"removed {len(removed)} old training run directories")
         with art.run_scope(store, run, fn.__name__):
-            return fn(context, lake, training)
+            return fn(context, lake, training, **resources)
 
     return in_run
 
@@ -415,15 +421,30 @@ def evaluation_metadata(result: dict[str, Any]) -> dict[str, Any]:
 )
 @_in_run
 def registered_model(
-    context: dg.AssetExecutionContext, lake: LakeResource, training: TrainingConfig
+    context: dg.AssetExecutionContext,
+    lake: LakeResource,
+    training: TrainingConfig,
+    mlflow: MlflowResource,
 ) -> dg.MaterializeResult:
     result = steps.run_registration(lake.get(), training.cache())
     evaluation = steps.art.get_json(lake.get(), steps.art.key(steps.EVALUATION, "evaluation.json"))
+    tracked = record_retraining(
+        mlflow.mirror(),
+        ModelRegistry(lake.get()),
+        result["version"],
+        evaluation=evaluation,
+        dagster_run_id=context.run_id,
+        step_seconds=_step_seconds(context),
+        registered_as=result["registered_as"],
+    )
+    if tracked["mlflow"] == "failed":
+        context.log.warning(f"MLflow not updated (caught up at the next sync): {tracked['error']}")
     return dg.MaterializeResult(
         metadata={
             "version": result["version"],
             "registered_as": result["registered_as"],
             "registry_uri": dg.MetadataValue.path(result["uri"]),
+            **_mlflow_metadata(tracked, mlflow.tracking_uri),
             **{
                 key: value
                 for key, value in evaluation_metadata(evaluation).items()
@@ -441,6 +462,32 @@ def registered_model(
             },
         }
     )
+
+
+def _step_seconds(context: dg.AssetExecutionContext) -> dict[str, float]:
+    """Seconds each finished step of this run took (Dagster's own step statistics)."""
+    try:
+        stats = context.instance.get_run_step_stats(context.run_id)
+    except Exception:  # statistics are a nicety of the MLflow run, never a reason to fail
+        return {}
+    return {
+        s.step_key: round(s.end_time - s.start_time, 3)
+        for s in stats
+        if s.start_time is not None and s.end_time is not None
+    }
+
+
+def _mlflow_metadata(tracked: dict[str, Any], tracking_uri: str) -> dict[str, Any]:
+    """Where the MLflow run is, or why there is none (the retraining succeeds either way)."""
+    meta: dict[str, Any] = {"mlflow": tracked["mlflow"]}
+    if tracked["mlflow"] == OFF:
+        return meta
+    meta["mlflow_tracking_uri"] = tracking_uri
+    if tracked.get("run_id"):
+        meta["mlflow_run_id"] = tracked["run_id"]
+    if tracked.get("error"):
+        meta["mlflow_error"] = tracked["error"]
+    return meta
 
 
 TRAINING_ASSETS = [

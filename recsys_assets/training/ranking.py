@@ -244,6 +244,8 @@ class RankerFit:
     seconds: float
     feature_importance: dict[str, float]
     valid_groups: npt.NDArray[np.bool_] = field(default_factory=lambda: np.empty(0, bool))
+    # NDCG@K per boosting round ("train", "valid"): the learning curve MLflow plots.
+    curves: dict[str, list[float]] = field(default_factory=dict)
 
 
 def train_ranker(dataset: RankingDataset, params: TrainingParams) -> RankerFit:
@@ -343,6 +345,11 @@ def train_ranker(dataset: RankingDataset, params: TrainingParams) -> RankerFit:
         feature_importance={
             n: round(float(v) / total, 4)
             for n, v in sorted(zip(names, importance, strict=True), key=lambda x: -x[1])
+        },
+        curves={
+            name: [round(float(v), 6) for v in curve]
+            for name, curve in (("train", train_curve), ("valid", valid_curve))
+            if curve
         },
     )
 

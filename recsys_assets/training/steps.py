@@ -501,6 +501,7 @@ def run_ranking_model(lake: Lake, params: TrainingParams) -> dict[str, Any]:
         "groups": int(dataset.groups.size),
         "feature_importance": fit.feature_importance,
         "ranking": ranking,
+        "curves": fit.curves,  # NDCG@K per round (MLflow's learning curve)
     }
     art.put_json(lake, art.key(RANKING_MODEL, "ranker.json"), _finite_json(stats))
     return stats

@@ -1,0 +1,1 @@
+"""Experiment tracking: training runs and the registry mirrored into MLflow."""
