@@ -3,6 +3,7 @@
 # or changing a dependency, and commit the result with the change.
 #
 #   requirements.lock          everything `make install` and CI install: dependencies + dev
+#   requirements-runtime.lock  dependencies without dev, for the dagster and collector images
 #   requirements-serving.lock  the `serving` extra alone, for the serving image
 #
 # Both are resolved for CPython 3.11 on x86-64 Linux (what CI and the images run) with
@@ -24,8 +25,9 @@ common=("${target[@]}" --generate-hashes --quiet --custom-compile-command "make 
 
 "$UV" pip compile pyproject.toml --extra dev "${common[@]}" -o requirements.lock
 
-# The serving set is resolved alone but held to the versions just locked for the whole
-# project, so the serving image runs exactly the libraries CI tested.
+# The images' sets are resolved alone but held to the versions just locked for the whole
+# project, so the images run exactly the libraries CI tested.
+"$UV" pip compile pyproject.toml -c requirements.lock "${common[@]}" -o requirements-runtime.lock
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 "$PY" - > "$tmp/serving.in" <<'PYEOF'
@@ -36,5 +38,6 @@ with open("pyproject.toml", "rb") as fh:
 PYEOF
 "$UV" pip compile - -c requirements.lock "${common[@]}" -o requirements-serving.lock \
     < "$tmp/serving.in"
-echo "lock.sh: wrote requirements.lock ($(grep -c '==' requirements.lock) pins) and" \
-    "requirements-serving.lock ($(grep -c '==' requirements-serving.lock) pins)"
+for lock in requirements.lock requirements-runtime.lock requirements-serving.lock; do
+    echo "lock.sh: wrote $lock ($(grep -c '==' "$lock") pins)"
+done

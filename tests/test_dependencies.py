@@ -2,7 +2,8 @@
 
 pyproject.toml lists every dependency twice: in ``dependencies`` (the complete default
 install) and in the ``serving`` or ``pipeline`` extra (who needs it). The lock files pin
-them: requirements.lock is what ``make install`` and CI install, requirements-serving.lock
+them: requirements.lock is what ``make install`` and CI install, requirements-runtime.lock
+(no dev tools) what the Dagster and collector images install, requirements-serving.lock
 what the serving image installs. A mismatch fails here with the fix to make (usually
 ``make lock``). deptry (``make lint``) checks the other direction: every import declared,
 every declaration used.
@@ -26,6 +27,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 EXTRAS = PYPROJECT["optional-dependencies"]
 LOCK = ROOT / "requirements.lock"
 SERVING_LOCK = ROOT / "requirements-serving.lock"
+RUNTIME_LOCK = ROOT / "requirements-runtime.lock"
 TRAINING_STACK = {"dagster", "dagster-webserver", "great-expectations", "implicit"}
 _PIN = re.compile(r"^([A-Za-z0-9._-]+)==([^\s;\\]+)", re.M)
 
@@ -95,17 +97,28 @@ def test_the_lock_pins_every_declared_dependency(group: str) -> None:
         )
 
 
-def test_the_serving_lock_is_the_serving_extra_at_the_versions_of_the_lock() -> None:
-    locked, serving = pins(LOCK), pins(SERVING_LOCK)
-    for name in requirements(EXTRAS["serving"]):
-        assert name in serving, f"{name} is not in requirements-serving.lock: run `make lock`"
-    differ = {n: (v, locked.get(n)) for n, v in serving.items() if locked.get(n) != v}
-    assert not differ, f"serving lock vs lock (run `make lock`): {differ}"
-    assert not serving.keys() & TRAINING_STACK, "the serving lock pulls in the training stack"
+@pytest.mark.parametrize(
+    ("image_lock", "group", "left_out"),
+    [
+        (SERVING_LOCK, "serving", TRAINING_STACK | {"pytest"}),
+        (RUNTIME_LOCK, "dependencies", {"pytest", "ruff", "uv"}),
+    ],
+    ids=["serving", "runtime"],
+)
+def test_the_image_locks_are_subsets_at_the_versions_of_the_lock(
+    image_lock: Path, group: str, left_out: set[str]
+) -> None:
+    locked, subset = pins(LOCK), pins(image_lock)
+    lines = PYPROJECT["dependencies"] if group == "dependencies" else EXTRAS[group]
+    for name in requirements(lines):
+        assert name in subset, f"{name} is not in {image_lock.name}: run `make lock`"
+    differ = {n: (v, locked.get(n)) for n, v in subset.items() if locked.get(n) != v}
+    assert not differ, f"{image_lock.name} vs requirements.lock (run `make lock`): {differ}"
+    assert not subset.keys() & left_out, f"{image_lock.name} pulls in {subset.keys() & left_out}"
 
 
 def test_every_lock_entry_has_hashes() -> None:
-    for lock in (LOCK, SERVING_LOCK):
+    for lock in (LOCK, RUNTIME_LOCK, SERVING_LOCK):
         entries = re.split(r"\n(?=[A-Za-z0-9])", lock.read_text().split("\n", 2)[2])
         for entry in entries:
             if entry.strip() and not entry.startswith("#"):
