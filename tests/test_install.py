@@ -33,7 +33,8 @@ from support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING_STACK = ("dagster", "dagster_aws", "great_expectations", "implicit", "recsys_assets")
-pytestmark = pytest.mark.slow
+# Each builds a venv: minutes on a loaded 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def run(argv: list[str | Path], **kwargs: object) -> subprocess.CompletedProcess[str]:
@@ -122,7 +123,7 @@ def test_the_serving_set_alone_serves_recommendations(
     argv = [str(venv / "bin" / "recsys-serve"), "--port", str(port)]
     with started(argv, env, tmp_path, log) as proc:
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: answers(f"{url}/readyz", proc, log), 120, "recsys-serve /readyz")
+        wait_for(lambda: answers(f"{url}/readyz", proc, log), 180, "recsys-serve /readyz")
         answer = httpx.get(f"{url}/recommendations/u000002", params={"k": 5}, timeout=10)
     assert answer.status_code == 200, answer.text
     assert len(answer.json()["items"]) == 5
@@ -164,7 +165,7 @@ def test_recsys_ui_runs_from_a_non_editable_install(tmp_path: Path, wheel: Path)
         return entries if entries and done else None
 
     with started(argv, env, tmp_path, log) as proc:
-        entries = wait_for(loaded, 240, "the Dagster webserver with the recsys location")
+        entries = wait_for(loaded, 300, "the Dagster webserver with the recsys location")
     assert [(e["name"], e["locationOrLoadError"]["__typename"]) for e in entries] == [
         ("recsys", "RepositoryLocation")
     ], log.read_text()[-4000:]
