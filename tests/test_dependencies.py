@@ -117,6 +117,22 @@ def test_the_image_locks_are_subsets_at_the_versions_of_the_lock(
     assert not subset.keys() & left_out, f"{image_lock.name} pulls in {subset.keys() & left_out}"
 
 
+def test_the_lock_holds_nothing_pyproject_dropped() -> None:
+    """An entry that only pyproject.toml asked for must still be declared there (a
+    dependency removed without `make lock` would otherwise stay installed)."""
+    declared = set(requirements(PYPROJECT["dependencies"]) | requirements(EXTRAS["dev"]))
+    for entry in re.split(r"\n(?=[A-Za-z0-9])", LOCK.read_text()):
+        match = _PIN.match(entry)
+        if not match:
+            continue
+        # uv's annotations: "# via recsys (pyproject.toml)" or "# via" then "#   <who>" lines.
+        notes = [line.strip("# ").removeprefix("via").strip() for line in entry.splitlines()]
+        via = {note for note in notes[1:] if note and not note.startswith("--hash")}
+        if via == {"recsys (pyproject.toml)"}:
+            name = canonicalize_name(match[1])
+            assert name in declared, f"{name} is locked but no longer declared: run `make lock`"
+
+
 def test_every_lock_entry_has_hashes() -> None:
     for lock in (LOCK, RUNTIME_LOCK, SERVING_LOCK):
         entries = re.split(r"\n(?=[A-Za-z0-9])", lock.read_text().split("\n", 2)[2])
