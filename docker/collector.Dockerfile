@@ -8,10 +8,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     RECSYS_HOME=/var/lib/recsys
 
 WORKDIR /app
+# The libraries at the versions CI tested (hash-checked, no test tools), then the project.
+COPY requirements-runtime.lock ./
+RUN pip install --require-hashes -r requirements-runtime.lock
 COPY pyproject.toml README.md dagster.yaml workspace.yaml ./
 COPY recsys_serving ./recsys_serving
 COPY recsys_assets ./recsys_assets
-RUN pip install . \
+RUN pip install --no-deps . \
  && useradd --system --uid 10001 --home-dir /var/lib/recsys --create-home recsys
 
 USER recsys

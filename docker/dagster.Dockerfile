@@ -22,12 +22,16 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
+# The libraries at the versions CI tested (hash-checked, no test tools), then the project.
+COPY requirements-runtime.lock ./
+RUN pip install --require-hashes -r requirements-runtime.lock
 COPY pyproject.toml README.md dagster.yaml workspace.yaml ./
 COPY recsys_serving ./recsys_serving
 COPY recsys_assets ./recsys_assets
 COPY docker/dagster ./docker/dagster
-# Editable: recsys_assets.instance reads the dagster.yaml that sits beside the package.
-RUN pip install -e . \
+# dagster.yaml and workspace.yaml ship in the package (recsys_assets.instance reads them
+# from there); the copies at /app serve `--workspace workspace.yaml` below.
+RUN pip install --no-deps . \
  && useradd --system --uid 10001 --home-dir /var/lib/recsys --create-home recsys \
  && mkdir -p /var/lib/recsys/dagster \
  && chown -R recsys /var/lib/recsys

@@ -8,7 +8,14 @@
 # swap, phase-in, rollback) without a restart. RECSYS_MODEL_URI=oci://host/repo@sha256:...
 # pins one promoted artifact instead. /readyz stays 503 until a model is loaded.
 # API keys come from RECSYS_API_KEYS ({"<key>": ["recommend", "events"]}) or from
-# `recsys keys create` against the volume's key file.
+# `recsys keys create` (a full install, e.g. the recsys-dagster image) against the
+# volume's key file: this image has `recsys-serve` only.
+#
+# The serving set only: requirements-serving.lock pins (with hashes) what recsys_serving
+# imports, the same versions CI tested, and nothing of the training stack (no Dagster,
+# great-expectations or implicit). The package goes on top with --no-deps; its entry
+# point `recsys-serve` imports nothing from recsys_assets (import-linter checks that in
+# `make lint`), so the image runs without the pipeline's libraries.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -23,10 +30,11 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
-COPY pyproject.toml README.md dagster.yaml workspace.yaml ./
+COPY requirements-serving.lock ./
+RUN pip install --require-hashes -r requirements-serving.lock
+COPY pyproject.toml README.md ./
 COPY recsys_serving ./recsys_serving
-COPY recsys_assets ./recsys_assets
-RUN pip install . \
+RUN pip install --no-deps . \
  && useradd --system --uid 10001 --home-dir /var/lib/recsys --create-home recsys
 
 USER recsys
@@ -36,4 +44,4 @@ VOLUME ["/var/lib/recsys"]
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
   CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status == 200 else 1)"
 # One worker per core of the container; token buckets and metrics are shared by them.
-CMD ["recsys", "serve", "--host", "0.0.0.0", "--port", "8000", "--workers", "2"]
+CMD ["recsys-serve", "--host", "0.0.0.0", "--port", "8000", "--workers", "2"]

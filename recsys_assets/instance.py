@@ -30,7 +30,10 @@ import yaml
 
 from recsys_serving.settings import Settings
 
-PROJECT_DAGSTER_YAML = Path(__file__).resolve().parents[1] / "dagster.yaml"
+# Package data (links to the repository's files in a checkout, copies in a wheel), so a
+# non-editable install configures the instance and loads the code location the same way.
+PROJECT_DAGSTER_YAML = Path(__file__).resolve().parent / "dagster.yaml"
+PROJECT_WORKSPACE_YAML = Path(__file__).resolve().parent / "workspace.yaml"
 
 PG_URL_ENV = "RECSYS_DAGSTER_PG_URL"
 # The split form, for platforms that inject the password as its own secret variable
@@ -117,8 +120,8 @@ def render_instance_config(settings: Settings, environ: Mapping[str, str] | None
     """The repository's ``dagster.yaml``, plus the PostgreSQL storage block if configured."""
     if not PROJECT_DAGSTER_YAML.exists():
         raise InstanceConfigError(
-            f"{PROJECT_DAGSTER_YAML} is missing: recsys runs Dagster from a source checkout "
-            "(pip install -e .), whose dagster.yaml configures the instance"
+            f"{PROJECT_DAGSTER_YAML} is missing: the recsys package is installed without "
+            "its package data (dagster.yaml configures the instance); reinstall it"
         )
     template = PROJECT_DAGSTER_YAML.read_text()
     storage = postgres_storage(settings, environ)

@@ -19,8 +19,9 @@ Transport goes through the ``oras`` client (blob uploads, chunked uploads, strea
 downloads, Bearer-token negotiation). This module adds what a deployment needs on top:
 digest verification of the manifest and of every layer, atomic extraction followed by
 :func:`~recsys_serving.model.bundle.verify_bundle`, short bounded retries with clear
-errors instead of oras' minutes-long back-off, HTTP Basic credentials sent up front,
-and Amazon ECR credentials from boto3.
+errors instead of oras' minutes-long back-off, and HTTP Basic credentials sent up front.
+Amazon ECR needs no credentials here: oras' ECR auth backend answers ECR's challenge
+with a ``GetAuthorizationToken`` token (boto3, the usual AWS credential chain).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
+import oras.auth.utils
 import oras.container
 import oras.provider
 import requests
@@ -87,9 +89,8 @@ _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _REPO_PATH = re.compile(
     r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$"
 )
-_ECR_HOST = re.compile(
-    r"^(?P<account>\d{12})\.dkr\.ecr(?:-fips)?\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(?:\.cn)?$"
-)
+# The service Amazon ECR names in its Basic challenge; oras' ECR backend answers it.
+ECR_SERVICE = "ecr.amazonaws.com"
 
 
 # --- errors ------------------------------------------------------------------------
@@ -137,8 +138,8 @@ class OciCredentials:
 class RegistryAccess:
     """How to talk to a registry: plain HTTP or not, and with which credentials.
 
-    ``credentials=None`` means anonymous, except for Amazon ECR hosts, where a token is
-    fetched with boto3 (the usual AWS credential chain) for every push or pull.
+    ``credentials=None`` means anonymous, except for Amazon ECR, whose challenge oras'
+    ECR auth backend answers with a token from boto3 (the usual AWS credential chain).
     """
 
     insecure: bool = False
@@ -223,39 +224,6 @@ def split_repository(repository: str, *, what: str | None = None) -> tuple[str, 
             "repository path (e.g. 127.0.0.1:5000/recsys/model)"
         )
     return host, path
-
-
-def ecr_registry(host: str) -> tuple[str, str] | None:
-    """(account id, region) when ``host`` is an Amazon ECR registry, else None."""
-    match = _ECR_HOST.match(host)
-    return (match["account"], match["region"]) if match else None
-
-
-def ecr_credentials(host: str, *, client: Any | None = None) -> OciCredentials:
-    """Credentials for an ECR host from ``ecr:GetAuthorizationToken`` (valid 12 hours).
-
-    The same exchange as ``aws ecr get-login-password``: the token decodes to
-    ``AWS:<password>`` and the registry takes it as HTTP Basic credentials.
-    """
-    parsed = ecr_registry(host)
-    if parsed is None:
-        raise OciReferenceError(f"{host!r} is not an Amazon ECR registry host")
-    account, region = parsed
-    if client is None:
-        import boto3
-
-        client = boto3.client("ecr", region_name=region)
-    try:
-        answer = client.get_authorization_token(registryIds=[account])
-    except Exception as exc:  # botocore raises many types; all mean "no token"
-        raise OciAuthError(f"{host}: cannot get an ECR authorization token ({exc})") from exc
-    data = answer.get("authorizationData") or []
-    if not data or not data[0].get("authorizationToken"):
-        raise OciAuthError(f"{host}: ECR returned no authorization token")
-    user, sep, password = base64.b64decode(data[0]["authorizationToken"]).decode().partition(":")
-    if not sep:
-        raise OciAuthError(f"{host}: ECR authorization token is not user:password")
-    return OciCredentials(user, password)
 
 
 # --- the artifact ------------------------------------------------------------------
@@ -387,21 +355,19 @@ class _RegistryClient(oras.provider.Registry):
     oras retries a failed request five times with back-off growing to minutes and
     answers Basic challenges by first trying a token exchange; here a registry that is
     down fails within seconds with :class:`OciUnreachable`, Basic credentials are sent
-    as soon as the registry asks for them (and up front after that), and Bearer
-    challenges are still answered by oras' token negotiation.
+    as soon as the registry asks for them (and up front after that), and the rest is
+    oras' own: Bearer challenges go through its token negotiation and Amazon ECR's
+    through its ECR backend (a subclass of the token backend).
     """
 
     def __init__(self, host: str, access: RegistryAccess) -> None:
-        super().__init__(hostname=host, insecure=access.insecure, auth_backend="token")
+        super().__init__(hostname=host, insecure=access.insecure, auth_backend="ecr")
         self.host = host
         self.access = access
-        credentials = access.credentials
-        if credentials is None and ecr_registry(host) is not None:
-            credentials = ecr_credentials(host)
-        self.credentials = credentials
-        if credentials is not None:
-            self.auth.set_basic_auth(credentials.username, credentials.password)
-        self._basic_up_front = False
+        self.credentials = access.credentials
+        if self.credentials is not None:
+            self.auth.set_basic_auth(self.credentials.username, self.credentials.password)
+        self._authorization: str | None = None  # sent up front once a Basic challenge came
 
     def container(self, path: str, tag: str | None = None) -> oras.container.Container:
         container = oras.container.Container(f"{path.rpartition('/')[2]}:{tag or 'latest'}")
@@ -424,8 +390,8 @@ class _RegistryClient(oras.provider.Registry):
         stream: bool,
     ) -> requests.Response:
         headers = dict(headers)
-        if self._basic_up_front and self.credentials is not None:
-            headers["Authorization"] = f"Basic {self.credentials.basic()}"
+        if self._authorization is not None:
+            headers["Authorization"] = self._authorization
         elif self.auth.token:
             headers.update(self.auth.get_auth_header())
         delay = 0.25
@@ -483,13 +449,10 @@ class _RegistryClient(oras.provider.Registry):
         challenge = response.headers.get("Www-Authenticate", "")
         scheme = challenge.split(" ", 1)[0].lower()
         response.close()
-        if scheme == "basic":
-            if self.credentials is None:
-                raise OciAuthError(
-                    f"OCI registry {self.host} requires credentials "
-                    "(set RECSYS_OCI_USERNAME and RECSYS_OCI_PASSWORD)"
-                )
-            self._basic_up_front = True
+        if scheme == "basic" and self.credentials is not None:
+            self._authorization = f"Basic {self.credentials.basic()}"
+        elif scheme == "basic":
+            self._authorization = self._ecr_authorization(response, challenge)
         elif scheme == "bearer":
             self.auth.token = None
             _, ok = self.auth.authenticate_request(response, {}, refresh=True)
@@ -506,6 +469,24 @@ class _RegistryClient(oras.provider.Registry):
         if response.status_code in (401, 403):
             raise OciAuthError(self._refused(method, url, response))
         return response
+
+    def _ecr_authorization(self, response: requests.Response, challenge: str) -> str:
+        """The header oras' ECR backend makes from ECR's challenge (a GetAuthorizationToken
+        call); any other Basic challenge needs credentials we were not given."""
+        if oras.auth.utils.parse_auth_header(challenge).service != ECR_SERVICE:
+            raise OciAuthError(
+                f"OCI registry {self.host} requires credentials "
+                "(set RECSYS_OCI_USERNAME and RECSYS_OCI_PASSWORD)"
+            )
+        try:
+            headers, ok = self.auth.authenticate_request(response, {}, refresh=True)
+        except Exception as exc:  # botocore raises many types; all mean "no token"
+            raise OciAuthError(
+                f"{self.host}: cannot get an ECR authorization token ({exc})"
+            ) from exc
+        if not ok or not headers.get("Authorization"):
+            raise OciAuthError(f"{self.host}: ECR returned no authorization token")
+        return str(headers["Authorization"])
 
     def _refused(self, method: str, url: str, response: requests.Response) -> str:
         who = "anonymous access" if self.credentials is None else "the credentials"

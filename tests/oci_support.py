@@ -281,3 +281,64 @@ def oci_registry_basic(tmp_path: Path) -> Iterator[OciRegistryServer]:
         tmp_path / "oci-registry-basic", username="recsys", password="s3cret-pw"
     ) as server:
         yield server
+
+
+# Headers that describe one hop, not the message: never copied by the ECR front.
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade"}
+
+
+@contextmanager
+def running_ecr_front(upstream: OciRegistryServer, ecr_host: str) -> Iterator[str]:
+    """A registry that authenticates like Amazon ECR, on 127.0.0.1: requests pass through
+    to ``upstream`` (htpasswd Basic auth holding the GetAuthorizationToken password), and
+    its 401 challenge is rewritten to ECR's ``Basic realm="https://<ecr_host>/",
+    service="ecr.amazonaws.com"``, the form oras' ECR backend answers. Yields host:port."""
+    session = requests.Session()
+    challenge = f'Basic realm="https://{ecr_host}/",service="ecr.amazonaws.com"'
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _forward(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else None
+            # Host passes through, so the registry's Location headers point back here.
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+            reply = session.request(
+                self.command,
+                upstream.url(self.path),
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                timeout=30,
+            )
+            self.send_response(reply.status_code)
+            for key, value in reply.headers.items():
+                skip = _HOP_BY_HOP | {"www-authenticate", "content-length"}
+                if key.lower() not in skip:
+                    self.send_header(key, value)
+            if reply.status_code == 401:
+                self.send_header("Www-Authenticate", challenge)
+            if self.command == "HEAD":
+                self.send_header("Content-Length", reply.headers.get("Content-Length", "0"))
+            else:
+                self.send_header("Content-Length", str(len(reply.content)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(reply.content)
+
+        do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+        session.close()

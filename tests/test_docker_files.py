@@ -66,6 +66,10 @@ def assert_real_command(argv: list[str], where: str) -> None:
     flags = [a.split("=", 1)[0] for a in rest if a.startswith("-")]
     if program == "recsys":
         result = CliRunner().invoke(app, [*words[:1], "--help"])
+    elif program == "recsys-serve":
+        from recsys_serving.cli import app as serving_app
+
+        result = CliRunner().invoke(serving_app, [*words, "--help"])
     else:
         cli = _dagster_cli(program)
         assert cli is not None, f"{where}: {program} is not a recsys or Dagster command"

@@ -8,7 +8,6 @@ import base64
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 import numpy as np
@@ -21,6 +20,7 @@ from oci_support import (
     OciRegistryServer,
     oci_registry,
     oci_registry_basic,
+    running_ecr_front,
     running_registry,
     running_token_issuer,
 )
@@ -372,55 +372,53 @@ def test_bearer_token_registry(tmp_path: Path) -> None:
             pull_bundle(ref.reference, tmp_path / "other", access=wrong)
 
 
-def test_ecr_hosts_are_recognized() -> None:
-    assert oci.ecr_registry(ECR_HOST) == ("123456789012", "eu-west-1")
-    assert oci.ecr_registry("123456789012.dkr.ecr-fips.us-east-1.amazonaws.com") is not None
-    assert oci.ecr_registry("registry.example.com") is None
-    assert oci.ecr_registry("12345.dkr.ecr.eu-west-1.amazonaws.com") is None
-
-
 @pytest.mark.slow
-def test_ecr_token_from_boto3_authenticates_a_push(
+def test_an_ecr_challenge_is_answered_by_oras_ecr_backend(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """ECR auth is HTTP Basic with the decoded ``GetAuthorizationToken`` password: the token
-    comes from moto's ECR (no network), and a registry whose htpasswd holds exactly that
-    password accepts the push."""
+    """ECR auth is HTTP Basic with the decoded ``GetAuthorizationToken`` token, which oras'
+    ECR backend fetches with boto3 when ECR's challenge comes: no credentials configured,
+    moto's ECR (no network) issues the token, and a registry whose htpasswd holds exactly
+    that password, behind an ECR-shaped challenge, takes the push and the pull."""
+    import boto3
     from moto import mock_aws
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     with mock_aws():
-        credentials = oci.ecr_credentials(ECR_HOST)
-        client = oci._RegistryClient(ECR_HOST, RegistryAccess())  # what push/pull build
-        assert client.credentials == credentials
-        client.session.close()
-    assert credentials == OciCredentials("AWS", "123456789012-auth-token")  # moto's token
-
-    with running_registry(
-        tmp_path / "ecr-like", username=credentials.username, password=credentials.password
-    ) as server:
-        ref = push_bundle(
-            make_bundle(tmp_path / "b"), server.repository(), insecure=True, auth=credentials
-        )
+        token = boto3.client("ecr", region_name="eu-west-1").get_authorization_token()
+    encoded = token["authorizationData"][0]["authorizationToken"]
+    username, _, password = base64.b64decode(encoded).decode().partition(":")
+    with (
+        running_registry(tmp_path / "ecr-like", username=username, password=password) as server,
+        running_ecr_front(server, ECR_HOST) as front,
+        mock_aws(),
+    ):
+        bundle = make_bundle(tmp_path / "b")
+        ref = push_bundle(bundle, f"{front}/recsys/model", insecure=True)
         assert registry_manifest(server, ref.digest).status_code == 200
+        pulled = pull_bundle(ref.reference, tmp_path / "models", insecure=True)
+    assert tree(pulled) == tree(bundle)
 
 
-def test_ecr_errors_are_auth_errors() -> None:
-    class Denied:
-        def get_authorization_token(self, **kwargs: Any) -> dict[str, Any]:
-            raise RuntimeError("AccessDeniedException: not authorized")
-
-    class Garbled:
-        def get_authorization_token(self, **kwargs: Any) -> dict[str, Any]:
-            assert kwargs == {"registryIds": ["123456789012"]}
-            token = base64.b64encode(b"no-colon").decode()
-            return {"authorizationData": [{"authorizationToken": token}]}
-
-    with pytest.raises(OciAuthError, match="AccessDenied"):
-        oci.ecr_credentials(ECR_HOST, client=Denied())
-    with pytest.raises(OciAuthError, match="not user:password"):
-        oci.ecr_credentials(ECR_HOST, client=Garbled())
+@pytest.mark.slow
+def test_ecr_without_aws_credentials_is_an_auth_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    # No credential file, and never the instance metadata endpoint (off this machine).
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.delenv("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", raising=False)
+    monkeypatch.delenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", raising=False)
+    with (
+        running_registry(tmp_path / "ecr-like", username="AWS", password="pw") as server,
+        running_ecr_front(server, ECR_HOST) as front,
+        pytest.raises(OciAuthError, match="cannot get an ECR authorization token"),
+    ):
+        push_bundle(make_bundle(tmp_path / "b"), f"{front}/recsys/model", insecure=True)
 
 
 # --- the OCI image layout (embedded default) ---------------------------------------

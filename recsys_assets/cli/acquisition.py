@@ -16,8 +16,6 @@ from rich.markup import escape
 from recsys_assets.cli import app
 from recsys_assets.cli.common import console, fail, out, progress, summary
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
 
 def _settings():
     from recsys_serving.settings import Settings
@@ -295,19 +293,23 @@ def ui(
     port: Annotated[int, typer.Option()] = 3000,
 ) -> None:
     """Open the Dagster UI (and daemon) on this project's instance under RECSYS_HOME."""
-    from recsys_assets.instance import ensure_dagster_home
+    from recsys_assets.instance import PROJECT_WORKSPACE_YAML, ensure_dagster_home
 
     home = ensure_dagster_home(_settings())
     console.print(f"Dagster instance: {home}  UI: http://{host}:{port}")
-    dagster = Path(sys.executable).with_name("dagster")
+    # The workspace ships with the package and names a module, not a path: this works
+    # from any directory and from a non-editable install. `python -m dagster` rather
+    # than a script beside the interpreter, which a venv without scripts lacks.
     cmd = [
-        str(dagster),
+        sys.executable,
+        "-m",
+        "dagster",
         "dev",
         "-w",
-        str(PROJECT_ROOT / "workspace.yaml"),
+        str(PROJECT_WORKSPACE_YAML),
         "-h",
         host,
         "-p",
         str(port),
     ]
-    raise typer.Exit(subprocess.call(cmd, cwd=PROJECT_ROOT, env=os.environ.copy()))
+    raise typer.Exit(subprocess.call(cmd, cwd=home, env=os.environ.copy()))

@@ -1,0 +1,155 @@
+"""Declared dependencies against the code and the lock files.
+
+pyproject.toml lists every dependency twice: in ``dependencies`` (the complete default
+install) and in the ``serving`` or ``pipeline`` extra (who needs it). The lock files pin
+them: requirements.lock is what ``make install`` and CI install, requirements-runtime.lock
+(no dev tools) what the Dagster and collector images install, requirements-serving.lock
+what the serving image installs. A mismatch fails here with the fix to make (usually
+``make lock``). deptry (``make lint``) checks the other direction: every import declared,
+every declaration used.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+EXTRAS = PYPROJECT["optional-dependencies"]
+LOCK = ROOT / "requirements.lock"
+SERVING_LOCK = ROOT / "requirements-serving.lock"
+RUNTIME_LOCK = ROOT / "requirements-runtime.lock"
+TRAINING_STACK = {"dagster", "dagster-webserver", "great-expectations", "implicit"}
+_PIN = re.compile(r"^([A-Za-z0-9._-]+)==([^\s;\\]+)", re.M)
+
+
+def pins(lock: Path) -> dict[str, str]:
+    return {canonicalize_name(name): version for name, version in _PIN.findall(lock.read_text())}
+
+
+def requirements(lines: list[str]) -> dict[str, Requirement]:
+    parsed = [Requirement(line) for line in lines]
+    return {canonicalize_name(r.name): r for r in parsed}
+
+
+def test_dependencies_are_exactly_the_serving_and_pipeline_extras() -> None:
+    declared = requirements(PYPROJECT["dependencies"])
+    serving, pipeline = requirements(EXTRAS["serving"]), requirements(EXTRAS["pipeline"])
+    assert not serving.keys() & pipeline.keys(), "a dependency is in both serving and pipeline"
+    missing = sorted(str(r) for name, r in declared.items() if name not in serving | pipeline)
+    assert not missing, f"add {missing} to the `serving` or `pipeline` extra (pyproject.toml)"
+    for name, req in (serving | pipeline).items():
+        assert name in declared, f"{req} is in an extra but not in `dependencies`"
+        assert str(declared[name]) == str(req), f"{declared[name]} != {req}: keep them identical"
+
+
+def _third_party_imports(package: Path) -> dict[str, str]:
+    """Top-level module -> the first file importing it (function-level imports included)."""
+    found: dict[str, str] = {}
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.partition(".")[0]
+                if top not in sys.stdlib_module_names and top != "__future__":
+                    found.setdefault(top, str(path.relative_to(ROOT)))
+    return found
+
+
+def test_the_serving_extra_covers_every_import_of_recsys_serving() -> None:
+    """The serving image installs only the `serving` extra: anything recsys_serving
+    imports, even lazily inside a function, must be in it."""
+    serving = set(requirements(EXTRAS["serving"]))
+    providers = importlib.metadata.packages_distributions()
+    for module, where in _third_party_imports(ROOT / "recsys_serving").items():
+        if module == "recsys_serving":
+            continue
+        dists = {canonicalize_name(d) for d in providers.get(module, [])}
+        assert dists, f"{where} imports {module}, which no installed distribution provides"
+        assert dists & serving, (
+            f"{where} imports {module} (from {sorted(dists)}): add it to the `serving` extra "
+            "and `dependencies` in pyproject.toml, then `make lock`"
+        )
+
+
+@pytest.mark.parametrize("group", ["dependencies", "dev"])
+def test_the_lock_pins_every_declared_dependency(group: str) -> None:
+    locked = pins(LOCK)
+    lines = PYPROJECT["dependencies"] if group == "dependencies" else EXTRAS[group]
+    for name, req in requirements(lines).items():
+        assert name in locked, f"{req} is not in requirements.lock: run `make lock`"
+        assert req.specifier.contains(locked[name], prereleases=True), (
+            f"requirements.lock pins {name}=={locked[name]}, outside {req}: run `make lock`"
+        )
+
+
+@pytest.mark.parametrize(
+    ("image_lock", "group", "left_out"),
+    [
+        (SERVING_LOCK, "serving", TRAINING_STACK | {"pytest"}),
+        (RUNTIME_LOCK, "dependencies", {"pytest", "ruff", "uv"}),
+    ],
+    ids=["serving", "runtime"],
+)
+def test_the_image_locks_are_subsets_at_the_versions_of_the_lock(
+    image_lock: Path, group: str, left_out: set[str]
+) -> None:
+    locked, subset = pins(LOCK), pins(image_lock)
+    lines = PYPROJECT["dependencies"] if group == "dependencies" else EXTRAS[group]
+    for name in requirements(lines):
+        assert name in subset, f"{name} is not in {image_lock.name}: run `make lock`"
+    differ = {n: (v, locked.get(n)) for n, v in subset.items() if locked.get(n) != v}
+    assert not differ, f"{image_lock.name} vs requirements.lock (run `make lock`): {differ}"
+    assert not subset.keys() & left_out, f"{image_lock.name} pulls in {subset.keys() & left_out}"
+
+
+def test_the_lock_holds_nothing_pyproject_dropped() -> None:
+    """An entry that only pyproject.toml asked for must still be declared there (a
+    dependency removed without `make lock` would otherwise stay installed)."""
+    declared = set(requirements(PYPROJECT["dependencies"]) | requirements(EXTRAS["dev"]))
+    for entry in re.split(r"\n(?=[A-Za-z0-9])", LOCK.read_text()):
+        match = _PIN.match(entry)
+        if not match:
+            continue
+        # uv's annotations: "# via recsys (pyproject.toml)" or "# via" then "#   <who>" lines.
+        notes = [line.strip("# ").removeprefix("via").strip() for line in entry.splitlines()]
+        via = {note for note in notes[1:] if note and not note.startswith("--hash")}
+        if via == {"recsys (pyproject.toml)"}:
+            name = canonicalize_name(match[1])
+            assert name in declared, f"{name} is locked but no longer declared: run `make lock`"
+
+
+def test_every_lock_entry_has_hashes() -> None:
+    for lock in (LOCK, RUNTIME_LOCK, SERVING_LOCK):
+        entries = re.split(r"\n(?=[A-Za-z0-9])", lock.read_text().split("\n", 2)[2])
+        for entry in entries:
+            if entry.strip() and not entry.startswith("#"):
+                assert "--hash=sha256:" in entry, f"{lock.name}: no hash for {entry.split()[0]}"
+
+
+def test_this_environment_runs_the_locked_versions() -> None:
+    """`make install` and CI install requirements.lock: the tests run exactly those
+    versions (a venv that drifted is refreshed by `make install`)."""
+    drifted = {}
+    for name, version in pins(LOCK).items():
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            installed = None
+        if installed != version:
+            drifted[name] = (version, installed)
+    assert not drifted, f"locked vs installed (run `make install`): {drifted}"
