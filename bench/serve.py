@@ -24,9 +24,20 @@ stages (user context, candidates, features, ranking compiled and with LightGBM) 
 the service around them (``/healthz`` and ``/recommendations`` through the ASGI app,
 without HTTP, and with the model replaced by a fixed answer).
 
+Two worlds: ``--world demo`` (the simulated clickstream above) and ``--world long``,
+heavy users (5,000 users rating 50 to 2,000 items each, Zipf-distributed over users,
+see :func:`long_history_world`), where per-request work that grows with a user's
+history would show; the stage budget also reports ``Recommender.recommend``'s wall
+latency (p50/p90/p99) over the known users. ``--keep`` keeps the working directory;
+``--reuse DIR`` serves its models again and ``--stages-only DIR`` measures only the
+in-process stages on them: the same bundles under two versions of the code.
+
 Usage::
 
     .venv/bin/python bench/serve.py                          # 20 s per scenario
+    .venv/bin/python bench/serve.py --world long --connections 32 --duration 10 --keep
+    .venv/bin/python bench/serve.py --world long --connections 32 --reuse /tmp/recsys-bench-serve-x
+    .venv/bin/python bench/serve.py --stages-only /tmp/recsys-bench-serve-x
     .venv/bin/python bench/serve.py --duration 10 --connections 16
     .venv/bin/python bench/serve.py --out bench/results/serve.json
 """
@@ -86,9 +97,111 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# The long-history world: users' event counts follow Zipf's law by activity rank, from
+# LONG_MAX_EVENTS (the most active user) down to LONG_MIN_EVENTS (the least active).
+LONG_MIN_EVENTS = 50
+LONG_MAX_EVENTS = 2_000
+LONG_DAYS = 60.0
+
+
+def long_history_world(out: Path, n_users: int, n_items: int, seed: int = 42) -> dict[str, Any]:
+    """Write a world of heavy users (items, users, rating events as NDJSON).
+
+    Like ``bench/datasets.py``'s organic shape (each user rates distinct items chosen
+    by taste under the simulator's ground truth, at random times), but the number of
+    items per user is Zipf-distributed over users, from ``LONG_MAX_EVENTS`` down to
+    ``LONG_MIN_EVENTS``: the regime where per-request work that grows with the
+    history shows. Returns the per-user event-count quantiles.
+    """
+    import numpy as np
+    import polars as pl
+
+    from recsys_assets.simulation.truth import GroundTruth
+
+    end = datetime(2024, 6, 1, tzinfo=UTC)
+    start = end.timestamp() - LONG_DAYS * 86_400.0
+    truth = GroundTruth.generate(
+        n_users, n_items, 24, seed, datetime.fromtimestamp(start, tz=UTC), end
+    )
+    rng = np.random.default_rng([seed, 0x10C6])
+    # Zipf over activity ranks: count(rank r) = max * r ** -s, s chosen so the last
+    # rank gets the minimum; ranks are shuffled over users.
+    s = np.log(LONG_MAX_EVENTS / LONG_MIN_EVENTS) / np.log(max(n_users, 2))
+    ranks = rng.permutation(n_users) + 1
+    per_user = np.minimum(np.rint(LONG_MAX_EVENTS * ranks**-s).astype(int), n_items)
+    users: list[Any] = []
+    items: list[Any] = []
+    ts: list[Any] = []
+    values: list[Any] = []
+    for lo in range(0, n_users, 256):
+        block = np.arange(lo, min(lo + 256, n_users))
+        rel = truth.relevance_matrix(block)
+        keys = 3.0 * np.log(rel) - np.log(-np.log(rng.random(rel.shape)))
+        for row, user in enumerate(block.tolist()):
+            n = int(per_user[user])
+            chosen = np.argpartition(-keys[row], n - 1)[:n]
+            users.append(np.full(n, user))
+            items.append(chosen)
+            ts.append(np.sort(rng.uniform(start, end.timestamp(), size=n)))
+            noise = rng.normal(0.0, 0.7, size=n)
+            values.append(np.clip(np.rint(1 + 4 * rel[row, chosen] + noise), 1, 5))
+    events = pl.DataFrame(
+        {
+            "user_id": truth.format_user_ids(np.concatenate(users)).tolist(),
+            "item_id": truth.format_item_ids(np.concatenate(items)).tolist(),
+            "ts": np.concatenate(ts),
+            "value": np.concatenate(values),
+        }
+    ).sort("ts")
+    out.mkdir(parents=True, exist_ok=True)
+    events.with_row_index("n").select(
+        pl.format("long{}", pl.col("n")).alias("event_id"),
+        pl.lit("rating").alias("event_type"),
+        "user_id",
+        "item_id",
+        "ts",
+        "value",
+    ).write_ndjson(out / "events.ndjson")
+    cat_ids = truth.category_ids
+    pl.DataFrame(
+        {
+            "item_id": truth.item_ids,
+            "title": [f"item {i}" for i in range(truth.n_items)],
+            "categories": [[cat_ids[c] for c in row if c >= 0] for row in truth.item_categories],
+        }
+    ).write_ndjson(out / "items.ndjson")
+    pl.DataFrame({"user_id": truth.user_ids}).write_ndjson(out / "users.ndjson")
+    q = np.quantile(per_user, [0.0, 0.5, 0.9, 0.99, 1.0]).tolist()
+    return {
+        "users": n_users,
+        "items": n_items,
+        "events": int(per_user.sum()),
+        "events_per_user": dict(zip(("min", "p50", "p90", "p99", "max"), q, strict=True)),
+    }
+
+
 def build_models(home: Path, env: dict[str, str], args: argparse.Namespace) -> list[str]:
-    """Two versions of a demo-sized model, the first one in production."""
+    """Two versions of a model of the chosen world, the first one in production."""
     sim = home.parent / "sim"
+    if args.world == "long":
+        started = time.perf_counter()
+        args.long_world = long_history_world(sim, args.long_users, args.long_items)
+        say(f"long-history world {args.long_world}: {time.perf_counter() - started:.1f}s")
+        run(
+            [
+                RECSYS,
+                "catalog",
+                "load",
+                "--items",
+                str(sim / "items.ndjson"),
+                "--users",
+                str(sim / "users.ndjson"),
+            ],
+            env,
+            "catalog load",
+        )
+        run([RECSYS, "ingest", str(sim / "events.ndjson")], env, "ingest + process")
+        return _retrain_twice(home, env)
     run(
         [
             RECSYS,
@@ -124,8 +237,17 @@ def build_models(home: Path, env: dict[str, str], args: argparse.Namespace) -> l
     )
     weblogs = sorted((sim / "weblogs").glob("*.ndjson*"))
     run([RECSYS, "ingest", *map(str, weblogs)], env, "ingest + process")
+    return _retrain_twice(home, env)
+
+
+def _retrain_twice(home: Path, env: dict[str, str]) -> list[str]:
     run([RECSYS, "retrain"], env, "retrain (v1)")
     run([RECSYS, "retrain"], {**env, "RECSYS_SEED": "7"}, "retrain (v2)")
+    return model_versions(home)
+
+
+def model_versions(home: Path) -> list[str]:
+    """(production, the other version) of a lake with two trained models."""
     from recsys_serving.lake import LocalLake
     from recsys_serving.registry import ModelRegistry
 
@@ -316,7 +438,9 @@ def group_commit(lake_dir: Path, seconds: float = 3.0) -> dict[str, Any]:
     return out
 
 
-def stage_budget(home: Path, users_file: Path, key: str, n: int = 2000) -> dict[str, Any]:
+def stage_budget(
+    home: Path, users_file: Path, key: str, n: int = 2000, only_model: bool = False
+) -> dict[str, Any]:
     """CPU microseconds per request, in-process: the model's stages over ``n`` random
     users (process time), then the service around the model through its ASGI app
     (no HTTP): /healthz, /recommendations, and /recommendations with a fixed answer
@@ -369,6 +493,20 @@ def stage_budget(home: Path, users_file: Path, key: str, n: int = 2000) -> dict[
         model.recommend(user, 10)
     spent["recommend_total"] = clock() - t0
     out: dict[str, Any] = {"model": {k: round(v / n / 1e3, 1) for k, v in spent.items()}}
+    # Latency of one call (wall clock, known users only: the long histories are theirs).
+    known = [u for u in sample if model.knows_user(u)]
+    wall = []
+    for user in known:
+        t0 = time.perf_counter_ns()
+        model.recommend(user, 10)
+        wall.append(time.perf_counter_ns() - t0)
+    wall.sort()
+    out["recommend_known_ms"] = {
+        f"p{q}": round(wall[min(len(wall) - 1, len(wall) * q // 100)] / 1e6, 3)
+        for q in (50, 90, 99)
+    } | {"users": len(known)}
+    if only_model:
+        return out
     out["service"] = asgi_budget(sample, key, n)
     return out
 
@@ -476,16 +614,47 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=1000)
     parser.add_argument("--events", type=int, default=300_000)
     parser.add_argument("--days", type=float, default=14)
+    parser.add_argument(
+        "--world",
+        choices=("demo", "long"),
+        default="demo",
+        help="demo: `recsys simulate` (--users/--items/--events/--days); long: heavy users, "
+        f"{LONG_MIN_EVENTS}-{LONG_MAX_EVENTS} rated items each, Zipf over users.",
+    )
+    parser.add_argument("--long-users", type=int, default=5_000)
+    parser.add_argument("--long-items", type=int, default=3_000)
+    parser.add_argument(
+        "--stages-only",
+        type=Path,
+        default=None,
+        metavar="WORKDIR",
+        help="Only the in-process model stages, on a working directory kept by --keep "
+        "(to compare two versions of the code on the same bundle).",
+    )
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        metavar="WORKDIR",
+        help="Serve the models of a working directory kept by --keep instead of building "
+        "new ones (the same bundles under two versions of the runtime code).",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve.json")
     parser.add_argument("--keep", action="store_true", help="Keep the working directory.")
     parser.add_argument(
         "--no-stages", action="store_true", help="Skip the in-process per-stage CPU budget."
     )
     args = parser.parse_args()
+    if args.stages_only is not None:
+        work = args.stages_only
+        os.environ["RECSYS_HOME"] = str(work / "home")
+        stages = stage_budget(work / "home", work / "users.txt", "", only_model=True)
+        print(json.dumps(stages, indent=2))
+        return
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk)")
 
-    work = Path(tempfile.mkdtemp(prefix="recsys-bench-serve-"))
+    work = args.reuse or Path(tempfile.mkdtemp(prefix="recsys-bench-serve-"))
     home = work / "home"
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")},
@@ -503,7 +672,15 @@ def main() -> None:
     }
     server: Server | None = None
     try:
-        v1, v2 = build_models(home, env, args)
+        if args.reuse is not None:
+            v1, v2 = model_versions(home)
+            world = work / "world.json"
+            if world.exists():
+                args.long_world = json.loads(world.read_text())
+        else:
+            v1, v2 = build_models(home, env, args)
+            if args.world == "long":
+                (work / "world.json").write_text(json.dumps(args.long_world))
         users_file = work / "users.txt"
         n_users = user_ids(home, users_file)
         key = run(
@@ -582,11 +759,13 @@ def main() -> None:
     finally:
         if server is not None:
             server.stop()
-        if not args.keep:
+        if not args.keep and args.reuse is None:
             shutil.rmtree(work, ignore_errors=True)
         else:
             say(f"kept {work}")
 
+    if args.world == "long" and hasattr(args, "long_world"):
+        results["long_world"] = args.long_world
     report(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -625,7 +804,11 @@ def report(results: dict[str, Any]) -> None:
         f"{gc['concurrency_32']['answers_per_s']:,.0f} answers/s with 32 concurrent "
         f"({gc['concurrency_32']['answers_per_group']:.1f} answers per fsync)"
     )
+    if "long_world" in results:
+        print(f"long-history world: {results['long_world']}")
     if "stages" in results:
+        latency = results["stages"]["recommend_known_ms"]
+        print(f"Recommender.recommend, known users, wall ms: {latency}")
         model = results["stages"]["model"]
         service = results["stages"]["service"]
         print(
