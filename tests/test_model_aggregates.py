@@ -17,12 +17,14 @@ from hypothesis.extra.numpy import arrays
 from model_support import tiny_bundle, tiny_outcome, tiny_world
 
 from recsys_serving.model import candidates as cand
+from recsys_serving.model import context
 from recsys_serving.model.context import (
     COVIS,
     HISTORY_ITEMS,
     KNN,
     descending_key,
     first_free,
+    top_ranked,
     user_context,
 )
 from recsys_serving.model.recommender import Recommender
@@ -39,9 +41,9 @@ def state(tiny_bundle: Path) -> ModelState:
 def reference_recent(
     graph: Ragged, recent: np.ndarray, weights: np.ndarray
 ) -> dict[int, tuple[np.float32, np.float32, int]]:
-    """item -> (sum, max, ref): contributions similarity x weight (float32), summed in
-    float32 from the largest down (numpy's ``add.reduceat``, as the model always has);
-    ref = the recent item of the largest (newest on ties)."""
+    """item -> (sum, max, ref): contributions similarity x weight (float32), summed
+    exactly (float64, in recent-item order) and rounded to float32; ref = the recent
+    item of the largest (newest on ties)."""
     contributions: dict[int, list[tuple[np.float32, int, int]]] = defaultdict(list)
     for position, (item, weight) in enumerate(zip(recent.tolist(), weights, strict=True)):
         neighbours, sims = graph.row(item)
@@ -49,9 +51,11 @@ def reference_recent(
             contributions[n].append((np.float32(s * weight), position, item))
     out = {}
     for n, found in contributions.items():
+        total = 0.0
+        for c in found:
+            total += float(c[0])
         found.sort(key=lambda c: (-c[0], c[1]))
-        total = np.add.reduceat(np.asarray([c[0] for c in found], dtype=np.float32), [0])[0]
-        out[n] = (total, found[0][0], found[0][2])
+        out[n] = (np.float32(total), found[0][0], found[0][2])
     return out
 
 
@@ -59,8 +63,8 @@ def reference_history(
     state: ModelState, seen: np.ndarray, weights: np.ndarray
 ) -> dict[int, tuple[np.float32, int]]:
     """item -> (score, ref) over the HISTORY_ITEMS strongest history items: exact sum of
-    similarity x weight, nonzero only; ref = the history item of the largest (lower row
-    on ties)."""
+    similarity x weight (float64), nonzero only; ref = the history item of the largest
+    float32 contribution (lower row on ties)."""
     if seen.size > HISTORY_ITEMS:
         keep = np.sort(np.argpartition(-weights, HISTORY_ITEMS - 1)[:HISTORY_ITEMS])
         seen, weights = seen[keep], weights[keep]
@@ -70,7 +74,7 @@ def reference_history(
         neighbours, sims = state.item_knn.row(item)
         for n, s in zip(neighbours.tolist(), sims, strict=True):
             value = np.float32(s * weight)
-            total[n] += float(value)
+            total[n] += float(s) * float(weight)
             if n not in best or value > best[n][0] or (value == best[n][0] and item < best[n][1]):
                 best[n] = (value, item)
     return {n: (np.float32(t), best[n][1]) for n, t in total.items() if t != 0.0}
@@ -107,8 +111,43 @@ def test_neighbour_aggregates_match_the_reference(state: ModelState) -> None:
         ]
         order = sorted(history, key=lambda i: (-history[i][0], i))
         assert ctx.history.ranked.tolist() == order
+        # The head candidate generation takes, with some items not free.
+        free = np.ones(state.n_items, dtype=bool)
+        free[order[::3]] = False
+        want = [i for i in order if free[i]]
+        for n in (1, 5, len(want) + 3):
+            assert ctx.history.best(free, n).tolist() == want[:n]
         checked += 1
     assert checked == len(users)
+
+
+def test_top_ranked_is_the_head_of_a_full_sort() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        size = int(rng.integers(0, 40))
+        items = np.sort(rng.choice(1000, size=size, replace=False)).astype(np.int64)
+        # Few distinct values: many ties, also at the bound of the head.
+        sums = rng.integers(-2, 4, size=size).astype(np.float32) / 4
+        full = sorted(range(size), key=lambda j: (-sums[j], items[j]))
+        for n in (0, 1, 3, size, size + 2):
+            assert top_ranked(items, sums, n).tolist() == full[:n]
+
+
+def test_numpy_gathers_equal_the_compiled_ones(
+    state: ModelState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without scipy's compiled kernels the aggregates are the same, bit for bit."""
+    users = [u for u in state.user_ids.tolist() if state.user_row(u) is not None][:30]
+    compiled = [user_context(state, u) for u in users]
+    monkeypatch.setattr(context, "_csr_row_index", None)
+    monkeypatch.setattr(context, "_csc_matvec", None)
+    for user, fast in zip(users, compiled, strict=True):
+        slow = user_context(state, user)
+        for a, b in ((fast.history, slow.history), (fast.ease, slow.ease)):
+            assert a.dense.tobytes() == b.dense.tobytes()
+            assert a.refs(a.items).tolist() == b.refs(b.items).tolist()
+        for name in ("keys", "sums", "maxs", "refs"):
+            assert np.array_equal(getattr(fast.neighbours, name), getattr(slow.neighbours, name))
 
 
 def test_lookups_and_refs_of_absent_items(state: ModelState) -> None:

@@ -24,14 +24,14 @@ the same function to build the ranking dataset.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
 from recsys_serving.model.context import COVIS as NEIGHBOUR_COVIS
 from recsys_serving.model.context import KNN as NEIGHBOUR_KNN
-from recsys_serving.model.context import UserContext, first_free
+from recsys_serving.model.context import HistoryScores, UserContext, first_free
 from recsys_serving.model.features import padded_categories, time_totals
 from recsys_serving.model.state import IntArray, ModelState
 
@@ -71,10 +71,31 @@ Retriever = Callable[[npt.NDArray[np.float32], int, npt.NDArray[np.bool_]], IntA
 class Candidates:
     items: IntArray  # item rows, unique
     source: npt.NDArray[np.int8]  # which source found each item first
-    ref: IntArray  # source detail: the co-visited item row or the category row; -1
+    # Source detail (the co-visited or similar item row, the category row; -1) where
+    # known when drawn; pieces in ``explained`` are explained on demand (:meth:`refs`).
+    known_refs: IntArray
+    # (start, stop, scores): candidates [start, stop) came from a whole-history score;
+    # which history item explains one costs a pass over the capped history's entries,
+    # paid only for the few candidates an answer shows (training never asks).
+    explained: list[tuple[int, int, HistoryScores]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.items.size)
+
+    def refs(self, positions: IntArray) -> IntArray:
+        """The source detail of the candidates at ``positions`` (-1 where none)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        out = self.known_refs[positions]
+        for start, stop, scores in self.explained:
+            inside = (positions >= start) & (positions < stop)
+            if inside.any():
+                out[inside] = scores.refs(self.items[positions[inside]])
+        return out
+
+    @property
+    def ref(self) -> IntArray:
+        """The source detail of every candidate (see :meth:`refs`)."""
+        return self.refs(np.arange(self.items.size))
 
 
 def quotas(state: ModelState, pool: int) -> dict[str, int]:
@@ -164,9 +185,19 @@ class _Pool:
         self.counts: list[int] = []
         self.refs: list[int] = []  # the ref of every row of a piece (-1: see ref_arrays)
         self.ref_arrays: list[tuple[int, IntArray]] = []  # (start, refs) of other pieces
+        self.explained: list[tuple[int, int, HistoryScores]] = []
         self.count = 0
 
-    def take(self, rows: IntArray, src: int, refs: IntArray | None = None, ref: int = -1) -> None:
+    def take(
+        self,
+        rows: IntArray,
+        src: int,
+        refs: IntArray | None = None,
+        ref: int = -1,
+        explain: HistoryScores | None = None,
+    ) -> None:
+        """Add rows (first source wins); ``refs``: each row's source detail, ``ref``:
+        one for all, ``explain``: the history score that explains them on demand."""
         self.free[rows] = False
         room = self.size - self.count
         if room <= 0 or not rows.size:
@@ -178,6 +209,8 @@ class _Pool:
         self.refs.append(ref)
         if refs is not None:
             self.ref_arrays.append((self.count, refs[: rows.size]))
+        if explain is not None:
+            self.explained.append((self.count, self.count + int(rows.size), explain))
         self.count += int(rows.size)
 
     def take_first(self, order: IntArray, n: int, src: int, ref: int = -1) -> None:
@@ -192,7 +225,8 @@ class _Pool:
         return Candidates(
             items=np.concatenate(self.items).astype(np.int64, copy=False),
             source=np.repeat(np.asarray(self.sources, dtype=np.int8), self.counts),
-            ref=ref,
+            known_refs=ref,
+            explained=self.explained,
         )
 
 
@@ -213,8 +247,7 @@ def generate(
         out.take(retriever(ctx.vector, want["als"], allowed), ALS)
 
     if ctx.ease.items.size and want.get("ease", 0) > 0:
-        rows = ctx.ease.best(out.free, want["ease"])
-        out.take(rows, EASE, ctx.ease.refs(rows))
+        out.take(ctx.ease.best(out.free, want["ease"]), EASE, explain=ctx.ease)
 
     if ctx.covis_items.size and want["covis"] > 0:
         rows, refs = ctx.neighbours.best(NEIGHBOUR_COVIS, out.free, want["covis"])
@@ -224,8 +257,7 @@ def generate(
         # Half by similarity to the whole history (the item-kNN ranking), half to the
         # most recent items (what the user is into right now).
         whole = want["knn"] - want["knn"] // 2
-        rows = ctx.history.best(out.free, whole)
-        out.take(rows, KNN, ctx.history.refs(rows))
+        out.take(ctx.history.best(out.free, whole), KNN, explain=ctx.history)
         rows, refs = ctx.neighbours.best(NEIGHBOUR_KNN, out.free, want["knn"] // 2)
         out.take(rows, KNN, refs)
 

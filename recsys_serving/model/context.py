@@ -4,12 +4,16 @@ Candidate generation and feature assembly both need the user's vector, category
 affinities, recent items and the neighbour scores those items imply; computing them
 once per request keeps each of those steps to a few array gathers.
 
-The two aggregates over the recent items (co-visitation and item-kNN) are computed
-together: one gather per graph and one sort over all their entries, keyed by
-``group * n_items + item``, instead of a sort each. The item-kNN score of the whole
-history (many more entries) is accumulated densely over the catalogue instead, which
-is cheaper than sorting it. Either way a request costs a fixed number of numpy
-calls, which is what bounds its CPU.
+The aggregates are bounded by what a history may contribute, not by its length: the
+co-visitation and item-kNN scores come from the ``recent_items`` newest items, the
+whole-history item-kNN and EASE scores from the ``HISTORY_ITEMS`` /
+``EASE_HISTORY_ITEMS`` strongest (log-damped, time-decayed weight, so strong and
+recent). Each is a fixed number of compiled calls (scipy's CSR row gather and
+matrix-vector product, ``bincount`` and ``ufunc.at`` scatters over the catalogue):
+no per-item loop and no sort of the tens of thousands of (history item, neighbour)
+pairs of a heavy user; candidate generation partitions out the few best items it
+takes instead of ranking every scored one. Training builds its ranking dataset with
+the same functions, so the served features are the offline ones.
 """
 
 from __future__ import annotations
@@ -21,10 +25,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+try:  # scipy's compiled CSR kernels (stable for years, but not public API)
+    from scipy.sparse._sparsetools import csc_matvec as _csc_matvec
+    from scipy.sparse._sparsetools import csr_row_index as _csr_row_index
+except ImportError:  # pragma: no cover - numpy gathers do the same work
+    _csc_matvec = _csr_row_index = None
+
 from recsys_serving.model.state import FloatArray, IntArray, ModelState, Ragged
 
 _EMPTY_I = np.empty(0, dtype=np.int64)
 _EMPTY_F = np.empty(0, dtype=np.float32)
+_ZERO_PTR = np.zeros(1, dtype=np.int64)
 # History items (strongest first) whose neighbours make a user's item-kNN score.
 HISTORY_ITEMS = 100
 # History items (strongest first) whose EASE rows make a user's EASE score: EASE sums
@@ -58,10 +69,6 @@ class NeighbourScores:
     maxs: FloatArray
     refs: IntArray
     bounds: tuple[int, int, int]  # where each group starts in ``keys``, and the end
-    # The same entries by group, then sum descending, then item ascending (the order
-    # candidate generation takes them in): items and refs.
-    ranked_items: IntArray
-    ranked_refs: IntArray
 
     def group(self, g: int) -> tuple[IntArray, FloatArray, FloatArray, IntArray]:
         """(items, sums, maxs, refs) of one group, items ascending."""
@@ -84,15 +91,16 @@ class NeighbourScores:
         return sums, maxs
 
     def best(self, g: int, free: npt.NDArray[np.bool_], n: int) -> tuple[IntArray, IntArray]:
-        """The ``n`` best-scored ``free`` items of a group (ties: lower row) and their refs."""
-        lo, hi = self.bounds[g], self.bounds[g + 1]
-        items = self.ranked_items[lo:hi]
-        pick = first_free(items, free, n)
-        return items[pick], self.ranked_refs[lo:hi][pick]
+        """The ``n`` best-scored ``free`` items of a group (ties: lower row) and their
+        refs, best first (the group's order by sum descending, then item ascending)."""
+        items, sums, _, refs = self.group(g)
+        keep = np.flatnonzero(free[items])
+        pick = keep[top_ranked(items[keep], sums[keep], n)]
+        return items[pick], refs[pick]
 
     @classmethod
     def empty(cls, n_items: int) -> NeighbourScores:
-        return cls(n_items, _EMPTY_I, _EMPTY_F, _EMPTY_F, _EMPTY_I, (0, 0, 0), _EMPTY_I, _EMPTY_I)
+        return cls(n_items, _EMPTY_I, _EMPTY_F, _EMPTY_F, _EMPTY_I, (0, 0, 0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,9 +112,16 @@ class HistoryScores:
     dense: npt.NDArray[np.float64]  # (n_items,) exact sums; empty for cold users
     items: IntArray  # items with a nonzero score, ascending
     sums: FloatArray  # their scores (float32)
-    ranked: IntArray  # the same items by score descending, then row ascending
-    # (neighbour, contribution, source item) of every entry, to explain a few items
-    entries: tuple[IntArray, FloatArray, IntArray]
+    # The capped history's graph rows (CSR: offsets, neighbours, values; one row per
+    # source item), the source items and their weights: what explains a few items
+    # (:meth:`refs`), on demand.
+    sources: tuple[IntArray, IntArray, FloatArray, IntArray, FloatArray]
+
+    @property
+    def ranked(self) -> IntArray:
+        """All scored items by score descending, then row ascending (candidate
+        generation only needs the head of it: :meth:`best`)."""
+        return self.items[np.argsort(_rank_keys(self.sums, self.items))]
 
     def at(self, items: IntArray) -> FloatArray:
         """Scores of ``items`` (0 where none)."""
@@ -115,16 +130,21 @@ class HistoryScores:
         return self.dense[items].astype(np.float32)
 
     def refs(self, rows: IntArray) -> IntArray:
-        """For each item row, the history item contributing most (ties: the lower row);
-        -1 when none."""
-        neighbour, score, source = self.entries
+        """For each item row, the history item contributing most (weight x edge weight
+        in float32; ties: the lower row); -1 when none."""
+        indptr, indices, data, seen, weights = self.sources
         out = np.full(rows.size, -1, dtype=np.int64)
-        if not rows.size or not neighbour.size:
+        if not rows.size or not indices.size:
             return out
         wanted = np.zeros(self.dense.size, dtype=bool)
         wanted[rows] = True
-        hit = wanted[neighbour]
-        nb, sc, src = neighbour[hit], score[hit], source[hit]
+        hit = np.flatnonzero(wanted[indices])
+        if not hit.size:
+            return out
+        owner = np.searchsorted(indptr, hit, side="right") - 1
+        nb = indices[hit]
+        sc = data[hit] * weights[owner]
+        src = seen[owner]
         best = np.full(self.dense.size, -np.inf, dtype=np.float32)
         np.maximum.at(best, nb, sc)
         top = sc == best[nb]
@@ -134,12 +154,18 @@ class HistoryScores:
         return np.where(found == np.iinfo(np.int64).max, -1, found)
 
     def best(self, free: npt.NDArray[np.bool_], n: int) -> IntArray:
-        """The ``n`` best-scored ``free`` items (ties: the lower row)."""
-        return self.ranked[first_free(self.ranked, free, n)]
+        """The ``n`` best-scored ``free`` items (ties: the lower row): the head of
+        :attr:`ranked` without sorting every scored item (a heavy user's history
+        scores thousands)."""
+        keep = free[self.items]
+        items = self.items[keep]
+        return items[top_ranked(items, self.sums[keep], n)]
 
     @classmethod
     def empty(cls) -> HistoryScores:
-        return cls(np.empty(0), _EMPTY_I, _EMPTY_F, _EMPTY_I, (_EMPTY_I, _EMPTY_F, _EMPTY_I))
+        return cls(
+            np.empty(0), _EMPTY_I, _EMPTY_F, (_ZERO_PTR, _EMPTY_I, _EMPTY_F, _EMPTY_I, _EMPTY_F)
+        )
 
 
 @dataclass
@@ -317,17 +343,6 @@ def user_era(state: ModelState, row: int) -> tuple[int, int] | None:
     return max(bucket - ERA_HALF_WIDTH, 0), min(bucket + ERA_HALF_WIDTH + 1, buckets)
 
 
-def _gather(graph: Ragged, rows: IntArray) -> tuple[IntArray, IntArray]:
-    """Positions of every entry of ``rows`` in ``graph`` and the index of the row each
-    came from, in row order."""
-    lo = graph.indptr[rows]
-    lengths = graph.indptr[rows + 1] - lo
-    owner = np.repeat(np.arange(rows.size), lengths)
-    # entry j of row i sits at lo[i] + j; j = (running index) - (entries before row i)
-    skip = np.cumsum(lengths) - lengths - lo
-    return np.arange(owner.size) - skip[owner], owner
-
-
 def first_free(order: IntArray, free: npt.NDArray[np.bool_], n: int) -> IntArray:
     """Positions of the first ``n`` entries of ``order`` (item rows) that are ``free``."""
     if n <= 0:
@@ -341,14 +356,6 @@ def first_free(order: IntArray, free: npt.NDArray[np.bool_], n: int) -> IntArray
     return pos
 
 
-def _run_starts(sorted_keys: IntArray) -> IntArray:
-    """Where each run of equal values starts in a sorted array."""
-    starts = np.empty(sorted_keys.size, dtype=bool)
-    starts[:1] = True
-    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=starts[1:])
-    return np.flatnonzero(starts)
-
-
 def descending_key(values: FloatArray) -> IntArray:
     """An int64 per float32 value that sorts in the opposite order (equal values give
     equal keys; -0.0 counts as 0.0), in [-2**31, 2**31): to build composite sort keys
@@ -357,50 +364,116 @@ def descending_key(values: FloatArray) -> IntArray:
     return np.where(bits < 0, bits ^ 0x7FFFFFFF, bits) * -1 - 1
 
 
+def _rank_keys(sums: FloatArray, items: IntArray) -> IntArray:
+    """Sort keys ordering items by score descending, then row ascending (unique)."""
+    return (descending_key(sums) << 32) + items
+
+
+def top_ranked(items: IntArray, sums: FloatArray, n: int) -> IntArray:
+    """Positions of the ``n`` items with the highest sums (ties: the lower row), best
+    first, in the order a full sort would give: the ``n``-th largest sum bounds the
+    head (one partition of the float sums), and only the head is sorted."""
+    if n <= 0 or not items.size:
+        return _EMPTY_I
+    if items.size > n:
+        bound = np.partition(sums, items.size - n)[items.size - n]
+        head = np.flatnonzero(sums >= bound)  # ties at the bound may add a few
+    else:
+        head = np.arange(items.size)
+    order = np.argsort(_rank_keys(sums[head], items[head]))[:n]
+    return head[order]
+
+
+def gather_rows(graph: Ragged, rows: IntArray) -> tuple[IntArray, IntArray, FloatArray]:
+    """The entries of some rows of a graph, concatenated in row order: (offsets of
+    each row, neighbours, values), a CSR matrix of ``rows.size`` rows.
+
+    scipy's compiled CSR row gather copies them in one pass when the arrays have its
+    types (they do in every state); a numpy gather (the same entries) otherwise.
+    """
+    lo = graph.indptr[rows]
+    lengths = graph.indptr[rows + 1] - lo
+    indptr = np.zeros(rows.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    nnz = int(indptr[-1])
+    if _compiled(graph, rows):
+        indices = np.empty(nnz, dtype=np.int64)
+        data = np.empty(nnz, dtype=np.float32)
+        _csr_row_index(rows.size, rows, graph.indptr, graph.indices, graph.data, indices, data)
+        return indptr, indices, data
+    owner = np.repeat(np.arange(rows.size), lengths)
+    pos = np.arange(nnz) - (indptr[:-1] - lo)[owner]
+    return indptr, graph.indices[pos], graph.data[pos]
+
+
+def weighted_sum(
+    n_items: int, indptr: IntArray, indices: IntArray, data: FloatArray, weights: FloatArray
+) -> npt.NDArray[np.float64]:
+    """Dense (n_items,) sums over gathered rows of row weight x value, exact in float64
+    (a float32 x float32 product is exact in float64), added in entry order."""
+    out = np.zeros(n_items, dtype=np.float64)
+    w64 = weights.astype(np.float64)
+    if _csc_matvec is not None and indices.dtype == np.int64:
+        # The gathered rows are the columns of a CSC (items x rows) matrix.
+        _csc_matvec(n_items, w64.size, indptr, indices, data.astype(np.float64), w64, out)
+        return out
+    owner = np.repeat(np.arange(w64.size), np.diff(indptr))
+    out += np.bincount(indices, weights=data.astype(np.float64) * w64[owner], minlength=n_items)
+    return out
+
+
+def _compiled(graph: Ragged, rows: IntArray) -> bool:
+    return (
+        _csr_row_index is not None
+        and graph.indptr.dtype == graph.indices.dtype == rows.dtype == np.int64
+        and graph.data.dtype == np.float32
+        and rows.flags.c_contiguous
+    )
+
+
+def _owners(indptr: IntArray) -> IntArray:
+    """For each entry of a CSR matrix, its row."""
+    return np.repeat(np.arange(indptr.size - 1), np.diff(indptr))
+
+
 def neighbour_scores(
     state: ModelState, recent: IntArray, recent_weights: FloatArray
 ) -> NeighbourScores:
     """Co-visitation and item-kNN aggregates of the recent items (see
     :class:`NeighbourScores`): contributions are ``score x recency weight`` in float32,
-    summed in float32 from the largest down."""
+    summed exactly (float64, then rounded to float32).
+
+    Dense scatters over the catalogue (``bincount`` and ``ufunc.at`` keyed by
+    ``group * n_items + item``) cost a fixed number of passes; sorting the thousands of
+    contributions of twenty recent items cost more than everything else together.
+    """
     n = state.n_items
-    covis, knn = state.covisit, state.item_knn
-    pos_c, own_c = _gather(covis, recent)
-    pos_k, own_k = _gather(knn, recent)
-    if pos_c.size + pos_k.size == 0:
+    if not recent.size:
         return NeighbourScores.empty(n)
-    keys = np.concatenate((covis.indices[pos_c], knn.indices[pos_k] + n))
-    owner = np.concatenate((own_c, own_k))
-    scores = np.concatenate((covis.data[pos_c], knn.data[pos_k])) * recent_weights[owner]
-    # By key, then largest contribution first (one sort of a composite key).
-    composite = (keys << 32) + (descending_key(scores) + 2**31)
-    order = np.argsort(composite)
-    composite = composite[order]
-    first = _run_starts(composite >> 32)
-    if np.any(composite[1:] == composite[:-1]):
-        # Equal contributions to one item: the newer recent item explains it, as a
-        # stable sort would have ordered them (rare; pay for the stable sort then).
-        order = np.lexsort((-scores, keys))
-    ukeys = keys[order[first]]
-    scores = scores[order]
-    sums = np.add.reduceat(scores, first)
-    refs = recent[owner[order[first]]]
+    c_ptr, c_ind, c_val = gather_rows(state.covisit, recent)
+    k_ptr, k_ind, k_val = gather_rows(state.item_knn, recent)
+    if c_ind.size + k_ind.size == 0:
+        return NeighbourScores.empty(n)
+    keys = np.concatenate((c_ind, k_ind + n))
+    owner = np.concatenate((_owners(c_ptr), _owners(k_ptr)))
+    scores = np.concatenate((c_val, k_val)) * recent_weights[owner]
+    sums = np.bincount(keys, weights=scores, minlength=2 * n)
+    maxs = np.full(2 * n, -np.inf, dtype=np.float32)
+    np.maximum.at(maxs, keys, scores)
+    # The recent item of the largest contribution; on ties the newer (recent is
+    # newest first, so the lowest position).
+    top = scores == maxs[keys]
+    first = np.full(2 * n, recent.size, dtype=np.int64)
+    np.minimum.at(first, keys[top], owner[top])
+    ukeys = np.flatnonzero(first < recent.size)
     split = int(np.searchsorted(ukeys, n))
-    # Candidate order within each group: sum descending, then item (one more sort).
-    items = ukeys.copy()
-    items[split:] -= n
-    group = np.zeros(ukeys.size, dtype=np.int64)
-    group[split:] = 1 << 62
-    ranked = np.argsort(group + ((descending_key(sums) + 2**31) << 30) + items)
     return NeighbourScores(
         n,
         ukeys,
-        sums,
-        scores[first],
-        refs,
+        sums[ukeys].astype(np.float32),
+        maxs[ukeys],
+        recent[first[ukeys]],
         (0, split, int(ukeys.size)),
-        items[ranked],
-        refs[ranked],
     )
 
 
@@ -413,22 +486,20 @@ def graph_scores(
     graph: Ragged, n_items: int, seen: IntArray, weights: FloatArray, cap: int
 ) -> HistoryScores:
     """Scores of a history over an item graph: sum over the ``cap`` strongest history
-    items of weight x edge weight (item-kNN: cosine; EASE: its item-item weights).
+    items of weight x edge weight (item-kNN: cosine; EASE: its item-item weights),
+    exact in float64.
 
-    Dense accumulation over the catalogue (one bincount, exact in float64) is cheaper
-    than sorting the tens of thousands of (history item, neighbour) pairs of a heavy
-    user.
+    The capped history's graph rows are gathered and weighted in one sparse
+    matrix-vector product (compiled; its cost is bounded by ``cap`` rows, not by the
+    length of the history), accumulated densely over the catalogue.
     """
     if not seen.size or not graph.indices.size:
         return HistoryScores.empty()
     if seen.size > cap:
         keep = np.sort(np.argpartition(-weights, cap - 1)[:cap])
         seen, weights = seen[keep], weights[keep]
-    pos, owner = _gather(graph, seen)
-    neighbour = graph.indices[pos]
-    score = graph.data[pos] * weights[owner]
-    dense = np.bincount(neighbour, weights=score, minlength=n_items)
+    indptr, indices, data = gather_rows(graph, seen)
+    dense = weighted_sum(n_items, indptr, indices, data, weights)
     items = np.flatnonzero(dense)
     sums = dense[items].astype(np.float32)
-    ranked = items[np.argsort((descending_key(sums) << 32) + items)]
-    return HistoryScores(dense, items, sums, ranked, (neighbour, score, seen[owner]))
+    return HistoryScores(dense, items, sums, (indptr, indices, data, seen, weights))

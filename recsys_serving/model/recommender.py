@@ -204,13 +204,15 @@ class Recommender:
         order = ranked_order(scores, self.blend.score(features), pool.items)
         if not ctx.known:
             order = self._diversify(pool.items, order, k)
+        shown = order[:k]
+        refs = pool.refs(shown).tolist()
         return [
             ScoredItem(
                 str(state.item_ids[pool.items[i]]),
                 float(scores[i]),
-                cand.reason(state, int(pool.source[i]), int(pool.ref[i])),
+                cand.reason(state, int(pool.source[i]), ref),
             )
-            for i in order[:k].tolist()
+            for i, ref in zip(shown.tolist(), refs, strict=True)
         ]
 
     def score_items(
