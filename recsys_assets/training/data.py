@@ -206,9 +206,14 @@ def quarantined_reasons(lake: Lake) -> dict[str, int]:
 
 def explain_empty(lake: Lake, weblogs: WeblogData) -> str:
     """Why a window holds no interactions, in one line a user can act on."""
+    return explain_empty_counts(lake, weblogs.frame.height, len(weblogs.partitions))
+
+
+def explain_empty_counts(lake: Lake, rows: int, partitions: int) -> str:
+    """:func:`explain_empty` from the counts alone (the streaming path has no frame)."""
     text = (
-        f"no interactions in the training window: the weblogs hold {weblogs.frame.height:,} "
-        f"events in {len(weblogs.partitions)} partition(s)"
+        f"no interactions in the training window: the weblogs hold {rows:,} "
+        f"events in {partitions} partition(s)"
     )
     quarantined = quarantined_reasons(lake)
     if quarantined:
@@ -453,10 +458,20 @@ def build_vocabulary(interactions: Interactions, items: pl.DataFrame) -> Vocabul
     logged_items = pl.concat(
         [interactions.events.select("item_id"), interactions.impressions.select("item_id")]
     ).unique()
+    users = interactions.events["user_id"].unique().sort()
+    return vocabulary_from_ids(logged_items["item_id"], users, items)
+
+
+def vocabulary_from_ids(
+    logged_items: pl.Series, users: pl.Series, items: pl.DataFrame
+) -> Vocabulary:
+    """The vocabulary from the distinct logged item ids, the sorted distinct ids of users
+    with positives and the catalogue (what :func:`build_vocabulary` and the streaming
+    ``prepare`` path both reduce the window to)."""
     catalog_ids = set(items["item_id"].to_list())
-    logged = set(logged_items["item_id"].to_list())
+    logged = set(logged_items.to_list())
     item_ids = np.asarray(sorted(catalog_ids | logged), dtype=str)
-    users = interactions.events["user_id"].unique().sort().to_numpy().astype(str)
+    user_ids = users.to_numpy().astype(str)
 
     categories = sorted(
         {c for cats in items["categories"].to_list() for c in (cats or []) if c is not None}
@@ -475,14 +490,14 @@ def build_vocabulary(interactions: Interactions, items: pl.DataFrame) -> Vocabul
     in_catalog = np.asarray([i in catalog_ids for i in item_ids.tolist()], dtype=bool)
     return Vocabulary(
         item_ids=item_ids,
-        user_ids=users,
+        user_ids=user_ids,
         categories=np.asarray(categories, dtype=str),
         item_categories=item_categories,
         published_at=published_at,
         in_catalog=in_catalog,
         stats={
             "items": int(item_ids.size),
-            "users": int(users.size),
+            "users": int(user_ids.size),
             "categories": len(categories),
             "catalog_items": len(catalog_ids),
             "logged_items_missing_from_catalog": len(logged - catalog_ids) if catalog_ids else 0,

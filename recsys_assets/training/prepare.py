@@ -1,0 +1,291 @@
+"""The ``interactions`` step in bounded memory: weblogs partitions -> vocabulary + encoding.
+
+:func:`recsys_assets.training.data.build_interactions` and friends hold the whole
+window as string columns (ids, sessions, requests, event types): about 300 bytes an
+event, which put the 10M-event window at 3.2 GB and 100M past this machine. Here the
+partitions are scanned lazily by polars' streaming engine, which only ever holds a
+morsel of strings: the small dictionaries (users, items, sessions, requests) are
+collected first, then every event is collected as integer codes of those
+dictionaries (int32) plus its time and weight, about 30 bytes an event.
+
+The output is exactly what the in-memory path produces (same vocabulary, same rows in
+the same order, same window), which ``tests/test_training_prepare.py`` checks on a
+simulated world: the dictionaries are sorted the way the in-memory path sorts ids, so
+sorting by code is sorting by id, and ties keep the log order through a row number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from recsys_assets.training.data import (
+    DAY,
+    Encoded,
+    TrainingWindow,
+    Vocabulary,
+    compute_window,
+    event_grades,
+    event_weights,
+    vocabulary_from_ids,
+)
+from recsys_assets.training.params import TrainingParams
+from recsys_assets.weblogs.processing import partition_key
+from recsys_serving.lake import Lake
+from recsys_serving.logging import get_logger
+
+log = get_logger(__name__)
+
+SCAN_SCHEMA: dict[str, pl.DataType] = {
+    "event_type": pl.String(),
+    "user_id": pl.String(),
+    "item_id": pl.String(),
+    "ts": pl.Datetime("us", "UTC"),
+    "session_id": pl.String(),
+    "request_id": pl.String(),
+    "position": pl.Int32(),
+    "value": pl.Float64(),
+}
+STREAMING = "streaming"
+
+
+@dataclass
+class PreparedWindow:
+    """What the ``interactions`` step stores: vocabulary, encoding, window, statistics."""
+
+    vocab: Vocabulary
+    enc: Encoded
+    window: TrainingWindow
+    data: dict[str, Any]
+    event_types: dict[str, int]
+    impressions_clicked: int
+
+
+@dataclass
+class ScannedWeblogs:
+    """The window's partitions as one lazy frame (``ts`` in epoch seconds, ``_n`` the
+    row number in log order), and what the bundle manifest records about them."""
+
+    frame: pl.LazyFrame
+    partitions: list[str]
+    rows: dict[str, int]
+    content_hashes: dict[str, str]
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.rows.values())
+
+
+@contextmanager
+def scan_weblogs(lake: Lake, days: list[str]) -> Iterator[ScannedWeblogs]:
+    """Scan the processed partitions of ``days`` without reading them into memory.
+
+    A remote lake's partitions are downloaded one at a time to a temporary directory
+    first (removed on exit), so memory holds one partition's bytes at most.
+    """
+    tmp: Path | None = None
+    try:
+        paths: list[Path] = []
+        rows: dict[str, int] = {}
+        hashes: dict[str, str] = {}
+        for day in days:
+            key = partition_key(day)
+            path = lake.local_path(key)
+            if path is None:
+                if tmp is None:
+                    tmp = Path(tempfile.mkdtemp(prefix="recsys-weblogs-"))
+                path = tmp / f"{day}.parquet"
+                path.write_bytes(lake.get_bytes(key))
+            with path.open("rb") as fh:
+                hashes[day] = hashlib.file_digest(fh, "sha256").hexdigest()[:16]
+            rows[day] = int(pl.scan_parquet(path).select(pl.len()).collect().item())
+            paths.append(path)
+        # One scan per file, each cast to one schema: partitions written by older code
+        # may differ in a column's width, which a multi-file scan would refuse.
+        frames = [
+            pl.scan_parquet(p).select(
+                [pl.col(name).cast(dtype) for name, dtype in SCAN_SCHEMA.items()]
+            )
+            for p in paths
+        ]
+        frame = (
+            pl.concat(frames, how="vertical") if frames else pl.LazyFrame(schema=SCAN_SCHEMA)  # type: ignore[arg-type]
+        )
+        frame = frame.with_columns(
+            (pl.col("ts").dt.epoch("us").cast(pl.Float64) / 1e6).alias("ts")
+        ).with_row_index("_n")
+        yield ScannedWeblogs(frame, list(days), rows, hashes)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _codes(values: pl.LazyFrame, name: str, code: str) -> pl.DataFrame:
+    """Sorted distinct values of ``name`` with their row number as ``code`` (int32)."""
+    return (
+        values.select(pl.col(name))
+        .unique()
+        .collect(engine=STREAMING)
+        .sort(name)
+        .with_row_index(code)
+        .with_columns(pl.col(code).cast(pl.Int32))
+    )
+
+
+def prepare_interactions(
+    scanned: ScannedWeblogs, items_catalog: pl.DataFrame, params: TrainingParams
+) -> PreparedWindow:
+    """The encoded window, vocabulary and statistics, in bounded memory.
+
+    Raises :class:`~recsys_assets.training.data.TrainingDataError` as
+    ``build_interactions`` does (an empty window says ``no interactions ...``).
+    """
+    frame = scanned.frame
+    if params.train_window_days is not None and scanned.total_rows:
+        last = frame.select(pl.col("ts").max()).collect(engine=STREAMING).item()
+        if last is not None:
+            frame = frame.filter(pl.col("ts") >= float(last) - params.train_window_days * DAY)
+    event = pl.col("event_type")
+    positives = (
+        frame.filter(event != "impression")
+        .with_columns(weight=event_weights(params), grade=event_grades(params))
+        .filter(pl.col("weight") > 0)
+        .with_columns(pl.col("session_id").fill_null(pl.col("user_id")).alias("_sid"))
+    )
+    impressions = frame.filter(event == "impression").with_columns(
+        pl.col("request_id").fill_null(pl.col("user_id")).alias("_rid")
+    )
+    # Dictionaries: small (distinct ids), collected by the streaming engine.
+    users_all = _codes(
+        pl.concat([positives.select("user_id"), impressions.select("user_id")]), "user_id", "ua"
+    )
+    positive_users = positives.select("user_id").unique().collect(engine=STREAMING)
+    logged_items = (
+        pl.concat([positives.select("item_id"), impressions.select("item_id")])
+        .unique()
+        .collect(engine=STREAMING)
+    )
+    vocab = vocabulary_from_ids(
+        logged_items["item_id"], positive_users["user_id"].sort(), items_catalog
+    )
+    items = pl.DataFrame(
+        {"item_id": vocab.item_ids, "i": np.arange(vocab.item_ids.size, dtype=np.int32)}
+    ).lazy()
+    users = users_all.with_columns(
+        pl.col("user_id").is_in(positive_users["user_id"].implode()).alias("_pos")
+    )
+    # A user's vocabulary row: its rank among users with positives (-1: none).
+    users = users.with_columns(
+        pl.when(pl.col("_pos"))
+        .then(pl.col("_pos").cast(pl.Int32).cum_sum() - 1)
+        .otherwise(-1)
+        .cast(pl.Int32)
+        .alias("u")
+    ).select("user_id", "ua", "u")
+    sessions = _codes(positives.select("_sid"), "_sid", "s")
+    requests = _codes(impressions.select("_rid"), "_rid", "r")
+    del positive_users, logged_items, users_all
+
+    event_types = sorted({"rating", *params.event_weights})
+    ev = (
+        positives.join(users.lazy(), on="user_id", how="left")
+        .join(items, on="item_id", how="left")
+        .join(sessions.lazy(), on="_sid", how="left")
+        .select(
+            "_n",
+            "ts",
+            "ua",
+            "u",
+            "i",
+            (pl.col("s") + 1).cast(pl.Int64).alias("s"),
+            "weight",
+            "grade",
+            pl.when(event == "rating").then(pl.col("value")).cast(pl.Float64).alias("rating"),
+            event.cast(pl.Enum(event_types)).alias("event_type"),
+        )
+        .collect(engine=STREAMING)
+        # The in-memory path's stable sort by (ts, user_id, item_id).
+        .sort("ts", "ua", "i", "_n")
+    )
+    del sessions
+    clicks = (
+        frame.filter((event == "click") & pl.col("request_id").is_not_null())
+        .select(pl.col("request_id").alias("_rid"), "item_id")
+        .join(requests.lazy(), on="_rid", how="inner")
+        .join(items, on="item_id", how="inner")
+        .select("r", "i")
+        .unique()
+        .with_columns(pl.lit(True).alias("clicked"))
+    )
+    imp = (
+        impressions.join(users.lazy(), on="user_id", how="left")
+        .join(items, on="item_id", how="left")
+        .join(requests.lazy(), on="_rid", how="left")
+        .select(
+            "_n",
+            "ts",
+            "ua",
+            "u",
+            "i",
+            "r",
+            pl.col("request_id").is_not_null().alias("_has_request"),
+            pl.col("position").fill_null(-1).cast(pl.Int64).alias("position"),
+        )
+        .join(clicks, on=["r", "i"], how="left")
+        .with_columns(
+            # A null request_id never matched a click in the in-memory path.
+            (pl.col("clicked").fill_null(False) & pl.col("_has_request")).alias("clicked")
+        )
+        .select("_n", "ts", "ua", "u", "i", "r", "position", "clicked")
+        .collect(engine=STREAMING)
+        .sort("ts", "ua", "i", "_n")
+    )
+    del requests, users
+    ts = ev["ts"].to_numpy()
+    codes = pl.DataFrame({"ts": ts, "user_id": ev["u"], "item_id": ev["i"]})
+    window = compute_window(ts, codes, params)
+    del codes
+    enc = Encoded(
+        user=ev["u"].to_numpy().astype(np.int64),
+        item=ev["i"].to_numpy().astype(np.int64),
+        ts=ts.astype(np.float64),
+        weight=ev["weight"].to_numpy().astype(np.float32),
+        grade=ev["grade"].to_numpy().astype(np.int8),
+        session=ev["s"].to_numpy().astype(np.int64),
+        rating=ev["rating"].to_numpy().astype(np.float64),
+        imp_user=imp["u"].to_numpy().astype(np.int64),
+        imp_item=imp["i"].to_numpy().astype(np.int64),
+        imp_ts=imp["ts"].to_numpy().astype(np.float64),
+        imp_clicked=imp["clicked"].to_numpy().astype(bool),
+        imp_position=imp["position"].to_numpy().astype(np.int64),
+        imp_request=(imp["r"] + 1).to_numpy().astype(np.int64),
+    )
+    counts = ev.group_by("event_type").len().sort(pl.col("event_type").cast(pl.String))
+    event_counts = {str(k): int(v) for k, v in counts.iter_rows()}
+    data = {
+        "partitions": scanned.partitions,
+        "rows": scanned.rows,
+        "content_hashes": scanned.content_hashes,
+        "events": ev.height,
+        "impressions": imp.height,
+        "users": int(vocab.user_ids.size),
+        "items": int(ev["i"].n_unique()) if ev.height else 0,
+    }
+    clicked = int(imp["clicked"].sum() or 0)
+    log.info(
+        "training.prepare",
+        events=ev.height,
+        impressions=imp.height,
+        users=int(vocab.user_ids.size),
+        items=int(vocab.item_ids.size),
+    )
+    return PreparedWindow(vocab, enc, window, data, event_counts, clicked)
