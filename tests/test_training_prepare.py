@@ -145,3 +145,15 @@ def test_an_empty_window_explains_itself(tmp_path: Path, window_days: float | No
     params = TrainingParams.create(threads=1, train_window_days=window_days)
     with pytest.raises(ValueError, match="the weblogs hold 1 events in 1 partition"):
         steps.run_interactions(lake, params)
+
+
+def test_arrays_are_written_to_a_local_lake_in_place(tmp_path: Path) -> None:
+    lake = LocalLake(tmp_path / "lake")
+    arrays = {"a": np.arange(10, dtype=np.int32), "b": np.linspace(0, 1, 7)}
+    size = art.put_arrays(lake, "training/x/y.npz", arrays)
+    path = lake.local_path("training/x/y.npz")
+    assert size == path.stat().st_size
+    assert sorted(p.name for p in path.parent.iterdir()) == ["y.npz"]  # no temporary left
+    back = art.get_arrays(lake, "training/x/y.npz")
+    for name, value in arrays.items():
+        np.testing.assert_array_equal(back[name], value)
