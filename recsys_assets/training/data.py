@@ -517,12 +517,14 @@ class Encoded:
     grade: npt.NDArray[np.int8]
     session: npt.NDArray[np.int64]
     rating: npt.NDArray[np.float64]  # NaN unless a rating event
-    imp_user: npt.NDArray[np.int64]
-    imp_item: npt.NDArray[np.int64]
+    # Impressions are most of a clickstream (9 in 10 events in the simulated one), so
+    # their codes are int32: nothing multiplies them into a wider key.
+    imp_user: npt.NDArray[np.int32]
+    imp_item: npt.NDArray[np.int32]
     imp_ts: npt.NDArray[np.float64]
     imp_clicked: npt.NDArray[np.bool_]
-    imp_position: npt.NDArray[np.int64]
-    imp_request: npt.NDArray[np.int64]
+    imp_position: npt.NDArray[np.int32]
+    imp_request: npt.NDArray[np.int32]
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -579,10 +581,10 @@ def encode(interactions: Interactions, vocab: Vocabulary) -> Encoded:
         grade=ev["grade"].to_numpy().astype(np.int8),
         session=ev["s"].to_numpy().astype(np.int64),
         rating=ev["rating"].to_numpy().astype(np.float64),
-        imp_user=imp["u"].to_numpy().astype(np.int64),
-        imp_item=imp["i"].to_numpy().astype(np.int64),
+        imp_user=imp["u"].to_numpy().astype(np.int32),
+        imp_item=imp["i"].to_numpy().astype(np.int32),
         imp_ts=imp["ts"].to_numpy().astype(np.float64),
         imp_clicked=imp["clicked"].to_numpy().astype(bool),
-        imp_position=imp["position"].fill_null(-1).to_numpy().astype(np.int64),
-        imp_request=imp["r"].to_numpy().astype(np.int64),
+        imp_position=imp["position"].fill_null(-1).to_numpy().astype(np.int32),
+        imp_request=imp["r"].to_numpy().astype(np.int32),
     )

@@ -206,15 +206,13 @@ def prepare_interactions(
             "ua",
             "u",
             "i",
-            (pl.col("s") + 1).cast(pl.Int64).alias("s"),
+            (pl.col("s") + 1).alias("s"),
             "weight",
             "grade",
             pl.when(event == "rating").then(pl.col("value")).cast(pl.Float64).alias("rating"),
             event.cast(pl.Enum(event_types)).alias("event_type"),
         )
         .collect(engine=STREAMING)
-        # The in-memory path's stable sort by (ts, user_id, item_id).
-        .sort("ts", "ua", "i", "_n")
     )
     del sessions
     clicks = (
@@ -222,7 +220,7 @@ def prepare_interactions(
         .select(pl.col("request_id").alias("_rid"), "item_id")
         .join(requests.lazy(), on="_rid", how="inner")
         .join(items, on="item_id", how="inner")
-        .select("r", "i")
+        .select((pl.col("r") + 1).alias("r"), "i")
         .unique()
         .with_columns(pl.lit(True).alias("clicked"))
     )
@@ -236,56 +234,102 @@ def prepare_interactions(
             "ua",
             "u",
             "i",
-            "r",
+            (pl.col("r") + 1).alias("r"),
             pl.col("request_id").is_not_null().alias("_has_request"),
-            pl.col("position").fill_null(-1).cast(pl.Int64).alias("position"),
+            pl.col("position").fill_null(-1).cast(pl.Int32).alias("position"),
         )
         .join(clicks, on=["r", "i"], how="left")
-        .with_columns(
+        .select(
+            "_n",
+            "ts",
+            "ua",
+            "u",
+            "i",
+            "r",
+            "position",
             # A null request_id never matched a click in the in-memory path.
-            (pl.col("clicked").fill_null(False) & pl.col("_has_request")).alias("clicked")
+            (pl.col("clicked").fill_null(False) & pl.col("_has_request")).alias("clicked"),
         )
-        .select("_n", "ts", "ua", "u", "i", "r", "position", "clicked")
         .collect(engine=STREAMING)
-        .sort("ts", "ua", "i", "_n")
     )
     del requests, users
-    ts = ev["ts"].to_numpy()
-    codes = pl.DataFrame({"ts": ts, "user_id": ev["u"], "item_id": ev["i"]})
-    window = compute_window(ts, codes, params)
-    del codes
-    enc = Encoded(
-        user=ev["u"].to_numpy().astype(np.int64),
-        item=ev["i"].to_numpy().astype(np.int64),
-        ts=ts.astype(np.float64),
-        weight=ev["weight"].to_numpy().astype(np.float32),
-        grade=ev["grade"].to_numpy().astype(np.int8),
-        session=ev["s"].to_numpy().astype(np.int64),
-        rating=ev["rating"].to_numpy().astype(np.float64),
-        imp_user=imp["u"].to_numpy().astype(np.int64),
-        imp_item=imp["i"].to_numpy().astype(np.int64),
-        imp_ts=imp["ts"].to_numpy().astype(np.float64),
-        imp_clicked=imp["clicked"].to_numpy().astype(bool),
-        imp_position=imp["position"].to_numpy().astype(np.int64),
-        imp_request=(imp["r"] + 1).to_numpy().astype(np.int64),
+    n_impressions = imp.height
+    held = [imp]
+    del imp
+    imp_arrays = _sorted_arrays(
+        held,
+        (
+            ("imp_ts", "ts", np.float64),
+            ("imp_user", "u", np.int32),
+            ("imp_item", "i", np.int32),
+            ("imp_request", "r", np.int32),
+            ("imp_position", "position", np.int32),
+            ("imp_clicked", "clicked", np.bool_),
+        ),
     )
+    n_events = ev.height
     counts = ev.group_by("event_type").len().sort(pl.col("event_type").cast(pl.String))
     event_counts = {str(k): int(v) for k, v in counts.iter_rows()}
+    n_items = int(ev["i"].n_unique()) if n_events else 0
+    held = [ev]
+    del ev
+    ev_arrays = _sorted_arrays(
+        held,
+        (
+            ("ts", "ts", np.float64),
+            ("user", "u", np.int64),
+            ("item", "i", np.int64),
+            ("weight", "weight", np.float32),
+            ("grade", "grade", np.int8),
+            ("session", "s", np.int64),
+            ("rating", "rating", np.float64),
+        ),
+    )
+    ts = ev_arrays["ts"]
+    codes = pl.DataFrame({"ts": ts, "user_id": ev_arrays["user"], "item_id": ev_arrays["item"]})
+    window = compute_window(ts, codes, params)
+    del codes
+    enc = Encoded(**ev_arrays, **imp_arrays)
     data = {
         "partitions": scanned.partitions,
         "rows": scanned.rows,
         "content_hashes": scanned.content_hashes,
-        "events": ev.height,
-        "impressions": imp.height,
+        "events": n_events,
+        "impressions": n_impressions,
         "users": int(vocab.user_ids.size),
-        "items": int(ev["i"].n_unique()) if ev.height else 0,
+        "items": n_items,
     }
-    clicked = int(imp["clicked"].sum() or 0)
+    clicked = int(enc.imp_clicked.sum())
     log.info(
         "training.prepare",
-        events=ev.height,
-        impressions=imp.height,
+        events=n_events,
+        impressions=n_impressions,
         users=int(vocab.user_ids.size),
         items=int(vocab.item_ids.size),
     )
     return PreparedWindow(vocab, enc, window, data, event_counts, clicked)
+
+
+def _sorted_arrays(
+    frames: list[pl.DataFrame], columns: tuple[tuple[str, str, type], ...]
+) -> dict[str, np.ndarray]:
+    """Columns as numpy arrays in the in-memory path's order: its stable sort by
+    (ts, user_id, item_id). Ids are codes of sorted dictionaries (``ua``, ``i``) and
+    ``_n`` is the log order.
+
+    The frame is taken out of ``frames`` (so no caller keeps it alive) and gathered one
+    column at a time, each dropped once copied: sorting the frame would copy it whole.
+    """
+    frame = frames.pop()
+    order = frame.select(pl.arg_sort_by("ts", "ua", "i", "_n")).to_series().to_numpy()
+    frame = frame.drop("_n", "ua")
+    out: dict[str, np.ndarray] = {}
+    for name, column, dtype in columns:
+        values = frame.get_column(column)
+        # Floats keep their nulls as NaN; integer codes have none (a null would be -1).
+        keep = values.dtype.is_float() or values.null_count() == 0
+        array = (values if keep else values.fill_null(-1)).to_numpy()
+        out[name] = array.astype(dtype, copy=False)[order]
+        frame = frame.drop(column)
+        del values, array
+    return out
