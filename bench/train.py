@@ -172,8 +172,30 @@ def replicate_inputs(source: Path, home: Path, copies: int) -> dict[str, Any]:
 
 
 def bench_size(
-    n_events: int, workdir: Path, threads: int, from_home: Path | None = None
+    n_events: int,
+    workdir: Path,
+    threads: int,
+    from_home: Path | None = None,
+    copies: int | None = None,
+    stop_after: str | None = None,
 ) -> dict[str, Any]:
+    if copies is not None:
+        # Any kept world copied ``copies`` times, e.g. the 1M world x 100 for 100M.
+        if from_home is None or n_events % copies:
+            raise SystemExit("--copies needs --from-home and events divisible by copies")
+        home = workdir / "home"
+        base_events = n_events // copies
+        shape = WORLDS.get(base_events, {})
+        report = {
+            "events": n_events,
+            "world": {
+                "replicated": {"of": base_events, "copies": copies, "from": str(from_home)},
+                **shape,
+                "users": shape.get("users", 0) * copies,
+            },
+            "steps": {"replicate weblogs": replicate_inputs(from_home, home, copies)},
+        }
+        return run_training(report, home, threads, stop_after)
     if n_events in REPLICATED:
         base_events, copies = REPLICATED[n_events]
         base_home = from_home
@@ -194,7 +216,7 @@ def bench_size(
             "steps": dict(report_base["steps"]) if report_base else {},
         }
         report["steps"]["replicate weblogs"] = replicate_inputs(base_home, home, copies)
-        return run_training(report, home, threads)
+        return run_training(report, home, threads, stop_after)
     shape = WORLDS.get(n_events) or {
         "users": max(1000, n_events // 50),
         "items": 2000,
@@ -206,8 +228,8 @@ def bench_size(
     if from_home is not None:
         copy_inputs(from_home, home)
         report["world"] = {**shape, "inputs_from": str(from_home)}
-        return run_training(report, home, threads)
-    return acquire(report, workdir, threads, n_events, shape, inputs_only=False)
+        return run_training(report, home, threads, stop_after)
+    return acquire(report, workdir, threads, n_events, shape, False, stop_after)
 
 
 def acquire(
@@ -217,6 +239,7 @@ def acquire(
     n_events: int,
     shape: dict[str, int],
     inputs_only: bool,
+    stop_after: str | None = None,
 ) -> dict[str, Any]:
     """Simulate, land, process and load the catalogue, then (unless ``inputs_only``)
     retrain."""
@@ -248,10 +271,12 @@ def acquire(
     )  # fmt: skip
     if inputs_only:
         return report
-    return run_training(report, home, threads)
+    return run_training(report, home, threads, stop_after)
 
 
-def run_training(report: dict[str, Any], home: Path, threads: int) -> dict[str, Any]:
+def run_training(
+    report: dict[str, Any], home: Path, threads: int, stop_after: str | None = None
+) -> dict[str, Any]:
     env = child_env(home, threads)
     n_events = report["events"]
     training = [
@@ -268,9 +293,20 @@ def run_training(report: dict[str, Any], home: Path, threads: int) -> dict[str, 
         "model_evaluation",
         "registered_model",
     ]
+    if stop_after is not None:
+        training = training[: training.index(stop_after) + 1]
     for step in training:
         print(f"  {n_events:,} events: {step} ...", file=sys.stderr, flush=True)
         report["steps"][step] = run_child([PYTHON, "-c", STEP_CODE, step], env)
+        figures = {k: v for k, v in report["steps"][step].items() if k != "last_line"}
+        print(f"  {n_events:,} events: {step} {json.dumps(figures)}", file=sys.stderr, flush=True)
+    if stop_after is not None and stop_after != "registered_model":
+        report["stopped_after"] = stop_after
+        report["retrain_s"] = round(sum(report["steps"][s]["wall_s"] for s in training), 1)
+        report["retrain_peak_rss_mib"] = max(report["steps"][s]["peak_rss_mib"] for s in training)
+        for step in report["steps"].values():
+            step.pop("last_line", None)
+        return report
     retrieval = json.loads(report["steps"]["retrieval_model"]["last_line"])
     ranker = json.loads(report["steps"]["ranking_model"]["last_line"])
     evaluation = json.loads(report["steps"]["model_evaluation"]["last_line"])
@@ -301,6 +337,19 @@ def main() -> None:
         help="retrain on the inputs of a kept world's home (a --keep run's .../home) instead "
         "of simulating and landing one; for 30M/100M, the 10M world to replicate",
     )
+    parser.add_argument(
+        "--copies",
+        type=int,
+        default=None,
+        help="with --from-home: retrain on that world's users copied this many times "
+        "(--events is then the total, e.g. --events 100000000 --copies 100 on the 1M world)",
+    )
+    parser.add_argument(
+        "--stop-after",
+        default=None,
+        help="stop after this training step (e.g. interactions), for sizes that would not "
+        "finish in the time available",
+    )
     args = parser.parse_args()
     results = {
         "machine": {
@@ -315,7 +364,7 @@ def main() -> None:
         workdir = Path(tempfile.mkdtemp(prefix=f"recsys-train-{n}-", dir=args.keep))
         try:
             started = time.perf_counter()
-            run = bench_size(n, workdir, args.threads, args.from_home)
+            run = bench_size(n, workdir, args.threads, args.from_home, args.copies, args.stop_after)
             run["total_s"] = round(time.perf_counter() - started, 1)
             results["runs"].append(run)
             print(json.dumps(run, indent=2), flush=True)
