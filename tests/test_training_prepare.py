@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from model_support import TinyWorld, tiny_params, tiny_world
+from model_support import TinyWorld, tiny_outcome, tiny_params, tiny_world
 
 from recsys_assets.training import artifacts as art
 from recsys_assets.training import steps
@@ -24,11 +24,13 @@ from recsys_assets.training.data import (
     weblog_partitions,
 )
 from recsys_assets.training.params import TrainingParams
+from recsys_assets.training.pipeline import TrainOutcome
 from recsys_assets.training.prepare import prepare_interactions, scan_weblogs
+from recsys_assets.training.ranking import build_ranking_dataset, label_table
 from recsys_assets.weblogs.processing import WEBLOGS_SCHEMA, partition_key
 from recsys_serving.lake import Lake, LocalLake, write_parquet
 
-__all__ = ["tiny_world"]  # fixture used below
+__all__ = ["tiny_outcome", "tiny_world"]  # fixtures used below
 
 
 def _assert_same(lake: Lake, params: TrainingParams) -> None:
@@ -157,3 +159,20 @@ def test_arrays_are_written_to_a_local_lake_in_place(tmp_path: Path) -> None:
     back = art.get_arrays(lake, "training/x/y.npz")
     for name, value in arrays.items():
         np.testing.assert_array_equal(back[name], value)
+
+
+def test_the_ranking_dataset_is_the_same_with_shown_items_of_sampled_users_only(
+    tiny_world: TinyWorld, tiny_outcome: TrainOutcome
+) -> None:
+    """build_ranking_dataset looks up shown items for its sampled users only; given every
+    user's (label_table, as before) it builds the same rows."""
+    params = tiny_params(0, tiny_world.settings, ranking_max_users=40)
+    prep = steps.load_prepared(tiny_world.lake)
+    state = steps.load_state(tiny_world.lake, prep, "rank0", params)
+    end = prep.window.label_end(prep.window.cutoff)
+    full = label_table(prep.enc, state.as_of, end)
+    assert len(full[0]) > 40  # the sample is a strict subset of the labelled users
+    before = build_ranking_dataset(state, prep.enc, end, params, labels=full)
+    after = build_ranking_dataset(state, prep.enc, end, params)
+    for name in ("features", "labels", "groups", "users", "items"):
+        np.testing.assert_array_equal(getattr(after, name), getattr(before, name), err_msg=name)
