@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+CODE = {"root": ROOT}  # the checkout whose code the steps run (--code)
 PYTHON = sys.executable
 RECSYS = str(Path(PYTHON).parent / "recsys")
 
@@ -126,7 +127,7 @@ def child_env(home: Path, threads: int) -> dict[str, str]:
         "RECSYS_HOME": str(home),
         "DAGSTER_HOME": str(home / "dagster"),
         "RECSYS_THREADS": str(threads),
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": str(CODE["root"]),
     }
     for name in ("RECSYS_LAKE_URI", "RECSYS_MONGO_URI", "RECSYS_ES_URL", "RECSYS_TRAIN_PARAMS"):
         env.pop(name, None)
@@ -350,13 +351,23 @@ def main() -> None:
         help="stop after this training step (e.g. interactions), for sizes that would not "
         "finish in the time available",
     )
+    parser.add_argument(
+        "--code",
+        type=Path,
+        default=None,
+        help="run every step with the code of this checkout (e.g. a worktree of the "
+        "previous commit), to measure old and new code on the same inputs in one session",
+    )
     args = parser.parse_args()
+    if args.code is not None:
+        CODE["root"] = args.code.resolve()
     results = {
         "machine": {
             "nproc": os.cpu_count(),
             "python": platform.python_version(),
             "date": datetime.now(UTC).isoformat(),
             "note": "shared machine: other processes were running; wall times are upper bounds",
+            "code": str(CODE["root"]),
         },
         "runs": [],
     }
