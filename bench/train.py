@@ -101,7 +101,8 @@ def run_child(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
     out_path = Path(tempfile.mkstemp(prefix="recsys-bench-", suffix=".out")[1])
     err_path = out_path.with_suffix(".err")
     with out_path.open("wb") as out, err_path.open("wb") as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
+        # The checkout of --code first on sys.path: `python -c` puts the cwd there.
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, cwd=CODE["root"])
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started
     proc.returncode = os.waitstatus_to_exitcode(status)
