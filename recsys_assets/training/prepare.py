@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,10 +72,10 @@ class PreparedWindow:
 
 @dataclass
 class ScannedWeblogs:
-    """The window's partitions as one lazy frame (``ts`` in epoch seconds, ``_n`` the
-    row number in log order), and what the bundle manifest records about them."""
+    """The window's partitions as lazy frames (``ts`` in epoch seconds, ``_n`` the row
+    number in log order), and what the bundle manifest records about them."""
 
-    frame: pl.LazyFrame
+    parts: list[pl.LazyFrame]  # one per partition, in order
     partitions: list[str]
     rows: dict[str, int]
     content_hashes: dict[str, str]
@@ -83,6 +83,11 @@ class ScannedWeblogs:
     @property
     def total_rows(self) -> int:
         return sum(self.rows.values())
+
+    @property
+    def frame(self) -> pl.LazyFrame:
+        """All partitions as one lazy frame."""
+        return pl.concat(self.parts, how="vertical")
 
 
 @contextmanager
@@ -111,19 +116,23 @@ def scan_weblogs(lake: Lake, days: list[str]) -> Iterator[ScannedWeblogs]:
             paths.append(path)
         # One scan per file, each cast to one schema: partitions written by older code
         # may differ in a column's width, which a multi-file scan would refuse.
-        frames = [
-            pl.scan_parquet(p).select(
-                [pl.col(name).cast(dtype) for name, dtype in SCAN_SCHEMA.items()]
+        # ``_n`` numbers rows across files in log order (partition, then file order).
+        parts: list[pl.LazyFrame] = []
+        offset = 0
+        for path, day in zip(paths, days, strict=True):
+            parts.append(
+                pl.scan_parquet(path)
+                .select([pl.col(name).cast(dtype) for name, dtype in SCAN_SCHEMA.items()])
+                .with_columns((pl.col("ts").dt.epoch("us").cast(pl.Float64) / 1e6).alias("ts"))
+                .with_row_index("_n", offset=offset)
             )
-            for p in paths
-        ]
-        frame = (
-            pl.concat(frames, how="vertical") if frames else pl.LazyFrame(schema=SCAN_SCHEMA)  # type: ignore[arg-type]
-        )
-        frame = frame.with_columns(
-            (pl.col("ts").dt.epoch("us").cast(pl.Float64) / 1e6).alias("ts")
-        ).with_row_index("_n")
-        yield ScannedWeblogs(frame, list(days), rows, hashes)
+            offset += rows[day]
+        if not parts:
+            empty = pl.LazyFrame(schema=SCAN_SCHEMA).with_columns(  # type: ignore[arg-type]
+                pl.col("ts").dt.epoch("us").cast(pl.Float64).alias("ts")
+            )
+            parts.append(empty.with_row_index("_n"))
+        yield ScannedWeblogs(parts, list(days), rows, hashes)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -149,21 +158,35 @@ def prepare_interactions(
     Raises :class:`~recsys_assets.training.data.TrainingDataError` as
     ``build_interactions`` does (an empty window says ``no interactions ...``).
     """
-    frame = scanned.frame
+    since: float | None = None
     if params.train_window_days is not None and scanned.total_rows:
-        last = frame.select(pl.col("ts").max()).collect(engine=STREAMING).item()
+        last = scanned.frame.select(pl.col("ts").max()).collect(engine=STREAMING).item()
         if last is not None:
-            frame = frame.filter(pl.col("ts") >= float(last) - params.train_window_days * DAY)
+            since = float(last) - params.train_window_days * DAY
     event = pl.col("event_type")
-    positives = (
-        frame.filter(event != "impression")
-        .with_columns(weight=event_weights(params), grade=event_grades(params))
-        .filter(pl.col("weight") > 0)
-        .with_columns(pl.col("session_id").fill_null(pl.col("user_id")).alias("_sid"))
-    )
-    impressions = frame.filter(event == "impression").with_columns(
-        pl.col("request_id").fill_null(pl.col("user_id")).alias("_rid")
-    )
+
+    def window(part: pl.LazyFrame) -> pl.LazyFrame:
+        return part if since is None else part.filter(pl.col("ts") >= since)
+
+    def positives_of(part: pl.LazyFrame) -> pl.LazyFrame:
+        return (
+            window(part)
+            .filter(event != "impression")
+            .with_columns(weight=event_weights(params), grade=event_grades(params))
+            .filter(pl.col("weight") > 0)
+            .with_columns(pl.col("session_id").fill_null(pl.col("user_id")).alias("_sid"))
+        )
+
+    def impressions_of(part: pl.LazyFrame) -> pl.LazyFrame:
+        return (
+            window(part)
+            .filter(event == "impression")
+            .with_columns(pl.col("request_id").fill_null(pl.col("user_id")).alias("_rid"))
+        )
+
+    frame = window(scanned.frame)
+    positives = pl.concat([positives_of(p) for p in scanned.parts])
+    impressions = pl.concat([impressions_of(p) for p in scanned.parts])
     # Dictionaries: small (distinct ids), collected by the streaming engine.
     users_all = _codes(
         pl.concat([positives.select("user_id"), impressions.select("user_id")]), "user_id", "ua"
@@ -196,25 +219,30 @@ def prepare_interactions(
     del positive_users, logged_items, users_all
 
     event_types = sorted({"rating", *params.event_weights})
-    ev = (
-        positives.join(users.lazy(), on="user_id", how="left")
-        .join(items, on="item_id", how="left")
-        .join(sessions.lazy(), on="_sid", how="left")
-        .select(
-            "_n",
-            "ts",
-            "ua",
-            "u",
-            "i",
-            (pl.col("s") + 1).alias("s"),
-            "weight",
-            "grade",
-            pl.when(event == "rating").then(pl.col("value")).cast(pl.Float64).alias("rating"),
-            event.cast(pl.Enum(event_types)).alias("event_type"),
-        )
-        .collect(engine=STREAMING)
+    # Events are collected one partition at a time: the streaming engine's buffers and
+    # join state then follow a partition, and only the compact result accumulates.
+    ev = _collect_parts(
+        lambda part: (
+            positives_of(part)
+            .join(users.lazy(), on="user_id", how="left")
+            .join(items, on="item_id", how="left")
+            .join(sessions.lazy(), on="_sid", how="left")
+            .select(
+                "_n",
+                "ts",
+                "ua",
+                "u",
+                "i",
+                (pl.col("s") + 1).alias("s"),
+                "weight",
+                "grade",
+                pl.when(event == "rating").then(pl.col("value")).cast(pl.Float64).alias("rating"),
+                event.cast(pl.Enum(event_types)).alias("event_type"),
+            )
+        ),
+        scanned.parts,
     )
-    del sessions
+
     clicks = (
         frame.filter((event == "click") & pl.col("request_id").is_not_null())
         .select(pl.col("request_id").alias("_rid"), "item_id")
@@ -223,36 +251,42 @@ def prepare_interactions(
         .select((pl.col("r") + 1).alias("r"), "i")
         .unique()
         .with_columns(pl.lit(True).alias("clicked"))
-    )
-    imp = (
-        impressions.join(users.lazy(), on="user_id", how="left")
-        .join(items, on="item_id", how="left")
-        .join(requests.lazy(), on="_rid", how="left")
-        .select(
-            "_n",
-            "ts",
-            "ua",
-            "u",
-            "i",
-            (pl.col("r") + 1).alias("r"),
-            pl.col("request_id").is_not_null().alias("_has_request"),
-            pl.col("position").fill_null(-1).cast(pl.Int32).alias("position"),
-        )
-        .join(clicks, on=["r", "i"], how="left")
-        .select(
-            "_n",
-            "ts",
-            "ua",
-            "u",
-            "i",
-            "r",
-            "position",
-            # A null request_id never matched a click in the in-memory path.
-            (pl.col("clicked").fill_null(False) & pl.col("_has_request")).alias("clicked"),
-        )
+        # Whole-window (a click may land in the partition after its impression).
         .collect(engine=STREAMING)
+        .lazy()
     )
-    del requests, users
+    imp = _collect_parts(
+        lambda part: (
+            impressions_of(part)
+            .join(users.lazy(), on="user_id", how="left")
+            .join(items, on="item_id", how="left")
+            .join(requests.lazy(), on="_rid", how="left")
+            .select(
+                "_n",
+                "ts",
+                "ua",
+                "u",
+                "i",
+                (pl.col("r") + 1).alias("r"),
+                pl.col("request_id").is_not_null().alias("_has_request"),
+                pl.col("position").fill_null(-1).cast(pl.Int32).alias("position"),
+            )
+            .join(clicks, on=["r", "i"], how="left")
+            .select(
+                "_n",
+                "ts",
+                "ua",
+                "u",
+                "i",
+                "r",
+                "position",
+                # A null request_id never matched a click in the in-memory path.
+                (pl.col("clicked").fill_null(False) & pl.col("_has_request")).alias("clicked"),
+            )
+        ),
+        scanned.parts,
+    )
+
     n_impressions = imp.height
     held = [imp]
     del imp
@@ -308,6 +342,14 @@ def prepare_interactions(
         items=int(vocab.item_ids.size),
     )
     return PreparedWindow(vocab, enc, window, data, event_counts, clicked)
+
+
+def _collect_parts(
+    plan: Callable[[pl.LazyFrame], pl.LazyFrame], parts: list[pl.LazyFrame]
+) -> pl.DataFrame:
+    """``plan`` collected for each partition by the streaming engine, concatenated."""
+    frames = [plan(part).collect(engine=STREAMING) for part in parts]
+    return pl.concat(frames, how="vertical", rechunk=False)
 
 
 def _sorted_arrays(
