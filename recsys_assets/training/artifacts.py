@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -155,9 +158,30 @@ def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
 
 
 def put_arrays(lake: Lake, object_key: str, arrays: Mapping[str, np.ndarray]) -> int:
-    data = npz_bytes(arrays)
-    lake.put_bytes(object_key, data)
-    return len(data)
+    """Write arrays as one ``.npz``; returns its size in bytes.
+
+    A local lake gets the file written in place (temporary name, fsync, rename), never
+    as one bytes object: at 100M events ``prepared.npz`` is gigabytes, and a copy in
+    memory would double the step's peak.
+    """
+    path = lake.local_path(object_key)
+    if path is None:
+        data = npz_bytes(arrays)
+        lake.put_bytes(object_key, data)
+        return len(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+            size = fh.tell()
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return size
 
 
 def get_arrays(lake: Lake, object_key: str) -> dict[str, np.ndarray]:

@@ -111,18 +111,33 @@ def label_table(
     enc: Encoded, start: float, end: float
 ) -> tuple[dict[int, dict[int, int]], dict[int, set[int]]]:
     """Grades per (user, item) in ``[start, end)`` and items shown there per user."""
+    return label_grades(enc, start, end), shown_items(enc, start, end)
+
+
+def label_grades(enc: Encoded, start: float, end: float) -> dict[int, dict[int, int]]:
+    """Grades per (user, item) in ``[start, end)``."""
     mask = (enc.ts >= start) & (enc.ts < end)
-    grades = best_grades(
+    return best_grades(
         pl.DataFrame({"u": enc.user[mask], "i": enc.item[mask], "g": enc.grade[mask]})
     )
+
+
+def shown_items(
+    enc: Encoded, start: float, end: float, users: npt.NDArray[np.int64] | None = None
+) -> dict[int, set[int]]:
+    """Items shown in ``[start, end)`` per user (only ``users`` when given: impressions
+    are most of a clickstream, and a set per shown pair for every user in the window
+    costs gigabytes at 100M events while the ranking dataset samples 10k users)."""
     imask = (enc.imp_ts >= start) & (enc.imp_ts < end) & (enc.imp_user >= 0)
+    if users is not None:
+        imask &= np.isin(enc.imp_user, users)
     shown_frame = (
         pl.DataFrame({"u": enc.imp_user[imask], "i": enc.imp_item[imask]}).unique().sort("u", "i")
     )
     shown: dict[int, set[int]] = {}
     for u, i in shown_frame.iter_rows():
         shown.setdefault(int(u), set()).add(int(i))
-    return grades, shown
+    return shown
 
 
 def build_ranking_dataset(
@@ -137,12 +152,18 @@ def build_ranking_dataset(
     actions (or by ``labels``: grades and shown items per user, e.g. the leave-last-out
     held-out events)."""
     started = time.perf_counter()
-    grades, shown = labels if labels is not None else label_table(enc, state.as_of, label_end)
+    if labels is not None:
+        grades, shown = labels
+    else:
+        grades = label_grades(enc, state.as_of, label_end)
     users = np.asarray(sorted(grades), dtype=np.int64)
     rng = np.random.default_rng([params.seed, 0x4A4B, int(state.as_of)])
     limit = max_users if max_users is not None else params.ranking_max_users
     if users.size > limit:
         users = np.sort(rng.choice(users, size=limit, replace=False))
+    if labels is None:
+        # Shown items of the sampled users only (the only ones looked up below).
+        shown = shown_items(enc, state.as_of, label_end, users)
     feats: list[npt.NDArray[np.float32]] = []
     labels: list[npt.NDArray[np.int8]] = []
     items_out: list[npt.NDArray[np.int64]] = []

@@ -37,12 +37,8 @@ from recsys_assets.training.data import (
     TrainingDataError,
     TrainingWindow,
     Vocabulary,
-    build_interactions,
-    build_vocabulary,
-    encode,
-    explain_empty,
+    explain_empty_counts,
     read_catalog,
-    read_weblogs,
     weblog_partitions,
 )
 from recsys_assets.training.ease import select_lambda
@@ -61,6 +57,7 @@ from recsys_assets.training.evaluation import (
 from recsys_assets.training.lastout import SNAPSHOT as LASTOUT
 from recsys_assets.training.lastout import LastOut, leave_last_out
 from recsys_assets.training.params import TrainingParams
+from recsys_assets.training.prepare import prepare_interactions, scan_weblogs
 from recsys_assets.training.ranking import (
     RankingDataset,
     build_ranking_dataset,
@@ -226,33 +223,35 @@ def run_interactions(lake: Lake, params: TrainingParams) -> dict[str, Any]:
         # last event (on the last day) and starts train_window_days before it.
         last = date.fromisoformat(days[-1])
         first_day = (last - timedelta(days=math.ceil(params.train_window_days))).isoformat()
-    weblogs = read_weblogs(lake, first_day=first_day)
-    try:
-        interactions = build_interactions(weblogs, params)
-    except TrainingDataError as exc:
-        if str(exc).startswith("no interactions"):
-            raise TrainingDataError(explain_empty(lake, weblogs)) from exc
-        raise
+    days = [d for d in days if first_day is None or d >= first_day]
     items, users = read_catalog(lake)
-    vocab = build_vocabulary(interactions, items)
-    enc = encode(interactions, vocab)
+    # Streaming polars over the partitions (prepare.py): the window is never held as
+    # strings, which is what bounds this step's memory at 100M events.
+    with scan_weblogs(lake, days) as scanned:
+        try:
+            prepared = prepare_interactions(scanned, items, params)
+        except TrainingDataError as exc:
+            if str(exc).startswith("no interactions"):
+                raise TrainingDataError(
+                    explain_empty_counts(lake, scanned.total_rows, len(scanned.partitions))
+                ) from exc
+            raise
+    vocab, enc, window = prepared.vocab, prepared.enc, prepared.window
     arrays = {f"vocab/{k}": v for k, v in vocab.to_arrays().items()}
     arrays |= {f"enc/{k}": v for k, v in enc.to_arrays().items()}
-    lastouts = leave_last_out(enc, interactions.window, params)
+    lastouts = leave_last_out(enc, window, params)
     for j, lastout in enumerate(lastouts):
         arrays |= {f"lastout/mask{j}": lastout.mask, f"lastout/users{j}": lastout.users}
     size = art.put_arrays(lake, art.key(INTERACTIONS, "prepared.npz"), arrays)
     catalog_users = set(users["user_id"].to_list())
     logged_users = set(vocab.user_ids.tolist())
     stats = {
-        **interactions.data,
+        **prepared.data,
         "vocabulary": vocab.stats,
         "users_missing_from_store": len(logged_users - catalog_users) if catalog_users else 0,
         "store_users_never_logged": len(catalog_users - logged_users),
-        "event_types": dict(
-            interactions.events.group_by("event_type").len().sort("event_type").iter_rows()
-        ),
-        "impressions_clicked": int(interactions.impressions["clicked"].sum() or 0),
+        "event_types": prepared.event_types,
+        "impressions_clicked": prepared.impressions_clicked,
         "lastout": {
             "rounds": len(lastouts),
             "users": sum(int(lo.users.size) for lo in lastouts),
@@ -260,8 +259,8 @@ def run_interactions(lake: Lake, params: TrainingParams) -> dict[str, Any]:
         },
     }
     meta = {
-        "bounds": {**interactions.window.bounds(), "widened": list(interactions.window.widened)},
-        "window": interactions.window.as_dict(),
+        "bounds": {**window.bounds(), "widened": list(window.widened)},
+        "window": window.as_dict(),
         "data": stats,
         "params": params.as_dict(),
     }
