@@ -32,6 +32,7 @@ from recsys_assets.monitoring.sensors import (
     build_promotion_sensor,
     mlflow_sync_request,
 )
+from recsys_assets.tracking.jobs import mlflow_sync_job
 from recsys_assets.tracking.mirror import (
     EXPERIMENT,
     MODEL_NAME,
@@ -42,7 +43,6 @@ from recsys_assets.tracking.mirror import (
     mirror_registry,
     record_retraining,
 )
-from recsys_assets.tracking.jobs import mlflow_sync_job
 from recsys_assets.tracking.resource import MlflowResource
 from recsys_assets.training.assets import TRAINING_ASSETS
 from recsys_assets.training.jobs import RETRAIN_TAGS

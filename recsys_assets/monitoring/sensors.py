@@ -31,7 +31,6 @@ decision has a run with its logs in the UI, Dagster's retries, and a re-execute 
 from __future__ import annotations
 
 import hashlib
-
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
