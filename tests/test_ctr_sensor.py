@@ -254,7 +254,11 @@ def test_code_location_wires_the_closed_loop(tmp_path: Path) -> None:
     assert drop.default_status == dg.DefaultSensorStatus.RUNNING
     promotion = repo.get_sensor_def("promotion_sensor")
     assert promotion.default_status == dg.DefaultSensorStatus.RUNNING
-    assert [t.job_name for t in promotion.targets] == ["canary_job", "publish_job"]
+    assert [t.job_name for t in promotion.targets] == [
+        "canary_job",
+        "publish_job",
+        "mlflow_sync_job",
+    ]
     assert repo.get_job("canary_job").executor_def.name == "in_process"
     nightly = repo.get_schedule_def("nightly_retrain_schedule")
     assert nightly.job_name == "retrain_job"

@@ -93,7 +93,7 @@ def test_every_line_of_a_real_server_is_json_with_the_same_keys(tmp_path: Path) 
 
     # Every kind of line is there: the CLI's own, startup and shutdown of each worker,
     # the app's structlog events, the access log, the standard library's warning.
-    assert has(found, "recsys_assets.cli.serve", "serve.starting") == 1
+    assert has(found, "recsys_serving.cli", "serve.starting") == 1
     assert has(found, "uvicorn.error", "Started server process") == 2
     assert has(found, "recsys_serving.api.app", "service.started") == 2
     assert has(found, "recsys_serving.api.app", "service.stopped") == 2

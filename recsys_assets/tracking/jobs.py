@@ -2,8 +2,6 @@
 aliases moved (whoever moved them: a ``canary_job`` run, the CLI, the admin API), so the
 mirror's work and its failures show in a run's log in the UI, not in a sensor tick."""
 
-from __future__ import annotations
-
 import dagster as dg
 
 from recsys_assets.resources import LakeResource
