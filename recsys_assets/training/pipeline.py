@@ -30,18 +30,6 @@ from recsys_serving.lake import Lake
 
 Progress = Callable[[str], None]
 
-# Asset order of the training graph (without evaluation and registration).
-STEP_ORDER = (
-    steps.INTERACTIONS,
-    steps.ITEM_FEATURES,
-    steps.USER_FEATURES,
-    steps.RETRIEVAL,
-    steps.CANDIDATE_INDEX,
-    steps.RANKING_DATASET,
-    steps.RANKING_MODEL,
-    steps.RECOMMENDER,
-)
-
 
 @dataclass
 class TrainOutcome:
@@ -115,4 +103,4 @@ def train_bundle(
     return TrainOutcome(bundle, manifest, results, timings)
 
 
-__all__ = ["STEP_ORDER", "TrainOutcome", "train_bundle"]
+__all__ = ["TrainOutcome", "train_bundle"]

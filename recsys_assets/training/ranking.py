@@ -375,10 +375,6 @@ def train_ranker(dataset: RankingDataset, params: TrainingParams) -> RankerFit:
     )
 
 
-def save_ranker(fit: RankerFit, path: Any) -> None:
-    fit.booster.save_model(str(path), num_iteration=fit.best_iteration)
-
-
 # ------------------------------------------------------------------ blend and gate
 # Retrieval scores a blend may use (feature columns; positive weights only).
 BLEND_CANDIDATES: tuple[str, ...] = (

@@ -30,7 +30,7 @@ import orjson
 import polars as pl
 
 from recsys_serving.events.schema import EVENT_TYPES, MAX_ABS_VALUE
-from recsys_serving.lake import Lake, read_parquet, write_parquet
+from recsys_serving.lake import Lake, write_parquet
 from recsys_serving.landing import LANDING_AREA, LandingFile, iter_lines, list_sealed
 
 WEBLOGS_AREA = "weblogs"
@@ -585,17 +585,6 @@ def _write(lake: Lake, done: _Processed) -> PartitionResult:
 def process_partition(lake: Lake, day: str, rules: Rules) -> PartitionResult:
     """Recompute one weblogs partition from its landing files and write it atomically."""
     return _write(lake, _transform(_load(lake, day), rules))
-
-
-def read_weblogs(lake: Lake, days: Sequence[str], columns: list[str] | None = None) -> pl.DataFrame:
-    """Processed weblogs for some partitions (missing partitions are skipped)."""
-    frames = [
-        read_parquet(lake, partition_key(d), columns) for d in days if lake.exists(partition_key(d))
-    ]
-    if not frames:
-        schema = {k: v for k, v in WEBLOGS_SCHEMA.items() if columns is None or k in columns}
-        return pl.DataFrame(schema=schema)
-    return pl.concat(frames, how="vertical_relaxed")
 
 
 @dataclass

@@ -584,10 +584,6 @@ class ModelManager:
             seconds=round(time.perf_counter() - started, 3),
         )
 
-    def wake(self) -> None:
-        """Poll now instead of at the end of the interval."""
-        self._wake.set()
-
     # ------------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:
         state = self._state

@@ -215,14 +215,6 @@ class Recommender:
             for i, ref in zip(shown.tolist(), refs, strict=True)
         ]
 
-    def score_items(
-        self, user_id: str, item_ids: Sequence[str], user_doc: Mapping[str, Any] | None = None
-    ) -> npt.NDArray[np.float64]:
-        """Ranker scores of given items for a user (what ``recommend`` would assign)."""
-        ctx = user_context(self.state, user_id, user_doc)
-        rows = np.asarray([self.state.item_index[i] for i in item_ids], dtype=np.int64)
-        return self.ranker.score(assemble_features(self.state, ctx, rows))
-
     def similar(
         self,
         item_id: str,
