@@ -187,41 +187,29 @@ def build_models(home: Path, env: dict[str, str], args: argparse.Namespace) -> l
         started = time.perf_counter()
         args.long_world = long_history_world(sim, args.long_users, args.long_items)
         say(f"long-history world {args.long_world}: {time.perf_counter() - started:.1f}s")
+        events = [sim / "events.ndjson"]
+    else:
         run(
             [
                 RECSYS,
-                "catalog",
-                "load",
-                "--items",
-                str(sim / "items.ndjson"),
+                "simulate",
+                "--out",
+                str(sim),
                 "--users",
-                str(sim / "users.ndjson"),
+                str(args.users),
+                "--items",
+                str(args.items),
+                "--events",
+                str(args.events),
+                "--days",
+                str(args.days),
+                "--seed",
+                "42",
             ],
             env,
-            "catalog load",
+            f"simulate {args.events:,} events",
         )
-        run([RECSYS, "ingest", str(sim / "events.ndjson")], env, "ingest + process")
-        return _retrain(home, env, args.models)
-    run(
-        [
-            RECSYS,
-            "simulate",
-            "--out",
-            str(sim),
-            "--users",
-            str(args.users),
-            "--items",
-            str(args.items),
-            "--events",
-            str(args.events),
-            "--days",
-            str(args.days),
-            "--seed",
-            "42",
-        ],
-        env,
-        f"simulate {args.events:,} events",
-    )
+        events = sorted((sim / "weblogs").glob("*.ndjson*"))
     run(
         [
             RECSYS,
@@ -235,8 +223,7 @@ def build_models(home: Path, env: dict[str, str], args: argparse.Namespace) -> l
         env,
         "catalog load",
     )
-    weblogs = sorted((sim / "weblogs").glob("*.ndjson*"))
-    run([RECSYS, "ingest", *map(str, weblogs)], env, "ingest + process")
+    run([RECSYS, "ingest", *map(str, events)], env, "ingest + process")
     return _retrain(home, env, args.models)
 
 
