@@ -46,6 +46,9 @@ class RunOutcome:
     # One line per failed check: which, how many rows, two examples, what to do.
     check_failures: dict[str, str] = field(default_factory=dict)
     failure: str | None = None
+    # The first failed step's own words: a ``dg.Failure``'s description, else its
+    # innermost error (``failure`` adds where to read the stack trace).
+    error: str | None = None
 
 
 # Dagster's console logger prints a failed step and the failed run, each with a stack
@@ -172,7 +175,12 @@ def _outcome(result: dg.ExecuteInProcessResult | Any) -> RunOutcome:
                     getattr(line, "value", None) or f"check {ev.check_name} failed"  # type: ignore[union-attr]
                 )
         elif event.event_type_value == "STEP_FAILURE" and step_error is None:
-            step_error = _root_cause(event.event_specific_data.error)  # type: ignore[union-attr]
+            data = event.event_specific_data
+            user = getattr(data, "user_failure_data", None)
+            step_error = (user.description if user is not None else None) or _root_cause(
+                data.error  # type: ignore[union-attr]
+            )
+            outcome.error = step_error
     if not outcome.success:
         blocking = [line for name, line in outcome.check_failures.items() if name not in WARN_ONLY]
         if blocking:

@@ -24,6 +24,7 @@ from recsys_assets.monitoring.health import (
     histogram_quantile,
     parse_metrics,
 )
+from recsys_assets.monitoring.operations import alert_job
 from recsys_assets.monitoring.promotion import read_decisions
 from recsys_assets.monitoring.schedules import build_nightly_retrain_schedule
 from recsys_assets.monitoring.sensors import build_retrain_failure_sensor
@@ -224,7 +225,21 @@ def test_nightly_schedule_and_failed_retraining_alert(
             dagster_event=result.get_run_failure_event(),
             resources=res,
         ).for_run_failure() as context:
-            sensor(context)
+            request = sensor(context)
+        # The sensor only decides: the alert is an alert_job run keyed by the failed run.
+        assert isinstance(request, dg.RunRequest) and request.run_key == result.run_id
+        assert read_decisions(lake) == [] and alert_webhook_server.requests == []
+        alert_run = alert_job.execute_in_process(
+            instance=instance,
+            run_config=request.run_config,
+            tags=request.tags,
+            resources={k: res[k] for k in ("lake", "notifier")},
+        )
+        assert alert_run.success
+        (logged,) = instance.get_runs(dg.RunsFilter(job_name="alert_job"))
+        assert logged.tags["recsys/failed_run_id"] == result.run_id
+        messages = [e.user_message for e in instance.all_logs(logged.run_id)]
+        assert any("training window is empty" in m for m in messages)
     (decision,) = read_decisions(lake)
     assert decision["action"] == "retrain_failed" and decision["production_version"] == v1
     assert decision["evidence"]["trigger"] == "ctr_drop"

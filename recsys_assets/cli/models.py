@@ -10,6 +10,7 @@ from __future__ import annotations
 import getpass
 import json
 import socket
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -31,7 +32,7 @@ from recsys_assets.cli.common import (
 )
 
 if TYPE_CHECKING:
-    from recsys_serving.registry import AliasEvent, ModelRegistry
+    from recsys_serving.registry import ModelRegistry
     from recsys_serving.settings import Settings
 
 models_app = typer.Typer(
@@ -111,33 +112,56 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def _notify(settings: Settings, event: AliasEvent, title: str) -> None:
-    """Tell the people on duty; a failed channel is reported but never undoes the move."""
-    from recsys_assets.alerts.notifier import Alert, NotifierResource, was_delivered
+def _submit_move(settings: Settings, move: dict[str, Any]) -> dict[str, Any]:
+    """Run ``model_alias_job`` for ``move`` in the project's instance and follow it.
 
-    alert = Alert(
-        key=f"model-alias-{event.alias}",
-        status="firing",
-        severity="info",
-        title=title,
-        summary=(
-            f"{event.alias}: {event.previous or 'nothing'} -> {event.version or 'cleared'} "
-            f"({event.reason})"
-        ),
-        details={
-            "alias": event.alias,
-            "version": event.version,
-            "previous": event.previous,
-            "share": event.share,
-            "reason": event.reason,
-            **event.evidence,
-        },
-        at=event.at,
-    )
-    results = NotifierResource.from_settings(settings).get().send(alert)
-    if not was_delivered(results):
-        failed = ", ".join(f"{r.channel}: {r.error}" for r in results if not r.ok)
-        console.print(f"[yellow]warning:[/] alert not delivered ({escape(failed)})")
+    The move, its alert and its record are that run's work (a run in the Dagster UI
+    with its logs, like the closed loop's own steps); returns the ``production_model``
+    metadata the run recorded. A refused move fails the run: its one line is printed.
+    """
+    from recsys_assets.instance import get_instance
+    from recsys_assets.runs import CLI_RUN_CONFIG, execute_run
+
+    instance = get_instance(settings)
+    tags = {"recsys/trigger": "cli", "recsys/move": str(move["action"])}
+    if move.get("version"):
+        tags["recsys/model_version"] = str(move["version"])
+    with console.status(f"running model_alias_job ({move['action']})"):
+        outcome = execute_run(
+            "model_alias_job",
+            instance,
+            tags=tags,
+            run_config={**CLI_RUN_CONFIG, "ops": {"move_model_alias": {"config": move}}},
+        )
+    if not outcome.success:
+        fail(outcome.error or outcome.failure or f"run {outcome.run_id[:8]} failed")
+    recorded = outcome.materialized["production_model"]
+    if recorded.get("undelivered"):
+        console.print(
+            f"[yellow]warning:[/] alert not delivered ({escape(recorded['undelivered'])})"
+        )
+    return recorded
+
+
+@dataclass(frozen=True)
+class Moved:
+    """The alias move a ``model_alias_job`` run made, as its materialization records it."""
+
+    alias: str
+    action: str  # "set" or "clear"
+    version: str | None
+    previous: str | None
+    share: float | None
+
+    @classmethod
+    def from_metadata(cls, recorded: dict[str, Any]) -> Moved:
+        return cls(
+            alias=str(recorded["alias"]),
+            action=str(recorded["alias_action"]),
+            version=recorded.get("model_version") or None,
+            previous=recorded.get("previous") or None,
+            share=recorded.get("share"),
+        )
 
 
 def _aliases_by_version(reg: ModelRegistry) -> dict[str, list[str]]:
@@ -338,30 +362,24 @@ def promote(
     ] = None,
     reason: Annotated[str | None, typer.Option(help="Why; recorded as 'manual: ...'.")] = None,
 ) -> None:
-    """Make VERSION the production model (or, with --candidate, phase it in)."""
-    from recsys_serving.registry import CANDIDATE, PRODUCTION
+    """Make VERSION the production model (or, with --candidate, phase it in).
+
+    The move is a ``model_alias_job`` run in the project's Dagster instance."""
+    from recsys_serving.registry import PRODUCTION
 
     if share is not None and not candidate:
         fail("--share only applies with --candidate (production always serves everyone)")
     settings = _settings()
     reg = _registry(settings)
-    evidence = _who()
-    try:
-        if candidate:
-            production = reg.alias(PRODUCTION)
-            if production is not None and production.version == version:
-                fail(f"{version} is already the production model; nothing to phase in")
-            share = share if share is not None else settings.canary_ramp[0]
-            why = _manual(reason, f"phase in {version} to {share:.0%} of users")
-            event = reg.set_alias(CANDIDATE, version, reason=why, share=share, evidence=evidence)
-            title = f"Model {version} phased in as candidate by hand"
-        else:
-            why = _manual(reason, f"promote {version} to production")
-            event = reg.promote(version, reason=why, evidence=evidence)
-            title = f"Model {version} promoted to production by hand"
-    except _refusals() as exc:
-        fail(str(exc))
-    _notify(settings, event, title)
+    if candidate:
+        share = share if share is not None else settings.canary_ramp[0]
+        why = _manual(reason, f"phase in {version} to {share:.0%} of users")
+        move = {"action": "candidate", "version": version, "share": share}
+    else:
+        why = _manual(reason, f"promote {version} to production")
+        move = {"action": "promote", "version": version}
+    recorded = _submit_move(settings, {**move, "reason": why, "evidence": _who()})
+    event = Moved.from_metadata(recorded)
     _mirror(settings, reg)
     _publish_hint(settings, event)
     share_text = f" at {event.share:.0%}" if event.alias != PRODUCTION else ""
@@ -376,21 +394,17 @@ def rollback(
     ] = None,
     reason: Annotated[str | None, typer.Option(help="Why; recorded as 'manual: ...'.")] = None,
 ) -> None:
-    """Stop a candidate's phase-in, or move production back to its previous version."""
+    """Stop a candidate's phase-in, or move production back to its previous version
+    (a ``model_alias_job`` run in the project's Dagster instance)."""
     settings = _settings()
     reg = _registry(settings)
     why = _manual(reason, "rolled back with recsys models rollback")
-    try:
-        event = reg.rollback(reason=why, alias=alias.value if alias else None, evidence=_who())
-    except _refusals() as exc:
-        fail(str(exc))
+    move = {"action": "rollback", "alias": alias.value if alias else "", "reason": why}
+    event = Moved.from_metadata(_submit_move(settings, {**move, "evidence": _who()}))
     if event.action == "clear":
-        title = f"Candidate {event.previous} rolled back by hand"
         text = f"candidate: {event.previous} -> none ({why})"
     else:
-        title = f"Production rolled back to {event.version} by hand"
         text = f"production: {event.previous} -> {event.version} ({why})"
-    _notify(settings, event, title)
     _mirror(settings, reg)
     _publish_hint(settings, event)
     summary(text)
@@ -449,7 +463,7 @@ def sync_mlflow(
     )
 
 
-def _publish_hint(settings: Settings, event: AliasEvent) -> None:
+def _publish_hint(settings: Settings, event: Moved) -> None:
     """Say what follows a move of production, so nobody launches publish_job twice."""
     from recsys_serving.registry import PRODUCTION
 

@@ -13,6 +13,7 @@ import dagster as dg
 
 from recsys_assets.monitoring.assets import canary_job, monitoring_job, online_ctr, production_model
 from recsys_assets.monitoring.config import ClosedLoopConfig
+from recsys_assets.monitoring.operations import alert_job, model_alias_job
 from recsys_assets.monitoring.schedules import (
     build_nightly_retrain_schedule,
     build_online_ctr_schedule,
@@ -41,7 +42,7 @@ def closed_loop(settings: Settings) -> ClosedLoopDefs:
     tick = settings.closed_loop_tick_seconds
     return ClosedLoopDefs(
         assets=[online_ctr, production_model],
-        jobs=[monitoring_job, canary_job, mlflow_sync_job],
+        jobs=[monitoring_job, canary_job, mlflow_sync_job, alert_job, model_alias_job],
         sensors=[
             build_ctr_drop_sensor(tick, retrain_job=retrain_job, record_job=monitoring_job),
             build_promotion_sensor(
@@ -50,7 +51,7 @@ def closed_loop(settings: Settings) -> ClosedLoopDefs:
                 publish_job=publish_job if settings.publish_on_promotion else None,
                 mlflow_sync=mlflow_sync_job,
             ),
-            build_retrain_failure_sensor(tick),
+            build_retrain_failure_sensor(tick, alert=alert_job),
         ],
         schedules=[
             build_nightly_retrain_schedule(

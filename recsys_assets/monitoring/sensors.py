@@ -24,8 +24,9 @@ decision has a run with its logs in the UI, Dagster's retries, and a re-execute 
   the aliases moved since the last sync it requested (again every
   ``RETRY_AFTER_SECONDS`` while MLflow cannot be reached): the mirror's work and
   failures are in that run.
-* ``retrain_failure_sensor``: tells a person when a retraining run fails (Dagster's
-  run-failure alerting pattern: the failed run is the run that holds the logs).
+* ``retrain_failure_sensor``: requests an ``alert_job`` run when a retraining run fails
+  (run key: the failed run's id); that run records the decision and alerts a person, and
+  the failed run holds the logs of the failure itself.
 """
 
 from __future__ import annotations
@@ -39,10 +40,8 @@ from typing import Any
 import dagster as dg
 import orjson
 
-from recsys_assets.alerts.notifier import NotifierResource
 from recsys_assets.monitoring.assets import (
     REGISTERED,
-    alert_decision,
     canary_job,
     evaluation_for,
     metadata_value,
@@ -50,12 +49,11 @@ from recsys_assets.monitoring.assets import (
 )
 from recsys_assets.monitoring.config import ClosedLoopConfig
 from recsys_assets.monitoring.ctr import DropVerdict, drop_test, load_ctr_series
+from recsys_assets.monitoring.operations import ALERT_PIPELINE, alert_job
 from recsys_assets.monitoring.promotion import (
     CanaryAssessment,
-    Decision,
     EvaluationOutcome,
     assess_canary,
-    record_decision,
 )
 from recsys_assets.resources import LakeResource
 from recsys_assets.tracking.mirror import (
@@ -613,37 +611,72 @@ def build_promotion_sensor(
 
 
 # ------------------------------------------------------------------ failed retrainings
-def build_retrain_failure_sensor(tick_seconds: int) -> dg.SensorDefinition:
+def failure_alert_request(
+    run: dg.DagsterRun, error: str | None, now: datetime
+) -> dg.RunRequest | None:
+    """The ``alert_job`` run that reports a failed retraining (None for other runs).
+
+    Keyed by the failed run's id: a sensor tick evaluated twice (a daemon restart)
+    asks again with the same key, which Dagster does not launch twice.
+    """
+    if run.tags.get(PIPELINE_TAG) != RETRAIN_PIPELINE:
+        return None
+    recsys_tags = {k: v for k, v in run.tags.items() if k.startswith("recsys/")}
+    config = {
+        "run_id": run.run_id,
+        "job_name": run.job_name,
+        "error": error or "run failed",
+        "trigger": run.tags.get(TRIGGER_TAG, ""),
+        "tags": recsys_tags,
+        "detected_at": now.isoformat(),
+    }
+    return dg.RunRequest(
+        run_key=run.run_id,
+        tags={
+            PIPELINE_TAG: ALERT_PIPELINE,
+            "recsys/event": "retrain_failed",
+            "recsys/failed_run_id": run.run_id,
+            "recsys/failed_job": run.job_name,
+        },
+        run_config={"ops": {"alert_retrain_failure": {"config": config}}},
+    )
+
+
+def _root_cause(error: Any) -> str:
+    """A step failure's innermost error on one line (Dagster wraps user errors)."""
+    while getattr(error, "cause", None) is not None:
+        error = error.cause
+    message = " ".join(str(getattr(error, "message", "") or "").split())
+    return message[:300]
+
+
+def build_retrain_failure_sensor(
+    tick_seconds: int, *, alert: Target = alert_job
+) -> dg.SensorDefinition:
+    """``alert``: the job that records the failure and alerts (``alert_job``)."""
+
     @dg.run_failure_sensor(
         name="retrain_failure_sensor",
         minimum_interval_seconds=tick_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description="Alerts when a retraining run fails (production is left untouched).",
+        request_job=alert,
+        description=(
+            "Requests an alert_job run when a retraining run fails (production is left "
+            "untouched): the alert and its delivery are in that run."
+        ),
     )
     def retrain_failure_sensor(
-        context: dg.RunFailureSensorContext, lake: LakeResource, notifier: NotifierResource
-    ) -> None:
+        context: dg.RunFailureSensorContext,
+    ) -> dg.RunRequest | dg.SkipReason:
         run = context.dagster_run
-        if run.tags.get(PIPELINE_TAG) != RETRAIN_PIPELINE:
-            return
-        store = lake.get()
-        production = ModelRegistry(store).alias(PRODUCTION)
         error = context.failure_event.message or "run failed"
-        decision = Decision(
-            "retrain_failed",
-            None,
-            f"run {run.run_id[:8]} of {run.job_name} failed: {error}",
-            _now(),
-            production_version=production.version if production else None,
-            previous_production=production.version if production else None,
-            evidence={
-                "run_id": run.run_id,
-                "job": run.job_name,
-                "trigger": run.tags.get(TRIGGER_TAG),
-                "tags": {k: v for k, v in run.tags.items() if k.startswith("recsys/")},
-            },
-        )
-        record_decision(store, decision)
-        alert_decision(notifier, decision, f"recsys-retrain-failed-{run.run_id}")
+        causes = [_root_cause(e.step_failure_data.error) for e in context.get_step_failure_events()]
+        if causes:
+            error = f"{error} {'; '.join(c for c in causes if c)}"
+        request = failure_alert_request(run, error, _now())
+        if request is None:
+            return dg.SkipReason(f"run {run.run_id[:8]} of {run.job_name} is not a retraining")
+        context.log.warning(f"retraining run {run.run_id[:8]} failed, requesting {alert.name}")
+        return request
 
     return retrain_failure_sensor
