@@ -9,8 +9,9 @@ export GX_ANALYTICS_ENABLED ?= false
 
 .PHONY: demo test lint format ui install lock bench clean
 
-# The libraries come from requirements.lock (exact versions and hashes, what CI tested);
-# the project itself is installed on top without touching them. `make lock` refreshes it.
+# The libraries come from requirements.lock (the complete set, recsys[pipeline,dev]: exact
+# versions and hashes, what CI tested); the project itself is installed on top without
+# touching them. `make lock` refreshes it.
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml requirements.lock
 
 install: $(STAMP)
 
-## Re-resolve requirements.lock and requirements-serving.lock after a dependency change in
+## Re-resolve the lock files (requirements*.lock) after a dependency change in
 ## pyproject.toml (keeps every pin that still fits; UPGRADE=1 moves all to the newest).
 lock: $(STAMP)
 	bash scripts/lock.sh $(if $(UPGRADE),--upgrade)

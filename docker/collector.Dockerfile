@@ -8,7 +8,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     RECSYS_HOME=/var/lib/recsys
 
 WORKDIR /app
-# The libraries at the versions CI tested (hash-checked, no test tools), then the project.
+# The complete set (recsys[pipeline]: base + pipeline extra) at the versions CI tested
+# (hash-checked, no test tools), then the project.
 COPY requirements-runtime.lock ./
 RUN pip install --require-hashes -r requirements-runtime.lock
 COPY pyproject.toml README.md dagster.yaml workspace.yaml ./

@@ -11,11 +11,12 @@
 # `recsys keys create` (a full install, e.g. the recsys-dagster image) against the
 # volume's key file: this image has `recsys-serve` only.
 #
-# The serving set only: requirements-serving.lock pins (with hashes) what recsys_serving
-# imports, the same versions CI tested, and nothing of the training stack (no Dagster,
-# great-expectations or implicit). The package goes on top with --no-deps; its entry
-# point `recsys-serve` imports nothing from recsys_assets (import-linter checks that in
-# `make lint`), so the image runs without the pipeline's libraries.
+# The serving set only (recsys[serving], the base dependencies): requirements-serving.lock
+# pins (with hashes) what recsys_serving imports, the same versions CI tested, and
+# nothing of the training stack (no Dagster, great-expectations or implicit). The package
+# goes on top with --no-deps; its entry point `recsys-serve` imports nothing from
+# recsys_assets (import-linter checks that in `make lint`), so the image runs without
+# the pipeline's libraries.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

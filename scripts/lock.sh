@@ -2,9 +2,11 @@
 # Refresh the lock files from pyproject.toml (`make lock`): run it after adding, removing
 # or changing a dependency, and commit the result with the change.
 #
-#   requirements.lock          everything `make install` and CI install: dependencies + dev
-#   requirements-runtime.lock  dependencies without dev, for the dagster and collector images
-#   requirements-serving.lock  the `serving` extra alone, for the serving image
+#   requirements.lock          everything `make install` and CI install: the base
+#                              (serving) dependencies + the pipeline and dev extras
+#   requirements-runtime.lock  base + pipeline without dev, for the dagster and collector images
+#   requirements-serving.lock  the base dependencies alone (`recsys[serving]`), for the
+#                              serving image: no Dagster
 #
 # Both are resolved for CPython 3.11 on x86-64 Linux (what CI and the images run) with
 # every artifact's sha256, so `pip install -r` refuses anything else. Pins already in
@@ -15,7 +17,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 UV="${UV:-.venv/bin/uv}"
-PY="${PY:-.venv/bin/python}"
 if [[ ! -x "$UV" ]]; then
     echo "lock.sh: $UV not found: run \`make install\` first (uv comes with the dev extra)" >&2
     exit 2
@@ -23,21 +24,13 @@ fi
 target=(--python-version 3.11 --python-platform x86_64-manylinux_2_28)
 common=("${target[@]}" --generate-hashes --quiet --custom-compile-command "make lock" "$@")
 
-"$UV" pip compile pyproject.toml --extra dev "${common[@]}" -o requirements.lock
+"$UV" pip compile pyproject.toml --extra pipeline --extra dev "${common[@]}" -o requirements.lock
 
 # The images' sets are resolved alone but held to the versions just locked for the whole
 # project, so the images run exactly the libraries CI tested.
-"$UV" pip compile pyproject.toml -c requirements.lock "${common[@]}" -o requirements-runtime.lock
-tmp="$(mktemp -d)"
-trap 'rm -rf "$tmp"' EXIT
-"$PY" - > "$tmp/serving.in" <<'PYEOF'
-import tomllib
-
-with open("pyproject.toml", "rb") as fh:
-    print("\n".join(tomllib.load(fh)["project"]["optional-dependencies"]["serving"]))
-PYEOF
-"$UV" pip compile - -c requirements.lock "${common[@]}" -o requirements-serving.lock \
-    < "$tmp/serving.in"
+"$UV" pip compile pyproject.toml --extra pipeline -c requirements.lock "${common[@]}" \
+    -o requirements-runtime.lock
+"$UV" pip compile pyproject.toml -c requirements.lock "${common[@]}" -o requirements-serving.lock
 for lock in requirements.lock requirements-runtime.lock requirements-serving.lock; do
     echo "lock.sh: wrote $lock ($(grep -c '==' "$lock") pins)"
 done

@@ -1,10 +1,12 @@
 """Declared dependencies against the code and the lock files.
 
-pyproject.toml lists every dependency twice: in ``dependencies`` (the complete default
-install) and in the ``serving`` or ``pipeline`` extra (who needs it). The lock files pin
-them: requirements.lock is what ``make install`` and CI install, requirements-runtime.lock
-(no dev tools) what the Dagster and collector images install, requirements-serving.lock
-what the serving image installs. A mismatch fails here with the fix to make (usually
+pyproject.toml lists every dependency once: ``dependencies`` is the serving set (what
+recsys_serving imports; ``recsys[serving]`` names it and adds nothing), the ``pipeline``
+extra adds Dagster and the training stack, ``dev`` the tools, ``all`` both extras. The
+lock files pin them: requirements.lock (base + pipeline + dev) is what ``make install``
+and CI install, requirements-runtime.lock (base + pipeline) what the Dagster and
+collector images install, requirements-serving.lock (base alone) what the serving image
+installs. A mismatch fails here with the fix to make (usually
 ``make lock``). deptry (``make lint``) checks the other direction: every import declared,
 every declaration used.
 """
@@ -41,15 +43,19 @@ def requirements(lines: list[str]) -> dict[str, Requirement]:
     return {canonicalize_name(r.name): r for r in parsed}
 
 
-def test_dependencies_are_exactly_the_serving_and_pipeline_extras() -> None:
-    declared = requirements(PYPROJECT["dependencies"])
-    serving, pipeline = requirements(EXTRAS["serving"]), requirements(EXTRAS["pipeline"])
-    assert not serving.keys() & pipeline.keys(), "a dependency is in both serving and pipeline"
-    missing = sorted(str(r) for name, r in declared.items() if name not in serving | pipeline)
-    assert not missing, f"add {missing} to the `serving` or `pipeline` extra (pyproject.toml)"
-    for name, req in (serving | pipeline).items():
-        assert name in declared, f"{req} is in an extra but not in `dependencies`"
-        assert str(declared[name]) == str(req), f"{declared[name]} != {req}: keep them identical"
+def test_the_base_install_is_the_serving_set_and_the_extras_add_the_rest() -> None:
+    """`pip install recsys[serving]` must never pull in Dagster: pip extras only add, so
+    the base `dependencies` are the serving set and everything else is an extra."""
+    base = requirements(PYPROJECT["dependencies"])
+    pipeline, dev = requirements(EXTRAS["pipeline"]), requirements(EXTRAS["dev"])
+    assert EXTRAS["serving"] == [], "`serving` names the base install: it must add nothing"
+    assert not base.keys() & TRAINING_STACK, (
+        f"the base install pulls {base.keys() & TRAINING_STACK}"
+    )
+    assert pipeline.keys() >= TRAINING_STACK, "the training stack belongs to the `pipeline` extra"
+    assert not base.keys() & pipeline.keys(), "a dependency is both in the base and `pipeline`"
+    assert not base.keys() & dev.keys(), "a dependency is both in the base and `dev`"
+    assert EXTRAS["all"] == ["recsys[pipeline,dev]"]
 
 
 def _third_party_imports(package: Path) -> dict[str, str]:
@@ -70,10 +76,10 @@ def _third_party_imports(package: Path) -> dict[str, str]:
     return found
 
 
-def test_the_serving_extra_covers_every_import_of_recsys_serving() -> None:
-    """The serving image installs only the `serving` extra: anything recsys_serving
-    imports, even lazily inside a function, must be in it."""
-    serving = set(requirements(EXTRAS["serving"]))
+def test_the_base_dependencies_cover_every_import_of_recsys_serving() -> None:
+    """The serving image installs only the base dependencies: anything recsys_serving
+    imports, even lazily inside a function, must be in them."""
+    serving = set(requirements(PYPROJECT["dependencies"]))
     providers = importlib.metadata.packages_distributions()
     for module, where in _third_party_imports(ROOT / "recsys_serving").items():
         if module == "recsys_serving":
@@ -81,15 +87,19 @@ def test_the_serving_extra_covers_every_import_of_recsys_serving() -> None:
         dists = {canonicalize_name(d) for d in providers.get(module, [])}
         assert dists, f"{where} imports {module}, which no installed distribution provides"
         assert dists & serving, (
-            f"{where} imports {module} (from {sorted(dists)}): add it to the `serving` extra "
-            "and `dependencies` in pyproject.toml, then `make lock`"
+            f"{where} imports {module} (from {sorted(dists)}): add it to `dependencies` in "
+            "pyproject.toml, then `make lock`"
         )
 
 
-@pytest.mark.parametrize("group", ["dependencies", "dev"])
+def declared(group: str) -> list[str]:
+    return PYPROJECT["dependencies"] if group == "dependencies" else EXTRAS[group]
+
+
+@pytest.mark.parametrize("group", ["dependencies", "pipeline", "dev"])
 def test_the_lock_pins_every_declared_dependency(group: str) -> None:
     locked = pins(LOCK)
-    lines = PYPROJECT["dependencies"] if group == "dependencies" else EXTRAS[group]
+    lines = declared(group)
     for name, req in requirements(lines).items():
         assert name in locked, f"{req} is not in requirements.lock: run `make lock`"
         assert req.specifier.contains(locked[name], prereleases=True), (
@@ -98,20 +108,20 @@ def test_the_lock_pins_every_declared_dependency(group: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("image_lock", "group", "left_out"),
+    ("image_lock", "groups", "left_out"),
     [
-        (SERVING_LOCK, "serving", TRAINING_STACK | {"pytest"}),
-        (RUNTIME_LOCK, "dependencies", {"pytest", "ruff", "uv"}),
+        (SERVING_LOCK, ["dependencies"], TRAINING_STACK | {"pytest"}),
+        (RUNTIME_LOCK, ["dependencies", "pipeline"], {"pytest", "ruff", "uv"}),
     ],
     ids=["serving", "runtime"],
 )
 def test_the_image_locks_are_subsets_at_the_versions_of_the_lock(
-    image_lock: Path, group: str, left_out: set[str]
+    image_lock: Path, groups: list[str], left_out: set[str]
 ) -> None:
     locked, subset = pins(LOCK), pins(image_lock)
-    lines = PYPROJECT["dependencies"] if group == "dependencies" else EXTRAS[group]
-    for name in requirements(lines):
-        assert name in subset, f"{name} is not in {image_lock.name}: run `make lock`"
+    for group in groups:
+        for name in requirements(declared(group)):
+            assert name in subset, f"{name} is not in {image_lock.name}: run `make lock`"
     differ = {n: (v, locked.get(n)) for n, v in subset.items() if locked.get(n) != v}
     assert not differ, f"{image_lock.name} vs requirements.lock (run `make lock`): {differ}"
     assert not subset.keys() & left_out, f"{image_lock.name} pulls in {subset.keys() & left_out}"
@@ -120,7 +130,7 @@ def test_the_image_locks_are_subsets_at_the_versions_of_the_lock(
 def test_the_lock_holds_nothing_pyproject_dropped() -> None:
     """An entry that only pyproject.toml asked for must still be declared there (a
     dependency removed without `make lock` would otherwise stay installed)."""
-    declared = set(requirements(PYPROJECT["dependencies"]) | requirements(EXTRAS["dev"]))
+    names = set().union(*(requirements(declared(g)) for g in ("dependencies", "pipeline", "dev")))
     for entry in re.split(r"\n(?=[A-Za-z0-9])", LOCK.read_text()):
         match = _PIN.match(entry)
         if not match:
@@ -130,7 +140,7 @@ def test_the_lock_holds_nothing_pyproject_dropped() -> None:
         via = {note for note in notes[1:] if note and not note.startswith("--hash")}
         if via == {"recsys (pyproject.toml)"}:
             name = canonicalize_name(match[1])
-            assert name in declared, f"{name} is locked but no longer declared: run `make lock`"
+            assert name in names, f"{name} is locked but no longer declared: run `make lock`"
 
 
 def test_every_lock_entry_has_hashes() -> None:

@@ -1,11 +1,14 @@
 """The ``recsys`` console script: the operations people run by hand.
 
 Each concern registers its commands from its own module; imports of heavy
-libraries (Dagster, polars) stay inside the commands so ``recsys --help`` is fast.
+libraries (Dagster, polars) stay inside the commands so ``recsys --help`` is fast, and
+so it works in a serving install (``pip install recsys``): there the pipeline commands
+stop at their first Dagster import, and :func:`main` says which extra to install.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import typer
@@ -32,3 +35,23 @@ from recsys_assets.cli import models as _models  # noqa: E402,F401
 from recsys_assets.cli import serve as _serve  # noqa: E402,F401
 from recsys_assets.cli import simulate as _simulate  # noqa: E402,F401
 from recsys_assets.cli import training as _training  # noqa: E402,F401
+
+PIPELINE_HINT = "pip install 'recsys[pipeline]'"
+
+
+def main() -> None:
+    """The console script: ``app``, plus one clear line instead of a traceback when a
+    command needs the pipeline extra (Dagster, the training stack) and it is missing."""
+    try:
+        app()
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing.partition(".")[0] in ("recsys_assets", "recsys_serving"):
+            raise  # our own package is broken: that is a bug, keep the traceback
+        command = " ".join(["recsys", *sys.argv[1:2]])
+        print(
+            f"error: {command} needs the pipeline extra (no module named {missing!r}): "
+            f"{PIPELINE_HINT}",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from None
