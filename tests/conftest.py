@@ -194,6 +194,8 @@ def _no_leaked_dagster_instance() -> Iterator[None]:
     is garbage collected, every later ``Definitions`` build in the process fails with
     "Attempted to resolve undefined DagsterInstance weakref", far from the cause.
     """
+    # Private on purpose: the state storage's context variable has no public accessor,
+    # and the symptom it guards against shows only after the instance is collected.
     from dagster._core.storage.defs_state.base import DefsStateStorage
 
     before = DefsStateStorage.get()
