@@ -12,6 +12,11 @@ from pydantic import PrivateAttr
 from recsys_serving.lake import Lake, open_lake
 from recsys_serving.settings import Settings
 
+# A settings group inside a resource's config (``group.model_dump(mode="json")``),
+# validated back into its typed object by the resource. A plain ``dict``: Dagster gives
+# it a permissive shape that takes nulls (``dict[str, Any]`` becomes a map that does not).
+GroupConfig = dict
+
 
 class LakeResource(dg.ConfigurableResource):
     """The data lake (local directory or s3://bucket/prefix)."""
@@ -26,8 +31,8 @@ class LakeResource(dg.ConfigurableResource):
     def from_settings(cls, settings: Settings) -> LakeResource:
         return cls(
             uri=settings.resolved_lake_uri,
-            s3_endpoint_url=settings.s3_endpoint_url,
-            region=settings.aws_region,
+            s3_endpoint_url=settings.lake.s3_endpoint_url,
+            region=settings.lake.aws_region,
         )
 
     def get(self) -> Lake:
@@ -51,12 +56,12 @@ class RecsysConfig(dg.ConfigurableResource):
     @classmethod
     def from_settings(cls, settings: Settings) -> RecsysConfig:
         return cls(
-            catalog_epoch=settings.catalog_epoch.isoformat(),
-            future_tolerance_seconds=settings.future_tolerance_seconds,
-            bot_max_events_per_minute=settings.bot_max_events_per_minute,
-            session_gap_minutes=settings.session_gap_minutes,
-            max_duplicate_rate=settings.max_duplicate_rate,
-            freshness_minutes=settings.freshness_minutes,
-            max_unattributed_click_rate=settings.max_unattributed_click_rate,
-            min_rows_for_rate_checks=settings.min_rows_for_rate_checks,
+            catalog_epoch=settings.events.catalog_epoch.isoformat(),
+            future_tolerance_seconds=settings.events.future_tolerance_seconds,
+            bot_max_events_per_minute=settings.events.bot_max_events_per_minute,
+            session_gap_minutes=settings.events.session_gap_minutes,
+            max_duplicate_rate=settings.events.max_duplicate_rate,
+            freshness_minutes=settings.alerts.freshness_minutes,
+            max_unattributed_click_rate=settings.events.max_unattributed_click_rate,
+            min_rows_for_rate_checks=settings.events.min_rows_for_rate_checks,
         )

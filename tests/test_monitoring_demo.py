@@ -34,11 +34,14 @@ def test_loop_environment_names_real_settings(monkeypatch: pytest.MonkeyPatch) -
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     settings = Settings()
-    assert settings.canary_ramp == [0.25, 0.5, 1.0]
-    assert settings.ctr_bucket_seconds == 10 and settings.closed_loop_tick_seconds == 10
-    assert settings.service_metrics_url == "http://127.0.0.1:18000/metrics"
-    assert settings.nightly_retrain_enabled is False
-    assert settings.train_window_days == pytest.approx(0.01)
+    assert list(settings.closed_loop.canary.ramp) == [0.25, 0.5, 1.0]
+    assert (
+        settings.closed_loop.drop.bucket_seconds == 10
+        and settings.closed_loop.closed_loop_tick_seconds == 10
+    )
+    assert settings.closed_loop.service_metrics_url == "http://127.0.0.1:18000/metrics"
+    assert settings.closed_loop.nightly_retrain_enabled is False
+    assert settings.training.train_window_days == pytest.approx(0.01)
 
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)", "recsys-demo-test"]

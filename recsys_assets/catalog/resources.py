@@ -21,16 +21,16 @@ class DocStoreResource(dg.ConfigurableResource):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DocStoreResource:
-        uri: Any = settings.mongo_uri
+        uri: Any = settings.stores.mongo_uri
         if uri and os.environ.get("RECSYS_MONGO_URI") == uri:
             # Resource config is shown in the Dagster UI; an EnvVar shows only its name,
             # and a MongoDB URI usually carries a password.
             uri = dg.EnvVar("RECSYS_MONGO_URI")
         return cls(
             mongo_uri=uri,
-            mongo_db=settings.mongo_db,
+            mongo_db=settings.stores.mongo_db,
             docstore_path=str(settings.docstore_path),
-            store_timeout_ms=settings.store_timeout_ms,
+            store_timeout_ms=settings.serving.store_timeout_ms,
         )
 
     def open(self) -> DocStore:

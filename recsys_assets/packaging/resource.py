@@ -35,14 +35,14 @@ class OciResource(dg.ConfigurableResource):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OciResource:
-        password: Any = settings.oci_password
+        password: Any = settings.packaging.oci_password
         if password and os.environ.get("RECSYS_OCI_PASSWORD") == password:
             # Resource config is shown in the Dagster UI; an EnvVar shows only its name.
             password = dg.EnvVar("RECSYS_OCI_PASSWORD")
         return cls(
-            repository=settings.oci_repository,
-            insecure=settings.oci_insecure,
-            username=settings.oci_username,
+            repository=settings.packaging.oci_repository,
+            insecure=settings.packaging.oci_insecure,
+            username=settings.packaging.oci_username,
             password=password,
             layout_dir=str(default_layout_dir(settings)),
             work_dir=str(settings.resolved_model_cache_dir),

@@ -85,10 +85,12 @@ class Limits:
     @classmethod
     def from_settings(cls, settings: _LimitSettings, now: float | None = None) -> Limits:
         return cls(
-            ts_min=datetime.combine(settings.event_ts_min, datetime.min.time(), UTC).timestamp(),
-            max_future_seconds=settings.event_max_future_seconds,
-            context_max_depth=settings.max_context_depth,
-            context_max_bytes=settings.max_context_bytes,
+            ts_min=datetime.combine(
+                settings.collector.event_ts_min, datetime.min.time(), UTC
+            ).timestamp(),
+            max_future_seconds=settings.collector.event_max_future_seconds,
+            context_max_depth=settings.collector.max_context_depth,
+            context_max_bytes=settings.collector.max_context_bytes,
             now=now,
         )
 
