@@ -6,11 +6,15 @@ backend by constructing a resource and deployments by setting ``RECSYS_*``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import dagster as dg
-from pydantic import PrivateAttr
+from pydantic import BaseModel, Field, PrivateAttr
 
 from recsys_serving.lake import Lake, open_lake
-from recsys_serving.settings import Settings
+from recsys_serving.settings import EventSettings, LakeSettings, Settings
+
+SETTING = "recsys/setting"
 
 # A settings group inside a resource's config (``group.model_dump(mode="json")``),
 # validated back into its typed object by the resource. A plain ``dict``: Dagster gives
@@ -18,12 +22,23 @@ from recsys_serving.settings import Settings
 GroupConfig = dict
 
 
+def declared(group: type[BaseModel], name: str) -> Any:
+    """A resource field that shows the setting ``group.name``: its default and description
+    are the setting's own, so a knob keeps one declaration however many resources show it."""
+    info = group.model_fields[name]
+    return Field(
+        default=info.get_default(call_default_factory=True),
+        description=info.description,
+        json_schema_extra={SETTING: f"{group.__name__}.{name}"},
+    )
+
+
 class LakeResource(dg.ConfigurableResource):
     """The data lake (local directory or s3://bucket/prefix)."""
 
     uri: str
     s3_endpoint_url: str | None = None
-    region: str = "us-east-1"
+    region: str = declared(LakeSettings, "aws_region")
 
     _lake: Lake | None = PrivateAttr(default=None)
 
@@ -50,8 +65,8 @@ class RecsysConfig(dg.ConfigurableResource):
     session_gap_minutes: float
     max_duplicate_rate: float
     freshness_minutes: float
-    max_unattributed_click_rate: float = 0.5
-    min_rows_for_rate_checks: int = 100
+    max_unattributed_click_rate: float = declared(EventSettings, "max_unattributed_click_rate")
+    min_rows_for_rate_checks: int = declared(EventSettings, "min_rows_for_rate_checks")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RecsysConfig:

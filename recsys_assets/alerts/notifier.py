@@ -27,7 +27,8 @@ import dagster as dg
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from recsys_serving.settings import Settings
+from recsys_assets.resources import declared
+from recsys_serving.settings import AlertSettings, Settings
 
 AlertStatus = Literal["firing", "resolved"]
 Severity = Literal["info", "warning", "critical"]
@@ -337,11 +338,11 @@ class NotifierResource(dg.ConfigurableResource):
     """Alert channels for sensors and assets, configured like the rest of ``RECSYS_*``."""
 
     smtp_host: str | None = None
-    smtp_port: int = 25
+    smtp_port: int = declared(AlertSettings, "smtp_port")
     smtp_user: str | None = None
     smtp_password: str | None = None
-    smtp_starttls: bool = False
-    email_from: str = "recsys@localhost"
+    smtp_starttls: bool = declared(AlertSettings, "smtp_starttls")
+    email_from: str = declared(AlertSettings, "alert_email_from")
     email_to: str | None = Field(default=None, description="Comma-separated recipients.")
     webhook_url: str | None = None
     timeout_seconds: float = 10.0

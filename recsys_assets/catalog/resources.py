@@ -7,7 +7,8 @@ from typing import Any
 
 import dagster as dg
 
-from recsys_serving.settings import Settings
+from recsys_assets.resources import declared
+from recsys_serving.settings import ServingSettings, Settings, StoreSettings
 from recsys_serving.stores.docstore import DocStore, connect_docstore
 
 
@@ -15,9 +16,9 @@ class DocStoreResource(dg.ConfigurableResource):
     """Users and items: embedded file store by default, MongoDB/DocumentDB by URI."""
 
     mongo_uri: str | None = None
-    mongo_db: str = "recsys"
+    mongo_db: str = declared(StoreSettings, "mongo_db")
     docstore_path: str
-    store_timeout_ms: float = 50.0
+    store_timeout_ms: float = declared(ServingSettings, "store_timeout_ms")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DocStoreResource:

@@ -10,8 +10,9 @@ import dagster as dg
 from pydantic import Field
 
 from recsys_assets.packaging.publish import PublishTarget
+from recsys_assets.resources import declared
 from recsys_serving.oci import OciCredentials, RegistryAccess
-from recsys_serving.settings import Settings
+from recsys_serving.settings import PackagingSettings, Settings
 
 LAYOUT_NAME = "recsys-model"
 
@@ -27,7 +28,7 @@ class OciResource(dg.ConfigurableResource):
     repository: str | None = Field(
         default=None, description="host[:port]/repo; unset = write an OCI layout instead."
     )
-    insecure: bool = Field(default=False, description="Plain HTTP to the registry.")
+    insecure: bool = declared(PackagingSettings, "oci_insecure")
     username: str | None = None
     password: str | None = None
     layout_dir: str = Field(description="OCI image layout used when no repository is set.")

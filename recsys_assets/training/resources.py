@@ -17,7 +17,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field, TypeAdapter
 
-from recsys_assets.resources import GroupConfig
+from recsys_assets.resources import GroupConfig, declared
 from recsys_assets.training.params import TrainingParams
 from recsys_serving.index.base import IndexPublisher
 from recsys_serving.policies import PromotionRule
@@ -48,11 +48,9 @@ class TrainingConfig(dg.ConfigurableResource):
         description="Where the candidate index is published (RECSYS_ES_URL, "
         "RECSYS_ES_INDEX_PREFIX); unset: the index travels in the bundle.",
     )
-    es_api_key: str | None = Field(
-        default=None,
-        description=f"{ES_API_KEY}; from the environment it is referenced, so the UI "
-        "shows the variable's name, not the key.",
-    )
+    # Referenced as an EnvVar when it comes from the environment (see from_settings),
+    # so the UI shows the variable's name, not the key.
+    es_api_key: str | None = declared(StoreSettings, "es_api_key")
     cache_dir: str = Field(description="Scratch space of training runs (<home>/cache/training).")
 
     @classmethod
