@@ -169,6 +169,18 @@ def _by_name() -> dict[str, SettingField]:
     return {f.name: f for f in setting_fields()}
 
 
+def default_of(group: type, name: str) -> Any:
+    """The declared default of setting ``name`` of ``group`` (a settings group or a typed
+    policy), for code that needs it without a ``Settings`` (a function's default
+    argument, a fallback): it refers to the one declaration instead of copying it."""
+    if issubclass(group, BaseModel):
+        return group.model_fields[name].get_default(call_default_factory=True)
+    item = next(f for f in dataclasses.fields(group) if f.name == name)
+    if item.default_factory is not dataclasses.MISSING:
+        return item.default_factory()
+    return item.default
+
+
 class FlatEnvSource(PydanticBaseSettingsSource):
     """Reads every setting from its flat ``RECSYS_<NAME>`` variable.
 

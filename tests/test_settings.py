@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -138,3 +140,22 @@ def _groups(model: BaseModel) -> list[BaseModel]:
         if isinstance(value, BaseModel):
             out += [value, *_groups(value)]
     return out
+
+
+def test_code_defaults_refer_to_the_declarations(clean_env: None, tmp_path: Path) -> None:
+    """Defaults needed without a Settings (limits, rules, fallbacks) equal the settings'."""
+    from recsys_assets.weblogs.processing import Rules
+    from recsys_serving.events.schema import Limits
+    from recsys_serving.landing import SegmentWriter
+    from recsys_serving.model.candidates import DEFAULT_POOL
+
+    settings = Settings(home=tmp_path)
+    assert Limits(now=1.0) == Limits.from_settings(settings, now=1.0)
+    rules = Rules(catalog_epoch=settings.events.catalog_epoch, now=datetime.now(UTC))
+    assert rules.future_tolerance_seconds == settings.events.future_tolerance_seconds
+    assert rules.bot_max_events_per_minute == settings.events.bot_max_events_per_minute
+    assert rules.session_gap_minutes == settings.events.session_gap_minutes
+    writer = inspect.signature(SegmentWriter).parameters
+    assert writer["max_bytes"].default == settings.collector.landing_segment_max_bytes
+    assert writer["max_age_seconds"].default == settings.collector.landing_segment_max_age_seconds
+    assert settings.training.candidate_pool == DEFAULT_POOL
