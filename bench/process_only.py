@@ -35,16 +35,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     settings = Settings()
-    lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
+    lake = open_lake(
+        settings.resolved_lake_uri, settings.lake.s3_endpoint_url, settings.lake.aws_region
+    )
     days = sorted({f.date for f in list_sealed(lake)})
     if args.days:
         days = days[: args.days]
     rules = Rules(
-        catalog_epoch=settings.catalog_epoch,
+        catalog_epoch=settings.events.catalog_epoch,
         now=datetime.now(UTC),
-        future_tolerance_seconds=settings.future_tolerance_seconds,
-        bot_max_events_per_minute=settings.bot_max_events_per_minute,
-        session_gap_minutes=settings.session_gap_minutes,
+        future_tolerance_seconds=settings.events.future_tolerance_seconds,
+        bot_max_events_per_minute=settings.events.bot_max_events_per_minute,
+        session_gap_minutes=settings.events.session_gap_minutes,
     )
     done = 0
 
@@ -69,9 +71,9 @@ def main(argv: list[str] | None = None) -> None:
         from recsys_assets.weblogs.quality import WeblogValidator
 
         validator = WeblogValidator(
-            settings.max_duplicate_rate,
-            max_unattributed_click_rate=settings.max_unattributed_click_rate,
-            min_rows=settings.min_rows_for_rate_checks,
+            settings.events.max_duplicate_rate,
+            max_unattributed_click_rate=settings.events.max_unattributed_click_rate,
+            min_rows=settings.events.min_rows_for_rate_checks,
         )
         run = process_partitions(
             lake, days, rules, on_frames=validator.add_partition, on_partition=on_partition

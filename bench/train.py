@@ -57,13 +57,11 @@ STEP_CODE = """
 import json, sys, time
 from pathlib import Path
 from recsys_assets.training import steps
-from recsys_assets.training.params import TrainingParams
 from recsys_serving.lake import open_lake
-from recsys_serving.registry import PromotionRule
 from recsys_serving.settings import Settings
 settings = Settings()
 lake = open_lake(settings.resolved_lake_uri)
-params = TrainingParams.from_settings(settings)
+params = settings.training
 cache = Path(settings.resolved_home) / "cache" / "training"
 cache.mkdir(parents=True, exist_ok=True)
 name = sys.argv[1]
@@ -79,7 +77,7 @@ calls = {
     "ranking_model": lambda: steps.run_ranking_model(lake, params),
     "recommender_model": lambda: steps.run_recommender_model(lake, params, cache / "bundles")[1],
     "model_evaluation": lambda: steps.run_model_evaluation(
-        lake, params, PromotionRule.from_settings(settings), cache
+        lake, params, settings.promotion, cache
     ),
     "registered_model": lambda: steps.run_registration(lake, cache),
 }

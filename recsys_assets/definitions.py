@@ -15,9 +15,8 @@ from recsys_assets.tracking.resource import MlflowResource
 from recsys_assets.training.assets import TRAINING_ASSETS
 from recsys_assets.training.jobs import retrain_job
 from recsys_assets.training.resources import TrainingConfig
-from recsys_assets.weblogs.assets import landing_weblogs, weblogs
+from recsys_assets.weblogs.defs import weblogs_defs
 from recsys_assets.weblogs.freshness import weblog_freshness_sensor
-from recsys_assets.weblogs.sensors import landing_files_sensor, weblogs_job
 from recsys_serving.logging import configure_logging
 from recsys_serving.settings import Settings, get_settings
 
@@ -38,18 +37,19 @@ def build_resources(settings: Settings) -> dict[str, object]:
 def make_definitions(settings: Settings) -> dg.Definitions:
     """The code location for one configuration (tests and the CLI pass their own)."""
     loop = closed_loop(settings)
+    acquisition = weblogs_defs(settings)
     return dg.Definitions(
         assets=[
-            landing_weblogs,
-            weblogs,
+            acquisition.landing_weblogs,
+            acquisition.weblogs,
             item_catalog,
             user_profiles,
             *TRAINING_ASSETS,
             promoted_image,
             *loop.assets,
         ],
-        jobs=[weblogs_job, retrain_job, publish_job, *loop.jobs],
-        sensors=[landing_files_sensor, weblog_freshness_sensor, *loop.sensors],
+        jobs=[acquisition.job, retrain_job, publish_job, *loop.jobs],
+        sensors=[acquisition.landing_files_sensor, weblog_freshness_sensor, *loop.sensors],
         schedules=loop.schedules,
         resources=build_resources(settings),
     )

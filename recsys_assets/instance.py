@@ -61,7 +61,7 @@ def postgres_storage(
 ) -> dict[str, Any] | None:
     """The ``storage:`` block for PostgreSQL, or None for the embedded SQLite default."""
     environ = os.environ if environ is None else environ
-    url = settings.dagster_pg_url or None
+    url = settings.platform.dagster_pg_url or None
     parts = {field: var for field, var in PG_PART_ENVS.items() if environ.get(var)}
     if url and parts:
         raise InstanceConfigError(
@@ -157,8 +157,8 @@ def ensure_dagster_home(settings: Settings) -> Path:
     target = home / "dagster.yaml"
     if not target.exists() or target.read_text() != text:
         _write_atomically(target, text)
-    if settings.dagster_pg_url:
-        os.environ[PG_URL_ENV] = settings.dagster_pg_url
+    if settings.platform.dagster_pg_url:
+        os.environ[PG_URL_ENV] = settings.platform.dagster_pg_url
     os.environ["DAGSTER_HOME"] = str(home)
     return home
 
@@ -175,10 +175,10 @@ def storage_summary(settings: Settings, environ: Mapping[str, str] | None = None
     if storage is None:
         home = environ.get("DAGSTER_HOME") or str(settings.dagster_home)
         return f"SQLite under {home}"
-    if settings.dagster_pg_url:
+    if settings.platform.dagster_pg_url:
         from sqlalchemy.engine import make_url
 
-        shown = make_url(settings.dagster_pg_url).render_as_string(hide_password=True)
+        shown = make_url(settings.platform.dagster_pg_url).render_as_string(hide_password=True)
         return f"PostgreSQL {shown}"
     host, db = environ[PG_PART_ENVS["hostname"]], environ[PG_PART_ENVS["db_name"]]
     port = environ.get(PG_PART_ENVS["port"], "5432")

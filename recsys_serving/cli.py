@@ -65,21 +65,21 @@ def serve(
 
     try:
         settings = Settings()
-        keyring = KeyRing(KeyFile.in_home(settings.resolved_home), settings.api_keys)
+        keyring = KeyRing(KeyFile.in_home(settings.resolved_home), settings.serving.api_keys)
     except (ValueError, KeyStoreError) as exc:
         _fail(str(exc))
-    own_run_dir = settings.run_dir is None
-    run_dir = settings.run_dir or _new_run_dir(settings.resolved_home, port)
+    own_run_dir = settings.serving.run_dir is None
+    run_dir = settings.serving.run_dir or _new_run_dir(settings.resolved_home, port)
     prom_dir = run_dir / "prometheus"
     shutil.rmtree(prom_dir, ignore_errors=True)  # must start empty (prometheus_client)
     prom_dir.mkdir(parents=True)
     os.environ["RECSYS_RUN_DIR"] = str(run_dir)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom_dir)
 
-    source = settings.model_uri or f"registry in {settings.resolved_lake_uri}"
+    source = settings.serving.model_uri or f"registry in {settings.resolved_lake_uri}"
     active = [k for k in keyring.all_keys() if k.active]
     shown = "localhost" if host in {"0.0.0.0", "::"} else host
-    if not settings.auth_enabled:
+    if not settings.serving.auth_enabled:
         log.warning("serve.auth_disabled", hint="RECSYS_AUTH_ENABLED=false: no API keys needed")
     elif not active:
         log.warning(

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recsys_serving.lake import Lake, LocalLake
+from recsys_serving.settings import CollectorSettings, default_of
 
 LANDING_AREA = "landing"
 INTAKE_QUARANTINE_AREA = "quarantine/intake"
@@ -90,8 +91,8 @@ class SegmentWriter:
         lake: Lake,
         area: str,
         writer_id: str | None = None,
-        max_bytes: int = 64 * 1024 * 1024,
-        max_age_seconds: float = 10.0,
+        max_bytes: int = default_of(CollectorSettings, "landing_segment_max_bytes"),
+        max_age_seconds: float = default_of(CollectorSettings, "landing_segment_max_age_seconds"),
     ) -> None:
         self.lake = lake
         self.area = area

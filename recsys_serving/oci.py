@@ -150,13 +150,15 @@ class RegistryAccess:
     @classmethod
     def from_settings(cls, settings: Settings) -> RegistryAccess:
         credentials = None
-        if settings.oci_username or settings.oci_password:
-            if not (settings.oci_username and settings.oci_password):
+        if settings.packaging.oci_username or settings.packaging.oci_password:
+            if not (settings.packaging.oci_username and settings.packaging.oci_password):
                 raise OciAuthError(
                     "RECSYS_OCI_USERNAME and RECSYS_OCI_PASSWORD must be set together"
                 )
-            credentials = OciCredentials(settings.oci_username, settings.oci_password)
-        return cls(insecure=settings.oci_insecure, credentials=credentials)
+            credentials = OciCredentials(
+                settings.packaging.oci_username, settings.packaging.oci_password
+            )
+        return cls(insecure=settings.packaging.oci_insecure, credentials=credentials)
 
 
 @dataclass(frozen=True, slots=True)

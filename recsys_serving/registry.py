@@ -35,7 +35,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -53,6 +53,7 @@ from recsys_serving.model.bundle import (
     to_jsonable,
     verify_bundle,
 )
+from recsys_serving.policies import PromotionRule
 
 log = get_logger(__name__)
 
@@ -778,47 +779,6 @@ def _finite(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value) if math.isfinite(value) else None
-
-
-@dataclass(frozen=True, slots=True)
-class PromotionRule:
-    """Higher is better for every metric. ``min_lift`` and guardrail tolerances are
-    relative: 0.01 = the challenger must be 1% better; 0.05 = a guardrail metric may not
-    fall more than 5% below production."""
-
-    metric: str = "ndcg@10"
-    min_lift: float = 0.01
-    guardrails: dict[str, float] = field(default_factory=dict)
-    # The first-model rule (decide_first_model): a holdout with fewer users cannot keep a
-    # model from serving; ``first_model_z`` is the one-sided confidence of "clearly below".
-    first_model_min_users: int = 30
-    first_model_z: float = 1.645
-    # None: the rule applies to logs without logged impressions only (see
-    # decide_first_model); True / False: always / never.
-    first_model_gate: bool | None = None
-
-    def __post_init__(self) -> None:
-        if not math.isfinite(self.min_lift) or self.min_lift < 0:
-            raise ValueError(f"min_lift must be a finite number >= 0, got {self.min_lift}")
-        for name, tolerance in self.guardrails.items():
-            if not math.isfinite(tolerance) or tolerance < 0:
-                raise ValueError(f"guardrail {name!r}: tolerance must be >= 0, got {tolerance}")
-        if self.first_model_min_users < 1:
-            raise ValueError("first_model_min_users must be at least 1")
-        if not math.isfinite(self.first_model_z) or self.first_model_z < 0:
-            raise ValueError(
-                f"first_model_z must be a finite number >= 0, got {self.first_model_z}"
-            )
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> PromotionRule:
-        return cls(
-            metric=settings.promotion_metric,
-            min_lift=float(settings.promotion_min_lift),
-            guardrails={k: float(v) for k, v in settings.promotion_guardrails.items()},
-            first_model_min_users=int(settings.promotion_first_model_min_users),
-            first_model_gate=settings.promotion_first_model_gate,
-        )
 
 
 @dataclass(frozen=True, slots=True)

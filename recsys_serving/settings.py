@@ -1,23 +1,248 @@
-"""One configuration object for the whole project.
+"""One configuration object for the whole project, nested by concern.
 
 Every process (collector, server, Dagster code location, CLI) reads the same
 ``RECSYS_*`` environment, so the embedded defaults line up without set-up and a
 deployment switches a backend by changing one variable, never code.
+
+``Settings`` holds one group per concern (``settings.lake``, ``.events``,
+``.collector``, ``.stores``, ``.training``, ``.promotion``, ``.serving``,
+``.closed_loop``, ``.packaging``, ``.platform``, ``.alerts``). Each knob is declared
+once, with its default, in the object that uses it: the typed policies
+(:class:`~recsys_serving.training_params.TrainingParams`,
+:class:`~recsys_serving.policies.PromotionRule`, ``DropPolicy``, ``CanaryPolicy``)
+are themselves groups, and the Dagster resources wrap them. The environment names stay
+flat, as users set them: a group's fields are read from ``RECSYS_<prefix><FIELD>``
+(the prefix is the group's :class:`EnvGroup` marker, e.g. ``ctr_`` for the drop test;
+empty for most groups). Keyword arguments take the same flat names
+(``Settings(home=..., seed=7)``) or whole groups; :func:`setting_fields` lists every
+variable for ``recsys config`` and the reference page.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import date
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+from recsys_serving.policies import DOC, CanaryPolicy, DropPolicy, PromotionRule
+from recsys_serving.training_params import TrainingParams
+
+ENV_PREFIX = "RECSYS_"
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="RECSYS_", extra="ignore")
+@dataclass(frozen=True)
+class EnvGroup:
+    """Marks a nested group whose fields are read from ``RECSYS_<prefix><FIELD>``.
+
+    ``overrides`` names one more variable holding a JSON object whose entries replace
+    any field of the group, declared with :func:`~recsys_serving.policies.knob` or not
+    (``RECSYS_TRAIN_PARAMS``); it wins over the group's own variables.
+    """
+
+    prefix: str = ""
+    overrides: str | None = None
+    overrides_doc: str = ""
+
+
+@dataclass(frozen=True)
+class SettingField:
+    """One ``RECSYS_*`` variable: its flat name, where it lives in ``Settings``, its default."""
+
+    name: str  # lower case; the variable without RECSYS_, and the keyword argument
+    path: tuple[str, ...]
+    annotation: Any
+    default: Any
+    description: str
+    overrides: bool = False  # a JSON object merged into the group at ``path``
+
+    @property
+    def env(self) -> str:
+        return f"{ENV_PREFIX}{self.name.upper()}"
+
+    @property
+    def is_complex(self) -> bool:
+        """Lists and objects are JSON in the environment (like pydantic-settings)."""
+        return self.overrides or _is_complex(self.annotation)
+
+    def value(self, settings: Settings) -> Any:
+        obj: Any = settings
+        for part in self.path:
+            obj = getattr(obj, part)
+        if not self.overrides:
+            return obj
+        # The effective overrides: fields that are not settings of their own and differ
+        # from the default (the JSON given may have set some to their default).
+        own = {f.name for f in setting_fields() if f.path[:-1] == self.path}
+        default = type(obj)()
+        return {
+            f.name: getattr(obj, f.name)
+            for f in dataclasses.fields(obj)
+            if f.name not in own and getattr(obj, f.name) != getattr(default, f.name)
+        }
+
+
+def _is_complex(annotation: Any) -> bool:
+    if isinstance(annotation, UnionType) or typing.get_origin(annotation) is typing.Union:
+        return any(_is_complex(arg) for arg in typing.get_args(annotation))
+    origin = typing.get_origin(annotation) or annotation
+    return isinstance(origin, type) and issubclass(origin, list | tuple | dict | set | frozenset)
+
+
+def _group_type(annotation: Any) -> type | None:
+    if isinstance(annotation, type) and (
+        issubclass(annotation, BaseModel) or dataclasses.is_dataclass(annotation)
+    ):
+        return annotation
+    return None
+
+
+def _walk(model: type, prefix: str, path: tuple[str, ...]) -> Iterator[SettingField]:
+    if issubclass(model, BaseModel):
+        for name, info in model.model_fields.items():
+            yield from _field(name, info, prefix, path)
+        return
+    hints = typing.get_type_hints(model)
+    for item in dataclasses.fields(model):
+        if DOC not in item.metadata:
+            continue  # an internal constant of the policy, not a setting
+        default = (
+            item.default_factory()  # type: ignore[misc]
+            if item.default_factory is not dataclasses.MISSING
+            else item.default
+        )
+        yield SettingField(
+            prefix + item.name, (*path, item.name), hints[item.name], default, item.metadata[DOC]
+        )
+
+
+def _field(
+    name: str, info: FieldInfo, prefix: str, path: tuple[str, ...]
+) -> Iterator[SettingField]:
+    group = _group_type(info.annotation)
+    if group is None:
+        yield SettingField(
+            prefix + name,
+            (*path, name),
+            info.annotation,
+            info.get_default(call_default_factory=True),
+            info.description or "",
+        )
+        return
+    marker = next((m for m in info.metadata if isinstance(m, EnvGroup)), EnvGroup())
+    yield from _walk(group, prefix + marker.prefix, (*path, name))
+    if marker.overrides:
+        yield SettingField(
+            marker.overrides, (*path, name), dict[str, Any], {}, marker.overrides_doc, True
+        )
+
+
+@cache
+def setting_fields() -> tuple[SettingField, ...]:
+    """Every ``RECSYS_*`` variable, in declaration order (groups in ``Settings`` order)."""
+    fields = tuple(_walk(Settings, "", ()))
+    names = [f.name for f in fields]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise TypeError(f"two settings read the same variable: {clashes}")
+    return fields
+
+
+@cache
+def _by_name() -> dict[str, SettingField]:
+    return {f.name: f for f in setting_fields()}
+
+
+def default_of(group: type, name: str) -> Any:
+    """The declared default of setting ``name`` of ``group`` (a settings group or a typed
+    policy), for code that needs it without a ``Settings`` (a function's default
+    argument, a fallback): it refers to the one declaration instead of copying it."""
+    if issubclass(group, BaseModel):
+        return group.model_fields[name].get_default(call_default_factory=True)
+    item = next(f for f in dataclasses.fields(group) if f.name == name)
+    if item.default_factory is not dataclasses.MISSING:
+        return item.default_factory()
+    return item.default
+
+
+class FlatEnvSource(PydanticBaseSettingsSource):
+    """Reads every setting from its flat ``RECSYS_<NAME>`` variable.
+
+    pydantic-settings reads a nested model from ``RECSYS_<GROUP>__<FIELD>`` or from
+    one JSON variable; the documented names are flat, so this source returns flat
+    names and ``Settings`` nests them. Names are case-insensitive, lists and objects
+    JSON, like pydantic-settings' own environment source.
+    """
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # values are read per setting in __call__
+
+    def __call__(self) -> dict[str, Any]:
+        prefix = str(self.config.get("env_prefix", "")).lower()
+        environ = {key.lower(): value for key, value in os.environ.items()}
+        values: dict[str, Any] = {}
+        for field in setting_fields():
+            raw = environ.get(prefix + field.name)
+            if raw is None:
+                continue
+            if field.is_complex:
+                try:
+                    values[field.name] = json.loads(raw)
+                except ValueError as exc:
+                    raise SettingsError(f"{field.env} is not valid JSON: {exc}") from exc
+            else:
+                values[field.name] = raw
+        return values
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    """A group as a mutable mapping (shallow: nested groups stay objects until touched)."""
+    if value is None:
+        return {}
+    if isinstance(value, BaseModel):
+        return {name: getattr(value, name) for name in type(value).model_fields}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    return dict(value)
+
+
+def _put(data: dict[str, Any], path: tuple[str, ...], value: Any, merge: bool) -> None:
+    head, *rest = path
+    if not rest and not merge:
+        data[head] = value
+        return
+    group = _as_dict(data.get(head))
+    if rest:
+        _put(group, tuple(rest), value, merge)
+    else:
+        group.update(value)
+    data[head] = group
+
+
+class _Group(BaseModel):
+    """A concern's settings; a misspelt field is an error, not a silent default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class LakeSettings(_Group):
+    """Where embedded state and the lake live."""
 
     home: Path = Field(
         default=Path(".recsys"),
@@ -32,7 +257,15 @@ class Settings(BaseSettings):
     )
     aws_region: str = Field(default="us-east-1", description="Region for S3 and ECR clients.")
 
-    # Event contract and business logic.
+    @field_validator("lake_uri")
+    @classmethod
+    def _strip(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
+
+class EventSettings(_Group):
+    """The event contract, business rules and data-quality checks of the weblogs step."""
+
     catalog_epoch: date = Field(
         default=date(1995, 1, 1),
         description="Events before this date are quarantined; also the first weblogs partition.",
@@ -76,7 +309,10 @@ class Settings(BaseSettings):
         ),
     )
 
-    # Collector.
+
+class CollectorSettings(_Group):
+    """Intake limits of POST /events and the landing segments it writes."""
+
     max_request_bytes: int = Field(
         default=16 * 1024 * 1024, description="Largest POST /events body; larger ones get 413."
     )
@@ -125,7 +361,10 @@ class Settings(BaseSettings):
         description="Recent event_ids the collector remembers to refuse resent batches.",
     )
 
-    # Stores: users and content (MongoDB API), candidate index (embedded or Elasticsearch).
+
+class StoreSettings(_Group):
+    """Users and content (MongoDB API), candidate index (embedded or Elasticsearch)."""
+
     mongo_uri: str | None = Field(
         default=None,
         description="mongodb://... for MongoDB/DocumentDB; unset or mongomock:// = embedded.",
@@ -143,63 +382,10 @@ class Settings(BaseSettings):
     )
     es_api_key: str | None = Field(default=None, description="Elasticsearch API key (secret).")
 
-    # Training.
-    train_window_days: float | None = Field(
-        default=None, description="Days of weblogs to train on (unset = all history)."
-    )
-    holdout_days: float = Field(
-        default=1.0, description="The last days of the window held out for evaluation."
-    )
-    label_days: float = Field(
-        default=1.0, description="Days after the feature cut-off whose actions label ranking rows."
-    )
-    seed: int = Field(
-        default=42,
-        description="Seed of every random step of training (same inputs + seed = same metrics).",
-    )
-    threads: int = Field(default=0, description="Threads for ALS/LightGBM (0 = all cores).")
-    interaction_half_life_days: float | None = Field(
-        default=None,
-        description="Exponential time decay of interaction weights (unset = no decay).",
-    )
-    eval_k: int = Field(default=10, description="K of the offline ranking metrics.")
-    ease_max_items: int = Field(
-        default=20_000,
-        description="Above this many items with interactions the EASE retrieval model "
-        "(dense item x item inverse: n^2 memory, n^3 time) is skipped, logged and noted "
-        "in the model metadata.",
-    )
-    train_params: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Overrides of any TrainingParams field (JSON), e.g. "
-        '{"als_factors": 96, "recent_days": 0.01}; see docs/model.md.',
-    )
 
-    # Model registry (in the lake) and the promotion rule.
-    promotion_metric: str = Field(
-        default="ndcg@10", description="Primary offline metric a challenger must beat."
-    )
-    promotion_min_lift: float = Field(
-        default=0.01, description="Relative lift over production required to promote."
-    )
-    promotion_guardrails: dict[str, float] = Field(
-        default_factory=lambda: {"recall@10": 0.05, "coverage@10": 0.20},
-        description="Metric -> largest relative drop tolerated (JSON in the environment).",
-    )
-    promotion_first_model_gate: bool | None = Field(
-        default=None,
-        description="First-model rule: a model must beat popularity on the holdouts to serve "
-        "its own answers (unset: only for logs without logged impressions, whose offline "
-        "comparison with popularity is not skewed by exposure; docs/model.md).",
-    )
-    promotion_first_model_min_users: int = Field(
-        default=30,
-        ge=1,
-        description="First-model rule: fewest users a holdout needs before its comparison "
-        "with popularity can keep the model from serving (docs/model.md).",
-    )
+class ServingSettings(_Group):
+    """The HTTP API and its workers."""
 
-    # Serving.
     api_keys: dict[str, list[str]] | None = Field(
         default=None,
         description='Keys injected by the deployment: JSON {"<key>": ["recommend", "events"]}.',
@@ -218,13 +404,6 @@ class Settings(BaseSettings):
         description="Answer only once the answer's impressions are fsynced (group commit); "
         "false = answer at once and commit in the background (a crash can lose the last "
         "group, a few milliseconds of impressions).",
-    )
-    candidate_pool: int = Field(
-        default=200, description="Candidates the ranker scores per request."
-    )
-    canary_ramp: list[float] = Field(
-        default_factory=lambda: [0.1, 0.5, 1.0],
-        description="Shares of users a candidate model is phased in to, step by step.",
     )
     model_cache_dir: Path | None = Field(
         default=None, description="Where workers unpack bundles; defaults to <home>/cache/models."
@@ -245,40 +424,18 @@ class Settings(BaseSettings):
         "state); `recsys serve` creates one. Unset = private to the process.",
     )
 
-    # Closed loop: online CTR monitoring, retraining and the canary judge.
-    ctr_bucket_seconds: int = Field(default=60, description="Time bucket of online CTR series.")
-    ctr_recent_minutes: float = Field(default=10.0, description="Window tested for a CTR drop.")
-    ctr_baseline_minutes: float = Field(
-        default=60.0, description="Window before the recent one that sets the baseline CTR."
-    )
-    ctr_min_impressions: int = Field(
-        default=500, description="Impressions each window needs before any verdict."
-    )
-    ctr_alpha: float = Field(default=0.01, description="Significance level of the drop test.")
-    ctr_click_delay_seconds: float = Field(
-        default=60.0,
-        description="Impressions younger than this are not judged yet: their clicks may be late.",
-    )
-    ctr_min_relative_drop: float = Field(
-        default=0.10, description="Smallest relative CTR drop worth a retraining."
-    )
+
+class ClosedLoopSettings(_Group):
+    """Online CTR monitoring, retraining and the canary judge."""
+
+    drop: Annotated[DropPolicy, EnvGroup("ctr_")] = Field(default_factory=DropPolicy)
+    canary: Annotated[CanaryPolicy, EnvGroup("canary_")] = Field(default_factory=CanaryPolicy)
     retrain_cooldown_minutes: float = Field(
         default=60.0, description="After a triggered retraining, no new trigger for this long."
     )
     retrain_data_wait_minutes: float = Field(
         default=5.0,
         description="After a drop, wait this long at most for weblogs covering it to be processed.",
-    )
-    canary_min_impressions: int = Field(
-        default=1000, description="Impressions per arm before the canary judge decides."
-    )
-    canary_alpha: float = Field(default=0.05, description="Significance level of the canary test.")
-    canary_margin: float = Field(
-        default=0.05,
-        description="Relative CTR shortfall a candidate may have and still count as not worse.",
-    )
-    canary_max_minutes: float = Field(
-        default=60.0, description="A canary without a verdict after this long is rolled back."
     )
     nightly_retrain_enabled: bool = Field(
         default=True, description="Retrain on a schedule even without a CTR drop."
@@ -297,7 +454,10 @@ class Settings(BaseSettings):
         description="The server's /metrics URL, scraped for service health (unset: skipped).",
     )
 
-    # Packaging: the promoted model as an OCI artifact.
+
+class PackagingSettings(_Group):
+    """The promoted model as an OCI artifact."""
+
     oci_repository: str | None = Field(
         default=None,
         description="host[:port]/repo the promoted model is pushed to (ECR or any registry).",
@@ -318,7 +478,13 @@ class Settings(BaseSettings):
         default=None, description="OCI registry password or token (secret)."
     )
 
-    # Experiment tracking: training runs and the registry mirrored into MLflow.
+
+class PlatformSettings(_Group):
+    """The services that keep the pipeline's records: Dagster storage and MLflow."""
+
+    dagster_pg_url: str | None = Field(
+        default=None, description="postgresql://... switches Dagster storage to PostgreSQL."
+    )
     mlflow_tracking_uri: str | None = Field(
         default=None,
         description=(
@@ -328,12 +494,10 @@ class Settings(BaseSettings):
         ),
     )
 
-    # Production Dagster instance.
-    dagster_pg_url: str | None = Field(
-        default=None, description="postgresql://... switches Dagster storage to PostgreSQL."
-    )
 
-    # Freshness alarm and notifier channels (the log channel is always on).
+class AlertSettings(_Group):
+    """The freshness alarm and the notifier channels (the log channel is always on)."""
+
     freshness_minutes: float = Field(
         default=15.0, description="Alert when no weblogs have landed for this long."
     )
@@ -354,19 +518,91 @@ class Settings(BaseSettings):
         default=None, description="JSON webhook (Slack-compatible) for alerts."
     )
 
-    @field_validator("lake_uri")
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    lake: LakeSettings = Field(default_factory=LakeSettings)
+    events: EventSettings = Field(default_factory=EventSettings)
+    collector: CollectorSettings = Field(default_factory=CollectorSettings)
+    stores: StoreSettings = Field(default_factory=StoreSettings)
+    training: Annotated[
+        TrainingParams,
+        EnvGroup(
+            overrides="train_params",
+            overrides_doc="Overrides of any TrainingParams field (JSON), e.g. "
+            '{"als_factors": 96, "recent_days": 0.01}; see docs/model.md.',
+        ),
+    ] = Field(default_factory=TrainingParams)
+    promotion: Annotated[PromotionRule, EnvGroup("promotion_")] = Field(
+        default_factory=PromotionRule
+    )
+    serving: ServingSettings = Field(default_factory=ServingSettings)
+    closed_loop: ClosedLoopSettings = Field(default_factory=ClosedLoopSettings)
+    packaging: PackagingSettings = Field(default_factory=PackagingSettings)
+    platform: PlatformSettings = Field(default_factory=PlatformSettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
+
     @classmethod
-    def _strip(cls, value: str | None) -> str | None:
-        return value.strip() or None if value is not None else None
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, FlatEnvSource(settings_cls)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest(cls, data: Any) -> Any:
+        """Flat names (keywords, environment) go to their group; JSON overrides go last."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        fields = _by_name()
+        overrides = []
+        for name in [n for n in data if n in fields]:
+            field, value = fields[name], data.pop(name)
+            if field.overrides:
+                overrides.append((field, value))
+            else:
+                _put(data, field.path, value, merge=False)
+        for field, value in overrides:
+            if not isinstance(value, dict):
+                raise ValueError(f"{field.env} must be a JSON object, got {value!r}")
+            _put(data, field.path, value, merge=True)
+        return data
+
+    @field_validator("training")
+    @classmethod
+    def _check_training(cls, value: TrainingParams) -> TrainingParams:
+        value.check()
+        return value
+
+    def replace(self, **values: Any) -> Settings:
+        """A validated copy with some settings changed, by flat name (``seed=7``) or
+        group; the environment is not read again."""
+        # Not model_validate: BaseSettings validates through __init__, which reads the
+        # environment again and would undo changes made since.
+        fields = type(self).model_fields
+        data = self._nest({name: getattr(self, name) for name in fields} | values)
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown setting(s): {', '.join(unknown)}")
+        update = {name: _adapter(name).validate_python(data[name]) for name in fields}
+        self._check_training(update["training"])
+        return self.model_copy(update=update)
 
     @property
     def resolved_home(self) -> Path:
-        return self.home.expanduser().resolve()
+        return self.lake.home.expanduser().resolve()
 
     @property
     def resolved_lake_uri(self) -> str:
-        if self.lake_uri:
-            return self.lake_uri
+        if self.lake.lake_uri:
+            return self.lake.lake_uri
         return str(self.resolved_home / "lake")
 
     @property
@@ -375,21 +611,29 @@ class Settings(BaseSettings):
 
     @property
     def resolved_model_cache_dir(self) -> Path:
-        return (self.model_cache_dir or self.resolved_home / "cache" / "models").expanduser()
+        return (
+            self.serving.model_cache_dir or self.resolved_home / "cache" / "models"
+        ).expanduser()
 
     @property
     def embedded_mongo(self) -> bool:
-        return not self.mongo_uri or self.mongo_uri.startswith("mongomock://")
+        uri = self.stores.mongo_uri
+        return not uri or uri.startswith("mongomock://")
 
     @property
     def docstore_path(self) -> Path:
-        return self.resolved_home / "docstore" / f"{self.mongo_db}.sqlite"
+        return self.resolved_home / "docstore" / f"{self.stores.mongo_db}.sqlite"
 
     @property
     def alert_recipients(self) -> list[str]:
-        if not self.alert_email_to:
+        if not self.alerts.alert_email_to:
             return []
-        return [a.strip() for a in self.alert_email_to.split(",") if a.strip()]
+        return [a.strip() for a in self.alerts.alert_email_to.split(",") if a.strip()]
+
+
+@cache
+def _adapter(name: str) -> TypeAdapter[Any]:
+    return TypeAdapter(Settings.model_fields[name].annotation)
 
 
 @lru_cache(maxsize=1)

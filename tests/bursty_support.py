@@ -96,7 +96,7 @@ def bursty_params(settings: Settings, seed: int = 0, **overrides: Any) -> Traini
         "seed": seed,
         "threads": 1,
     }
-    return TrainingParams.from_settings(settings, **{**small, **overrides})
+    return TrainingParams.create(**{**settings.training.as_dict(), **small, **overrides})
 
 
 def _write_catalog(lake: LocalLake, items: pl.DataFrame, users: pl.DataFrame) -> None:

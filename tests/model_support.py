@@ -94,7 +94,7 @@ def tiny_params(
         # decides on a tiny world; the gate has its own tests (test_model_ease_gate.py).
         "ranker_gate": False,
     }
-    return TrainingParams.from_settings(base, **{**small, **overrides})
+    return TrainingParams.create(**{**base.training.as_dict(), **small, **overrides})
 
 
 def land_and_process(lake: LocalLake, settings: Settings, paths: list[Path]) -> list[str]:

@@ -19,6 +19,7 @@ from recsys_assets.weblogs.processing import partition_key
 from recsys_serving.lake import Lake, LocalLake, read_parquet, write_parquet
 from recsys_serving.model.bundle import BundleWriter
 from recsys_serving.registry import ModelRegistry
+from recsys_serving.settings import Settings
 
 SCHEMA = {
     "event_id": pl.String,
@@ -100,7 +101,7 @@ def closed_loop_config(**overrides: Any) -> ClosedLoopConfig:
         "canary_margin": 0.05,
         "canary_max_minutes": 60,
     }
-    return ClosedLoopConfig(**(values | overrides))
+    return ClosedLoopConfig.from_settings(Settings(home="/nonexistent", **(values | overrides)))
 
 
 def resources(lake: LocalLake, webhook_url: str | None = None, **overrides: Any) -> dict[str, Any]:

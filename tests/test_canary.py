@@ -85,7 +85,7 @@ def test_false_rollback_rate_for_an_equal_candidate_is_near_alpha() -> None:
 
 
 def test_policy_from_settings_and_validation() -> None:
-    policy = CanaryPolicy.from_settings(Settings(home="/nonexistent"))
+    policy = Settings(home="/nonexistent").closed_loop.canary
     assert policy.first_share == 0.1 and list(ramp_shares(policy)) == [0.1, 0.5, 1.0]
     assert policy.next_share(0.1) == 0.5 and policy.next_share(0.5) == 1.0
     assert CanaryPolicy((0.25,), 10, 0.05, 0.0, 5).next_share(0.25) == 1.0

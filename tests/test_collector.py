@@ -138,7 +138,7 @@ def test_all_invalid_batch_is_422_with_reasons(client: TestClient) -> None:
 
 def test_oversized_body_is_413(client: TestClient, settings: Settings) -> None:
     big = orjson.dumps([ev(i, context={"pad": "x" * 1000}) for i in range(300)])
-    assert len(big) > settings.max_request_bytes
+    assert len(big) > settings.collector.max_request_bytes
     r = client.post("/events", content=big, headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and r.json()["error"] == "payload_too_large"
 

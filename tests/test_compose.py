@@ -13,7 +13,7 @@ import pytest
 import yaml
 from test_docker_files import INSTANCE_WRAPPER, assert_real_command, exec_form
 
-from recsys_serving.settings import Settings
+from recsys_serving.settings import setting_fields
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker" / "compose.yaml"
@@ -132,7 +132,7 @@ def test_depends_on_and_volumes_are_defined(compose: dict[str, Any]) -> None:
 
 
 def test_environment_points_at_defined_services(services: dict[str, dict[str, Any]]) -> None:
-    fields = {f"RECSYS_{name.upper()}" for name in Settings.model_fields}
+    fields = {field.env for field in setting_fields()}
     for name in ("recsys-serving", *DAGSTER_SERVICES):
         variables = env(services[name])
         unknown = {k for k in variables if k.startswith("RECSYS_")} - fields - NON_SETTINGS_VARS

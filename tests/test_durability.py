@@ -153,7 +153,7 @@ def test_service_fsyncs_events_and_impressions_before_answering(
     tiny_bundle: Path,
 ) -> None:
     settings = service_settings(tmp_path / "home")
-    assert settings.impression_sync  # the default the README describes
+    assert settings.serving.impression_sync  # the default the README describes
     lake_root = Path(settings.resolved_lake_uri)
     registry = ModelRegistry(LocalLake(lake_root))
     registry.promote(registry.register(tiny_bundle).version, reason="test")

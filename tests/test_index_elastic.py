@@ -512,7 +512,7 @@ def test_factories_build_the_elasticsearch_backend_from_settings(
         store_timeout_ms=80,
     )
     artifact = make_artifact()
-    publisher = open_publisher(settings)
+    publisher = open_publisher(settings.stores)
     assert isinstance(publisher, ElasticPublisher)
     name = publisher.publish(artifact)
     assert name == f"shop-items-{V1}"

@@ -31,7 +31,7 @@ pytestmark = [
 
 @pytest.fixture
 def live_client() -> Iterator[Elasticsearch]:
-    client = connect(Settings(), request_timeout=30.0, max_retries=2)
+    client = connect(Settings().stores, request_timeout=30.0, max_retries=2)
     try:
         yield client
     finally:

@@ -260,7 +260,7 @@ def test_factories_default_to_the_embedded_index(tmp_path, artifact: IndexArtifa
     index = open_index(settings_, artifact)
     assert isinstance(index, EmbeddedIndex)
     assert index.version == artifact.version
-    assert open_publisher(settings_) is None
+    assert open_publisher(settings_.stores) is None
 
 
 # --- property: agrees with the brute-force reference for any query ---------------------

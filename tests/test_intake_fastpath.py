@@ -40,7 +40,7 @@ from recsys_serving.settings import Settings
 NOW = 1_796_000_000.0  # the pinned clock of every comparison (2026-11-30)
 LIMITS = Limits(now=NOW)
 SETTINGS = Settings()
-MAX_EVENT = SETTINGS.max_event_bytes
+MAX_EVENT = SETTINGS.collector.max_event_bytes
 # Many small lakes: in memory where the machine has a tmpfs (removing them from a
 # busy disk costs more than the comparisons).
 SCRATCH = "/dev/shm" if Path("/dev/shm").is_dir() else None

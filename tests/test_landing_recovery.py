@@ -29,7 +29,9 @@ from recsys_serving.lake import open_lake
 from recsys_serving.settings import Settings
 
 settings = Settings()
-lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
+lake = open_lake(
+    settings.resolved_lake_uri, settings.lake.s3_endpoint_url, settings.lake.aws_region
+)
 intake = EventIntake(lake, settings, writer_id=sys.argv[1])
 events = [
     RawEvent(f"{sys.argv[1]}:{i}", orjson.dumps({

@@ -8,7 +8,7 @@ import pytest
 from recsys_assets.definitions import make_definitions
 from recsys_assets.resources import LakeResource
 from recsys_assets.runs import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
-from recsys_assets.weblogs.sensors import GRACE_SECONDS, LandingCursor, landing_files_sensor
+from recsys_assets.weblogs.sensors import GRACE_SECONDS, LandingCursor
 from recsys_serving.lake import LocalLake
 from recsys_serving.landing import SegmentWriter, list_sealed
 from recsys_serving.settings import Settings
@@ -31,13 +31,14 @@ def seal(lake: LocalLake, day: str, name: str | None = None, seal_ns: int | None
 def tick(
     instance: dg.DagsterInstance, lake: LocalLake, cursor: str | None
 ) -> tuple[list[dg.RunRequest], str | None]:
+    defs = make_definitions(Settings(lake_uri=lake.uri))
     ctx = dg.build_sensor_context(
         instance=instance,
         cursor=cursor,
         resources={"lake": LakeResource(uri=lake.uri)},
-        definitions=make_definitions(Settings(lake_uri=lake.uri)),
+        definitions=defs,
     )
-    result = landing_files_sensor.evaluate_tick(ctx)
+    result = defs.resolve_sensor_def("landing_files_sensor").evaluate_tick(ctx)
     return list(result.run_requests or []), result.cursor
 
 

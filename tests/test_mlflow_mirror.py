@@ -143,7 +143,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
 
 def _settings(world: TinyWorld, tracking_uri: str) -> Settings:
     return Settings(
-        home=world.settings.home,
+        home=world.settings.lake.home,
         holdout_days=0.5,
         label_days=0.75,
         seed=0,
@@ -243,7 +243,7 @@ def test_an_unreachable_mlflow_does_not_fail_a_retraining_and_sync_catches_up(
     status = LocalLake(world.settings.resolved_lake_uri).get_bytes(STATUS_KEY)
     assert b"Connection" in status or b"connect" in status
     env = {
-        "RECSYS_HOME": str(world.settings.home),
+        "RECSYS_HOME": str(world.settings.lake.home),
         "RECSYS_MLFLOW_TRACKING_URI": mlflow_server.url,
     }
     result = CliRunner().invoke(app, ["models", "sync-mlflow"], env=env)

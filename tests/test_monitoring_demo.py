@@ -19,13 +19,13 @@ from typer.testing import CliRunner
 import recsys_assets.cli.demo as demo_module
 from recsys_assets.cli import app
 from recsys_assets.cli.demo import Background, loop_environment, stop_previous
-from recsys_serving.settings import Settings
+from recsys_serving.settings import Settings, setting_fields
 from support import free_port
 
 
 def test_loop_environment_names_real_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     env = loop_environment(18000)
-    fields = set(Settings.model_fields)
+    fields = {field.name for field in setting_fields()}
     # RECSYS_LOG_LEVEL is read by the logging setup, not by Settings.
     unknown = [
         k for k in env if k != "RECSYS_LOG_LEVEL" if k.removeprefix("RECSYS_").lower() not in fields
@@ -34,11 +34,14 @@ def test_loop_environment_names_real_settings(monkeypatch: pytest.MonkeyPatch) -
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     settings = Settings()
-    assert settings.canary_ramp == [0.25, 0.5, 1.0]
-    assert settings.ctr_bucket_seconds == 10 and settings.closed_loop_tick_seconds == 10
-    assert settings.service_metrics_url == "http://127.0.0.1:18000/metrics"
-    assert settings.nightly_retrain_enabled is False
-    assert settings.train_window_days == pytest.approx(0.01)
+    assert list(settings.closed_loop.canary.ramp) == [0.25, 0.5, 1.0]
+    assert (
+        settings.closed_loop.drop.bucket_seconds == 10
+        and settings.closed_loop.closed_loop_tick_seconds == 10
+    )
+    assert settings.closed_loop.service_metrics_url == "http://127.0.0.1:18000/metrics"
+    assert settings.closed_loop.nightly_retrain_enabled is False
+    assert settings.training.train_window_days == pytest.approx(0.01)
 
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)", "recsys-demo-test"]

@@ -433,7 +433,7 @@ def test_promotion_rule_from_settings_and_validation() -> None:
     settings = Settings(
         promotion_metric="map@10", promotion_min_lift=0.03, promotion_guardrails={"hit@10": 0.1}
     )
-    rule = PromotionRule.from_settings(settings)
+    rule = settings.promotion
     assert rule == PromotionRule("map@10", 0.03, {"hit@10": 0.1})
     with pytest.raises(ValueError, match="min_lift"):
         PromotionRule(min_lift=-0.1)

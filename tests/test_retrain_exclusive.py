@@ -222,7 +222,7 @@ def test_two_retrains_started_at_the_same_instant(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     world = build_tiny_world(tmp_path / "world")
-    home = world.settings.home
+    home = world.settings.lake.home
     env = {
         "RECSYS_HOME": str(home),
         "DAGSTER_HOME": str(home / "dagster"),

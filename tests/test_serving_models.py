@@ -432,7 +432,7 @@ def test_admin_routes_move_aliases_and_reload(
 ) -> None:
     v1 = registry.register(tiny_bundle).version
     v2 = registry.register(second_bundle).version
-    slow = settings.model_copy(update={"model_poll_seconds": 3600.0})
+    slow = settings.replace(model_poll_seconds=3600.0)
     with serving_client(slow) as client:
         wait_for(lambda: client.app.state.manager.polls >= 1, 10, "first poll")
         registry.promote(v1, reason="test")

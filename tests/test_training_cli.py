@@ -42,7 +42,7 @@ def test_retrain_processes_landed_logs_then_trains_and_registers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     world = build_tiny_world(tmp_path / "world")
-    home = world.settings.home
+    home = world.settings.lake.home
     _env(monkeypatch, home)
     sim = world.summary
     loaded = runner.invoke(

@@ -64,7 +64,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
 
 @pytest.mark.slow
 def test_retrain_graph_registers_a_first_then_a_second_model(world: TinyWorld) -> None:
-    settings = graph_settings(world.settings.home)
+    settings = graph_settings(world.settings.lake.home)
     registry = ModelRegistry(world.lake)
     with dg.instance_for_test() as instance:
         first = materialize(settings, instance)
@@ -131,7 +131,7 @@ def test_retrain_graph_registers_a_first_then_a_second_model(world: TinyWorld) -
 def test_nan_in_ranking_features_blocks_training(
     world: TinyWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = graph_settings(world.settings.home)
+    settings = graph_settings(world.settings.lake.home)
     real = steps.build_ranking_dataset
 
     def poisoned(*args: Any, **kwargs: Any) -> Any:

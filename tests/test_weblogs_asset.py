@@ -10,7 +10,8 @@ import pytest
 
 from recsys_assets.definitions import build_resources
 from recsys_assets.runs import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
-from recsys_assets.weblogs.assets import WEBLOG_PARTITIONS, landing_weblogs, weblogs
+from recsys_assets.weblogs.assets import landing_weblogs, weblog_partitions
+from recsys_assets.weblogs.defs import weblogs_defs
 from recsys_assets.weblogs.processing import EventIdCounts, Rules, process_partitions
 from recsys_assets.weblogs.quality import WeblogValidator
 from recsys_serving.lake import LocalLake, read_parquet
@@ -18,6 +19,8 @@ from recsys_serving.settings import Settings
 from support import land
 
 DAYS = ["2026-11-18", "2026-11-19", "2026-11-20"]
+ACQUISITION = weblogs_defs(Settings(home="/nonexistent", catalog_epoch="2020-01-01"))
+WEBLOG_PARTITIONS, weblogs = ACQUISITION.partitions, ACQUISITION.weblogs
 
 
 @dg.asset(
@@ -130,7 +133,7 @@ def test_a_file_ingested_twice_is_deduplicated_counted_and_passes(settings: Sett
 def test_conflicting_event_ids_warn_with_count_examples_and_remedy(settings: Settings) -> None:
     """One event_id for different events (ids reused): real events lost, told with count,
     examples and remedy; a client's fault, so it warns and never halts the partition."""
-    settings = settings.model_copy(update={"min_rows_for_rate_checks": 20})
+    settings = settings.replace(min_rows_for_rate_checks=20)
     lake = LocalLake(settings.resolved_lake_uri)
     day = DAYS[0]
     events = events_for(day, 40)
@@ -172,7 +175,7 @@ def clicks_with_lost_impressions(day: str, requests: int, lost_every: int) -> li
 
 def test_clicks_above_logged_impressions_are_kept_and_counted(settings: Settings) -> None:
     """Clients lose impressions: clicks without one are kept unattributed, not blocking."""
-    settings = settings.model_copy(update={"min_rows_for_rate_checks": 10})
+    settings = settings.replace(min_rows_for_rate_checks=10)
     lake = LocalLake(settings.resolved_lake_uri)
     day = DAYS[1]
     # 20 slates, one click on each slate's 4th item; every 8th impression is lost, so the
@@ -212,7 +215,7 @@ def test_a_few_clicks_without_impressions_never_halt_a_partition(settings: Setti
 def test_most_clicks_unattributed_warns(settings: Settings) -> None:
     """Impression logging broken (every clicked impression missing): told loudly, but the
     clicks are kept and the partition goes on."""
-    settings = settings.model_copy(update={"min_rows_for_rate_checks": 10})
+    settings = settings.replace(min_rows_for_rate_checks=10)
     lake = LocalLake(settings.resolved_lake_uri)
     day = DAYS[1]
     land(lake, clicks_with_lost_impressions(day, requests=20, lost_every=2))
@@ -232,8 +235,8 @@ def test_most_clicks_unattributed_warns(settings: Settings) -> None:
 
 
 def test_partitions_cover_the_catalog_epoch_to_tomorrow() -> None:
-    keys = WEBLOG_PARTITIONS.get_partition_keys()
-    assert keys[0] == Settings().catalog_epoch.isoformat()
+    keys = weblog_partitions(Settings()).get_partition_keys()
+    assert keys[0] == Settings().events.catalog_epoch.isoformat()
     tomorrow = time.strftime("%Y-%m-%d", time.gmtime(time.time() + 86_400))
     assert keys[-1] in {time.strftime("%Y-%m-%d", time.gmtime()), tomorrow}
 
@@ -248,7 +251,7 @@ def test_validator_works_in_bounded_batches_and_names_failing_partitions(
     land(lake, [{**e, "user_id": "someone else"} for e in events_for(DAYS[1], 30)[:12]])
     land(lake, events_for(DAYS[1], 30)[20:23])
     validator = WeblogValidator(max_duplicate_rate=0.2, batch_rows=40, min_rows=10)
-    rules = Rules(catalog_epoch=settings.catalog_epoch, now=datetime.now(UTC))
+    rules = Rules(catalog_epoch=settings.events.catalog_epoch, now=datetime.now(UTC))
     run = process_partitions(lake, DAYS, rules, on_frames=validator.add_partition)
     outcomes = validator.finish()
     assert validator.worker == "process"  # a full batch: GX runs beside the pipeline

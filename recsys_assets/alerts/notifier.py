@@ -27,7 +27,8 @@ import dagster as dg
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from recsys_serving.settings import Settings
+from recsys_assets.resources import declared
+from recsys_serving.settings import AlertSettings, Settings
 
 AlertStatus = Literal["firing", "resolved"]
 Severity = Literal["info", "warning", "critical"]
@@ -258,14 +259,14 @@ class Notifier:
     @classmethod
     def from_settings(cls, settings: Settings, timeout: float = 10.0) -> Notifier:
         return build_notifier(
-            smtp_host=settings.smtp_host,
-            smtp_port=settings.smtp_port,
-            smtp_user=settings.smtp_user,
-            smtp_password=settings.smtp_password,
-            smtp_starttls=settings.smtp_starttls,
-            email_from=settings.alert_email_from,
+            smtp_host=settings.alerts.smtp_host,
+            smtp_port=settings.alerts.smtp_port,
+            smtp_user=settings.alerts.smtp_user,
+            smtp_password=settings.alerts.smtp_password,
+            smtp_starttls=settings.alerts.smtp_starttls,
+            email_from=settings.alerts.alert_email_from,
             recipients=settings.alert_recipients,
-            webhook_url=settings.alert_webhook_url,
+            webhook_url=settings.alerts.alert_webhook_url,
             timeout=timeout,
         )
 
@@ -337,30 +338,30 @@ class NotifierResource(dg.ConfigurableResource):
     """Alert channels for sensors and assets, configured like the rest of ``RECSYS_*``."""
 
     smtp_host: str | None = None
-    smtp_port: int = 25
+    smtp_port: int = declared(AlertSettings, "smtp_port")
     smtp_user: str | None = None
     smtp_password: str | None = None
-    smtp_starttls: bool = False
-    email_from: str = "recsys@localhost"
+    smtp_starttls: bool = declared(AlertSettings, "smtp_starttls")
+    email_from: str = declared(AlertSettings, "alert_email_from")
     email_to: str | None = Field(default=None, description="Comma-separated recipients.")
     webhook_url: str | None = None
     timeout_seconds: float = 10.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> NotifierResource:
-        password: Any = settings.smtp_password
+        password: Any = settings.alerts.smtp_password
         if password and os.environ.get("RECSYS_SMTP_PASSWORD") == password:
             # Resource config is shown in the Dagster UI; an EnvVar shows only its name.
             password = dg.EnvVar("RECSYS_SMTP_PASSWORD")
         return cls(
-            smtp_host=settings.smtp_host,
-            smtp_port=settings.smtp_port,
-            smtp_user=settings.smtp_user,
+            smtp_host=settings.alerts.smtp_host,
+            smtp_port=settings.alerts.smtp_port,
+            smtp_user=settings.alerts.smtp_user,
             smtp_password=password,
-            smtp_starttls=settings.smtp_starttls,
-            email_from=settings.alert_email_from,
-            email_to=settings.alert_email_to,
-            webhook_url=settings.alert_webhook_url,
+            smtp_starttls=settings.alerts.smtp_starttls,
+            email_from=settings.alerts.alert_email_from,
+            email_to=settings.alerts.alert_email_to,
+            webhook_url=settings.alerts.alert_webhook_url,
         )
 
     def get(self) -> Notifier:

@@ -7,7 +7,8 @@ from typing import Any
 
 import dagster as dg
 
-from recsys_serving.settings import Settings
+from recsys_assets.resources import declared
+from recsys_serving.settings import ServingSettings, Settings, StoreSettings
 from recsys_serving.stores.docstore import DocStore, connect_docstore
 
 
@@ -15,22 +16,22 @@ class DocStoreResource(dg.ConfigurableResource):
     """Users and items: embedded file store by default, MongoDB/DocumentDB by URI."""
 
     mongo_uri: str | None = None
-    mongo_db: str = "recsys"
+    mongo_db: str = declared(StoreSettings, "mongo_db")
     docstore_path: str
-    store_timeout_ms: float = 50.0
+    store_timeout_ms: float = declared(ServingSettings, "store_timeout_ms")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DocStoreResource:
-        uri: Any = settings.mongo_uri
+        uri: Any = settings.stores.mongo_uri
         if uri and os.environ.get("RECSYS_MONGO_URI") == uri:
             # Resource config is shown in the Dagster UI; an EnvVar shows only its name,
             # and a MongoDB URI usually carries a password.
             uri = dg.EnvVar("RECSYS_MONGO_URI")
         return cls(
             mongo_uri=uri,
-            mongo_db=settings.mongo_db,
+            mongo_db=settings.stores.mongo_db,
             docstore_path=str(settings.docstore_path),
-            store_timeout_ms=settings.store_timeout_ms,
+            store_timeout_ms=settings.serving.store_timeout_ms,
         )
 
     def open(self) -> DocStore:

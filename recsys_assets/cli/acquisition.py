@@ -34,7 +34,7 @@ def seal_orphans(lake, settings) -> list[str]:
         recover_orphans,
     )
 
-    age = settings.landing_segment_max_age_seconds
+    age = settings.collector.landing_segment_max_age_seconds
     landed = recover_orphans(lake, LANDING_AREA, older_than_seconds=age)
     rejected = recover_orphans(lake, INTAKE_QUARANTINE_AREA, older_than_seconds=age)
     days = sorted({f.date for k in landed if (f := parse_sealed_key(k)) is not None})
@@ -60,7 +60,9 @@ def ingest(
     from recsys_serving.lake import open_lake
 
     settings = _settings()
-    lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
+    lake = open_lake(
+        settings.resolved_lake_uri, settings.lake.s3_endpoint_url, settings.lake.aws_region
+    )
     recovered = seal_orphans(lake, settings)
     intake = EventIntake(lake, settings)
     started = time.perf_counter()
@@ -140,7 +142,9 @@ def process_cmd(
     from recsys_serving.landing import list_sealed
 
     settings = _settings()
-    lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
+    lake = open_lake(
+        settings.resolved_lake_uri, settings.lake.s3_endpoint_url, settings.lake.aws_region
+    )
     seal_orphans(lake, settings)
     days = sorted({f.date for f in list_sealed(lake)})
     days = [d for d in days if (start is None or d >= start) and (end is None or d <= end)]
@@ -204,7 +208,9 @@ def status() -> None:
     settings = _settings()
     if _missing_local_lake(settings):
         return
-    lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
+    lake = open_lake(
+        settings.resolved_lake_uri, settings.lake.s3_endpoint_url, settings.lake.aws_region
+    )
     seal_orphans(lake, settings)
     still_open = list_open(lake, LANDING_AREA) + list_open(lake, INTAKE_QUARANTINE_AREA)
     landing = list_sealed(lake)
@@ -221,7 +227,7 @@ def status() -> None:
     out.print(
         f"open segments: {len(still_open):,} ({sum(seg.size for seg in still_open):,} bytes): "
         f"{live:,} held by a live writer, {len(still_open) - live:,} orphaned (sealed once "
-        f"idle for {settings.landing_segment_max_age_seconds:g}s)"
+        f"idle for {settings.collector.landing_segment_max_age_seconds:g}s)"
     )
     out.print(f"intake quarantine: {intake_rows:,} events in {len(intake_q):,} files")
     span = f" ({dates[0]}..{dates[-1]})" if dates else ""

@@ -44,7 +44,9 @@ def load(
         if not path.is_file():
             fail(f"{path}: no such file")
     settings = Settings()
-    lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
+    lake = open_lake(
+        settings.resolved_lake_uri, settings.lake.s3_endpoint_url, settings.lake.aws_region
+    )
     started = time.perf_counter()
     shown = 0
     reports = []
@@ -99,7 +101,9 @@ def status() -> None:
     from recsys_serving.stores.docstore import DocStoreError, open_docstore
 
     settings = Settings()
-    lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
+    lake = open_lake(
+        settings.resolved_lake_uri, settings.lake.s3_endpoint_url, settings.lake.aws_region
+    )
     try:
         with open_docstore(settings) as store:
             counts = store.counts()

@@ -3,7 +3,8 @@
 Every process reads the same ``RECSYS_*`` environment, so "what is this process
 configured with?" is the first question when something behaves unexpectedly; the
 answer must never print a secret. The reference page (``docs/configuration.md``) is
-generated from the ``Settings`` fields, so it cannot drift from the code.
+generated from the settings' declarations (``setting_fields``: the ``Settings`` groups
+and the typed policies they nest), so it cannot drift from the code.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ Generated from `recsys_serving/settings.py` by `recsys config reference`; do not
 hand (a test keeps it in sync). Every process (collector, server, Dagster code location,
 CLI) reads the same environment: each setting is the variable `RECSYS_<NAME>`. Values that
 are lists or objects are JSON (`RECSYS_CANARY_RAMP='[0.1, 0.5, 1.0]'`). `recsys config
-show` prints the values a process would use, with secrets hidden.
+show` prints the values a process would use, with secrets hidden. The meaning ends with
+where the value lives in code (`settings.<path>`); each default is declared once, there.
 
 | variable | default | meaning |
 | --- | --- | --- |
@@ -75,23 +77,23 @@ def _without_credentials(value: Any) -> Any:
     return value
 
 
-def _default(field: Any) -> str:
-    value = field.default_factory() if field.default_factory is not None else field.default
+def _default(value: Any) -> str:
     if value is None:
         return "unset"
-    if isinstance(value, dict | list):
+    if isinstance(value, dict | list | tuple):
         return f"`{json.dumps(value)}`"
     return f"`{value}`"
 
 
 def reference_markdown() -> str:
-    """The configuration reference page, one row per ``Settings`` field."""
-    from recsys_serving.settings import Settings
+    """The configuration reference page, one row per ``RECSYS_*`` variable."""
+    from recsys_serving.settings import setting_fields
 
     rows = []
-    for name, field in Settings.model_fields.items():
-        meaning = (field.description or "").replace("|", "\\|")
-        rows.append(f"| `RECSYS_{name.upper()}` | {_default(field)} | {meaning} |")
+    for field in setting_fields():
+        meaning = field.description.replace("|", "\\|")
+        where = ".".join(field.path)
+        rows.append(f"| `{field.env}` | {_default(field.default)} | {meaning} (`{where}`) |")
     return REFERENCE_HEADER + "\n".join(rows) + "\n"
 
 
@@ -101,12 +103,11 @@ def show(
 ) -> None:
     """Print every setting as this process resolves it (secrets hidden)."""
     from recsys_assets.cli.common import out
-    from recsys_serving.settings import Settings
+    from recsys_serving.settings import Settings, setting_fields
 
     settings = Settings()
     values = {
-        f"RECSYS_{name.upper()}": shown_value(name, getattr(settings, name))
-        for name in Settings.model_fields
+        field.env: shown_value(field.name, field.value(settings)) for field in setting_fields()
     }
     if as_json:
         out.print_json(json.dumps(values, default=str))

@@ -502,7 +502,9 @@ def _build(
     catalog_load(items=sim.items_path, users=sim.users_path, batch_size=1000, show_errors=5)
 
     console.rule("3/7  ingest the history (`recsys ingest`): quarantine and quality checks")
-    lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
+    lake = open_lake(
+        settings.resolved_lake_uri, settings.lake.s3_endpoint_url, settings.lake.aws_region
+    )
     with progress() as bar:
         task = bar.add_task("ingesting", total=sim.n_events)
         report = ingest_files(

@@ -59,7 +59,9 @@ def _registry(settings: Settings) -> ModelRegistry:
     from recsys_serving.registry import ModelRegistry
 
     try:
-        lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
+        lake = open_lake(
+            settings.resolved_lake_uri, settings.lake.s3_endpoint_url, settings.lake.aws_region
+        )
     except ValueError as exc:
         fail(f"RECSYS_LAKE_URI: {exc}")
     return ModelRegistry(lake)
@@ -179,7 +181,7 @@ def list_models(
     """Registered versions, oldest first, with the primary metric and their aliases."""
     settings = _settings()
     reg = _registry(settings)
-    metric = settings.promotion_metric
+    metric = settings.promotion.metric
     try:
         versions = reg.versions()
         aliases = _aliases_by_version(reg)
@@ -372,7 +374,7 @@ def promote(
     settings = _settings()
     reg = _registry(settings)
     if candidate:
-        share = share if share is not None else settings.canary_ramp[0]
+        share = share if share is not None else settings.closed_loop.canary.ramp[0]
         why = _manual(reason, f"phase in {version} to {share:.0%} of users")
         move = {"action": "candidate", "version": version, "share": share}
     else:
@@ -469,7 +471,7 @@ def _publish_hint(settings: Settings, event: Moved) -> None:
 
     if event.alias != PRODUCTION or event.version is None:
         return
-    if settings.publish_on_promotion:
+    if settings.packaging.publish_on_promotion:
         console.print(
             f"promotion_sensor publishes {event.version} as an OCI artifact (publish_job) at "
             "its next tick; the Dagster daemon must be running"

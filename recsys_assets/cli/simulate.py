@@ -222,7 +222,9 @@ def _catalog_loader() -> Callable[[Any, Path | None], None]:
         if items_path is None:
             return
         settings = Settings()
-        lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
+        lake = open_lake(
+            settings.resolved_lake_uri, settings.lake.s3_endpoint_url, settings.lake.aws_region
+        )
         with open_docstore(settings) as store:
             report = load_file(store, lake, items_path, "items")
         out.print(f"catalog: {report.describe()}", highlight=False)

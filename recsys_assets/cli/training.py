@@ -76,7 +76,9 @@ def retrain(
     from recsys_serving.settings import Settings
 
     settings = Settings()
-    lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
+    lake = open_lake(
+        settings.resolved_lake_uri, settings.lake.s3_endpoint_url, settings.lake.aws_region
+    )
     started = time.perf_counter()
     with contextlib.ExitStack() as held:
         try:
@@ -183,7 +185,7 @@ def _retrain(settings: Any, lake: Any, instance: Any, process: bool, started: fl
     registered = outcome.materialized["registered_model"]
     evaluation = outcome.materialized["model_evaluation"]
     metrics = evaluation.get("metrics") or {}
-    k = settings.eval_k
+    k = settings.training.eval_k
     ours = (metrics.get("challenger") or {}).get(f"ndcg@{k}")
     base = (metrics.get("popularity") or {}).get(f"ndcg@{k}")
     comparison = ""

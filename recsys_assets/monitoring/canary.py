@@ -35,55 +35,9 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from recsys_assets.monitoring.ctr import WindowStats, two_proportion_ztest
+from recsys_serving.policies import CanaryPolicy
 
 CanaryAction = Literal["wait", "ramp", "promote", "rollback"]
-
-
-@dataclass(frozen=True)
-class CanaryPolicy:
-    ramp: tuple[float, ...]
-    min_impressions: int
-    alpha: float
-    margin: float
-    max_minutes: float
-
-    def __post_init__(self) -> None:
-        if not self.ramp or any(not 0.0 < s <= 1.0 for s in self.ramp):
-            raise ValueError(f"canary ramp shares must be in (0, 1]: {list(self.ramp)}")
-        if list(self.ramp) != sorted(set(self.ramp)):
-            raise ValueError(f"canary ramp must increase strictly: {list(self.ramp)}")
-        if self.ramp[0] >= 1.0:
-            raise ValueError("canary ramp needs a share below 1.0: 1.0 means promoted")
-        if not 0.0 <= self.margin < 1.0:
-            raise ValueError("canary margin must be in [0, 1)")
-        if not 0.0 < self.alpha < 1.0:
-            raise ValueError("canary alpha must be in (0, 1)")
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> CanaryPolicy:
-        return cls(
-            ramp=tuple(float(s) for s in settings.canary_ramp),
-            min_impressions=settings.canary_min_impressions,
-            alpha=settings.canary_alpha,
-            margin=settings.canary_margin,
-            max_minutes=settings.canary_max_minutes,
-        )
-
-    @property
-    def steps(self) -> tuple[float, ...]:
-        """The shares a candidate is served at (a trailing 100% means "promote")."""
-        return tuple(s for s in self.ramp if s < 1.0)
-
-    @property
-    def first_share(self) -> float:
-        return self.steps[0]
-
-    def next_share(self, share: float) -> float:
-        """The share after ``share``; ``1.0`` means the candidate becomes production."""
-        for step in self.steps:
-            if step > share + 1e-9:
-                return step
-        return 1.0
 
 
 @dataclass(frozen=True)

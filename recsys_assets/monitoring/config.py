@@ -1,83 +1,76 @@
-"""The closed loop's thresholds as a Dagster resource, built from ``Settings``.
+"""The closed loop's configuration as a Dagster resource, wrapping ``Settings``' group.
 
 Sensors and the ``online_ctr`` asset read their windows and significance levels from
-here, so the Dagster UI shows the exact configuration a decision was made under,
-and tests swap thresholds by constructing the resource rather than patching env.
+here, so the Dagster UI shows the exact configuration a decision was made under, and
+tests swap thresholds by building the resource from their own ``Settings``. The
+resource declares no knob of its own: ``knobs`` is ``settings.closed_loop`` as JSON
+(the drop test, the canary judge, cool-down, ...), validated back into the typed
+policies, whose declarations hold every default.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
-from recsys_assets.monitoring.canary import CanaryPolicy
-from recsys_assets.monitoring.ctr import DropPolicy
-from recsys_serving.settings import Settings
+from recsys_assets.resources import GroupConfig
+from recsys_serving.policies import CanaryPolicy, DropPolicy
+from recsys_serving.settings import ClosedLoopSettings, CollectorSettings, Settings
+
+
+def _knobs(closed_loop: ClosedLoopSettings) -> dict[str, Any]:
+    return closed_loop.model_dump(mode="json")
 
 
 class ClosedLoopConfig(dg.ConfigurableResource):
     """Online CTR windows, the drop test, the cool-down and the canary judge."""
 
-    ctr_bucket_seconds: int = 60
-    ctr_recent_minutes: float = 10.0
-    ctr_baseline_minutes: float = 60.0
-    ctr_min_impressions: int = 500
-    ctr_alpha: float = 0.01
-    ctr_min_relative_drop: float = 0.10
-    ctr_click_delay_seconds: float = 60.0
-    retrain_cooldown_minutes: float = 60.0
-    retrain_data_wait_minutes: float = 5.0
-    landing_segment_max_age_seconds: float = 10.0
-    canary_ramp: list[float] = Field(default_factory=lambda: [0.1, 0.5, 1.0])
-    canary_min_impressions: int = 1000
-    canary_alpha: float = 0.05
-    canary_margin: float = 0.05
-    canary_max_minutes: float = 60.0
-    service_metrics_url: str | None = None
+    knobs: GroupConfig = Field(
+        default_factory=lambda: _knobs(ClosedLoopSettings()),
+        description="settings.closed_loop (RECSYS_CTR_*, RECSYS_CANARY_*, RECSYS_RETRAIN_*, "
+        "...); fields left out take their declared defaults.",
+    )
+    collector: GroupConfig = Field(
+        default_factory=dict,
+        description="The collector settings the CTR tail depends on (how long a landing "
+        "segment stays open); fields left out take their declared defaults.",
+    )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ClosedLoopConfig:
         return cls(
-            ctr_bucket_seconds=settings.ctr_bucket_seconds,
-            ctr_recent_minutes=settings.ctr_recent_minutes,
-            ctr_baseline_minutes=settings.ctr_baseline_minutes,
-            ctr_min_impressions=settings.ctr_min_impressions,
-            ctr_alpha=settings.ctr_alpha,
-            ctr_min_relative_drop=settings.ctr_min_relative_drop,
-            ctr_click_delay_seconds=settings.ctr_click_delay_seconds,
-            retrain_cooldown_minutes=settings.retrain_cooldown_minutes,
-            retrain_data_wait_minutes=settings.retrain_data_wait_minutes,
-            landing_segment_max_age_seconds=settings.landing_segment_max_age_seconds,
-            canary_ramp=list(settings.canary_ramp),
-            canary_min_impressions=settings.canary_min_impressions,
-            canary_alpha=settings.canary_alpha,
-            canary_margin=settings.canary_margin,
-            canary_max_minutes=settings.canary_max_minutes,
-            service_metrics_url=settings.service_metrics_url,
+            knobs=_knobs(settings.closed_loop),
+            collector={
+                "landing_segment_max_age_seconds": (
+                    settings.collector.landing_segment_max_age_seconds
+                )
+            },
         )
+
+    def settings(self) -> ClosedLoopSettings:
+        return ClosedLoopSettings.model_validate(self.knobs)
 
     def drop_policy(self) -> DropPolicy:
-        return DropPolicy(
-            recent_minutes=self.ctr_recent_minutes,
-            baseline_minutes=self.ctr_baseline_minutes,
-            min_impressions=self.ctr_min_impressions,
-            alpha=self.ctr_alpha,
-            min_relative_drop=self.ctr_min_relative_drop,
-            click_delay_seconds=self.ctr_click_delay_seconds,
-            bucket_seconds=self.ctr_bucket_seconds,
-        )
+        return self.settings().drop
 
     def canary_policy(self) -> CanaryPolicy:
-        return CanaryPolicy(
-            ramp=tuple(self.canary_ramp),
-            min_impressions=self.canary_min_impressions,
-            alpha=self.canary_alpha,
-            margin=self.canary_margin,
-            max_minutes=self.canary_max_minutes,
-        )
+        return self.settings().canary
 
     @property
     def cooldown(self) -> timedelta:
-        return timedelta(minutes=self.retrain_cooldown_minutes)
+        return timedelta(minutes=self.settings().retrain_cooldown_minutes)
+
+    @property
+    def retrain_data_wait_minutes(self) -> float:
+        return self.settings().retrain_data_wait_minutes
+
+    @property
+    def service_metrics_url(self) -> str | None:
+        return self.settings().service_metrics_url
+
+    @property
+    def landing_segment_max_age_seconds(self) -> float:
+        return CollectorSettings.model_validate(self.collector).landing_segment_max_age_seconds

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import polars as pl
@@ -38,6 +38,8 @@ from scipy.stats import norm
 from recsys_assets.weblogs.processing import partition_key, read_landing
 from recsys_serving.lake import Lake, read_parquet
 from recsys_serving.landing import LANDING_AREA, list_sealed
+from recsys_serving.policies import DropPolicy, floor_to_bucket
+from recsys_serving.policies import utc as _utc
 
 IMPRESSION = "impression"
 CLICK = "click"
@@ -64,12 +66,6 @@ SERIES_SCHEMA: dict[str, pl.DataType] = {
     "clicks": pl.Int64(),
     "ctr": pl.Float64(),
 }
-
-
-def _utc(value: datetime) -> datetime:
-    if value.tzinfo is None:
-        raise ValueError("timestamps must be timezone-aware")
-    return value.astimezone(UTC)
 
 
 # ----------------------------------------------------------------------- reading
@@ -212,11 +208,6 @@ def load_ctr_series(
 
 
 # --------------------------------------------------------------------- windows
-def floor_to_bucket(value: datetime, bucket_seconds: int) -> datetime:
-    seconds = math.floor(_utc(value).timestamp() / bucket_seconds) * bucket_seconds
-    return datetime.fromtimestamp(seconds, UTC)
-
-
 @dataclass(frozen=True)
 class WindowStats:
     """Counts of one model version over ``[start, end)``."""
@@ -294,56 +285,6 @@ def two_proportion_ztest(
     z = diff / math.sqrt(var)
     p_value = float(norm.cdf(z)) if alternative == "less" else float(norm.sf(z))
     return float(z), p_value
-
-
-@dataclass(frozen=True)
-class DropPolicy:
-    """When a CTR drop is real and large enough to retrain for."""
-
-    recent_minutes: float
-    baseline_minutes: float
-    min_impressions: int
-    alpha: float
-    min_relative_drop: float
-    click_delay_seconds: float
-    bucket_seconds: int
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> DropPolicy:
-        return cls(
-            recent_minutes=settings.ctr_recent_minutes,
-            baseline_minutes=settings.ctr_baseline_minutes,
-            min_impressions=settings.ctr_min_impressions,
-            alpha=settings.ctr_alpha,
-            min_relative_drop=settings.ctr_min_relative_drop,
-            click_delay_seconds=settings.ctr_click_delay_seconds,
-            bucket_seconds=settings.ctr_bucket_seconds,
-        )
-
-    @property
-    def lookback(self) -> timedelta:
-        """How much history one test reads: both windows, as much again before the
-        baseline (to see whether the version's traffic covers it), the click delay and
-        a bucket of slack."""
-        return timedelta(
-            minutes=self.recent_minutes + 2 * self.baseline_minutes,
-            seconds=self.click_delay_seconds + 2 * self.bucket_seconds,
-        )
-
-    def windows(self, now: datetime) -> tuple[datetime, datetime, datetime]:
-        """``(baseline_start, recent_start, end)`` aligned to bucket boundaries.
-
-        The end leaves out impressions younger than the click delay, whose clicks
-        may still be on their way; counting them would fake a drop at every tick.
-        """
-        end = floor_to_bucket(
-            _utc(now) - timedelta(seconds=self.click_delay_seconds), self.bucket_seconds
-        )
-        recent = max(1, round(self.recent_minutes * 60 / self.bucket_seconds))
-        baseline = max(1, round(self.baseline_minutes * 60 / self.bucket_seconds))
-        recent_start = end - timedelta(seconds=recent * self.bucket_seconds)
-        baseline_start = recent_start - timedelta(seconds=baseline * self.bucket_seconds)
-        return baseline_start, recent_start, end
 
 
 DropOutcome = Literal["drop", "no_drop", "small_drop", "thin_evidence", "warming_up", "no_model"]

@@ -39,7 +39,7 @@ class ClosedLoopDefs:
 
 
 def closed_loop(settings: Settings) -> ClosedLoopDefs:
-    tick = settings.closed_loop_tick_seconds
+    tick = settings.closed_loop.closed_loop_tick_seconds
     return ClosedLoopDefs(
         assets=[online_ctr, production_model],
         jobs=[monitoring_job, canary_job, mlflow_sync_job, alert_job, model_alias_job],
@@ -48,16 +48,17 @@ def closed_loop(settings: Settings) -> ClosedLoopDefs:
             build_promotion_sensor(
                 tick,
                 canary=canary_job,
-                publish_job=publish_job if settings.publish_on_promotion else None,
+                publish_job=publish_job if settings.packaging.publish_on_promotion else None,
                 mlflow_sync=mlflow_sync_job,
             ),
             build_retrain_failure_sensor(tick, alert=alert_job),
         ],
         schedules=[
             build_nightly_retrain_schedule(
-                settings.nightly_retrain_cron, settings.nightly_retrain_enabled
+                settings.closed_loop.nightly_retrain_cron,
+                settings.closed_loop.nightly_retrain_enabled,
             ),
-            build_online_ctr_schedule(settings.online_ctr_cron),
+            build_online_ctr_schedule(settings.closed_loop.online_ctr_cron),
         ],
         resources={"closed_loop": ClosedLoopConfig.from_settings(settings)},
     )

@@ -10,8 +10,9 @@ import dagster as dg
 from pydantic import Field
 
 from recsys_assets.packaging.publish import PublishTarget
+from recsys_assets.resources import declared
 from recsys_serving.oci import OciCredentials, RegistryAccess
-from recsys_serving.settings import Settings
+from recsys_serving.settings import PackagingSettings, Settings
 
 LAYOUT_NAME = "recsys-model"
 
@@ -27,7 +28,7 @@ class OciResource(dg.ConfigurableResource):
     repository: str | None = Field(
         default=None, description="host[:port]/repo; unset = write an OCI layout instead."
     )
-    insecure: bool = Field(default=False, description="Plain HTTP to the registry.")
+    insecure: bool = declared(PackagingSettings, "oci_insecure")
     username: str | None = None
     password: str | None = None
     layout_dir: str = Field(description="OCI image layout used when no repository is set.")
@@ -35,14 +36,14 @@ class OciResource(dg.ConfigurableResource):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OciResource:
-        password: Any = settings.oci_password
+        password: Any = settings.packaging.oci_password
         if password and os.environ.get("RECSYS_OCI_PASSWORD") == password:
             # Resource config is shown in the Dagster UI; an EnvVar shows only its name.
             password = dg.EnvVar("RECSYS_OCI_PASSWORD")
         return cls(
-            repository=settings.oci_repository,
-            insecure=settings.oci_insecure,
-            username=settings.oci_username,
+            repository=settings.packaging.oci_repository,
+            insecure=settings.packaging.oci_insecure,
+            username=settings.packaging.oci_username,
             password=password,
             layout_dir=str(default_layout_dir(settings)),
             work_dir=str(settings.resolved_model_cache_dir),

@@ -701,7 +701,7 @@ def record_retraining(
 def tracking_location(settings: Any) -> tuple[str, str | None]:
     """(tracking URI, artifact root for a new experiment) from ``Settings``: the team's
     server when ``RECSYS_MLFLOW_TRACKING_URI`` is set, else SQLite under the home."""
-    configured = (settings.mlflow_tracking_uri or "").strip()
+    configured = (settings.platform.mlflow_tracking_uri or "").strip()
     if configured:
         return (OFF if configured.lower() == OFF else configured), None
     home = settings.resolved_home / "mlflow"

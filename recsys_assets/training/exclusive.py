@@ -91,7 +91,9 @@ class Holder:
 def lock_path(settings: Settings, lake: Lake | None = None) -> Path:
     """The lake's lock file when the lake is local, else one in the Dagster instance."""
     if lake is None:
-        lake = open_lake(settings.resolved_lake_uri, settings.s3_endpoint_url, settings.aws_region)
+        lake = open_lake(
+            settings.resolved_lake_uri, settings.lake.s3_endpoint_url, settings.lake.aws_region
+        )
     local = lake.local_path(LOCK_KEY)
     if local is not None:
         return Path(local)

@@ -5,7 +5,7 @@
 them in the lake exactly as a materialization does. Use it for tests, benchmarks
 and scripts that want a model without an orchestrator::
 
-    outcome = train_bundle(lake, TrainingParams.from_settings(settings), out_dir)
+    outcome = train_bundle(lake, settings.training, out_dir)
     model = Recommender.load(outcome.bundle_path)
 
 Evaluation against production and registration (``model_evaluation``,

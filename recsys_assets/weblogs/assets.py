@@ -13,13 +13,18 @@ from recsys_assets.weblogs.quality import (
     WeblogValidator,
     failure_line,
 )
-from recsys_serving.settings import get_settings
+from recsys_serving.settings import Settings
 
-WEBLOG_PARTITIONS = dg.DailyPartitionsDefinition(
-    start_date=get_settings().catalog_epoch.isoformat(),
-    # Today's partition exists so live traffic can be processed as it lands.
-    end_offset=1,
-)
+
+def weblog_partitions(settings: Settings) -> dg.DailyPartitionsDefinition:
+    """One partition per UTC day from the catalog epoch: a definition-time value, built
+    for the ``Settings`` a code location is made from (never read at import)."""
+    return dg.DailyPartitionsDefinition(
+        start_date=settings.events.catalog_epoch.isoformat(),
+        # Today's partition exists so live traffic can be processed as it lands.
+        end_offset=1,
+    )
+
 
 landing_weblogs = dg.AssetSpec(
     "landing_weblogs",
@@ -40,26 +45,10 @@ WEBLOG_CHECKS = [
 ]
 
 
-@dg.asset(
-    partitions_def=WEBLOG_PARTITIONS,
-    backfill_policy=dg.BackfillPolicy.single_run(),
-    deps=[landing_weblogs],
-    check_specs=WEBLOG_CHECKS,
-    group_name="acquisition",
-    kinds={"polars", "parquet"},
-    tags={"recsys/pipeline": "weblogs"},
-    description=(
-        "Processed weblogs, one Parquet file per event date (UTC): schema coercion, dedup by "
-        "event_id (replays counted as `replayed_duplicates`), bot-rate filter, out-of-range "
-        "timestamps quarantined, sessions inferred where missing; clicks matching no logged "
-        "impression are kept and counted as `unattributed_clicks`. Every partition is "
-        "recomputed from all its landing files, so re-runs are idempotent; rejected rows go "
-        "to `quarantine/weblogs/` with a reason."
-    ),
-)
-def weblogs(
+def process_weblogs(
     context: dg.AssetExecutionContext, lake: LakeResource, recsys_config: RecsysConfig
 ) -> dg.MaterializeResult:
+    """The ``weblogs`` asset's body (see :func:`build_weblogs`)."""
     rules = Rules(
         catalog_epoch=date.fromisoformat(recsys_config.catalog_epoch),
         now=datetime.now(UTC),
@@ -145,6 +134,28 @@ def weblogs(
         },
         check_results=checks,
     )
+
+
+def build_weblogs(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    """The ``weblogs`` asset over ``partitions`` (see :func:`weblog_partitions`)."""
+    return dg.asset(
+        name="weblogs",
+        partitions_def=partitions,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        deps=[landing_weblogs],
+        check_specs=WEBLOG_CHECKS,
+        group_name="acquisition",
+        kinds={"polars", "parquet"},
+        tags={"recsys/pipeline": "weblogs"},
+        description=(
+            "Processed weblogs, one Parquet file per event date (UTC): schema coercion, dedup by "
+            "event_id (replays counted as `replayed_duplicates`), bot-rate filter, out-of-range "
+            "timestamps quarantined, sessions inferred where missing; clicks matching no logged "
+            "impression are kept and counted as `unattributed_clicks`. Every partition is "
+            "recomputed from all its landing files, so re-runs are idempotent; rejected rows go "
+            "to `quarantine/weblogs/` with a reason."
+        ),
+    )(process_weblogs)
 
 
 def _meta(value: object) -> object:

@@ -32,6 +32,7 @@ import polars as pl
 from recsys_serving.events.schema import EVENT_TYPES, MAX_ABS_VALUE
 from recsys_serving.lake import Lake, write_parquet
 from recsys_serving.landing import LANDING_AREA, LandingFile, iter_lines, list_sealed
+from recsys_serving.settings import EventSettings, default_of
 
 WEBLOGS_AREA = "weblogs"
 WEBLOGS_QUARANTINE_AREA = "quarantine/weblogs"
@@ -87,9 +88,9 @@ class Rules:
 
     catalog_epoch: date
     now: datetime
-    future_tolerance_seconds: float = 300.0
-    bot_max_events_per_minute: int = 120
-    session_gap_minutes: float = 30.0
+    future_tolerance_seconds: float = default_of(EventSettings, "future_tolerance_seconds")
+    bot_max_events_per_minute: int = default_of(EventSettings, "bot_max_events_per_minute")
+    session_gap_minutes: float = default_of(EventSettings, "session_gap_minutes")
 
 
 @dataclass

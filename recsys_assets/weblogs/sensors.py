@@ -6,6 +6,8 @@ remembered by name, so a slow writer's rename is never skipped and no file cause
 two runs.
 """
 
+from __future__ import annotations
+
 import hashlib
 from dataclasses import dataclass, field
 
@@ -14,18 +16,21 @@ import orjson
 
 from recsys_assets.resources import LakeResource
 from recsys_assets.runs import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
-from recsys_assets.weblogs.assets import WEBLOG_PARTITIONS, weblogs
 from recsys_serving.landing import LANDING_AREA, LandingFile, list_sealed, recover_orphans
 
 GRACE_SECONDS = 600
 
-weblogs_job = dg.define_asset_job(
-    "weblogs_job",
-    selection=dg.AssetSelection.assets(weblogs),
-    partitions_def=WEBLOG_PARTITIONS,
-    tags={"recsys/pipeline": "weblogs"},
-    description="Process landed events into weblogs partitions (one run for a range).",
-)
+WEBLOGS_JOB = "weblogs_job"
+
+
+def build_weblogs_job(weblogs: dg.AssetsDefinition) -> dg.UnresolvedAssetJobDefinition:
+    return dg.define_asset_job(
+        WEBLOGS_JOB,
+        selection=dg.AssetSelection.assets(weblogs),
+        partitions_def=weblogs.partitions_def,
+        tags={"recsys/pipeline": "weblogs"},
+        description="Process landed events into weblogs partitions (one run for a range).",
+    )
 
 
 @dataclass
@@ -34,7 +39,7 @@ class LandingCursor:
     recent: set[str] = field(default_factory=set)
 
     @classmethod
-    def parse(cls, raw: str | None) -> "LandingCursor":
+    def parse(cls, raw: str | None) -> LandingCursor:
         if not raw:
             return cls()
         data = orjson.loads(raw)
@@ -73,28 +78,35 @@ def run_request_for(days: list[str], files: list[LandingFile]) -> dg.RunRequest:
     return dg.RunRequest(run_key=f"landing-{digest}", tags=tags)
 
 
-@dg.sensor(
-    job=weblogs_job,
-    minimum_interval_seconds=30,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Launches a weblogs run for the dates of newly sealed landing files.",
-)
-def landing_files_sensor(
-    context: dg.SensorEvaluationContext, lake: LakeResource
-) -> dg.SensorResult:
-    store = lake.get()
-    recovered = recover_orphans(store, LANDING_AREA)
-    if recovered:
-        context.log.warning(f"sealed {len(recovered)} orphaned landing segments")
-    cursor = LandingCursor.parse(context.cursor)
-    files = list_sealed(store, LANDING_AREA)
-    new = cursor.new_files(files)
-    valid_keys = set(WEBLOG_PARTITIONS.get_partition_keys())
-    days = sorted({f.date for f in new if f.date in valid_keys})
-    skipped = sorted({f.date for f in new} - set(days))
-    if skipped:
-        context.log.warning(f"landing files for dates outside the partitions: {skipped[:10]}")
-    cursor.advance(files)
-    if not days:
-        return dg.SensorResult(skip_reason="no new landing files", cursor=cursor.dump())
-    return dg.SensorResult(run_requests=[run_request_for(days, new)], cursor=cursor.dump())
+def build_landing_files_sensor(
+    job: dg.UnresolvedAssetJobDefinition, partitions: dg.PartitionsDefinition
+) -> dg.SensorDefinition:
+    """The landing sensor, launching ``job`` for the dates within ``partitions``."""
+
+    @dg.sensor(
+        job=job,
+        minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Launches a weblogs run for the dates of newly sealed landing files.",
+    )
+    def landing_files_sensor(
+        context: dg.SensorEvaluationContext, lake: LakeResource
+    ) -> dg.SensorResult:
+        store = lake.get()
+        recovered = recover_orphans(store, LANDING_AREA)
+        if recovered:
+            context.log.warning(f"sealed {len(recovered)} orphaned landing segments")
+        cursor = LandingCursor.parse(context.cursor)
+        files = list_sealed(store, LANDING_AREA)
+        new = cursor.new_files(files)
+        valid_keys = set(partitions.get_partition_keys())
+        days = sorted({f.date for f in new if f.date in valid_keys})
+        skipped = sorted({f.date for f in new} - set(days))
+        if skipped:
+            context.log.warning(f"landing files for dates outside the partitions: {skipped[:10]}")
+        cursor.advance(files)
+        if not days:
+            return dg.SensorResult(skip_reason="no new landing files", cursor=cursor.dump())
+        return dg.SensorResult(run_requests=[run_request_for(days, new)], cursor=cursor.dump())
+
+    return landing_files_sensor

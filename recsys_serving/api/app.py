@@ -73,11 +73,11 @@ def create_app(
     app.state.collector_only = collector_only
     app.state.lake = open_lake(
         settings.resolved_lake_uri,
-        endpoint_url=settings.s3_endpoint_url,
-        region=settings.aws_region,
+        endpoint_url=settings.lake.s3_endpoint_url,
+        region=settings.lake.aws_region,
     )
     app.state.intake = EventIntake(app.state.lake, settings)
-    app.state.metrics = ServiceMetrics(settings.run_dir)
+    app.state.metrics = ServiceMetrics(settings.serving.run_dir)
     install_error_handlers(app)
     app.add_middleware(StrictPercentEncoding)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
@@ -101,11 +101,11 @@ def _build_service(
     index_opener: Callable[[Any], Any] | None,
 ) -> None:
     service_metrics: ServiceMetrics = app.state.metrics
-    app.state.keyring = KeyRing(KeyFile.in_home(settings.resolved_home), settings.api_keys)
+    app.state.keyring = KeyRing(KeyFile.in_home(settings.resolved_home), settings.serving.api_keys)
     app.state.guard = Guard(
         settings,
         app.state.keyring,
-        TokenBuckets.for_run_dir(settings.run_dir),
+        TokenBuckets.for_run_dir(settings.serving.run_dir),
         service_metrics,
     )
     if docstore is _DEFAULT:
@@ -138,8 +138,8 @@ def _build_service(
 def default_model_source(settings: Settings, lake: Lake) -> ModelSource:
     """A pinned ``RECSYS_MODEL_URI`` if set, else the registry's aliases in the lake."""
     cache = settings.resolved_model_cache_dir
-    if settings.model_uri:
-        return PinnedSource(settings.model_uri, cache, settings)
+    if settings.serving.model_uri:
+        return PinnedSource(settings.serving.model_uri, cache, settings)
     from recsys_serving.registry import ModelRegistry
 
     return RegistrySource(ModelRegistry(lake), cache)
@@ -159,7 +159,7 @@ def _open_docstore(settings: Settings) -> Any:
 
 def _index_opener(settings: Settings) -> Callable[[Any], Any] | None:
     """With Elasticsearch configured, each model version queries its own ES index."""
-    if not settings.es_url:
+    if not settings.stores.es_url:
         return None
     from recsys_serving.index import IndexArtifact, open_index
     from recsys_serving.model.recommender import INDEX_DIR
@@ -301,7 +301,7 @@ def _document_repeatable_query_parameters(spec: dict[str, Any]) -> None:
 
 async def _seal_periodically(writers: list[Any], settings: Settings) -> None:
     """Seal idle segments so quiet traffic still reaches the weblogs sensor."""
-    interval = max(0.5, min(5.0, settings.landing_segment_max_age_seconds / 2))
+    interval = max(0.5, min(5.0, settings.collector.landing_segment_max_age_seconds / 2))
     while True:
         await asyncio.sleep(interval)
         for writer in writers:

@@ -46,9 +46,9 @@ class Guard:
     def __init__(
         self, settings: Settings, keyring: KeyRing, buckets: TokenBuckets, metrics: ServiceMetrics
     ) -> None:
-        self.enabled = settings.auth_enabled
-        self.default_rps = settings.rate_limit_rps
-        self.default_burst = settings.rate_limit_burst
+        self.enabled = settings.serving.auth_enabled
+        self.default_rps = settings.serving.rate_limit_rps
+        self.default_burst = settings.serving.rate_limit_burst
         self.keyring = keyring
         self.buckets = buckets
         self.metrics = metrics

@@ -178,7 +178,7 @@ async def config(request: Request) -> Response:
     settings = request.app.state.settings
     return json_response(
         {
-            "auth_required": bool(settings.auth_enabled),
+            "auth_required": bool(settings.serving.auth_enabled),
             "scope": "admin",
             "header": API_KEY_HEADER,
             "refresh_seconds": REFRESH_SECONDS,

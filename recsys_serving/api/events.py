@@ -150,15 +150,16 @@ async def post_events(
             f"Content-Type {ctype or '(none)'!r} not supported; "
             "use application/json or application/x-ndjson",
         )
-    body = await _read_body(request, settings.max_request_bytes)
+    body = await _read_body(request, settings.collector.max_request_bytes)
     events = _split(body, ctype, intake)
     if not events:
         raise ApiError(422, "empty_batch", "the batch holds no events")
-    if len(events) > settings.max_batch_events:
+    if len(events) > settings.collector.max_batch_events:
         raise ApiError(
             413,
             "batch_too_large",
-            f"{len(events)} events exceed the {settings.max_batch_events}-event batch limit; "
+            f"{len(events)} events exceed the "
+            f"{settings.collector.max_batch_events}-event batch limit; "
             "split the batch",
         )
     result = await run_in_threadpool(intake.submit, events, "collector")

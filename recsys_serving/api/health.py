@@ -53,7 +53,7 @@ async def healthz() -> Health:
 )
 async def readyz(request: Request) -> Response:
     state = request.app.state.manager.state
-    timeout = request.app.state.settings.store_timeout_ms / 1000.0
+    timeout = request.app.state.settings.serving.store_timeout_ms / 1000.0
     checks = {"model": state.ready}
     docstore = request.app.state.docstore
     if docstore is not None:

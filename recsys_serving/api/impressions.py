@@ -112,10 +112,10 @@ class ImpressionLog:
             lake,
             LANDING_AREA,
             writer_id=f"{default_writer_id()}-impressions",
-            max_bytes=settings.landing_segment_max_bytes,
-            max_age_seconds=settings.landing_segment_max_age_seconds,
+            max_bytes=settings.collector.landing_segment_max_bytes,
+            max_age_seconds=settings.collector.landing_segment_max_age_seconds,
         )
-        self.sync = settings.impression_sync
+        self.sync = settings.serving.impression_sync
         self._executor = ThreadPoolExecutor(1, "impressions")
         # Per event loop (one per worker; tests may run several): the group being
         # filled, and whether a commit is in flight.

@@ -157,7 +157,7 @@ class PinnedSource:
             return pull_bundle(
                 target.ref,
                 self.cache_dir,
-                insecure=self.settings.oci_insecure,
+                insecure=self.settings.packaging.oci_insecure,
                 access=RegistryAccess.from_settings(self.settings),
             )
         path = Path(target.ref).expanduser()
@@ -326,7 +326,7 @@ class ModelManager:
                 self.poll_once()
             except Exception as exc:  # the loop must survive anything a poll does
                 log.error("models.poll_crashed", error=repr(exc))
-            self._wake.wait(self.settings.model_poll_seconds)
+            self._wake.wait(self.settings.serving.model_poll_seconds)
             self._wake.clear()
 
     # ------------------------------------------------------------------ polling
@@ -558,7 +558,7 @@ class ModelManager:
         """Native ranking for this model (``model/ranker.py``), before it takes traffic.
         Not a reason to refuse the model: on failure it ranks with LightGBM, with a
         warning and ``recsys_ranker_compile_failures_total{reason}``."""
-        if not self.settings.ranker_compile or not hasattr(model, "compile_ranker"):
+        if not self.settings.serving.ranker_compile or not hasattr(model, "compile_ranker"):
             return
         from recsys_serving.model.ranker import RankerCompileError
 
@@ -616,7 +616,7 @@ class ModelManager:
             },
             "last_poll_at": self.last_poll_at,
             "last_poll_error": self.last_poll_error,
-            "poll_seconds": self.settings.model_poll_seconds,
+            "poll_seconds": self.settings.serving.model_poll_seconds,
         }
 
 

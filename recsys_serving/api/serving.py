@@ -92,7 +92,7 @@ class Recommending:
         self.docstore = docstore
         self.metrics = metrics
         self.impressions = impressions
-        self.timeout = settings.store_timeout_ms / 1000.0
+        self.timeout = settings.serving.store_timeout_ms / 1000.0
         manager.on_ranker_fallback = lambda reason: metrics.ranker_compile_failures.labels(
             reason
         ).inc()

@@ -198,14 +198,16 @@ class EventIntake:
         self.settings = settings
         seg = {
             "writer_id": writer_id,
-            "max_bytes": settings.landing_segment_max_bytes,
-            "max_age_seconds": settings.landing_segment_max_age_seconds,
+            "max_bytes": settings.collector.landing_segment_max_bytes,
+            "max_age_seconds": settings.collector.landing_segment_max_age_seconds,
         }
         self.landing = SegmentWriter(lake, LANDING_AREA, **seg)
         self.quarantine = SegmentWriter(lake, INTAKE_QUARANTINE_AREA, **seg)
-        self.recent = RecentIds(settings.dedup_cache_size)
+        self.recent = RecentIds(settings.collector.dedup_cache_size)
         self._recent_lock = threading.Lock()
-        self._epoch = datetime.combine(settings.catalog_epoch, datetime.min.time(), UTC).timestamp()
+        self._epoch = datetime.combine(
+            settings.events.catalog_epoch, datetime.min.time(), UTC
+        ).timestamp()
         self._days: dict[int, str] = {}
 
     def submit(self, events: Iterable[RawEvent], source: str, *, sync: bool = True) -> IntakeResult:
@@ -264,8 +266,8 @@ class EventIntake:
         result = IntakeResult(received=n)
         now = time.time()
         arrival_day = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
-        latest_ok = now + self.settings.future_tolerance_seconds
-        max_event = self.settings.max_event_bytes
+        latest_ok = now + self.settings.events.future_tolerance_seconds
+        max_event = self.settings.collector.max_event_bytes
         limits = Limits.from_settings(self.settings, now=now)
 
         fast = fastpath.validate(lines, limits, max_event)

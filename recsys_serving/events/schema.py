@@ -13,7 +13,7 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import (
@@ -28,6 +28,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from recsys_serving.settings import CollectorSettings, Settings, default_of
+
 EVENT_TYPES: tuple[str, ...] = (
     "impression",
     "click",
@@ -39,13 +41,14 @@ EVENT_TYPES: tuple[str, ...] = (
 EventType = Literal["impression", "click", "view", "add_to_cart", "purchase", "rating"]
 
 MAX_ID_LENGTH = 256
-MAX_CONTEXT_BYTES = 8 * 1024
+# The intake limits' defaults are the collector settings' (declared once, there).
 # orjson refuses to serialize deeper than 254 levels, and the landing line, the
-# weblogs step and the document store all serialize ``context`` again: the limit
+# weblogs step and the document store all serialize ``context`` again: the depth limit
 # stays far below that so no later step can be the first to notice.
-MAX_CONTEXT_DEPTH = 32
-EVENT_TS_MIN = date(1970, 1, 1)
-EVENT_MAX_FUTURE_SECONDS = 86_400.0
+MAX_CONTEXT_BYTES: int = default_of(CollectorSettings, "max_context_bytes")
+MAX_CONTEXT_DEPTH: int = default_of(CollectorSettings, "max_context_depth")
+EVENT_TS_MIN: date = default_of(CollectorSettings, "event_ts_min")
+EVENT_MAX_FUTURE_SECONDS: float = default_of(CollectorSettings, "event_max_future_seconds")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
 # A rating, a price or a quantity: far past any of them, a finite ``value`` still
@@ -57,13 +60,6 @@ MAX_ABS_VALUE = 1e12
 LIMIT_CODES: frozenset[str] = frozenset(
     {"implausible_timestamp", "non_finite_number", "context_too_deep", "context_too_large"}
 )
-
-
-class _LimitSettings(Protocol):
-    event_ts_min: date
-    event_max_future_seconds: float
-    max_context_depth: int
-    max_context_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,12 +79,14 @@ class Limits:
     now: float | None = None
 
     @classmethod
-    def from_settings(cls, settings: _LimitSettings, now: float | None = None) -> Limits:
+    def from_settings(cls, settings: Settings, now: float | None = None) -> Limits:
         return cls(
-            ts_min=datetime.combine(settings.event_ts_min, datetime.min.time(), UTC).timestamp(),
-            max_future_seconds=settings.event_max_future_seconds,
-            context_max_depth=settings.max_context_depth,
-            context_max_bytes=settings.max_context_bytes,
+            ts_min=datetime.combine(
+                settings.collector.event_ts_min, datetime.min.time(), UTC
+            ).timestamp(),
+            max_future_seconds=settings.collector.event_max_future_seconds,
+            context_max_depth=settings.collector.max_context_depth,
+            context_max_bytes=settings.collector.max_context_bytes,
             now=now,
         )
 

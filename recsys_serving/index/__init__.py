@@ -21,7 +21,7 @@ from recsys_serving.index.base import (
 from recsys_serving.index.embedded import EmbeddedIndex
 
 if TYPE_CHECKING:
-    from recsys_serving.settings import Settings
+    from recsys_serving.settings import Settings, StoreSettings
 
 __all__ = [
     "PUBLISH_TIMEOUT_SECONDS",
@@ -47,28 +47,26 @@ def open_index(settings: Settings, artifact: IndexArtifact) -> CandidateIndex:
     No request is made here, so a model still loads while Elasticsearch is down; its
     queries then raise ``CandidateIndexError`` and the server falls back to popularity.
     """
-    if not settings.es_url:
+    if not settings.stores.es_url:
         return EmbeddedIndex(artifact)
     from recsys_serving.index.elastic import ElasticIndex, connect, versioned_index_name
 
     return ElasticIndex(
-        connect(settings, request_timeout=settings.store_timeout_ms / 1000.0),
-        versioned_index_name(settings.es_index_prefix, artifact.version),
+        connect(settings.stores, request_timeout=settings.serving.store_timeout_ms / 1000.0),
+        versioned_index_name(settings.stores.es_index_prefix, artifact.version),
         version=artifact.version,
         dim=artifact.dim,
-        timeout_ms=settings.store_timeout_ms,
+        timeout_ms=settings.serving.store_timeout_ms,
     )
 
 
-def open_publisher(settings: Settings) -> IndexPublisher | None:
+def open_publisher(stores: StoreSettings) -> IndexPublisher | None:
     """The Elasticsearch publisher, or ``None`` when the artifact travels in the bundle."""
-    if not settings.es_url:
+    if not stores.es_url:
         return None
     from recsys_serving.index.elastic import ElasticPublisher, connect
 
     client = connect(
-        settings, request_timeout=PUBLISH_TIMEOUT_SECONDS, max_retries=3, retry_on_timeout=True
+        stores, request_timeout=PUBLISH_TIMEOUT_SECONDS, max_retries=3, retry_on_timeout=True
     )
-    return ElasticPublisher(
-        client, settings.es_index_prefix, request_timeout=PUBLISH_TIMEOUT_SECONDS
-    )
+    return ElasticPublisher(client, stores.es_index_prefix, request_timeout=PUBLISH_TIMEOUT_SECONDS)

@@ -47,7 +47,7 @@ from recsys_serving.logging import get_logger
 if TYPE_CHECKING:
     from elasticsearch import Elasticsearch
 
-    from recsys_serving.settings import Settings
+    from recsys_serving.settings import StoreSettings
 
 log = get_logger(__name__)
 
@@ -76,21 +76,21 @@ def versioned_index_name(prefix: str, version: str) -> str:
 
 
 def connect(
-    settings: Settings,
+    stores: StoreSettings,
     *,
     request_timeout: float,
     max_retries: int = 0,
     retry_on_timeout: bool = False,
 ) -> Elasticsearch:
-    """A client for ``settings.es_url`` (comma-separated nodes; userinfo is basic auth)."""
+    """A client for ``stores.es_url`` (comma-separated nodes; userinfo is basic auth)."""
     from elasticsearch import Elasticsearch
 
-    if not settings.es_url:
+    if not stores.es_url:
         raise ValueError("RECSYS_ES_URL is not set")
-    hosts = [url.strip() for url in settings.es_url.split(",") if url.strip()]
+    hosts = [url.strip() for url in stores.es_url.split(",") if url.strip()]
     return Elasticsearch(
         hosts,
-        api_key=settings.es_api_key or None,
+        api_key=stores.es_api_key or None,
         request_timeout=request_timeout,
         max_retries=max_retries,
         retry_on_timeout=retry_on_timeout,

@@ -34,6 +34,8 @@ from recsys_serving.model.context import KNN as NEIGHBOUR_KNN
 from recsys_serving.model.context import HistoryScores, UserContext, first_free
 from recsys_serving.model.features import padded_categories, time_totals
 from recsys_serving.model.state import IntArray, ModelState
+from recsys_serving.settings import default_of
+from recsys_serving.training_params import TrainingParams
 
 ALS, COVIS, CATEGORY, POPULAR, TRENDING, FRESH, KNN, EASE, THEN = range(9)
 SOURCE_NAMES = (
@@ -58,7 +60,8 @@ DEFAULT_QUOTAS: dict[str, float] = {
     "then": 0.07,
     "fresh": 0.06,
 }
-DEFAULT_POOL = 200
+# Bundles whose params predate candidate_pool: the training default (declared once).
+DEFAULT_POOL: int = default_of(TrainingParams, "candidate_pool")
 # Categories the category source draws from (the user's strongest, or the biggest).
 CATEGORY_FANOUT = 3
 

@@ -1101,10 +1101,10 @@ def connect_docstore(
 
 def open_docstore(settings: Settings, *, refresh_seconds: float = 1.0) -> DocStore:
     return connect_docstore(
-        settings.mongo_uri,
-        settings.mongo_db,
+        settings.stores.mongo_uri,
+        settings.stores.mongo_db,
         settings.docstore_path,
-        store_timeout_ms=settings.store_timeout_ms,
+        store_timeout_ms=settings.serving.store_timeout_ms,
         refresh_seconds=refresh_seconds,
     )
 
