@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from model_support import build_tiny_world, tiny_params
 
-from recsys_assets.training import steps
+from recsys_assets.training import handover, steps
 from recsys_assets.training.pipeline import train_bundle
 from recsys_serving.lake import LocalLake
 from recsys_serving.model.bundle import MANIFEST, BundleWriter, read_manifest
@@ -97,10 +97,10 @@ def test_old_training_bundles_are_pruned(tmp_path: Path) -> None:
         lake.put_bytes(f"training/recommender_model/bundles/{version}/manifest.json", b"{}")
         lake.put_bytes(f"training/recommender_model/bundles/{version}/state/a.npz", b"x")
         (staging / version).mkdir(parents=True)
-    assert steps.prune_bundles(lake, staging, keep=3) == versions[:2]
+    assert handover.prune_bundles(lake, staging, keep=3) == versions[:2]
     left = {o.key.split("/")[3] for o in lake.list("training/recommender_model/bundles/")}
     assert left == set(versions[2:])
     assert sorted(p.name for p in staging.iterdir()) == versions[2:]
     # A caller's own directory is left alone.
-    assert steps.prune_bundles(lake, None, keep=1) == versions[2:4]
+    assert handover.prune_bundles(lake, None, keep=1) == versions[2:4]
     assert sorted(p.name for p in staging.iterdir()) == versions[2:]

@@ -15,10 +15,8 @@ Three snapshots of the world are built by every stateful step:
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Mapping
@@ -54,8 +52,25 @@ from recsys_assets.training.evaluation import (
     per_user_split,
     popularity_lists,
 )
+from recsys_assets.training.handover import (
+    KEEP_BUNDLES,
+    latest_bundle,
+    prune_bundles,
+    upload_bundle,
+)
 from recsys_assets.training.lastout import SNAPSHOT as LASTOUT
 from recsys_assets.training.lastout import LastOut, leave_last_out
+from recsys_assets.training.names import (
+    CANDIDATE_INDEX,
+    EVALUATION,
+    INTERACTIONS,
+    ITEM_FEATURES,
+    RANKING_DATASET,
+    RANKING_MODEL,
+    RECOMMENDER,
+    RETRIEVAL,
+    USER_FEATURES,
+)
 from recsys_assets.training.params import TrainingParams
 from recsys_assets.training.prepare import prepare_interactions, scan_weblogs
 from recsys_assets.training.ranking import (
@@ -78,14 +93,14 @@ from recsys_assets.training.snapshot import (
     item_snapshot,
     user_snapshot,
 )
+from recsys_assets.training.verdict import first_promotion, judge, registration_tags
 from recsys_serving.index.base import IndexArtifact, IndexPublisher
+from recsys_serving.index.retention import publish_with_retention
 from recsys_serving.lake import Lake
 from recsys_serving.logging import get_logger
 from recsys_serving.model.bundle import (
-    MANIFEST,
     BundleError,
     BundleWriter,
-    is_version,
     new_version,
     verify_bundle,
 )
@@ -101,29 +116,14 @@ from recsys_serving.model.recommender import (
 )
 from recsys_serving.model.state import ModelState
 from recsys_serving.registry import (
-    ANSWERS,
-    CANDIDATE,
     POPULARITY_ANSWERS,
     PRODUCTION,
     ModelRegistry,
     PromotionRule,
-    decide_first_model,
-    decide_promotion,
     serves_popularity,
 )
 
 log = get_logger(__name__)
-
-INTERACTIONS = "interactions"
-ITEM_FEATURES = "item_features"
-USER_FEATURES = "user_features"
-RETRIEVAL = "retrieval_model"
-CANDIDATE_INDEX = "candidate_index"
-RANKING_DATASET = "ranking_dataset"
-RANKING_MODEL = "ranking_model"
-RECOMMENDER = "recommender_model"
-EVALUATION = "model_evaluation"
-KEEP_BUNDLES = 3  # training bundles kept for hand-over (the registry has its own copies)
 
 
 # ------------------------------------------------------------------ shared loading
@@ -377,34 +377,8 @@ def run_candidate_index(
         "published": "embedded (travels in the bundle)",
     }
     if publisher is not None:
-        result["published"] = publisher.publish(artifact)
-        # Without retention every retraining would leave an index behind for good.
-        keep = index_versions_to_keep(ModelRegistry(lake), version)
-        result["kept_indices"] = keep
-        result["pruned_indices"] = publisher.prune(keep)
+        result |= publish_with_retention(publisher, artifact, ModelRegistry(lake))
     return result
-
-
-# Production indices kept besides the current one, so that `recsys models rollback`
-# (which goes back one production at a time) still finds its model's index.
-KEEP_PREVIOUS_PRODUCTIONS = 2
-
-
-def index_versions_to_keep(registry: ModelRegistry, new_version: str) -> list[str]:
-    """The versions whose index must survive a prune: the one just built, the
-    candidate, production and the productions before it, newest first."""
-    keep = [new_version]
-    for alias in (CANDIDATE, PRODUCTION):
-        current = registry.alias(alias)
-        if current is not None and current.version is not None:
-            keep.append(current.version)
-    productions: list[str] = []
-    for event in registry.history(alias=PRODUCTION):
-        if event.version is not None and event.version not in productions:
-            productions.append(event.version)
-        if len(productions) > KEEP_PREVIOUS_PRODUCTIONS:
-            break
-    return list(dict.fromkeys([*keep, *productions]))
 
 
 def run_ranking_dataset(lake: Lake, params: TrainingParams) -> dict[str, Any]:
@@ -591,64 +565,6 @@ def run_recommender_model(
     return target, writer.manifest
 
 
-def prune_bundles(lake: Lake, staging: Path | None, keep: int) -> list[str]:
-    """Drop all but the newest ``keep`` training bundles (in the lake, and in
-    ``staging`` when given).
-
-    Every retraining writes one; the registry keeps its own copy of each registered
-    version, so these are only the hand-over between assets and can go.
-    """
-    prefix = art.key(RECOMMENDER, "bundles/")
-    versions = sorted(
-        {o.key[len(prefix) :].split("/")[0] for o in lake.list(prefix) if o.key != prefix}
-    )
-    removed = [v for v in versions if is_version(v)][:-keep] if keep > 0 else []
-    for version in removed:
-        for obj in list(lake.list(f"{prefix}{version}/")):
-            lake.delete(obj.key)
-        local = lake.local_path(f"{prefix}{version}")
-        if local is not None and local.exists():
-            shutil.rmtree(local, ignore_errors=True)
-    if staging is not None:
-        staged = sorted(p for p in staging.iterdir() if p.is_dir() and is_version(p.name))
-        for path in staged[:-keep] if keep > 0 else []:
-            shutil.rmtree(path, ignore_errors=True)
-    return removed
-
-
-def upload_bundle(lake: Lake, bundle: Path) -> str:
-    manifest = verify_bundle(bundle)
-    prefix = art.key(RECOMMENDER, f"bundles/{manifest['version']}")
-    for name in sorted(manifest["files"]):
-        lake.put_bytes(f"{prefix}/{name}", (bundle / name).read_bytes())
-    lake.put_bytes(f"{prefix}/{MANIFEST}", (bundle / MANIFEST).read_bytes())
-    return prefix
-
-
-def latest_bundle(lake: Lake, dest_root: Path) -> Path:
-    """The newest bundle ``recommender_model`` wrote, as a verified local directory."""
-    version = art.get_json(lake, art.key(RECOMMENDER, "latest.json"))["version"]
-    prefix = art.key(RECOMMENDER, f"bundles/{version}")
-    local = lake.local_path(prefix)
-    if local is not None and local.exists():
-        verify_bundle(local)
-        return local
-    target = dest_root / version
-    if target.exists():
-        shutil.rmtree(target)
-    tmp = dest_root / f".{version}.download"
-    shutil.rmtree(tmp, ignore_errors=True)
-    manifest_bytes = lake.get_bytes(f"{prefix}/{MANIFEST}")
-    for name in json.loads(manifest_bytes)["files"]:
-        path = tmp / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(lake.get_bytes(f"{prefix}/{name}"))
-    (tmp / MANIFEST).write_bytes(manifest_bytes)
-    verify_bundle(tmp)
-    tmp.rename(target)
-    return target
-
-
 def snapshot_state(
     enc: Encoded,
     vocab: Vocabulary,
@@ -770,28 +686,17 @@ def run_model_evaluation(
             )
         else:
             production_metrics = evaluate(model_lists(production_model), holdout, params)
-    first_model = decide_first_model(comparisons, rule, impressions=int(prep.enc.imp_ts.size))
-    decision = decide_promotion(challenger_metrics, production_metrics, rule)
-    reason = decision.reason
-    if production_version is None or gated:
-        verdict = "first_model" if first_model.serve else "below_popularity"
-        reason = (
-            ""
-            if production_version is None
-            else f"production {production_version} answers with popularity; "
-        ) + (first_model.warning or first_model.reason)
-    elif unusable is not None:
-        verdict = "promote" if decision.promote else "reject"
-        reason = f"production {production_version} cannot be evaluated ({unusable}); " + (
-            f"the challenger replaces it on its own {rule.metric}="
-            f"{challenger_metrics.get(rule.metric)}"
-            if decision.promote
-            else reason
-        )
-    else:
-        verdict = "promote" if decision.promote else "reject"
-    if first_model.warning is not None and verdict in ("first_model", "below_popularity"):
-        log.warning("evaluation.first_model_rule", decision=verdict, warning=first_model.warning)
+    verdict = judge(
+        rule=rule,
+        comparisons=comparisons,
+        challenger_metrics=challenger_metrics,
+        production_metrics=production_metrics,
+        production_version=production_version,
+        production_gated=gated,
+        production_unusable=unusable,
+        impressions=int(prep.enc.imp_ts.size),
+    )
+    first_model = verdict.first_model
     results: dict[str, dict[str, float]] = {
         "challenger": challenger_metrics,
         "popularity": popularity,
@@ -805,11 +710,11 @@ def run_model_evaluation(
         "challenger_version": manifest["version"],
         "production_version": production_version,
         "production_answers": POPULARITY_ANSWERS if gated else ("model" if production else None),
-        "decision": verdict,
-        "decision_reason": reason,
-        "evidence": decision.evidence,
+        "decision": verdict.decision,
+        "decision_reason": verdict.reason,
+        "evidence": verdict.promotion.evidence,
         "first_model_rule": {
-            "applies": production_version is None or gated,
+            "applies": verdict.first_model_applies,
             "serve": first_model.serve,
             "reason": first_model.reason,
             "warning": first_model.warning,
@@ -829,21 +734,6 @@ def run_model_evaluation(
     return evaluation
 
 
-def _ndcg_tags(evaluation: Mapping[str, Any]) -> dict[str, str]:
-    """The evaluation's headline figures as registration tags (``recsys models show``)."""
-    k = evaluation.get("k", 10)
-    name = f"ndcg@{k}"
-    tags: dict[str, str] = {}
-    metrics = evaluation.get("metrics") or {}
-    per_user = (evaluation.get("per_user") or {}).get("metrics") or {}
-    for prefix, source in (("holdout", metrics), ("per_user", per_user)):
-        for model in ("challenger", "popularity"):
-            value = (source.get(model) or {}).get(name)
-            if isinstance(value, int | float):
-                tags[f"{prefix}_{model}_{name}"] = f"{value:.4f}"
-    return tags
-
-
 def run_registration(lake: Lake, cache_dir: Path) -> dict[str, Any]:
     """Register the newest bundle. It becomes production when there is none yet, or when
     production only answers with popularity: serving its own answers if the first-model
@@ -858,30 +748,24 @@ def run_registration(lake: Lake, cache_dir: Path) -> dict[str, Any]:
             f"model_evaluation evaluated {evaluation.get('challenger_version')}, but the newest "
             f"bundle is {manifest['version']}: materialize model_evaluation again"
         )
-    rule = evaluation.get("first_model_rule") or {}
-    tags = {"decision": str(evaluation["decision"]), "source": "retrain", **_ndcg_tags(evaluation)}
+    tags = {
+        "decision": str(evaluation["decision"]),
+        "source": "retrain",
+        **registration_tags(evaluation),
+    }
     registered = registry.register(bundle, tags=tags)
     registered_as = "registered"
     production = registry.alias(PRODUCTION)
     if production is None or serves_popularity(production):
-        evidence: dict[str, Any] = {
-            "metrics": evaluation["metrics"]["challenger"],
-            "first_model_rule": {k: rule.get(k) for k in ("serve", "reason", "warning")}
-            | {"judged": (rule.get("evidence") or {}).get("judged")},
-        }
-        if evaluation["decision"] == "below_popularity":
-            evidence[ANSWERS] = POPULARITY_ANSWERS
-            reason = f"first model, answering with popularity: {evaluation['decision_reason']}"
-            registered_as = f"{PRODUCTION} (answers: {POPULARITY_ANSWERS})"
+        first = first_promotion(evaluation)
+        registered_as = first.registered_as
+        if first.below_popularity:
             log.warning(
                 "training.below_popularity",
                 version=registered.version,
                 reason=evaluation["decision_reason"],
             )
-        else:
-            reason = f"first model: {evaluation['decision_reason']}"
-            registered_as = PRODUCTION
-        registry.promote(registered.version, reason=reason, evidence=evidence)
+        registry.promote(registered.version, reason=first.reason, evidence=first.evidence)
     log.info("training.registered", version=registered.version, registered_as=registered_as)
     return {
         "version": registered.version,
