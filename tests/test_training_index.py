@@ -51,7 +51,7 @@ def test_the_published_index_is_the_one_in_the_bundle(tiny_world: TinyWorld) -> 
     # Retention runs after each publish and never drops the index just built.
     assert len(publisher.kept) == 1 and publisher.kept[0][0] == published.version
     index_result = outcome.steps["candidate_index"]
-    assert index_result["published"] == f"recsys-items-{published.version}"
+    assert index_result.published == f"recsys-items-{published.version}"
     assert outcome.manifest["index_version"] == published.version
 
     bundled = IndexArtifact.load(outcome.bundle_path / INDEX_DIR)

@@ -55,9 +55,10 @@ def upload_bundle(lake: Lake, bundle: Path) -> str:
     return prefix
 
 
-def latest_bundle(lake: Lake, dest_root: Path) -> Path:
-    """The newest bundle ``recommender_model`` wrote, as a verified local directory."""
-    version = art.get_json(lake, art.key(RECOMMENDER, "latest.json"))["version"]
+def fetch_bundle(lake: Lake, version: str, dest_root: Path) -> Path:
+    """The training bundle ``version`` (as ``recommender_model`` uploaded it), as a
+    verified local directory: the lake's own copy when the lake is local, else a
+    download under ``dest_root``."""
     prefix = art.key(RECOMMENDER, f"bundles/{version}")
     local = lake.local_path(prefix)
     if local is not None and local.exists():

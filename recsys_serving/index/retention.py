@@ -7,7 +7,7 @@ vectors, so the registry's aliases decide what stays (:func:`index_versions_to_k
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 from recsys_serving.index.base import IndexArtifact, IndexPublisher
 from recsys_serving.registry import CANDIDATE, PRODUCTION, ModelRegistry
@@ -34,10 +34,19 @@ def index_versions_to_keep(registry: ModelRegistry, new_version: str) -> list[st
     return list(dict.fromkeys([*keep, *productions]))
 
 
+@dataclass(frozen=True, slots=True)
+class Published:
+    """Where the new index lives, and what retention kept and deleted."""
+
+    index: str
+    kept: list[str]
+    pruned: list[str]
+
+
 def publish_with_retention(
     publisher: IndexPublisher, artifact: IndexArtifact, registry: ModelRegistry
-) -> dict[str, Any]:
+) -> Published:
     """Publish ``artifact``'s index, then prune the indices no kept version queries."""
-    published = publisher.publish(artifact)
+    index = publisher.publish(artifact)
     keep = index_versions_to_keep(registry, artifact.version)
-    return {"published": published, "kept_indices": keep, "pruned_indices": publisher.prune(keep)}
+    return Published(index=index, kept=keep, pruned=publisher.prune(keep))
