@@ -382,6 +382,8 @@ REPORTERS: dict[str, _Reporter] = {
     EVALUATION: _Reporter(_model_evaluation),
     REGISTERED: _Reporter(_registered_model, with_mlflow=True),
 }
+if set(REPORTERS) != set(graph.NAMES):  # a new row of the table needs its metadata here
+    raise ValueError(f"training steps without a reporter: {set(graph.NAMES) ^ set(REPORTERS)}")
 
 
 def step_env(lake: LakeResource, training: TrainingConfig) -> graph.StepEnv:
