@@ -56,7 +56,7 @@ REPLICATED = {30_000_000: (10_000_000, 3), 100_000_000: (10_000_000, 10)}
 STEP_CODE = """
 import json, sys, time
 from pathlib import Path
-from recsys_assets.training import steps
+from recsys_assets.training import graph
 from recsys_serving.lake import open_lake
 from recsys_serving.settings import Settings
 settings = Settings()
@@ -65,29 +65,24 @@ params = settings.training
 cache = Path(settings.resolved_home) / "cache" / "training"
 cache.mkdir(parents=True, exist_ok=True)
 name = sys.argv[1]
-calls = {
-    "item_catalog": lambda: _catalog("items"),
-    "user_profiles": lambda: _catalog("users"),
-    "interactions": lambda: steps.run_interactions(lake, params),
-    "item_features": lambda: steps.run_item_features(lake, params),
-    "user_features": lambda: steps.run_user_features(lake, params),
-    "retrieval_model": lambda: steps.run_retrieval(lake, params),
-    "candidate_index": lambda: steps.run_candidate_index(lake),
-    "ranking_dataset": lambda: steps.run_ranking_dataset(lake, params),
-    "ranking_model": lambda: steps.run_ranking_model(lake, params),
-    "recommender_model": lambda: steps.run_recommender_model(lake, params, cache / "bundles")[1],
-    "model_evaluation": lambda: steps.run_model_evaluation(
-        lake, params, settings.promotion, cache
-    ),
-    "registered_model": lambda: steps.run_registration(lake, cache),
-}
 def _catalog(kind):
     from recsys_serving.stores.catalog import write_items_snapshot, write_users_snapshot
     from recsys_serving.stores.docstore import open_docstore
     with open_docstore(settings) as store:
         snap = (write_items_snapshot if kind == "items" else write_users_snapshot)(store, lake)
     return {"rows": snap.rows}
-result = calls[name]()
+if name in graph.BY_NAME:
+    # The step as a Dagster step runs it: handed its inputs' records from the lake.
+    env = graph.StepEnv(
+        lake=lake,
+        params=params,
+        staging=cache / "bundles",
+        cache_dir=cache,
+        rule=settings.promotion,
+    )
+    result = graph.execute(graph.BY_NAME[name], env, graph.LakeOutputs(lake)).to_json()
+else:
+    result = _catalog({"item_catalog": "items", "user_profiles": "users"}[name])
 print(json.dumps(result, default=str))
 """
 
@@ -279,20 +274,9 @@ def run_training(
 ) -> dict[str, Any]:
     env = child_env(home, threads)
     n_events = report["events"]
-    training = [
-        "item_catalog",
-        "user_profiles",
-        "interactions",
-        "item_features",
-        "user_features",
-        "retrieval_model",
-        "candidate_index",
-        "ranking_dataset",
-        "ranking_model",
-        "recommender_model",
-        "model_evaluation",
-        "registered_model",
-    ]
+    from recsys_assets.training.graph import RETRAIN_ASSETS
+
+    training = list(RETRAIN_ASSETS)  # what retrain_job runs, in its order
     if stop_after is not None:
         training = training[: training.index(stop_after) + 1]
     for step in training:

@@ -106,12 +106,15 @@ def test_logs_with_impressions_skip_the_rule_unless_it_is_switched_on() -> None:
 
 # ------------------------------------------------------------------ the whole path
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[BurstyWorld, TrainingParams]:
-    """A bursty ratings log (no impressions), landed and trained once."""
+def trained(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[BurstyWorld, TrainingParams, str]:
+    """A bursty ratings log (no impressions), landed and trained once: the world, the
+    parameters and the bundle's version."""
     world = build_bursty_world(tmp_path_factory.mktemp("first-model-rule"))
     params = bursty_params(world.settings)
-    train_bundle(world.lake, params, world.root / "bundles")
-    return world, params
+    outcome = train_bundle(world.lake, params, world.root / "bundles")
+    return world, params, outcome.bundle.version
 
 
 def fresh_lake(world: BurstyWorld, tmp_path: Path) -> LocalLake:
@@ -175,28 +178,28 @@ def recommend(lake: LocalLake, tmp_path: Path, user: str) -> tuple[dict[str, Any
 
 @pytest.mark.slow
 def test_a_model_that_beats_popularity_becomes_production_and_serves_itself(
-    trained: tuple[BurstyWorld, TrainingParams],
+    trained: tuple[BurstyWorld, TrainingParams, str],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    world, params = trained
+    world, params, bundle = trained
     lake = fresh_lake(world, tmp_path)
     challenger_answers(monkeypatch, knn_lists)
-    evaluation = steps.run_model_evaluation(lake, params, RULE, tmp_path / "cache")
-    assert evaluation["decision"] == "first_model", evaluation["decision_reason"]
-    rule = evaluation["first_model_rule"]
+    evaluation = steps.run_model_evaluation(lake, params, RULE, tmp_path / "cache", bundle)
+    assert evaluation.decision == "first_model", evaluation.decision_reason
+    rule = evaluation.first_model_rule
     assert rule["applies"] and rule["serve"] and rule["warning"] is None
     judged = rule["evidence"]["judged"]["per_user"]
     assert judged["users"] >= RULE.first_model_min_users
     assert judged["challenger"] > judged["popularity"]
-    per_user = evaluation["per_user"]["metrics"]
+    per_user = evaluation.per_user["metrics"]
     assert per_user["challenger"]["ndcg@10"] > per_user["popularity"]["ndcg@10"]
 
-    registered = steps.run_registration(lake, tmp_path / "cache")
-    assert registered["registered_as"] == PRODUCTION
+    registered = steps.run_registration(lake, tmp_path / "cache", evaluation)
+    assert registered.registered_as == PRODUCTION
     production = ModelRegistry(lake).alias(PRODUCTION)
     assert production is not None and not serves_popularity(production)
-    tags = ModelRegistry(lake).get(registered["version"]).tags
+    tags = ModelRegistry(lake).get(registered.version).tags
     assert float(tags["per_user_challenger_ndcg@10"]) > float(tags["per_user_popularity_ndcg@10"])
 
     user = str(world.events["user_id"][0])
@@ -206,20 +209,20 @@ def test_a_model_that_beats_popularity_becomes_production_and_serves_itself(
 
 @pytest.mark.slow
 def test_a_model_below_popularity_answers_with_popularity_until_one_beats_it(
-    trained: tuple[BurstyWorld, TrainingParams],
+    trained: tuple[BurstyWorld, TrainingParams, str],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    world, params = trained
+    world, params, bundle = trained
     lake = fresh_lake(world, tmp_path)
     challenger_answers(monkeypatch, least_popular_lists)
-    evaluation = steps.run_model_evaluation(lake, params, RULE, tmp_path / "cache")
-    assert evaluation["decision"] == "below_popularity"
-    assert "serving popularity answers" in evaluation["decision_reason"]
-    assert evaluation["first_model_rule"]["evidence"]["judged"]["per_user"]["clearly_below"]
+    evaluation = steps.run_model_evaluation(lake, params, RULE, tmp_path / "cache", bundle)
+    assert evaluation.decision == "below_popularity"
+    assert "serving popularity answers" in evaluation.decision_reason
+    assert evaluation.first_model_rule["evidence"]["judged"]["per_user"]["clearly_below"]
 
-    first = steps.run_registration(lake, tmp_path / "cache")
-    assert first["registered_as"] == f"{PRODUCTION} (answers: {POPULARITY_ANSWERS})"
+    first = steps.run_registration(lake, tmp_path / "cache", evaluation)
+    assert first.registered_as == f"{PRODUCTION} (answers: {POPULARITY_ANSWERS})"
     production = ModelRegistry(lake).alias(PRODUCTION)
     assert production is not None and production.evidence[ANSWERS] == POPULARITY_ANSWERS
 
@@ -227,21 +230,21 @@ def test_a_model_below_popularity_answers_with_popularity_until_one_beats_it(
     user = str(world.events["user_id"][0])
     body, metrics = recommend(lake, tmp_path, user)
     assert body["served_by"] == "fallback"
-    model = Recommender.load(ModelRegistry(lake).fetch(first["version"], tmp_path / "fetch"))
+    model = Recommender.load(ModelRegistry(lake).fetch(first.version, tmp_path / "fetch"))
     expected = [r.item_id for r in model.popular(10, exclude=model.seen(user))]
     assert [it["item_id"] for it in body["items"]] == expected
     reasons = {s[0].get("reason"): s[1] for s in parse_metrics(metrics)["recsys_fallback_total"]}
     assert reasons.get("below_popularity", 0) >= 1
 
     # The next model that beats popularity replaces it and serves its own answers.
-    steps.run_recommender_model(lake, params, tmp_path / "staging")
+    newest = steps.run_recommender_model(lake, params, tmp_path / "staging")
     challenger_answers(monkeypatch, knn_lists)
-    again = steps.run_model_evaluation(lake, params, RULE, tmp_path / "cache")
-    assert again["decision"] == "first_model"
-    assert again["decision_reason"].startswith(f"production {first['version']} answers with")
-    second = steps.run_registration(lake, tmp_path / "cache")
-    assert second["version"] != first["version"]
-    assert second["registered_as"] == PRODUCTION
+    again = steps.run_model_evaluation(lake, params, RULE, tmp_path / "cache", newest.version)
+    assert again.decision == "first_model"
+    assert again.decision_reason.startswith(f"production {first.version} answers with")
+    second = steps.run_registration(lake, tmp_path / "cache", again)
+    assert second.version != first.version
+    assert second.registered_as == PRODUCTION
     assert not serves_popularity(ModelRegistry(lake).alias(PRODUCTION))
     body, _ = recommend(lake, tmp_path / "second", user)
     assert body["served_by"] == "champion"

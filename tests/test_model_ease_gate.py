@@ -257,7 +257,7 @@ def test_a_ranker_that_loses_the_gate_is_not_served(tiny_world: TinyWorld, tmp_p
     outcome = train_bundle(lake, params, tmp_path / "bundles")
     ranking = outcome.manifest["ranking"]
     assert ranking["mode"] == "blend" and "trees" in ranking["reason"]
-    assert outcome.steps[steps.RANKING_MODEL]["ranking"]["mode"] == "blend"
+    assert outcome.steps[steps.RANKING_MODEL].ranking["mode"] == "blend"
     model = Recommender.load(outcome.bundle_path)
     assert isinstance(model.ranker, BlendRanker)
     assert model.blend == Blend.from_dict(ranking["blend"])

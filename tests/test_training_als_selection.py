@@ -123,7 +123,7 @@ def test_the_bundle_records_the_choice_and_is_fitted_with_it(
     selection = tiny_outcome.manifest["components"]["als_selection"]
     assert "logged impressions" in selection["skipped"]
     assert selection["selected"] == {"als_alpha": 10.0, "als_bm25": True}
-    assert tiny_outcome.steps[steps.RETRIEVAL]["als_selection"] == selection
+    assert tiny_outcome.steps[steps.RETRIEVAL].als_selection == selection
     for snapshot, fit in tiny_outcome.manifest["components"]["als"].items():
         assert fit["alpha"] == 10.0 and fit["bm25"] is True, snapshot
 
@@ -166,11 +166,10 @@ def test_retrieval_fits_every_snapshot_with_the_chosen_settings(
         als_select=True, als_regularization=CRUSHING, als_grid={"als_regularization": [0.05]}
     )
     result = steps.run_retrieval(lake, bad)
-    assert result["als_selection"]["selected"] == {"als_regularization": 0.05}
-    assert {fit["regularization"] for fit in result["als"].values()} == {0.05}
+    assert result.als_selection["selected"] == {"als_regularization": 0.05}
+    assert {fit["regularization"] for fit in result.als.values()} == {0.05}
     assert (
-        art.get_json(lake, art.key(steps.RETRIEVAL, "als_selection.json"))
-        == result["als_selection"]
+        art.get_json(lake, art.key(steps.RETRIEVAL, "als_selection.json")) == result.als_selection
     )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from model_support import build_tiny_world, tiny_params
 
-from recsys_assets.training import steps
+from recsys_assets.training import handover, steps
 from recsys_assets.training.pipeline import train_bundle
 from recsys_serving.lake import LocalLake
 from recsys_serving.model.bundle import MANIFEST, BundleWriter, read_manifest
@@ -42,33 +42,39 @@ def _foreign_copy(bundle: Path, target: Path) -> Path:
 def test_first_model_then_comparison_with_production_as_served(trained, tmp_path: Path) -> None:
     world, params, outcome = trained
     rule = PromotionRule(metric="ndcg@10", min_lift=0.0, guardrails={})
-    first = steps.run_model_evaluation(world.lake, params, rule, tmp_path / "cache")
-    assert first["decision"] == "first_model"
-    assert first["production_version"] is None
-    assert first["metrics"]["production"] is None
-    assert first["metrics"]["challenger"]["ndcg@10"] == outcome.metrics["ndcg@10"]
-    registered = steps.run_registration(world.lake, tmp_path / "cache")
-    assert registered["registered_as"] == PRODUCTION
+    first = steps.run_model_evaluation(
+        world.lake, params, rule, tmp_path / "cache", outcome.bundle.version
+    )
+    assert first.decision == "first_model"
+    assert first.production_version is None
+    assert first.metrics["production"] is None
+    assert first.metrics["challenger"]["ndcg@10"] == outcome.metrics["ndcg@10"]
+    registered = steps.run_registration(world.lake, tmp_path / "cache", first)
+    assert registered.registered_as == PRODUCTION
     registry = ModelRegistry(world.lake)
     assert registry.alias(PRODUCTION).version == outcome.manifest["version"]
 
     # The same bundle evaluated again: production is itself, so nothing to compare.
-    again = steps.run_model_evaluation(world.lake, params, rule, tmp_path / "cache")
-    assert again["production_version"] == outcome.manifest["version"]
-    assert again["metrics"]["production"] is None
+    again = steps.run_model_evaluation(
+        world.lake, params, rule, tmp_path / "cache", outcome.bundle.version
+    )
+    assert again.production_version == outcome.manifest["version"]
+    assert again.metrics["production"] is None
 
     # A second model: production is scored as served on the same holdout users.
     second = train_bundle(world.lake, params, world.root / "bundles")
-    result = steps.run_model_evaluation(world.lake, params, rule, tmp_path / "cache")
-    assert result["challenger_version"] == second.manifest["version"]
-    assert result["production_version"] == outcome.manifest["version"]
-    production = result["metrics"]["production"]
-    assert production["users"] == result["metrics"]["challenger"]["users"]
-    assert result["decision"] in {"promote", "reject"}
-    assert "ndcg@10" in result["decision_reason"]
-    assert "| production |" in result["table"]
-    done = steps.run_registration(world.lake, tmp_path / "cache")
-    assert done["registered_as"] == "registered"
+    result = steps.run_model_evaluation(
+        world.lake, params, rule, tmp_path / "cache", second.bundle.version
+    )
+    assert result.challenger_version == second.manifest["version"]
+    assert result.production_version == outcome.manifest["version"]
+    production = result.metrics["production"]
+    assert production["users"] == result.metrics["challenger"]["users"]
+    assert result.decision in {"promote", "reject"}
+    assert "ndcg@10" in result.decision_reason
+    assert "| production |" in result.table
+    done = steps.run_registration(world.lake, tmp_path / "cache", result)
+    assert done.registered_as == "registered"
     assert registry.alias(PRODUCTION).version == outcome.manifest["version"]
 
 
@@ -79,13 +85,15 @@ def test_an_unloadable_production_is_no_bar_to_clear(trained, tmp_path: Path) ->
     registered = registry.register(foreign)
     assert registered.version == read_manifest(foreign)["version"]
     registry.promote(registered.version, reason="test: an old model in production")
-    train_bundle(world.lake, params, world.root / "bundles")
+    newest = train_bundle(world.lake, params, world.root / "bundles")
     rule = PromotionRule(metric="ndcg@10", min_lift=0.01, guardrails={})
-    result = steps.run_model_evaluation(world.lake, params, rule, tmp_path / "cache")
-    assert result["production_version"] == registered.version
-    assert result["decision"] == "promote"
-    assert "cannot be evaluated" in result["decision_reason"]
-    assert "features" in result["decision_reason"]
+    result = steps.run_model_evaluation(
+        world.lake, params, rule, tmp_path / "cache", newest.bundle.version
+    )
+    assert result.production_version == registered.version
+    assert result.decision == "promote"
+    assert "cannot be evaluated" in result.decision_reason
+    assert "features" in result.decision_reason
     assert (foreign / MANIFEST).exists()
 
 
@@ -97,10 +105,10 @@ def test_old_training_bundles_are_pruned(tmp_path: Path) -> None:
         lake.put_bytes(f"training/recommender_model/bundles/{version}/manifest.json", b"{}")
         lake.put_bytes(f"training/recommender_model/bundles/{version}/state/a.npz", b"x")
         (staging / version).mkdir(parents=True)
-    assert steps.prune_bundles(lake, staging, keep=3) == versions[:2]
+    assert handover.prune_bundles(lake, staging, keep=3) == versions[:2]
     left = {o.key.split("/")[3] for o in lake.list("training/recommender_model/bundles/")}
     assert left == set(versions[2:])
     assert sorted(p.name for p in staging.iterdir()) == versions[2:]
     # A caller's own directory is left alone.
-    assert steps.prune_bundles(lake, None, keep=1) == versions[2:4]
+    assert handover.prune_bundles(lake, None, keep=1) == versions[2:4]
     assert sorted(p.name for p in staging.iterdir()) == versions[2:]

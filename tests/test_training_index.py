@@ -11,9 +11,9 @@ from model_support import TinyWorld, tiny_params, tiny_world
 from monitoring_support import register_model
 
 from recsys_assets.training.pipeline import train_bundle
-from recsys_assets.training.steps import index_versions_to_keep
 from recsys_serving.index import EmbeddedIndex
 from recsys_serving.index.base import CandidateQuery, IndexArtifact
+from recsys_serving.index.retention import index_versions_to_keep
 from recsys_serving.lake import LocalLake
 from recsys_serving.model.recommender import INDEX_DIR, Recommender
 from recsys_serving.registry import CANDIDATE, PRODUCTION, ModelRegistry
@@ -51,7 +51,7 @@ def test_the_published_index_is_the_one_in_the_bundle(tiny_world: TinyWorld) -> 
     # Retention runs after each publish and never drops the index just built.
     assert len(publisher.kept) == 1 and publisher.kept[0][0] == published.version
     index_result = outcome.steps["candidate_index"]
-    assert index_result["published"] == f"recsys-items-{published.version}"
+    assert index_result.published == f"recsys-items-{published.version}"
     assert outcome.manifest["index_version"] == published.version
 
     bundled = IndexArtifact.load(outcome.bundle_path / INDEX_DIR)

@@ -162,6 +162,6 @@ def test_a_training_window_reads_only_the_partitions_it_needs(tmp_path: Path) ->
         rank_cutoffs=1,
     )
     result = steps.run_interactions(world.lake, params)
-    assert result["data"]["partitions"] == ["2024-05-29", "2024-05-30", "2024-05-31"]
-    bounds = result["bounds"]
+    assert result.data["partitions"] == ["2024-05-29", "2024-05-30", "2024-05-31"]
+    bounds = result.bounds
     assert bounds["end"] - bounds["start"] <= 1.5 * DAY + 1.0

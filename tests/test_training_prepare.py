@@ -126,10 +126,10 @@ def test_edge_cases_match_too(tmp_path: Path) -> None:
 def test_run_interactions_reads_only_the_window_partitions(tiny_world: TinyWorld) -> None:
     params = tiny_params(0, tiny_world.settings)
     out = steps.run_interactions(tiny_world.lake, params)
-    assert out["data"]["partitions"] == tiny_world.days
-    assert sum(out["data"]["rows"].values()) == read_weblogs(tiny_world.lake).frame.height
+    assert out.data["partitions"] == tiny_world.days
+    assert sum(out.data["rows"].values()) == read_weblogs(tiny_world.lake).frame.height
     arrays = art.get_arrays(tiny_world.lake, art.key(steps.INTERACTIONS, "prepared.npz"))
-    assert arrays["enc/user"].size == out["data"]["events"]
+    assert arrays["enc/user"].size == out.data["events"]
 
 
 @pytest.mark.parametrize("window_days", [None, 1.0])

@@ -19,22 +19,6 @@ from rich.markup import escape
 from recsys_assets.cli import app
 from recsys_assets.cli.common import console, fail, progress, summary
 
-# Assets of retrain_job in execution order (what the progress bar counts).
-RETRAIN_STEPS = (
-    "item_catalog",
-    "user_profiles",
-    "interactions",
-    "item_features",
-    "user_features",
-    "retrieval_model",
-    "candidate_index",
-    "ranking_dataset",
-    "ranking_model",
-    "recommender_model",
-    "model_evaluation",
-    "registered_model",
-)
-
 
 def unprocessed_days(lake: Any) -> list[str]:
     """Dates with sealed landing files newer than their weblogs partition (or without one)."""
@@ -130,6 +114,7 @@ def _retrain(settings: Any, lake: Any, instance: Any, process: bool, started: fl
 
     from recsys_assets.monitoring.sensors import IN_PROCESS_RUN_CONFIG
     from recsys_assets.runs import CLI_RUN_CONFIG, execute_run, materialize_weblogs
+    from recsys_assets.training.graph import RETRAIN_ASSETS
     from recsys_assets.training.jobs import RETRAIN_TAGS
 
     if process:
@@ -151,7 +136,7 @@ def _retrain(settings: Any, lake: Any, instance: Any, process: bool, started: fl
     run_config = {**IN_PROCESS_RUN_CONFIG, **CLI_RUN_CONFIG}
 
     with progress() as bar:
-        task = bar.add_task("retraining", total=len(RETRAIN_STEPS))
+        task = bar.add_task("retraining", total=len(RETRAIN_ASSETS))
 
         def started_run(run_id: str) -> None:
             bar.update(task, description=f"retraining (run {run_id[:8]})")

@@ -1,16 +1,19 @@
-"""The training assets: weblogs and the catalogue in, a registered model bundle out.
+"""The training assets, generated from the step table.
 
-Each asset calls one step of :mod:`recsys_assets.training.steps` (plain, tested
-functions that read their inputs from the lake and write their output there) and
-turns the result into metadata, so the UI shows windows, sizes, fit times, feature
-statistics, metrics and the promotion decision for every run.
+Each asset of :data:`recsys_assets.training.graph.STEPS` gets its key, deps, kinds,
+description, group and blocking checks from the table and runs its step function
+(plain, tested code in :mod:`recsys_assets.training.steps`) inside its run's directory.
+What is written here is only how each step's record becomes metadata, so the UI shows
+windows, sizes, fit times, feature statistics, metrics and the promotion decision for
+every run.
 """
 
 # No `from __future__ import annotations`: Dagster inspects the context annotation.
 import base64
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
@@ -20,14 +23,26 @@ from recsys_assets.resources import LakeResource
 from recsys_assets.tracking.mirror import OFF, record_retraining
 from recsys_assets.tracking.resource import MlflowResource
 from recsys_assets.training import artifacts as art
-from recsys_assets.training import steps
+from recsys_assets.training import graph, outputs
 from recsys_assets.training.checks import finite_check
 from recsys_assets.training.data import TrainingDataError
 from recsys_assets.training.evaluation import metrics_chart_png
+from recsys_assets.training.names import (
+    CANDIDATE_INDEX,
+    EVALUATION,
+    INTERACTIONS,
+    ITEM_FEATURES,
+    RANKING_DATASET,
+    RANKING_MODEL,
+    RECOMMENDER,
+    REGISTERED,
+    RETRIEVAL,
+    USER_FEATURES,
+)
 from recsys_assets.training.resources import TrainingConfig
 from recsys_serving.registry import ModelRegistry
 
-GROUP = "training"
+GROUP = graph.GROUP
 
 
 def _json(value: Any) -> dg.MetadataValue:
@@ -37,7 +52,7 @@ def _json(value: Any) -> dg.MetadataValue:
 def _in_run(fn: Callable[..., dg.MaterializeResult]) -> Callable[..., dg.MaterializeResult]:
     """The step reads and writes its run's directory (``artifacts.run_scope``), keyed by
     the root run so a re-execution from failure finds what its parent run wrote; the
-    first step also prunes old run directories."""
+    first step (one that reads no other step) also prunes old run directories."""
 
     @functools.wraps(fn)
     def in_run(
@@ -48,7 +63,8 @@ def _in_run(fn: Callable[..., dg.MaterializeResult]) -> Callable[..., dg.Materia
     ) -> dg.MaterializeResult:
         run = context.run.root_run_id or context.run_id
         store = lake.get()
-        if fn.__name__ == steps.INTERACTIONS:
+        step = graph.BY_NAME.get(fn.__name__)
+        if step is not None and not graph.upstream_steps(step):
             removed = art.prune_runs(store, current=run)
             if removed:
                 context.log.info(f"removed {len(removed)} old training run directories")
@@ -58,7 +74,7 @@ def _in_run(fn: Callable[..., dg.MaterializeResult]) -> Callable[..., dg.Materia
     return in_run
 
 
-def _floats(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
+def _floats(prefix: str, metrics: Mapping[str, Any]) -> dict[str, float]:
     return {
         f"{prefix}{name}": float(value)
         for name, value in metrics.items()
@@ -66,33 +82,21 @@ def _floats(prefix: str, metrics: dict[str, Any]) -> dict[str, float]:
     }
 
 
-@dg.asset(
-    group_name=GROUP,
-    deps=["weblogs", "item_catalog", "user_profiles"],
-    kinds={"polars", "numpy"},
-    description=(
-        "Weighted implicit feedback from the weblogs window (view < click < add_to_cart < "
-        "purchase, ratings by value), impressions with their clicks, the training / label / "
-        "holdout cut of the window and the item/user vocabulary (catalogue + logs)."
-    ),
-)
-@_in_run
-def interactions(
-    context: dg.AssetExecutionContext, lake: LakeResource, training: TrainingConfig
+# ------------------------------------------------------------ records -> metadata
+Report = Callable[..., dg.MaterializeResult]
+
+
+def _interactions(
+    context: dg.AssetExecutionContext, out: outputs.Interactions, env: graph.StepEnv
 ) -> dg.MaterializeResult:
-    try:
-        result = steps.run_interactions(lake.get(), training.params())
-    except TrainingDataError as exc:
-        # Bad input, not a bug: one clear line in the UI and the CLI, no stack trace.
-        raise dg.Failure(description=str(exc), allow_retries=False) from exc
-    data = result["data"]
+    data = out.data
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": data["events"],
             "impressions": data["impressions"],
             "users": data["users"],
             "items": data["items"],
-            "window": _json(result["window"]),
+            "window": _json(out.window),
             "partitions": len(data["partitions"]),
             "content_hashes": _json(data["content_hashes"]),
             "event_types": _json(data["event_types"]),
@@ -101,233 +105,126 @@ def interactions(
             "logged_items_missing_from_catalog": data["vocabulary"][
                 "logged_items_missing_from_catalog"
             ],
-            "lake": dg.MetadataValue.path(
-                lake.get().uri_for(art.key(steps.INTERACTIONS, "")).rstrip("/")
-            ),
+            "lake": dg.MetadataValue.path(env.lake.uri_for(art.key(INTERACTIONS, "")).rstrip("/")),
         }
     )
 
 
-@dg.asset(
-    group_name=GROUP,
-    deps=[interactions],
-    kinds={"numpy"},
-    check_specs=[
-        dg.AssetCheckSpec(
-            "item_features_finite",
-            asset="item_features",
-            blocking=True,
-            description="No NaN or inf in any item feature of any snapshot.",
-        )
-    ],
-    description=(
-        "Per-item features as of the ranking cut-off, the holdout start and the end: "
-        "windowed and decayed popularity, trend, Bayesian-smoothed CTR from impressions, "
-        "item age, first/last interaction recency, mean rating."
-    ),
-)
-@_in_run
-def item_features(
-    context: dg.AssetExecutionContext, lake: LakeResource, training: TrainingConfig
+def _item_features(
+    context: dg.AssetExecutionContext, out: outputs.ItemFeatures, env: graph.StepEnv
 ) -> dg.MaterializeResult:
-    result = steps.run_item_features(lake.get(), training.params())
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": result["items"],
-            "items_with_history": result["with_history"],
-            "horizons_days": _json(result["horizons"]),
-            "served_table": dg.MetadataValue.md(result["table"]),
+            "dagster/row_count": out.items,
+            "items_with_history": out.with_history,
+            "horizons_days": _json(out.horizons),
+            "served_table": dg.MetadataValue.md(out.table),
         },
-        check_results=[finite_check("item_features_finite", result["non_finite"])],
+        check_results=[finite_check("item_features_finite", out.non_finite)],
     )
 
 
-@dg.asset(
-    group_name=GROUP,
-    deps=[interactions],
-    kinds={"numpy"},
-    check_specs=[
-        dg.AssetCheckSpec(
-            "user_features_finite",
-            asset="user_features",
-            blocking=True,
-            description="No NaN or inf in any user feature or category affinity.",
-        )
-    ],
-    description=(
-        "Per-user features and history as of each cut-off: activity (whole window and "
-        "recent window), recency, distinct items, smoothed CTR, category affinity (whole "
-        "window and recent), seen items and the most recent items."
-    ),
-)
-@_in_run
-def user_features(
-    context: dg.AssetExecutionContext, lake: LakeResource, training: TrainingConfig
+def _user_features(
+    context: dg.AssetExecutionContext, out: outputs.UserFeatures, env: graph.StepEnv
 ) -> dg.MaterializeResult:
-    result = steps.run_user_features(lake.get(), training.params())
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": result["users"],
-            "users_with_history": result["users_with_history"],
-            "served_table": dg.MetadataValue.md(result["table"]),
+            "dagster/row_count": out.users,
+            "users_with_history": out.users_with_history,
+            "served_table": dg.MetadataValue.md(out.table),
         },
-        check_results=[finite_check("user_features_finite", result["non_finite"])],
+        check_results=[finite_check("user_features_finite", out.non_finite)],
     )
 
 
-@dg.asset(
-    group_name=GROUP,
-    deps=[interactions],
-    kinds={"implicit", "numpy"},
-    description=(
-        "Implicit ALS fitted before each cut-off (ranking, holdout, end) with user vectors "
-        "recomputed from each snapshot's history, content vectors for cold items, and "
-        "item-item co-visitation within sessions."
-    ),
-)
-@_in_run
-def retrieval_model(
-    context: dg.AssetExecutionContext, lake: LakeResource, training: TrainingConfig
+def _retrieval(
+    context: dg.AssetExecutionContext, out: outputs.Retrieval, env: graph.StepEnv
 ) -> dg.MaterializeResult:
-    result = steps.run_retrieval(lake.get(), training.params())
     return dg.MaterializeResult(
         metadata={
-            "als_fit_seconds": _json({k: v["seconds"] for k, v in result["als"].items()}),
-            "als": _json(result["als"]),
-            "als_selected": _json(result["als_selection"]["selected"]),
-            "als_selection": _json(result["als_selection"]),
-            "covisitation": _json(result["covisit"]),
+            "als_fit_seconds": _json({k: v["seconds"] for k, v in out.als.items()}),
+            "als": _json(out.als),
+            "als_selected": _json(out.als_selection["selected"]),
+            "als_selection": _json(out.als_selection),
+            "covisitation": _json(out.covisit),
             # EASE per snapshot ("skipped" and why above the size guard) and its
             # regularisation chosen on the leave-last-out split.
-            "ease": _json(result["ease"]),
-            "ease_selection": _json(result["ease_selection"]),
+            "ease": _json(out.ease),
+            "ease_selection": _json(out.ease_selection),
         }
     )
 
 
-@dg.asset(
-    group_name=GROUP,
-    deps=[retrieval_model, item_features],
-    kinds={"numpy", "elasticsearch"},
-    description=(
-        "The served candidate index: item vectors, categories, publication dates and "
-        "popularity. Travels in the bundle (embedded index); also published to "
-        "Elasticsearch as a new versioned index when RECSYS_ES_URL is set."
-    ),
-)
-@_in_run
-def candidate_index(
-    context: dg.AssetExecutionContext, lake: LakeResource, training: TrainingConfig
+def _candidate_index(
+    context: dg.AssetExecutionContext, out: outputs.CandidateIndex, env: graph.StepEnv
 ) -> dg.MaterializeResult:
-    result = steps.run_candidate_index(lake.get(), training.publisher())
+    retention = {"kept_indices": out.kept_indices, "pruned_indices": out.pruned_indices}
     return dg.MaterializeResult(
         metadata={
-            "index_version": result["index_version"],
-            "dagster/row_count": result["items"],
-            "dim": result["dim"],
-            "published": str(result["published"]),
+            "index_version": out.index_version,
+            "dagster/row_count": out.items,
+            "dim": out.dim,
+            "published": out.published,
             **{
-                key: dg.MetadataValue.json(result[key])
-                for key in ("kept_indices", "pruned_indices")
-                if key in result
+                key: dg.MetadataValue.json(value)
+                for key, value in retention.items()
+                if value is not None
             },
         }
     )
 
 
-@dg.asset(
-    group_name=GROUP,
-    deps=[candidate_index, user_features, item_features],
-    kinds={"polars", "parquet"},
-    check_specs=[
-        dg.AssetCheckSpec(
-            "ranking_features_finite",
-            asset="ranking_dataset",
-            blocking=True,
-            description="No NaN or inf in the ranking features (checked before training).",
-        )
-    ],
-    description=(
-        "Candidates from the runtime's own generators for users active after the ranking "
-        "cut-off, featurized by the runtime's feature function and labelled by what those "
-        "users did next; logged impressions without a click are negatives."
-    ),
-)
-@_in_run
-def ranking_dataset(
-    context: dg.AssetExecutionContext, lake: LakeResource, training: TrainingConfig
+def _ranking_dataset(
+    context: dg.AssetExecutionContext, out: outputs.RankingDatasetStats, env: graph.StepEnv
 ) -> dg.MaterializeResult:
-    result = steps.run_ranking_dataset(lake.get(), training.params())
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": result["rows"],
-            "users": result["users"],
-            "positive_rows": result["positive_rows"],
-            "cold_users": result["cold_users"],
-            "candidate_recall": float(result["candidate_recall"]),
-            "seconds": float(result["seconds"]),
+            "dagster/row_count": out.rows,
+            "users": out.users,
+            "positive_rows": out.positive_rows,
+            "cold_users": out.cold_users,
+            "candidate_recall": float(out.candidate_recall),
+            "seconds": float(out.seconds),
         },
-        check_results=[finite_check("ranking_features_finite", {"all": result["non_finite"]})],
+        check_results=[finite_check("ranking_features_finite", {"all": out.non_finite})],
     )
 
 
-@dg.asset(
-    group_name=GROUP,
-    deps=[ranking_dataset],
-    kinds={"lightgbm"},
-    description="LightGBM lambdarank, early-stopped on NDCG of a validation split by user.",
-)
-@_in_run
-def ranking_model(
-    context: dg.AssetExecutionContext, lake: LakeResource, training: TrainingConfig
+def _ranking_model(
+    context: dg.AssetExecutionContext, out: outputs.RankingModel, env: graph.StepEnv
 ) -> dg.MaterializeResult:
-    result = steps.run_ranking_model(lake.get(), training.params())
     importance = "\n".join(
         ["| feature | gain share |", "|---|---:|"]
-        + [f"| {k} | {v:.3f} |" for k, v in list(result["feature_importance"].items())[:20]]
+        + [f"| {k} | {v:.3f} |" for k, v in list(out.feature_importance.items())[:20]]
     )
     meta: dict[str, Any] = {
-        "best_iteration": result["best_iteration"],
-        "fit_seconds": float(result["seconds"]),
-        "rows": result["rows"],
+        "best_iteration": out.best_iteration,
+        "fit_seconds": float(out.seconds),
+        "rows": out.rows,
         "feature_importance": dg.MetadataValue.md(importance),
         # The ranker gate: "ranker" serves LightGBM (ties by the blend), "blend" ranks by
         # the validated blend because the ranker did not beat it on validation.
-        "ranking_mode": result["ranking"]["mode"],
-        "ranking_reason": result["ranking"]["reason"],
-        "ranking": _json(result["ranking"]),
+        "ranking_mode": out.ranking["mode"],
+        "ranking_reason": out.ranking["reason"],
+        "ranking": _json(out.ranking),
     }
-    for name in ("valid_ndcg", "train_ndcg"):
-        if isinstance(result[name], float) and math.isfinite(result[name]):
-            meta[name] = result[name]
+    for name, value in (("valid_ndcg", out.valid_ndcg), ("train_ndcg", out.train_ndcg)):
+        if isinstance(value, float) and math.isfinite(value):
+            meta[name] = value
     return dg.MaterializeResult(metadata=meta)
 
 
-@dg.asset(
-    group_name=GROUP,
-    deps=[ranking_model, candidate_index, user_features, item_features],
-    kinds={"bundle"},
-    description=(
-        "The bundle the server loads: the state as of the end of the window, the ranker "
-        "and the index artifact, with a manifest (code sha, data partitions and hashes, "
-        "window, parameters, features, holdout metrics) and a checksum per file."
-    ),
-)
-@_in_run
-def recommender_model(
-    context: dg.AssetExecutionContext, lake: LakeResource, training: TrainingConfig
+def _recommender_model(
+    context: dg.AssetExecutionContext, out: outputs.Bundle, env: graph.StepEnv
 ) -> dg.MaterializeResult:
-    staging = training.cache() / "bundles"
-    bundle, manifest = steps.run_recommender_model(
-        lake.get(), training.params(), staging, prune_staging=True
-    )
+    manifest = out.manifest
     metrics = {k: v for k, v in manifest["metrics"].items() if not isinstance(v, dict)}
     return dg.MaterializeResult(
         metadata={
-            "version": manifest["version"],
+            "version": out.version,
             "code_sha": manifest["code_sha"],
             "index_version": manifest["index_version"],
-            "bundle": dg.MetadataValue.path(str(bundle)),
+            "bundle": dg.MetadataValue.path(str(out.path)),
             "size_bytes": sum(int(f["size"]) for f in manifest["files"].values()),
             "window": _json(manifest["window"]),
             "params": _json(manifest["params"]),
@@ -336,33 +233,16 @@ def recommender_model(
     )
 
 
-@dg.asset(
-    group_name=GROUP,
-    deps=[recommender_model],
-    kinds={"python"},
-    description=(
-        "Time-based holdout: the challenger, the production model as served and a "
-        "popularity baseline on the same users (NDCG/Recall/HitRate/MAP@K, coverage, "
-        "replayed CTR); a per-user holdout (each sampled user's last 20% of events, "
-        "state rebuilt without them): the challenger and popularity; the promotion "
-        "rule's decision (or, with no production model that beat popularity, the "
-        "first-model rule's) with its reason."
-    ),
-)
-@_in_run
-def model_evaluation(
-    context: dg.AssetExecutionContext, lake: LakeResource, training: TrainingConfig
+def _model_evaluation(
+    context: dg.AssetExecutionContext, out: outputs.Evaluation, env: graph.StepEnv
 ) -> dg.MaterializeResult:
-    result = steps.run_model_evaluation(
-        lake.get(), training.params(), training.rule(), training.cache()
-    )
-    context.log.info(f"{result['decision']}: {result['decision_reason']}")
-    meta = evaluation_metadata(result)
+    context.log.info(f"{out.decision}: {out.decision_reason}")
+    meta = evaluation_metadata(out.as_dict())
     try:
-        charted = dict(result["metrics"])
-        for model, figures in ((result.get("per_user") or {}).get("metrics") or {}).items():
+        charted = dict(out.metrics)
+        for model, figures in ((out.per_user or {}).get("metrics") or {}).items():
             charted[f"{model} (per-user)"] = figures
-        png = metrics_chart_png(charted, result["k"])
+        png = metrics_chart_png(charted, out.k)
         meta["chart"] = dg.MetadataValue.md(
             f"![metrics](data:image/png;base64,{base64.b64encode(png).decode()})"
         )
@@ -371,7 +251,8 @@ def model_evaluation(
     return dg.MaterializeResult(metadata=meta)
 
 
-def evaluation_metadata(result: dict[str, Any]) -> dict[str, Any]:
+def evaluation_metadata(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The evaluation's figures as metadata (``result``: its JSON record)."""
     k = result["k"]
     metrics = result["metrics"]
     meta: dict[str, Any] = {
@@ -408,42 +289,31 @@ def evaluation_metadata(result: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
-@dg.asset(
-    group_name=GROUP,
-    deps=[model_evaluation],
-    kinds={"registry"},
-    description=(
-        "Registers the bundle in the lake's model registry (always) and makes it "
-        "production only when no production model exists yet (or production only answers "
-        "with popularity); a model below popularity answers with popularity until one "
-        "beats it (first-model rule); later promotions belong to the closed loop."
-    ),
-)
-@_in_run
-def registered_model(
+def _registered_model(
     context: dg.AssetExecutionContext,
-    lake: LakeResource,
-    training: TrainingConfig,
+    out: outputs.Registration,
+    env: graph.StepEnv,
+    upstream: graph.Upstream,
     mlflow: MlflowResource,
 ) -> dg.MaterializeResult:
-    result = steps.run_registration(lake.get(), training.cache())
-    evaluation = steps.art.get_json(lake.get(), steps.art.key(steps.EVALUATION, "evaluation.json"))
+    # As recorded (NaN figures as null), as the MLflow run and the metadata show it.
+    evaluation = graph.handed(upstream, EVALUATION, outputs.Evaluation).to_json()
     tracked = record_retraining(
         mlflow.mirror(),
-        ModelRegistry(lake.get()),
-        result["version"],
+        ModelRegistry(env.lake),
+        out.version,
         evaluation=evaluation,
         dagster_run_id=context.run_id,
         step_seconds=_step_seconds(context),
-        registered_as=result["registered_as"],
+        registered_as=out.registered_as,
     )
     if tracked["mlflow"] == "failed":
         context.log.warning(f"MLflow not updated (caught up at the next sync): {tracked['error']}")
     return dg.MaterializeResult(
         metadata={
-            "version": result["version"],
-            "registered_as": result["registered_as"],
-            "registry_uri": dg.MetadataValue.path(result["uri"]),
+            "version": out.version,
+            "registered_as": out.registered_as,
+            "registry_uri": dg.MetadataValue.path(out.uri),
             **_mlflow_metadata(tracked, mlflow.tracking_uri),
             **{
                 key: value
@@ -490,15 +360,105 @@ def _mlflow_metadata(tracked: dict[str, Any], tracking_uri: str) -> dict[str, An
     return meta
 
 
-TRAINING_ASSETS = [
-    interactions,
-    item_features,
-    user_features,
-    retrieval_model,
-    candidate_index,
-    ranking_dataset,
-    ranking_model,
-    recommender_model,
-    model_evaluation,
-    registered_model,
-]
+# ------------------------------------------------------------ the generated assets
+@dataclass(frozen=True)
+class _Reporter:
+    """How a step's record becomes its materialization: ``report(context, record, env)``,
+    or with ``with_mlflow`` ``report(context, record, env, upstream, mlflow)``."""
+
+    report: Report
+    with_mlflow: bool = False
+
+
+REPORTERS: dict[str, _Reporter] = {
+    INTERACTIONS: _Reporter(_interactions),
+    ITEM_FEATURES: _Reporter(_item_features),
+    USER_FEATURES: _Reporter(_user_features),
+    RETRIEVAL: _Reporter(_retrieval),
+    CANDIDATE_INDEX: _Reporter(_candidate_index),
+    RANKING_DATASET: _Reporter(_ranking_dataset),
+    RANKING_MODEL: _Reporter(_ranking_model),
+    RECOMMENDER: _Reporter(_recommender_model),
+    EVALUATION: _Reporter(_model_evaluation),
+    REGISTERED: _Reporter(_registered_model, with_mlflow=True),
+}
+if set(REPORTERS) != set(graph.NAMES):  # a new row of the table needs its metadata here
+    raise ValueError(f"training steps without a reporter: {set(graph.NAMES) ^ set(REPORTERS)}")
+
+
+def step_env(lake: LakeResource, training: TrainingConfig) -> graph.StepEnv:
+    """The steps' environment under Dagster: the resources' values, the assets' own
+    bundle cache (pruned as it goes)."""
+    cache = training.cache()
+    return graph.StepEnv(
+        lake=lake.get(),
+        params=training.params(),
+        staging=cache / "bundles",
+        cache_dir=cache,
+        rule=training.rule(),
+        publisher=training.publisher,
+        prune_staging=True,
+    )
+
+
+def _execute(
+    step: graph.Step,
+    context: dg.AssetExecutionContext,
+    lake: LakeResource,
+    training: TrainingConfig,
+    **resources: Any,
+) -> dg.MaterializeResult:
+    env = step_env(lake, training)
+    upstream = graph.LakeOutputs(env.lake)  # what the steps it reads recorded in this run
+    try:
+        out = graph.execute(step, env, upstream)
+    except TrainingDataError as exc:
+        # Bad input, not a bug: one clear line in the UI and the CLI, no stack trace.
+        raise dg.Failure(description=str(exc), allow_retries=False) from exc
+    reporter = REPORTERS[step.name]
+    if reporter.with_mlflow:
+        return reporter.report(context, out, env, upstream, **resources)
+    return reporter.report(context, out, env)
+
+
+def _body(step: graph.Step) -> Callable[..., dg.MaterializeResult]:
+    """The asset's compute function, with the resources its reporter needs."""
+    if REPORTERS[step.name].with_mlflow:
+
+        def with_mlflow(
+            context: dg.AssetExecutionContext,
+            lake: LakeResource,
+            training: TrainingConfig,
+            mlflow: MlflowResource,
+        ) -> dg.MaterializeResult:
+            return _execute(step, context, lake, training, mlflow=mlflow)
+
+        fn: Callable[..., dg.MaterializeResult] = with_mlflow
+    else:
+
+        def plain(
+            context: dg.AssetExecutionContext, lake: LakeResource, training: TrainingConfig
+        ) -> dg.MaterializeResult:
+            return _execute(step, context, lake, training)
+
+        fn = plain
+    fn.__name__ = fn.__qualname__ = step.name
+    return fn
+
+
+def training_asset(step: graph.Step) -> dg.AssetsDefinition:
+    """The Dagster asset of one row of the step table."""
+    return dg.asset(
+        name=step.name,
+        group_name=step.group,
+        deps=list(step.inputs),
+        kinds=set(step.kinds),
+        description=step.description,
+        check_specs=[
+            dg.AssetCheckSpec(c.name, asset=step.name, blocking=True, description=c.description)
+            for c in step.checks
+        ],
+    )(_in_run(_body(step)))
+
+
+TRAINING_ASSETS: list[dg.AssetsDefinition] = [training_asset(step) for step in graph.STEPS]

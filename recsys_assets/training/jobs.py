@@ -14,12 +14,13 @@ import dagster as dg
 
 from recsys_assets.training.assets import TRAINING_ASSETS
 from recsys_assets.training.exclusive import exclusive_executor
+from recsys_assets.training.graph import REFRESHED_BY_RETRAIN
 
 RETRAIN_TAGS = {"recsys/pipeline": "retrain"}
 
 retrain_job = dg.define_asset_job(
     "retrain_job",
-    selection=dg.AssetSelection.assets("item_catalog", "user_profiles")
+    selection=dg.AssetSelection.assets(*REFRESHED_BY_RETRAIN)
     | dg.AssetSelection.assets(*TRAINING_ASSETS),
     tags=RETRAIN_TAGS,
     executor_def=exclusive_executor,

@@ -1,16 +1,18 @@
 """The whole training run as one plain call: lake data in, a verified bundle out.
 
-:func:`train_bundle` runs the same step functions the Dagster assets run
-(:mod:`recsys_assets.training.steps`), in asset order, persisting what passes between
-them in the lake exactly as a materialization does. Use it for tests, benchmarks
-and scripts that want a model without an orchestrator::
+:func:`train_bundle` runs the steps of the training table
+(:data:`recsys_assets.training.graph.STEPS`) that the bundle needs, in the table's
+order, in this process: the same step functions the Dagster assets run, each handed
+the records of the steps it reads, persisting its artifacts in the lake exactly as a
+materialization does. Use it for tests, benchmarks and scripts that want a model
+without an orchestrator::
 
     outcome = train_bundle(lake, settings.training, out_dir)
     model = Recommender.load(outcome.bundle_path)
 
 Evaluation against production and registration (``model_evaluation``,
-``registered_model``) are separate steps: see :func:`steps.run_model_evaluation` and
-:func:`steps.run_registration`.
+``registered_model``) come after the bundle: see :func:`steps.run_model_evaluation`
+(handed ``outcome.bundle.version``) and :func:`steps.run_registration`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from recsys_assets.training import artifacts as art
-from recsys_assets.training import steps
+from recsys_assets.training import graph
+from recsys_assets.training.names import RECOMMENDER
+from recsys_assets.training.outputs import Bundle, Record
 from recsys_assets.training.params import TrainingParams
 from recsys_serving.index.base import IndexPublisher
 from recsys_serving.lake import Lake
@@ -33,10 +37,17 @@ Progress = Callable[[str], None]
 
 @dataclass
 class TrainOutcome:
-    bundle_path: Path
-    manifest: dict[str, Any]
-    steps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bundle: Bundle
+    steps: dict[str, Record] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bundle_path(self) -> Path:
+        return self.bundle.path
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.bundle.manifest
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -65,42 +76,20 @@ def train_bundle(
     Raises :class:`~recsys_assets.training.data.TrainingDataError` when the window is
     empty or too small (before anything is written).
     """
-    results: dict[str, dict[str, Any]] = {}
+    env = graph.StepEnv(lake=lake, params=params, staging=out_dir, publisher=lambda: publisher)
+    records: dict[str, Record] = {}
     timings: dict[str, float] = {}
-    run_id = run
-
-    def run(name: str, fn: Callable[[], Any]) -> Any:
+    for step in graph.until(RECOMMENDER):
         if on_step is not None:
-            on_step(name)
+            on_step(step.name)
         started = time.perf_counter()
-        with art.run_scope(lake, run_id, name) if run_id else nullcontext():
-            value = fn()
-        timings[name] = round(time.perf_counter() - started, 3)
-        return value
-
-    results[steps.INTERACTIONS] = run(
-        steps.INTERACTIONS, lambda: steps.run_interactions(lake, params)
-    )
-    results[steps.ITEM_FEATURES] = run(
-        steps.ITEM_FEATURES, lambda: steps.run_item_features(lake, params)
-    )
-    results[steps.USER_FEATURES] = run(
-        steps.USER_FEATURES, lambda: steps.run_user_features(lake, params)
-    )
-    results[steps.RETRIEVAL] = run(steps.RETRIEVAL, lambda: steps.run_retrieval(lake, params))
-    results[steps.CANDIDATE_INDEX] = run(
-        steps.CANDIDATE_INDEX, lambda: steps.run_candidate_index(lake, publisher)
-    )
-    results[steps.RANKING_DATASET] = run(
-        steps.RANKING_DATASET, lambda: steps.run_ranking_dataset(lake, params)
-    )
-    results[steps.RANKING_MODEL] = run(
-        steps.RANKING_MODEL, lambda: steps.run_ranking_model(lake, params)
-    )
-    bundle, manifest = run(
-        steps.RECOMMENDER, lambda: steps.run_recommender_model(lake, params, out_dir)
-    )
-    return TrainOutcome(bundle, manifest, results, timings)
+        with art.run_scope(lake, run, step.name) if run else nullcontext():
+            records[step.name] = graph.execute(step, env, records)
+        timings[step.name] = round(time.perf_counter() - started, 3)
+    bundle = records[RECOMMENDER]
+    if not isinstance(bundle, Bundle):
+        raise TypeError(f"{RECOMMENDER} returned {type(bundle).__name__}, not a Bundle")
+    return TrainOutcome(bundle, records, timings)
 
 
 __all__ = ["TrainOutcome", "train_bundle"]

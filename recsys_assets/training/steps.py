@@ -1,9 +1,11 @@
-"""One plain function per training asset, each reading its inputs from the lake and
-writing its output there (``training/<asset>/...``).
+"""One plain function per training step, each reading its inputs from the lake, writing
+its artifacts there (``training/<asset>/...``) and returning a frozen record
+(:mod:`recsys_assets.training.outputs`); a step that needs another's version is handed
+it as an argument.
 
-The Dagster assets are thin wrappers around these, and
-:func:`recsys_assets.training.pipeline.train_bundle` calls them in order, so a test
-of ``train_bundle`` exercises exactly the code the asset graph runs.
+The step table (:mod:`recsys_assets.training.graph`) wires these into the Dagster assets
+and :func:`recsys_assets.training.pipeline.train_bundle` alike, so a test of
+``train_bundle`` exercises exactly the code the asset graph runs.
 
 Three snapshots of the world are built by every stateful step:
 
@@ -14,14 +16,12 @@ Three snapshots of the world are built by every stateful step:
 
 from __future__ import annotations
 
+import dataclasses
 import io
-import json
 import math
 import os
-import shutil
 import tempfile
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -54,8 +54,36 @@ from recsys_assets.training.evaluation import (
     per_user_split,
     popularity_lists,
 )
+from recsys_assets.training.handover import (
+    KEEP_BUNDLES,
+    fetch_bundle,
+    prune_bundles,
+    upload_bundle,
+)
 from recsys_assets.training.lastout import SNAPSHOT as LASTOUT
 from recsys_assets.training.lastout import LastOut, leave_last_out
+from recsys_assets.training.names import (
+    CANDIDATE_INDEX,
+    INTERACTIONS,
+    ITEM_FEATURES,
+    RANKING_DATASET,
+    RANKING_MODEL,
+    RETRIEVAL,
+    USER_FEATURES,
+)
+from recsys_assets.training.outputs import (
+    Bundle,
+    CandidateIndex,
+    Evaluation,
+    Interactions,
+    ItemFeatures,
+    RankingDatasetStats,
+    RankingModel,
+    Registration,
+    Retrieval,
+    UserFeatures,
+    finite_json,
+)
 from recsys_assets.training.params import TrainingParams
 from recsys_assets.training.prepare import prepare_interactions, scan_weblogs
 from recsys_assets.training.ranking import (
@@ -78,14 +106,14 @@ from recsys_assets.training.snapshot import (
     item_snapshot,
     user_snapshot,
 )
+from recsys_assets.training.verdict import first_promotion, judge, registration_tags
 from recsys_serving.index.base import IndexArtifact, IndexPublisher
+from recsys_serving.index.retention import publish_with_retention
 from recsys_serving.lake import Lake
 from recsys_serving.logging import get_logger
 from recsys_serving.model.bundle import (
-    MANIFEST,
     BundleError,
     BundleWriter,
-    is_version,
     new_version,
     verify_bundle,
 )
@@ -101,29 +129,14 @@ from recsys_serving.model.recommender import (
 )
 from recsys_serving.model.state import ModelState
 from recsys_serving.registry import (
-    ANSWERS,
-    CANDIDATE,
     POPULARITY_ANSWERS,
     PRODUCTION,
     ModelRegistry,
     PromotionRule,
-    decide_first_model,
-    decide_promotion,
     serves_popularity,
 )
 
 log = get_logger(__name__)
-
-INTERACTIONS = "interactions"
-ITEM_FEATURES = "item_features"
-USER_FEATURES = "user_features"
-RETRIEVAL = "retrieval_model"
-CANDIDATE_INDEX = "candidate_index"
-RANKING_DATASET = "ranking_dataset"
-RANKING_MODEL = "ranking_model"
-RECOMMENDER = "recommender_model"
-EVALUATION = "model_evaluation"
-KEEP_BUNDLES = 3  # training bundles kept for hand-over (the registry has its own copies)
 
 
 # ------------------------------------------------------------------ shared loading
@@ -214,7 +227,7 @@ def non_finite(table: np.ndarray, columns: tuple[str, ...]) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------- steps
-def run_interactions(lake: Lake, params: TrainingParams) -> dict[str, Any]:
+def run_interactions(lake: Lake, params: TrainingParams) -> Interactions:
     """Weblogs + catalogue -> weighted interactions, window and vocabulary."""
     first_day = None
     days = weblog_partitions(lake)
@@ -265,46 +278,56 @@ def run_interactions(lake: Lake, params: TrainingParams) -> dict[str, Any]:
         "params": params.as_dict(),
     }
     art.put_json(lake, art.key(INTERACTIONS, "window.json"), meta)
-    return {**meta, "bytes": size}
+    return Interactions(
+        bounds=meta["bounds"], window=meta["window"], data=stats, params=meta["params"], bytes=size
+    )
 
 
-def run_item_features(
-    lake: Lake, params: TrainingParams, now: float | None = None
-) -> dict[str, Any]:
+def run_item_features(lake: Lake, params: TrainingParams, now: float | None = None) -> ItemFeatures:
     """Item feature tables of the three snapshots (served one: catalogue up to ``now``)."""
     prep = load_prepared(lake)
-    out: dict[str, Any] = {"non_finite": {}}
+    bad: dict[str, dict[str, int]] = {}
+    served: ItemSnapshot | None = None
     for snap in prep.snapshots():
         until = (now if now is not None else time.time()) if snap == "serve" else None
         items = item_snapshot(prep.enc_for(snap), prep.vocab, prep.as_of(snap), params, until)
         art.put_arrays(lake, art.key(ITEM_FEATURES, f"{snap}.npz"), items.to_arrays())
-        out["non_finite"][snap] = non_finite(items.table, ITEM_COLUMNS)
+        bad[snap] = non_finite(items.table, ITEM_COLUMNS)
         if snap == "serve":
-            out["items"] = int(items.table.shape[0])
-            out["with_history"] = int(items.table[:, ITEM_COLUMNS.index("has_history")].sum())
-            out["horizons"] = items.horizons.as_dict()
-            out["table"] = _column_stats(items.table, ITEM_COLUMNS)
-    return out
+            served = items
+    assert served is not None  # prep.snapshots() always ends its window with "serve"
+    return ItemFeatures(
+        items=int(served.table.shape[0]),
+        with_history=int(served.table[:, ITEM_COLUMNS.index("has_history")].sum()),
+        horizons=served.horizons.as_dict(),
+        table=_column_stats(served.table, ITEM_COLUMNS),
+        non_finite=bad,
+    )
 
 
-def run_user_features(lake: Lake, params: TrainingParams) -> dict[str, Any]:
+def run_user_features(lake: Lake, params: TrainingParams) -> UserFeatures:
     prep = load_prepared(lake)
-    out: dict[str, Any] = {"non_finite": {}}
+    bad: dict[str, dict[str, int]] = {}
+    served: UserSnapshot | None = None
     for snap in prep.snapshots():
         users = user_snapshot(prep.enc_for(snap), prep.vocab, prep.as_of(snap), params)
         art.put_arrays(lake, art.key(USER_FEATURES, f"{snap}.npz"), users.to_arrays())
-        out["non_finite"][snap] = non_finite(users.table, USER_COLUMNS)
+        bad[snap] = non_finite(users.table, USER_COLUMNS)
         aff = users.affinity.data
         if not np.isfinite(aff).all():
-            out["non_finite"][snap]["category_affinity"] = int((~np.isfinite(aff)).sum())
+            bad[snap]["category_affinity"] = int((~np.isfinite(aff)).sum())
         if snap == "serve":
-            out["users"] = int(users.table.shape[0])
-            out["users_with_history"] = int((np.diff(users.seen.indptr) > 0).sum())
-            out["table"] = _column_stats(users.table, USER_COLUMNS)
-    return out
+            served = users
+    assert served is not None
+    return UserFeatures(
+        users=int(served.table.shape[0]),
+        users_with_history=int((np.diff(served.seen.indptr) > 0).sum()),
+        table=_column_stats(served.table, USER_COLUMNS),
+        non_finite=bad,
+    )
 
 
-def run_retrieval(lake: Lake, params: TrainingParams) -> dict[str, Any]:
+def run_retrieval(lake: Lake, params: TrainingParams) -> Retrieval:
     """ALS fitted before each snapshot, user vectors recomputed, session co-visitation,
     item-kNN and EASE (its regularisation chosen on the leave-last-out split)."""
     prep = load_prepared(lake)
@@ -314,13 +337,9 @@ def run_retrieval(lake: Lake, params: TrainingParams) -> dict[str, Any]:
         prep.enc, prep.vocab, prep.lastouts[0] if prep.lastouts else None, params
     )
     art.put_json(lake, art.key(RETRIEVAL, "ease_selection.json"), ease_selection)
-    out: dict[str, Any] = {
-        "als": {},
-        "covisit": {},
-        "ease": {},
-        "als_selection": selection,
-        "ease_selection": ease_selection,
-    }
+    out = Retrieval(
+        als={}, covisit={}, ease={}, als_selection=selection, ease_selection=ease_selection
+    )
     for snap in prep.snapshots():
         as_of = prep.as_of(snap)
         enc = prep.enc_for(snap)
@@ -333,9 +352,9 @@ def run_retrieval(lake: Lake, params: TrainingParams) -> dict[str, Any]:
         )
         del matrix  # not held through the next snapshot's build
         art.put_arrays(lake, art.key(RETRIEVAL, f"{snap}.npz"), snapshot.to_arrays())
-        out["als"][snap] = fit.stats
-        out["ease"][snap] = snapshot.ease_stats
-        out["covisit"][snap] = {
+        out.als[snap] = fit.stats
+        out.ease[snap] = snapshot.ease_stats
+        out.covisit[snap] = {
             "pairs": int(snapshot.covisit.indices.size),
             "items_with_neighbours": int((np.diff(snapshot.covisit.indptr) > 0).sum()),
             "seconds": round(time.perf_counter() - started, 3),
@@ -362,7 +381,7 @@ def build_index_artifact(lake: Lake, prep: Prepared, version: str) -> IndexArtif
 
 def run_candidate_index(
     lake: Lake, publisher: IndexPublisher | None = None, version: str | None = None
-) -> dict[str, Any]:
+) -> CandidateIndex:
     """The served index artifact in the lake; published to Elasticsearch when configured."""
     prep = load_prepared(lake)
     version = version or new_version()
@@ -370,44 +389,24 @@ def run_candidate_index(
     with tempfile.TemporaryDirectory(prefix="recsys-index-") as tmp:
         for path in artifact.save(Path(tmp)):
             lake.put_bytes(art.key(CANDIDATE_INDEX, path.name), path.read_bytes())
-    result: dict[str, Any] = {
-        "index_version": version,
-        "items": len(artifact.item_ids),
-        "dim": artifact.dim,
-        "published": "embedded (travels in the bundle)",
-    }
+    result = CandidateIndex(
+        index_version=version,
+        items=len(artifact.item_ids),
+        dim=artifact.dim,
+        published="embedded (travels in the bundle)",
+    )
     if publisher is not None:
-        result["published"] = publisher.publish(artifact)
-        # Without retention every retraining would leave an index behind for good.
-        keep = index_versions_to_keep(ModelRegistry(lake), version)
-        result["kept_indices"] = keep
-        result["pruned_indices"] = publisher.prune(keep)
+        published = publish_with_retention(publisher, artifact, ModelRegistry(lake))
+        result = dataclasses.replace(
+            result,
+            published=published.index,
+            kept_indices=published.kept,
+            pruned_indices=published.pruned,
+        )
     return result
 
 
-# Production indices kept besides the current one, so that `recsys models rollback`
-# (which goes back one production at a time) still finds its model's index.
-KEEP_PREVIOUS_PRODUCTIONS = 2
-
-
-def index_versions_to_keep(registry: ModelRegistry, new_version: str) -> list[str]:
-    """The versions whose index must survive a prune: the one just built, the
-    candidate, production and the productions before it, newest first."""
-    keep = [new_version]
-    for alias in (CANDIDATE, PRODUCTION):
-        current = registry.alias(alias)
-        if current is not None and current.version is not None:
-            keep.append(current.version)
-    productions: list[str] = []
-    for event in registry.history(alias=PRODUCTION):
-        if event.version is not None and event.version not in productions:
-            productions.append(event.version)
-        if len(productions) > KEEP_PREVIOUS_PRODUCTIONS:
-            break
-    return list(dict.fromkeys([*keep, *productions]))
-
-
-def run_ranking_dataset(lake: Lake, params: TrainingParams) -> dict[str, Any]:
+def run_ranking_dataset(lake: Lake, params: TrainingParams) -> RankingDatasetStats:
     """Labelled candidates at every ranking cut-off, one group per (cut-off, user)."""
     prep = load_prepared(lake)
     cutoffs = prep.window.cutoffs
@@ -461,7 +460,7 @@ def run_ranking_dataset(lake: Lake, params: TrainingParams) -> dict[str, Any]:
         "non_finite": bad,
     }
     art.put_json(lake, art.key(RANKING_DATASET, "stats.json"), stats)
-    return stats
+    return RankingDatasetStats(**stats)
 
 
 def load_ranking_dataset(lake: Lake) -> RankingDataset:
@@ -471,7 +470,7 @@ def load_ranking_dataset(lake: Lake) -> RankingDataset:
     return RankingDataset.from_frame(frame, {u: n for n, u in enumerate(users)})
 
 
-def run_ranking_model(lake: Lake, params: TrainingParams) -> dict[str, Any]:
+def run_ranking_model(lake: Lake, params: TrainingParams) -> RankingModel:
     dataset = load_ranking_dataset(lake)
     bad = non_finite(dataset.features, FEATURE_NAMES)
     if bad:
@@ -484,7 +483,7 @@ def run_ranking_model(lake: Lake, params: TrainingParams) -> dict[str, Any]:
         reason=ranking["reason"],
         trees=fit.best_iteration,
     )
-    art.put_json(lake, art.key(RANKING_MODEL, "ranking.json"), _finite_json(ranking))
+    art.put_json(lake, art.key(RANKING_MODEL, "ranking.json"), finite_json(ranking))
     path = _tmp_file(".txt")
     try:
         fit.booster.save_model(str(path), num_iteration=fit.best_iteration)
@@ -502,8 +501,8 @@ def run_ranking_model(lake: Lake, params: TrainingParams) -> dict[str, Any]:
         "ranking": ranking,
         "curves": fit.curves,  # NDCG@K per round (MLflow's learning curve)
     }
-    art.put_json(lake, art.key(RANKING_MODEL, "ranker.json"), _finite_json(stats))
-    return stats
+    art.put_json(lake, art.key(RANKING_MODEL, "ranker.json"), finite_json(stats))
+    return RankingModel(**stats)
 
 
 def load_ranking(lake: Lake) -> dict[str, Any]:
@@ -524,14 +523,15 @@ def run_recommender_model(
     staging: Path,
     version: str | None = None,
     prune_staging: bool = False,
-) -> tuple[Path, dict[str, Any]]:
+) -> Bundle:
     """Evaluate the challenger on the holdout, then write the served bundle.
 
     The bundle is written under ``staging`` and copied to the lake at
-    ``training/recommender_model/bundles/<version>/`` (manifest last), with
-    ``latest.json`` naming it, so the registration step finds it from any process.
-    Older training bundles are pruned from the lake (and from ``staging`` when
-    ``prune_staging``: the assets' own cache, never a caller's directory).
+    ``training/recommender_model/bundles/<version>/`` (manifest last), so the
+    evaluation and registration steps, handed its version, fetch it from any process
+    (:mod:`recsys_assets.training.handover`). Older training bundles are pruned from the
+    lake (and from ``staging`` when ``prune_staging``: the assets' own cache, never a
+    caller's directory).
     """
     prep = load_prepared(lake)
     ranking = load_ranking(lake)
@@ -586,67 +586,8 @@ def run_recommender_model(
             (index_dir / name).write_bytes(lake.get_bytes(art.key(CANDIDATE_INDEX, name)))
         writer.manifest.update(manifest)
     upload_bundle(lake, target)
-    art.put_json(lake, art.key(RECOMMENDER, "latest.json"), {"version": version})
     prune_bundles(lake, staging if prune_staging else None, keep=KEEP_BUNDLES)
-    return target, writer.manifest
-
-
-def prune_bundles(lake: Lake, staging: Path | None, keep: int) -> list[str]:
-    """Drop all but the newest ``keep`` training bundles (in the lake, and in
-    ``staging`` when given).
-
-    Every retraining writes one; the registry keeps its own copy of each registered
-    version, so these are only the hand-over between assets and can go.
-    """
-    prefix = art.key(RECOMMENDER, "bundles/")
-    versions = sorted(
-        {o.key[len(prefix) :].split("/")[0] for o in lake.list(prefix) if o.key != prefix}
-    )
-    removed = [v for v in versions if is_version(v)][:-keep] if keep > 0 else []
-    for version in removed:
-        for obj in list(lake.list(f"{prefix}{version}/")):
-            lake.delete(obj.key)
-        local = lake.local_path(f"{prefix}{version}")
-        if local is not None and local.exists():
-            shutil.rmtree(local, ignore_errors=True)
-    if staging is not None:
-        staged = sorted(p for p in staging.iterdir() if p.is_dir() and is_version(p.name))
-        for path in staged[:-keep] if keep > 0 else []:
-            shutil.rmtree(path, ignore_errors=True)
-    return removed
-
-
-def upload_bundle(lake: Lake, bundle: Path) -> str:
-    manifest = verify_bundle(bundle)
-    prefix = art.key(RECOMMENDER, f"bundles/{manifest['version']}")
-    for name in sorted(manifest["files"]):
-        lake.put_bytes(f"{prefix}/{name}", (bundle / name).read_bytes())
-    lake.put_bytes(f"{prefix}/{MANIFEST}", (bundle / MANIFEST).read_bytes())
-    return prefix
-
-
-def latest_bundle(lake: Lake, dest_root: Path) -> Path:
-    """The newest bundle ``recommender_model`` wrote, as a verified local directory."""
-    version = art.get_json(lake, art.key(RECOMMENDER, "latest.json"))["version"]
-    prefix = art.key(RECOMMENDER, f"bundles/{version}")
-    local = lake.local_path(prefix)
-    if local is not None and local.exists():
-        verify_bundle(local)
-        return local
-    target = dest_root / version
-    if target.exists():
-        shutil.rmtree(target)
-    tmp = dest_root / f".{version}.download"
-    shutil.rmtree(tmp, ignore_errors=True)
-    manifest_bytes = lake.get_bytes(f"{prefix}/{MANIFEST}")
-    for name in json.loads(manifest_bytes)["files"]:
-        path = tmp / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(lake.get_bytes(f"{prefix}/{name}"))
-    (tmp / MANIFEST).write_bytes(manifest_bytes)
-    verify_bundle(tmp)
-    tmp.rename(target)
-    return target
+    return Bundle(version=version, path=target, manifest=writer.manifest)
 
 
 def snapshot_state(
@@ -718,18 +659,19 @@ def run_per_user_evaluation(
 
 
 def run_model_evaluation(
-    lake: Lake, params: TrainingParams, rule: PromotionRule, cache_dir: Path
-) -> dict[str, Any]:
-    """Challenger vs production (as served) vs popularity on the same holdout, the same
-    on a per-user holdout, and the decision.
+    lake: Lake, params: TrainingParams, rule: PromotionRule, cache_dir: Path, bundle: str
+) -> Evaluation:
+    """The challenger (the training bundle of version ``bundle``) vs production (as
+    served) vs popularity on the same holdout, the same on a per-user holdout, and the
+    decision.
 
     While production has no model that beat popularity (the first model, or one kept
     answering with popularity), the first-model rule decides (``decide_first_model``):
     ``first_model`` when the challenger may serve, ``below_popularity`` when it may not.
     Otherwise the promotion rule compares it with production."""
     prep = load_prepared(lake)
-    bundle = latest_bundle(lake, cache_dir)
-    manifest = verify_bundle(bundle)
+    path = fetch_bundle(lake, bundle, cache_dir)
+    manifest = verify_bundle(path)
     challenger_metrics = {
         k: v for k, v in manifest.get("metrics", {}).items() if not isinstance(v, dict)
     }
@@ -739,7 +681,7 @@ def run_model_evaluation(
     if (manifest.get("ranking") or {}).get("mode") == "blend" and blend is not None:
         ranker = BlendRanker(blend)
     else:
-        ranker = Ranker.load(bundle / RANKER_FILE, params.resolved_threads)
+        ranker = Ranker.load(path / RANKER_FILE, params.resolved_threads)
     eval_state = load_state(lake, prep, "eval", params)
     holdout = build_holdout(eval_state, prep.enc, prep.window.end, params)
     popularity_fn = _listed(popularity_lists(eval_state), holdout)
@@ -770,28 +712,17 @@ def run_model_evaluation(
             )
         else:
             production_metrics = evaluate(model_lists(production_model), holdout, params)
-    first_model = decide_first_model(comparisons, rule, impressions=int(prep.enc.imp_ts.size))
-    decision = decide_promotion(challenger_metrics, production_metrics, rule)
-    reason = decision.reason
-    if production_version is None or gated:
-        verdict = "first_model" if first_model.serve else "below_popularity"
-        reason = (
-            ""
-            if production_version is None
-            else f"production {production_version} answers with popularity; "
-        ) + (first_model.warning or first_model.reason)
-    elif unusable is not None:
-        verdict = "promote" if decision.promote else "reject"
-        reason = f"production {production_version} cannot be evaluated ({unusable}); " + (
-            f"the challenger replaces it on its own {rule.metric}="
-            f"{challenger_metrics.get(rule.metric)}"
-            if decision.promote
-            else reason
-        )
-    else:
-        verdict = "promote" if decision.promote else "reject"
-    if first_model.warning is not None and verdict in ("first_model", "below_popularity"):
-        log.warning("evaluation.first_model_rule", decision=verdict, warning=first_model.warning)
+    verdict = judge(
+        rule=rule,
+        comparisons=comparisons,
+        challenger_metrics=challenger_metrics,
+        production_metrics=production_metrics,
+        production_version=production_version,
+        production_gated=gated,
+        production_unusable=unusable,
+        impressions=int(prep.enc.imp_ts.size),
+    )
+    first_model = verdict.first_model
     results: dict[str, dict[str, float]] = {
         "challenger": challenger_metrics,
         "popularity": popularity,
@@ -801,95 +732,68 @@ def run_model_evaluation(
     if per_user is not None:
         results["challenger, per-user holdout"] = per_user["metrics"]["challenger"]
         results["popularity, per-user holdout"] = per_user["metrics"]["popularity"]
-    evaluation = {
-        "challenger_version": manifest["version"],
-        "production_version": production_version,
-        "production_answers": POPULARITY_ANSWERS if gated else ("model" if production else None),
-        "decision": verdict,
-        "decision_reason": reason,
-        "evidence": decision.evidence,
-        "first_model_rule": {
-            "applies": production_version is None or gated,
+    return Evaluation(
+        challenger_version=manifest["version"],
+        production_version=production_version,
+        production_answers=POPULARITY_ANSWERS if gated else ("model" if production else None),
+        decision=verdict.decision,
+        decision_reason=verdict.reason,
+        evidence=verdict.promotion.evidence,
+        first_model_rule={
+            "applies": verdict.first_model_applies,
             "serve": first_model.serve,
             "reason": first_model.reason,
             "warning": first_model.warning,
             "evidence": first_model.evidence,
         },
-        "metrics": {
+        metrics={
             "challenger": challenger_metrics,
             "production": production_metrics,
             "popularity": popularity,
         },
-        "per_user": per_user,
-        "holdout": holdout.stats,
-        "k": params.eval_k,
-        "table": markdown_table(results, params.eval_k),
-    }
-    art.put_json(lake, art.key(EVALUATION, "evaluation.json"), _finite_json(evaluation))
-    return evaluation
+        per_user=per_user,
+        holdout=holdout.stats,
+        k=params.eval_k,
+        table=markdown_table(results, params.eval_k),
+    )
 
 
-def _ndcg_tags(evaluation: Mapping[str, Any]) -> dict[str, str]:
-    """The evaluation's headline figures as registration tags (``recsys models show``)."""
-    k = evaluation.get("k", 10)
-    name = f"ndcg@{k}"
-    tags: dict[str, str] = {}
-    metrics = evaluation.get("metrics") or {}
-    per_user = (evaluation.get("per_user") or {}).get("metrics") or {}
-    for prefix, source in (("holdout", metrics), ("per_user", per_user)):
-        for model in ("challenger", "popularity"):
-            value = (source.get(model) or {}).get(name)
-            if isinstance(value, int | float):
-                tags[f"{prefix}_{model}_{name}"] = f"{value:.4f}"
-    return tags
-
-
-def run_registration(lake: Lake, cache_dir: Path) -> dict[str, Any]:
-    """Register the newest bundle. It becomes production when there is none yet, or when
-    production only answers with popularity: serving its own answers if the first-model
-    rule allows it, else answering with its popular items (the alias's evidence says
-    ``answers: popularity``) until a model beats popularity."""
-    bundle = latest_bundle(lake, cache_dir)
+def run_registration(lake: Lake, cache_dir: Path, evaluation: Evaluation) -> Registration:
+    """Register the bundle ``evaluation`` judged. It becomes production when there is
+    none yet, or when production only answers with popularity: serving its own answers
+    if the first-model rule allows it, else answering with its popular items (the
+    alias's evidence says ``answers: popularity``) until a model beats popularity."""
+    bundle = fetch_bundle(lake, evaluation.challenger_version, cache_dir)
     registry = ModelRegistry(lake)
-    evaluation = art.get_json(lake, art.key(EVALUATION, "evaluation.json"))
-    manifest = verify_bundle(bundle)
-    if evaluation.get("challenger_version") != manifest["version"]:
-        raise ValueError(
-            f"model_evaluation evaluated {evaluation.get('challenger_version')}, but the newest "
-            f"bundle is {manifest['version']}: materialize model_evaluation again"
-        )
-    rule = evaluation.get("first_model_rule") or {}
-    tags = {"decision": str(evaluation["decision"]), "source": "retrain", **_ndcg_tags(evaluation)}
+    # As recorded (JSON: NaN figures as null), so tags and evidence read the same
+    # whichever process ran the evaluation.
+    record = evaluation.to_json()
+    tags = {
+        "decision": str(evaluation.decision),
+        "source": "retrain",
+        **registration_tags(record),
+    }
     registered = registry.register(bundle, tags=tags)
     registered_as = "registered"
     production = registry.alias(PRODUCTION)
     if production is None or serves_popularity(production):
-        evidence: dict[str, Any] = {
-            "metrics": evaluation["metrics"]["challenger"],
-            "first_model_rule": {k: rule.get(k) for k in ("serve", "reason", "warning")}
-            | {"judged": (rule.get("evidence") or {}).get("judged")},
-        }
-        if evaluation["decision"] == "below_popularity":
-            evidence[ANSWERS] = POPULARITY_ANSWERS
-            reason = f"first model, answering with popularity: {evaluation['decision_reason']}"
-            registered_as = f"{PRODUCTION} (answers: {POPULARITY_ANSWERS})"
+        first = first_promotion(record)
+        registered_as = first.registered_as
+        if first.below_popularity:
             log.warning(
                 "training.below_popularity",
                 version=registered.version,
-                reason=evaluation["decision_reason"],
+                reason=evaluation.decision_reason,
             )
-        else:
-            reason = f"first model: {evaluation['decision_reason']}"
-            registered_as = PRODUCTION
-        registry.promote(registered.version, reason=reason, evidence=evidence)
+        registry.promote(registered.version, reason=first.reason, evidence=first.evidence)
     log.info("training.registered", version=registered.version, registered_as=registered_as)
-    return {
-        "version": registered.version,
-        "registered_as": registered_as,
-        "decision": evaluation["decision"],
-        "decision_reason": evaluation["decision_reason"],
-        "uri": registry.uri(registered.version),
-    }
+    return Registration(
+        version=registered.version,
+        registered_as=registered_as,
+        decision=evaluation.decision,
+        decision_reason=evaluation.decision_reason,
+        uri=registry.uri(registered.version),
+    )
 
 
 # ----------------------------------------------------------------------- helpers
@@ -897,14 +801,3 @@ def _tmp_file(suffix: str) -> Path:
     fd, name = tempfile.mkstemp(prefix="recsys-", suffix=suffix)
     os.close(fd)
     return Path(name)
-
-
-def _finite_json(value: Any) -> Any:
-    """NaN/inf -> None, recursively (JSON has no NaN)."""
-    if isinstance(value, Mapping):
-        return {k: _finite_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite_json(v) for v in value]
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
