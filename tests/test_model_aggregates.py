@@ -146,7 +146,7 @@ def test_numpy_gathers_equal_the_compiled_ones(
         for a, b in ((fast.history, slow.history), (fast.ease, slow.ease)):
             assert a.dense.tobytes() == b.dense.tobytes()
             assert a.refs(a.items).tolist() == b.refs(b.items).tolist()
-        for name in ("keys", "sums", "maxs", "refs"):
+        for name in ("keys", "scores", "lengths", "sums", "maxs"):
             assert np.array_equal(getattr(fast.neighbours, name), getattr(slow.neighbours, name))
 
 

@@ -225,9 +225,9 @@ def assemble_features(
     out[:, 4] = knn_sum
     out[:, 5] = maxs[1]
     out[:, 6] = history
-    out[:, 7] = covis_sum / _top(ctx.covis_sum)
-    out[:, 8] = knn_sum / _top(ctx.knn_sum)
-    out[:, 9] = history / _top(ctx.history_sum)
+    out[:, 7] = covis_sum / ctx.neighbours.tops[0]
+    out[:, 8] = knn_sum / ctx.neighbours.tops[1]
+    out[:, 9] = history / _top(ctx.history.sums)
     out[:, 10] = _cosine(vectors, norms, ctx.last_vector)
     out[:, 11] = _cosine(vectors, norms, ctx.recent_vector)
     categories = padded_categories(state)[items]
