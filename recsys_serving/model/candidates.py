@@ -148,7 +148,7 @@ def exact_retriever(state: ModelState) -> Retriever:
 
 def top_k(scores: npt.NDArray[np.float32], allowed: npt.NDArray[np.bool_], k: int) -> IntArray:
     """Rows of the k best allowed scores, best first; ties by lower row (deterministic)."""
-    rows = np.flatnonzero(allowed)
+    rows = allowed.nonzero()[0]
     if rows.size == 0 or k <= 0:
         return np.empty(0, dtype=np.int64)
     pool = scores[rows]

@@ -85,7 +85,7 @@ class NeighbourScores:
         if not self.live:
             return _EMPTY_I
         n = self.n_items
-        return np.flatnonzero(self.maxs[g * n : (g + 1) * n] > -np.inf)
+        return (self.maxs[g * n : (g + 1) * n] > -np.inf).nonzero()[0]
 
     def group(self, g: int) -> tuple[IntArray, FloatArray, FloatArray, IntArray]:
         """(items, sums, maxs, refs) of one group, items ascending."""
@@ -113,7 +113,7 @@ class NeighbourScores:
         keys = items + g * self.n_items
         wanted = np.zeros(self.sums.size, dtype=bool)
         wanted[keys] = True
-        hit = np.flatnonzero(wanted[self.keys])
+        hit = wanted[self.keys].nonzero()[0]
         if not hit.size:
             return out
         top = hit[self.scores[hit] == self.maxs[self.keys[hit]]]
@@ -131,7 +131,7 @@ class NeighbourScores:
             return _EMPTY_I
         size = self.n_items
         lo = g * size
-        items = np.flatnonzero(free & (self.maxs[lo : lo + size] > -np.inf))
+        items = (free & (self.maxs[lo : lo + size] > -np.inf)).nonzero()[0]
         return items[top_ranked(items, self.sums[lo + items], n)]
 
     def best(self, g: int, free: npt.NDArray[np.bool_], n: int) -> tuple[IntArray, IntArray]:
@@ -184,7 +184,7 @@ class HistoryScores:
             return out
         wanted = np.zeros(self.dense.size, dtype=bool)
         wanted[rows] = True
-        hit = np.flatnonzero(wanted[indices])
+        hit = wanted[indices].nonzero()[0]
         if not hit.size:
             return out
         owner = np.searchsorted(indptr, hit, side="right") - 1
@@ -297,7 +297,7 @@ class UserContext:
 
 
 def _unit(v: FloatArray) -> FloatArray | None:
-    norm = float(np.linalg.norm(v))
+    norm = float(np.sqrt(v.dot(v)))  # np.linalg.norm's own formula, without its wrapper
     if not np.isfinite(norm) or norm <= 1e-12:
         return None
     return (v / norm).astype(np.float32)
@@ -404,9 +404,9 @@ def first_free(order: IntArray, free: npt.NDArray[np.bool_], n: int) -> IntArray
         return _EMPTY_I
     # Usually most entries are free: look at a short head first.
     head = order[: 4 * n + 64]
-    pos = np.flatnonzero(free[head])[:n]
+    pos = free[head].nonzero()[0][:n]
     if pos.size < n and head.size < order.size:
-        rest = np.flatnonzero(free[order[head.size :]])[: n - pos.size] + head.size
+        rest = free[order[head.size :]].nonzero()[0][: n - pos.size] + head.size
         pos = np.concatenate([pos, rest])
     return pos
 
@@ -432,7 +432,7 @@ def top_ranked(items: IntArray, sums: FloatArray, n: int) -> IntArray:
         return _EMPTY_I
     if items.size > n:
         bound = np.partition(sums, items.size - n)[items.size - n]
-        head = np.flatnonzero(sums >= bound)  # ties at the bound may add a few
+        head = (sums >= bound).nonzero()[0]  # ties at the bound may add a few
         # The head is a few dozen entries: a two-key sort of it costs less than the
         # arithmetic of composite keys (-0.0 sorts with 0.0 here too).
         return head[np.lexsort((items[head], -sums[head]))[:n]]
@@ -446,8 +446,7 @@ def gather_rows(graph: Ragged, rows: IntArray) -> tuple[IntArray, IntArray, Floa
     scipy's compiled CSR row gather copies them in one pass when the arrays have its
     types (they do in every state); a numpy gather (the same entries) otherwise.
     """
-    lo = graph.indptr[rows]
-    lengths = graph.indptr[rows + 1] - lo
+    lengths = row_lengths(graph)[rows]
     indptr = np.zeros(rows.size + 1, dtype=np.int64)
     np.cumsum(lengths, out=indptr[1:])
     nnz = int(indptr[-1])
@@ -456,9 +455,20 @@ def gather_rows(graph: Ragged, rows: IntArray) -> tuple[IntArray, IntArray, Floa
         data = np.empty(nnz, dtype=np.float32)
         _csr_row_index(rows.size, rows, graph.indptr, graph.indices, graph.data, indices, data)
         return indptr, indices, data
+    lo = graph.indptr[rows]
     owner = np.repeat(np.arange(rows.size), lengths)
     pos = np.arange(nnz) - (indptr[:-1] - lo)[owner]
     return indptr, graph.indices[pos], graph.data[pos]
+
+
+def row_lengths(graph: Ragged) -> IntArray:
+    """Entries per row of a graph, computed once per graph (kept on it, with the
+    offsets they were computed from)."""
+    found: tuple[IntArray, IntArray] | None = getattr(graph, "_lengths", None)
+    if found is None or found[0] is not graph.indptr:
+        found = (graph.indptr, np.diff(graph.indptr))
+        object.__setattr__(graph, "_lengths", found)
+    return found[1]
 
 
 def weighted_sum(
@@ -547,6 +557,6 @@ def graph_scores(
         seen, weights = seen[keep], weights[keep]
     indptr, indices, data = gather_rows(graph, seen)
     dense = weighted_sum(n_items, indptr, indices, data, weights)
-    items = np.flatnonzero(dense)
+    items = dense.nonzero()[0]
     sums = dense[items].astype(np.float32)
     return HistoryScores(dense, items, sums, (indptr, indices, data, seen, weights))
