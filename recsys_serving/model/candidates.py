@@ -89,10 +89,13 @@ class Candidates:
         """The source detail of the candidates at ``positions`` (-1 where none)."""
         positions = np.asarray(positions, dtype=np.int64)
         out = self.known_refs[positions]
-        for start, stop, explain in self.explained:
-            inside = (positions >= start) & (positions < stop)
-            if inside.any():
-                out[inside] = explain(self.items[positions[inside]])
+        if self.explained:
+            # An answer shows a handful of positions: plain Python finds their pieces.
+            listed = positions.tolist()
+            for start, stop, explain in self.explained:
+                inside = [j for j, p in enumerate(listed) if start <= p < stop]
+                if inside:
+                    out[inside] = explain(self.items[positions[inside]])
         return out
 
     @property
