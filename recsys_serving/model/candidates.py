@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -304,29 +305,32 @@ def popular_then(
     (ties: lower row); only items with some weight there."""
     if n <= 0:
         return _EMPTY
-    order = era_order(state, era)
-    return order[first_free(order, free, n)]
+    found = era_weight(state, era)
+    if found is None:
+        return _EMPTY
+    weight, positive = found
+    return top_k(weight, free & positive, n)
 
 
-def era_order(state: ModelState, era: tuple[int, int]) -> IntArray:
-    """Items with some interaction weight in the buckets of ``era``, by that weight
-    descending (ties: lower row); computed once per state and era (a state has a few
-    dozen eras at most), where each request summed the whole catalogue's buckets."""
-    cache: dict[tuple[int, int], IntArray] | None = getattr(state, "_era_orders", None)
+def era_weight(
+    state: ModelState, era: tuple[int, int]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]] | None:
+    """Each item's interaction weight in the buckets of ``era`` and where it is
+    positive (None when the era has none): computed once per state and era (a state
+    has a few dozen eras at most), where each request summed the whole catalogue's
+    buckets."""
+    cache: dict[tuple[int, int], Any] | None = getattr(state, "_era_weights", None)
     if cache is None:
         cache = {}
-        object.__setattr__(state, "_era_orders", cache)
-    found = cache.get(era)
-    if found is None:
+        object.__setattr__(state, "_era_weights", cache)
+    if era not in cache:
         lo, hi = era
         if not time_totals(state)[lo:hi].any():
-            found = _EMPTY
+            cache[era] = None
         else:
             weight = state.item_time_counts[:, lo:hi].sum(axis=1, dtype=np.float64)
-            rows = np.flatnonzero(weight > 0)
-            found = rows[np.lexsort((rows, -weight[rows]))].astype(np.int64)
-        cache[era] = found
-    return found
+            cache[era] = (weight, weight > 0)
+    return cache[era]
 
 
 def reason(state: ModelState, source: int, ref: int) -> str:

@@ -101,8 +101,8 @@ class NeighbourScores:
             return zeros, zeros.copy()
         n = self.n_items
         sums = self.sums.reshape(2, n)[:, items]
-        maxs = np.maximum(self.maxs.reshape(2, n)[:, items], np.float32(0.0))
-        return sums, maxs
+        maxs = self.maxs.reshape(2, n)[:, items]
+        return sums, np.where(maxs > -np.inf, maxs, np.float32(0.0))
 
     def refs(self, g: int, items: IntArray) -> IntArray:
         """For each item, the recent item of its largest contribution in group ``g``
