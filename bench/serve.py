@@ -38,6 +38,7 @@ Usage::
     .venv/bin/python bench/serve.py --world long --connections 32 --duration 10 --keep
     .venv/bin/python bench/serve.py --world long --connections 32 --reuse /tmp/recsys-bench-serve-x
     .venv/bin/python bench/serve.py --stages-only /tmp/recsys-bench-serve-x
+    .venv/bin/python bench/serve.py --reuse /tmp/recsys-bench-serve-x --declared-route
     .venv/bin/python bench/serve.py --duration 10 --connections 16
     .venv/bin/python bench/serve.py --out bench/results/serve.json
 """
