@@ -38,6 +38,7 @@ Usage::
     .venv/bin/python bench/serve.py --world long --connections 32 --duration 10 --keep
     .venv/bin/python bench/serve.py --world long --connections 32 --reuse /tmp/recsys-bench-serve-x
     .venv/bin/python bench/serve.py --stages-only /tmp/recsys-bench-serve-x
+    .venv/bin/python bench/serve.py --reuse /tmp/recsys-bench-serve-x --declared-route
     .venv/bin/python bench/serve.py --duration 10 --connections 16
     .venv/bin/python bench/serve.py --out bench/results/serve.json
 """
@@ -75,6 +76,7 @@ SCENARIOS = (
     "recommendations_light",
     "recommendations_hot_swap",
     "recommendations_async_impressions",
+    "recommendations_declared_route",
 )
 
 
@@ -316,6 +318,31 @@ class Server:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+
+
+def declared_route_overlay(work: Path) -> Path:
+    """A copy of ``recsys_serving`` whose recommendations router is a plain APIRouter
+    (no ``FastRoute``: every request goes through FastAPI's parameter resolution), to
+    put on a server's PYTHONPATH: what the bypass is worth, measured, not assumed."""
+    import recsys_serving
+
+    target = work / "declared-route"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(
+        Path(recsys_serving.__file__).parent,
+        target / "recsys_serving",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    module = target / "recsys_serving" / "api" / "recommendations.py"
+    text = module.read_text()
+    patched = text.replace(
+        'APIRouter(tags=["recommendations"], route_class=FastRoute)',
+        'APIRouter(tags=["recommendations"])',
+    )
+    if patched == text:
+        raise SystemExit(f"{module}: no FastRoute router to replace")
+    module.write_text(patched)
+    return target
 
 
 def process_tree_cpu(root: int) -> tuple[float, float]:
@@ -649,6 +676,12 @@ def main() -> None:
     parser.add_argument(
         "--no-stages", action="store_true", help="Skip the in-process per-stage CPU budget."
     )
+    parser.add_argument(
+        "--declared-route",
+        action="store_true",
+        help="Also serve /recommendations without the FastRoute bypass (a patched copy of "
+        "the package on the server's PYTHONPATH), right after the main scenario.",
+    )
     args = parser.parse_args()
     if args.stages_only is not None:
         work = args.stages_only
@@ -662,7 +695,13 @@ def main() -> None:
     work = args.reuse or Path(tempfile.mkdtemp(prefix="recsys-bench-serve-"))
     home = work / "home"
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")},
+        # RECSYS_BENCH (the shared machine's "this is a measurement" flag) reaches the
+        # server and the CLI runs; no other RECSYS_ setting of the caller leaks in.
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("RECSYS_") or k == "RECSYS_BENCH"
+        },
         "RECSYS_HOME": str(home),
         "RECSYS_LOG_LEVEL": "WARNING",
         "OPENBLAS_NUM_THREADS": "1",
@@ -720,6 +759,28 @@ def main() -> None:
         results["recommendations"] = wrk(
             server.url, args.duration, args.connections, rec_args, server
         )
+        if args.declared_route:
+            # The same requests through FastAPI's parameter resolution (issue 14: keep
+            # the FastRoute bypass only while it pays), on a second server, then the
+            # first one again so the two sit side by side in time.
+            server.stop()
+            overlay = declared_route_overlay(work)
+            path = os.pathsep.join(p for p in (str(overlay), env.get("PYTHONPATH")) if p)
+            server = Server({**env, "PYTHONPATH": path}, args.workers, work / "s-declared.log")
+            server.wait_serving(v1, args.workers)
+            wrk(server.url, 3, args.connections, rec_args)
+            say(f"recommendations without FastRoute: {args.duration:g}s")
+            results["recommendations_declared_route"] = wrk(
+                server.url, args.duration, args.connections, rec_args, server
+            )
+            server.stop()
+            server = Server(env, args.workers, work / "serve-2.log")
+            server.wait_serving(v1, args.workers)
+            wrk(server.url, 3, args.connections, rec_args)
+            say("recommendations with FastRoute again")
+            results["recommendations_fast_route_again"] = wrk(
+                server.url, args.duration, args.connections, rec_args, server
+            )
         light = max(1, args.workers * 2)
         say(f"recommendations at {light} connections (latency at a lighter load)")
         results["recommendations_light"] = wrk(server.url, args.duration, light, rec_args, server)
@@ -779,7 +840,11 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     say(f"wrote {args.out}")
-    failed = [name for name in SCENARIOS if name in results and results[name]["errors"]]
+    failed = [
+        name
+        for name in (*SCENARIOS, "recommendations_fast_route_again")
+        if name in results and results[name]["errors"]
+    ]
     if (
         "recommendations_hot_swap" in results
         and len(results["recommendations_hot_swap"]["swaps"]) != 2
@@ -799,7 +864,7 @@ def report(results: dict[str, Any]) -> None:
         f"{'scenario':34} {'req/s':>9} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7}"
         f" {'server us/req':>14} {'wrk us/req':>11} {'load':>11}"
     )
-    for name in SCENARIOS:
+    for name in (*SCENARIOS, "recommendations_fast_route_again"):
         if name not in results:
             continue
         r = results[name]

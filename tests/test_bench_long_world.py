@@ -31,3 +31,25 @@ def test_long_history_world_has_zipf_history_lengths(tmp_path: Path) -> None:
     assert events["ts"].is_sorted()
     items = pl.read_ndjson(tmp_path / "items.ndjson")
     assert set(events["item_id"].unique()) <= set(items["item_id"])
+
+
+def test_the_declared_route_overlay_serves_without_fast_route(tmp_path: Path) -> None:
+    """``--declared-route`` measures the FastRoute bypass against a copy of the package
+    whose recommendations router is FastAPI's own."""
+    import subprocess
+
+    overlay = serve.declared_route_overlay(tmp_path)
+    probe = (
+        "import recsys_serving, recsys_serving.api.recommendations as r; "
+        "from fastapi.routing import APIRoute; "
+        "print(recsys_serving.__file__, r.router.route_class is APIRoute)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={"PYTHONPATH": str(overlay), "PATH": "/usr/bin:/bin"},
+        cwd=tmp_path,  # not the repository root, whose own package `-c` would import first
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert out[0].startswith(str(overlay)) and out[1] == "True"

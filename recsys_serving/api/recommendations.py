@@ -41,6 +41,16 @@ ServedBy = Literal["champion", "challenger", "fallback", "last_good"]
 class FastRoute(APIRoute):
     """An APIRoute whose common requests can skip FastAPI's parameter resolution.
 
+    Kept because it pays (issue 14 asked to measure it): on the long-history bench
+    world (2026-12-06, bench/RESULTS.md "Issue 13: request cost"), through the ASGI
+    app in-process, the service's own CPU per ``/recommendations`` request with the
+    model replaced by a fixed answer was 336 / 290 us with it and 503 / 425 us
+    without it (two rounds each, alternated): FastAPI's resolution of the four
+    declared parameters costs ~150 us, a third of the service around the model. Over
+    HTTP (2 workers, 32 connections, same run) the server spent 2,634 / 2,491 us of CPU
+    per answer with it and 3,696 without. ``bench/serve.py --declared-route`` repeats
+    the HTTP comparison; drop this class if it stops showing a difference.
+
     An endpoint registered with :func:`plain_form` gets a handler that first asks its
     plain-form function, which answers from the raw path and query when they are in
     their plain form or returns None; the declared endpoint then handles the request

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from recsys_serving.model.context import COVIS as NEIGHBOUR_COVIS
 from recsys_serving.model.context import KNN as NEIGHBOUR_KNN
-from recsys_serving.model.context import HistoryScores, UserContext, first_free
+from recsys_serving.model.context import UserContext, first_free
 from recsys_serving.model.features import padded_categories, time_totals
 from recsys_serving.model.state import IntArray, ModelState
 from recsys_serving.settings import default_of
@@ -68,6 +69,8 @@ CATEGORY_FANOUT = 3
 _EMPTY = np.empty(0, dtype=np.int64)
 # (vector, k, allowed mask) -> item rows, best first: the ALS retrieval step.
 Retriever = Callable[[npt.NDArray[np.float32], int, npt.NDArray[np.bool_]], IntArray]
+# Item rows -> their source detail (-1 where none), computed on demand.
+Explainer = Callable[[IntArray], IntArray]
 
 
 @dataclass
@@ -77,10 +80,11 @@ class Candidates:
     # Source detail (the co-visited or similar item row, the category row; -1) where
     # known when drawn; pieces in ``explained`` are explained on demand (:meth:`refs`).
     known_refs: IntArray
-    # (start, stop, scores): candidates [start, stop) came from a whole-history score;
-    # which history item explains one costs a pass over the capped history's entries,
-    # paid only for the few candidates an answer shows (training never asks).
-    explained: list[tuple[int, int, HistoryScores]] = field(default_factory=list)
+    # (start, stop, explainer): candidates [start, stop) came from a history aggregate
+    # (whole-history kNN or EASE, neighbours of the recent items); which history item
+    # explains one costs a pass over the aggregate's entries, paid only for the few
+    # candidates an answer shows (training never asks).
+    explained: list[tuple[int, int, Explainer]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.items.size)
@@ -89,10 +93,13 @@ class Candidates:
         """The source detail of the candidates at ``positions`` (-1 where none)."""
         positions = np.asarray(positions, dtype=np.int64)
         out = self.known_refs[positions]
-        for start, stop, scores in self.explained:
-            inside = (positions >= start) & (positions < stop)
-            if inside.any():
-                out[inside] = scores.refs(self.items[positions[inside]])
+        if self.explained:
+            # An answer shows a handful of positions: plain Python finds their pieces.
+            listed = positions.tolist()
+            for start, stop, explain in self.explained:
+                inside = [j for j, p in enumerate(listed) if start <= p < stop]
+                if inside:
+                    out[inside] = explain(self.items[positions[inside]])
         return out
 
     @property
@@ -148,7 +155,7 @@ def exact_retriever(state: ModelState) -> Retriever:
 
 def top_k(scores: npt.NDArray[np.float32], allowed: npt.NDArray[np.bool_], k: int) -> IntArray:
     """Rows of the k best allowed scores, best first; ties by lower row (deterministic)."""
-    rows = np.flatnonzero(allowed)
+    rows = allowed.nonzero()[0]
     if rows.size == 0 or k <= 0:
         return np.empty(0, dtype=np.int64)
     pool = scores[rows]
@@ -186,21 +193,19 @@ class _Pool:
         self.items: list[IntArray] = []
         self.sources: list[int] = []
         self.counts: list[int] = []
-        self.refs: list[int] = []  # the ref of every row of a piece (-1: see ref_arrays)
-        self.ref_arrays: list[tuple[int, IntArray]] = []  # (start, refs) of other pieces
-        self.explained: list[tuple[int, int, HistoryScores]] = []
+        self.refs: list[int] = []  # the ref of every row of a piece (-1: see explained)
+        self.explained: list[tuple[int, int, Explainer]] = []
         self.count = 0
 
     def take(
         self,
         rows: IntArray,
         src: int,
-        refs: IntArray | None = None,
         ref: int = -1,
-        explain: HistoryScores | None = None,
+        explain: Explainer | None = None,
     ) -> None:
-        """Add rows (first source wins); ``refs``: each row's source detail, ``ref``:
-        one for all, ``explain``: the history score that explains them on demand."""
+        """Add rows (first source wins); ``ref``: the source detail of all of them,
+        ``explain``: what explains each of them on demand."""
         self.free[rows] = False
         room = self.size - self.count
         if room <= 0 or not rows.size:
@@ -210,8 +215,6 @@ class _Pool:
         self.sources.append(src)
         self.counts.append(rows.size)
         self.refs.append(ref)
-        if refs is not None:
-            self.ref_arrays.append((self.count, refs[: rows.size]))
         if explain is not None:
             self.explained.append((self.count, self.count + int(rows.size), explain))
         self.count += int(rows.size)
@@ -223,8 +226,6 @@ class _Pool:
         if not self.items:
             return Candidates(_EMPTY, np.empty(0, dtype=np.int8), _EMPTY)
         ref = np.repeat(np.asarray(self.refs, dtype=np.int64), self.counts)
-        for start, refs in self.ref_arrays:
-            ref[start : start + refs.size] = refs
         return Candidates(
             items=np.concatenate(self.items).astype(np.int64, copy=False),
             source=np.repeat(np.asarray(self.sources, dtype=np.int8), self.counts),
@@ -250,19 +251,19 @@ def generate(
         out.take(retriever(ctx.vector, want["als"], allowed), ALS)
 
     if ctx.ease.items.size and want.get("ease", 0) > 0:
-        out.take(ctx.ease.best(out.free, want["ease"]), EASE, explain=ctx.ease)
+        out.take(ctx.ease.best(out.free, want["ease"]), EASE, explain=ctx.ease.refs)
 
-    if ctx.covis_items.size and want["covis"] > 0:
-        rows, refs = ctx.neighbours.best(NEIGHBOUR_COVIS, out.free, want["covis"])
-        out.take(rows, COVIS, refs)
+    if ctx.neighbours.live and want["covis"] > 0:
+        rows = ctx.neighbours.top(NEIGHBOUR_COVIS, out.free, want["covis"])
+        out.take(rows, COVIS, explain=ctx.neighbours.explainer(NEIGHBOUR_COVIS))
 
-    if ctx.history_items.size and want["knn"] > 0:
+    if ctx.history.items.size and want["knn"] > 0:
         # Half by similarity to the whole history (the item-kNN ranking), half to the
         # most recent items (what the user is into right now).
         whole = want["knn"] - want["knn"] // 2
-        out.take(ctx.history.best(out.free, whole), KNN, explain=ctx.history)
-        rows, refs = ctx.neighbours.best(NEIGHBOUR_KNN, out.free, want["knn"] // 2)
-        out.take(rows, KNN, refs)
+        out.take(ctx.history.best(out.free, whole), KNN, explain=ctx.history.refs)
+        rows = ctx.neighbours.top(NEIGHBOUR_KNN, out.free, want["knn"] // 2)
+        out.take(rows, KNN, explain=ctx.neighbours.explainer(NEIGHBOUR_KNN))
 
     if categories is not None and categories.size:
         cats = categories[: CATEGORY_FANOUT * 2]
@@ -305,11 +306,34 @@ def popular_then(
 ) -> IntArray:
     """The ``n`` free items with the most interaction weight in the buckets of ``era``
     (ties: lower row); only items with some weight there."""
-    lo, hi = era
-    if n <= 0 or not time_totals(state)[lo:hi].any():
+    if n <= 0:
         return _EMPTY
-    weight = state.item_time_counts[:, lo:hi].sum(axis=1, dtype=np.float64)
-    return top_k(weight, free & (weight > 0), n)
+    found = era_weight(state, era)
+    if found is None:
+        return _EMPTY
+    weight, positive = found
+    return top_k(weight, free & positive, n)
+
+
+def era_weight(
+    state: ModelState, era: tuple[int, int]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]] | None:
+    """Each item's interaction weight in the buckets of ``era`` and where it is
+    positive (None when the era has none): computed once per state and era (a state
+    has a few dozen eras at most), where each request summed the whole catalogue's
+    buckets."""
+    cache: dict[tuple[int, int], Any] | None = getattr(state, "_era_weights", None)
+    if cache is None:
+        cache = {}
+        object.__setattr__(state, "_era_weights", cache)
+    if era not in cache:
+        lo, hi = era
+        if not time_totals(state)[lo:hi].any():
+            cache[era] = None
+        else:
+            weight = state.item_time_counts[:, lo:hi].sum(axis=1, dtype=np.float64)
+            cache[era] = (weight, weight > 0)
+    return cache[era]
 
 
 def reason(state: ModelState, source: int, ref: int) -> str:

@@ -18,8 +18,9 @@ the same functions, so the served features are the offline ones.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -54,53 +55,98 @@ COVIS, KNN = range(2)
 
 @dataclass(frozen=True, slots=True)
 class NeighbourScores:
-    """The neighbour aggregates of a user's recent items, in one table sorted by
-    ``group * n_items + item``.
+    """The neighbour aggregates of a user's recent items, dense over ``group * n_items
+    + item`` (two groups: :data:`COVIS`, co-visited with the recent items, and
+    :data:`KNN`, cosine neighbours of the recent items).
 
-    For each (group, item): the recency-weighted sum of the contributions, the largest
-    single contribution and the recent item that made it (ties: the newer one).
-    Groups: :data:`COVIS` (co-visited with the recent items), :data:`KNN` (cosine
-    neighbours of the recent items).
+    For each (group, item): the recency-weighted sum of the contributions (``sums``,
+    0 without any) and the largest single contribution (``maxs``, -inf without any).
+    The recent item that made the largest one (ties: the newer) is what explains a
+    candidate; it is looked up only for the few items that need it (:meth:`refs`),
+    from the gathered contributions kept here (``keys``, ``scores``, and the number
+    of entries each recent item gave to each group, ``lengths``).
     """
 
     n_items: int
-    keys: IntArray
     sums: FloatArray
     maxs: FloatArray
-    refs: IntArray
-    bounds: tuple[int, int, int]  # where each group starts in ``keys``, and the end
+    keys: IntArray
+    scores: FloatArray
+    lengths: IntArray  # (2 * len(recent),): covis entries per recent item, then knn
+    recent: IntArray
+    tops: tuple[float, float]  # each group's largest sum, 1 when none is positive
+
+    @property
+    def live(self) -> bool:
+        return bool(self.keys.size)
+
+    def entries(self, g: int) -> IntArray:
+        """Items with an entry in a group, ascending."""
+        if not self.live:
+            return _EMPTY_I
+        n = self.n_items
+        return (self.maxs[g * n : (g + 1) * n] > -np.inf).nonzero()[0]
 
     def group(self, g: int) -> tuple[IntArray, FloatArray, FloatArray, IntArray]:
         """(items, sums, maxs, refs) of one group, items ascending."""
-        lo, hi = self.bounds[g], self.bounds[g + 1]
-        items = self.keys[lo:hi] - g * self.n_items if g else self.keys[lo:hi]
-        return items, self.sums[lo:hi], self.maxs[lo:hi], self.refs[lo:hi]
+        items = self.entries(g)
+        keys = items + g * self.n_items
+        return items, self.sums[keys], self.maxs[keys], self.refs(g, items)
 
     def lookup(self, items: IntArray) -> tuple[FloatArray, FloatArray]:
         """(sums, maxs) of both groups for ``items``: arrays of shape (2, len(items)),
         0 where the item has no entry."""
-        n = items.size
-        sums = np.zeros((2, n), dtype=np.float32)
-        maxs = np.zeros((2, n), dtype=np.float32)
-        if self.keys.size and n:
-            wanted = np.concatenate((items, items + self.n_items))
-            pos = np.minimum(np.searchsorted(self.keys, wanted), self.keys.size - 1)
-            hit = self.keys[pos] == wanted
-            sums.ravel()[hit] = self.sums[pos[hit]]
-            maxs.ravel()[hit] = self.maxs[pos[hit]]
-        return sums, maxs
+        if not self.live:
+            zeros = np.zeros((2, items.size), dtype=np.float32)
+            return zeros, zeros.copy()
+        n = self.n_items
+        sums = self.sums.reshape(2, n)[:, items]
+        maxs = self.maxs.reshape(2, n)[:, items]
+        return sums, np.where(maxs > -np.inf, maxs, np.float32(0.0))
+
+    def refs(self, g: int, items: IntArray) -> IntArray:
+        """For each item, the recent item of its largest contribution in group ``g``
+        (ties: the newer, i.e. earlier in ``recent``); -1 without any."""
+        out = np.full(items.size, -1, dtype=np.int64)
+        if not self.live or not items.size:
+            return out
+        keys = items + g * self.n_items
+        wanted = np.zeros(self.sums.size, dtype=bool)
+        wanted[keys] = True
+        hit = wanted[self.keys].nonzero()[0]
+        if not hit.size:
+            return out
+        top = hit[self.scores[hit] == self.maxs[self.keys[hit]]]
+        # Entries run recent item by recent item (the covis block, then the knn one), so
+        # a key's first top entry is the newest recent item's (np.unique's first index).
+        found, first = np.unique(self.keys[top], return_index=True)
+        block = np.searchsorted(np.cumsum(self.lengths), top[first], side="right")
+        pos = np.minimum(np.searchsorted(found, keys), found.size - 1)
+        return np.where(found[pos] == keys, self.recent[block[pos] % self.recent.size], -1)
+
+    def top(self, g: int, free: npt.NDArray[np.bool_], n: int) -> IntArray:
+        """The ``n`` best-scored ``free`` items of a group (ties: lower row), best first
+        (the group's order by sum descending, then item ascending)."""
+        if not self.live:
+            return _EMPTY_I
+        size = self.n_items
+        lo = g * size
+        items = (free & (self.maxs[lo : lo + size] > -np.inf)).nonzero()[0]
+        return items[top_ranked(items, self.sums[lo + items], n)]
 
     def best(self, g: int, free: npt.NDArray[np.bool_], n: int) -> tuple[IntArray, IntArray]:
-        """The ``n`` best-scored ``free`` items of a group (ties: lower row) and their
-        refs, best first (the group's order by sum descending, then item ascending)."""
-        items, sums, _, refs = self.group(g)
-        keep = np.flatnonzero(free[items])
-        pick = keep[top_ranked(items[keep], sums[keep], n)]
-        return items[pick], refs[pick]
+        """:meth:`top` and the refs of those items."""
+        picked = self.top(g, free, n)
+        return picked, self.refs(g, picked)
+
+    def explainer(self, g: int) -> Callable[[IntArray], IntArray]:
+        """Item rows -> their refs in group ``g`` (what candidates keep to explain the
+        few items an answer shows)."""
+        return partial(self.refs, g)
 
     @classmethod
     def empty(cls, n_items: int) -> NeighbourScores:
-        return cls(n_items, _EMPTY_I, _EMPTY_F, _EMPTY_F, _EMPTY_I, (0, 0, 0))
+        return cls(n_items, _EMPTY_F, _EMPTY_F, _EMPTY_I, _EMPTY_F, _EMPTY_I, _EMPTY_I, (1.0, 1.0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +184,7 @@ class HistoryScores:
             return out
         wanted = np.zeros(self.dense.size, dtype=bool)
         wanted[rows] = True
-        hit = np.flatnonzero(wanted[indices])
+        hit = wanted[indices].nonzero()[0]
         if not hit.size:
             return out
         owner = np.searchsorted(indptr, hit, side="right") - 1
@@ -181,18 +227,6 @@ class UserContext:
     recent_weights: FloatArray
     neighbours: NeighbourScores
     history: HistoryScores
-    covis_items: IntArray  # sorted item rows co-visited with the recent items
-    covis_sum: FloatArray
-    covis_max: FloatArray
-    covis_ref: IntArray  # for each covis item, the recent item contributing most
-    knn_items: IntArray  # sorted item rows similar (cosine) to the recent items
-    knn_sum: FloatArray
-    knn_max: FloatArray
-    knn_ref: IntArray
-    # The item-kNN baseline's own score over the whole history (``history``), for the
-    # items that have one.
-    history_items: IntArray
-    history_sum: FloatArray
     last_vector: FloatArray | None  # unit vector of the newest item
     recent_vector: FloatArray | None  # unit mean vector of the recent items
     # EASE score of the whole history (empty for cold users or without an EASE graph)
@@ -205,6 +239,49 @@ class UserContext:
     @property
     def known(self) -> bool:
         return self.row is not None
+
+    # The neighbour aggregates as (items ascending, sums, maxs, refs) per group, and the
+    # whole-history kNN scores (the item-kNN baseline's own ranking score): views for
+    # tests and tools; requests use ``neighbours`` and ``history`` directly.
+    @property
+    def covis_items(self) -> IntArray:
+        return self.neighbours.group(COVIS)[0]
+
+    @property
+    def covis_sum(self) -> FloatArray:
+        return self.neighbours.group(COVIS)[1]
+
+    @property
+    def covis_max(self) -> FloatArray:
+        return self.neighbours.group(COVIS)[2]
+
+    @property
+    def covis_ref(self) -> IntArray:
+        return self.neighbours.group(COVIS)[3]
+
+    @property
+    def knn_items(self) -> IntArray:
+        return self.neighbours.group(KNN)[0]
+
+    @property
+    def knn_sum(self) -> FloatArray:
+        return self.neighbours.group(KNN)[1]
+
+    @property
+    def knn_max(self) -> FloatArray:
+        return self.neighbours.group(KNN)[2]
+
+    @property
+    def knn_ref(self) -> IntArray:
+        return self.neighbours.group(KNN)[3]
+
+    @property
+    def history_items(self) -> IntArray:
+        return self.history.items
+
+    @property
+    def history_sum(self) -> FloatArray:
+        return self.history.sums
 
     def history_refs(self, rows: list[int]) -> list[int]:
         """For each item row, the history item contributing most to its kNN score."""
@@ -220,7 +297,7 @@ class UserContext:
 
 
 def _unit(v: FloatArray) -> FloatArray | None:
-    norm = float(np.linalg.norm(v))
+    norm = float(np.sqrt(v.dot(v)))  # np.linalg.norm's own formula, without its wrapper
     if not np.isfinite(norm) or norm <= 1e-12:
         return None
     return (v / norm).astype(np.float32)
@@ -269,16 +346,6 @@ def user_context(
             recent_weights=_EMPTY_F,
             neighbours=NeighbourScores.empty(state.n_items),
             history=HistoryScores.empty(),
-            covis_items=_EMPTY_I,
-            covis_sum=_EMPTY_F,
-            covis_max=_EMPTY_F,
-            covis_ref=_EMPTY_I,
-            knn_items=_EMPTY_I,
-            knn_sum=_EMPTY_F,
-            knn_max=_EMPTY_F,
-            knn_ref=_EMPTY_I,
-            history_items=_EMPTY_I,
-            history_sum=_EMPTY_F,
             last_vector=None,
             recent_vector=None,
             ease=HistoryScores.empty(),
@@ -288,8 +355,6 @@ def user_context(
     seen, seen_weights = state.seen.row(row)
     recent, weights = state.recent.row(row)
     table = neighbour_scores(state, recent, weights)
-    covis_items, covis_sum, covis_max, covis_ref = table.group(COVIS)
-    knn_items, knn_sum, knn_max, knn_ref = table.group(KNN)
     history = history_scores(state, seen, seen_weights)
     factors = state.item_factors
     last_vector = recent_vector = None
@@ -306,16 +371,6 @@ def user_context(
         recent_weights=weights,
         neighbours=table,
         history=history,
-        covis_items=covis_items,
-        covis_sum=covis_sum,
-        covis_max=covis_max,
-        covis_ref=covis_ref,
-        knn_items=knn_items,
-        knn_sum=knn_sum,
-        knn_max=knn_max,
-        knn_ref=knn_ref,
-        history_items=history.items,
-        history_sum=history.sums,
         last_vector=last_vector,
         recent_vector=recent_vector,
         ease=graph_scores(state.ease, state.n_items, seen, seen_weights, EASE_HISTORY_ITEMS),
@@ -339,7 +394,7 @@ def user_era(state: ModelState, row: int) -> tuple[int, int] | None:
     last = user_last_ts(state, row)
     if buckets <= 0 or last is None:
         return None
-    bucket = int(np.clip(np.searchsorted(edges, last, side="right") - 1, 0, buckets - 1))
+    bucket = min(max(int(edges.searchsorted(last, side="right")) - 1, 0), buckets - 1)
     return max(bucket - ERA_HALF_WIDTH, 0), min(bucket + ERA_HALF_WIDTH + 1, buckets)
 
 
@@ -349,9 +404,9 @@ def first_free(order: IntArray, free: npt.NDArray[np.bool_], n: int) -> IntArray
         return _EMPTY_I
     # Usually most entries are free: look at a short head first.
     head = order[: 4 * n + 64]
-    pos = np.flatnonzero(free[head])[:n]
+    pos = free[head].nonzero()[0][:n]
     if pos.size < n and head.size < order.size:
-        rest = np.flatnonzero(free[order[head.size :]])[: n - pos.size] + head.size
+        rest = free[order[head.size :]].nonzero()[0][: n - pos.size] + head.size
         pos = np.concatenate([pos, rest])
     return pos
 
@@ -377,11 +432,11 @@ def top_ranked(items: IntArray, sums: FloatArray, n: int) -> IntArray:
         return _EMPTY_I
     if items.size > n:
         bound = np.partition(sums, items.size - n)[items.size - n]
-        head = np.flatnonzero(sums >= bound)  # ties at the bound may add a few
-    else:
-        head = np.arange(items.size)
-    order = np.argsort(_rank_keys(sums[head], items[head]))[:n]
-    return head[order]
+        head = (sums >= bound).nonzero()[0]  # ties at the bound may add a few
+        # The head is a few dozen entries: a two-key sort of it costs less than the
+        # arithmetic of composite keys (-0.0 sorts with 0.0 here too).
+        return head[np.lexsort((items[head], -sums[head]))[:n]]
+    return np.lexsort((items, -sums))[:n]
 
 
 def gather_rows(graph: Ragged, rows: IntArray) -> tuple[IntArray, IntArray, FloatArray]:
@@ -391,8 +446,7 @@ def gather_rows(graph: Ragged, rows: IntArray) -> tuple[IntArray, IntArray, Floa
     scipy's compiled CSR row gather copies them in one pass when the arrays have its
     types (they do in every state); a numpy gather (the same entries) otherwise.
     """
-    lo = graph.indptr[rows]
-    lengths = graph.indptr[rows + 1] - lo
+    lengths = row_lengths(graph)[rows]
     indptr = np.zeros(rows.size + 1, dtype=np.int64)
     np.cumsum(lengths, out=indptr[1:])
     nnz = int(indptr[-1])
@@ -401,9 +455,20 @@ def gather_rows(graph: Ragged, rows: IntArray) -> tuple[IntArray, IntArray, Floa
         data = np.empty(nnz, dtype=np.float32)
         _csr_row_index(rows.size, rows, graph.indptr, graph.indices, graph.data, indices, data)
         return indptr, indices, data
+    lo = graph.indptr[rows]
     owner = np.repeat(np.arange(rows.size), lengths)
     pos = np.arange(nnz) - (indptr[:-1] - lo)[owner]
     return indptr, graph.indices[pos], graph.data[pos]
+
+
+def row_lengths(graph: Ragged) -> IntArray:
+    """Entries per row of a graph, computed once per graph (kept on it, with the
+    offsets they were computed from)."""
+    found: tuple[IntArray, IntArray] | None = getattr(graph, "_lengths", None)
+    if found is None or found[0] is not graph.indptr:
+        found = (graph.indptr, np.diff(graph.indptr))
+        object.__setattr__(graph, "_lengths", found)
+    return found[1]
 
 
 def weighted_sum(
@@ -431,11 +496,6 @@ def _compiled(graph: Ragged, rows: IntArray) -> bool:
     )
 
 
-def _owners(indptr: IntArray) -> IntArray:
-    """For each entry of a CSR matrix, its row."""
-    return np.repeat(np.arange(indptr.size - 1), np.diff(indptr))
-
-
 def neighbour_scores(
     state: ModelState, recent: IntArray, recent_weights: FloatArray
 ) -> NeighbourScores:
@@ -443,9 +503,9 @@ def neighbour_scores(
     :class:`NeighbourScores`): contributions are ``score x recency weight`` in float32,
     summed exactly (float64, then rounded to float32).
 
-    Dense scatters over the catalogue (``bincount`` and ``ufunc.at`` keyed by
-    ``group * n_items + item``) cost a fixed number of passes; sorting the thousands of
-    contributions of twenty recent items cost more than everything else together.
+    Two dense scatters over the catalogue (``bincount`` and ``maximum.at`` keyed by
+    ``group * n_items + item``); which recent item explains an item is left to the few
+    items that need it, so a request pays no per-entry work beyond these.
     """
     n = state.n_items
     if not recent.size:
@@ -455,25 +515,22 @@ def neighbour_scores(
     if c_ind.size + k_ind.size == 0:
         return NeighbourScores.empty(n)
     keys = np.concatenate((c_ind, k_ind + n))
-    owner = np.concatenate((_owners(c_ptr), _owners(k_ptr)))
-    scores = np.concatenate((c_val, k_val)) * recent_weights[owner]
-    sums = np.bincount(keys, weights=scores, minlength=2 * n)
+    lengths = np.concatenate((np.diff(c_ptr), np.diff(k_ptr)))
+    weights = np.repeat(np.concatenate((recent_weights, recent_weights)), lengths)
+    scores = np.concatenate((c_val, k_val)) * weights
+    sums = np.bincount(keys, weights=scores, minlength=2 * n).astype(np.float32)
     maxs = np.full(2 * n, -np.inf, dtype=np.float32)
     np.maximum.at(maxs, keys, scores)
-    # The recent item of the largest contribution; on ties the newer (recent is
-    # newest first, so the lowest position).
-    top = scores == maxs[keys]
-    first = np.full(2 * n, recent.size, dtype=np.int64)
-    np.minimum.at(first, keys[top], owner[top])
-    ukeys = np.flatnonzero(first < recent.size)
-    split = int(np.searchsorted(ukeys, n))
+    top = sums.reshape(2, n).max(axis=1).tolist()
     return NeighbourScores(
         n,
-        ukeys,
-        sums[ukeys].astype(np.float32),
-        maxs[ukeys],
-        recent[first[ukeys]],
-        (0, split, int(ukeys.size)),
+        sums,
+        maxs,
+        keys,
+        scores,
+        lengths,
+        recent,
+        (top[0] if top[0] > 0 else 1.0, top[1] if top[1] > 0 else 1.0),
     )
 
 
@@ -500,6 +557,6 @@ def graph_scores(
         seen, weights = seen[keep], weights[keep]
     indptr, indices, data = gather_rows(graph, seen)
     dense = weighted_sum(n_items, indptr, indices, data, weights)
-    items = np.flatnonzero(dense)
+    items = dense.nonzero()[0]
     sums = dense[items].astype(np.float32)
     return HistoryScores(dense, items, sums, (indptr, indices, data, seen, weights))

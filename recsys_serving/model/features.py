@@ -116,14 +116,6 @@ def item_norms(state: ModelState) -> npt.NDArray[np.float32]:
     return cached
 
 
-def _affinity(
-    affinity: npt.NDArray[np.float32], item_categories: npt.NDArray[np.int64]
-) -> npt.NDArray[np.float32]:
-    """Summed affinity over each item's categories (rows of ``padded_categories``)."""
-    padded = np.append(affinity, np.float32(0.0))  # the pad column scores 0
-    return padded[item_categories].sum(axis=1)
-
-
 def _cosine(
     vectors: npt.NDArray[np.float32],
     norms: npt.NDArray[np.float32],
@@ -210,7 +202,7 @@ def assemble_features(
     norms = item_norms(state)[items]
     if ctx.vector is not None:
         als = vectors @ ctx.vector
-        user_norm = float(np.linalg.norm(ctx.vector))
+        user_norm = float(np.sqrt(ctx.vector.dot(ctx.vector)))  # np.linalg.norm's formula
         cosine = als / np.maximum(norms * user_norm, 1e-12)
     else:
         als = cosine = np.zeros(n, dtype=np.float32)
@@ -225,14 +217,16 @@ def assemble_features(
     out[:, 4] = knn_sum
     out[:, 5] = maxs[1]
     out[:, 6] = history
-    out[:, 7] = covis_sum / _top(ctx.covis_sum)
-    out[:, 8] = knn_sum / _top(ctx.knn_sum)
-    out[:, 9] = history / _top(ctx.history_sum)
+    out[:, 7] = covis_sum / ctx.neighbours.tops[0]
+    out[:, 8] = knn_sum / ctx.neighbours.tops[1]
+    out[:, 9] = history / _top(ctx.history.sums)
     out[:, 10] = _cosine(vectors, norms, ctx.last_vector)
     out[:, 11] = _cosine(vectors, norms, ctx.recent_vector)
-    categories = padded_categories(state)[items]
-    out[:, 12] = _affinity(ctx.affinity, categories)
-    out[:, 13] = _affinity(ctx.affinity_recent, categories)
+    # Both affinities in one gather: (2, n, width) summed over each item's categories.
+    padded = np.zeros((2, state.n_categories + 1), dtype=np.float32)  # the pad scores 0
+    padded[0, :-1] = ctx.affinity
+    padded[1, :-1] = ctx.affinity_recent
+    out[:, 12:14] = padded[:, padded_categories(state)[items]].sum(axis=2).T
     out[:, 14] = 1.0 if ctx.known else 0.0
     ease = ctx.ease.at(items)
     out[:, 15] = ease

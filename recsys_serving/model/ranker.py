@@ -28,6 +28,7 @@ import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -107,11 +108,16 @@ class Blend:
 
         return [FEATURE_NAMES.index(f) for f in self.features]
 
+    @cached_property
+    def _arrays(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+        """(columns, weights) as arrays, built once: every request scores with them."""
+        return np.asarray(self.columns, dtype=np.int64), np.asarray(self.weights, np.float64)
+
     def score(self, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
         if features.shape[0] == 0:
             return np.empty(0, dtype=np.float64)
-        block = features[:, self.columns].astype(np.float64)
-        return block @ np.asarray(self.weights, dtype=np.float64)
+        columns, weights = self._arrays
+        return features[:, columns].astype(np.float64) @ weights
 
     def as_dict(self) -> dict[str, Any]:
         return {"features": list(self.features), "weights": [float(w) for w in self.weights]}

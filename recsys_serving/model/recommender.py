@@ -90,6 +90,7 @@ class Recommender:
         padded_categories(state)
         _ = state.item_index, state.user_index, state.category_index
         self._item_norms = item_norms(state)
+        self._item_names: list[str] = [str(i) for i in state.item_ids.tolist()]
         primary = padded_categories(state)[:, 0]
         self._primary = np.where(primary < state.n_categories, primary, -1)
 
@@ -205,14 +206,16 @@ class Recommender:
         if not ctx.known:
             order = self._diversify(pool.items, order, k)
         shown = order[:k]
+        # One conversion per array, then plain Python values per shown item.
+        rows = pool.items[shown].tolist()
+        sources = pool.source[shown].tolist()
         refs = pool.refs(shown).tolist()
+        names = self._item_names
         return [
-            ScoredItem(
-                str(state.item_ids[pool.items[i]]),
-                float(scores[i]),
-                cand.reason(state, int(pool.source[i]), ref),
+            ScoredItem(names[row], score, cand.reason(state, source, ref))
+            for row, score, source, ref in zip(
+                rows, scores[shown].tolist(), sources, refs, strict=True
             )
-            for i, ref in zip(shown.tolist(), refs, strict=True)
         ]
 
     def similar(
