@@ -21,6 +21,7 @@ import mmap
 import multiprocessing
 import os
 import queue
+import select
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -363,9 +364,27 @@ def _workers_for(path: Path, workers: int | None) -> int:
 _WORKER: tuple[Settings, fastpath.DayRouter] | None = None
 
 
-def _worker_init(settings: Settings) -> None:
+def _worker_init(settings: Settings, ingest_pid: int) -> None:
     global _WORKER
     _WORKER = (settings, fastpath.DayRouter(fastpath.catalog_epoch_seconds(settings)))
+    _exit_with(ingest_pid)
+
+
+def _exit_with(pid: int) -> None:
+    """End this worker when the ingest process ends, however it ends: killed (a
+    SIGTERM runs no cleanup), a worker would otherwise wait for blocks forever, as a
+    child of the fork server, not of the ingest. A pidfd becomes readable when the
+    process exits; no polling. Where there is none (not Linux), nothing is watched."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return
+
+    def watch() -> None:
+        select.select([fd], [], [])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="ingest-watch", daemon=True).start()
 
 
 def _prevalidate_block(block: bytes) -> fastpath.Prevalidated | None:
@@ -395,7 +414,10 @@ class _BlockPool:
         self.workers = workers
         self.broken = False
         self._pool = ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_worker_init, initargs=(settings,)
+            workers,
+            mp_context=context,
+            initializer=_worker_init,
+            initargs=(settings, os.getpid()),
         )
 
     def _submit(self, block: bytes) -> Future[fastpath.Prevalidated | None] | None:

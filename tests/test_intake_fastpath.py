@@ -692,3 +692,40 @@ def test_only_files_worth_the_start_up_go_to_worker_processes(tmp_path: Path) ->
         assert ingest._workers_for(small, None) == 2
     with mock.patch.object(ingest.os, "sched_getaffinity", return_value={0}):
         assert ingest._workers_for(small, None) == 0
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "pidfd_open"), reason="Linux pidfd")
+def test_a_worker_ends_when_the_ingest_process_is_killed() -> None:
+    """SIGTERM runs no cleanup in the ingest: its workers (children of the fork
+    server, not of the ingest) must still end instead of waiting for blocks forever."""
+    import subprocess
+    import sys
+
+    ingest_process = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys\n"
+            "from recsys_assets.ingest import _worker_init\n"
+            "from recsys_serving.settings import Settings\n"
+            f"_worker_init(Settings(), {ingest_process.pid})\n"
+            "print('ready', flush=True)\n"
+            "sys.stdin.read()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert worker.stdout is not None and worker.stdout.readline() == b"ready\n"
+        assert worker.poll() is None
+        ingest_process.terminate()
+        ingest_process.wait(timeout=60)
+        assert worker.wait(timeout=60) == 1
+    finally:
+        for process in (ingest_process, worker):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
