@@ -355,7 +355,12 @@ def ingest_files(
 def _workers_for(path: Path, workers: int | None) -> int:
     if workers is not None:
         return max(0, workers)
-    cores = len(os.sched_getaffinity(0))
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return 0  # Windows: validated in this process
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))  # the CPUs this process may use
+    else:
+        cores = os.cpu_count() or 1
     size = path.stat().st_size * (GZIP_RATIO_GUESS if path.suffix == ".gz" else 1)
     return cores if cores > 1 and size >= PARALLEL_MIN_BYTES else 0
 
