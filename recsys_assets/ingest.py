@@ -479,18 +479,27 @@ class _BlockPool:
                 submitted(intake.submit_lines(chunk, locate, "cli", sync=False))
 
         failure: BaseException | None = None
+        blocks = _whole_line_blocks(fh)
         try:
-            for block in _whole_line_blocks(fh):
+            while True:
+                # Only a read error waits for the blocks before it to land; a write
+                # error (a full disk) stops the file where it happens.
+                try:
+                    block = next(blocks)
+                except StopIteration:
+                    break
+                except (OSError, EOFError) as exc:
+                    failure = exc
+                    break
                 pending.append((block, self._submit(block)))
                 # A few blocks in flight per worker keep them busy, and memory bounded.
                 while len(pending) > 2 * self.workers + 1:
                     land(*pending.popleft())
-        except (OSError, EOFError) as exc:
-            failure = exc
         except BaseException:
             for _, future in pending:
                 if future is not None:
                     future.cancel()
+            blocks.close()  # stops the read-ahead thread before the file closes
             raise
         while pending:
             land(*pending.popleft())

@@ -729,3 +729,31 @@ def test_a_worker_ends_when_the_ingest_process_is_killed() -> None:
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def test_a_write_error_stops_the_file_where_it_happens(tmp_path: Path) -> None:
+    """A full disk is no read error: the blocks in flight are not landed after it."""
+    import errno
+
+    from recsys_assets import ingest
+
+    path = tmp_path / "log.ndjson"
+    path.write_bytes(b"\n".join(orjson.dumps(base(k)) for k in range(3_000)) + b"\n")
+    calls: list[int] = []
+
+    def full_disk(self: EventIntake, batch: Any, *, sync: bool = True) -> Any:
+        calls.append(batch.received)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return IntakeResult(received=batch.received, accepted=batch.received)
+
+    with tempfile.TemporaryDirectory(dir=SCRATCH) as tmp:
+        intake = EventIntake(LocalLake(Path(tmp) / "lake"), SETTINGS, writer_id="w")
+        with (
+            mock.patch.object(ingest, "READ_BLOCK", 16 << 10),
+            mock.patch.object(EventIntake, "land_prevalidated", full_disk),
+        ):
+            report = ingest.ingest_files([path], intake, workers=2)
+    assert len(calls) == 2
+    assert report.failed_files and "No space left" in report.failed_files[0]
+    assert report.result.received == calls[0]
