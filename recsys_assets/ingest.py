@@ -3,6 +3,14 @@
 This is the path for backfills of old logs and for teams that ship logs with
 their own agent. Files are streamed (bounded memory); every line is accounted
 for, and errors name the file and line.
+
+A large NDJSON file is validated on every core: its blocks of whole lines go to
+worker processes (``fastpath.prevalidate``: the compiled validator and the routing
+by date, no lake), and this process lands their output in file order, after the
+duplicate check, so what lands is what one process would land. A block the fast
+path does not wholly accept (a rejected line, a blank line, a repeated id) is
+submitted here line by line through the intake, as every block was before, and
+gets the same reasons and quarantine.
 """
 
 from __future__ import annotations
@@ -10,10 +18,15 @@ from __future__ import annotations
 import gzip
 import json
 import mmap
+import multiprocessing
 import os
 import queue
+import select
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -22,7 +35,9 @@ import ijson
 import numpy as np
 import orjson
 
+from recsys_serving.events import fastpath
 from recsys_serving.events.intake import EventIntake, IntakeResult, RawEvent
+from recsys_serving.settings import Settings
 
 BATCH = 5_000
 READ_BLOCK = 4 << 20
@@ -31,6 +46,11 @@ WHOLE_FILE_JSON_LIMIT = 256 * 1024 * 1024
 # with one; JSON parsers refuse it, which cost the first event of an NDJSON file and
 # turned a whole JSON array file into one rejected line.
 UTF8_BOM = b"\xef\xbb\xbf"
+# Worker processes take ~0.5 s to start: below this many bytes of NDJSON (a .gz
+# counts as 8 times its size) one process validates the file.
+PARALLEL_MIN_BYTES = 64 << 20
+# A .gz file inflates to roughly this many times its size (for the threshold above).
+GZIP_RATIO_GUESS = 8
 
 
 class IngestFileError(Exception):
@@ -262,9 +282,16 @@ def ingest_files(
     intake: EventIntake,
     on_progress: Callable[[Path, int, IntakeResult], None] | None = None,
     on_file_error: Callable[[str], None] | None = None,
+    workers: int | None = None,
 ) -> IngestReport:
-    """Submit every event of every file; a broken file is reported and the rest go on."""
+    """Submit every event of every file; a broken file is reported and the rest go on.
+
+    ``workers``: None validates NDJSON files of at least ``PARALLEL_MIN_BYTES`` in one
+    worker process per core (smaller ones, and one-core machines, in this process);
+    0 validates everything here; n > 0 uses n workers for every NDJSON file.
+    """
     report = IngestReport()
+    pool: _BlockPool | None = None
     try:
         for path in paths:
             name = str(path)
@@ -274,19 +301,31 @@ def ingest_files(
             report.files += 1
             before = IntakeResult()
             before.merge(report.result)
+
+            def submitted(result: IntakeResult, path: Path = path) -> None:
+                _report(report, result, path, on_progress)
+
             try:
                 first = _first_byte(path)
                 if first == b"[":
                     events = _json_array_events(path, name)
                     for batch in _batched(events, BATCH):
-                        _report(report, intake.submit(batch, "cli", sync=False), path, on_progress)
+                        submitted(intake.submit(batch, "cli", sync=False))
                 else:
+                    n_workers = _workers_for(path, workers)
+                    if n_workers and (pool is None or pool.broken):
+                        if pool is not None:
+                            pool.close()
+                        pool = _BlockPool(intake.settings, n_workers)
                     with _open(path) as fh:
-                        for lines, numbers in _ndjson_batches(fh):
-                            result = intake.submit_lines(
-                                lines, _locator(name, numbers), "cli", sync=False
-                            )
-                            _report(report, result, path, on_progress)
+                        if n_workers and pool is not None:
+                            pool.ingest(fh, name, intake, submitted)
+                        else:
+                            for lines, numbers in _ndjson_batches(fh):
+                                result = intake.submit_lines(
+                                    lines, _locator(name, numbers), "cli", sync=False
+                                )
+                                submitted(result)
             except IngestFileError as exc:
                 _file_failed(report, str(exc), on_file_error)
                 continue
@@ -305,10 +344,187 @@ def ingest_files(
                     f"{name}: all {received:,} events rejected ({shown}); nothing landed"
                 )
     finally:
+        if pool is not None:
+            pool.close()
         # Durable before anything is reported: every batch was written without its
         # own fsync; sealing fsyncs each segment once (quarantine first).
         intake.close()
     return report
+
+
+def _workers_for(path: Path, workers: int | None) -> int:
+    if workers is not None:
+        return max(0, workers)
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return 0  # Windows: validated in this process
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))  # the CPUs this process may use
+    else:
+        cores = os.cpu_count() or 1
+    size = path.stat().st_size * (GZIP_RATIO_GUESS if path.suffix == ".gz" else 1)
+    return cores if cores > 1 and size >= PARALLEL_MIN_BYTES else 0
+
+
+# The worker side: set once per worker process by the pool's initializer.
+_WORKER: tuple[Settings, fastpath.DayRouter] | None = None
+
+
+def _worker_init(settings: Settings, ingest_pid: int) -> None:
+    global _WORKER
+    _WORKER = (settings, fastpath.DayRouter(fastpath.catalog_epoch_seconds(settings)))
+    _exit_with(ingest_pid)
+
+
+def _exit_with(pid: int) -> None:
+    """End this worker when the ingest process ends, however it ends: killed (a
+    SIGTERM runs no cleanup), a worker would otherwise wait for blocks forever, as a
+    child of the fork server, not of the ingest. A pidfd becomes readable when the
+    process exits; no polling. Where there is none (not Linux), nothing is watched."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return
+
+    def watch() -> None:
+        select.select([fd], [], [])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="ingest-watch", daemon=True).start()
+
+
+def _prevalidate_block(block: bytes) -> fastpath.Prevalidated | None:
+    """A block of whole lines (ending in a newline) as the intake would land it, or
+    None when some line needs the intake's own judgment (blank, CR, not accepted)."""
+    assert _WORKER is not None, "called outside a worker process"
+    if b"\r" in block:
+        return None
+    lines = block.split(b"\n")
+    lines.pop()  # after the last newline: nothing
+    # Every line starting with "{" means no blank line (which the intake skips).
+    if block.count(b"\n{") + (block[:1] == b"{") != len(lines):
+        return None
+    return fastpath.prevalidate(lines, *_WORKER)
+
+
+class _BlockPool:
+    """Worker processes that prevalidate a file's blocks, landed here in file order.
+
+    The workers are started by a fork server (a clean process, not a fork of this
+    one and its threads: a progress bar's, the read-ahead's), once per ingest.
+    """
+
+    def __init__(self, settings: Settings, workers: int) -> None:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["recsys_assets.ingest"])
+        self.workers = workers
+        self.broken = False
+        self._pool = ProcessPoolExecutor(
+            workers,
+            mp_context=context,
+            initializer=_worker_init,
+            initargs=(settings, os.getpid()),
+        )
+
+    def _submit(self, block: bytes) -> Future[fastpath.Prevalidated | None] | None:
+        if self.broken:
+            return None
+        try:
+            return self._pool.submit(_prevalidate_block, block)
+        except BrokenProcessPool:
+            self.broken = True
+            return None
+
+    def _result(
+        self, future: Future[fastpath.Prevalidated | None] | None
+    ) -> fastpath.Prevalidated | None:
+        if future is None:
+            return None
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            # A worker died (killed, out of memory): this block and the rest of the
+            # file are validated here, so nothing is lost or counted twice.
+            self.broken = True
+            return None
+
+    def ingest(
+        self,
+        fh: BinaryIO,
+        name: str,
+        intake: EventIntake,
+        submitted: Callable[[IntakeResult], None],
+    ) -> None:
+        """Land every whole line of ``fh``; a read error is raised after every block
+        read before it has landed (as the line-by-line reader does)."""
+        pending: deque[tuple[bytes, Future[fastpath.Prevalidated | None] | None]] = deque()
+        line_no = 0
+
+        def land(block: bytes, future: Future[fastpath.Prevalidated | None] | None) -> None:
+            nonlocal line_no
+            batch = self._result(future)
+            result = intake.land_prevalidated(batch, sync=False) if batch is not None else None
+            if result is not None:
+                line_no += result.received
+                submitted(result)
+                return
+            parts = block.split(b"\n")
+            parts.pop()
+            lines: list[bytes] = []
+            numbers: list[int] = []
+            _add_lines(parts, block, b"", line_no, lines, numbers)
+            line_no += len(parts)
+            for at in range(0, len(lines), BATCH):
+                chunk = lines[at : at + BATCH]
+                locate = _locator(name, numbers[at : at + BATCH])
+                submitted(intake.submit_lines(chunk, locate, "cli", sync=False))
+
+        failure: BaseException | None = None
+        blocks = _whole_line_blocks(fh)
+        try:
+            while True:
+                # Only a read error waits for the blocks before it to land; a write
+                # error (a full disk) stops the file where it happens.
+                try:
+                    block = next(blocks)
+                except StopIteration:
+                    break
+                except (OSError, EOFError) as exc:
+                    failure = exc
+                    break
+                pending.append((block, self._submit(block)))
+                # A few blocks in flight per worker keep them busy, and memory bounded.
+                while len(pending) > 2 * self.workers + 1:
+                    land(*pending.popleft())
+        except BaseException:
+            for _, future in pending:
+                if future is not None:
+                    future.cancel()
+            blocks.close()  # stops the read-ahead thread before the file closes
+            raise
+        while pending:
+            land(*pending.popleft())
+        if failure is not None:
+            raise failure
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _whole_line_blocks(fh: BinaryIO) -> Iterator[bytes]:
+    """The file's bytes in blocks that end with a newline (a last line without one
+    gets it). A read error is raised after the blocks before it; the cut line at the
+    point of the error is not handed over (as with the line-by-line reader)."""
+    carry = b""
+    for block in _ReadAhead(fh):
+        data = carry + block if carry else block
+        cut = data.rfind(b"\n") + 1
+        if not cut:
+            carry = data  # one line longer than a block
+            continue
+        carry = data[cut:]
+        yield data if cut == len(data) else data[:cut]
+    if carry:
+        yield carry + b"\n"
 
 
 def _locator(name: str, numbers: list[int]) -> Callable[[int], str]:

@@ -16,6 +16,7 @@ import io
 import json
 import math
 import random
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -549,3 +550,210 @@ def test_count_lines_for_the_progress_bar_counts_newlines(tmp_path: Path, name: 
     f = tmp_path / name
     f.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
     assert count_lines(f) == data.count(b"\n")
+
+
+# ------------------------------------------- bulk ingest: blocks validated in worker processes
+
+
+_CLOCK = re.compile(r"\.\. \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+
+
+def _ingest_outcome(paths: list[Path], workers: int, block: int) -> dict[str, Any]:
+    """``ingest_files`` into a fresh lake: landed bytes per date, quarantine records,
+    the report; and how many blocks landed as the workers validated them."""
+    from recsys_assets import ingest
+
+    prevalidated: list[int] = []
+    land = EventIntake.land_prevalidated
+
+    def counted(self: EventIntake, batch: Any, *, sync: bool = True) -> Any:
+        result = land(self, batch, sync=sync)
+        prevalidated.append(0 if result is None else result.accepted)
+        return result
+
+    with tempfile.TemporaryDirectory(dir=SCRATCH) as tmp:
+        lake = LocalLake(Path(tmp) / "lake")
+        intake = EventIntake(lake, SETTINGS, writer_id="w")
+        with (
+            mock.patch("recsys_serving.landing.os.fsync"),
+            mock.patch.object(ingest, "READ_BLOCK", block),
+            mock.patch.object(EventIntake, "land_prevalidated", counted),
+        ):
+            report = ingest.ingest_files(paths, intake, workers=workers)
+        outcome = _outcome(lake, [report.result])
+    # The workers read the clock (the future bound) as the intake does, unpinned:
+    # both runs name the bound they were judged by, which differs between them.
+    for error in [*outcome["quarantined"], *outcome["results"][0]["errors"]]:
+        error["reason"] = _CLOCK.sub(".. NOW", error["reason"])
+    outcome["failed_files"] = report.failed_files
+    outcome["rejected_files"] = report.rejected_files
+    outcome["days"] = sorted(report.result.days)
+    return {"outcome": outcome, "prevalidated": prevalidated}
+
+
+def _bulk_file_lines() -> list[bytes]:
+    """Long clean stretches (what workers validate) broken by everything a block can
+    hold that they must hand back: hostile lines, blank and CRLF lines, an id repeated
+    within a block and one repeated blocks later, a padded line."""
+    rng = random.Random(31)
+    hostile = corpus()
+    rng.shuffle(hostile)
+    lines: list[bytes] = []
+    for stretch in range(12):
+        clean = [orjson.dumps(base(f"s{stretch}-{k}", ts=NOW - k * 7_919)) for k in range(600)]
+        if stretch == 9:  # an id accepted several blocks before, amid clean lines
+            clean.insert(300, orjson.dumps(base("s1-7")))
+        lines += clean
+        dirty = hostile[stretch * 25 : stretch * 25 + rng.randint(0, 6)]
+        lines += dirty
+        if stretch == 3:
+            lines += [b"", b"   ", orjson.dumps(base("crlf")) + b"\r"]
+        if stretch == 5:
+            lines += [orjson.dumps(base("s5-3"))]  # within the stretch's blocks
+    return lines
+
+
+@pytest.mark.parametrize("kind", ["plain", "gz", "gz-cut"])
+def test_a_bulk_ingest_in_worker_processes_lands_what_one_process_lands(
+    tmp_path: Path, kind: str
+) -> None:
+    """The same file through the worker pool and through this process: the same
+    landed bytes per date, quarantine records, counts, reasons and ``file:line``
+    locators; and most blocks were decided by the workers (not a vacuous pass)."""
+    data = b"\xef\xbb\xbf" + b"\n".join(_bulk_file_lines())
+    data += b"\n" + orjson.dumps(base("last-no-newline"))
+    if kind == "plain":
+        path = tmp_path / "log.ndjson"
+        path.write_bytes(data)
+    else:
+        path = tmp_path / "log.ndjson.gz"
+        packed = gzip.compress(data)
+        path.write_bytes(packed if kind == "gz" else packed[: len(packed) * 2 // 3])
+    serial = _ingest_outcome([path], workers=0, block=16 << 10)
+    pooled = _ingest_outcome([path], workers=2, block=16 << 10)
+    assert pooled["outcome"] == serial["outcome"]
+    assert serial["prevalidated"] == []
+    landed_by_workers = sum(pooled["prevalidated"])
+    results = pooled["outcome"]["results"][0]
+    assert results["rejected"] >= (20 if kind != "gz-cut" else 5) and results["accepted"] > 1_000
+    assert landed_by_workers > results["accepted"] // 2
+    assert 0 in pooled["prevalidated"] or kind == "gz-cut"  # the repeated id's block
+    if kind == "gz-cut":
+        assert (
+            pooled["outcome"]["failed_files"]
+            and "cannot read" in (pooled["outcome"]["failed_files"][0])
+        )
+    else:
+        assert results["received"] == len(_lines_as_before(data))
+        reasons = results["reasons"]
+        assert reasons["duplicate_event_id"] >= 2
+
+
+def test_a_dead_worker_costs_time_not_events(tmp_path: Path) -> None:
+    """A worker lost mid-file (killed, out of memory): its block and the rest of the
+    file are validated in this process; nothing is lost or counted twice."""
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    from recsys_assets import ingest
+
+    path = tmp_path / "log.ndjson"
+    path.write_bytes(b"\n".join(_bulk_file_lines()) + b"\n")
+    submit = ingest._BlockPool._submit
+    calls: list[int] = []
+
+    def flaky(self: Any, block: bytes) -> Any:
+        calls.append(len(block))
+        if len(calls) == 4:
+            lost: Future[Any] = Future()
+            lost.set_exception(BrokenProcessPool("a worker died"))
+            return lost
+        return submit(self, block)
+
+    serial = _ingest_outcome([path], workers=0, block=16 << 10)
+    with mock.patch.object(ingest._BlockPool, "_submit", flaky):
+        pooled = _ingest_outcome([path], workers=2, block=16 << 10)
+    assert pooled["outcome"] == serial["outcome"]
+    # Blocks in flight when the loss showed still land; the rest go through here.
+    assert len(calls) > 20 and 3 <= len(pooled["prevalidated"]) <= 3 + 5
+
+
+def test_only_files_worth_the_start_up_go_to_worker_processes(tmp_path: Path) -> None:
+    from recsys_assets import ingest
+
+    small = tmp_path / "small.ndjson"
+    small.write_bytes(orjson.dumps(base(1)) + b"\n")
+    assert ingest._workers_for(small, None) == 0
+    assert ingest._workers_for(small, 3) == 3 and ingest._workers_for(small, 0) == 0
+    with (
+        mock.patch.object(ingest, "PARALLEL_MIN_BYTES", 1),
+        mock.patch.object(ingest.os, "sched_getaffinity", return_value={0, 1}),
+    ):
+        assert ingest._workers_for(small, None) == 2
+    with mock.patch.object(ingest.os, "sched_getaffinity", return_value={0}):
+        assert ingest._workers_for(small, None) == 0
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "pidfd_open"), reason="Linux pidfd")
+def test_a_worker_ends_when_the_ingest_process_is_killed() -> None:
+    """SIGTERM runs no cleanup in the ingest: its workers (children of the fork
+    server, not of the ingest) must still end instead of waiting for blocks forever."""
+    import subprocess
+    import sys
+
+    ingest_process = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys\n"
+            "from recsys_assets.ingest import _worker_init\n"
+            "from recsys_serving.settings import Settings\n"
+            f"_worker_init(Settings(), {ingest_process.pid})\n"
+            "print('ready', flush=True)\n"
+            "sys.stdin.read()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert worker.stdout is not None and worker.stdout.readline() == b"ready\n"
+        assert worker.poll() is None
+        ingest_process.terminate()
+        ingest_process.wait(timeout=60)
+        assert worker.wait(timeout=60) == 1
+    finally:
+        for process in (ingest_process, worker):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def test_a_write_error_stops_the_file_where_it_happens(tmp_path: Path) -> None:
+    """A full disk is no read error: the blocks in flight are not landed after it."""
+    import errno
+
+    from recsys_assets import ingest
+
+    path = tmp_path / "log.ndjson"
+    path.write_bytes(b"\n".join(orjson.dumps(base(k)) for k in range(3_000)) + b"\n")
+    calls: list[int] = []
+
+    def full_disk(self: EventIntake, batch: Any, *, sync: bool = True) -> Any:
+        calls.append(batch.received)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return IntakeResult(received=batch.received, accepted=batch.received)
+
+    with tempfile.TemporaryDirectory(dir=SCRATCH) as tmp:
+        intake = EventIntake(LocalLake(Path(tmp) / "lake"), SETTINGS, writer_id="w")
+        with (
+            mock.patch.object(ingest, "READ_BLOCK", 16 << 10),
+            mock.patch.object(EventIntake, "land_prevalidated", full_disk),
+        ):
+            report = ingest.ingest_files([path], intake, workers=2)
+    assert len(calls) == 2
+    assert report.failed_files and "No space left" in report.failed_files[0]
+    assert report.result.received == calls[0]

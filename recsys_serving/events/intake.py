@@ -14,12 +14,10 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
-from operator import itemgetter
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
-import numpy as np
 import orjson
 from pydantic import ValidationError
 
@@ -205,10 +203,7 @@ class EventIntake:
         self.quarantine = SegmentWriter(lake, INTAKE_QUARANTINE_AREA, **seg)
         self.recent = RecentIds(settings.collector.dedup_cache_size)
         self._recent_lock = threading.Lock()
-        self._epoch = datetime.combine(
-            settings.events.catalog_epoch, datetime.min.time(), UTC
-        ).timestamp()
-        self._days: dict[int, str] = {}
+        self._router = fastpath.DayRouter(fastpath.catalog_epoch_seconds(settings))
 
     def submit(self, events: Iterable[RawEvent], source: str, *, sync: bool = True) -> IntakeResult:
         """Validate a batch, make it durable, and report exactly what happened to each event.
@@ -321,7 +316,7 @@ class EventIntake:
                 ts = [ts[k] for k in keep]
                 items = [items[k] for k in keep]
 
-            landed = self._by_day(items, ts, latest_ok, arrival_day)
+            landed = self._router.route(items, ts, latest_ok, arrival_day)
             quarantined = b""
             if rejected:
                 rejected.sort(key=lambda r: r.at)
@@ -341,6 +336,21 @@ class EventIntake:
             result.accepted = len(ids)
             result.days.update(landed)
         return result
+
+    def land_prevalidated(
+        self, batch: fastpath.Prevalidated, *, sync: bool = True
+    ) -> IntakeResult | None:
+        """Land a batch validated elsewhere (``fastpath.prevalidate``, in a worker
+        process of a bulk ingest) once no id of it was accepted before; None when one
+        was: the caller then submits the batch's lines as usual, and each duplicate
+        is refused with its reason."""
+        with self._recent_lock:
+            if not self.recent.isdisjoint(batch.event_ids):
+                return None
+            self.landing.append(batch.landed, sync=sync)
+            self.recent.add_batch(batch.event_ids)
+        n = batch.received
+        return IntakeResult(received=n, accepted=n, days=set(batch.landed))
 
     def _contract(self, ev: RawEvent, limits: Limits, max_event: int) -> _Rejection | _Accepted:
         """One event through the pydantic contract: the reference for every decision."""
@@ -373,45 +383,6 @@ class EventIntake:
             )
         return _Accepted(0, event.event_id, event.ts, msgspec.Raw(line))
 
-    def _by_day(
-        self, items: list[Any], ts: list[float], latest_ok: float, arrival_day: str
-    ) -> dict[str, bytes]:
-        """Accepted events as NDJSON per event date, in arrival order.
-
-        Out-of-range timestamps land under the arrival date so the weblogs asset
-        quarantines them with the business rule that explains why. Dates come from
-        whole-batch arithmetic; the few events within 10 us before a midnight (where
-        ``fromtimestamp`` rounds to the next day) are dated by ``_day`` itself.
-        """
-        if not items:
-            return {}
-        seconds = np.asarray(ts, dtype=np.float64)
-        index = np.floor_divide(seconds, 86_400.0)
-        inside = (seconds >= self._epoch) & (seconds <= latest_ok)
-        exact = inside & ((index + 1.0) * 86_400.0 - seconds >= 1e-5)
-        if exact.all() and index.min() == index.max():
-            return {self._date(int(index[0])): fastpath.encode_lines(items)}
-        codes = index.astype(np.int64)
-        codes[~inside] = _day_index(arrival_day)
-        for k in np.flatnonzero(inside & ~exact).tolist():
-            codes[k] = _day_index(_day(ts[k]))
-        order = np.argsort(codes, kind="stable")  # arrival order within a date
-        cuts = np.flatnonzero(np.diff(codes[order])) + 1
-        landed = {}
-        for group in np.split(order, cuts):
-            picked = group.tolist()
-            day = self._date(int(codes[picked[0]]))
-            landed[day] = fastpath.encode_lines(
-                itemgetter(*picked)(items) if len(picked) > 1 else [items[picked[0]]]
-            )
-        return landed
-
-    def _date(self, index: int) -> str:
-        day = self._days.get(index)
-        if day is None:
-            day = self._days[index] = _day(index * 86_400.0)
-        return day
-
     def quarantine_raw(self, raw: bytes, code: str, reason: str, source: str, locator: str) -> None:
         """Keep bytes that never became events (an unparseable body, a cut-off file tail)."""
         day = datetime.now(UTC).strftime("%Y-%m-%d")
@@ -429,18 +400,6 @@ class EventIntake:
     def close(self) -> None:
         self.quarantine.close()
         self.landing.close()
-
-
-def _day(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
-
-
-_EPOCH_DATE = date(1970, 1, 1)
-
-
-def _day_index(day: str) -> int:
-    """Days since 1970-01-01 of an ISO date (what ``_date`` turns back into it)."""
-    return (date.fromisoformat(day) - _EPOCH_DATE).days
 
 
 def _kind(obj: Any) -> str:
