@@ -1,20 +1,25 @@
-"""The steps that scan every impression do it one slice at a time (bounded temporaries
-at 100M events): the results are exactly those of one whole-array pass."""
+"""Bounded training memory at 100M events, with exactly the same results: the steps
+scan every impression one slice at a time (the same values as one whole-array pass),
+and the npz hand-over between steps is memory-mapped (the same arrays as np.load)."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from model_support import TinyWorld, tiny_outcome, tiny_params, tiny_world
 
+from recsys_assets.training import artifacts as art
 from recsys_assets.training import data, steps
 from recsys_assets.training.evaluation import build_holdout, per_user_split
 from recsys_assets.training.pipeline import TrainOutcome
 from recsys_assets.training.ranking import shown_items
 from recsys_assets.training.snapshot import impression_counts, item_snapshot, user_snapshot
+from recsys_serving.lake import LocalLake
 
 __all__ = ["tiny_outcome", "tiny_world"]  # fixtures used below
 
@@ -111,3 +116,61 @@ def test_holdout_split_and_shown_items_are_the_same_sliced(
     for chosen in (None, users):
         before, after = _both(monkeypatch, lambda c=chosen: shown_items(prep.enc, start, end, c))
         assert after == before and before
+
+
+def test_large_npz_members_are_mapped_aligned_and_copy_on_write(tmp_path: Path) -> None:
+    lake = LocalLake(tmp_path / "lake")
+    rng = np.random.default_rng(0)
+    arrays = {
+        "enc/ts": rng.random(200_001),
+        "enc/user": np.arange(300_001, dtype=np.int64),
+        "vocab/user_ids": np.asarray([f"u{i}" for i in range(70_001)]),
+        "enc/imp_clicked": rng.random(1_500_001) < 0.1,
+        "fortran": np.asfortranarray(rng.random((513, 700)).astype(np.float32)),
+        "small": np.arange(5, dtype=np.int32),
+        "empty": np.zeros(0),
+        "scalar": np.float64(3.5),
+    }
+    art.put_arrays(lake, "training/x/p.npz", arrays)
+    path = lake.local_path("training/x/p.npz")
+    back = art.get_arrays(lake, "training/x/p.npz")
+    mapped = {n for n, v in back.items() if isinstance(v.base, np.memmap)}
+    assert mapped == {"enc/ts", "enc/user", "vocab/user_ids", "enc/imp_clicked", "fortran"}
+    for name, value in arrays.items():
+        assert back[name].dtype == value.dtype and back[name].flags.aligned, name
+        np.testing.assert_array_equal(back[name], value, err_msg=name)
+    assert back["fortran"].flags.f_contiguous
+    with np.load(path) as npz:  # still a plain npz for numpy
+        for name, value in arrays.items():
+            np.testing.assert_array_equal(npz[name], value, err_msg=name)
+    # Writing to a mapped array changes this process's copy only, never the file.
+    back["enc/user"][:3] = -7
+    assert art.get_arrays(lake, "training/x/p.npz")["enc/user"][:3].tolist() == [0, 1, 2]
+    # A remote lake's bytes (npz_bytes) read back the same way.
+    with np.load(io.BytesIO(art.npz_bytes(arrays))) as npz:
+        np.testing.assert_array_equal(npz["enc/user"], arrays["enc/user"])
+
+
+def test_npz_files_written_by_numpy_itself_still_load(tmp_path: Path) -> None:
+    """Members at unaligned offsets (any npz numpy wrote) are read, not mapped."""
+    lake = LocalLake(tmp_path / "lake")
+    path = lake.local_path("training/x/old.npz")
+    path.parent.mkdir(parents=True)
+    arrays = {"a" + "x" * k: np.arange(300_000 + k, dtype=np.int64) for k in range(8)}
+    np.savez(path, **arrays)
+    back = art.get_arrays(lake, "training/x/old.npz")
+    assert any(not isinstance(v.base, np.memmap) for v in back.values())  # some unaligned
+    for name, value in arrays.items():
+        assert back[name].flags.aligned
+        np.testing.assert_array_equal(back[name], value, err_msg=name)
+
+
+def test_leave_last_out_encodings_are_the_same_sliced(
+    tiny_world: TinyWorld, tiny_outcome: TrainOutcome, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prep = steps.load_prepared(tiny_world.lake)
+    assert prep.lastouts
+    for lastout in prep.lastouts:
+        whole, sliced = _both(monkeypatch, lambda lo=lastout: lo.kept(prep.enc).to_arrays())
+        _same_arrays(whole, sliced)
+        assert whole["imp_ts"].size < prep.enc.imp_ts.size  # impressions were dropped
