@@ -20,6 +20,8 @@ Usage::
     H=$(ls -d /tmp/k/recsys-train-10000000-*/home)
     .venv/bin/python bench/train.py --events 10000000 --from-home $H
     nice -n 10 .venv/bin/python bench/train.py --events 100000000 --from-home $H
+    # one step again, in place, on a kept world whose earlier steps ran (other code):
+    .venv/bin/python bench/train.py --rerun $K/home --steps model_evaluation
 """
 
 from __future__ import annotations
@@ -269,6 +271,27 @@ def acquire(
     return run_training(report, home, threads, stop_after)
 
 
+def rerun_steps(home: Path, steps: list[str], threads: int) -> dict[str, Any]:
+    """Run ``steps`` again, in place, on a kept home whose earlier steps already ran
+    (the home of a ``--keep`` run): one step's memory and CPU with other code, without
+    paying for the whole retrain again (at 100M events, an hour of CPU)."""
+    from recsys_assets.training.graph import RETRAIN_ASSETS
+
+    unknown = [s for s in steps if s not in RETRAIN_ASSETS]
+    if unknown:
+        raise SystemExit(f"unknown steps {unknown}; known: {list(RETRAIN_ASSETS)}")
+    env = child_env(home, threads)
+    report: dict[str, Any] = {"home": str(home), "steps": {}}
+    for step in steps:
+        print(f"  rerun {step} ...", file=sys.stderr, flush=True)
+        figures = run_child([PYTHON, "-c", STEP_CODE, step], env)
+        figures.pop("last_line", None)
+        report["steps"][step] = figures
+        print(f"  rerun {step} {json.dumps(figures)}", file=sys.stderr, flush=True)
+    report["peak_rss_mib"] = max(s["peak_rss_mib"] for s in report["steps"].values())
+    return report
+
+
 def run_training(
     report: dict[str, Any], home: Path, threads: int, stop_after: str | None = None
 ) -> dict[str, Any]:
@@ -341,9 +364,28 @@ def main() -> None:
         help="run every step with the code of this checkout (e.g. a worktree of the "
         "previous commit), to measure old and new code on the same inputs in one session",
     )
+    parser.add_argument(
+        "--rerun",
+        type=Path,
+        default=None,
+        help="a kept run's home: run only --steps again there, in place (e.g. one step "
+        "with new code on the 100M world's outputs)",
+    )
+    parser.add_argument("--steps", default=None, help="with --rerun: comma-separated steps")
     args = parser.parse_args()
     if args.code is not None:
         CODE["root"] = args.code.resolve()
+    if args.rerun is not None:
+        if not args.steps:
+            raise SystemExit("--rerun needs --steps")
+        rerun = rerun_steps(args.rerun, args.steps.split(","), args.threads)
+        rerun["code"] = str(CODE["root"])
+        rerun["date"] = datetime.now(UTC).isoformat()
+        print(json.dumps(rerun, indent=2), flush=True)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(rerun, indent=2))
+        return
     results = {
         "machine": {
             "nproc": os.cpu_count(),

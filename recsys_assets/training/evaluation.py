@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
-from recsys_assets.training.data import Encoded
+from recsys_assets.training.data import Encoded, impression_slices
 from recsys_assets.training.metrics import aggregate, replay_ctr, user_metrics
 from recsys_assets.training.params import TrainingParams
 from recsys_serving.model.state import ModelState
@@ -72,7 +72,7 @@ def build_holdout(state: ModelState, enc: Encoded, end: float, params: TrainingP
         str(state.user_ids[u]): {str(state.item_ids[i]) for i in truth_rows[int(u)]}
         for u in users.tolist()
     }
-    imask = (enc.imp_ts >= start) & (enc.imp_ts < end) & np.isin(enc.imp_user, users)
+    imask = _holdout_impressions(enc, start, end, users)
     holdout = Holdout(
         k=params.eval_k,
         truth=truth,
@@ -86,10 +86,26 @@ def build_holdout(state: ModelState, enc: Encoded, end: float, params: TrainingP
             "users_evaluated": int(users.size),
             "cold_users": int(sum(state.user_row(u) is None for u in truth)),
             "relevant_items": int(sum(len(v) for v in truth.values())),
-            "impressions": int(imask.sum()),
+            "impressions": int(imask.size),
         },
     )
     return holdout
+
+
+def _holdout_impressions(
+    enc: Encoded, start: float, end: float, users: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int64]:
+    """Rows of the impressions shown to ``users`` in ``[start, end)``, ascending, found
+    one slice of the impressions at a time (the sampled users' rows are few; whole-array
+    masks over every impression are a gigabyte at 100M events)."""
+    wanted = np.sort(np.asarray(users, dtype=np.int64))
+    rows: list[npt.NDArray[np.int64]] = []
+    for part in impression_slices(enc.imp_ts.size):
+        ts = enc.imp_ts[part]
+        ok = (ts >= start) & (ts < end)
+        ok[ok] = np.isin(enc.imp_user[part][ok], wanted)
+        rows.append(np.flatnonzero(ok) + part.start)
+    return np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)
 
 
 PER_USER_TEST_SHARE = 0.2  # each sampled user's last 20% of events, as acceptance splits
@@ -147,10 +163,15 @@ def per_user_split(
     keep[test] = False
     first_test = np.full(counts.size, np.inf)
     np.minimum.at(first_test, enc.user[test], enc.ts[test])
-    imp_user = enc.imp_user
-    known = (imp_user >= 0) & (imp_user < counts.size)
-    limit = np.where(known, first_test[np.where(known, imp_user, 0)], np.inf)
-    keep_imp = enc.imp_ts < limit
+    # An impression is kept unless its user is sampled and it is from their first test
+    # event on; computed one slice at a time (float64 limits for every impression are
+    # most of a gigabyte at 100M events).
+    keep_imp = np.empty(enc.imp_user.size, dtype=bool)
+    for part in impression_slices(enc.imp_user.size):
+        imp_user = enc.imp_user[part]
+        known = (imp_user >= 0) & (imp_user < counts.size)
+        limit = np.where(known, first_test[np.where(known, imp_user, 0)], np.inf)
+        keep_imp[part] = enc.imp_ts[part] < limit
     train_pairs = set(
         zip(
             enc.user[keep & chosen[enc.user]].tolist(),

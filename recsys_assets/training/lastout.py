@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
-from recsys_assets.training.data import Encoded, TrainingWindow
+from recsys_assets.training.data import Encoded, TrainingWindow, impression_slices
 from recsys_assets.training.params import TrainingParams
 from recsys_assets.training.ranking import best_grades
 
@@ -45,8 +45,13 @@ class LastOut:
         n_users = int(max(enc.user.max(initial=-1), enc.imp_user.max(initial=-1))) + 1
         first = np.full(max(n_users, 1), np.inf)
         np.minimum.at(first, enc.user[self.mask], enc.ts[self.mask])
-        known = enc.imp_user >= 0
-        keep_imp = ~(known & (enc.imp_ts >= first[np.where(known, enc.imp_user, 0)]))
+        # One slice of the impressions at a time: whole-array temporaries (a float64
+        # limit per impression) are over a gigabyte at 100M events.
+        keep_imp = np.empty(enc.imp_user.size, dtype=bool)
+        for part in impression_slices(enc.imp_user.size):
+            imp_user = enc.imp_user[part]
+            known = imp_user >= 0
+            keep_imp[part] = ~(known & (enc.imp_ts[part] >= first[np.where(known, imp_user, 0)]))
         values = {}
         for f in dataclasses.fields(enc):
             value = getattr(enc, f.name)

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 
-from recsys_assets.training.data import Encoded
+from recsys_assets.training.data import Encoded, impression_slices
 from recsys_assets.training.params import TrainingParams
 from recsys_serving.model import candidates as cand
 from recsys_serving.model.context import user_context
@@ -128,12 +128,18 @@ def shown_items(
     """Items shown in ``[start, end)`` per user (only ``users`` when given: impressions
     are most of a clickstream, and a set per shown pair for every user in the window
     costs gigabytes at 100M events while the ranking dataset samples 10k users)."""
-    imask = (enc.imp_ts >= start) & (enc.imp_ts < end) & (enc.imp_user >= 0)
-    if users is not None:
-        imask &= np.isin(enc.imp_user, users)
-    shown_frame = (
-        pl.DataFrame({"u": enc.imp_user[imask], "i": enc.imp_item[imask]}).unique().sort("u", "i")
-    )
+    pairs: list[pl.DataFrame] = []
+    for part in impression_slices(enc.imp_ts.size):
+        # One slice of the impressions at a time: whole-array masks are a gigabyte of
+        # temporaries at 100M events.
+        ts, imp_user = enc.imp_ts[part], enc.imp_user[part]
+        imask = (ts >= start) & (ts < end) & (imp_user >= 0)
+        if users is not None:
+            imask[imask] = np.isin(imp_user[imask], users)
+        pairs.append(pl.DataFrame({"u": imp_user[imask], "i": enc.imp_item[part][imask]}).unique())
+    if not pairs:
+        pairs.append(pl.DataFrame({"u": enc.imp_user[:0], "i": enc.imp_item[:0]}))
+    shown_frame = pl.concat(pairs).unique().sort("u", "i")
     shown: dict[int, set[int]] = {}
     for u, i in shown_frame.iter_rows():
         shown.setdefault(int(u), set()).add(int(i))

@@ -20,7 +20,7 @@ import numpy.typing as npt
 import polars as pl
 
 from recsys_assets.training.artifacts import pack_meta, pack_ragged, unpack_meta, unpack_ragged
-from recsys_assets.training.data import DAY, Encoded, Vocabulary
+from recsys_assets.training.data import DAY, Encoded, Vocabulary, impression_slices
 from recsys_assets.training.params import TrainingParams
 from recsys_assets.training.retrieval import (
     RetrievalSnapshot,
@@ -70,6 +70,23 @@ def _log1p(x: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
     return np.log1p(np.maximum(x, 0.0)).astype(np.float32)
 
 
+def impression_counts(
+    enc: Encoded, keys: npt.NDArray[np.int32], as_of: float, n: int
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Impressions and clicked impressions before ``as_of`` per ``keys`` row
+    (``enc.imp_item`` or ``enc.imp_user``; -1, unknown, is skipped), counted one slice
+    of the impressions at a time: the exact counts of whole-array masks without their
+    gigabyte of temporaries at 100M events."""
+    shown = np.zeros(n, dtype=np.int64)
+    clicked = np.zeros(n, dtype=np.int64)
+    for part in impression_slices(keys.size):
+        k = keys[part]
+        ok = (enc.imp_ts[part] < as_of) & (k >= 0)
+        shown += np.bincount(k[ok], minlength=n)
+        clicked += np.bincount(k[ok & enc.imp_clicked[part]], minlength=n)
+    return shown.astype(np.float64), clicked.astype(np.float64)
+
+
 def item_table(
     enc: Encoded, vocab: Vocabulary, as_of: float, hz: Horizons, params: TrainingParams
 ) -> tuple[npt.NDArray[np.float32], dict[str, Any]]:
@@ -99,10 +116,7 @@ def item_table(
     rating_sum = np.bincount(item[rated], weights=rating[rated], minlength=n)
     rating_n = np.bincount(item[rated], minlength=n)
 
-    imask = (enc.imp_ts < as_of) & (enc.imp_item >= 0)
-    imp_item, clicked = enc.imp_item[imask], enc.imp_clicked[imask]
-    impressions = np.bincount(imp_item, minlength=n).astype(np.float64)
-    clicks = np.bincount(imp_item[clicked], minlength=n).astype(np.float64)
+    impressions, clicks = impression_counts(enc, enc.imp_item, as_of, n)
     prior = float(clicks.sum() / impressions.sum()) if impressions.sum() else 0.0
     m = params.ctr_prior_strength
     ctr = (clicks + m * prior) / (impressions + m)
@@ -155,10 +169,7 @@ def user_table(
     )
     n_items = np.zeros(n)
     n_items[distinct["u"].to_numpy()] = distinct["n"].to_numpy()
-    imask = (enc.imp_ts < as_of) & (enc.imp_user >= 0)
-    imp_user, clicked = enc.imp_user[imask], enc.imp_clicked[imask]
-    impressions = np.bincount(imp_user, minlength=n).astype(np.float64)
-    clicks = np.bincount(imp_user[clicked], minlength=n).astype(np.float64)
+    impressions, clicks = impression_counts(enc, enc.imp_user, as_of, n)
     prior = float(clicks.sum() / impressions.sum()) if impressions.sum() else 0.0
     m = params.ctr_prior_strength
     has = events > 0
@@ -369,7 +380,9 @@ def item_snapshot(
     table, extra = item_table(enc, vocab, as_of, hz, params)
     logged_ever = np.zeros(vocab.item_ids.size, dtype=bool)
     logged_ever[enc.item] = True
-    logged_ever[enc.imp_item[enc.imp_item >= 0]] = True
+    for part in impression_slices(enc.imp_item.size):
+        shown = enc.imp_item[part]
+        logged_ever[shown[shown >= 0]] = True
     edges, counts = time_buckets(enc, vocab.item_ids.size, as_of, params)
     return ItemSnapshot(
         as_of=float(as_of),

@@ -361,6 +361,9 @@ def run_retrieval(lake: Lake, params: TrainingParams) -> Retrieval:
         }
         if not np.isfinite(fit.item_factors).all():
             raise ValueError(f"ALS ({snap}) produced non-finite item factors")
+        # Freed before the next snapshot's window is encoded, not after: at 100M events
+        # one snapshot's window is ~2.7 GB, and holding two at once sets the step's peak.
+        del enc, fit, snapshot
     return out
 
 
