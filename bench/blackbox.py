@@ -29,6 +29,7 @@ time of each step. Usage::
     .venv/bin/python bench/blackbox.py --generate movielens:small:1  # generate, then run
     .venv/bin/python bench/blackbox.py DIR --quick-baselines --keep-home
     .venv/bin/python bench/blackbox.py --generate bursty:small:1 --protocol per-user
+    .venv/bin/python bench/blackbox.py --generate ml100k --env RECSYS_TRAIN_WINDOW_DAYS=100000
 """
 
 from __future__ import annotations
@@ -539,7 +540,7 @@ def main() -> None:
 
         for spec in args.generate.split(","):
             shape, size, seed = [*spec.split(":"), "small", "1"][:3]
-            out = workroot / f"{shape}-{size}-s{seed}"
+            out = workroot / (shape if shape in datasets.REAL else f"{shape}-{size}-s{seed}")
             info = datasets.generate(shape, size, int(seed), out)
             print(f"generated {out.name}: {info['events']:,} events", flush=True)
             dirs.append(out)
