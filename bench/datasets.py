@@ -36,19 +36,30 @@ find; everything else is reshaped after the public dataset it imitates:
   popularity and a pull towards fresh releases), no impressions, no sessions. Under a
   per-user time split, taste models (EASE, ALS) beat popularity; under a global split,
   recent popularity is strong because most test users are in a burst at the cut.
+* ``ml100k``: **real data**, not generated: MovieLens-100k (943 users, 1,682 movies,
+  100,000 ratings 1..5, 1997-09..1998-04), taken from the ``recbole`` wheel on PyPI
+  (``recbole/dataset_example/ml-100k``), downloaded once with ``pip download`` into
+  ``$RECSYS_BENCH_CACHE`` (default ``~/.cache/recsys-bench``) and converted: ``rating``
+  events with ``value`` and integer epoch ``ts``, items with title, genres as
+  categories and ``published_at`` from the release year, users with age, gender,
+  occupation and zip code. Size and seed are ignored. The data is never committed.
 
 Usage::
 
     .venv/bin/python bench/datasets.py movielens --size small --seed 1 --out /tmp/ml-small
     .venv/bin/python bench/datasets.py retailrocket --size medium --out /tmp/rr-medium
+    .venv/bin/python bench/datasets.py ml100k --out /tmp/ml100k
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -65,7 +76,17 @@ sys.path.insert(0, str(ROOT))
 from recsys_assets.simulation.truth import GroundTruth  # noqa: E402
 
 DAY = 86_400.0
-SHAPES = ("movielens", "movielens-early", "retailrocket", "sessions", "organic", "bursty")
+SHAPES = (
+    "movielens",
+    "movielens-early",
+    "retailrocket",
+    "sessions",
+    "organic",
+    "bursty",
+    "ml100k",
+)
+# Real logs: converted, not generated, so size and seed mean nothing for them.
+REAL = ("ml100k",)
 SIZES: dict[str, dict[str, dict[str, Any]]] = {
     # MovieLens-100K / -1M: ~100k / ~1M ratings.
     "movielens": {
@@ -760,6 +781,78 @@ def bursty(size: str, seed: int) -> Dataset:
     )
 
 
+# ------------------------------------------------------------------ ml100k (real)
+RECBOLE_WHEEL = "recbole==1.2.1"
+ML100K_PREFIX = "recbole/dataset_example/ml-100k/ml-100k"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RECSYS_BENCH_CACHE", Path.home() / ".cache" / "recsys-bench"))
+
+
+def _recbole_wheel() -> Path:
+    """The recbole wheel, downloaded once with pip (the only route to the data here:
+    PyPI is reachable, grouplens.org is not; the licence forbids redistributing it, so it
+    stays in a local cache and is never committed)."""
+    cache = cache_dir()
+    found = sorted(cache.glob("recbole-1.2.1-*.whl"))
+    if not found:
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", RECBOLE_WHEEL, "--no-deps", "-d", str(cache)],
+            check=True,
+        )
+        found = sorted(cache.glob("recbole-1.2.1-*.whl"))
+    if not found:
+        raise FileNotFoundError(f"pip download {RECBOLE_WHEEL} left no wheel in {cache}")
+    return found[0]
+
+
+def _atomic(wheel: zipfile.ZipFile, suffix: str) -> list[list[str]]:
+    """Rows of one RecBole atomic file (tab-separated, a typed header line first)."""
+    text = wheel.read(f"{ML100K_PREFIX}.{suffix}").decode("utf-8", errors="replace")
+    return [line.split("\t") for line in text.splitlines()[1:] if line]
+
+
+def ml100k(size: str = "small", seed: int = 0) -> Dataset:
+    """MovieLens-100k as the project's inputs (see the module docstring)."""
+    del size, seed
+    with zipfile.ZipFile(_recbole_wheel()) as wheel:
+        inter = _atomic(wheel, "inter")
+        item_rows = _atomic(wheel, "item")
+        user_rows = _atomic(wheel, "user")
+    events = pl.DataFrame(
+        {
+            "event_id": [f"ml100k-{k}" for k in range(len(inter))],
+            "event_type": ["rating"] * len(inter),
+            "user_id": [r[0] for r in inter],
+            "item_id": [r[1] for r in inter],
+            "ts": [int(float(r[3])) for r in inter],
+            "value": [float(r[2]) for r in inter],
+        }
+    ).sort("ts", "event_id")
+    # Two rows of the dump have no usable year ("unkonwn", "V"): no published_at then.
+    years = [r[2] if len(r) > 2 and r[2].isdigit() else None for r in item_rows]
+    items = pl.DataFrame(
+        {
+            "item_id": [r[0] for r in item_rows],
+            "title": [r[1] if len(r) > 1 else "" for r in item_rows],
+            "categories": [r[3].split(" ") if len(r) > 3 and r[3] else [] for r in item_rows],
+            "published_at": [f"{y}-01-01T00:00:00Z" if y else None for y in years],
+        }
+    )
+    users = pl.DataFrame(
+        {
+            "user_id": [r[0] for r in user_rows],
+            "age": [int(r[1]) for r in user_rows],
+            "gender": [r[2] for r in user_rows],
+            "occupation": [r[3] for r in user_rows],
+            "zip": [r[4] for r in user_rows],
+        }
+    )
+    return Dataset("ml100k", "real", 0, items, users, events, {"source": RECBOLE_WHEEL})
+
+
 # --------------------------------------------------------------------------- output
 GENERATORS: dict[str, Callable[[str, int], Dataset]] = {
     "movielens": movielens,
@@ -768,6 +861,7 @@ GENERATORS: dict[str, Callable[[str, int], Dataset]] = {
     "sessions": sessions,
     "organic": organic,
     "bursty": bursty,
+    "ml100k": ml100k,
 }
 
 
@@ -820,7 +914,7 @@ def generate(shape: str, size: str, seed: int, out: Path) -> dict[str, Any]:
     if shape not in GENERATORS:
         raise ValueError(f"unknown shape {shape!r}; one of {', '.join(SHAPES)}")
     base = "movielens" if shape.startswith("movielens") else shape
-    if size not in SIZES[base]:
+    if shape not in REAL and size not in SIZES[base]:
         raise ValueError(f"unknown size {size!r} for {shape}; one of {', '.join(SIZES[base])}")
     return write(GENERATORS[shape](size, seed), out)
 
@@ -834,8 +928,9 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     info = generate(args.shape, args.size, args.seed, args.out)
+    label = args.shape if args.shape in REAL else f"{args.shape}-{args.size}-s{args.seed}"
     print(
-        f"{args.shape}-{args.size}-s{args.seed}: {info['events']:,} events, {info['users']:,} "
+        f"{label}: {info['events']:,} events, {info['users']:,} "
         f"users, {info['items_logged']:,} items ({info['first_event'][:10]}.."
         f"{info['last_event'][:10]}) in {args.out} ({time.perf_counter() - started:.1f}s)"
     )

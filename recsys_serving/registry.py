@@ -906,6 +906,15 @@ def decide_first_model(
     recency. With no judging holdout at all nothing can be told: the model serves, with
     a warning.
 
+    When the holdouts disagree, one finding the model clearly below popularity and
+    another clearly above (lower bound above 0), neither vetoes alone: the mean
+    difference over all their users (each holdout weighted by its users) decides, and
+    the model serves with a warning when it is positive. On logs where users rate in
+    bursts the time holdout (users active right after the cut, a few dozen) can favour
+    recent popularity while the per-user one (hundreds of users at their own times) finds
+    the model far better; a veto by the smaller side made every answer popularity, which
+    lost per-user by 40% (bench/RESULTS.md, issue 11).
+
     By default (``rule.first_model_gate`` None) the rule is not applied to a log with
     logged ``impressions``: there the next clicks follow what was shown (mostly popular
     items), so an offline comparison favours popularity and the closed loop's online
@@ -927,6 +936,7 @@ def decide_first_model(
             "stderr": stderr,
             "upper_bound": upper if math.isfinite(upper) else None,
             "clearly_below": bool(upper < 0),
+            "clearly_above": bool(stderr is not None and diff - rule.first_model_z * stderr > 0),
             "above": bool(diff > 0),
         }
     evidence: dict[str, Any] = {
@@ -961,7 +971,23 @@ def decide_first_model(
         return FirstModelDecision(True, warning, warning, evidence)
     below = sorted(n for n, j in judged.items() if j["clearly_below"])
     above = sorted(n for n, j in judged.items() if j["above"])
-    if below:
+    clearly_above = sorted(n for n, j in judged.items() if j["clearly_above"])
+    if below and clearly_above:
+        users = sum(float(judged[n]["users"]) for n in judged)
+        pooled = sum(float(j["users"]) * float(j["difference"]) for j in judged.values()) / users
+        evidence["pooled"] = {"users": users, "difference": pooled}
+        disagreement = (
+            "holdouts disagree: clearly below popularity on "
+            + "; ".join(figures(n) for n in below)
+            + ", clearly above on "
+            + "; ".join(figures(n) for n in clearly_above)
+            + f"; mean difference over their {users:.0f} users {pooled:+.4f}"
+        )
+        if pooled > 0:
+            warning = f"{disagreement}: serving the model"
+            return FirstModelDecision(True, warning, warning, evidence)
+        reason = disagreement
+    elif below:
         reason = "clearly below popularity: " + "; ".join(figures(n) for n in below)
     elif not above:
         reason = "not above popularity: " + "; ".join(figures(n) for n in sorted(judged))

@@ -80,6 +80,35 @@ def test_a_tiny_holdout_cannot_block_a_model_that_beats_popularity_elsewhere() -
     assert "per_user NDCG@10 0.3300 vs popularity 0.2500" in decision.reason
 
 
+def test_when_holdouts_disagree_clearly_the_mean_over_their_users_decides() -> None:
+    # The bursty world's figures: the time holdout (37 users) clearly below, the per-user
+    # one (948 users) clearly above; neither vetoes, their users' mean difference decides.
+    serve = decide_first_model(
+        {
+            "holdout": comparison(37, 0.2885, 0.3781, 0.03),
+            "per_user": comparison(948, 0.3350, 0.1652, 0.008),
+        },
+        RULE,
+    )
+    assert serve.serve
+    assert serve.warning is not None and "holdouts disagree" in serve.warning
+    assert serve.evidence["judged"]["holdout"]["clearly_below"]
+    assert serve.evidence["judged"]["per_user"]["clearly_above"]
+    assert serve.evidence["pooled"]["difference"] == pytest.approx(
+        (37 * (0.2885 - 0.3781) + 948 * (0.3350 - 0.1652)) / 985
+    )
+    # The same disagreement with the larger side below: popularity answers.
+    keep = decide_first_model(
+        {
+            "holdout": comparison(900, 0.30, 0.36, 0.01),
+            "per_user": comparison(100, 0.35, 0.30, 0.01),
+        },
+        RULE,
+    )
+    assert not keep.serve and keep.reason.startswith("holdouts disagree")
+    assert "popularity answers" in (keep.warning or "")
+
+
 def test_below_within_noise_and_above_nowhere_does_not_serve() -> None:
     decision = decide_first_model({"per_user": comparison(100, 0.30, 0.31, 0.02)}, RULE)
     assert not decision.serve
