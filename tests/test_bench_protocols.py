@@ -17,8 +17,8 @@ import polars as pl
 import pytest
 from bursty_support import bursty_dataset, bursty_world, land_split, protocols  # noqa: F401
 
-from recsys_assets.weblogs.processing import partition_key
 from recsys_serving.lake import LocalLake
+from recsys_serving.layout import weblogs_key
 
 
 def _frame(rows: list[tuple[str, int, int]]) -> pl.DataFrame:
@@ -134,7 +134,7 @@ def test_bursty_world_rewards_taste_per_user_and_recency_globally() -> None:
 
 def test_bursty_fixture_lands_every_rating_in_the_lake(bursty_world) -> None:  # noqa: F811
     lake: LocalLake = bursty_world.lake
-    keys = [partition_key(day) for day in bursty_world.days]
+    keys = [weblogs_key(day) for day in bursty_world.days]
     landed = pl.concat([pl.read_parquet(Path(lake.root) / key) for key in keys])
     assert landed.height == bursty_world.events.height
     assert set(landed["event_type"]) == {"rating"}
@@ -144,7 +144,7 @@ def test_bursty_fixture_lands_every_rating_in_the_lake(bursty_world) -> None:  #
 def test_land_split_lands_only_the_training_events(tmp_path: Path) -> None:
     ds = bursty_dataset(seed=1, n_users=60, n_items=80, median_ratings=12, days=60)
     world, sp = land_split(tmp_path, ds, "per-user")
-    keys = [partition_key(day) for day in world.days]
+    keys = [weblogs_key(day) for day in world.days]
     landed = pl.concat([pl.read_parquet(Path(world.lake.root) / key) for key in keys])
     assert landed.height == sp.train.height < ds.events.height
     test_pairs = {(u, i) for u, items in sp.truth.items() for i in items}

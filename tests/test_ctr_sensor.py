@@ -22,7 +22,8 @@ from recsys_assets.monitoring.assets import monitoring_job, online_ctr
 from recsys_assets.monitoring.promotion import read_decisions
 from recsys_assets.monitoring.sensors import DropCursor, build_ctr_drop_sensor, evaluate_drop
 from recsys_serving.lake import LocalLake
-from recsys_serving.registry import CANDIDATE, PRODUCTION, ModelRegistry
+from recsys_serving.layout import CANDIDATE, PRODUCTION
+from recsys_serving.registry import ModelRegistry
 
 
 @dg.op

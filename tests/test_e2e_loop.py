@@ -24,7 +24,8 @@ from recsys_assets.report import build_report_data
 from recsys_assets.simulation.live import LiveConfig, run_live
 from recsys_assets.simulation.truth import GroundTruth
 from recsys_serving.lake import LocalLake
-from recsys_serving.registry import PRODUCTION, ModelRegistry
+from recsys_serving.layout import PRODUCTION
+from recsys_serving.registry import ModelRegistry
 from support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,12 +25,12 @@ from recsys_assets.training.params import TrainingParams
 from recsys_assets.training.pipeline import train_bundle
 from recsys_serving.api.metrics import parse_metrics
 from recsys_serving.lake import LocalLake
+from recsys_serving.layout import PRODUCTION
 from recsys_serving.model.recommender import Recommender
 from recsys_serving.model.state import ModelState
 from recsys_serving.registry import (
     ANSWERS,
     POPULARITY_ANSWERS,
-    PRODUCTION,
     ModelRegistry,
     PromotionRule,
     decide_first_model,

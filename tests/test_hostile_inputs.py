@@ -27,10 +27,10 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from recsys_assets.cli import app as cli
-from recsys_assets.weblogs.processing import partition_key, quarantine_key
 from recsys_serving.api.app import create_app
 from recsys_serving.lake import LocalLake, read_parquet
-from recsys_serving.landing import LANDING_AREA, SegmentWriter
+from recsys_serving.landing import SegmentWriter
+from recsys_serving.layout import LANDING_AREA, weblogs_key, weblogs_quarantine_key
 from recsys_serving.settings import Settings
 from serving_support import new_key, running_app, service_settings
 from support import ndjson_lines
@@ -330,9 +330,9 @@ def test_processing_quarantines_rows_it_cannot_convert_and_the_run_succeeds(
     assert result.exit_code == 0, result.output
     assert "succeeded" in result.output
     assert "6 rows" in result.output and f"{len(hostile)} quarantined" in result.output
-    weblogs = read_parquet(lake, partition_key(day))
+    weblogs = read_parquet(lake, weblogs_key(day))
     assert sorted(weblogs["event_id"].to_list()) == [f"eok{i}" for i in range(6)]
-    q = read_parquet(lake, quarantine_key(day))
+    q = read_parquet(lake, weblogs_quarantine_key(day))
     assert q.height == len(hostile)
     assert q["reason"].null_count() == 0 and q["detail"].null_count() == 0
     reasons = q["reason"].value_counts().sort("reason")
@@ -665,8 +665,8 @@ def test_red_team_ingest_accounts_for_every_line_and_processing_keeps_every_acce
         if line in RED_HOSTILE.values():
             assert f"{f}:{n}: " in result.output
     assert "Traceback" not in result.output and "succeeded" in result.output
-    weblogs = read_parquet(lake, partition_key(day))
-    later = read_parquet(lake, quarantine_key(day))
+    weblogs = read_parquet(lake, weblogs_key(day))
+    later = read_parquet(lake, weblogs_quarantine_key(day))
     assert weblogs.height + later.height == accepted + 1  # + the hand-placed line
     assert later.filter(pl.col("event_id") == "e301")["reason"].to_list() == ["implausible_value"]
     assert {f"eok{i}" for i in range(6)} | {f"e{i}" for i in range(201, 216)} <= set(

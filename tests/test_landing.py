@@ -12,7 +12,6 @@ import pytest
 from recsys_serving import landing
 from recsys_serving.lake import LocalLake
 from recsys_serving.landing import (
-    LANDING_AREA,
     SegmentWriter,
     iter_lines,
     list_open,
@@ -20,6 +19,7 @@ from recsys_serving.landing import (
     parse_sealed_key,
     recover_orphans,
 )
+from recsys_serving.layout import LANDING_AREA
 from support import ndjson_lines
 
 

@@ -289,7 +289,8 @@ def test_against_the_real_server_clicks_join_the_logged_impressions(
     from recsys_assets.monitoring.ctr import load_ctr_series
     from recsys_serving.api.app import create_app
     from recsys_serving.lake import LocalLake
-    from recsys_serving.registry import PRODUCTION, ModelRegistry
+    from recsys_serving.layout import PRODUCTION
+    from recsys_serving.registry import ModelRegistry
     from serving_support import new_key, running_app, service_settings
 
     settings = service_settings(tmp_path / "home", landing_segment_max_age_seconds=1.0)

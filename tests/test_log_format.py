@@ -22,8 +22,9 @@ from serve_process import ServeProcess, recsys_serve, stop
 from recsys_assets.monitoring.assets import online_ctr
 from recsys_assets.monitoring.snapshot import HEALTH_LATEST
 from recsys_serving.lake import LocalLake
+from recsys_serving.layout import PRODUCTION
 from recsys_serving.logging import ACCESS_KEYS, BASE_KEYS
-from recsys_serving.registry import PRODUCTION, ModelRegistry
+from recsys_serving.registry import ModelRegistry
 from serving_support import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -36,7 +36,6 @@ from recsys_assets.tracking.jobs import mlflow_sync_job
 from recsys_assets.tracking.mirror import (
     EXPERIMENT,
     MODEL_NAME,
-    STATUS_KEY,
     VERSION_TAG,
     MlflowMirror,
     mirror_for,
@@ -47,7 +46,8 @@ from recsys_assets.tracking.resource import MlflowResource
 from recsys_assets.training.assets import TRAINING_ASSETS
 from recsys_assets.training.jobs import RETRAIN_TAGS
 from recsys_serving.lake import LocalLake
-from recsys_serving.registry import CANDIDATE, PRODUCTION, ModelRegistry
+from recsys_serving.layout import CANDIDATE, MLFLOW_STATUS_KEY, PRODUCTION
+from recsys_serving.registry import ModelRegistry
 from recsys_serving.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -240,7 +240,7 @@ def test_an_unreachable_mlflow_does_not_fail_a_retraining_and_sync_catches_up(
     version = meta["version"]
     assert meta["mlflow"] == "failed" and "mlflow_run_id" not in meta
     assert ModelRegistry(world.lake).exists(version)  # registered all the same
-    status = LocalLake(world.settings.resolved_lake_uri).get_bytes(STATUS_KEY)
+    status = LocalLake(world.settings.resolved_lake_uri).get_bytes(MLFLOW_STATUS_KEY)
     assert b"Connection" in status or b"connect" in status
     env = {
         "RECSYS_HOME": str(world.settings.home),
@@ -253,7 +253,7 @@ def test_an_unreachable_mlflow_does_not_fail_a_retraining_and_sync_catches_up(
     mirrored = _mlflow_versions(client)
     run = client.get_run(client.get_model_version(MODEL_NAME, mirrored[version]).run_id)
     assert run.data.tags["backfilled"] == "true" and run.data.tags[VERSION_TAG] == version
-    assert not world.lake.exists(STATUS_KEY)
+    assert not world.lake.exists(MLFLOW_STATUS_KEY)
     production = ModelRegistry(world.lake).alias(PRODUCTION)
     assert production is not None
     assert _aliases(client)[PRODUCTION] == mirrored[production.version]
@@ -364,12 +364,12 @@ def test_the_loop_retries_an_unreachable_mlflow_later_not_every_tick(
             instance=instance, resources=res, raise_on_error=False
         )
     assert not run.success  # the failed sync is a failed run, with MLflow's error in its log
-    assert lake.exists(STATUS_KEY)
+    assert lake.exists(MLFLOW_STATUS_KEY)
     assert mlflow_sync_request(registry, lake, cursor, now, "mlflow_sync_job") is None
     later = datetime.fromtimestamp(now.timestamp() + 301, UTC)
     retry = mlflow_sync_request(registry, lake, cursor, later, "mlflow_sync_job")
     assert retry is not None and retry.run_key != request.run_key
-    lake.delete(STATUS_KEY)  # a later sync succeeded: nothing moved, nothing due
+    lake.delete(MLFLOW_STATUS_KEY)  # a later sync succeeded: nothing moved, nothing due
     assert mlflow_sync_request(registry, lake, cursor, later + timedelta(hours=1), "x") is None
 
 

@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 
 from recsys_assets.cli import app
 from recsys_serving.lake import LocalLake
+from recsys_serving.layout import CANDIDATE, PRODUCTION
 from recsys_serving.model.bundle import BundleWriter, new_version
-from recsys_serving.registry import CANDIDATE, PRODUCTION, ModelRegistry
+from recsys_serving.registry import ModelRegistry
 
 runner = CliRunner()
 

@@ -29,7 +29,8 @@ from recsys_assets.monitoring.schedules import build_nightly_retrain_schedule
 from recsys_assets.monitoring.sensors import build_retrain_failure_sensor
 from recsys_assets.monitoring.snapshot import HEALTH_LATEST, read_series_history
 from recsys_serving.lake import LocalLake
-from recsys_serving.registry import PRODUCTION, ModelRegistry
+from recsys_serving.layout import PRODUCTION
+from recsys_serving.registry import ModelRegistry
 
 
 class FakeServer:

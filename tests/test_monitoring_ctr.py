@@ -24,8 +24,8 @@ from recsys_assets.monitoring.ctr import (
     two_proportion_ztest,
     window_stats,
 )
-from recsys_assets.weblogs.processing import partition_key
 from recsys_serving.lake import LocalLake, write_parquet
+from recsys_serving.layout import weblogs_key
 from support import land
 
 T0 = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
@@ -99,11 +99,11 @@ def test_reads_processed_partition_plus_unprocessed_landing_tail(tmp_path: Path)
     ]
     processed.append({**ev("view", "r1", "i0", now - timedelta(minutes=5)), "user_id": "u1"})
     write_parquet(
-        lake, partition_key(day), frame(processed).with_columns(pl.lit("u1").alias("user_id"))
+        lake, weblogs_key(day), frame(processed).with_columns(pl.lit("u1").alias("user_id"))
     )
     # Pretend the partition was written 20 minutes ago: older landing files are in it.
     old = time.time() - 1200
-    os.utime(lake.local_path(partition_key(day)), (old, old))
+    os.utime(lake.local_path(weblogs_key(day)), (old, old))
 
     def landed(e: dict[str, Any]) -> dict[str, Any]:
         out = {k: v for k, v in e.items() if v is not None}

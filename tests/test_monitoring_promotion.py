@@ -22,7 +22,8 @@ from recsys_assets.monitoring.assets import canary_job, production_model
 from recsys_assets.monitoring.promotion import read_decisions
 from recsys_assets.monitoring.sensors import PromotionCursor, build_promotion_sensor
 from recsys_serving.lake import LocalLake
-from recsys_serving.registry import CANDIDATE, PRODUCTION, ModelRegistry
+from recsys_serving.layout import CANDIDATE, PRODUCTION
+from recsys_serving.registry import ModelRegistry
 
 sensor = build_promotion_sensor(30)
 

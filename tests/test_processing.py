@@ -13,13 +13,12 @@ from recsys_assets.weblogs import processing
 from recsys_assets.weblogs.processing import (
     EventIdCounts,
     Rules,
-    partition_key,
     process_partition,
     process_partitions,
-    quarantine_key,
 )
 from recsys_serving.lake import LocalLake, read_parquet
-from recsys_serving.landing import LANDING_AREA, SegmentWriter
+from recsys_serving.landing import SegmentWriter
+from recsys_serving.layout import LANDING_AREA, weblogs_key, weblogs_quarantine_key
 from support import land
 
 DAY = "2026-11-20"
@@ -55,7 +54,7 @@ def test_clean_partition_round_trip(tmp_path: Path) -> None:
     land(lake, [ev(i, T0 + i, session_id="s1", context={"d": "ios"}) for i in range(10)])
     result = process_partition(lake, DAY, RULES)
     assert (result.landing_rows, result.rows, result.quarantined) == (10, 10, 0)
-    df = read_parquet(lake, partition_key(DAY))
+    df = read_parquet(lake, weblogs_key(DAY))
     assert df.schema["ts"] == pl.Datetime("us", "UTC")
     assert df["event_id"].to_list() == [f"e{i}" for i in range(10)]
     assert json.loads(df["context"][0]) == {"d": "ios"}
@@ -66,10 +65,10 @@ def test_duplicates_keep_the_first_landed_copy(tmp_path: Path) -> None:
     land(lake, [ev(1, T0, item_id="first"), ev(2, T0)])
     land(lake, [ev(1, T0 + 5, item_id="second")])  # resent by another writer later
     result = process_partition(lake, DAY, RULES)
-    df = read_parquet(lake, partition_key(DAY))
+    df = read_parquet(lake, weblogs_key(DAY))
     assert df.filter(pl.col("event_id") == "e1")["item_id"].to_list() == ["first"]
     assert result.reasons == {"duplicate_event_id": 1}
-    q = read_parquet(lake, quarantine_key(DAY))
+    q = read_parquet(lake, weblogs_quarantine_key(DAY))
     assert q["item_id"].to_list() == ["second"]
 
 
@@ -85,13 +84,13 @@ def test_bots_by_implausible_action_rate_are_quarantined_whole_day(tmp_path: Pat
     result = process_partition(lake, DAY, RULES)
     assert result.reasons == {"bot_rate": 87}
     assert (result.rows, result.quarantined) == (40, 87)
-    q = read_parquet(lake, quarantine_key(DAY))
+    q = read_parquet(lake, weblogs_quarantine_key(DAY))
     assert set(q["user_id"]) == {"bot"} and set(q["reason"]) == {"bot_rate"}
     assert set(q["detail"]) == {
         "80 actions (click, view, add_to_cart, purchase) in the minute from "
         "2026-11-20T12:00Z; limit 50"
     }
-    assert set(read_parquet(lake, partition_key(DAY))["user_id"]) == {"human"}
+    assert set(read_parquet(lake, weblogs_key(DAY))["user_id"]) == {"human"}
 
 
 def test_bulk_ratings_and_server_logged_impressions_are_not_bot_traffic(tmp_path: Path) -> None:
@@ -132,7 +131,7 @@ def test_the_action_limit_is_per_minute_and_strict(tmp_path: Path) -> None:
     land(lake, at_limit + spread + over)
     result = process_partition(lake, DAY, RULES)
     assert result.reasons == {"bot_rate": 51}
-    users = set(read_parquet(lake, partition_key(DAY))["user_id"])
+    users = set(read_parquet(lake, weblogs_key(DAY))["user_id"])
     assert users == {"at_limit", "spread"}
 
 
@@ -172,7 +171,7 @@ def test_sessions_are_inferred_only_where_missing_and_deterministically(tmp_path
     events += [ev(5, T0 + 5, user="u2")]
     land(lake, events)
     process_partition(lake, DAY, RULES)
-    df = read_parquet(lake, partition_key(DAY)).sort("event_id")
+    df = read_parquet(lake, weblogs_key(DAY)).sort("event_id")
     sessions = dict(zip(df["event_id"], df["session_id"], strict=True))
     assert sessions["e1"] == sessions["e2"] != sessions["e3"]
     assert sessions["e4"] == "given"
@@ -185,9 +184,9 @@ def test_rerun_is_idempotent(tmp_path: Path) -> None:
     lake = LocalLake(tmp_path)
     land(lake, [ev(i, T0 + i * 100, user=f"u{i % 3}") for i in range(50)])
     process_partition(lake, DAY, RULES)
-    first = read_parquet(lake, partition_key(DAY))
+    first = read_parquet(lake, weblogs_key(DAY))
     process_partition(lake, DAY, RULES)
-    assert read_parquet(lake, partition_key(DAY)).equals(first)
+    assert read_parquet(lake, weblogs_key(DAY)).equals(first)
 
 
 def test_failed_write_leaves_previous_partition_intact(
@@ -196,7 +195,7 @@ def test_failed_write_leaves_previous_partition_intact(
     lake = LocalLake(tmp_path)
     land(lake, [ev(1, T0)])
     process_partition(lake, DAY, RULES)
-    before = (tmp_path / partition_key(DAY)).read_bytes()
+    before = (tmp_path / weblogs_key(DAY)).read_bytes()
     land(lake, [ev(2, T0)])
 
     def broken(self: pl.DataFrame, file: object, **kw: object) -> None:
@@ -207,7 +206,7 @@ def test_failed_write_leaves_previous_partition_intact(
     with pytest.raises(OSError, match="disk full"):
         process_partition(lake, DAY, RULES)
     monkeypatch.undo()
-    assert (tmp_path / partition_key(DAY)).read_bytes() == before
+    assert (tmp_path / weblogs_key(DAY)).read_bytes() == before
     leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []
 
@@ -256,9 +255,11 @@ def test_a_failing_partition_stops_the_run_there(
     monkeypatch.setattr(processing, "apply_rules", lose_a_row)
     with pytest.raises(RuntimeError, match="accounting broken for 2026-11-19: 5 landed != 4"):
         process_partitions(lake, days, RULES)
-    assert lake.exists(partition_key(days[0]))
-    assert not lake.exists(partition_key(days[1])) and not lake.exists(quarantine_key(days[1]))
-    assert not lake.exists(partition_key(days[2]))
+    assert lake.exists(weblogs_key(days[0]))
+    assert not lake.exists(weblogs_key(days[1])) and not lake.exists(
+        weblogs_quarantine_key(days[1])
+    )
+    assert not lake.exists(weblogs_key(days[2]))
 
 
 def test_bad_lines_keep_their_exact_file_line_and_bytes(tmp_path: Path) -> None:
@@ -277,7 +278,7 @@ def test_bad_lines_keep_their_exact_file_line_and_bytes(tmp_path: Path) -> None:
     )
     result = process_partition(lake, DAY, RULES)
     assert (result.landing_rows, result.rows, result.quarantined) == (4, 2, 2)
-    q = read_parquet(lake, quarantine_key(DAY)).sort("landing_line")
+    q = read_parquet(lake, weblogs_quarantine_key(DAY)).sort("landing_line")
     assert q["landing_line"].to_list() == [3, 5]
     assert set(q["reason"]) == {"corrupt_landing_line"}
     assert q["landing_file"][0].startswith("landing/date=2026-11-20/")
@@ -286,7 +287,7 @@ def test_bad_lines_keep_their_exact_file_line_and_bytes(tmp_path: Path) -> None:
         == '{"event_id":"e2","event_type":"view","user_id":"u","item_id":"i","ts":"soon"}'
     )
     assert q["context"][1] == '\\xff{"event_id":"e4"}'
-    assert read_parquet(lake, partition_key(DAY))["event_id"].to_list() == ["e1", "e3"]
+    assert read_parquet(lake, weblogs_key(DAY))["event_id"].to_list() == ["e1", "e3"]
 
 
 def test_rows_are_ordered_by_time_then_id_whatever_the_landing_order(tmp_path: Path) -> None:
@@ -294,5 +295,5 @@ def test_rows_are_ordered_by_time_then_id_whatever_the_landing_order(tmp_path: P
     land(lake, [ev(3, T0 + 5), ev(1, T0 + 5), ev(2, T0)])
     land(lake, [ev(0, T0 + 1)])
     process_partition(lake, DAY, RULES)
-    df = read_parquet(lake, partition_key(DAY))
+    df = read_parquet(lake, weblogs_key(DAY))
     assert df["event_id"].to_list() == ["e2", "e0", "e1", "e3"]

@@ -17,6 +17,7 @@ import pytest
 
 from recsys_serving import registry as registry_module
 from recsys_serving.lake import LocalLake, S3Lake, open_lake
+from recsys_serving.layout import CANDIDATE, PRODUCTION
 from recsys_serving.model.bundle import (
     MANIFEST,
     BundleError,
@@ -25,8 +26,6 @@ from recsys_serving.model.bundle import (
     verify_bundle,
 )
 from recsys_serving.registry import (
-    CANDIDATE,
-    PRODUCTION,
     AliasConflict,
     ModelRegistry,
     NothingToRollBack,

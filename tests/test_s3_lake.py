@@ -11,10 +11,11 @@ import polars as pl
 import pytest
 from fastapi.testclient import TestClient
 
-from recsys_assets.weblogs.processing import Rules, partition_key, process_partition
+from recsys_assets.weblogs.processing import Rules, process_partition
 from recsys_serving.api.app import create_app
 from recsys_serving.lake import S3Lake, open_lake, read_parquet, write_parquet
 from recsys_serving.landing import list_sealed
+from recsys_serving.layout import weblogs_key
 from recsys_serving.settings import Settings
 from support import S3Server, land, moto_s3  # noqa: F401  (fixture)
 
@@ -53,8 +54,8 @@ def test_intake_lands_one_object_per_flush_and_weblogs_process_on_s3(s3_lake: S3
     rules = Rules(catalog_epoch=date(2020, 1, 1), now=datetime(2026, 11, 25, tzinfo=UTC))
     result = process_partition(s3_lake, "2026-11-20", rules)
     assert (result.landing_rows, result.rows, result.quarantined) == (30, 25, 5)
-    assert read_parquet(s3_lake, partition_key("2026-11-20")).height == 25
-    assert s3_lake.uri_for(partition_key("2026-11-20")).startswith("s3://recsys-lake/t-")
+    assert read_parquet(s3_lake, weblogs_key("2026-11-20")).height == 25
+    assert s3_lake.uri_for(weblogs_key("2026-11-20")).startswith("s3://recsys-lake/t-")
 
 
 def test_collector_writes_to_s3(moto_s3: S3Server, tmp_path: Path) -> None:  # noqa: F811

@@ -20,8 +20,9 @@ from recsys_serving.api.metrics import parse_metrics
 from recsys_serving.api.model_manager import user_bucket
 from recsys_serving.events.schema import WeblogEvent
 from recsys_serving.lake import LocalLake
+from recsys_serving.layout import PRODUCTION
 from recsys_serving.model.recommender import Recommender
-from recsys_serving.registry import PRODUCTION, ModelRegistry
+from recsys_serving.registry import ModelRegistry
 from recsys_serving.settings import Settings
 from recsys_serving.stores.docstore import DocStoreError
 from serving_support import new_key, running_app, service_settings, serving_client, wait_for

@@ -17,7 +17,8 @@ from recsys_assets.definitions import make_definitions
 from recsys_assets.instance import get_instance
 from recsys_assets.training.exclusive import lock_path, retrain_lock
 from recsys_serving.lake import LocalLake
-from recsys_serving.registry import PRODUCTION, ModelRegistry
+from recsys_serving.layout import PRODUCTION
+from recsys_serving.registry import ModelRegistry
 from recsys_serving.settings import Settings
 
 runner = CliRunner()

@@ -11,8 +11,9 @@ from model_support import build_tiny_world, tiny_params
 from recsys_assets.training import steps
 from recsys_assets.training.pipeline import train_bundle
 from recsys_serving.lake import LocalLake
+from recsys_serving.layout import PRODUCTION
 from recsys_serving.model.bundle import MANIFEST, BundleWriter, read_manifest
-from recsys_serving.registry import PRODUCTION, ModelRegistry, PromotionRule
+from recsys_serving.registry import ModelRegistry, PromotionRule
 
 
 @pytest.fixture(scope="module")

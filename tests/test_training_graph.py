@@ -16,8 +16,9 @@ from recsys_assets.training import steps
 from recsys_assets.training.assets import TRAINING_ASSETS
 from recsys_assets.training.jobs import RETRAIN_TAGS
 from recsys_serving.lake import LocalLake
+from recsys_serving.layout import PRODUCTION
 from recsys_serving.model.recommender import Recommender
-from recsys_serving.registry import PRODUCTION, ModelRegistry
+from recsys_serving.registry import ModelRegistry
 from recsys_serving.settings import Settings
 
 SMALL = {

@@ -15,8 +15,9 @@ from recsys_assets.training.steps import index_versions_to_keep
 from recsys_serving.index import EmbeddedIndex
 from recsys_serving.index.base import CandidateQuery, IndexArtifact
 from recsys_serving.lake import LocalLake
+from recsys_serving.layout import CANDIDATE, PRODUCTION
 from recsys_serving.model.recommender import INDEX_DIR, Recommender
-from recsys_serving.registry import CANDIDATE, PRODUCTION, ModelRegistry
+from recsys_serving.registry import ModelRegistry
 
 __all__ = ["tiny_world"]  # fixture
 

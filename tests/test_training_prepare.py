@@ -21,14 +21,14 @@ from recsys_assets.training.data import (
     encode,
     read_catalog,
     read_weblogs,
-    weblog_partitions,
 )
 from recsys_assets.training.params import TrainingParams
 from recsys_assets.training.pipeline import TrainOutcome
 from recsys_assets.training.prepare import prepare_interactions, scan_weblogs
 from recsys_assets.training.ranking import build_ranking_dataset, label_table
-from recsys_assets.weblogs.processing import WEBLOGS_SCHEMA, partition_key
+from recsys_assets.weblogs.processing import WEBLOGS_SCHEMA
 from recsys_serving.lake import Lake, LocalLake, write_parquet
+from recsys_serving.layout import partition_days, weblogs_key
 
 __all__ = ["tiny_outcome", "tiny_world"]  # fixtures used below
 
@@ -39,7 +39,7 @@ def _assert_same(lake: Lake, params: TrainingParams) -> None:
     items = read_catalog(lake)[0]
     old_vocab = build_vocabulary(old, items)
     old_enc = encode(old, old_vocab)
-    with scan_weblogs(lake, weblog_partitions(lake)) as scanned:
+    with scan_weblogs(lake, partition_days(lake)) as scanned:
         new = prepare_interactions(scanned, items, params)
     _same_vocab(old_vocab, new.vocab)
     _same_enc(old_enc, new.enc)
@@ -116,7 +116,7 @@ def test_edge_cases_match_too(tmp_path: Path) -> None:
     )
     frame = frame.select(list(WEBLOGS_SCHEMA)).cast(WEBLOGS_SCHEMA)  # type: ignore[arg-type]
     for (day,), part in frame.group_by(pl.col("ts").dt.date().cast(pl.String)):
-        write_parquet(lake, partition_key(str(day)), part)
+        write_parquet(lake, weblogs_key(str(day)), part)
     params = TrainingParams.create(
         threads=1, holdout_days=0.5, label_days=0.5, min_events=10, min_users=2, min_items=2
     )
@@ -141,7 +141,7 @@ def test_an_empty_window_explains_itself(tmp_path: Path, window_days: float | No
     )
     write_parquet(
         lake,
-        partition_key("2024-03-01"),
+        weblogs_key("2024-03-01"),
         frame.select(list(WEBLOGS_SCHEMA)).cast(WEBLOGS_SCHEMA),  # type: ignore[arg-type]
     )
     params = TrainingParams.create(threads=1, train_window_days=window_days)

@@ -260,7 +260,8 @@ def show(
 def _print_evaluation(reg: ModelRegistry, version: str, tags: dict[str, str]) -> None:
     """What model_evaluation said about this version (its registration tags) and, when it
     is production, whether it serves its own answers or popularity (the first-model rule)."""
-    from recsys_serving.registry import PRODUCTION, serves_popularity
+    from recsys_serving.layout import PRODUCTION
+    from recsys_serving.registry import serves_popularity
 
     table = Table(title="evaluation at registration (NDCG@10)", title_justify="left")
     table.add_column("holdout")
@@ -339,7 +340,7 @@ def promote(
     reason: Annotated[str | None, typer.Option(help="Why; recorded as 'manual: ...'.")] = None,
 ) -> None:
     """Make VERSION the production model (or, with --candidate, phase it in)."""
-    from recsys_serving.registry import CANDIDATE, PRODUCTION
+    from recsys_serving.layout import CANDIDATE, PRODUCTION
 
     if share is not None and not candidate:
         fail("--share only applies with --candidate (production always serves everyone)")
@@ -451,7 +452,7 @@ def sync_mlflow(
 
 def _publish_hint(settings: Settings, event: AliasEvent) -> None:
     """Say what follows a move of production, so nobody launches publish_job twice."""
-    from recsys_serving.registry import PRODUCTION
+    from recsys_serving.layout import PRODUCTION
 
     if event.alias != PRODUCTION or event.version is None:
         return
@@ -480,20 +481,7 @@ def history(
     except _refusals() as exc:
         fail(str(exc))
     if as_json:
-        rows = [
-            {
-                "at": e.at.isoformat(),
-                "alias": e.alias,
-                "action": e.action,
-                "version": e.version,
-                "previous": e.previous,
-                "share": e.share,
-                "reason": e.reason,
-                "evidence": e.evidence,
-            }
-            for e in events
-        ]
-        out.print_json(json.dumps(rows, default=str))
+        out.print_json(json.dumps([e.as_dict() for e in events], default=str))
         return
     # Two lines per move instead of a table: reasons are long and must stay readable
     # in an 80-column terminal.

@@ -35,9 +35,10 @@ from typing import Any, Literal
 import polars as pl
 from scipy.stats import norm
 
-from recsys_assets.weblogs.processing import partition_key, read_landing
+from recsys_assets.weblogs.processing import read_landing
 from recsys_serving.lake import Lake, read_parquet
-from recsys_serving.landing import LANDING_AREA, list_sealed
+from recsys_serving.landing import list_sealed
+from recsys_serving.layout import LANDING_AREA, utc_datetime, weblogs_key
 
 IMPRESSION = "impression"
 CLICK = "click"
@@ -106,7 +107,7 @@ def _feedback_filter() -> pl.Expr:
 
 
 def _read_partition(lake: Lake, day: str) -> tuple[pl.DataFrame, float | None]:
-    key = partition_key(day)
+    key = weblogs_key(day)
     listed = list(lake.list(key))
     if not listed:
         return pl.DataFrame(schema=FEEDBACK_SCHEMA), None
@@ -213,8 +214,7 @@ def load_ctr_series(
 
 # --------------------------------------------------------------------- windows
 def floor_to_bucket(value: datetime, bucket_seconds: int) -> datetime:
-    seconds = math.floor(_utc(value).timestamp() / bucket_seconds) * bucket_seconds
-    return datetime.fromtimestamp(seconds, UTC)
+    return utc_datetime(math.floor(_utc(value).timestamp() / bucket_seconds) * bucket_seconds)
 
 
 @dataclass(frozen=True)

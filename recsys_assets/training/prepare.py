@@ -39,8 +39,8 @@ from recsys_assets.training.data import (
     vocabulary_from_ids,
 )
 from recsys_assets.training.params import TrainingParams
-from recsys_assets.weblogs.processing import partition_key
 from recsys_serving.lake import Lake
+from recsys_serving.layout import weblogs_key
 from recsys_serving.logging import get_logger
 
 log = get_logger(__name__)
@@ -103,7 +103,7 @@ def scan_weblogs(lake: Lake, days: list[str]) -> Iterator[ScannedWeblogs]:
         rows: dict[str, int] = {}
         hashes: dict[str, str] = {}
         for day in days:
-            key = partition_key(day)
+            key = weblogs_key(day)
             path = lake.local_path(key)
             if path is None:
                 if tmp is None:

@@ -39,7 +39,6 @@ from recsys_assets.training.data import (
     Vocabulary,
     explain_empty_counts,
     read_catalog,
-    weblog_partitions,
 )
 from recsys_assets.training.ease import select_lambda
 from recsys_assets.training.evaluation import (
@@ -80,6 +79,7 @@ from recsys_assets.training.snapshot import (
 )
 from recsys_serving.index.base import IndexArtifact, IndexPublisher
 from recsys_serving.lake import Lake
+from recsys_serving.layout import CANDIDATE, PRODUCTION, partition_days
 from recsys_serving.logging import get_logger
 from recsys_serving.model.bundle import (
     MANIFEST,
@@ -102,9 +102,7 @@ from recsys_serving.model.recommender import (
 from recsys_serving.model.state import ModelState
 from recsys_serving.registry import (
     ANSWERS,
-    CANDIDATE,
     POPULARITY_ANSWERS,
-    PRODUCTION,
     ModelRegistry,
     PromotionRule,
     decide_first_model,
@@ -217,7 +215,7 @@ def non_finite(table: np.ndarray, columns: tuple[str, ...]) -> dict[str, int]:
 def run_interactions(lake: Lake, params: TrainingParams) -> dict[str, Any]:
     """Weblogs + catalogue -> weighted interactions, window and vocabulary."""
     first_day = None
-    days = weblog_partitions(lake)
+    days = partition_days(lake)
     if params.train_window_days is not None and days:
         # Only partitions that can hold events of the window are read: it ends at the
         # last event (on the last day) and starts train_window_days before it.

@@ -7,7 +7,6 @@ every event received is either landed or quarantined with its original bytes.
 
 from __future__ import annotations
 
-import base64
 import json
 import threading
 import time
@@ -32,7 +31,8 @@ from recsys_serving.events.schema import (
     normalize,
 )
 from recsys_serving.lake import Lake
-from recsys_serving.landing import INTAKE_QUARANTINE_AREA, LANDING_AREA, SegmentWriter
+from recsys_serving.landing import SegmentWriter, quarantine_record
+from recsys_serving.layout import INTAKE_QUARANTINE_AREA, LANDING_AREA, utc_date, utc_today
 from recsys_serving.logging import get_logger
 from recsys_serving.settings import Settings
 
@@ -87,22 +87,6 @@ class IntakeResult:
             "errors": self.errors,
             "errors_truncated": self.rejected > len(self.errors),
         }
-
-
-def quarantine_record(raw: bytes, reason: str, code: str, source: str, locator: str) -> bytes:
-    """One quarantine line; keeps the exact original bytes (base64 when not UTF-8)."""
-    record: dict[str, Any] = {
-        "received_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-        "source": source,
-        "at": locator,
-        "code": code,
-        "reason": reason,
-    }
-    try:
-        record["raw"] = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        record["raw_b64"] = base64.b64encode(raw).decode("ascii")
-    return orjson.dumps(record) + b"\n"
 
 
 def reserialize(obj: Any) -> bytes:
@@ -263,7 +247,7 @@ class EventIntake:
         duplicates, partitions and durable writes, in the order the events came."""
         result = IntakeResult(received=n)
         now = time.time()
-        arrival_day = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
+        arrival_day = utc_date(now)
         latest_ok = now + self.settings.future_tolerance_seconds
         max_event = self.settings.max_event_bytes
         limits = Limits.from_settings(self.settings, now=now)
@@ -379,7 +363,7 @@ class EventIntake:
         Out-of-range timestamps land under the arrival date so the weblogs asset
         quarantines them with the business rule that explains why. Dates come from
         whole-batch arithmetic; the few events within 10 us before a midnight (where
-        ``fromtimestamp`` rounds to the next day) are dated by ``_day`` itself.
+        ``fromtimestamp`` rounds to the next day) are dated by ``utc_date`` itself.
         """
         if not items:
             return {}
@@ -392,7 +376,7 @@ class EventIntake:
         codes = index.astype(np.int64)
         codes[~inside] = _day_index(arrival_day)
         for k in np.flatnonzero(inside & ~exact).tolist():
-            codes[k] = _day_index(_day(ts[k]))
+            codes[k] = _day_index(utc_date(ts[k]))
         order = np.argsort(codes, kind="stable")  # arrival order within a date
         cuts = np.flatnonzero(np.diff(codes[order])) + 1
         landed = {}
@@ -407,13 +391,12 @@ class EventIntake:
     def _date(self, index: int) -> str:
         day = self._days.get(index)
         if day is None:
-            day = self._days[index] = _day(index * 86_400.0)
+            day = self._days[index] = utc_date(index * 86_400.0)
         return day
 
     def quarantine_raw(self, raw: bytes, code: str, reason: str, source: str, locator: str) -> None:
         """Keep bytes that never became events (an unparseable body, a cut-off file tail)."""
-        day = datetime.now(UTC).strftime("%Y-%m-%d")
-        self.quarantine.append({day: quarantine_record(raw, reason, code, source, locator)})
+        self.quarantine.append({utc_today(): quarantine_record(raw, reason, code, source, locator)})
 
     def flush(self) -> None:
         """Make everything appended so far durable (quarantine first, as in a batch)."""
@@ -427,10 +410,6 @@ class EventIntake:
     def close(self) -> None:
         self.quarantine.close()
         self.landing.close()
-
-
-def _day(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
 
 
 _EPOCH_DATE = date(1970, 1, 1)

@@ -206,10 +206,6 @@ class UserContext:
     def known(self) -> bool:
         return self.row is not None
 
-    def history_refs(self, rows: list[int]) -> list[int]:
-        """For each item row, the history item contributing most to its kNN score."""
-        return self.history.refs(np.asarray(rows, dtype=np.int64)).tolist()
-
     def top_categories(self, n: int) -> IntArray:
         """The user's strongest categories, recent behaviour first."""
         score = self.affinity_recent + 0.5 * self.affinity
