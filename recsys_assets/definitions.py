@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from recsys_assets.alerts.notifier import NotifierResource
+from recsys_assets.attributes import with_attributes
 from recsys_assets.catalog.assets import item_catalog, user_profiles
 from recsys_assets.catalog.resources import DocStoreResource
 from recsys_assets.monitoring.defs import closed_loop
@@ -39,15 +40,17 @@ def make_definitions(settings: Settings) -> dg.Definitions:
     """The code location for one configuration (tests and the CLI pass their own)."""
     loop = closed_loop(settings)
     return dg.Definitions(
-        assets=[
-            landing_weblogs,
-            weblogs,
-            item_catalog,
-            user_profiles,
-            *TRAINING_ASSETS,
-            promoted_image,
-            *loop.assets,
-        ],
+        assets=with_attributes(
+            [
+                landing_weblogs,
+                weblogs,
+                item_catalog,
+                user_profiles,
+                *TRAINING_ASSETS,
+                promoted_image,
+                *loop.assets,
+            ]
+        ),
         jobs=[weblogs_job, retrain_job, publish_job, *loop.jobs],
         sensors=[landing_files_sensor, weblog_freshness_sensor, *loop.sensors],
         schedules=loop.schedules,
