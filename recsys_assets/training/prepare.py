@@ -30,6 +30,7 @@ import polars as pl
 
 from recsys_assets.training.data import (
     DAY,
+    WEBLOG_COLUMNS,
     Encoded,
     TrainingWindow,
     Vocabulary,
@@ -39,22 +40,15 @@ from recsys_assets.training.data import (
     vocabulary_from_ids,
 )
 from recsys_assets.training.params import TrainingParams
+from recsys_assets.weblogs.processing import WEBLOGS_SCHEMA
 from recsys_serving.lake import Lake
 from recsys_serving.layout import weblogs_key
 from recsys_serving.logging import get_logger
 
 log = get_logger(__name__)
 
-SCAN_SCHEMA: dict[str, pl.DataType] = {
-    "event_type": pl.String(),
-    "user_id": pl.String(),
-    "item_id": pl.String(),
-    "ts": pl.Datetime("us", "UTC"),
-    "session_id": pl.String(),
-    "request_id": pl.String(),
-    "position": pl.Int32(),
-    "value": pl.Float64(),
-}
+# The weblogs columns training reads, as the weblogs asset writes them.
+SCAN_SCHEMA: dict[str, pl.DataType] = {name: WEBLOGS_SCHEMA[name] for name in WEBLOG_COLUMNS}
 STREAMING = "streaming"
 
 
