@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from recsys_serving.events.schema import WeblogEvent, describe_error, json_schema, normalize
 
-SCHEMA_FILE = Path(__file__).parents[1] / "recsys_serving" / "schemas" / "weblog_event.schema.json"
+SCHEMA_FILE = Path(__file__).parents[3] / "recsys_serving" / "schemas" / "weblog_event.schema.json"
 BASE = {"event_id": "e1", "event_type": "click", "user_id": "u1", "item_id": "i1"}
 
 

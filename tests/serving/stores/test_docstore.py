@@ -43,7 +43,7 @@ from recsys_serving.stores.docstore import (
     redact_uri,
 )
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
 T0 = datetime(2024, 3, 1, 12, 30, 15, 123000, tzinfo=UTC)
 
 

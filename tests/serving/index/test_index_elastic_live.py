@@ -4,7 +4,7 @@ Runs the same publish/search/alias-swap/prune scenario as the test double does, 
 a random prefix, and deletes everything it created. ``RECSYS_ES_API_KEY`` is used if
 set. Example: ``docker run -p 9200:9200 -e discovery.type=single-node
 -e xpack.security.enabled=false docker.elastic.co/elasticsearch/elasticsearch:8.19.0``
-then ``RECSYS_ES_URL=http://127.0.0.1:9200 pytest tests/test_index_elastic_live.py``.
+then ``RECSYS_ES_URL=http://127.0.0.1:9200 pytest tests/serving/index/test_index_elastic_live.py``.
 """
 
 from __future__ import annotations

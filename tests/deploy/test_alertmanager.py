@@ -22,7 +22,7 @@ import yaml
 
 from support import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 AM_DIR = ROOT / "docker" / "alertmanager"
 AM_CONFIG = AM_DIR / "alertmanager.yml"
 RULES = ROOT / "docker" / "prometheus" / "rules"

@@ -12,7 +12,7 @@ from recsys_assets.cli import app
 from recsys_assets.cli.config import reference_markdown
 from recsys_serving.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_reference_page_is_generated_from_settings() -> None:

@@ -212,7 +212,7 @@ def test_module_entry_point_installs_then_runs_the_command(
 
 
 def documented_block(marker: str) -> dict[str, Any]:
-    text = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
     blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
     found = [b for b in blocks if b.startswith(marker)]
     assert len(found) == 1, f"docs/operations.md: no yaml block starting with {marker!r}"

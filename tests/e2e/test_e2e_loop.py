@@ -28,7 +28,7 @@ from recsys_serving.layout import PRODUCTION
 from recsys_serving.registry import ModelRegistry
 from support import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 # Live traffic goes on this long after the promotion, to measure the recovery: six
 # 5-second intervals, about 6,000 impressions of the new model.

@@ -31,7 +31,7 @@ from recsys_serving.registry import ModelRegistry
 from serving_support import wait_for
 from support import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAINING_STACK = ("dagster", "dagster_aws", "great_expectations", "implicit", "recsys_assets")
 # Each builds a venv: minutes on a loaded 2-core machine.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

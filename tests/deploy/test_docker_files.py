@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from recsys_assets.cli import app
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
 
 

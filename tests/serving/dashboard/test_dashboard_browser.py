@@ -29,7 +29,7 @@ from recsys_serving.lake import LocalLake
 from recsys_serving.registry import ModelRegistry
 from support import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 BIN = Path(sys.executable).parent
 ADMIN_KEY = "rsk_dashboard-admin-test-key-0123456789abcdef"
 CLIENT_KEY = "rsk_dashboard-client-test-key-0123456789abcdef"

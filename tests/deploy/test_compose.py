@@ -15,7 +15,7 @@ from test_docker_files import INSTANCE_WRAPPER, assert_real_command, exec_form
 
 from recsys_serving.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker" / "compose.yaml"
 DAGSTER_SERVICES = ("dagster-code", "dagster-webserver", "dagster-daemon")
 # Ports the third-party images listen on by default.

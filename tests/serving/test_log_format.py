@@ -27,7 +27,7 @@ from recsys_serving.logging import ACCESS_KEYS, BASE_KEYS
 from recsys_serving.registry import ModelRegistry
 from serving_support import wait_for
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LEVELS = {"debug", "info", "warning", "error", "critical"}
 
 

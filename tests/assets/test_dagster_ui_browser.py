@@ -27,7 +27,7 @@ from browser_support import browser, console_errors, wait_until  # noqa: F401
 from recsys_serving.lake import LocalLake, read_parquet
 from support import free_port, land
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DAYS = ("2024-06-01", "2024-06-02", "2024-06-03")
 EVENTS_PER_DAY = 60

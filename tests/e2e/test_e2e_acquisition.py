@@ -17,7 +17,7 @@ import pytest
 from recsys_serving.lake import LocalLake, read_parquet
 from support import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
