@@ -52,8 +52,9 @@ import protocols  # noqa: E402
 from recsys_assets.simulation.history import simulate_history  # noqa: E402
 from recsys_assets.training.params import TrainingParams  # noqa: E402
 from recsys_assets.training.pipeline import train_bundle  # noqa: E402
-from recsys_assets.weblogs.processing import WEBLOGS_SCHEMA, partition_key, sessionize  # noqa: E402
+from recsys_assets.weblogs.processing import WEBLOGS_SCHEMA, sessionize  # noqa: E402
 from recsys_serving.lake import LocalLake, write_parquet  # noqa: E402
+from recsys_serving.layout import CATALOG_ITEMS_KEY, weblogs_key  # noqa: E402
 from recsys_serving.model.recommender import Recommender  # noqa: E402
 
 K = 10
@@ -239,9 +240,9 @@ def run_two_stage(
     frame = frame.with_columns(pl.col("ts").dt.date().cast(pl.String).alias("_day"))
     for (day,), part in frame.partition_by("_day", as_dict=True).items():
         write_parquet(
-            lake, partition_key(str(day)), part.select(list(WEBLOGS_SCHEMA)).cast(WEBLOGS_SCHEMA)
+            lake, weblogs_key(str(day)), part.select(list(WEBLOGS_SCHEMA)).cast(WEBLOGS_SCHEMA)
         )
-    write_parquet(lake, "catalog/items.parquet", items)
+    write_parquet(lake, CATALOG_ITEMS_KEY, items)
     params = TrainingParams.create(**{"threads": 0, "seed": 7, **overrides})
     started = time.perf_counter()
     outcome = train_bundle(lake, params, workdir / "bundles")

@@ -239,21 +239,22 @@ def _retrain(home: Path, env: dict[str, str], models: int) -> list[str | None]:
 def model_versions(home: Path) -> list[str | None]:
     """(production, the other version or None) of a lake with one or two models."""
     from recsys_serving.lake import LocalLake
+    from recsys_serving.layout import CANDIDATE, PRODUCTION
     from recsys_serving.registry import ModelRegistry
 
     registry = ModelRegistry(LocalLake(home / "lake"))
     versions = registry.version_ids()
-    production = registry.alias("production")
+    production = registry.alias(PRODUCTION)
     if production is None or production.version is None:
         # The first-model rule kept the model out of production (it did not beat
         # popularity on the holdout): the bench serves it anyway.
         registry.promote(versions[-1], reason="bench: serve the trained model")
-        production = registry.alias("production")
+        production = registry.alias(PRODUCTION)
     assert production is not None and production.version is not None, versions
     v1 = production.version
     v2 = next((v for v in reversed(versions) if v != v1), None)
-    if registry.alias("candidate") is not None:
-        registry.clear_alias("candidate", reason="bench: v2 is swapped in by hand")
+    if registry.alias(CANDIDATE) is not None:
+        registry.clear_alias(CANDIDATE, reason="bench: v2 is swapped in by hand")
     return [v1, v2]
 
 
@@ -468,6 +469,7 @@ def stage_budget(
     import random
 
     from recsys_serving.lake import LocalLake
+    from recsys_serving.layout import PRODUCTION
     from recsys_serving.model import candidates as cand
     from recsys_serving.model.context import user_context
     from recsys_serving.model.features import assemble_features
@@ -475,7 +477,7 @@ def stage_budget(
     from recsys_serving.registry import ModelRegistry
 
     registry = ModelRegistry(LocalLake(home / "lake"))
-    production = registry.alias("production")
+    production = registry.alias(PRODUCTION)
     assert production is not None and production.version is not None
     cache = home / "cache" / "models"
     model = Recommender.load(registry.fetch(production.version, cache))

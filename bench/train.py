@@ -148,11 +148,15 @@ def replicate_inputs(source: Path, home: Path, copies: int) -> dict[str, Any]:
     time through polars' streaming sink (memory: one partition's morsels)."""
     import polars as pl
 
+    from recsys_serving.lake import LocalLake
+    from recsys_serving.layout import WEBLOGS_AREA, partitions
+
     copy_inputs(source, home)
     started = time.perf_counter()
     rows = 0
-    for part in sorted((source / "lake" / "weblogs").glob("date=*/part-0.parquet")):
-        target = home / part.relative_to(source)
+    for obj in partitions(LocalLake(source / "lake"), WEBLOGS_AREA).values():
+        part = source / "lake" / obj.key
+        target = home / "lake" / obj.key
         frames = []
         for k in range(copies):
             tag = f"~{k}" if k else ""

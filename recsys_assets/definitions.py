@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from recsys_assets.alerts.notifier import NotifierResource
+from recsys_assets.attributes import with_attributes
 from recsys_assets.catalog.assets import item_catalog, user_profiles
 from recsys_assets.catalog.resources import DocStoreResource
 from recsys_assets.monitoring.defs import closed_loop
@@ -39,15 +40,17 @@ def make_definitions(settings: Settings) -> dg.Definitions:
     loop = closed_loop(settings)
     acquisition = weblogs_defs(settings)
     return dg.Definitions(
-        assets=[
-            acquisition.landing_weblogs,
-            acquisition.weblogs,
-            item_catalog,
-            user_profiles,
-            *TRAINING_ASSETS,
-            promoted_image,
-            *loop.assets,
-        ],
+        assets=with_attributes(
+            [
+                acquisition.landing_weblogs,
+                acquisition.weblogs,
+                item_catalog,
+                user_profiles,
+                *TRAINING_ASSETS,
+                promoted_image,
+                *loop.assets,
+            ]
+        ),
         jobs=[acquisition.job, retrain_job, publish_job, *loop.jobs],
         sensors=[acquisition.landing_files_sensor, weblog_freshness_sensor, *loop.sensors],
         schedules=loop.schedules,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import dagster as dg
 import yaml
 
+from recsys_serving.lake import atomic_file
 from recsys_serving.settings import Settings
 
 # Package data (links to the repository's files in a checkout, copies in a wheel), so a
@@ -188,16 +188,8 @@ def storage_summary(settings: Settings, environ: Mapping[str, str] | None = None
 def _write_atomically(target: Path, text: str) -> None:
     # The webserver, the daemon and a CLI command may install the file at the same time:
     # a reader must see the old file or the new one, never half of it.
-    fd, tmp = tempfile.mkstemp(prefix=".dagster.yaml.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(target) as handle:
+        handle.write(text.encode())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

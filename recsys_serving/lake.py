@@ -14,9 +14,10 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 import polars as pl
 
@@ -40,12 +41,37 @@ class Lake(Protocol):
     def uri_for(self, key: str) -> str: ...
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory so that a rename or a new entry in it is durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def atomic_file(path: Path, *, sync_dir: bool = True) -> Iterator[IO[bytes]]:
+    """A binary file that appears at ``path`` whole or not at all.
+
+    Written to a temp file beside ``path`` (same filesystem, so the rename is atomic),
+    fsynced, renamed over ``path`` when the block exits cleanly (and the directory
+    fsynced unless ``sync_dir`` is False); removed if the block raises. Every local
+    write of the lake, the registry cache, the OCI layout and the instance files goes
+    through here.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if sync_dir:
+        fsync_path(path.parent)
 
 
 class LocalLake:
@@ -71,17 +97,8 @@ class LocalLake:
     def put_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as fh:
+            fh.write(data)
 
     def get_bytes(self, key: str) -> bytes:
         return self._path(key).read_bytes()
@@ -211,7 +228,7 @@ def write_parquet(lake: Lake, key: str, df: pl.DataFrame) -> int:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_path(path.parent)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -17,6 +17,7 @@ segment is never stolen, however long it sits idle.
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import os
 import re
@@ -26,14 +27,24 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from recsys_serving.lake import Lake, LocalLake
+import orjson
+
+from recsys_serving.lake import Lake, LocalLake, fsync_path
+from recsys_serving.layout import (
+    INTAKE_QUARANTINE_AREA,
+    LANDING_AREA,
+    OPEN_DIR,
+    date_dir,
+    date_of_dir,
+    dated_key,
+    utc_today,
+)
 from recsys_serving.settings import CollectorSettings, default_of
 
-LANDING_AREA = "landing"
-INTAKE_QUARANTINE_AREA = "quarantine/intake"
-OPEN_DIR = "_open"
 ORPHAN_AFTER_SECONDS = 600.0
 
 _SEALED = re.compile(
@@ -58,7 +69,7 @@ def parse_sealed_key(key: str, area: str = LANDING_AREA) -> LandingFile | None:
 
 def list_sealed(lake: Lake, area: str = LANDING_AREA, date: str | None = None) -> list[LandingFile]:
     """Sealed segments of an area (optionally one date), in seal order."""
-    prefix = f"{area}/date={date}/" if date else f"{area}/"
+    prefix = dated_key(area, date, "") if date else f"{area}/"
     files = []
     for obj in lake.list(prefix):
         parsed = parse_sealed_key(obj.key, area)
@@ -111,7 +122,8 @@ class SegmentWriter:
         return ns
 
     def _sealed_key(self, date: str, seq: int) -> str:
-        return f"{self.area}/date={date}/{self._next_ns():019d}-{self.writer_id}-{seq:06d}.ndjson"
+        name = f"{self._next_ns():019d}-{self.writer_id}-{seq:06d}.ndjson"
+        return dated_key(self.area, date, name)
 
     def append(self, by_date: dict[str, bytes], sync: bool = True) -> None:
         """Append each date's bytes; durable on return unless ``sync`` is False, in
@@ -163,7 +175,7 @@ class SegmentWriter:
         if seg is None:
             assert self._local_root is not None
             self._seq += 1
-            path = self._local_root / self.area / OPEN_DIR / f"date={date}"
+            path = self._local_root / self.area / OPEN_DIR / date_dir(date)
             path.mkdir(parents=True, exist_ok=True)
             path = path / f"{self.writer_id}-{self._seq:06d}.ndjson"
             fd = _open_locked(path)
@@ -187,7 +199,7 @@ class SegmentWriter:
             target = self._local_root / self._sealed_key(date, seg.seq)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(seg.path, target)
-            _fsync_dir(target.parent)
+            fsync_path(target.parent)
         finally:
             os.close(seg.fd)
 
@@ -219,14 +231,6 @@ def _open_locked(path: Path) -> int:
                 return fd
         except FileNotFoundError:
             pass
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
         os.close(fd)
 
 
@@ -264,7 +268,7 @@ def list_open(lake: Lake, area: str = LANDING_AREA) -> list[OpenSegment]:
         found.append(
             OpenSegment(
                 path=path,
-                date=path.parent.name.removeprefix("date="),
+                date=date_of_dir(path.parent.name),
                 size=st.st_size,
                 age_seconds=max(0.0, now - st.st_mtime),
                 live=live,
@@ -318,14 +322,14 @@ def recover_orphans(
         finally:
             os.close(fd)
     if sealed:
-        _fsync_dir(open_root)
+        fsync_path(open_root)
     return sealed
 
 
 def _seal_orphan(
     lake: LocalLake, area: str, writer: SegmentWriter, path: Path, fd: int
 ) -> str | None:
-    date = path.parent.name.removeprefix("date=")
+    date = date_of_dir(path.parent.name)
     size = os.fstat(fd).st_size
     data = os.pread(fd, size, 0) if size else b""
     cut = data.rfind(b"\n") + 1
@@ -339,13 +343,11 @@ def _seal_orphan(
     target = lake.root / writer._sealed_key(date, 0)
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(path, target)
-    _fsync_dir(target.parent)
+    fsync_path(target.parent)
     return target.relative_to(lake.root).as_posix()
 
 
 def _quarantine_tail(lake: Lake, area: str, path: Path, tail: bytes) -> None:
-    from recsys_serving.events.intake import quarantine_record
-
     record = quarantine_record(
         raw=tail,
         reason="partial write cut off by a writer crash (never acknowledged)",
@@ -353,10 +355,28 @@ def _quarantine_tail(lake: Lake, area: str, path: Path, tail: bytes) -> None:
         source=f"recovery:{area}",
         locator=path.name,
     )
-    day = time.strftime("%Y-%m-%d", time.gmtime())
     writer = SegmentWriter(lake, INTAKE_QUARANTINE_AREA, writer_id="recovery")
-    writer.append({day: record})
+    writer.append({utc_today(): record})
     writer.close()
+
+
+def quarantine_record(raw: bytes, reason: str, code: str, source: str, locator: str) -> bytes:
+    """One quarantine line; keeps the exact original bytes (base64 when not UTF-8).
+
+    Every quarantine area (intake, catalog, a crashed writer's cut-off tail) stores this
+    one record shape, written through a ``SegmentWriter`` like landed events."""
+    record: dict[str, Any] = {
+        "received_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "source": source,
+        "at": locator,
+        "code": code,
+        "reason": reason,
+    }
+    try:
+        record["raw"] = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        record["raw_b64"] = base64.b64encode(raw).decode("ascii")
+    return orjson.dumps(record) + b"\n"
 
 
 def iter_lines(data: bytes) -> Iterator[tuple[int, bytes]]:

@@ -47,6 +47,7 @@ import oras.provider
 import requests
 from filelock import FileLock
 
+from recsys_serving.lake import atomic_file, fsync_path
 from recsys_serving.logging import get_logger
 from recsys_serving.model.bundle import (
     MANIFEST,
@@ -629,29 +630,13 @@ def _expect(response: requests.Response, statuses: tuple[int, ...], what: str) -
 
 
 def _atomic_write(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(target, sync_dir=False) as fh:
+        fh.write(data)
 
 
 def _atomic_copy(source: Path, target: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-            shutil.copyfileobj(src, out, 1024 * 1024)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(target, sync_dir=False) as out, open(source, "rb") as src:
+        shutil.copyfileobj(src, out, 1024 * 1024)
 
 
 def write_layout(bundle_dir: str | Path, layout_dir: str | Path, tag: str | None = None) -> OciRef:
@@ -1002,14 +987,14 @@ def _pull(source: _Source, target_ref: str, pinned: str | None, dest: str | Path
                 f"{where}: annotated version {version} but the bundle says {manifest['version']}"
             )
         for dirpath, _dirs, _files in os.walk(staging):
-            _fsync_dir(Path(dirpath))
+            fsync_path(Path(dirpath))
         try:
             os.rename(staging, target)
         except OSError:
             if target.exists():  # another worker won the race: use its copy
                 return _reuse(target, manifest_layer, where)
             raise
-        _fsync_dir(dest_root)
+        fsync_path(dest_root)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("oci_pulled", source=where, version=version, path=str(target))
@@ -1050,14 +1035,6 @@ def _download(source: _Source, entry: _Entry, target: Path, where: str) -> None:
             f"{where}: layer {entry.path} hashes to {actual} ({size} bytes), "
             f"expected {entry.digest} ({entry.size} bytes): refused (tampered or corrupt)"
         )
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def is_oci_reference(value: str) -> bool:

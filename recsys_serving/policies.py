@@ -19,6 +19,8 @@ from typing import Any
 
 from pydantic import ConfigDict
 
+from recsys_serving.layout import utc_datetime
+
 DOC = "doc"
 
 
@@ -40,8 +42,7 @@ def utc(value: datetime) -> datetime:
 
 
 def floor_to_bucket(value: datetime, bucket_seconds: int) -> datetime:
-    seconds = math.floor(utc(value).timestamp() / bucket_seconds) * bucket_seconds
-    return datetime.fromtimestamp(seconds, UTC)
+    return utc_datetime(math.floor(utc(value).timestamp() / bucket_seconds) * bucket_seconds)
 
 
 @dataclass(frozen=True)

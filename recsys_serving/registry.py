@@ -43,7 +43,8 @@ from typing import Any, Literal
 from filelock import FileLock
 from filelock import Timeout as LockTimeout
 
-from recsys_serving.lake import Lake, S3Lake
+from recsys_serving.lake import Lake, S3Lake, fsync_path
+from recsys_serving.layout import CANDIDATE, PRODUCTION, REGISTRY_PREFIX, parse_utc
 from recsys_serving.logging import get_logger
 from recsys_serving.model.bundle import (
     MANIFEST,
@@ -57,9 +58,7 @@ from recsys_serving.policies import PromotionRule
 
 log = get_logger(__name__)
 
-PRODUCTION = "production"
-CANDIDATE = "candidate"
-PREFIX = "registry"
+PREFIX = REGISTRY_PREFIX
 MODELS = f"{PREFIX}/models"
 REGISTRATIONS = f"{PREFIX}/registrations"
 ALIASES = f"{PREFIX}/aliases"
@@ -101,16 +100,6 @@ ANY: Any = _Any()
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _dumps(value: Any) -> bytes:
@@ -181,6 +170,19 @@ class AliasEvent:
     evidence: dict[str, Any]
     seq: int
 
+    def as_dict(self) -> dict[str, Any]:
+        """The move as `recsys models history --json` prints it."""
+        return {
+            "at": self.at.isoformat(),
+            "alias": self.alias,
+            "action": self.action,
+            "version": self.version,
+            "previous": self.previous,
+            "share": self.share,
+            "reason": self.reason,
+            "evidence": self.evidence,
+        }
+
 
 # --- object transfer: stream files instead of holding bundles in memory -------------
 
@@ -188,14 +190,6 @@ class AliasEvent:
 def _s3_location(lake: S3Lake, key: str) -> tuple[str, str]:
     bucket, _, full = lake.uri_for(key).removeprefix("s3://").partition("/")
     return bucket, full
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _put_file(lake: Lake, key: str, source: Path) -> None:
@@ -206,9 +200,9 @@ def _put_file(lake: Lake, key: str, source: Path) -> None:
         tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex}.tmp")
         try:
             shutil.copyfile(source, tmp)
-            _fsync(tmp)
+            fsync_path(tmp)
             os.replace(tmp, local)
-            _fsync(local.parent)
+            fsync_path(local.parent)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -309,7 +303,7 @@ def _alias_from_record(name: str, record: Mapping[str, Any]) -> AliasState | Non
         alias=name,
         version=str(version),
         share=float(record.get("share", 1.0)),
-        updated_at=_parse_time(record.get("updated_at")) or datetime.fromtimestamp(0, UTC),
+        updated_at=parse_utc(record.get("updated_at")) or datetime.fromtimestamp(0, UTC),
         reason=str(record.get("reason", "")),
         previous=record.get("previous"),
         evidence=dict(record.get("evidence") or {}),
@@ -322,7 +316,7 @@ def _event_from_record(key: str, record: Mapping[str, Any]) -> AliasEvent:
     share = record.get("share")
     return AliasEvent(
         key=key,
-        at=_parse_time(record.get("at")) or datetime.fromtimestamp(0, UTC),
+        at=parse_utc(record.get("at")) or datetime.fromtimestamp(0, UTC),
         alias=str(record.get("alias", "")),
         action="clear" if record.get("action") == "clear" else "set",
         version=record.get("version"),
@@ -435,8 +429,8 @@ class ModelRegistry:
             version=version,
             manifest=manifest,
             metrics=dict(metrics) if isinstance(metrics, dict) else {},
-            created_at=_parse_time(manifest.get("created_at")),
-            registered_at=_parse_time(registration.get("registered_at")),
+            created_at=parse_utc(manifest.get("created_at")),
+            registered_at=parse_utc(registration.get("registered_at")),
             tags=dict(registration.get("tags") or {}),
         )
 
@@ -488,10 +482,10 @@ class ModelRegistry:
                     )
                 for dirpath, _dirs, files in os.walk(tmp):
                     for f in files:
-                        _fsync(Path(dirpath) / f)
-                    _fsync(Path(dirpath))
+                        fsync_path(Path(dirpath) / f)
+                    fsync_path(Path(dirpath))
                 os.rename(tmp, dest)
-                _fsync(root)
+                fsync_path(root)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise

@@ -36,13 +36,14 @@ def _no_deployment_settings_from_the_caller() -> Iterator[None]:
             stray = name.startswith("RECSYS_") and name not in _KEPT_VARIABLES
             if stray or name.startswith("DAGSTER_PG_") or name == "PROMETHEUS_MULTIPROC_DIR":
                 mp.delenv(name)
-        # No MLflow mirror unless a test asks for one (tests/test_mlflow_mirror.py): its
-        # import and SQLite store cost seconds per process the suite starts.
+        # No MLflow mirror unless a test asks for one
+        # (tests/assets/tracking/test_mlflow_mirror.py): its import and SQLite store cost
+        # seconds per process the suite starts.
         mp.setenv("RECSYS_MLFLOW_TRACKING_URI", "off")
         yield
 
 
-# --- alert channel servers (tests/test_notifier.py, tests/test_freshness.py) ---------
+# --- alert channel servers (test_notifier.py, test_freshness.py) ---------------------
 # Real servers on 127.0.0.1, so the notifier is tested over real SMTP and HTTP.
 
 
@@ -165,7 +166,7 @@ def closed_localhost_port() -> int:
 # --- end of alert channel servers ----------------------------------------------------
 
 
-# --- document store (tests/test_docstore.py, tests/test_catalog_assets.py) -----------
+# --- document store (test_docstore.py, test_catalog_assets.py) ------------------------
 @pytest.fixture
 def mongomock_bulk_compat(monkeypatch: pytest.MonkeyPatch) -> None:
     """mongomock 4.3's bulk builder predates pymongo 4.11's ``sort`` keyword (mongomock

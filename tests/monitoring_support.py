@@ -15,8 +15,8 @@ from recsys_assets.alerts.notifier import NotifierResource
 from recsys_assets.monitoring.config import ClosedLoopConfig
 from recsys_assets.resources import LakeResource
 from recsys_assets.tracking.resource import MlflowResource
-from recsys_assets.weblogs.processing import partition_key
 from recsys_serving.lake import Lake, LocalLake, read_parquet, write_parquet
+from recsys_serving.layout import weblogs_key
 from recsys_serving.model.bundle import BundleWriter
 from recsys_serving.registry import ModelRegistry
 from recsys_serving.settings import Settings
@@ -68,7 +68,7 @@ def write_feedback(
                     )
     for day, day_rows in rows.items():
         frame = pl.DataFrame(day_rows, schema=SCHEMA)
-        key = partition_key(day)
+        key = weblogs_key(day)
         if lake.exists(key):
             frame = pl.concat([read_parquet(lake, key), frame])
         write_parquet(lake, key, frame)

@@ -6,9 +6,12 @@ catalogue it saw (row counts and a content hash in the metadata).
 
 # No `from __future__ import annotations`: Dagster inspects the context annotation.
 from collections import Counter
+from collections.abc import Mapping
 
 import dagster as dg
+import polars as pl
 
+from recsys_assets.attributes import table_schema
 from recsys_assets.catalog.resources import DocStoreResource
 from recsys_assets.resources import LakeResource
 from recsys_serving.stores.catalog import (
@@ -20,13 +23,6 @@ from recsys_serving.stores.catalog import (
 )
 
 TOP_CATEGORIES = 20
-_DAGSTER_TYPES = {"categories": "list[string]", "published_at": "timestamp[us, UTC]"}
-
-
-def _schema(columns: dict[str, object]) -> dg.TableSchema:
-    return dg.TableSchema(
-        columns=[dg.TableColumn(name, _DAGSTER_TYPES.get(name, "string")) for name in columns]
-    )
 
 
 def category_table(counts: Counter[str], top: int = TOP_CATEGORIES) -> str:
@@ -36,10 +32,12 @@ def category_table(counts: Counter[str], top: int = TOP_CATEGORIES) -> str:
     return "\n".join(lines)
 
 
-def _metadata(snap: Snapshot, store_uri: str, columns: dict[str, object]) -> dict[str, object]:
+def _metadata(
+    snap: Snapshot, store_uri: str, columns: Mapping[str, pl.DataType]
+) -> dict[str, object]:
     meta: dict[str, object] = {
         "dagster/row_count": snap.rows,
-        "dagster/column_schema": _schema(columns),
+        "dagster/column_schema": table_schema(columns),
         "path": dg.MetadataValue.path(snap.uri),
         "size_bytes": snap.size_bytes,
         "content_hash": snap.content_hash,

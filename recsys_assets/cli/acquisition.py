@@ -27,12 +27,8 @@ def seal_orphans(lake, settings) -> list[str]:
     """Seal the segments a crashed writer (``recsys ingest``, a collector) left open, so
     they are processed without waiting for the daemon's landing sensor; the landing
     dates they hold. A segment a live writer holds is never touched."""
-    from recsys_serving.landing import (
-        INTAKE_QUARANTINE_AREA,
-        LANDING_AREA,
-        parse_sealed_key,
-        recover_orphans,
-    )
+    from recsys_serving.landing import parse_sealed_key, recover_orphans
+    from recsys_serving.layout import INTAKE_QUARANTINE_AREA, LANDING_AREA
 
     age = settings.collector.landing_segment_max_age_seconds
     landed = recover_orphans(lake, LANDING_AREA, older_than_seconds=age)
@@ -196,13 +192,14 @@ def _process_days(settings, days: list[str]) -> bool:
 @app.command()
 def status() -> None:
     """What is in the lake: landing, weblogs partitions, quarantine."""
-    from recsys_assets.weblogs.processing import WEBLOGS_AREA, WEBLOGS_QUARANTINE_AREA
     from recsys_serving.lake import open_lake, read_parquet
-    from recsys_serving.landing import (
+    from recsys_serving.landing import list_open, list_sealed
+    from recsys_serving.layout import (
         INTAKE_QUARANTINE_AREA,
         LANDING_AREA,
-        list_open,
-        list_sealed,
+        WEBLOGS_AREA,
+        WEBLOGS_QUARANTINE_AREA,
+        partitions,
     )
 
     settings = _settings()
@@ -215,12 +212,13 @@ def status() -> None:
     still_open = list_open(lake, LANDING_AREA) + list_open(lake, INTAKE_QUARANTINE_AREA)
     landing = list_sealed(lake)
     intake_q = list_sealed(lake, INTAKE_QUARANTINE_AREA)
-    parts = [o.key for o in lake.list(f"{WEBLOGS_AREA}/") if o.key.endswith(".parquet")]
-    qparts = [o.key for o in lake.list(f"{WEBLOGS_QUARANTINE_AREA}/") if o.key.endswith(".parquet")]
+    weblogs = partitions(lake, WEBLOGS_AREA)
+    parts = [o.key for o in weblogs.values()]
+    qparts = [o.key for o in partitions(lake, WEBLOGS_QUARANTINE_AREA).values()]
     rows = sum(read_parquet(lake, k, ["event_id"]).height for k in parts)
     qrows = sum(read_parquet(lake, k, ["reason"]).height for k in qparts)
     intake_rows = sum(lake.get_bytes(f.key).count(b"\n") for f in intake_q)
-    dates = sorted(k.split("date=")[1][:10] for k in parts)
+    dates = list(weblogs)
     out.print(f"lake: {lake.uri}")
     out.print(f"landing: {len(landing):,} sealed files, {sum(f.size for f in landing):,} bytes")
     live = sum(seg.live for seg in still_open)

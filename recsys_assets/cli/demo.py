@@ -473,8 +473,9 @@ def _build(
     from recsys_serving.events.intake import EventIntake
     from recsys_serving.lake import open_lake
     from recsys_serving.landing import list_sealed
+    from recsys_serving.layout import PRODUCTION
     from recsys_serving.logging import configure_logging
-    from recsys_serving.registry import PRODUCTION, ModelRegistry
+    from recsys_serving.registry import ModelRegistry
 
     configure_logging("WARNING")  # the demo prints what matters itself
     home = settings.resolved_home
@@ -702,7 +703,8 @@ def _report(
     from recsys_assets.instance import get_instance
     from recsys_assets.monitoring.promotion import read_decisions
     from recsys_assets.report import build_report_data, render_report
-    from recsys_serving.registry import PRODUCTION, ModelRegistry
+    from recsys_serving.layout import PRODUCTION
+    from recsys_serving.registry import ModelRegistry
 
     home = settings.resolved_home
     console.rule("7/7  report")

@@ -286,7 +286,8 @@ def show(
 def _print_evaluation(reg: ModelRegistry, version: str, tags: dict[str, str]) -> None:
     """What model_evaluation said about this version (its registration tags) and, when it
     is production, whether it serves its own answers or popularity (the first-model rule)."""
-    from recsys_serving.registry import PRODUCTION, serves_popularity
+    from recsys_serving.layout import PRODUCTION
+    from recsys_serving.registry import serves_popularity
 
     table = Table(title="evaluation at registration (NDCG@10)", title_justify="left")
     table.add_column("holdout")
@@ -367,7 +368,7 @@ def promote(
     """Make VERSION the production model (or, with --candidate, phase it in).
 
     The move is a ``model_alias_job`` run in the project's Dagster instance."""
-    from recsys_serving.registry import PRODUCTION
+    from recsys_serving.layout import PRODUCTION
 
     if share is not None and not candidate:
         fail("--share only applies with --candidate (production always serves everyone)")
@@ -467,7 +468,7 @@ def sync_mlflow(
 
 def _publish_hint(settings: Settings, event: Moved) -> None:
     """Say what follows a move of production, so nobody launches publish_job twice."""
-    from recsys_serving.registry import PRODUCTION
+    from recsys_serving.layout import PRODUCTION
 
     if event.alias != PRODUCTION or event.version is None:
         return
@@ -496,20 +497,7 @@ def history(
     except _refusals() as exc:
         fail(str(exc))
     if as_json:
-        rows = [
-            {
-                "at": e.at.isoformat(),
-                "alias": e.alias,
-                "action": e.action,
-                "version": e.version,
-                "previous": e.previous,
-                "share": e.share,
-                "reason": e.reason,
-                "evidence": e.evidence,
-            }
-            for e in events
-        ]
-        out.print_json(json.dumps(rows, default=str))
+        out.print_json(json.dumps([e.as_dict() for e in events], default=str))
         return
     # Two lines per move instead of a table: reasons are long and must stay readable
     # in an 80-column terminal.

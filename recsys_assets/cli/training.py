@@ -22,22 +22,19 @@ from recsys_assets.cli.common import console, fail, progress, summary
 
 def unprocessed_days(lake: Any) -> list[str]:
     """Dates with sealed landing files newer than their weblogs partition (or without one)."""
-    from recsys_assets.weblogs.processing import partition_key
     from recsys_serving.landing import list_sealed
+    from recsys_serving.layout import WEBLOGS_AREA, partitions, weblogs_key
 
     newest: dict[str, int] = {}
     for f in list_sealed(lake):
         newest[f.date] = max(newest.get(f.date, 0), f.seal_ns)
     if not newest:
         return []
-    processed: dict[str, float] = {}
-    for obj in lake.list("weblogs/"):
-        if obj.key.endswith("/part-0.parquet") and "date=" in obj.key:
-            processed[obj.key.split("date=")[1][:10]] = obj.mtime
+    processed = {day: obj.mtime for day, obj in partitions(lake, WEBLOGS_AREA).items()}
     days = []
     for day, seal_ns in sorted(newest.items()):
         done = processed.get(day)
-        if done is None or seal_ns / 1e9 > done or not lake.exists(partition_key(day)):
+        if done is None or seal_ns / 1e9 > done or not lake.exists(weblogs_key(day)):
             days.append(day)
     return days
 
@@ -92,9 +89,9 @@ def _fail_dead_cli_runs(instance: Any, lake: Any) -> None:
     running for ever and the closed loop would wait for them before retraining."""
     import dagster as dg
 
-    from recsys_assets.training.exclusive import LOCK_KEY
+    from recsys_serving.layout import RETRAIN_LOCK_KEY
 
-    if lake.local_path(LOCK_KEY) is None:
+    if lake.local_path(RETRAIN_LOCK_KEY) is None:
         return  # S3: the lock is per host, a run on another host may be alive
     alive = [
         dg.DagsterRunStatus.NOT_STARTED,

@@ -35,9 +35,10 @@ from typing import Any, Literal
 import polars as pl
 from scipy.stats import norm
 
-from recsys_assets.weblogs.processing import partition_key, read_landing
+from recsys_assets.weblogs.processing import read_landing
 from recsys_serving.lake import Lake, read_parquet
-from recsys_serving.landing import LANDING_AREA, list_sealed
+from recsys_serving.landing import list_sealed
+from recsys_serving.layout import LANDING_AREA, weblogs_key
 from recsys_serving.policies import DropPolicy, floor_to_bucket
 from recsys_serving.policies import utc as _utc
 
@@ -102,7 +103,7 @@ def _feedback_filter() -> pl.Expr:
 
 
 def _read_partition(lake: Lake, day: str) -> tuple[pl.DataFrame, float | None]:
-    key = partition_key(day)
+    key = weblogs_key(day)
     listed = list(lake.list(key))
     if not listed:
         return pl.DataFrame(schema=FEEDBACK_SCHEMA), None

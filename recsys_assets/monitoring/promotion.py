@@ -30,17 +30,14 @@ from recsys_assets.monitoring.ctr import (
     window_stats,
 )
 from recsys_serving.lake import Lake
+from recsys_serving.layout import CANDIDATE, DECISIONS_AREA, PRODUCTION, parse_utc, utc_datetime
 from recsys_serving.registry import (
-    CANDIDATE,
-    PRODUCTION,
     AliasConflict,
     AliasState,
     InvalidBundle,
     ModelRegistry,
     NothingToRollBack,
 )
-
-DECISIONS_AREA = "monitoring/decisions"
 
 Action = Literal[
     "drop_detected",
@@ -266,8 +263,7 @@ def _clear_candidate(registry: ModelRegistry, version: str, reason: str) -> None
 
 # ---------------------------------------------------------------------- canary judging
 def _ceil_to_bucket(value: datetime, bucket_seconds: int) -> datetime:
-    seconds = math.ceil(value.timestamp() / bucket_seconds) * bucket_seconds
-    return datetime.fromtimestamp(seconds, UTC)
+    return utc_datetime(math.ceil(value.timestamp() / bucket_seconds) * bucket_seconds)
 
 
 def canary_window(
@@ -327,7 +323,7 @@ def assess_canary(
     }
     if production is None or production.version == version:
         return CanaryAssessment(candidate, production, carried, None)
-    started = _parse(carried.get("canary_started_at")) or candidate.updated_at
+    started = parse_utc(carried.get("canary_started_at")) or candidate.updated_at
     start, end = canary_window(candidate.updated_at, now, drop)
     lookback = now - start + timedelta(seconds=drop.bucket_seconds)
     series, _orphans = load_ctr_series(
@@ -470,13 +466,3 @@ def _drop_damaged(
         previous_production=prod,
         evidence={"invalid_bundle": str(exc)},
     )
-
-
-def _parse(value: Any) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)

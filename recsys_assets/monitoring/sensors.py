@@ -64,7 +64,8 @@ from recsys_assets.tracking.mirror import (
 )
 from recsys_assets.tracking.resource import MlflowResource
 from recsys_serving.lake import Lake
-from recsys_serving.registry import CANDIDATE, PRODUCTION, ModelRegistry
+from recsys_serving.layout import CANDIDATE, PRODUCTION
+from recsys_serving.registry import ModelRegistry
 
 # A job a sensor targets: an op job or ``define_asset_job``'s result (which dagster
 # does not export as a type).

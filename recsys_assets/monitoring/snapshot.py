@@ -24,13 +24,12 @@ from recsys_assets.monitoring.ctr import (
 )
 from recsys_assets.monitoring.health import HealthSample, health_between, scrape
 from recsys_serving.lake import Lake, write_parquet
+from recsys_serving.layout import CANDIDATE, CTR_AREA, HEALTH_AREA, PRODUCTION, dated_key
 from recsys_serving.logging import get_logger
-from recsys_serving.registry import CANDIDATE, PRODUCTION, ModelRegistry
+from recsys_serving.registry import ModelRegistry
 
 log = get_logger(__name__)
 
-CTR_AREA = "monitoring/online_ctr"
-HEALTH_AREA = "monitoring/health"
 HEALTH_LATEST = f"{HEALTH_AREA}/latest.json"
 
 
@@ -59,7 +58,7 @@ def record_health(
 ) -> tuple[dict[str, Any], str]:
     """Scrape ``url`` and store health since the previous scrape; failures are recorded."""
     day, stamp = _stamp(at)
-    key = f"{HEALTH_AREA}/date={day}/{stamp}.json"
+    key = dated_key(HEALTH_AREA, day, f"{stamp}.json")
     previous = None
     if lake.exists(HEALTH_LATEST):
         try:
@@ -95,7 +94,7 @@ def take_snapshot(
     versions = [v for v in (prod_version, candidate.version if candidate else None) if v]
     recent = {v: window_stats(series, v, recent_start, end).as_dict() for v in versions}
     day, stamp = _stamp(now)
-    series_key = f"{CTR_AREA}/date={day}/{stamp}.parquet"
+    series_key = dated_key(CTR_AREA, day, f"{stamp}.parquet")
     write_parquet(lake, series_key, series)
     health, health_key = (None, None)
     if config.service_metrics_url:

@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from recsys_serving.layout import PRODUCTION
 from recsys_serving.oci import OciRef, RegistryAccess, push_bundle, write_layout
-from recsys_serving.registry import PRODUCTION, ModelRegistry
+from recsys_serving.registry import ModelRegistry
 
 
 class NoProductionModel(RuntimeError):

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 import polars as pl
+
+from recsys_serving.layout import utc_datetime
 
 MARKER_LABELS = {
     "drift": "preferences drift",
@@ -141,10 +143,6 @@ class ReportData:
         return (at - self.start).total_seconds() / 60.0
 
 
-def _ts(value: float) -> datetime:
-    return datetime.fromtimestamp(value, UTC)
-
-
 def read_timeline(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
 
@@ -159,7 +157,7 @@ def _interval_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         if rec.get("seconds", 0.0) < nominal / 2:
             continue  # the stub interval at the end: too few impressions to plot
-        mid = _ts(rec["ts"] - rec["seconds"] / 2)
+        mid = utc_datetime(rec["ts"] - rec["seconds"] / 2)
         for version, stats in rec.get("by_version", {}).items():
             n = stats["impressions"]
             if not n:
@@ -203,9 +201,9 @@ def build_report_data(
     starts = [r for r in records if r.get("type") == "start"]
     if not starts:
         raise ValueError(f"{timeline}: no start record; is this a `recsys simulate live` timeline?")
-    start = _ts(starts[0]["ts"])
+    start = utc_datetime(starts[0]["ts"])
     ends = [r for r in records if r.get("type") == "end"]
-    end = _ts(ends[-1]["ts"]) if ends else _ts(records[-1]["ts"])
+    end = utc_datetime(ends[-1]["ts"]) if ends else utc_datetime(records[-1]["ts"])
     rows = _interval_rows(records)
     schema = {
         "at": pl.Datetime("us", "UTC"),
@@ -218,7 +216,7 @@ def build_report_data(
     frame = pl.DataFrame(rows, schema=schema)
 
     markers: list[Marker] = [
-        Marker("drift", _ts(r["ts"]), MARKER_LABELS["drift"])
+        Marker("drift", utc_datetime(r["ts"]), MARKER_LABELS["drift"])
         for r in records
         if r.get("type") == "drift"
     ]

@@ -39,8 +39,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recsys_serving.lake import Lake
+from recsys_serving.layout import CANDIDATE, MLFLOW_STATUS_KEY, PRODUCTION
 from recsys_serving.logging import get_logger
-from recsys_serving.registry import CANDIDATE, PRODUCTION, ModelRegistry, ModelVersion
+from recsys_serving.registry import ModelRegistry, ModelVersion
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -52,7 +53,6 @@ MODEL_NAME = "recsys"
 OFF = "off"  # RECSYS_MLFLOW_TRACKING_URI=off: no mirror at all
 VERSION_TAG = "recsys.version"
 BUNDLE_DIR = "bundle"
-STATUS_KEY = "tracking/mlflow.json"  # the last failure, until a sync succeeds
 MOVES_PER_SYNC = 20  # alias moves caught up per alias and call (sync-mlflow asks for more)
 VERSIONS_PER_SYNC = 20  # versions created per call (sync-mlflow: all)
 LOCK_TIMEOUT_SECONDS = 20.0  # a sensor tick must finish well within Dagster's 60 s
@@ -630,7 +630,7 @@ def _failed(lake: Lake | None, what: str, exc: BaseException) -> str:
     if lake is not None:
         record = {"ok": False, "what": what, "error": error, "at": datetime.now(UTC).isoformat()}
         try:
-            lake.put_bytes(STATUS_KEY, json.dumps(record, indent=2).encode())
+            lake.put_bytes(MLFLOW_STATUS_KEY, json.dumps(record, indent=2).encode())
         except Exception as write_exc:  # the lake failing too is not MLflow's problem to report
             log.warning("mlflow.status_not_written", error=str(write_exc))
     return error
@@ -638,9 +638,9 @@ def _failed(lake: Lake | None, what: str, exc: BaseException) -> str:
 
 def mirror_status(lake: Lake) -> dict[str, Any] | None:
     """The last mirror failure not yet caught up by a sync (None: in sync)."""
-    if not lake.exists(STATUS_KEY):
+    if not lake.exists(MLFLOW_STATUS_KEY):
         return None
-    return json.loads(lake.get_bytes(STATUS_KEY))
+    return json.loads(lake.get_bytes(MLFLOW_STATUS_KEY))
 
 
 def mirror_registry(
@@ -659,8 +659,8 @@ def mirror_registry(
     except Exception as exc:
         return {"mlflow": "failed", "error": _failed(registry.lake, "sync", exc)}
     try:
-        if registry.lake.exists(STATUS_KEY):
-            registry.lake.delete(STATUS_KEY)
+        if registry.lake.exists(MLFLOW_STATUS_KEY):
+            registry.lake.delete(MLFLOW_STATUS_KEY)
     except Exception as exc:
         log.warning("mlflow.status_not_cleared", error=str(exc))
     return {"mlflow": "ok", "report": report}
@@ -722,13 +722,6 @@ def browse_hint(tracking_uri: str) -> str:
     if tracking_uri.startswith(("http://", "https://")):
         return f"{tracking_uri.rstrip('/')} (experiment {EXPERIMENT}, model {MODEL_NAME})"
     return f"mlflow ui --backend-store-uri {tracking_uri} --port 5000, then http://127.0.0.1:5000"
-
-
-def runs_url(tracking_uri: str) -> str | None:
-    """A browser link to the runs when the store is a server (None for a file store)."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return tracking_uri.rstrip("/") + "/#/experiments"
-    return None
 
 
 # --- the closed loop's catch-up (promotion_sensor requests mlflow_sync_job runs) ---

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import struct
-import tempfile
 import time
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -36,10 +34,11 @@ from typing import Any
 import numpy as np
 import orjson
 
-from recsys_serving.lake import Lake
+from recsys_serving.lake import Lake, atomic_file
+from recsys_serving.layout import TRAINING_PREFIX
 from recsys_serving.model.state import Ragged
 
-PREFIX = "training"
+PREFIX = TRAINING_PREFIX
 RUNS = f"{PREFIX}/runs"
 LATEST = f"{PREFIX}/latest"
 DONE = "_done.json"
@@ -199,17 +198,9 @@ def put_arrays(lake: Lake, object_key: str, arrays: Mapping[str, np.ndarray]) ->
         lake.put_bytes(object_key, data)
         return len(data)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            _savez_aligned(fh, arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-            size = fh.tell()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, sync_dir=False) as fh:
+        _savez_aligned(fh, arrays)
+        size = fh.tell()
     return size
 
 

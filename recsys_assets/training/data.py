@@ -27,26 +27,24 @@ import polars as pl
 
 from recsys_assets.training.artifacts import pack_meta, pack_ragged, unpack_meta, unpack_ragged
 from recsys_assets.training.params import TrainingParams
-from recsys_assets.weblogs.processing import (
-    WEBLOGS_AREA,
-    WEBLOGS_QUARANTINE_AREA,
-    partition_key,
-)
+from recsys_assets.weblogs.processing import WEBLOGS_SCHEMA
 from recsys_serving.lake import Lake
+from recsys_serving.layout import (
+    CATALOG_ITEMS_KEY,
+    CATALOG_USERS_KEY,
+    WEBLOGS_QUARANTINE_AREA,
+    partition_days,
+    weblogs_key,
+)
 from recsys_serving.model.state import Ragged
 
 DAY = 86_400.0
-CATALOG_ITEMS_KEY = "catalog/items.parquet"
-CATALOG_USERS_KEY = "catalog/users.parquet"
+# The weblogs columns training reads (not the ids of events, their context or the
+# model that served them).
 WEBLOG_COLUMNS = [
-    "event_type",
-    "user_id",
-    "item_id",
-    "ts",
-    "session_id",
-    "request_id",
-    "position",
-    "value",
+    c
+    for c in WEBLOGS_SCHEMA
+    if c not in ("event_id", "session_inferred", "model_version", "context")
 ]
 
 
@@ -137,28 +135,20 @@ class Interactions:
 
 
 # ------------------------------------------------------------------------- reading
-def weblog_partitions(lake: Lake) -> list[str]:
-    days = set()
-    for obj in lake.list(f"{WEBLOGS_AREA}/"):
-        if obj.key.endswith("/part-0.parquet") and "date=" in obj.key:
-            days.add(obj.key.split("date=")[1][:10])
-    return sorted(days)
-
-
 def read_weblogs(
     lake: Lake, first_day: str | None = None, last_day: str | None = None
 ) -> WeblogData:
     """Processed weblogs of the partitions in ``[first_day, last_day]`` (all by default)."""
     days = [
         d
-        for d in weblog_partitions(lake)
+        for d in partition_days(lake)
         if (first_day is None or d >= first_day) and (last_day is None or d <= last_day)
     ]
     frames: list[pl.DataFrame] = []
     rows: dict[str, int] = {}
     hashes: dict[str, str] = {}
     for day in days:
-        key = partition_key(day)
+        key = weblogs_key(day)
         path = lake.local_path(key)
         data = path.read_bytes() if path is not None else lake.get_bytes(key)
         hashes[day] = hashlib.sha256(data).hexdigest()[:16]
@@ -205,13 +195,8 @@ def quarantined_reasons(lake: Lake) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def explain_empty(lake: Lake, weblogs: WeblogData) -> str:
-    """Why a window holds no interactions, in one line a user can act on."""
-    return explain_empty_counts(lake, weblogs.frame.height, len(weblogs.partitions))
-
-
 def explain_empty_counts(lake: Lake, rows: int, partitions: int) -> str:
-    """:func:`explain_empty` from the counts alone (the streaming path has no frame)."""
+    """Why a window holds no interactions, in one line a user can act on."""
     text = (
         f"no interactions in the training window: the weblogs hold {rows:,} "
         f"events in {partitions} partition(s)"

@@ -43,12 +43,12 @@ from typing import Any
 import dagster as dg
 
 from recsys_serving.lake import Lake, open_lake
+from recsys_serving.layout import RETRAIN_LOCK_KEY
 from recsys_serving.logging import get_logger
 from recsys_serving.settings import Settings
 
 log = get_logger(__name__)
 
-LOCK_KEY = "training/.retrain.lock"
 WAIT_SECONDS = 6 * 3600.0  # a queued run gives up after this (the holder is stuck)
 POLL_SECONDS = 1.0
 
@@ -94,7 +94,7 @@ def lock_path(settings: Settings, lake: Lake | None = None) -> Path:
         lake = open_lake(
             settings.resolved_lake_uri, settings.lake.s3_endpoint_url, settings.lake.aws_region
         )
-    local = lake.local_path(LOCK_KEY)
+    local = lake.local_path(RETRAIN_LOCK_KEY)
     if local is not None:
         return Path(local)
     home = os.environ.get("DAGSTER_HOME")

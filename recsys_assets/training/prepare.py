@@ -9,7 +9,7 @@ collected first, then every event is collected as integer codes of those
 dictionaries (int32) plus its time and weight, about 30 bytes an event.
 
 The output is exactly what the in-memory path produces (same vocabulary, same rows in
-the same order, same window), which ``tests/test_training_prepare.py`` checks on a
+the same order, same window), which ``tests/assets/training/test_training_prepare.py`` checks on a
 simulated world: the dictionaries are sorted the way the in-memory path sorts ids, so
 sorting by code is sorting by id, and ties keep the log order through a row number.
 """
@@ -30,6 +30,7 @@ import polars as pl
 
 from recsys_assets.training.data import (
     DAY,
+    WEBLOG_COLUMNS,
     Encoded,
     TrainingWindow,
     Vocabulary,
@@ -39,22 +40,15 @@ from recsys_assets.training.data import (
     vocabulary_from_ids,
 )
 from recsys_assets.training.params import TrainingParams
-from recsys_assets.weblogs.processing import partition_key
+from recsys_assets.weblogs.processing import WEBLOGS_SCHEMA
 from recsys_serving.lake import Lake
+from recsys_serving.layout import weblogs_key
 from recsys_serving.logging import get_logger
 
 log = get_logger(__name__)
 
-SCAN_SCHEMA: dict[str, pl.DataType] = {
-    "event_type": pl.String(),
-    "user_id": pl.String(),
-    "item_id": pl.String(),
-    "ts": pl.Datetime("us", "UTC"),
-    "session_id": pl.String(),
-    "request_id": pl.String(),
-    "position": pl.Int32(),
-    "value": pl.Float64(),
-}
+# The weblogs columns training reads, as the weblogs asset writes them.
+SCAN_SCHEMA: dict[str, pl.DataType] = {name: WEBLOGS_SCHEMA[name] for name in WEBLOG_COLUMNS}
 STREAMING = "streaming"
 
 
@@ -103,7 +97,7 @@ def scan_weblogs(lake: Lake, days: list[str]) -> Iterator[ScannedWeblogs]:
         rows: dict[str, int] = {}
         hashes: dict[str, str] = {}
         for day in days:
-            key = partition_key(day)
+            key = weblogs_key(day)
             path = lake.local_path(key)
             if path is None:
                 if tmp is None:

@@ -26,6 +26,16 @@ from recsys_serving.model.features import FEATURE_NAMES, assemble_features
 from recsys_serving.model.ranker import Blend
 from recsys_serving.model.state import ModelState
 
+# The ranking_dataset table in the lake: RankingDataset.frame() plus the cut-off (group)
+# each row belongs to, added by the step that writes it.
+RANKING_DATASET_SCHEMA: dict[str, pl.DataType] = {
+    "user_id": pl.String(),
+    "item_id": pl.String(),
+    "label": pl.Int8(),
+    **{name: pl.Float32() for name in FEATURE_NAMES},
+    "cutoff": pl.Int16(),
+}
+
 
 @dataclass
 class RankingDataset:

@@ -39,7 +39,6 @@ from recsys_assets.training.data import (
     Vocabulary,
     explain_empty_counts,
     read_catalog,
-    weblog_partitions,
 )
 from recsys_assets.training.ease import select_lambda
 from recsys_assets.training.evaluation import (
@@ -110,6 +109,7 @@ from recsys_assets.training.verdict import first_promotion, judge, registration_
 from recsys_serving.index.base import IndexArtifact, IndexPublisher
 from recsys_serving.index.retention import publish_with_retention
 from recsys_serving.lake import Lake
+from recsys_serving.layout import PRODUCTION, partition_days
 from recsys_serving.logging import get_logger
 from recsys_serving.model.bundle import (
     BundleError,
@@ -130,7 +130,6 @@ from recsys_serving.model.recommender import (
 from recsys_serving.model.state import ModelState
 from recsys_serving.registry import (
     POPULARITY_ANSWERS,
-    PRODUCTION,
     ModelRegistry,
     PromotionRule,
     serves_popularity,
@@ -230,7 +229,7 @@ def non_finite(table: np.ndarray, columns: tuple[str, ...]) -> dict[str, int]:
 def run_interactions(lake: Lake, params: TrainingParams) -> Interactions:
     """Weblogs + catalogue -> weighted interactions, window and vocabulary."""
     first_day = None
-    days = weblog_partitions(lake)
+    days = partition_days(lake)
     if params.train_window_days is not None and days:
         # Only partitions that can hold events of the window are read: it ends at the
         # last event (on the last day) and starts train_window_days before it.

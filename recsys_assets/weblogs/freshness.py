@@ -25,7 +25,8 @@ from recsys_assets.alerts.notifier import (
 )
 from recsys_assets.resources import LakeResource, RecsysConfig
 from recsys_serving.lake import Lake
-from recsys_serving.landing import LANDING_AREA, list_sealed
+from recsys_serving.landing import list_sealed
+from recsys_serving.layout import LANDING_AREA
 
 FRESHNESS_ALERT_KEY = "weblogs_freshness"
 FreshnessStatus = Literal["unknown", "fresh", "stale"]

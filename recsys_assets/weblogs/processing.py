@@ -31,11 +31,10 @@ import polars as pl
 
 from recsys_serving.events.schema import EVENT_TYPES, MAX_ABS_VALUE
 from recsys_serving.lake import Lake, write_parquet
-from recsys_serving.landing import LANDING_AREA, LandingFile, iter_lines, list_sealed
+from recsys_serving.landing import LandingFile, iter_lines, list_sealed
+from recsys_serving.layout import LANDING_AREA, weblogs_key, weblogs_quarantine_key
 from recsys_serving.settings import EventSettings, default_of
 
-WEBLOGS_AREA = "weblogs"
-WEBLOGS_QUARANTINE_AREA = "quarantine/weblogs"
 REQUIRED = ("event_id", "event_type", "user_id", "item_id", "ts")
 # What the bot-rate rule counts: things a person does. Impressions are logged by the
 # server (10 per recommendation request), and ratings are often submitted or imported
@@ -106,10 +105,6 @@ class PartitionResult:
     sessions_inferred: int = 0
     content_hash: str = ""
 
-    @property
-    def duplicates(self) -> int:
-        return self.reasons.get("duplicate_event_id", 0)
-
     def summary(self) -> dict[str, object]:
         return {
             "partition": self.partition,
@@ -123,14 +118,6 @@ class PartitionResult:
             "sessions_inferred": self.sessions_inferred,
             "content_hash": self.content_hash,
         }
-
-
-def partition_key(day: str) -> str:
-    return f"{WEBLOGS_AREA}/date={day}/part-0.parquet"
-
-
-def quarantine_key(day: str) -> str:
-    return f"{WEBLOGS_QUARANTINE_AREA}/date={day}/part-0.parquet"
 
 
 def read_landing(lake: Lake, files: Sequence[LandingFile]) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -444,18 +431,7 @@ def _load(lake: Lake, day: str) -> _Landed:
 
 # What makes two landed copies of an event_id the same event. ``context`` is left out:
 # it is free JSON a resending client may serialise with another key order.
-EVENT_IDENTITY = (
-    "event_id",
-    "event_type",
-    "user_id",
-    "item_id",
-    "ts",
-    "session_id",
-    "request_id",
-    "position",
-    "value",
-    "model_version",
-)
+EVENT_IDENTITY = tuple(c for c in LANDING_SCHEMA if c != "context")
 
 
 @dataclass(frozen=True)
@@ -473,10 +449,6 @@ class EventIdCounts:
     distinct: int
     conflicting: int = 0  # event_ids landed with more than one distinct content
     conflicting_examples: tuple[str, ...] = field(default=(), compare=False)
-
-    @property
-    def duplicate_rate(self) -> float:
-        return 1.0 - self.distinct / self.landed if self.landed else 0.0
 
     @property
     def replayed(self) -> int:
@@ -558,8 +530,8 @@ def _transform(
 def _write(lake: Lake, done: _Processed) -> PartitionResult:
     """Write quarantine then weblogs (the commit point readers rely on), each atomically."""
     day, clean, quarantined = done.day, done.clean, done.quarantined
-    write_parquet(lake, quarantine_key(day), quarantined)
-    write_parquet(lake, partition_key(day), clean)
+    write_parquet(lake, weblogs_quarantine_key(day), quarantined)
+    write_parquet(lake, weblogs_key(day), clean)
     reasons = quarantined.group_by("reason").len().sort("reason")
     digest = hashlib.sha256()
     for f in done.files:

@@ -50,13 +50,13 @@ import threading
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
 from typing import Any
 
 import polars as pl
 
 from recsys_assets.weblogs.processing import EventIdCounts
 from recsys_serving.events.schema import EVENT_TYPES
+from recsys_serving.layout import day_start
 
 REQUIRED_COLUMNS = ("event_id", "event_type", "user_id", "item_id", "ts")
 
@@ -247,7 +247,7 @@ class WeblogValidator:
 
     def add_partition(self, day: str, events: pl.DataFrame, ids: EventIdCounts) -> None:
         """Reduce one processed partition to its check inputs; validate when a batch is full."""
-        start = partition_start(day)
+        start = day_start(day)
         batch = self._pending
         batch.partitions.append(day)
         batch.row_count += events.height
@@ -504,7 +504,3 @@ def _observed(result: Any, df: Any) -> dict[str, Any]:
     if examples:
         observed["examples"] = [str(e)[:120] for e in examples[:5]]
     return observed
-
-
-def partition_start(day: str) -> datetime:
-    return datetime.combine(date.fromisoformat(day), datetime.min.time(), UTC)

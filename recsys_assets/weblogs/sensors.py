@@ -16,7 +16,8 @@ import orjson
 
 from recsys_assets.resources import LakeResource
 from recsys_assets.runs import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
-from recsys_serving.landing import LANDING_AREA, LandingFile, list_sealed, recover_orphans
+from recsys_serving.landing import LandingFile, list_sealed, recover_orphans
+from recsys_serving.layout import LANDING_AREA
 
 GRACE_SECONDS = 600
 

@@ -17,6 +17,7 @@ from recsys_serving.api.auth import Principal, require
 from recsys_serving.api.errors import ApiError, ErrorBody, json_response
 from recsys_serving.api.metrics import worker_id
 from recsys_serving.api.model_manager import ModelManager, PollReport
+from recsys_serving.layout import CANDIDATE, PRODUCTION
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require("admin"))])
 
@@ -261,7 +262,7 @@ async def set_production(request: Request, body: ProductionAliasBody) -> Any:
     return await _move(
         request,
         lambda: registry.set_alias(
-            "production", body.version, reason=_by(request, body.reason), share=1.0
+            PRODUCTION, body.version, reason=_by(request, body.reason), share=1.0
         ),
     )
 
@@ -277,7 +278,7 @@ async def set_candidate(request: Request, body: AliasBody) -> Any:
     return await _move(
         request,
         lambda: registry.set_alias(
-            "candidate", body.version, reason=_by(request, body.reason), share=body.share
+            CANDIDATE, body.version, reason=_by(request, body.reason), share=body.share
         ),
     )
 
@@ -303,8 +304,8 @@ def _clear_route(alias: Alias, summary: str) -> None:
     )
 
 
-_clear_route("production", "Unset production (nothing is served until it is set again)")
-_clear_route("candidate", "Unset the candidate (end its phase-in)")
+_clear_route(PRODUCTION, "Unset production (nothing is served until it is set again)")
+_clear_route(CANDIDATE, "Unset the candidate (end its phase-in)")
 
 
 def _by(request: Request, reason: str) -> str:

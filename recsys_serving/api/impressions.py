@@ -46,14 +46,14 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
 from recsys_serving.api.metrics import ServiceMetrics
 from recsys_serving.lake import Lake
-from recsys_serving.landing import LANDING_AREA, SegmentWriter, default_writer_id
+from recsys_serving.landing import SegmentWriter, default_writer_id
+from recsys_serving.layout import LANDING_AREA, utc_date
 from recsys_serving.logging import get_logger
 from recsys_serving.settings import Settings
 
@@ -202,7 +202,7 @@ class ImpressionLog:
 
 @functools.lru_cache(maxsize=4)
 def _day_of_hour(hour: int) -> str:
-    return datetime.fromtimestamp(hour * 3600, UTC).strftime("%Y-%m-%d")
+    return utc_date(hour * 3600)
 
 
 def _day(ts: float) -> str:
@@ -211,7 +211,7 @@ def _day(ts: float) -> str:
     if 1e-6 <= ts - hour * 3600 <= 3600 - 1e-6:
         return _day_of_hour(hour)
     # Within a microsecond of an hour: datetime's own rounding decides the side.
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+    return utc_date(ts)
 
 
 def _settle(waiters: list[asyncio.Future[bool]], ok: bool) -> None:

@@ -60,14 +60,6 @@ LATENCY_BUCKETS = (
     2.5,
     5.0,
 )
-FALLBACK_REASONS = (
-    "store_error",
-    "store_timeout",
-    "index_error",
-    "index_timeout",
-    "model_error",
-    "no_model",
-)
 _METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
 WORKER_STATE_DIR = "workers"
 # Bound on the cached label sets (routes x statuses, versions): never a leak.

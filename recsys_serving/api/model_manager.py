@@ -44,13 +44,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from recsys_serving.layout import CANDIDATE, PRODUCTION
 from recsys_serving.logging import get_logger
 from recsys_serving.settings import Settings
 
 log = get_logger(__name__)
 
-PRODUCTION = "production"
-CANDIDATE = "candidate"
 RETRY_INVALID_SECONDS = 300.0
 RETRY_OTHER_SECONDS = 30.0
 MAX_STAND_IN_TRIES = 5  # previous productions tried when production cannot be loaded

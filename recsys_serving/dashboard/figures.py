@@ -25,6 +25,8 @@ from typing import Any, Protocol, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from recsys_serving.layout import PRODUCTION
+
 RECOMMENDATIONS_ROUTE = "/recommendations/{user_id}"
 # The dashboard's own polling would dominate a quiet service's call charts.
 EXCLUDED_ROUTE_PREFIX = "/dashboard"
@@ -399,7 +401,7 @@ def classify(
     A candidate set starts a phase-in; a candidate cleared because it was promoted
     completed it, any other clear stopped it (a canary rollback).
     """
-    if event.alias == "production":
+    if event.alias == PRODUCTION:
         if event.action == "clear":
             return "production cleared"
         stack = _unwound(list(production_stack or []), event.previous)
@@ -424,11 +426,11 @@ def describe_history(events: Iterable[AliasMove]) -> list[dict[str, Any]]:
     complete = False
     kinds: list[str] = []
     for event in reversed(ordered):  # replay oldest first, as the registry moved
-        if event.alias == "production" and event.previous is None:
+        if event.alias == PRODUCTION and event.previous is None:
             stack, complete = [], True  # production's first move: nothing before it
         kind = classify(event, stack, complete)
         kinds.append(kind)
-        if event.alias != "production":
+        if event.alias != PRODUCTION:
             continue
         unwound = _unwound(stack, event.previous)
         if kind == "rollback" and unwound and unwound[0] == event.version:

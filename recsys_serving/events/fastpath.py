@@ -12,7 +12,7 @@ This path only ever *accepts*. A line it does not accept cleanly is handed back
 rejection reason and every odd-but-valid event (a ``position`` of ``3.0``, a
 timestamp with a ``+05:30:15`` offset) gets the one answer the contract gives; what
 is accepted here lands as exactly the bytes the contract path would write.
-``tests/test_intake_fastpath.py`` checks the two paths line by line.
+``tests/serving/events/test_intake_fastpath.py`` checks the two paths line by line.
 """
 
 from __future__ import annotations

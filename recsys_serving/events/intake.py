@@ -7,14 +7,12 @@ every event received is either landed or quarantined with its original bytes.
 
 from __future__ import annotations
 
-import base64
 import json
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -30,7 +28,8 @@ from recsys_serving.events.schema import (
     normalize,
 )
 from recsys_serving.lake import Lake
-from recsys_serving.landing import INTAKE_QUARANTINE_AREA, LANDING_AREA, SegmentWriter
+from recsys_serving.landing import SegmentWriter, quarantine_record
+from recsys_serving.layout import INTAKE_QUARANTINE_AREA, LANDING_AREA, utc_date, utc_today
 from recsys_serving.logging import get_logger
 from recsys_serving.settings import Settings
 
@@ -85,22 +84,6 @@ class IntakeResult:
             "errors": self.errors,
             "errors_truncated": self.rejected > len(self.errors),
         }
-
-
-def quarantine_record(raw: bytes, reason: str, code: str, source: str, locator: str) -> bytes:
-    """One quarantine line; keeps the exact original bytes (base64 when not UTF-8)."""
-    record: dict[str, Any] = {
-        "received_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
-        "source": source,
-        "at": locator,
-        "code": code,
-        "reason": reason,
-    }
-    try:
-        record["raw"] = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        record["raw_b64"] = base64.b64encode(raw).decode("ascii")
-    return orjson.dumps(record) + b"\n"
 
 
 def reserialize(obj: Any) -> bytes:
@@ -260,7 +243,7 @@ class EventIntake:
         duplicates, partitions and durable writes, in the order the events came."""
         result = IntakeResult(received=n)
         now = time.time()
-        arrival_day = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d")
+        arrival_day = utc_date(now)
         latest_ok = now + self.settings.events.future_tolerance_seconds
         max_event = self.settings.collector.max_event_bytes
         limits = Limits.from_settings(self.settings, now=now)
@@ -385,8 +368,7 @@ class EventIntake:
 
     def quarantine_raw(self, raw: bytes, code: str, reason: str, source: str, locator: str) -> None:
         """Keep bytes that never became events (an unparseable body, a cut-off file tail)."""
-        day = datetime.now(UTC).strftime("%Y-%m-%d")
-        self.quarantine.append({day: quarantine_record(raw, reason, code, source, locator)})
+        self.quarantine.append({utc_today(): quarantine_record(raw, reason, code, source, locator)})
 
     def flush(self) -> None:
         """Make everything appended so far durable (quarantine first, as in a batch)."""

@@ -28,6 +28,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from recsys_serving.layout import parse_rfc3339
 from recsys_serving.settings import CollectorSettings, Settings, default_of
 
 EVENT_TYPES: tuple[str, ...] = (
@@ -139,14 +140,7 @@ def _coerce_ts(value: Any) -> float:
             raise PydanticCustomError("non_finite_number", "epoch seconds must be finite")
         return seconds
     if isinstance(value, str):
-        text = value.strip()
-        try:
-            parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-        except ValueError as exc:
-            raise ValueError(f"not an RFC 3339 timestamp: {value!r}") from exc
-        if parsed.tzinfo is None:
-            raise ValueError("RFC 3339 timestamp must carry an offset (e.g. Z or +02:00)")
-        return parsed.timestamp()
+        return parse_rfc3339(value).timestamp()
     raise ValueError("must be an RFC 3339 string or epoch seconds")
 
 
@@ -392,10 +386,6 @@ def error_code(exc: ValidationError) -> str:
 def normalize(event: WeblogEvent) -> dict[str, Any]:
     """The landing representation: contract-valid, ids as strings, ``ts`` in epoch seconds."""
     return event.model_dump(exclude_none=True)
-
-
-def event_date(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d")
 
 
 def json_schema() -> dict[str, Any]:

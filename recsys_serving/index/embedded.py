@@ -148,15 +148,6 @@ class EmbeddedIndex:
 
     # --- internals -----------------------------------------------------------------
 
-    def vector_of(self, item_id: str) -> npt.NDArray[np.float32] | None:
-        """The item's vector (a read-only view), or ``None`` for an unknown item."""
-        row = self._row.get(item_id)
-        if row is None:
-            return None
-        view = self._vectors[row]
-        view.flags.writeable = False
-        return view
-
     def _check_vector(self, vector: npt.ArrayLike) -> npt.NDArray[np.float32]:
         array = np.asarray(vector, dtype=np.float32)
         if array.ndim != 1 or array.shape[0] != self.dim:

@@ -30,6 +30,8 @@ from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any
 
+from recsys_serving.lake import fsync_path
+
 BUNDLE_FORMAT = 1
 SUPPORTED_FORMATS = frozenset({BUNDLE_FORMAT})
 MANIFEST = "manifest.json"
@@ -67,14 +69,6 @@ def file_digest(path: Path) -> tuple[str, int]:
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def to_jsonable(value: Any) -> Any:
@@ -185,7 +179,7 @@ class BundleWriter:
             )
         files = scan_files(self.path)
         for rel in files:
-            _fsync_path(self.path / rel)
+            fsync_path(self.path / rel)
         manifest = dict(self.manifest)
         manifest.setdefault("created_at", datetime.now(UTC).isoformat())
         manifest.setdefault("code_sha", code_sha())
@@ -198,11 +192,11 @@ class BundleWriter:
             fh.flush()
             os.fsync(fh.fileno())
         for dirpath, _dirnames, _filenames in os.walk(self.path):
-            _fsync_path(Path(dirpath))
+            fsync_path(Path(dirpath))
         if self.target.exists():
             raise BundleError(f"{self.target}: refusing to overwrite an existing bundle")
         os.rename(self.path, self.target)
-        _fsync_path(self.target.parent)
+        fsync_path(self.target.parent)
         self.manifest = json.loads(text)
 
 

@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from recsys_serving.lake import atomic_file
+
 # Largest |compiled - LightGBM| score accepted: the trees are the same, only the order
 # in which their outputs are summed differs (a few ulp of a double).
 MAX_SCORE_DIFFERENCE = 1e-9
@@ -272,7 +274,8 @@ def _compile_cached(model: Any, cache_dir: Path, key: str) -> bool:
             with tmp.open("rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, target)
-            _write_atomic(checksum, hashlib.sha256(data).hexdigest() + "\n")
+            with atomic_file(checksum, sync_dir=False) as out:
+                out.write(hashlib.sha256(data).hexdigest().encode() + b"\n")
         finally:
             tmp.unlink(missing_ok=True)
     return False
@@ -282,12 +285,3 @@ def _intact(target: Path, checksum: Path) -> bool:
     if not (target.exists() and checksum.exists()):
         return False
     return hashlib.sha256(target.read_bytes()).hexdigest() == checksum.read_text().strip()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

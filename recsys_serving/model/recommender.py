@@ -12,7 +12,6 @@ server swaps whole instances (hot swap) instead of mutating one.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,9 +165,6 @@ class Recommender:
             return frozenset()
         items, _ = self.state.seen.row(row)
         return frozenset(self.state.item_ids[items].tolist())
-
-    def knows_item(self, item_id: str) -> bool:
-        return item_id in self.state.item_index
 
     # ----------------------------------------------------------------- requests
     def recommend(
@@ -355,10 +351,3 @@ class Recommender:
         if len(head) < k:
             head += rest[: k - len(head)]
         return np.asarray(head, dtype=np.int64)
-
-
-def load_timed(path: str | Path) -> tuple[Recommender, float]:
-    """Load a bundle and report how long it took (for logs and metrics)."""
-    started = time.perf_counter()
-    model = Recommender.load(path)
-    return model, time.perf_counter() - started

@@ -15,7 +15,7 @@ wall clock, so a served score is exactly the offline score for the same state.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -197,9 +197,6 @@ class ModelState:
     def item_column(self, name: str) -> FloatArray:
         return self.item_table[:, self.item_columns.index(name)]
 
-    def user_column(self, name: str) -> FloatArray:
-        return self.user_table[:, self.user_columns.index(name)]
-
     # -------------------------------------------------------------- persistence
     def save(self, directory: Path) -> list[Path]:
         """Write ``state.npz`` and ``state.json``; reloading gives equal arrays."""
@@ -285,7 +282,3 @@ class ModelState:
             raise ValueError("state: item_table columns do not match item_columns")
         if self.user_table.shape[1] != len(self.user_columns):
             raise ValueError("state: user_table columns do not match user_columns")
-
-
-def state_field_names() -> list[str]:
-    return [f.name for f in fields(ModelState) if not f.name.startswith("_")]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import math
-import re
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -30,10 +29,16 @@ import polars as pl
 from bson.errors import BSONError
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, ValidationError
 
-from recsys_serving.events.intake import quarantine_record
 from recsys_serving.events.schema import Id, describe_error
 from recsys_serving.lake import Lake, write_parquet
-from recsys_serving.landing import SegmentWriter, list_sealed
+from recsys_serving.landing import SegmentWriter, list_sealed, quarantine_record
+from recsys_serving.layout import (
+    CATALOG_ITEMS_KEY,
+    CATALOG_QUARANTINE_AREA,
+    CATALOG_USERS_KEY,
+    parse_rfc3339,
+    utc_today,
+)
 from recsys_serving.stores.docstore import DocStore, UpsertResult
 
 Kind = Literal["items", "users"]
@@ -41,8 +46,6 @@ KINDS: tuple[Kind, ...] = ("items", "users")
 ID_FIELD: dict[Kind, str] = {"items": "item_id", "users": "user_id"}
 ITEM_CORE_FIELDS = ("item_id", "title", "categories", "published_at")
 
-ITEMS_SNAPSHOT_KEY = "catalog/items.parquet"
-USERS_SNAPSHOT_KEY = "catalog/users.parquet"
 ITEMS_SCHEMA: dict[str, pl.DataType] = {
     "item_id": pl.String(),
     "title": pl.String(),
@@ -52,17 +55,15 @@ ITEMS_SCHEMA: dict[str, pl.DataType] = {
 }
 USERS_SCHEMA: dict[str, pl.DataType] = {"user_id": pl.String(), "attributes": pl.String()}
 
-QUARANTINE_AREA = "quarantine/catalog"
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024  # MongoDB's document limit, enforced on both backends
 MAX_ERRORS_LISTED = 100
 LOAD_BATCH = 1000
-_DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
 
 def quarantine_area(kind: Kind) -> str:
-    return f"{QUARANTINE_AREA}/{kind}"
+    return f"{CATALOG_QUARANTINE_AREA}/{kind}"
 
 
 # ------------------------------------------------------------------------ validation
@@ -102,15 +103,7 @@ def parse_published_at(value: Any) -> datetime | None:
         except (OverflowError, OSError, ValueError) as exc:
             raise ValueError(f"epoch seconds out of range: {value!r}") from exc
     elif isinstance(value, str):
-        text = value.strip()
-        if _DATE_ONLY.match(text):
-            text += "T00:00:00+00:00"
-        try:
-            parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-        except ValueError as exc:
-            raise ValueError(f"not an RFC 3339 timestamp: {value!r}") from exc
-        if parsed.tzinfo is None:
-            raise ValueError("RFC 3339 timestamp must carry an offset (e.g. Z or +02:00)")
+        parsed = parse_rfc3339(value, date_only=True)
     else:
         raise ValueError("must be an RFC 3339 string or epoch seconds")
     parsed = parsed.astimezone(UTC)
@@ -304,7 +297,7 @@ def load_file(
     docs: list[dict[str, Any]] = []
     rejected: list[Rejection] = []
     quarantined: list[bytes] = []
-    day = datetime.now(UTC).strftime("%Y-%m-%d")
+    day = utc_today()
     pending = 0
 
     def flush() -> None:
@@ -465,7 +458,7 @@ def _write_snapshot(
 
 
 def write_items_snapshot(
-    store: DocStore, lake: Lake, key: str = ITEMS_SNAPSHOT_KEY, batch_size: int = 10_000
+    store: DocStore, lake: Lake, key: str = CATALOG_ITEMS_KEY, batch_size: int = 10_000
 ) -> Snapshot:
     """``catalog/items.parquet``: item_id, title, categories, published_at, attributes."""
     return _write_snapshot(
@@ -480,7 +473,7 @@ def write_items_snapshot(
 
 
 def write_users_snapshot(
-    store: DocStore, lake: Lake, key: str = USERS_SNAPSHOT_KEY, batch_size: int = 10_000
+    store: DocStore, lake: Lake, key: str = CATALOG_USERS_KEY, batch_size: int = 10_000
 ) -> Snapshot:
     """``catalog/users.parquet``: user_id, attributes."""
     return _write_snapshot(
@@ -490,9 +483,7 @@ def write_users_snapshot(
 
 __all__ = [
     "ITEMS_SCHEMA",
-    "ITEMS_SNAPSHOT_KEY",
     "USERS_SCHEMA",
-    "USERS_SNAPSHOT_KEY",
     "CatalogFileError",
     "ItemRecord",
     "LoadReport",
