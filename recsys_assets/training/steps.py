@@ -91,6 +91,7 @@ from recsys_assets.training.ranking import (
     gate_ranker,
     train_ranker,
 )
+from recsys_assets.training.retention import publish_with_retention
 from recsys_assets.training.retrieval import (
     AlsFit,
     RetrievalSnapshot,
@@ -107,7 +108,6 @@ from recsys_assets.training.snapshot import (
 )
 from recsys_assets.training.verdict import first_promotion, judge, registration_tags
 from recsys_serving.index.base import IndexArtifact, IndexPublisher
-from recsys_serving.index.retention import publish_with_retention
 from recsys_serving.lake import Lake
 from recsys_serving.layout import PRODUCTION, partition_days
 from recsys_serving.logging import get_logger

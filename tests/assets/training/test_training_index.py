@@ -11,9 +11,9 @@ from model_support import TinyWorld, tiny_params, tiny_world
 from monitoring_support import register_model
 
 from recsys_assets.training.pipeline import train_bundle
+from recsys_assets.training.retention import index_versions_to_keep
 from recsys_serving.index import EmbeddedIndex
 from recsys_serving.index.base import CandidateQuery, IndexArtifact
-from recsys_serving.index.retention import index_versions_to_keep
 from recsys_serving.lake import LocalLake
 from recsys_serving.layout import CANDIDATE, PRODUCTION
 from recsys_serving.model.recommender import INDEX_DIR, Recommender
