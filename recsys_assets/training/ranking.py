@@ -505,7 +505,7 @@ def fit_blend(
     return blend, best
 
 
-def _subset(dataset: RankingDataset, chosen: npt.NDArray[np.bool_]) -> RankingDataset:
+def subset_groups(dataset: RankingDataset, chosen: npt.NDArray[np.bool_]) -> RankingDataset:
     rows = np.repeat(chosen, dataset.groups)
     return RankingDataset(
         features=dataset.features[rows],
@@ -532,7 +532,7 @@ def gate_ranker(dataset: RankingDataset, fit: RankerFit, params: TrainingParams)
         picked = rng.choice(np.flatnonzero(train_groups), BLEND_MAX_GROUPS, replace=False)
         train_groups = np.zeros_like(train_groups)
         train_groups[picked] = True
-    train = _subset(dataset, train_groups)
+    train = subset_groups(dataset, train_groups)
     blend, blend_train = fit_blend(train.features, train.labels, train.groups, k)
     trees = int(fit.best_iteration)
     out: dict[str, Any] = {
@@ -552,7 +552,7 @@ def gate_ranker(dataset: RankingDataset, fit: RankerFit, params: TrainingParams)
             ),
         )
         return out
-    held = _subset(dataset, valid)
+    held = subset_groups(dataset, valid)
     ranker_scores = np.asarray(
         fit.booster.predict(held.features, num_iteration=fit.best_iteration), dtype=np.float64
     )
