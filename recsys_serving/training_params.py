@@ -126,6 +126,13 @@ class TrainingParams:
     lastout_rounds: int = 4
     lastout_share: float = 0.2
     lastout_min_events: int = 5
+    # Leave-last-out queries only when the global cut-offs alone do not teach: a
+    # ranker is first trained on the cut-off queries alone; if it passes the ranker
+    # gate (beats the validated blend on its validation users) it serves and the
+    # leave-last-out queries are not added (on a log whose end is busy they pull the
+    # ranker towards each user's own era, away from what is asked "now"); otherwise
+    # they are added (False: always added). The choice is in ranking.json.
+    lastout_select: bool = True
     # Equal time buckets from the window start to as_of counting item interactions
     # (popularity at a user's own time).
     time_buckets: int = 32

@@ -206,6 +206,9 @@ def _ranking_model(
         # the validated blend because the ranker did not beat it on validation.
         "ranking_mode": out.ranking["mode"],
         "ranking_reason": out.ranking["reason"],
+        # Which queries trained it: the global cut-offs alone, or with the leave-last-out
+        # queries (added only when the cut-off ranker loses to the blend).
+        "ranking_queries": str(out.ranking.get("lastout_choice", {}).get("queries", "")),
         "ranking": _json(out.ranking),
     }
     for name, value in (("valid_ndcg", out.valid_ndcg), ("train_ndcg", out.train_ndcg)):

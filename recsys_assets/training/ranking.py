@@ -27,13 +27,15 @@ from recsys_serving.model.ranker import Blend
 from recsys_serving.model.state import ModelState
 
 # The ranking_dataset table in the lake: RankingDataset.frame() plus the cut-off (group)
-# each row belongs to, added by the step that writes it.
+# each row belongs to and whether that group is a leave-last-out query, added by the
+# step that writes it.
 RANKING_DATASET_SCHEMA: dict[str, pl.DataType] = {
     "user_id": pl.String(),
     "item_id": pl.String(),
     "label": pl.Int8(),
     **{name: pl.Float32() for name in FEATURE_NAMES},
     "cutoff": pl.Int16(),
+    "lastout": pl.Boolean(),
 }
 
 
@@ -521,7 +523,7 @@ def fit_blend(
     return blend, best
 
 
-def _subset(dataset: RankingDataset, chosen: npt.NDArray[np.bool_]) -> RankingDataset:
+def subset_groups(dataset: RankingDataset, chosen: npt.NDArray[np.bool_]) -> RankingDataset:
     rows = np.repeat(chosen, dataset.groups)
     return RankingDataset(
         features=dataset.features[rows],
@@ -548,7 +550,7 @@ def gate_ranker(dataset: RankingDataset, fit: RankerFit, params: TrainingParams)
         picked = rng.choice(np.flatnonzero(train_groups), BLEND_MAX_GROUPS, replace=False)
         train_groups = np.zeros_like(train_groups)
         train_groups[picked] = True
-    train = _subset(dataset, train_groups)
+    train = subset_groups(dataset, train_groups)
     blend, blend_train = fit_blend(train.features, train.labels, train.groups, k)
     trees = int(fit.best_iteration)
     out: dict[str, Any] = {
@@ -568,7 +570,7 @@ def gate_ranker(dataset: RankingDataset, fit: RankerFit, params: TrainingParams)
             ),
         )
         return out
-    held = _subset(dataset, valid)
+    held = subset_groups(dataset, valid)
     ranker_scores = np.asarray(
         fit.booster.predict(held.features, num_iteration=fit.best_iteration), dtype=np.float64
     )

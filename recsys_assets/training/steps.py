@@ -22,12 +22,14 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import polars as pl
 
 from recsys_assets.training import artifacts as art
@@ -86,9 +88,11 @@ from recsys_assets.training.outputs import (
 from recsys_assets.training.params import TrainingParams
 from recsys_assets.training.prepare import prepare_interactions, scan_weblogs
 from recsys_assets.training.ranking import (
+    RankerFit,
     RankingDataset,
     build_ranking_dataset,
     gate_ranker,
+    subset_groups,
     train_ranker,
 )
 from recsys_assets.training.retention import publish_with_retention
@@ -426,7 +430,11 @@ def run_ranking_dataset(lake: Lake, params: TrainingParams) -> RankingDatasetSta
                 raise
             continue  # an older cut-off without usable labels adds nothing
         parts.append(part)
-        frames.append(part.frame(state).with_columns(pl.lit(j, dtype=pl.Int16).alias("cutoff")))
+        frames.append(
+            part.frame(state).with_columns(
+                pl.lit(j, dtype=pl.Int16).alias("cutoff"), pl.lit(False).alias("lastout")
+            )
+        )
     lastout_stats: dict[str, Any] = {"users": 0, "rows": 0, "rounds": 0}
     for j, lastout in enumerate(prep.lastouts):
         # Sampled users' own held-out recent past (lastout.py), one group each.
@@ -448,7 +456,10 @@ def run_ranking_dataset(lake: Lake, params: TrainingParams) -> RankingDatasetSta
         lastout_stats["rounds"] += 1
         parts.append(part)
         frames.append(
-            part.frame(state).with_columns(pl.lit(len(cutoffs) + j, dtype=pl.Int16).alias("cutoff"))
+            part.frame(state).with_columns(
+                pl.lit(len(cutoffs) + j, dtype=pl.Int16).alias("cutoff"),
+                pl.lit(True).alias("lastout"),
+            )
         )
     dataset = RankingDataset.concat(parts)
     buffer = io.BytesIO()
@@ -466,24 +477,104 @@ def run_ranking_dataset(lake: Lake, params: TrainingParams) -> RankingDatasetSta
 
 
 def load_ranking_dataset(lake: Lake) -> RankingDataset:
+    return _load_ranking_dataset(lake)[0]
+
+
+def _load_ranking_dataset(lake: Lake) -> tuple[RankingDataset, npt.NDArray[np.bool_]]:
+    """The dataset and, per group, whether it is a leave-last-out query (all False for
+    a dataset written before that column existed)."""
     data = lake.get_bytes(art.key(RANKING_DATASET, "dataset.parquet"))
     frame = pl.read_parquet(data)
     users = sorted(frame["user_id"].unique().to_list())
-    return RankingDataset.from_frame(frame, {u: n for n, u in enumerate(users)})
+    dataset = RankingDataset.from_frame(frame, {u: n for n, u in enumerate(users)})
+    if "lastout" not in frame.columns:
+        return dataset, np.zeros(dataset.groups.size, dtype=bool)
+    starts = np.cumsum(dataset.groups) - dataset.groups
+    return dataset, frame["lastout"].to_numpy()[starts].astype(bool)
+
+
+def fit_ranking(
+    dataset: RankingDataset, lastout: npt.NDArray[np.bool_], params: TrainingParams
+) -> tuple[RankerFit, dict[str, Any], RankingDataset]:
+    """Ranker, gate decision and the dataset it was trained on. With ``lastout_select``
+    the ranker is first trained on the global cut-off queries alone: if it passes the
+    gate it serves without the leave-last-out queries; otherwise (or when there are no
+    cut-off or no leave-last-out queries) it is trained on all queries, as before. Both
+    attempts' validation figures are kept in ``ranking["lastout_choice"]``."""
+    if not (params.lastout_select and lastout.any() and (~lastout).any()):
+        fit = train_ranker(dataset, params)
+        ranking = gate_ranker(dataset, fit, params)
+        ranking["lastout_choice"] = {
+            "queries": "cutoffs+lastout" if lastout.any() else "cutoffs",
+            "reason": "no choice to make"
+            if params.lastout_select
+            else "lastout_select is off: every query is used",
+        }
+        return fit, ranking, dataset
+    cut = subset_groups(dataset, ~lastout)
+    cut_fit = train_ranker(cut, params)
+    cut_ranking = gate_ranker(cut, cut_fit, params)
+    figures = {
+        name: cut_ranking.get(name)
+        for name in ("ranker_trees", "ranker_valid_ndcg", "blend_valid_ndcg", "valid_groups")
+    }
+    choice: dict[str, Any] = {"cutoffs_only": {**figures, "mode": cut_ranking["mode"]}}
+    verdict = _cutoff_ranker_wins(cut_ranking, params)
+    if verdict is None:
+        choice.update(
+            queries="cutoffs",
+            reason=f"the ranker trained on the global cut-off queries alone has "
+            f"{figures['ranker_trees']} trees and beats the blend on validation "
+            f"({figures['ranker_valid_ndcg']:.4f} vs {figures['blend_valid_ndcg']:.4f}): "
+            "the leave-last-out queries are not added",
+        )
+        cut_ranking["lastout_choice"] = choice
+        return cut_fit, cut_ranking, cut
+    fit = train_ranker(dataset, params)
+    ranking = gate_ranker(dataset, fit, params)
+    choice["with_lastout"] = {
+        **{
+            name: ranking.get(name)
+            for name in ("ranker_trees", "ranker_valid_ndcg", "blend_valid_ndcg", "valid_groups")
+        },
+        "mode": ranking["mode"],
+    }
+    choice.update(
+        queries="cutoffs+lastout",
+        reason=f"the ranker trained on the global cut-off queries alone {verdict}: "
+        "the leave-last-out queries are added",
+    )
+    ranking["lastout_choice"] = choice
+    return fit, ranking, dataset
+
+
+def _cutoff_ranker_wins(ranking: Mapping[str, Any], params: TrainingParams) -> str | None:
+    """None when the gate's criterion holds (enough trees, validation NDCG above the
+    blend's by the margin), else why not. Applied whatever ``ranker_gate`` says: with
+    the gate off the gate's own mode is always "ranker" and would decide nothing."""
+    trees = int(ranking.get("ranker_trees") or 0)
+    ranker, blend = ranking.get("ranker_valid_ndcg"), ranking.get("blend_valid_ndcg")
+    if ranker is None or blend is None:
+        return "has no validation users to compare on"
+    if trees < params.ranker_min_trees:
+        return f"stopped at {trees} trees"
+    if not ranker > blend * (1.0 + params.ranker_gate_margin):
+        return f"does not beat the blend on validation ({ranker:.4f} vs {blend:.4f})"
+    return None
 
 
 def run_ranking_model(lake: Lake, params: TrainingParams) -> RankingModel:
-    dataset = load_ranking_dataset(lake)
+    dataset, lastout = _load_ranking_dataset(lake)
     bad = non_finite(dataset.features, FEATURE_NAMES)
     if bad:
         raise ValueError(f"the ranking dataset holds non-finite features: {bad}")
-    fit = train_ranker(dataset, params)
-    ranking = gate_ranker(dataset, fit, params)
+    fit, ranking, dataset = fit_ranking(dataset, lastout, params)
     log.info(
         "training.ranker_gate",
         mode=ranking["mode"],
         reason=ranking["reason"],
         trees=fit.best_iteration,
+        queries=ranking["lastout_choice"]["queries"],
     )
     art.put_json(lake, art.key(RANKING_MODEL, "ranking.json"), finite_json(ranking))
     path = _tmp_file(".txt")

@@ -297,3 +297,82 @@ def test_a_bundle_of_an_older_state_format_is_refused(tiny_bundle: Path, tmp_pat
     (old / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="state format"):
         Recommender.load(old)
+
+
+# ------------------------------------------------- leave-last-out queries: when
+def _queries(
+    rng: np.random.Generator, n_groups: int, signal: str, first_user: int
+) -> RankingDataset:
+    """Groups of 20 rows whose labels the ``signal`` column tells exactly; every other
+    column is noise."""
+    rows = n_groups * 20
+    feats = rng.random((rows, len(FEATURE_NAMES))).astype(np.float32)
+    labels = (rng.random(rows) < 0.15).astype(np.int8)
+    labels[::20] = 1
+    feats[:, FEATURE_NAMES.index(signal)] = labels + 0.5 * rng.random(rows)
+    return RankingDataset(
+        features=feats,
+        labels=labels,
+        groups=np.full(n_groups, 20, dtype=np.int64),
+        users=np.arange(first_user, first_user + n_groups, dtype=np.int64),
+        items=np.arange(rows, dtype=np.int64),
+    )
+
+
+_COLUMNS = ("features", "labels", "groups", "users", "items")
+
+
+def _world(cutoff_signal: str) -> tuple[RankingDataset, np.ndarray]:
+    """Cut-off queries taught by ``cutoff_signal``; leave-last-out queries (other users)
+    by a retrieval score."""
+    rng = np.random.default_rng(7)
+    cut = _queries(rng, 120, cutoff_signal, 0)
+    lastout = _queries(rng, 120, "knn_rel", 1_000)
+    data = RankingDataset(
+        *(np.concatenate([getattr(cut, f), getattr(lastout, f)]) for f in _COLUMNS)
+    )
+    flags = np.r_[np.zeros(120, dtype=bool), np.ones(120, dtype=bool)]
+    return data, flags
+
+
+def test_leave_last_out_queries_are_added_only_when_the_cutoff_ranker_loses() -> None:
+    """Cut-off queries the ranker learns (a non-retrieval column tells the labels): it
+    beats the blend alone and serves without the leave-last-out queries. Cut-off
+    queries a retrieval score already orders perfectly: no ranker beats that blend, so
+    the leave-last-out queries are added (today's behaviour), and the choice and both
+    attempts' validation figures are recorded."""
+    params = tiny_params(ranker_gate=True, ranker_min_trees=1)
+    learnable, flags = _world("item_ctr")
+    fit, ranking, used = steps.fit_ranking(learnable, flags, params)
+    choice = ranking["lastout_choice"]
+    assert choice["queries"] == "cutoffs", choice
+    assert used.groups.size == 120 and not np.isin(used.users, np.arange(1_000, 1_120)).any()
+    assert ranking["mode"] == "ranker" and fit.best_iteration == ranking["ranker_trees"]
+    cut = choice["cutoffs_only"]
+    assert cut["ranker_valid_ndcg"] > cut["blend_valid_ndcg"] and "with_lastout" not in choice
+    # Without the lever every query is used.
+    _, all_ranking, all_used = steps.fit_ranking(
+        learnable, flags, tiny_params(ranker_gate=True, ranker_min_trees=1, lastout_select=False)
+    )
+    assert all_ranking["lastout_choice"]["queries"] == "cutoffs+lastout"
+    assert all_used.groups.size == 240
+
+    ordered, flags = _world("ease_rel")
+    _, ranking, used = steps.fit_ranking(ordered, flags, params)
+    choice = ranking["lastout_choice"]
+    assert choice["queries"] == "cutoffs+lastout", choice
+    assert used.groups.size == 240
+    cut = choice["cutoffs_only"]
+    assert not cut["ranker_valid_ndcg"] > cut["blend_valid_ndcg"]
+    assert "does not beat the blend" in choice["reason"]
+    assert choice["with_lastout"]["ranker_valid_ndcg"] == ranking["ranker_valid_ndcg"]
+
+
+def test_the_manifest_says_which_queries_trained_the_ranker(
+    tiny_world: TinyWorld, tiny_outcome: TrainOutcome
+) -> None:
+    choice = tiny_outcome.manifest["ranking"]["lastout_choice"]
+    assert choice["queries"] in ("cutoffs", "cutoffs+lastout")
+    assert "ranker_valid_ndcg" in choice["cutoffs_only"]
+    stats = art.get_json(tiny_world.lake, art.key(steps.RANKING_MODEL, "ranker.json"))
+    assert stats["ranking"]["lastout_choice"] == choice
