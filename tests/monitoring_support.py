@@ -4,10 +4,12 @@ bundles, and the resources the monitoring sensors need."""
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import numpy as np
 import polars as pl
 
@@ -111,3 +113,36 @@ def resources(lake: LocalLake, webhook_url: str | None = None, **overrides: Any)
         "notifier": NotifierResource(webhook_url=webhook_url),
         "mlflow": MlflowResource(tracking_uri="off"),
     }
+
+
+@dg.op
+def _boom() -> None:
+    raise RuntimeError("training window is empty")
+
+
+@dg.job(name="retrain_job", tags={"recsys/pipeline": "retrain", "recsys/trigger": "ctr_drop"})
+def failing_retrain() -> None:
+    """A retraining that fails the way a real one can, under the real job's name and tags."""
+    _boom()
+
+
+def run_failure_request(
+    sensor: dg.RunFailureSensorDefinition,
+    instance: dg.DagsterInstance,
+    failed: dg.ExecuteInProcessResult,
+    resources: Mapping[str, Any],
+) -> dg.RunRequest | dg.SkipReason | None:
+    """What the run-failure sensor asks for about ``failed``, evaluated as the daemon does.
+
+    The context is entered and left like the daemon's: one built with resources that is
+    never exited leaves Dagster's state storage of this (soon gone) instance current for
+    every later test in the process.
+    """
+    with dg.build_run_status_sensor_context(
+        sensor_name=sensor.name,
+        dagster_instance=instance,
+        dagster_run=failed.dagster_run,
+        dagster_event=failed.get_run_failure_event(),
+        resources=dict(resources),
+    ).for_run_failure() as context:
+        return sensor(context)

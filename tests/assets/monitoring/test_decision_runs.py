@@ -18,7 +18,12 @@ from typing import Any
 import dagster as dg
 import numpy as np
 import pytest
-from monitoring_support import register_model, write_feedback
+from monitoring_support import (
+    failing_retrain,
+    register_model,
+    run_failure_request,
+    write_feedback,
+)
 from typer.testing import CliRunner
 
 from recsys_assets.cli import app
@@ -41,16 +46,6 @@ CLOSED_LOOP_ENV = {
     "RECSYS_MLFLOW_TRACKING_URI": "off",
     "RECSYS_PUBLISH_ON_PROMOTION": "false",
 }
-
-
-@dg.op
-def _boom() -> None:
-    raise RuntimeError("training window is empty")
-
-
-@dg.job(name="retrain_job", tags={"recsys/pipeline": "retrain", "recsys/trigger": "ctr_drop"})
-def failing_retrain() -> None:
-    _boom()
 
 
 @pytest.fixture
@@ -152,14 +147,7 @@ def test_every_closed_loop_decision_is_a_run_with_its_logs(
     # A failed retraining: the run-failure sensor requests the alert as a run.
     failed = failing_retrain.execute_in_process(instance=instance, raise_on_error=False)
     sensor = defs.resolve_sensor_def("retrain_failure_sensor")
-    with dg.build_run_status_sensor_context(
-        sensor_name=sensor.name,
-        dagster_instance=instance,
-        dagster_run=failed.dagster_run,
-        dagster_event=failed.get_run_failure_event(),
-        resources=resources,
-    ).for_run_failure() as context:
-        alert = sensor(context)
+    alert = run_failure_request(sensor, instance, failed, resources)
     assert isinstance(alert, dg.RunRequest) and alert.run_key == failed.run_id
     launch(defs, alert, instance, "alert_job")
 

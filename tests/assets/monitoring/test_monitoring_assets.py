@@ -14,7 +14,13 @@ import dagster as dg
 import numpy as np
 import orjson
 import pytest
-from monitoring_support import register_model, resources, write_feedback
+from monitoring_support import (
+    failing_retrain,
+    register_model,
+    resources,
+    run_failure_request,
+    write_feedback,
+)
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from recsys_assets.monitoring.assets import online_ctr
@@ -174,16 +180,6 @@ def test_parse_metrics_reads_the_recommendation_route_only() -> None:
     assert sample.answers == {"champion": 10.0, "fallback": 0.0}
 
 
-@dg.op
-def _boom() -> None:
-    raise RuntimeError("training window is empty")
-
-
-@dg.job(name="retrain_job", tags={"recsys/pipeline": "retrain", "recsys/trigger": "ctr_drop"})
-def failing_retrain() -> None:
-    _boom()
-
-
 def test_nightly_schedule_and_failed_retraining_alert(
     tmp_path: Path, alert_webhook_server: Any
 ) -> None:
@@ -216,17 +212,7 @@ def test_nightly_schedule_and_failed_retraining_alert(
         assert not skipped.run_requests and "in progress" in (skipped.skip_message or "")
 
         sensor = build_retrain_failure_sensor(30)
-        # Entered and left like the daemon does: a context built with resources that is
-        # never exited leaves Dagster's state storage of this (soon gone) instance
-        # current for every later test in the process.
-        with dg.build_run_status_sensor_context(
-            sensor_name=sensor.name,
-            dagster_instance=instance,
-            dagster_run=result.dagster_run,
-            dagster_event=result.get_run_failure_event(),
-            resources=res,
-        ).for_run_failure() as context:
-            request = sensor(context)
+        request = run_failure_request(sensor, instance, result, res)
         # The sensor only decides: the alert is an alert_job run keyed by the failed run.
         assert isinstance(request, dg.RunRequest) and request.run_key == result.run_id
         assert read_decisions(lake) == [] and alert_webhook_server.requests == []
