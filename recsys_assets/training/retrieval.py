@@ -97,19 +97,25 @@ def retrieval_snapshot(
     params: TrainingParams,
     matrix: sp.csr_matrix | None = None,
     ease_lambda: float | None = None,
+    ease: tuple[Ragged, dict[str, Any]] | None = None,
 ) -> RetrievalSnapshot:
     """``matrix``: the ALS interaction matrix before ``as_of``, when the caller has it;
-    ``ease_lambda``: EASE's chosen regularisation factor (``None``: no EASE graph)."""
+    ``ease_lambda``: EASE's chosen regularisation factor (``None``: no EASE graph);
+    ``ease``: its :func:`~recsys_assets.training.ease.ease_graph` with that factor,
+    when the caller built it first (its dense n x n matrices are then not alive beside
+    the ALS matrix and the other pieces of the snapshot)."""
     from recsys_assets.training.ease import ease_graph
 
-    ease, ease_stats = ease_graph(enc, vocab, as_of, params, ease_lambda)
+    if ease is None:
+        ease = ease_graph(enc, vocab, as_of, params, ease_lambda)
+    graph, ease_stats = ease
     return RetrievalSnapshot(
         as_of=float(as_of),
         item_factors=np.ascontiguousarray(item_factors, dtype=np.float32),
         user_factors=user_factors(enc, vocab, item_factors, as_of, params, matrix=matrix),
         covisit=covisitation(enc, vocab.item_ids.size, as_of, params),
         item_knn=item_knn(enc, vocab, as_of, params),
-        ease=ease,
+        ease=graph,
         ease_stats=ease_stats,
     )
 

@@ -42,10 +42,11 @@ from recsys_assets.training.data import (
     explain_empty_counts,
     read_catalog,
 )
-from recsys_assets.training.ease import select_lambda
+from recsys_assets.training.ease import ease_graph, select_lambda
 from recsys_assets.training.evaluation import (
     Holdout,
     ListFn,
+    PerUserSplit,
     build_holdout,
     evaluate,
     markdown_table,
@@ -346,14 +347,19 @@ def run_retrieval(lake: Lake, params: TrainingParams) -> Retrieval:
     for snap in prep.snapshots():
         as_of = prep.as_of(snap)
         enc = prep.enc_for(snap)
+        # EASE's graph before the ALS matrix and fit: its dense item x item matrices
+        # (four of 200 MB at 5k items) are then not alive beside them.
+        ease_started = time.perf_counter()
+        ease = ease_graph(enc, prep.vocab, as_of, params, ease_lambda)
+        ease_s = time.perf_counter() - ease_started
         matrix = als_matrix(enc, prep.vocab, as_of, params)
         fit = fit_als(enc, prep.vocab, as_of, params, matrix=matrix)
         art.put_arrays(lake, art.key(RETRIEVAL, f"als-{snap}.npz"), fit.to_arrays())
-        started = time.perf_counter()
+        started = time.perf_counter() - ease_s  # the snapshot's seconds include EASE's
         snapshot = retrieval_snapshot(
-            enc, prep.vocab, as_of, fit.item_factors, params, matrix=matrix, ease_lambda=ease_lambda
+            enc, prep.vocab, as_of, fit.item_factors, params, matrix=matrix, ease=ease
         )
-        del matrix  # not held through the next snapshot's build
+        del matrix, ease  # not held through the next snapshot's build
         art.put_arrays(lake, art.key(RETRIEVAL, f"{snap}.npz"), snapshot.to_arrays())
         out.als[snap] = fit.stats
         out.ease[snap] = snapshot.ease_stats
@@ -692,15 +698,20 @@ def snapshot_state(
 ) -> ModelState:
     """A whole runtime state as of ``as_of`` from ``enc`` alone, built the way the
     item_features, user_features and retrieval_model steps build each snapshot
-    (``ease_lambda``: the EASE regularisation retrieval_model chose)."""
+    (``ease_lambda``: the EASE regularisation retrieval_model chose).
+
+    EASE's graph is built first, while nothing else of the snapshot is alive: its
+    dense item x item matrices (four of 200 MB at 5k items) are the largest
+    temporaries here, and the pieces built after it are independent of it."""
+    ease = ease_graph(enc, vocab, as_of, params, ease_lambda)
     items = item_snapshot(enc, vocab, as_of, params)
     users = user_snapshot(enc, vocab, as_of, params)
     matrix = als_matrix(enc, vocab, as_of, params)
     fit = fit_als(enc, vocab, as_of, params, matrix=matrix)
     retrieval = retrieval_snapshot(
-        enc, vocab, as_of, fit.item_factors, params, matrix=matrix, ease_lambda=ease_lambda
+        enc, vocab, as_of, fit.item_factors, params, matrix=matrix, ease=ease
     )
-    del matrix
+    del matrix, fit, ease
     return assemble_state(vocab, items, users, retrieval, params)
 
 
@@ -712,23 +723,33 @@ def _listed(lists_for: ListFn, holdout: Holdout) -> ListFn:
 
 
 def run_per_user_evaluation(
-    lake: Lake, prep: Prepared, params: TrainingParams, ranker: Any, blend: Blend | None = None
+    lake: Lake,
+    split: PerUserSplit | None,
+    vocab: Vocabulary,
+    end: float,
+    params: TrainingParams,
+    ranker: Any,
+    blend: Blend | None = None,
+    started: float | None = None,
 ) -> dict[str, Any] | None:
     """The challenger and popularity on the per-user holdout (``evaluation.py``): each
-    sampled user's last 20% of events left out, the state rebuilt without them as of the
-    end of the window (ALS with the settings retrieval_model chose), the bundle's ranker.
+    sampled user's last 20% of events left out (``split``: :func:`per_user_split` of
+    the window, ``None`` when it has no user), the state rebuilt without them as of
+    ``end``, the end of the window (ALS with the settings retrieval_model chose), the
+    bundle's ranker. The caller drops the window once it has the split: the split's
+    copy of it is all this needs (``started``: when the split began, for its seconds).
 
     Its cost is one more snapshot of the window plus scoring at most
     ``eval_per_user_users`` users; the production model is not scored here (its state
     has seen those events)."""
-    started = time.perf_counter()
-    split = per_user_split(prep.enc, prep.vocab.user_ids, prep.vocab.item_ids, params)
+    if started is None:
+        started = time.perf_counter()
     if split is None:
         return None
     selection = art.get_json(lake, art.key(RETRIEVAL, "als_selection.json"))
     fit_params = params.replace(**(selection.get("selected") or {}))
     ease = art.get_json(lake, art.key(RETRIEVAL, "ease_selection.json")).get("selected")
-    state = snapshot_state(split.train, prep.vocab, prep.window.end, fit_params, ease)
+    state = snapshot_state(split.train, vocab, end, fit_params, ease)
     holdout = Holdout(
         k=params.eval_k,
         truth=split.truth,
@@ -749,6 +770,25 @@ def run_per_user_evaluation(
     }
     log.info("evaluation.per_user", **out["comparison"], seconds=out["holdout"]["seconds"])
     return out
+
+
+def _time_holdout(
+    lake: Lake, prep: Prepared, params: TrainingParams, ranker: Any, blend: Blend | None
+) -> tuple[Holdout, dict[str, float], dict[str, dict[str, float] | None]]:
+    """The time holdout: its users and truth, popularity's metrics, and the paired
+    comparison of the challenger with popularity. The eval state they are scored on
+    is built and dropped here, so that it is not alive beside the per-user holdout's."""
+    eval_state = load_state(lake, prep, "eval", params)
+    holdout = build_holdout(eval_state, prep.enc, prep.window.end, params)
+    popularity_fn = _listed(popularity_lists(eval_state), holdout)
+    popularity = evaluate(popularity_fn, holdout, params)
+    challenger_fn = _listed(model_lists(Recommender(eval_state, ranker, blend=blend)), holdout)
+    comparisons: dict[str, dict[str, float] | None] = {
+        "holdout": paired_comparison(
+            per_user_ndcg(challenger_fn, holdout), per_user_ndcg(popularity_fn, holdout)
+        )
+    }
+    return holdout, popularity, comparisons
 
 
 def run_model_evaluation(
@@ -775,17 +815,16 @@ def run_model_evaluation(
         ranker = BlendRanker(blend)
     else:
         ranker = Ranker.load(path / RANKER_FILE, params.resolved_threads)
-    eval_state = load_state(lake, prep, "eval", params)
-    holdout = build_holdout(eval_state, prep.enc, prep.window.end, params)
-    popularity_fn = _listed(popularity_lists(eval_state), holdout)
-    popularity = evaluate(popularity_fn, holdout, params)
-    challenger_fn = _listed(model_lists(Recommender(eval_state, ranker, blend=blend)), holdout)
-    comparisons: dict[str, dict[str, float] | None] = {
-        "holdout": paired_comparison(
-            per_user_ndcg(challenger_fn, holdout), per_user_ndcg(popularity_fn, holdout)
-        )
-    }
-    per_user = run_per_user_evaluation(lake, prep, params, ranker, blend)
+    holdout, popularity, comparisons = _time_holdout(lake, prep, params, ranker, blend)
+    # One whole state at a time: the time holdout's is gone (with its scoring) before
+    # the per-user one is built. And once the per-user split has its copy of the
+    # window, the window itself is dropped: its mapped pages leave the process.
+    started = time.perf_counter()
+    split = per_user_split(prep.enc, prep.vocab.user_ids, prep.vocab.item_ids, params)
+    vocab, end, impressions = prep.vocab, prep.window.end, int(prep.enc.imp_ts.size)
+    del prep
+    per_user = run_per_user_evaluation(lake, split, vocab, end, params, ranker, blend, started)
+    del split
     comparisons["per_user"] = per_user["comparison"] if per_user is not None else None
     registry = ModelRegistry(lake)
     production = registry.alias(PRODUCTION)
@@ -813,7 +852,7 @@ def run_model_evaluation(
         production_version=production_version,
         production_gated=gated,
         production_unusable=unusable,
-        impressions=int(prep.enc.imp_ts.size),
+        impressions=impressions,
     )
     first_model = verdict.first_model
     results: dict[str, dict[str, float]] = {

@@ -4,22 +4,33 @@ and the npz hand-over between steps is memory-mapped (the same arrays as np.load
 
 from __future__ import annotations
 
+import gc
 import io
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from model_support import TinyWorld, tiny_outcome, tiny_params, tiny_world
 
 from recsys_assets.training import artifacts as art
-from recsys_assets.training import data, steps
+from recsys_assets.training import data, ease, steps
 from recsys_assets.training.evaluation import build_holdout, per_user_split
+from recsys_assets.training.names import RETRIEVAL
 from recsys_assets.training.pipeline import TrainOutcome
 from recsys_assets.training.ranking import shown_items
-from recsys_assets.training.snapshot import impression_counts, item_snapshot, user_snapshot
+from recsys_assets.training.retrieval import als_matrix, fit_als, retrieval_snapshot
+from recsys_assets.training.snapshot import (
+    assemble_state,
+    impression_counts,
+    item_snapshot,
+    user_snapshot,
+)
 from recsys_serving.lake import LocalLake
+from recsys_serving.registry import PromotionRule
 
 __all__ = ["tiny_outcome", "tiny_world"]  # fixtures used below
 
@@ -174,3 +185,109 @@ def test_leave_last_out_encodings_are_the_same_sliced(
         whole, sliced = _both(monkeypatch, lambda lo=lastout: lo.kept(prep.enc).to_arrays())
         _same_arrays(whole, sliced)
         assert whole["imp_ts"].size < prep.enc.imp_ts.size  # impressions were dropped
+
+
+def test_gram_by_blocks_is_the_whole_product() -> None:
+    """EASE's gram computed a block of columns at a time is the whole sparse product bit
+    for bit (scipy sums each entry over the users in the same order)."""
+    rng = np.random.default_rng(3)
+    matrix = sp.random(600, 90, density=0.1, format="csr", random_state=rng, dtype=np.float32)
+    matrix.data = np.log1p(rng.random(matrix.nnz) * 7.0).astype(np.float32)
+    matrix = (matrix @ sp.diags(np.r_[np.ones(5), 0.0, np.ones(84)])).tocsr()
+    matrix.eliminate_zeros()  # item 5 without interactions: not a gram column
+    warm = np.flatnonzero(np.diff(matrix.tocsc().indptr) > 0)
+    assert warm.size == 89
+    sub = matrix[:, warm].astype(np.float64)
+    whole = (sub.T @ sub).toarray()
+    for block in (1, 7, 64, 1 << 20):
+        got_warm, gram = ease._gram(matrix, block)
+        np.testing.assert_array_equal(got_warm, warm)
+        assert gram.dtype == np.float64 and gram.tobytes() == whole.tobytes(), block
+
+
+def test_ease_weights_regularise_in_place_and_restore_the_gram() -> None:
+    rng = np.random.default_rng(4)
+    x = (rng.random((300, 40)) < 0.2) * rng.random((300, 40))
+    gram = x.T @ x
+    before = gram.copy()
+    for lam in (0.5, 7.25):
+        regularised = gram.copy()  # the closed form as it was computed before
+        regularised[np.diag_indices_from(regularised)] += lam
+        expected = np.linalg.inv(regularised)
+        expected /= -np.diag(expected)[None, :]
+        np.fill_diagonal(expected, 0.0)
+        b = ease.ease_weights(gram, lam)
+        assert b.tobytes() == expected.tobytes()
+        assert gram.tobytes() == before.tobytes()  # the diagonal put back exactly
+
+
+def test_evaluation_holds_one_state_at_a_time_and_drops_the_window(
+    tiny_world: TinyWorld, tiny_outcome: TrainOutcome, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """When the per-user state is built, neither the time holdout's state nor the
+    loaded window is alive (only the split's copy of it), and the result is the one
+    the same evaluation gives with everything kept (the previous order)."""
+    params = tiny_params(0, tiny_world.settings)
+    states: list[weakref.ref[Any]] = []
+    windows: list[weakref.ref[Any]] = []
+    alive: list[tuple[int, int]] = []
+    real_load_state, real_load_prepared = steps.load_state, steps.load_prepared
+    real_snapshot_state = steps.snapshot_state
+
+    def load_state(*args: Any, **kwargs: Any) -> Any:
+        state = real_load_state(*args, **kwargs)
+        states.append(weakref.ref(state))
+        return state
+
+    def load_prepared(lake: Any) -> steps.Prepared:
+        prep = real_load_prepared(lake)
+        windows.append(weakref.ref(prep.enc))
+        return prep
+
+    def snapshot_state(*args: Any, **kwargs: Any) -> Any:
+        gc.collect()
+        alive.append((sum(r() is not None for r in states), sum(r() is not None for r in windows)))
+        return real_snapshot_state(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "load_state", load_state)
+    monkeypatch.setattr(steps, "load_prepared", load_prepared)
+    monkeypatch.setattr(steps, "snapshot_state", snapshot_state)
+    rule = PromotionRule(metric="ndcg@10", min_lift=0.0, guardrails={})
+    version = tiny_outcome.bundle.version
+    result = steps.run_model_evaluation(tiny_world.lake, params, rule, tmp_path / "c", version)
+    assert len(states) == 1 and len(windows) == 1 and alive == [(0, 0)]
+    assert result.per_user is not None and result.per_user["metrics"]["challenger"]
+
+    assert result.metrics["popularity"]["users"] > 0
+
+
+def test_snapshot_state_is_the_state_of_the_previous_order(
+    tiny_world: TinyWorld, tiny_outcome: TrainOutcome
+) -> None:
+    """EASE's graph first, then the rest: the same state as EASE built inside the
+    retrieval snapshot, after the feature snapshots and the ALS fit."""
+    params = tiny_params(0, tiny_world.settings)
+    prep = steps.load_prepared(tiny_world.lake)
+    lam = art.get_json(tiny_world.lake, art.key(RETRIEVAL, "ease_selection.json"))["selected"]
+    assert lam is not None
+    as_of = prep.window.end
+    new = steps.snapshot_state(prep.enc, prep.vocab, as_of, params, lam)
+    items = item_snapshot(prep.enc, prep.vocab, as_of, params)
+    users = user_snapshot(prep.enc, prep.vocab, as_of, params)
+    matrix = als_matrix(prep.enc, prep.vocab, as_of, params)
+    fit = fit_als(prep.enc, prep.vocab, as_of, params, matrix=matrix)
+    retrieval = retrieval_snapshot(
+        prep.enc, prep.vocab, as_of, fit.item_factors, params, matrix=matrix, ease_lambda=lam
+    )
+    old = assemble_state(prep.vocab, items, users, retrieval, params)
+    assert new.ease.indices.size > 0
+    timings = ("seconds",)  # EASE's stats carry its fit time
+    for state in (new, old):
+        state.params["ease"] = {k: v for k, v in state.params["ease"].items() if k not in timings}
+    assert new.params == old.params
+    for name in ("item_factors", "user_factors", "item_table", "user_table", "popular"):
+        np.testing.assert_array_equal(getattr(new, name), getattr(old, name), err_msg=name)
+    for name in ("ease", "covisit", "item_knn", "seen", "recent", "user_affinity"):
+        a, b = getattr(new, name), getattr(old, name)
+        for part in ("indptr", "indices", "data"):
+            np.testing.assert_array_equal(getattr(a, part), getattr(b, part), err_msg=name)
