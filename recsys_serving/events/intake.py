@@ -129,11 +129,16 @@ class RecentIds:
     def add(self, event_id: str) -> None:
         self.add_batch([event_id])
 
-    def add_batch(self, event_ids: list[str]) -> None:
-        """Remember a batch's accepted ids (in acceptance order)."""
+    def add_batch(self, event_ids: list[str], *, fresh: bool = False) -> None:
+        """Remember a batch's accepted ids (in acceptance order).
+
+        ``fresh``: the caller has just made sure that no id is twice in the batch nor
+        remembered already (a bulk ingest's block), so that is not checked again."""
         if self.capacity <= 0 or not event_ids:
             return
-        if not self._ids.isdisjoint(event_ids) or len(set(event_ids)) != len(event_ids):
+        if not fresh and (
+            not self._ids.isdisjoint(event_ids) or len(set(event_ids)) != len(event_ids)
+        ):
             event_ids = [i for i in dict.fromkeys(event_ids) if i not in self._ids]
         if len(event_ids) >= self.capacity:
             kept = event_ids[len(event_ids) - self.capacity :]
@@ -331,7 +336,8 @@ class EventIntake:
             if not self.recent.isdisjoint(batch.event_ids):
                 return None
             self.landing.append(batch.landed, sync=sync)
-            self.recent.add_batch(batch.event_ids)
+            # prevalidate refused any batch with an id twice; none is remembered.
+            self.recent.add_batch(batch.event_ids, fresh=True)
         n = batch.received
         return IntakeResult(received=n, accepted=n, days=set(batch.landed))
 

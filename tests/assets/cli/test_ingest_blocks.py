@@ -1,0 +1,91 @@
+"""How a bulk ingest cuts files into blocks for its worker processes.
+
+A plain file is cut into spans the workers read themselves; a .gz is inflated in
+the ingest process into blocks of the full size (gzip inflates ~128 KiB a step);
+a worker's answer travels with its ids as one string. The end-to-end equality of
+pooled and serial ingests is in tests/serving/events/test_intake_fastpath.py.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import random
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+from recsys_assets import ingest
+from recsys_serving.events.fastpath import Prevalidated
+
+
+def _lines(n: int, seed: int) -> bytes:
+    rng = random.Random(seed)
+    out = []
+    for k in range(n):
+        pad = "x" * rng.choice([0, 1, 10, 200, 5_000])
+        out.append(f'{{"k":{k},"pad":"{pad}"}}'.encode())
+    return b"\n".join(out)
+
+
+@pytest.mark.parametrize("final_newline", [True, False])
+@pytest.mark.parametrize("bom", [True, False])
+@pytest.mark.parametrize("block", [64, 4_096, 1 << 20])
+def test_spans_cover_the_file_in_whole_lines(
+    tmp_path: Path, final_newline: bool, bom: bool, block: int
+) -> None:
+    body = _lines(400, block) + (b"\n" if final_newline else b"")
+    path = tmp_path / "log.ndjson"
+    path.write_bytes((ingest.UTF8_BOM if bom else b"") + body)
+    with mock.patch.object(ingest, "READ_BLOCK", block), ingest._open(path) as fh:
+        spans = list(ingest._spans(fh, str(path)))
+        serial = list(ingest._whole_line_blocks(ingest._open(path)))
+    blocks = [span.read() for span in spans]
+    assert all(b.endswith(b"\n") for b in blocks)
+    assert b"".join(blocks) == body + (b"" if final_newline else b"\n")
+    assert b"".join(blocks) == b"".join(serial)
+    # Cut near the block size, never inside a line: a span is longer than a block only
+    # by the line that straddles it.
+    assert all(len(s) <= block or s.read().count(b"\n") == 1 for s in spans)
+    assert [s.start for s in spans] == sorted({s.start for s in spans})
+
+
+def test_a_span_of_a_file_cut_shorter_meanwhile_is_a_read_error(tmp_path: Path) -> None:
+    path = tmp_path / "log.ndjson"
+    path.write_bytes(_lines(50, 1) + b"\n")
+    with ingest._open(path) as fh:
+        span = next(ingest._spans(fh, str(path)))
+    path.write_bytes(b"{}\n")
+    with pytest.raises(OSError, match="shrank"):
+        span.read()
+
+
+def test_gzip_is_read_in_full_blocks_and_every_byte_before_a_cut() -> None:
+    data = _lines(20_000, 7) + b"\n"
+    packed = gzip.compress(data)
+    block = 1 << 20
+    with mock.patch.object(ingest, "READ_BLOCK", block):
+        whole = list(ingest._ReadAhead(gzip.GzipFile(fileobj=io.BytesIO(packed))))
+        assert b"".join(whole) == data
+        assert all(len(b) >= block for b in whole[:-1]) and len(whole) == -(-len(data) // block)
+        got: list[bytes] = []
+        cut = gzip.GzipFile(fileobj=io.BytesIO(packed[: len(packed) * 2 // 3]))
+        with pytest.raises(EOFError):
+            got.extend(ingest._ReadAhead(cut))
+    # What was inflated before the cut is handed over before the error.
+    assert len(b"".join(got)) > len(data) // 2 and data.startswith(b"".join(got))
+
+
+def test_a_workers_answer_round_trips_with_its_ids_joined() -> None:
+    batch = Prevalidated(3, ["e1", "é2", "e3"], {"2026-01-02": b"x\n"})
+    back = pickle.loads(pickle.dumps(batch, protocol=5))
+    assert back == batch
+    # One id string pickled, not one per id.
+    ids = [f"e{k:09d}" for k in range(1_000)]
+    assert "\n".join(ids).encode() in pickle.dumps(Prevalidated(1_000, ids, {}), protocol=5)
+    odd = Prevalidated(2, ["a\nb", "c"], {})
+    assert pickle.loads(pickle.dumps(odd)) == odd
+    empty = Prevalidated(0, [], {})
+    assert pickle.loads(pickle.dumps(empty)) == empty
