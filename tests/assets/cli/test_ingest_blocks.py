@@ -62,6 +62,25 @@ def test_a_span_of_a_file_cut_shorter_meanwhile_is_a_read_error(tmp_path: Path) 
         span.read()
 
 
+def test_a_span_follows_its_file_through_a_rotation(tmp_path: Path) -> None:
+    """Log rotation renames the file and writes a new one under its name: a worker
+    reads the file the ingest opened, never the new file's bytes at its offsets;
+    where it cannot follow the file, that is a read error."""
+    from dataclasses import replace
+
+    path = tmp_path / "log.ndjson"
+    path.write_bytes(_lines(50, 1) + b"\n")
+    with ingest._open(path) as fh:
+        span = next(ingest._spans(fh, str(path)))
+        before = span.read()
+        path.rename(tmp_path / "log.ndjson.1")
+        path.write_bytes(_lines(60, 2) + b"\n")
+        assert span.read() == before
+        blind = replace(span, handle=str(tmp_path / "no-proc"))
+        with pytest.raises(OSError, match="replaced"):
+            blind.read()
+
+
 def test_gzip_is_read_in_full_blocks_and_every_byte_before_a_cut() -> None:
     data = _lines(20_000, 7) + b"\n"
     packed = gzip.compress(data)
