@@ -108,3 +108,27 @@ def test_a_workers_answer_round_trips_with_its_ids_joined() -> None:
     assert pickle.loads(pickle.dumps(odd)) == odd
     empty = Prevalidated(0, [], {})
     assert pickle.loads(pickle.dumps(empty)) == empty
+
+
+@pytest.mark.parametrize("capacity", [0, 3, 7, 50])
+def test_claiming_a_block_remembers_exactly_what_check_then_add_remembered(
+    capacity: int,
+) -> None:
+    """RecentIds.claim (one set update, undone when an id was known) against the
+    check-then-add it replaces in land_prevalidated, on random blocks with repeats."""
+    from recsys_serving.events.intake import RecentIds
+
+    rng = random.Random(capacity)
+    claimed, checked = RecentIds(capacity), RecentIds(capacity)
+    for _ in range(300):
+        block = list(dict.fromkeys(str(rng.randrange(120)) for _ in range(rng.randint(1, 9))))
+        fresh = checked.isdisjoint(block)
+        assert claimed.claim(block) == fresh
+        if fresh:
+            if rng.random() < 0.1:  # the write failed: never remembered
+                claimed.unclaim(block)
+            else:
+                checked.add_batch(block)
+                claimed.add_batch(block, claimed=True)
+        assert claimed._ids == checked._ids
+        assert list(claimed._batches) == list(checked._batches)

@@ -154,3 +154,31 @@ def test_candidates_are_only_the_rows_that_break_a_suite() -> None:
         "ts_inside_partition": 3,
     }
     assert row_candidates(_partition(1_000, []), START) == {}
+
+
+def test_unattributed_clicks_are_counted_once_and_named_in_partition_order() -> None:
+    """Impressions logged twice (a retried request) match a click once; the clicks
+    that match none are named in the partition's order."""
+    rows = []
+    for r in range(6):
+        t = START + timedelta(minutes=r)
+        shown = [f"i{r}"] * 2  # each impression logged twice
+        for item in shown:
+            rows.append(("impression", f"imp{r}-{len(rows)}", item, f"r{r}", t))
+        clicked = f"i{r}" if r % 2 == 0 else f"lost{r}"
+        rows.append(("click", f"c{r}", clicked, f"r{r}", t + timedelta(seconds=1)))
+    events = pl.DataFrame(
+        [
+            {"event_id": e, "event_type": k, "user_id": "u", "item_id": i, "request_id": q, "ts": t}
+            for k, e, i, q, t in rows
+        ],
+        schema_overrides={"ts": pl.Datetime("us", "UTC")},
+    )
+    figures = partition_figures(DAY, events, EventIdCounts(landed=len(rows), distinct=len(rows)), 1)
+    assert figures["clicks_with_request_id"] == 6
+    assert figures["unattributed_clicks"] == 3
+    assert figures["unattributed_rate"] == 0.5
+    assert figures["unattributed_clicks_examples"] == [
+        "click 'c1' on item 'lost1' of request 'r1'",
+        "click 'c3' on item 'lost3' of request 'r3'",
+    ]
