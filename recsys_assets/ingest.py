@@ -494,6 +494,19 @@ def _spans(fh: BinaryIO, path: str) -> Generator[_Span, None, None]:
                 start = cut
 
 
+def _mappable(fh: BinaryIO) -> bool:
+    """Whether the file can be memory-mapped (some file systems cannot): if not, it
+    is read and shipped to the workers in blocks, as a .gz is."""
+    try:
+        size = os.fstat(fh.fileno()).st_size
+        if size:
+            with mmap.mmap(fh.fileno(), min(size, mmap.PAGESIZE), access=mmap.ACCESS_READ):
+                pass
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 class _BlockPool:
     """Worker processes that prevalidate a file's blocks, landed here in file order.
 
@@ -573,7 +586,9 @@ class _BlockPool:
         failure: BaseException | None = None
         # A plain file is read by the workers themselves; a .gz is inflated here.
         name_of_file = getattr(fh, "name", None)
-        plain = isinstance(fh, io.BufferedReader) and isinstance(name_of_file, str)
+        plain = (
+            isinstance(fh, io.BufferedReader) and isinstance(name_of_file, str) and _mappable(fh)
+        )
         blocks: Generator[bytes | _Span, None, None] = (
             _spans(fh, name_of_file) if plain else _whole_line_blocks(fh)
         )

@@ -132,3 +132,42 @@ def test_claiming_a_block_remembers_exactly_what_check_then_add_remembered(
                 claimed.add_batch(block, claimed=True)
         assert claimed._ids == checked._ids
         assert list(claimed._batches) == list(checked._batches)
+
+
+def test_a_file_that_cannot_be_mapped_is_shipped_in_blocks(tmp_path: Path) -> None:
+    """Some file systems refuse mmap: such a file is read here and its blocks sent to
+    the workers, as a .gz is, instead of failing."""
+    path = tmp_path / "log.ndjson"
+    path.write_bytes(_lines(30, 3) + b"\n")
+    with ingest._open(path) as fh:
+        assert ingest._mappable(fh)
+        with mock.patch.object(ingest.mmap, "mmap", side_effect=OSError("no mmap here")):
+            assert not ingest._mappable(fh)
+
+
+def test_an_unmappable_file_still_lands_every_event_through_the_workers(tmp_path: Path) -> None:
+    import time
+
+    import orjson
+
+    from recsys_serving.events.intake import EventIntake
+    from recsys_serving.lake import LocalLake
+    from recsys_serving.settings import Settings
+
+    now = time.time()
+    events = [
+        {"event_id": f"e{k}", "event_type": "view", "user_id": "u", "item_id": "i", "ts": now}
+        for k in range(3_000)
+    ]
+    path = tmp_path / "log.ndjson"
+    path.write_bytes(b"\n".join(map(orjson.dumps, events)) + b"\n")
+    lake = LocalLake(tmp_path / "lake")
+    intake = EventIntake(lake, Settings(), writer_id="w")
+    with (
+        mock.patch.object(ingest.mmap, "mmap", side_effect=OSError("no mmap here")),
+        mock.patch.object(ingest, "READ_BLOCK", 16 << 10),
+    ):
+        report = ingest.ingest_files([path], intake, workers=2)
+    assert report.result.accepted == 3_000 and not report.failed_files
+    landed = b"".join(p.read_bytes() for p in sorted((tmp_path / "lake").rglob("*.ndjson")))
+    assert landed.count(b"\n") == 3_000
