@@ -5,15 +5,20 @@ rule that broke. GX stays the engine that decides every check; polars only
 prepares what each suite reads, so a 10M-event backfill is validated in seconds:
 
 * row-level suites (``required_columns_not_null``, ``event_type_allowed``,
-  ``ts_inside_partition``) see every processed row, but only the columns they
-  check, in types the pandas engine handles without per-value Python work (GX
-  fingerprints every batch by hashing it, about 0.5 µs per string value, and its
-  range check loops in Python over anything but numpy numbers): ``event_type`` as
-  a categorical, ``ts`` as epoch microseconds, the seconds into the partition as
-  floats, and the id columns (``event_id``, ``user_id``, ``item_id``) as their byte
-  lengths with nulls kept. A not-null expectation depends on nullity alone, so its
-  result (counts, percentages, the null examples) is exactly the one on the
-  strings;
+  ``ts_inside_partition``) judge every processed row, but GX only sees the rows that
+  can break them: polars picks, per partition, the rows with a null in a required
+  column, an ``event_type`` outside the allowed set, a timestamp outside its day
+  (exactly the rows each expectation counts as unexpected; nulls are ignored by the
+  set and range expectations, as in GX). What GX reports from those rows (the
+  unexpected count, the examples, success) is what it reported from the whole frame,
+  where the other rows only added to the row count, which is kept beside. A clean
+  partition (the usual case) costs GX nothing: running the suites on the whole frame
+  cost more than processing itself (GX fingerprints every batch by hashing it, and
+  its metrics walk every value), and shipping the frames to its process cost more
+  again. The candidate rows keep the columns and types GX saw before: ``event_type``
+  as a categorical, ``ts`` as epoch microseconds, the seconds into the partition as
+  floats, the id columns as their byte lengths with nulls kept (a not-null
+  expectation depends on nullity alone);
 * per-partition suites see one row of polars-computed figures per partition, as
   their expectations are about the output as a whole: how many ``event_id``\\ s
   repeat in it, and two *rates* of benign row-level anomalies, which are accounted
@@ -33,12 +38,12 @@ Every check records how many rows broke it, two examples and what to do
 the CLI prints for a failed check.
 
 Partitions are reduced to these inputs as they are processed and validated while
-processing goes on (see :class:`WeblogValidator` for where), one partition at a
-time, or a few small ones together once they reach ``batch_rows`` rows (the six
-suites have a fixed cost of ~0.06 s per batch, which would dominate a year of small
-daily partitions). Validating a 300k-event partition on its own costs no more CPU
-than in 2M-row batches and keeps memory bounded by a partition, not by the length
-of the backfill.
+processing goes on (see :class:`WeblogValidator` for where), in batches of
+partitions of ``batch_rows`` processed rows: the suites have a fixed cost of ~0.06 s
+each per batch, which would dominate a year of small daily partitions (or 30 days of
+large ones, one batch each). A batch holds only its candidate rows and one row of
+figures per partition, so memory stays bounded by ``batch_rows`` candidate rows at
+most, not by the length of the backfill.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ import threading
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import polars as pl
@@ -113,15 +119,9 @@ REMEDIES: dict[str, str] = {
     ),
 }
 
-# Which prepared frame each suite validates (and, per partition, which column).
-SUITE_FRAMES: dict[str, str] = {
-    "required_columns_not_null": "required",
-    "event_type_allowed": "event_types",
-    "ts_inside_partition": "timestamps",
-    "event_ids_unique": "partitions",
-    "unattributed_click_rate_below_threshold": "partitions",
-    "conflicting_duplicate_rate_below_threshold": "partitions",
-}
+# The suites that judge rows (GX sees each one's candidate rows); the others judge
+# one row of figures per partition (and, per partition, which column).
+ROW_SUITES = ("required_columns_not_null", "event_type_allowed", "ts_inside_partition")
 PARTITION_COLUMNS: dict[str, str] = {
     "event_ids_unique": "output_duplicates",
     "unattributed_click_rate_below_threshold": "unattributed_rate",
@@ -199,7 +199,10 @@ class _Batch:
     """Compact check inputs of one or more partitions, in processing order."""
 
     partitions: list[str] = field(default_factory=list)
-    rows: list[pl.DataFrame] = field(default_factory=list)
+    # Per row-level suite, the rows that can break it (see the module's docstring).
+    candidates: dict[str, list[pl.DataFrame]] = field(
+        default_factory=lambda: {name: [] for name in ROW_SUITES}
+    )
     figures: list[dict[str, Any]] = field(default_factory=list)  # one per partition
     row_count: int = 0
 
@@ -218,7 +221,7 @@ class WeblogValidator:
       Python-heavy, and in a thread it holds the GIL the processing pipeline needs
       between polars calls (measured on 10M events: 1.2 of 2 cores busy instead of
       1.9). The worker imports GX while processing goes on; up to ``max_in_flight``
-      batches (a few MB each) wait for it, which bounds memory and applies
+      batches (candidate rows and figures) wait for it, which bounds memory and applies
       back-pressure. It is shut down by :meth:`finish` / :meth:`close`, and at
       process exit at the latest (before ``multiprocessing`` joins children, which
       would otherwise wait forever in a Dagster step process);
@@ -230,7 +233,7 @@ class WeblogValidator:
     def __init__(
         self,
         max_duplicate_rate: float,
-        batch_rows: int = 200_000,
+        batch_rows: int = 2_000_000,
         max_in_flight: int = 8,
         *,
         max_unattributed_click_rate: float = 0.5,
@@ -251,16 +254,9 @@ class WeblogValidator:
         batch = self._pending
         batch.partitions.append(day)
         batch.row_count += events.height
-        batch.rows.append(
-            events.select(
-                *(pl.col(c).str.len_bytes() for c in ("event_id", "user_id", "item_id")),
-                "event_type",
-                pl.col("ts").dt.epoch("us"),
-                ((pl.col("ts") - start).dt.total_microseconds() / 1e6).alias(
-                    "seconds_into_partition"
-                ),
-            )
-        )
+        for name, frame in row_candidates(events, start).items():
+            if frame.height:
+                batch.candidates[name].append(frame)
         batch.figures.append(partition_figures(day, events, ids, self.thresholds.min_rows))
         if batch.row_count >= self.batch_rows:
             self._submit(large=True)
@@ -310,6 +306,39 @@ class WeblogValidator:
             self.outcomes[name].add(passed, partitions, observed)
 
 
+def row_candidates(events: pl.DataFrame, start: datetime) -> dict[str, pl.DataFrame]:
+    """Per row-level suite, the rows of a partition that its expectations count as
+    unexpected, in the columns and types GX validates (``start``: the partition's
+    first instant). Nulls break only the not-null suite: GX leaves them out of the
+    set and range expectations, and so do these filters."""
+    seconds = (pl.col("ts") - start).dt.total_microseconds() / 1e6
+    suspects = events.lazy().filter(
+        pl.any_horizontal(pl.col(c).is_null() for c in REQUIRED_COLUMNS)
+        | (pl.col("event_type").is_not_null() & ~pl.col("event_type").is_in(EVENT_TYPES))
+        | (seconds.is_not_null() & ((seconds < 0) | (seconds >= 86_400)))
+    )
+    rows = suspects.select(
+        *(pl.col(c).str.len_bytes() for c in ("event_id", "user_id", "item_id")),
+        "event_type",
+        pl.col("ts").dt.epoch("us"),
+        seconds.alias("seconds_into_partition"),
+    ).collect()
+    if not rows.height:
+        return {}
+    in_day = pl.col("seconds_into_partition")
+    return {
+        "required_columns_not_null": rows.filter(
+            pl.any_horizontal(pl.col(c).is_null() for c in REQUIRED_COLUMNS)
+        ).select(*REQUIRED_COLUMNS),
+        "event_type_allowed": rows.filter(
+            pl.col("event_type").is_not_null() & ~pl.col("event_type").is_in(EVENT_TYPES)
+        ).select("event_type"),
+        "ts_inside_partition": rows.filter(
+            in_day.is_not_null() & ((in_day < 0) | (in_day >= 86_400))
+        ).select("seconds_into_partition"),
+    }
+
+
 def partition_figures(
     day: str, events: pl.DataFrame, ids: EventIdCounts, min_rows: int
 ) -> dict[str, Any]:
@@ -319,13 +348,20 @@ def partition_figures(
     ).select("event_id", "request_id", "item_id")
     unattributed = clicks.head(0)
     if clicks.height:
+        # No unique() first: an anti join keeps a click whatever the number of
+        # matching impressions, and deduplicating ~10 impressions per click cost
+        # more than the join itself.
         shown = (
             events.lazy()
             .filter((pl.col("event_type") == "impression") & pl.col("request_id").is_not_null())
             .select("request_id", "item_id")
-            .unique()
         )
-        unattributed = clicks.lazy().join(shown, on=["request_id", "item_id"], how="anti").collect()
+        # In the partition's order, so the examples are its first such clicks.
+        unattributed = (
+            clicks.lazy()
+            .join(shown, on=["request_id", "item_id"], how="anti", maintain_order="left")
+            .collect()
+        )
     event_ids = events.get_column("event_id").drop_nulls()
     output_duplicates = event_ids.len() - event_ids.n_unique()
     repeated = (
@@ -427,15 +463,21 @@ def _validate_batch(batch: _Batch, thresholds: Thresholds) -> list[_SuiteResult]
     frames = _frames(batch)
     results: list[_SuiteResult] = []
     for name, vd in validations.items():
-        df = frames[SUITE_FRAMES[name]]
-        if len(df) == 0:
-            results.append((name, True, batch.partitions, {"rows": 0, "unexpected": 0}))
-        elif name in PARTITION_COLUMNS:
+        df = frames[name]
+        if name in PARTITION_COLUMNS:
+            if len(df) == 0:
+                results.append((name, True, batch.partitions, {"rows": 0, "unexpected": 0}))
+                continue
             passed, failed, observed = _validate_per_partition(name, vd, df, batch.figures)
             results.append((name, passed, failed or batch.partitions, observed))
+        elif len(df) == 0:  # no row can break it: what GX would say of the whole batch
+            results.append(
+                (name, True, batch.partitions, {"rows": batch.row_count, "unexpected": 0})
+            )
         else:
             result = vd.run(batch_parameters={"dataframe": df})
-            results.append((name, bool(result.success), batch.partitions, _observed(result, df)))
+            observed = _observed(result, batch.row_count)
+            results.append((name, bool(result.success), batch.partitions, observed))
     return results
 
 
@@ -470,11 +512,14 @@ def _validate_per_partition(
 
 
 def _frames(batch: _Batch) -> dict[str, Any]:
-    """The pandas frames each suite validates, built from a batch's compact inputs."""
-    rows = pl.concat(batch.rows, how="vertical", rechunk=False)
-    required = rows.select(
-        *REQUIRED_COLUMNS[:1], pl.col("event_type").cast(pl.Categorical), *REQUIRED_COLUMNS[2:]
-    ).to_pandas()
+    """The pandas frame each suite validates: a row-level suite's candidate rows, or
+    the partitions' figures."""
+    frames: dict[str, Any] = {}
+    for name, parts in batch.candidates.items():
+        rows = pl.concat(parts, how="vertical") if parts else pl.DataFrame()
+        if "event_type" in rows.columns:
+            rows = rows.with_columns(pl.col("event_type").cast(pl.Categorical))
+        frames[name] = rows.to_pandas()
     partitions = pl.DataFrame(
         [{k: f[k] for k in ("partition", *PARTITION_COLUMNS.values())} for f in batch.figures],
         schema={
@@ -483,17 +528,13 @@ def _frames(batch: _Batch) -> dict[str, Any]:
             "unattributed_rate": pl.Float64(),
             "conflicting_rate": pl.Float64(),
         },
-    )
-    return {
-        "required": required,
-        "event_types": required[["event_type"]],
-        "timestamps": rows.select("seconds_into_partition").to_pandas(),
-        "partitions": partitions.to_pandas(),
-    }
+    ).to_pandas()
+    frames.update(dict.fromkeys(PARTITION_COLUMNS, partitions))
+    return frames
 
 
-def _observed(result: Any, df: Any) -> dict[str, Any]:
-    observed: dict[str, Any] = {"rows": len(df)}
+def _observed(result: Any, rows: int) -> dict[str, Any]:
+    observed: dict[str, Any] = {"rows": rows}
     unexpected = 0
     examples: list[Any] = []
     for r in result.results:

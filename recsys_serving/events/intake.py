@@ -13,6 +13,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import msgspec
@@ -129,18 +130,44 @@ class RecentIds:
     def add(self, event_id: str) -> None:
         self.add_batch([event_id])
 
-    def add_batch(self, event_ids: list[str]) -> None:
-        """Remember a batch's accepted ids (in acceptance order)."""
+    def claim(self, event_ids: list[str]) -> bool:
+        """Take a batch of distinct ids into the set unless one of them is remembered
+        already (then the set is as before, and False): one set operation where a check
+        then an update took two. Follow with ``add_batch(ids, claimed=True)`` once the
+        batch is landed, or :meth:`unclaim` if it could not be."""
+        if self.capacity <= 0 or not event_ids:
+            return True
+        before = len(self._ids)
+        self._ids.update(event_ids)
+        if len(self._ids) - before == len(event_ids):
+            return True
+        # Rare (a resent block): the set is the union of the batches, rebuilt.
+        self._ids = set(chain.from_iterable(self._batches))
+        return False
+
+    def unclaim(self, event_ids: list[str]) -> None:
+        """Forget a claimed batch that was not landed after all."""
+        if self.capacity > 0:
+            self._ids.difference_update(event_ids)
+
+    def add_batch(self, event_ids: list[str], *, claimed: bool = False) -> None:
+        """Remember a batch's accepted ids (in acceptance order).
+
+        ``claimed``: the batch went through :meth:`claim` (so its ids are distinct,
+        were not remembered before, and are in the set already)."""
         if self.capacity <= 0 or not event_ids:
             return
-        if not self._ids.isdisjoint(event_ids) or len(set(event_ids)) != len(event_ids):
+        if not claimed and (
+            not self._ids.isdisjoint(event_ids) or len(set(event_ids)) != len(event_ids)
+        ):
             event_ids = [i for i in dict.fromkeys(event_ids) if i not in self._ids]
         if len(event_ids) >= self.capacity:
             kept = event_ids[len(event_ids) - self.capacity :]
             self._ids = set(kept)
             self._batches = deque([kept])
             return
-        self._ids.update(event_ids)
+        if not claimed:
+            self._ids.update(event_ids)
         self._batches.append(event_ids)
         excess = len(self._ids) - self.capacity
         while excess > 0:
@@ -327,11 +354,16 @@ class EventIntake:
         process of a bulk ingest) once no id of it was accepted before; None when one
         was: the caller then submits the batch's lines as usual, and each duplicate
         is refused with its reason."""
+        # prevalidate refused any batch with an id twice, so the ids are distinct.
         with self._recent_lock:
-            if not self.recent.isdisjoint(batch.event_ids):
+            if not self.recent.claim(batch.event_ids):
                 return None
-            self.landing.append(batch.landed, sync=sync)
-            self.recent.add_batch(batch.event_ids)
+            try:
+                self.landing.append(batch.landed, sync=sync)
+            except BaseException:
+                self.recent.unclaim(batch.event_ids)
+                raise
+            self.recent.add_batch(batch.event_ids, claimed=True)
         n = batch.received
         return IntakeResult(received=n, accepted=n, days=set(batch.landed))
 
