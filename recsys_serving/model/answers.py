@@ -42,6 +42,7 @@ import multiprocessing
 import os
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -186,12 +187,15 @@ def _chunks(
         return
     global _FORKED
     _FORKED = recommender
+    # fork: the children share the state's pages and the compiled ranker's code (spawn
+    # would load the state again per worker and recompile or reload the ranker). An
+    # executor shut down by waiting, not multiprocessing.Pool, whose terminate() can
+    # hang joining a worker it started while terminating (seen in a retrain).
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
     try:
-        # fork: the children share the state's pages and the compiled ranker's code
-        # (spawn would load the state again per worker and recompile or reload the ranker).
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            yield from pool.imap(_forked_chunk, jobs)
+        yield from executor.map(_forked_chunk, jobs)
     finally:
+        executor.shutdown(wait=True, cancel_futures=True)
         _FORKED = None
 
 
