@@ -533,15 +533,17 @@ def stage_budget(
         calls["recommend_known_live_ms"] = lambda user: model._scored(live(user, 10))
     for name, call in calls.items():
         wall = []
+        c0 = clock()
         for user in known:
             t0 = time.perf_counter_ns()
             call(user)
             wall.append(time.perf_counter_ns() - t0)
+        cpu_us = (clock() - c0) / max(len(known), 1) / 1e3
         wall.sort()
         out[name] = {
             f"p{q}": round(wall[min(len(wall) - 1, len(wall) * q // 100)] / 1e6, 3)
             for q in (50, 90, 99)
-        } | {"users": len(known)}
+        } | {"users": len(known), "cpu_us": round(cpu_us, 1)}
     if only_model:
         return out
     out["service"] = asgi_budget(sample, key, n)
