@@ -618,7 +618,11 @@ def run_recommender_model(
     version: str | None = None,
     prune_staging: bool = False,
 ) -> Bundle:
-    """Evaluate the challenger on the holdout, then write the served bundle.
+    """Evaluate the challenger on the holdout, then write the served bundle, with the
+    precomputed answers of its known users (``answer_depth``, :func:`write_answers`):
+    the runtime folds no new events into the served state, so a known user's plain
+    request (no filter, no exclusion, embedded retrieval, ``k <= answer_depth``) has
+    one answer per bundle, computed here once by the function that serves the rest.
 
     The bundle is written under ``staging`` and copied to the lake at
     ``training/recommender_model/bundles/<version>/`` (manifest last), so the

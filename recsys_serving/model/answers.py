@@ -96,11 +96,12 @@ class AnswerTable:
         """The first ``k`` of the user's answer (the caller checked ``k <= depth``)."""
         lo = int(self.indptr[row])
         hi = min(int(self.indptr[row + 1]), lo + k)
+        # Views of the mapped arrays, in their stored dtypes (the caller lists them).
         return (
-            self.items[lo:hi].astype(np.int64),
-            np.asarray(self.scores[lo:hi]),
-            np.asarray(self.sources[lo:hi]),
-            self.refs[lo:hi].astype(np.int64),
+            self.items[lo:hi],  # type: ignore[return-value]
+            self.scores[lo:hi],
+            self.sources[lo:hi],
+            self.refs[lo:hi],  # type: ignore[return-value]
         )
 
     # -------------------------------------------------------------- persistence
@@ -138,9 +139,10 @@ class AnswerTable:
         if meta.get("format") != ANSWERS_FORMAT:
             log.warning("answers.ignored", path=str(directory), format=meta.get("format"))
             return None
+        # Plain ndarray views of the mappings: slicing an np.memmap builds a memmap per
+        # slice (a few microseconds each, four per request).
         arrays = {
-            name: np.load(directory / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-            for name in _ARRAYS
+            name: np.asarray(np.load(directory / f"{name}.npy", mmap_mode="r")) for name in _ARRAYS
         }
         table = cls(depth=int(meta["depth"]), ranker=str(meta["ranker"]), **arrays)
         size = int(table.indptr[-1]) if table.indptr.size else -1

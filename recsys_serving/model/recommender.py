@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ INDEX_DIR = "index"
 # Users whose candidate pools check a compiled ranker against LightGBM (plus a cold one),
 # and whose stored answers are checked against their live ones.
 CHECK_USERS = 8
+REASONS_KEPT = 1 << 16
 _NOTHING: Ranked = (
     np.empty(0, np.int64),
     np.empty(0, np.float64),
@@ -102,6 +104,9 @@ class Recommender:
         _ = state.item_index, state.user_index, state.category_index
         self._item_norms = item_norms(state)
         self._item_names: list[str] = [str(i) for i in state.item_ids.tolist()]
+        # Reasons are words over (source, detail): a few thousand distinct ones serve
+        # every answer, and formatting one from numpy strings costs more than a lookup.
+        self._reason = lru_cache(maxsize=REASONS_KEPT)(partial(cand.reason, state))
         primary = padded_categories(state)[:, 0]
         self._primary = np.where(primary < state.n_categories, primary, -1)
         # The bundle's precomputed answers (model/answers.py) and, once checked against
@@ -276,10 +281,10 @@ class Recommender:
     def _scored(self, ranked: Ranked) -> list[ScoredItem]:
         # One conversion per array, then plain Python values per shown item.
         rows, scores, sources, refs = ranked
-        state = self.state
         names = self._item_names
+        reason = self._reason
         return [
-            ScoredItem(names[row], score, cand.reason(state, source, ref))
+            ScoredItem(names[row], score, reason(source, ref))
             for row, score, source, ref in zip(
                 rows.tolist(), scores.tolist(), sources.tolist(), refs.tolist(), strict=True
             )
