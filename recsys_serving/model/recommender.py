@@ -235,6 +235,9 @@ class Recommender:
         ``user_doc`` (the document store's record) gives cold users their stated
         interests; ``index`` replaces the bundle's embedded ALS retrieval (e.g. with
         Elasticsearch). Unknown users get a category-diverse popular/trending/new list.
+        A known user's request that none of these change (``k`` up to the bundle's
+        answer depth) is read from the answers training computed with :meth:`ranked`
+        (``model/answers.py``); the rest runs :meth:`ranked` now.
         """
         if k <= 0:
             return []
