@@ -32,7 +32,7 @@ A table records the ranker kind that computed it (``compiled``, ``lightgbm``,
 ``blend``): compiled and LightGBM scores agree only to ~1e-9, so a table is used only
 under a ranker of the same kind, and only after a few users' table answers have been
 found equal, bit for bit, to their live answers on the serving host
-(:meth:`Recommender.answers_ready`).
+(``Recommender._activate_answers``; ``Recommender.answers`` is the table in use).
 """
 
 from __future__ import annotations
@@ -45,15 +45,13 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from recsys_serving.logging import get_logger
-
-if TYPE_CHECKING:
-    from recsys_serving.model.recommender import Recommender
+from recsys_serving.model.state import ModelState
 
 log = get_logger(__name__)
 
@@ -71,6 +69,17 @@ CHUNK_USERS = 2_000
 Ranked = tuple[
     npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.int8], npt.NDArray[np.int64]
 ]
+
+
+class Answerer(Protocol):
+    """What computes answers: ``Recommender`` (typed here without importing it, which
+    imports this module)."""
+
+    state: ModelState
+    pool: int
+    ranker: Any
+
+    def ranked(self, user_id: str, k: int) -> Ranked: ...
 
 
 @dataclass(frozen=True)
@@ -156,11 +165,11 @@ class AnswerTable:
 # ------------------------------------------------------------------ precomputing
 # The recommender the worker processes answer with: set before they fork, inherited
 # (with its compiled ranker's code) instead of pickled.
-_FORKED: Recommender | None = None
+_FORKED: Answerer | None = None
 
 
 def _answer_rows(
-    recommender: Recommender, rows: npt.NDArray[np.int64], depth: int
+    recommender: Answerer, rows: npt.NDArray[np.int64], depth: int
 ) -> tuple[Ranked, npt.NDArray[np.int64]]:
     """The answers of user ``rows`` concatenated, and each one's length."""
     names = recommender.state.user_ids
@@ -180,7 +189,7 @@ def _forked_chunk(job: tuple[npt.NDArray[np.int64], int]) -> tuple[Ranked, npt.N
 
 
 def _chunks(
-    recommender: Recommender, rows: npt.NDArray[np.int64], depth: int, workers: int
+    recommender: Answerer, rows: npt.NDArray[np.int64], depth: int, workers: int
 ) -> Iterator[tuple[Ranked, npt.NDArray[np.int64]]]:
     jobs = [(rows[i : i + CHUNK_USERS], depth) for i in range(0, rows.size, CHUNK_USERS)]
     if workers <= 1 or len(jobs) <= 1 or "fork" not in multiprocessing.get_all_start_methods():
@@ -202,7 +211,7 @@ def _chunks(
 
 
 def precompute_answers(
-    recommender: Recommender,
+    recommender: Answerer,
     depth: int,
     workers: int = 1,
     progress: Callable[[int, int, float], None] | None = None,
