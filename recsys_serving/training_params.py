@@ -142,6 +142,11 @@ class TrainingParams:
     ctr_prior_strength: float = 20.0
     # Candidates and ranking.
     candidate_pool: int = knob(200, "Candidates the ranker scores per request.")
+    answer_depth: int = knob(
+        20,
+        "Answers precomputed per known user in the bundle (requests for up to this many "
+        "items, without filters, are read from it; 0 = serve everything live).",
+    )
     ranking_max_users: int = 10_000  # over all cut-offs
     ranking_negatives: int = 80  # unlabelled candidates sampled per (cut-off, user)
     ranking_impressions: bool = True  # logged impressions become rows (shown, not clicked: 0)
@@ -211,6 +216,8 @@ class TrainingParams:
             raise ValueError("eval_per_user_users must not be negative (0 switches it off)")
         if self.candidate_pool < 10:
             raise ValueError("candidate_pool must be at least 10")
+        if self.answer_depth < 0:
+            raise ValueError("answer_depth must not be negative (0 switches it off)")
 
     @property
     def resolved_threads(self) -> int:

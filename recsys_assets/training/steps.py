@@ -116,6 +116,7 @@ from recsys_serving.index.base import IndexArtifact, IndexPublisher
 from recsys_serving.lake import Lake
 from recsys_serving.layout import PRODUCTION, partition_days
 from recsys_serving.logging import get_logger
+from recsys_serving.model.answers import ANSWERS_DIR, default_workers, precompute_answers
 from recsys_serving.model.bundle import (
     BundleError,
     BundleWriter,
@@ -623,7 +624,11 @@ def run_recommender_model(
     version: str | None = None,
     prune_staging: bool = False,
 ) -> Bundle:
-    """Evaluate the challenger on the holdout, then write the served bundle.
+    """Evaluate the challenger on the holdout, then write the served bundle, with the
+    precomputed answers of its known users (``answer_depth``, :func:`write_answers`):
+    the runtime folds no new events into the served state, so a known user's plain
+    request (no filter, no exclusion, embedded retrieval, ``k <= answer_depth``) has
+    one answer per bundle, computed here once by the function that serves the rest.
 
     The bundle is written under ``staging`` and copied to the lake at
     ``training/recommender_model/bundles/<version>/`` (manifest last), so the
@@ -683,10 +688,63 @@ def run_recommender_model(
         index_dir.mkdir()
         for name in ("vectors.npy", "items.parquet", "index.json"):
             (index_dir / name).write_bytes(lake.get_bytes(art.key(CANDIDATE_INDEX, name)))
+        if params.answer_depth > 0:
+            manifest["answers"] = write_answers(writer.path, serve_state, ranker, blend, params)
         writer.manifest.update(manifest)
     upload_bundle(lake, target)
     prune_bundles(lake, staging if prune_staging else None, keep=KEEP_BUNDLES)
     return Bundle(version=version, path=target, manifest=writer.manifest)
+
+
+def write_answers(
+    bundle_dir: Path,
+    state: ModelState,
+    ranker: Ranker | BlendRanker,
+    blend: Blend | None,
+    params: TrainingParams,
+) -> dict[str, Any]:
+    """Precompute every known user's top ``answer_depth`` into the bundle being written
+    (``state/answers/``, see ``recsys_serving/model/answers.py``): ranked as the server
+    ranks, by ``Recommender.ranked`` with the ranker compiled from the bundle's own
+    ``ranker.txt`` (the server compiles it too; a table is used only under a ranker of
+    the kind that wrote it). Costs about one request per known user, spread over the
+    cores in forked workers; returns what the manifest records about it."""
+    started = time.perf_counter()
+    recommender = Recommender(state, ranker, path=bundle_dir, blend=blend)
+    compile_seconds = 0.0
+    if isinstance(ranker, Ranker):
+        from recsys_serving.model.ranker import RankerCompileError
+
+        with tempfile.TemporaryDirectory(prefix="recsys-ranker-") as cache:
+            try:
+                recommender.compile_ranker(Path(cache))
+            except RankerCompileError as exc:
+                log.warning("recommender_model.answers_uncompiled", reason=exc.reason)
+        compile_seconds = time.perf_counter() - started
+    workers = min(params.resolved_threads, default_workers())
+
+    def progress(done: int, total: int, seconds: float) -> None:
+        log.info(
+            "recommender_model.answers",
+            users=done,
+            of=total,
+            seconds=round(seconds, 1),
+            users_per_second=round(done / max(seconds, 1e-9)),
+        )
+
+    table = precompute_answers(recommender, params.answer_depth, workers, progress)
+    written = table.save(bundle_dir / STATE_DIR / ANSWERS_DIR)
+    out = {
+        "depth": table.depth,
+        "ranker": table.ranker,
+        "users": int(np.count_nonzero(np.diff(table.indptr))),
+        "workers": workers,
+        "bytes": sum(path.stat().st_size for path in written),
+        "compile_seconds": round(compile_seconds, 3),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    log.info("recommender_model.answers_written", **out)
+    return out
 
 
 def snapshot_state(

@@ -12,8 +12,9 @@ server swaps whole instances (hot swap) instead of mutating one.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ import numpy as np
 import numpy.typing as npt
 
 from recsys_serving.index.base import CandidateIndex, CandidateQuery
+from recsys_serving.logging import get_logger
 from recsys_serving.model import candidates as cand
+from recsys_serving.model.answers import ANSWERS_DIR, AnswerTable, Ranked
 from recsys_serving.model.bundle import BundleError, verify_bundle
 from recsys_serving.model.context import UserContext, user_context
 from recsys_serving.model.features import (
@@ -45,8 +48,18 @@ from recsys_serving.model.state import IntArray, ModelState
 RANKER_FILE = "ranker.txt"
 STATE_DIR = "state"
 INDEX_DIR = "index"
-# Users whose candidate pools check a compiled ranker against LightGBM (plus a cold one).
+# Users whose candidate pools check a compiled ranker against LightGBM (plus a cold one),
+# and whose stored answers are checked against their live ones.
 CHECK_USERS = 8
+REASONS_KEPT = 1 << 16
+_NOTHING: Ranked = (
+    np.empty(0, np.int64),
+    np.empty(0, np.float64),
+    np.empty(0, np.int8),
+    np.empty(0, np.int64),
+)
+
+log = get_logger(__name__)
 
 __all__ = ["Blend", "BlendRanker", "Ranker", "Recommender", "ScoredItem"]
 
@@ -75,6 +88,7 @@ class Recommender:
         manifest: Mapping[str, Any] | None = None,
         path: Path | None = None,
         blend: Blend | None = None,
+        answers: AnswerTable | None = None,
     ) -> None:
         self.state = state
         self.ranker = ranker
@@ -90,8 +104,16 @@ class Recommender:
         _ = state.item_index, state.user_index, state.category_index
         self._item_norms = item_norms(state)
         self._item_names: list[str] = [str(i) for i in state.item_ids.tolist()]
+        # Reasons are words over (source, detail): a few thousand distinct ones serve
+        # every answer, and formatting one from numpy strings costs more than a lookup.
+        self._reason = lru_cache(maxsize=REASONS_KEPT)(partial(cand.reason, state))
         primary = padded_categories(state)[:, 0]
         self._primary = np.where(primary < state.n_categories, primary, -1)
+        # The bundle's precomputed answers (model/answers.py) and, once checked against
+        # this ranker, the ones requests may read (``answers``).
+        self._table = answers
+        self.answers: AnswerTable | None = None
+        self._activate_answers()
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -119,7 +141,11 @@ class Recommender:
             raise BundleError(f"{root}: cannot load the model state ({exc})") from exc
         except Exception as exc:  # LightGBM raises its own error type for a bad model file
             raise BundleError(f"{root}: cannot load {RANKER_FILE} ({exc})") from exc
-        return cls(state, ranker, manifest, root)
+        try:  # optional: bundles written before answer tables have none and serve live
+            answers = AnswerTable.load(root / STATE_DIR / ANSWERS_DIR, state.n_users)
+        except (OSError, ValueError, KeyError) as exc:
+            raise BundleError(f"{root}: cannot load the answer table ({exc})") from exc
+        return cls(state, ranker, manifest, root, answers=answers)
 
     def compile_ranker(self, cache_dir: Path | None = None) -> CompiledRanker | BlendRanker:
         """Replace the LightGBM ranker by its native compilation (see ``model/ranker.py``),
@@ -140,6 +166,7 @@ class Recommender:
             ranker_sha256=entry.get("sha256"),
         )
         self.ranker = compiled
+        self._activate_answers()
         return compiled
 
     def _check_rows(self) -> npt.NDArray[np.float32]:
@@ -154,6 +181,32 @@ class Recommender:
             pool = cand.generate(state, ctx, allowed, self.pool, None, self._retrieve)
             rows.append(assemble_features(state, ctx, pool.items))
         return np.concatenate(rows)
+
+    def _activate_answers(self) -> None:
+        """Let requests read the answer table only if it is this ranker's and a few
+        users' stored answers equal their live ones bit for bit on this host (a
+        compiled ranker built for another CPU may sum its trees in another order)."""
+        table = self._table
+        self.answers = None
+        if table is None:
+            return
+        kind = str(getattr(self.ranker, "kind", type(self.ranker).__name__))
+        if table.ranker != kind or table.depth > self.pool:
+            log.info("answers.unused", version=self.version, table_ranker=table.ranker, ranker=kind)
+            return
+        answered = np.flatnonzero(np.diff(table.indptr) > 0)
+        if not answered.size:
+            return
+        picks = answered[np.linspace(0, answered.size - 1, CHECK_USERS).astype(np.int64)]
+        for row in np.unique(picks).tolist():
+            user = str(self.state.user_ids[row])
+            stored = table.answer(row, table.depth)
+            live = self.ranked(user, table.depth)
+            if not all(np.array_equal(a, b) for a, b in zip(stored, live, strict=True)):
+                log.warning("answers.mismatch", version=self.version, user=user, ranker=kind)
+                return
+        self.answers = table
+        log.info("answers.active", version=self.version, depth=table.depth, ranker=kind)
 
     # ------------------------------------------------------------------- lookup
     def knows_user(self, user_id: str) -> bool:
@@ -182,9 +235,33 @@ class Recommender:
         ``user_doc`` (the document store's record) gives cold users their stated
         interests; ``index`` replaces the bundle's embedded ALS retrieval (e.g. with
         Elasticsearch). Unknown users get a category-diverse popular/trending/new list.
+        A known user's request that none of these change (``k`` up to the bundle's
+        answer depth) is read from the answers training computed with :meth:`ranked`
+        (``model/answers.py``); the rest runs :meth:`ranked` now.
         """
         if k <= 0:
             return []
+        if not isinstance(exclude, Collection):
+            exclude = tuple(exclude)  # read by the check below and again by the live path
+        table = self.answers
+        if table is not None and index is None and not categories and k <= table.depth:
+            row = self.state.user_row(user_id)
+            if row is not None and table.has(row) and self._excludes_nothing(row, exclude):
+                return self._scored(table.answer(row, k))
+        return self._scored(self.ranked(user_id, k, categories, exclude, user_doc, index))
+
+    def ranked(
+        self,
+        user_id: str,
+        k: int,
+        categories: Sequence[str] | None = None,
+        exclude: Iterable[str] = frozenset(),
+        user_doc: Mapping[str, Any] | None = None,
+        index: CandidateIndex | None = None,
+    ) -> Ranked:
+        """The live computation behind :meth:`recommend`: the shown items' rows, scores,
+        source codes and source details. Training's answer table is this function's
+        output for every known user (model/answers.py), so there is one implementation."""
         state = self.state
         ctx = user_context(state, user_id, user_doc)
         cat_rows = self._category_rows(categories)
@@ -195,24 +272,39 @@ class Recommender:
             retrieve = self._index_retriever(index, ctx, exclude, categories)
         pool = cand.generate(state, ctx, allowed, max(self.pool, k), cat_rows, retrieve)
         if not len(pool):
-            return []
+            return _NOTHING
         features = assemble_features(state, ctx, pool.items)
         scores = self.ranker.score(features)
         order = ranked_order(scores, self.blend.score(features), pool.items)
         if not ctx.known:
             order = self._diversify(pool.items, order, k)
         shown = order[:k]
+        return pool.items[shown], scores[shown], pool.source[shown], pool.refs(shown)
+
+    def _scored(self, ranked: Ranked) -> list[ScoredItem]:
         # One conversion per array, then plain Python values per shown item.
-        rows = pool.items[shown].tolist()
-        sources = pool.source[shown].tolist()
-        refs = pool.refs(shown).tolist()
+        rows, scores, sources, refs = ranked
         names = self._item_names
+        reason = self._reason
         return [
-            ScoredItem(names[row], score, cand.reason(state, source, ref))
+            ScoredItem(names[row], score, reason(source, ref))
             for row, score, source, ref in zip(
-                rows, scores[shown].tolist(), sources, refs, strict=True
+                rows.tolist(), scores.tolist(), sources.tolist(), refs.tolist(), strict=True
             )
         ]
+
+    def _excludes_nothing(self, row: int, exclude: Collection[str]) -> bool:
+        """Whether excluding ``exclude`` leaves the user's allowed items as they are:
+        every id unknown, already seen by the user or unavailable."""
+        if not exclude:
+            return True
+        rows = self._item_rows(exclude)
+        if not rows.size:
+            return True
+        seen = self.state.seen.row(row)[0]
+        at = np.minimum(np.searchsorted(seen, rows), max(seen.size - 1, 0))
+        already = (seen[at] == rows) if seen.size else np.zeros(rows.size, dtype=bool)
+        return bool(np.all(already | ~self.state.available[rows]))
 
     def similar(
         self,

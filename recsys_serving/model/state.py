@@ -24,6 +24,9 @@ import numpy.typing as npt
 
 # 3: EASE item graph (``ease``) and per-item time-bucket counts (``time_edges``,
 # ``item_time_counts``); bundles of format 2 are refused (the features differ).
+# The answer table beside a state (``answers/``, model/answers.py) is optional and has
+# its own version: adding it did not change this format, and a state without one (or
+# with one this code does not read) loads and is served live.
 STATE_FORMAT = 3
 
 IntArray = npt.NDArray[np.int64]
