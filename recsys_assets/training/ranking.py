@@ -287,14 +287,29 @@ class RankerFit:
     curves: dict[str, list[float]] = field(default_factory=dict)
 
 
-def train_ranker(dataset: RankingDataset, params: TrainingParams) -> RankerFit:
-    """LightGBM lambdarank with early stopping on a validation split by user."""
+def validation_users(users: npt.NDArray[np.int64], params: TrainingParams) -> npt.NDArray[Any]:
+    """The users whose groups validate the ranker (early stopping, gate): a seeded share
+    of the distinct users, so all of a user's groups (one per cut-off) land on one side."""
+    rng = np.random.default_rng([params.seed, 0x1B6])
+    unique = np.unique(users)
+    return unique[rng.random(unique.size) < params.ranking_valid_share]
+
+
+def train_ranker(
+    dataset: RankingDataset,
+    params: TrainingParams,
+    valid_users: npt.NDArray[Any] | None = None,
+) -> RankerFit:
+    """LightGBM lambdarank with early stopping on a validation split by user.
+    ``valid_users`` fixes that split (two rankers fitted on different subsets of one
+    dataset are then validated on the same users); by default it is drawn from the
+    dataset's own users (:func:`validation_users`)."""
     import lightgbm as lgb
 
     rng = np.random.default_rng([params.seed, 0x1B6])
-    # Split by user: all of a user's groups (one per cut-off) land on the same side.
     unique = np.unique(dataset.users)
-    valid_users = unique[rng.random(unique.size) < params.ranking_valid_share]
+    if valid_users is None:
+        valid_users = unique[rng.random(unique.size) < params.ranking_valid_share]
     is_valid = np.isin(dataset.users, valid_users)
     if unique.size >= 2 and (is_valid.all() or not is_valid.any()):
         is_valid = dataset.users == unique[rng.integers(0, unique.size)]
@@ -599,3 +614,19 @@ def gate_ranker(dataset: RankingDataset, fit: RankerFit, params: TrainingParams)
             "on validation",
         )
     return out
+
+
+def served_group_ndcg(
+    held: RankingDataset, fit: RankerFit, ranking: dict[str, Any], k: int
+) -> float:
+    """NDCG@k of ``held``'s groups ordered the way a bundle with this ranker and gate
+    decision (``ranking``, :func:`gate_ranker`'s dict) would serve them: by the ranker
+    with its blend breaking ties when the gate let it serve, else by the blend alone."""
+    blend = Blend.from_dict(ranking["blend"])
+    tie = blend.score(held.features)
+    if ranking["mode"] != "ranker":
+        return grouped_ndcg(tie, held.labels, held.groups, k)
+    scores = np.asarray(
+        fit.booster.predict(held.features, num_iteration=fit.best_iteration), dtype=np.float64
+    )
+    return grouped_ndcg(scores, held.labels, held.groups, k, tie)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -322,12 +323,14 @@ def _queries(
 _COLUMNS = ("features", "labels", "groups", "users", "items")
 
 
-def _world(cutoff_signal: str) -> tuple[RankingDataset, np.ndarray]:
+def _world(
+    cutoff_signal: str, lastout_signal: str = "knn_rel"
+) -> tuple[RankingDataset, np.ndarray]:
     """Cut-off queries taught by ``cutoff_signal``; leave-last-out queries (other users)
-    by a retrieval score."""
+    by ``lastout_signal`` (a retrieval score by default)."""
     rng = np.random.default_rng(7)
     cut = _queries(rng, 120, cutoff_signal, 0)
-    lastout = _queries(rng, 120, "knn_rel", 1_000)
+    lastout = _queries(rng, 120, lastout_signal, 1_000)
     data = RankingDataset(
         *(np.concatenate([getattr(cut, f), getattr(lastout, f)]) for f in _COLUMNS)
     )
@@ -368,11 +371,82 @@ def test_leave_last_out_queries_are_added_only_when_the_cutoff_ranker_loses() ->
     assert choice["with_lastout"]["ranker_valid_ndcg"] == ranking["ranker_valid_ndcg"]
 
 
+def test_the_candidate_better_on_both_kinds_of_validation_queries_serves() -> None:
+    """Cut-off queries taught by a non-retrieval column (item_ctr), leave-last-out
+    queries (other users) by another (item_age_at_user): the ranker trained on the
+    cut-off queries alone cannot learn the second, the one trained on all queries learns
+    both, gains on both kinds of validation queries and serves; the four figures and
+    the choice are recorded. With ``lastout_select`` off every query is used."""
+    params = tiny_params(ranker_gate=True, ranker_min_trees=1, lastout_rule="both_kinds")
+    data, flags = _world("item_ctr", "item_age_at_user")
+    _, ranking, used = steps.fit_ranking(data, flags, params)
+    choice = ranking["lastout_choice"]
+    assert choice["queries"] == "cutoffs+lastout", choice
+    assert used.groups.size == 240 and ranking["mode"] == "ranker"
+    cut, both = choice["cutoffs_only"], choice["with_lastout"]
+    for figures in (cut, both):
+        assert {"cutoff_ndcg", "cutoff_gain", "lastout_ndcg", "lastout_gain", "score"} <= set(
+            figures
+        )
+    assert both["lastout_gain"] > cut["lastout_gain"] + 0.1
+    assert both["score"] > cut["score"]
+    assert choice["valid_groups"]["cutoff"] > 0 and choice["valid_groups"]["lastout"] > 0
+    _, all_ranking, all_used = steps.fit_ranking(
+        data, flags, tiny_params(ranker_gate=True, ranker_min_trees=1, lastout_select=False)
+    )
+    assert all_ranking["lastout_choice"]["queries"] == "cutoffs+lastout"
+    assert all_used.groups.size == 240
+
+
+def _choose(cut_column: str, all_column: str) -> dict[str, Any]:
+    """The rule on fixed candidates: the cut-off-only "ranker" scores by ``cut_column``,
+    the all-queries one by ``all_column`` (both served as rankers)."""
+    params = tiny_params(ranker_gate=False, lastout_rule="both_kinds")
+    data, flags = _world("item_ctr", "item_age_at_user")
+    valid = np.zeros(data.groups.size, dtype=bool)
+    valid[::2] = True
+    cut = steps.subset_groups(data, ~flags)
+    candidates = {
+        "cutoffs_only": (
+            fit := _fit(FEATURE_NAMES.index(cut_column), 50, valid[~flags]),
+            steps.gate_ranker(cut, fit, params),
+        ),
+        "with_lastout": (
+            fit_all := _fit(FEATURE_NAMES.index(all_column), 50, valid),
+            steps.gate_ranker(data, fit_all, params),
+        ),
+    }
+    return steps._choose_queries(data, flags, valid, candidates, params)
+
+
+def test_the_rule_weighs_each_kind_of_query_by_its_relative_gain_over_the_blend() -> None:
+    # The cut-off candidate knows the cut-off labels, the other knows neither kind:
+    # the cut-off queries alone serve.
+    choice = _choose("item_ctr", "item_mean_rating")
+    assert choice["queries"] == "cutoffs", choice
+    assert choice["cutoffs_only"]["cutoff_gain"] > 0.1
+    # The other way round: the all-queries candidate knows the leave-last-out labels
+    # and the cut-off one nothing.
+    choice = _choose("item_mean_rating", "item_age_at_user")
+    assert choice["queries"] == "cutoffs+lastout", choice
+    # Each candidate's score is the mean of its two relative gains over the blend.
+    for name in ("cutoffs_only", "with_lastout"):
+        figures = choice[name]
+        assert figures["score"] == pytest.approx(
+            (figures["cutoff_gain"] + figures["lastout_gain"]) / 2, abs=1e-5
+        )
+        for kind in ("cutoff", "lastout"):
+            blend = choice["reference_blend_ndcg"][kind]
+            assert figures[f"{kind}_gain"] == pytest.approx(
+                figures[f"{kind}_ndcg"] / blend - 1.0, abs=1e-4
+            )
+
+
 def test_the_manifest_says_which_queries_trained_the_ranker(
     tiny_world: TinyWorld, tiny_outcome: TrainOutcome
 ) -> None:
     choice = tiny_outcome.manifest["ranking"]["lastout_choice"]
     assert choice["queries"] in ("cutoffs", "cutoffs+lastout")
-    assert "ranker_valid_ndcg" in choice["cutoffs_only"]
+    assert choice["rule"] == "cutoff_gate" and "ranker_valid_ndcg" in choice["cutoffs_only"]
     stats = art.get_json(tiny_world.lake, art.key(steps.RANKING_MODEL, "ranker.json"))
     assert stats["ranking"]["lastout_choice"] == choice
