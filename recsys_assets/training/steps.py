@@ -127,7 +127,7 @@ from recsys_serving.model.bundle import (
     verify_bundle,
 )
 from recsys_serving.model.features import FEATURE_NAMES, ITEM_COLUMNS, USER_COLUMNS
-from recsys_serving.model.ranker import Blend, BlendRanker
+from recsys_serving.model.ranker import Blend, BlendRanker, RankerCompileError
 from recsys_serving.model.recommender import (
     INDEX_DIR,
     RANKER_FILE,
@@ -834,8 +834,6 @@ def write_answers(
     recommender = Recommender(state, ranker, path=bundle_dir, blend=blend)
     compile_seconds = 0.0
     if isinstance(ranker, Ranker):
-        from recsys_serving.model.ranker import RankerCompileError
-
         with tempfile.TemporaryDirectory(prefix="recsys-ranker-") as cache:
             try:
                 recommender.compile_ranker(Path(cache))
@@ -858,7 +856,7 @@ def write_answers(
     out = {
         "depth": table.depth,
         "ranker": table.ranker,
-        "users": int(np.count_nonzero(np.diff(table.indptr))),
+        "users": table.answered_users,
         "workers": workers,
         "bytes": sum(path.stat().st_size for path in written),
         "compile_seconds": round(compile_seconds, 3),

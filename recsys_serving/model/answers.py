@@ -69,6 +69,13 @@ CHUNK_USERS = 2_000
 Ranked = tuple[
     npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.int8], npt.NDArray[np.int64]
 ]
+# The answer to a request with no candidate (and the join of no answers).
+NO_ANSWER: Ranked = (
+    np.empty(0, np.int64),
+    np.empty(0, np.float64),
+    np.empty(0, np.int8),
+    np.empty(0, np.int64),
+)
 
 
 class Answerer(Protocol):
@@ -97,6 +104,11 @@ class AnswerTable:
     @property
     def n_users(self) -> int:
         return int(self.indptr.size - 1)
+
+    @property
+    def answered_users(self) -> int:
+        """Users with an answer (known users whose pool was not empty)."""
+        return int(np.count_nonzero(np.diff(self.indptr)))
 
     def has(self, row: int) -> bool:
         return bool(self.indptr[row + 1] > self.indptr[row])
@@ -128,7 +140,7 @@ class AnswerTable:
                     "format": ANSWERS_FORMAT,
                     "depth": self.depth,
                     "ranker": self.ranker,
-                    "users": int(np.count_nonzero(np.diff(self.indptr))),
+                    "users": self.answered_users,
                     "answers": int(self.items.size),
                 },
                 indent=2,
@@ -176,8 +188,7 @@ def _answer_rows(
     parts = [recommender.ranked(str(names[r]), depth) for r in rows.tolist()]
     lengths = np.asarray([p[0].size for p in parts], dtype=np.int64)
     if not parts:
-        empty = np.empty(0, np.int64)
-        return (empty, np.empty(0, np.float64), np.empty(0, np.int8), empty), lengths
+        return NO_ANSWER, lengths
     joined = tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
     return joined, lengths  # type: ignore[return-value]
 

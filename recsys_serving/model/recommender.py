@@ -24,7 +24,7 @@ import numpy.typing as npt
 from recsys_serving.index.base import CandidateIndex, CandidateQuery
 from recsys_serving.logging import get_logger
 from recsys_serving.model import candidates as cand
-from recsys_serving.model.answers import ANSWERS_DIR, AnswerTable, Ranked
+from recsys_serving.model.answers import ANSWERS_DIR, NO_ANSWER, AnswerTable, Ranked
 from recsys_serving.model.bundle import BundleError, verify_bundle
 from recsys_serving.model.context import UserContext, user_context
 from recsys_serving.model.features import (
@@ -52,12 +52,6 @@ INDEX_DIR = "index"
 # and whose stored answers are checked against their live ones.
 CHECK_USERS = 8
 REASONS_KEPT = 1 << 16
-_NOTHING: Ranked = (
-    np.empty(0, np.int64),
-    np.empty(0, np.float64),
-    np.empty(0, np.int8),
-    np.empty(0, np.int64),
-)
 
 log = get_logger(__name__)
 
@@ -272,7 +266,7 @@ class Recommender:
             retrieve = self._index_retriever(index, ctx, exclude, categories)
         pool = cand.generate(state, ctx, allowed, max(self.pool, k), cat_rows, retrieve)
         if not len(pool):
-            return _NOTHING
+            return NO_ANSWER
         features = assemble_features(state, ctx, pool.items)
         scores = self.ranker.score(features)
         order = ranked_order(scores, self.blend.score(features), pool.items)
