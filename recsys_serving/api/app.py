@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
 
-from recsys_serving.api import admin, dashboard, events, health, metrics, recommendations
+from recsys_serving.api import admin, dashboard, events, health, heap, metrics, recommendations
 from recsys_serving.api.auth import Guard, require
 from recsys_serving.api.errors import StrictPercentEncoding, install_error_handlers
 from recsys_serving.api.impressions import ImpressionLog
@@ -31,6 +31,7 @@ from recsys_serving.api.model_manager import (
     ModelSource,
     PinnedSource,
     RegistrySource,
+    ServingState,
 )
 from recsys_serving.api.serving import Recommending
 from recsys_serving.api.throttle import TokenBuckets
@@ -53,10 +54,13 @@ def create_app(
     loader: Callable[[Path], Any] | None = None,
     docstore: Any = _DEFAULT,
     index_opener: Callable[[Any], Any] | None = _DEFAULT,
+    owns_heap: bool = False,
 ) -> FastAPI:
     """Build the app. ``model_source``, ``loader``, ``docstore`` and ``index_opener``
     (model -> CandidateIndex, or None for the bundle's embedded index) replace what
-    the settings describe; tests inject failing stores or slow indexes through them."""
+    the settings describe; tests inject failing stores or slow indexes through them.
+    ``owns_heap``: the app is its process's only tenant (a ``recsys serve`` worker), so
+    it may freeze the process heap when its models change (:mod:`.heap`)."""
     settings = settings or get_settings()
     configure_logging()
     app = FastAPI(
@@ -87,7 +91,7 @@ def create_app(
         app.include_router(events.router)
         app.include_router(events.router, prefix="/v1")
     else:
-        _build_service(app, settings, model_source, loader, docstore, index_opener)
+        _build_service(app, settings, model_source, loader, docstore, index_opener, owns_heap)
     _document_event_contract(app)
     return app
 
@@ -99,6 +103,7 @@ def _build_service(
     loader: Callable[[Path], Any] | None,
     docstore: Any,
     index_opener: Callable[[Any], Any] | None,
+    owns_heap: bool,
 ) -> None:
     service_metrics: ServiceMetrics = app.state.metrics
     app.state.keyring = KeyRing(KeyFile.in_home(settings.resolved_home), settings.serving.api_keys)
@@ -111,13 +116,19 @@ def _build_service(
     if docstore is _DEFAULT:
         docstore = _open_docstore(settings)
     app.state.docstore = docstore
+
+    def on_change(state: ServingState) -> None:
+        service_metrics.set_models(
+            state.versions(), state.ready, state.candidate_share, state.stand_ins()
+        )
+        if owns_heap:
+            heap.settle()
+
     manager = ModelManager(
         settings,
         model_source or default_model_source(settings, app.state.lake),
         loader or _recommender_loader(),
-        on_change=lambda s: service_metrics.set_models(
-            s.versions(), s.ready, s.candidate_share, s.stand_ins()
-        ),
+        on_change=on_change,
         on_refused=lambda reason: service_metrics.model_load_failures.labels(reason).inc(),
         index_opener=_index_opener(settings) if index_opener is _DEFAULT else index_opener,
     )
@@ -319,4 +330,4 @@ def collector_app() -> FastAPI:
 def service_app() -> FastAPI:
     """Entry point for ``uvicorn --factory recsys_serving.api.app:service_app`` (each
     worker builds its own app from the ``RECSYS_*`` environment)."""
-    return create_app()
+    return create_app(owns_heap=True)
