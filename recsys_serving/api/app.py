@@ -59,8 +59,9 @@ def create_app(
     """Build the app. ``model_source``, ``loader``, ``docstore`` and ``index_opener``
     (model -> CandidateIndex, or None for the bundle's embedded index) replace what
     the settings describe; tests inject failing stores or slow indexes through them.
-    ``owns_heap``: the app is its process's only tenant (a ``recsys serve`` worker), so
-    it may freeze the process heap when its models change (:mod:`.heap`)."""
+    ``owns_heap``: the app is its process's only tenant (a ``recsys serve`` or
+    ``recsys collector`` worker), so it may freeze the process heap once started and
+    whenever its models change (:mod:`.heap`)."""
     settings = settings or get_settings()
     configure_logging()
     app = FastAPI(
@@ -75,6 +76,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.collector_only = collector_only
+    app.state.owns_heap = owns_heap
     app.state.lake = open_lake(
         settings.resolved_lake_uri,
         endpoint_url=settings.lake.s3_endpoint_url,
@@ -186,6 +188,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     if manager is not None:
         writers.append(app.state.impressions)
     sealer = asyncio.create_task(_seal_periodically(writers, settings))
+    if app.state.owns_heap:
+        heap.settle()  # what start-up built lives as long as the process
     if manager is not None:
         manager.start()
     log.info("service.started", lake=app.state.lake.uri, collector_only=app.state.collector_only)
@@ -324,7 +328,7 @@ async def _seal_periodically(writers: list[Any], settings: Settings) -> None:
 
 def collector_app() -> FastAPI:
     """Entry point for ``uvicorn --factory recsys_serving.api.app:collector_app``."""
-    return create_app(collector_only=True)
+    return create_app(collector_only=True, owns_heap=True)
 
 
 def service_app() -> FastAPI:

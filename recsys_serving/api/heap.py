@@ -17,8 +17,10 @@ it first unfreezes so that the models a swap let go of are collected too (a
 frozen cycle would otherwise never be freed). That one full collection per swap
 is the price, paid in the model manager's thread.
 
-Only a process that owns its heap does this: a uvicorn worker of ``recsys serve``
-(:func:`recsys_serving.api.app.service_app`), not an app built inside another
+It also runs once at start-up, which is all a collector-only worker needs. Only a
+process that owns its heap does this: a uvicorn worker of ``recsys serve`` or of the
+collector-only server (:func:`recsys_serving.api.app.service_app`,
+:func:`~recsys_serving.api.app.collector_app`), not an app built inside another
 program such as a test run, whose heap is not ours to freeze.
 """
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from model_support import tiny_bundle, tiny_outcome, tiny_world, train_tiny  # noqa: F401
 
 from recsys_serving.api import app as app_module
@@ -97,8 +98,16 @@ def test_an_app_inside_another_program_leaves_its_heap_alone(
         assert gc.get_freeze_count() == 0
 
 
-def test_the_serve_entry_point_owns_its_heap(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_collector_worker_settles_its_heap_once_started(settings: Settings) -> None:
+    app = app_module.create_app(settings, collector_only=True, owns_heap=True)
+    assert gc.get_freeze_count() == 0
+    with TestClient(app):
+        assert frozen(app) and frozen(app.state.intake)
+
+
+def test_the_server_entry_points_own_their_heap(monkeypatch: pytest.MonkeyPatch) -> None:
     built: list[dict[str, Any]] = []
     monkeypatch.setattr(app_module, "create_app", lambda **kwargs: built.append(kwargs))
     app_module.service_app()
-    assert built == [{"owns_heap": True}]
+    app_module.collector_app()
+    assert built == [{"owns_heap": True}, {"collector_only": True, "owns_heap": True}]
