@@ -142,6 +142,10 @@ PARTITION_COUNTS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+# Processed rows per validated batch; a run that fills one validates in a process.
+BATCH_ROWS = 2_000_000
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """The settings the per-partition suites judge by (one GX suite set per value)."""
@@ -233,7 +237,7 @@ class WeblogValidator:
     def __init__(
         self,
         max_duplicate_rate: float,
-        batch_rows: int = 2_000_000,
+        batch_rows: int = BATCH_ROWS,
         max_in_flight: int = 8,
         *,
         max_unattributed_click_rate: float = 0.5,
@@ -244,6 +248,8 @@ class WeblogValidator:
         self.max_in_flight = max_in_flight
         self.outcomes = {name: CheckOutcome(name) for name in CHECK_DESCRIPTIONS}
         self.worker: str | None = None  # "process" or "thread", once decided
+        self.prestarted = False  # the process was started ahead (prestart_worker)
+        self._prestarted_owner: _Prestarted | None = None
         self._pending = _Batch()
         self._executor: Executor | None = None
         self._in_flight: deque[Future[list[_SuiteResult]]] = deque()
@@ -290,12 +296,13 @@ class WeblogValidator:
         self.worker = "process" if large else "thread"
         if not large:
             return ThreadPoolExecutor(max_workers=1, thread_name_prefix="weblogs-gx")
-        # Spawned, never forked: the parent runs polars' thread pool.
-        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        multiprocessing.util.Finalize(
-            self, pool.shutdown, kwargs={"wait": True, "cancel_futures": True}, exitpriority=10
-        )
-        return pool
+        prestarted = take_prestarted_worker()
+        if prestarted is not None:
+            # Kept: its pool is shut down at exit once its owner is collected.
+            self._prestarted_owner = prestarted
+            self.prestarted = True
+            return prestarted.pool
+        return _worker_process(self)
 
     def _shutdown(self) -> None:
         if self._executor is not None:
@@ -304,6 +311,68 @@ class WeblogValidator:
     def _collect_oldest(self) -> None:
         for name, passed, partitions, observed in self._in_flight.popleft().result():
             self.outcomes[name].add(passed, partitions, observed)
+
+
+def _worker_process(owner: object) -> ProcessPoolExecutor:
+    """A process for GX, shut down with ``owner`` or at process exit at the latest."""
+    # Spawned, never forked: the parent runs polars' thread pool.
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    multiprocessing.util.Finalize(
+        owner, pool.shutdown, kwargs={"wait": True, "cancel_futures": True}, exitpriority=10
+    )
+    return pool
+
+
+class _Prestarted:
+    """Owner of a prestarted worker (what its exit-time shutdown is attached to)."""
+
+    def __init__(self) -> None:
+        self.pool: ProcessPoolExecutor = _worker_process(self)
+
+
+_PRESTARTED: _Prestarted | None = None
+_PRESTARTED_LOCK = threading.Lock()
+
+
+def prestart_worker(thresholds: Thresholds) -> None:
+    """Start the GX worker process of a large run now, importing GX and building its
+    suites there, so that the run finds it ready.
+
+    A process that is about to start a large ``weblogs`` run in-process (``recsys
+    ingest`` / ``recsys process``) calls this before it imports Dagster and builds
+    the run: GX's import (~4 CPU s) then runs on the core those single-threaded steps
+    leave idle, instead of competing with the processing for both. The next
+    :class:`WeblogValidator` that validates in a process takes this one; the run's
+    checks are the same checks, run the same way, in the same kind of process."""
+    global _PRESTARTED
+    with _PRESTARTED_LOCK:
+        if _PRESTARTED is not None:
+            return
+        prestarted = _Prestarted()
+        prestarted.pool.submit(_prepare, thresholds)
+        _PRESTARTED = prestarted
+
+
+def take_prestarted_worker() -> _Prestarted | None:
+    """The prestarted worker, or None. The caller owns it from now on and keeps the
+    returned object as long as it uses ``.pool`` (collected, it shuts the pool down)."""
+    global _PRESTARTED
+    with _PRESTARTED_LOCK:
+        prestarted, _PRESTARTED = _PRESTARTED, None
+    return prestarted
+
+
+def discard_prestarted_worker() -> None:
+    """Stop a prestarted worker no run took (a run that turned out small, or failed
+    before validating)."""
+    prestarted = take_prestarted_worker()
+    if prestarted is not None:
+        prestarted.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _prepare(thresholds: Thresholds) -> None:
+    """In the worker: import GX and build the suites (they stay cached there)."""
+    _suites(thresholds)
 
 
 def row_candidates(events: pl.DataFrame, start: datetime) -> dict[str, pl.DataFrame]:
