@@ -26,11 +26,11 @@ import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
 
+from recsys_assets.training.confidence import interaction_matrix
 from recsys_assets.training.data import Encoded, Vocabulary
 from recsys_assets.training.lastout import LastOut
 from recsys_assets.training.metrics import user_metrics
 from recsys_assets.training.params import TrainingParams
-from recsys_assets.training.retrieval import interaction_matrix
 from recsys_serving.logging import get_logger
 from recsys_serving.model.context import EASE_HISTORY_ITEMS
 from recsys_serving.model.state import Ragged

@@ -20,11 +20,11 @@ import numpy.typing as npt
 import polars as pl
 
 from recsys_assets.training.artifacts import pack_meta, pack_ragged, unpack_meta, unpack_ragged
+from recsys_assets.training.confidence import decay_weights
 from recsys_assets.training.data import DAY, Encoded, Vocabulary, impression_slices
 from recsys_assets.training.params import TrainingParams
 from recsys_assets.training.retrieval import (
     RetrievalSnapshot,
-    decay_weights,
     retrieval_snapshot,
     sum_by_key,
 )
