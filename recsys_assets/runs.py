@@ -28,11 +28,13 @@ import dagster as dg
 
 from recsys_assets.instance import get_instance
 from recsys_assets.weblogs.quality import CLIENT_BEHAVIOUR_CHECKS as WARN_ONLY
+from recsys_assets.weblogs.sensors import (
+    PARTITION_RANGE_END_TAG,
+    PARTITION_RANGE_START_TAG,
+    WEBLOGS_JOB,
+)
 from recsys_serving.settings import Settings
 
-# Dagster's documented run tags for a run over a range of partitions.
-PARTITION_RANGE_START_TAG = "dagster/asset_partition_range_start"
-PARTITION_RANGE_END_TAG = "dagster/asset_partition_range_end"
 # Finds the run an execute_run call created (its id is known only once it exists).
 REQUEST_TAG = "recsys/cli_request"
 
@@ -66,7 +68,7 @@ def materialize_weblogs(
     defs = make_definitions(settings)
     instance = instance or get_instance(settings)
     start, end = min(days), max(days)
-    job = defs.resolve_job_def("weblogs_job")
+    job = defs.resolve_job_def(WEBLOGS_JOB)
     tags = {"recsys/trigger": "cli"}
     quiet = CLI_RUN_CONFIG
     if start == end:

@@ -15,11 +15,13 @@ import dagster as dg
 import orjson
 
 from recsys_assets.resources import LakeResource
-from recsys_assets.runs import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
 from recsys_serving.landing import LandingFile, list_sealed, recover_orphans
 from recsys_serving.layout import LANDING_AREA
 
 GRACE_SECONDS = 600
+# Dagster's documented run tags for a run over a range of partitions.
+PARTITION_RANGE_START_TAG = "dagster/asset_partition_range_start"
+PARTITION_RANGE_END_TAG = "dagster/asset_partition_range_end"
 
 WEBLOGS_JOB = "weblogs_job"
 

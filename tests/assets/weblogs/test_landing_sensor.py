@@ -7,8 +7,12 @@ import pytest
 
 from recsys_assets.definitions import make_definitions
 from recsys_assets.resources import LakeResource
-from recsys_assets.runs import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
-from recsys_assets.weblogs.sensors import GRACE_SECONDS, LandingCursor
+from recsys_assets.weblogs.sensors import (
+    GRACE_SECONDS,
+    PARTITION_RANGE_END_TAG,
+    PARTITION_RANGE_START_TAG,
+    LandingCursor,
+)
 from recsys_serving.lake import LocalLake
 from recsys_serving.landing import SegmentWriter, list_sealed
 from recsys_serving.settings import Settings

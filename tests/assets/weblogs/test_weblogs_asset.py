@@ -9,11 +9,11 @@ import polars as pl
 import pytest
 
 from recsys_assets.definitions import build_resources
-from recsys_assets.runs import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
 from recsys_assets.weblogs.assets import landing_weblogs, weblog_partitions
 from recsys_assets.weblogs.defs import weblogs_defs
 from recsys_assets.weblogs.processing import EventIdCounts, Rules, process_partitions
 from recsys_assets.weblogs.quality import WeblogValidator
+from recsys_assets.weblogs.sensors import PARTITION_RANGE_END_TAG, PARTITION_RANGE_START_TAG
 from recsys_serving.lake import LocalLake, read_parquet
 from recsys_serving.settings import Settings
 from support import land
