@@ -380,32 +380,38 @@ def row_candidates(events: pl.DataFrame, start: datetime) -> dict[str, pl.DataFr
     unexpected, in the columns and types GX validates (``start``: the partition's
     first instant). Nulls break only the not-null suite: GX leaves them out of the
     set and range expectations, and so do these filters."""
-    seconds = (pl.col("ts") - start).dt.total_microseconds() / 1e6
-    suspects = events.lazy().filter(
-        pl.any_horizontal(pl.col(c).is_null() for c in REQUIRED_COLUMNS)
-        | (pl.col("event_type").is_not_null() & ~pl.col("event_type").is_in(EVENT_TYPES))
-        | (seconds.is_not_null() & ((seconds < 0) | (seconds >= 86_400)))
+    in_day = pl.col("seconds_into_partition")
+    # Each suite's unexpected rows, over columns whose nulls the projection below keeps.
+    unexpected = {
+        "required_columns_not_null": pl.any_horizontal(
+            pl.col(c).is_null() for c in REQUIRED_COLUMNS
+        ),
+        "event_type_allowed": pl.col("event_type").is_not_null()
+        & ~pl.col("event_type").is_in(EVENT_TYPES),
+        "ts_inside_partition": in_day.is_not_null() & ((in_day < 0) | (in_day >= 86_400)),
+    }
+    validated = {
+        "required_columns_not_null": REQUIRED_COLUMNS,
+        "event_type_allowed": ("event_type",),
+        "ts_inside_partition": ("seconds_into_partition",),
+    }
+    rows = (
+        events.lazy()
+        .with_columns(
+            ((pl.col("ts") - start).dt.total_microseconds() / 1e6).alias("seconds_into_partition")
+        )
+        .filter(pl.any_horizontal(*unexpected.values()))
+        .select(
+            *(pl.col(c).str.len_bytes() for c in ("event_id", "user_id", "item_id")),
+            "event_type",
+            pl.col("ts").dt.epoch("us"),
+            in_day,
+        )
+        .collect()
     )
-    rows = suspects.select(
-        *(pl.col(c).str.len_bytes() for c in ("event_id", "user_id", "item_id")),
-        "event_type",
-        pl.col("ts").dt.epoch("us"),
-        seconds.alias("seconds_into_partition"),
-    ).collect()
     if not rows.height:
         return {}
-    in_day = pl.col("seconds_into_partition")
-    return {
-        "required_columns_not_null": rows.filter(
-            pl.any_horizontal(pl.col(c).is_null() for c in REQUIRED_COLUMNS)
-        ).select(*REQUIRED_COLUMNS),
-        "event_type_allowed": rows.filter(
-            pl.col("event_type").is_not_null() & ~pl.col("event_type").is_in(EVENT_TYPES)
-        ).select("event_type"),
-        "ts_inside_partition": rows.filter(
-            in_day.is_not_null() & ((in_day < 0) | (in_day >= 86_400))
-        ).select("seconds_into_partition"),
-    }
+    return {name: rows.filter(rule).select(*validated[name]) for name, rule in unexpected.items()}
 
 
 def partition_figures(
