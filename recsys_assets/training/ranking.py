@@ -287,12 +287,20 @@ class RankerFit:
     curves: dict[str, list[float]] = field(default_factory=dict)
 
 
+def _validation_rng(params: TrainingParams) -> np.random.Generator:
+    return np.random.default_rng([params.seed, 0x1B6])
+
+
+def _draw_validation(
+    unique: npt.NDArray[Any], params: TrainingParams, rng: np.random.Generator
+) -> npt.NDArray[Any]:
+    return unique[rng.random(unique.size) < params.ranking_valid_share]
+
+
 def validation_users(users: npt.NDArray[np.int64], params: TrainingParams) -> npt.NDArray[Any]:
     """The users whose groups validate the ranker (early stopping, gate): a seeded share
     of the distinct users, so all of a user's groups (one per cut-off) land on one side."""
-    rng = np.random.default_rng([params.seed, 0x1B6])
-    unique = np.unique(users)
-    return unique[rng.random(unique.size) < params.ranking_valid_share]
+    return _draw_validation(np.unique(users), params, _validation_rng(params))
 
 
 def train_ranker(
@@ -306,10 +314,12 @@ def train_ranker(
     dataset's own users (:func:`validation_users`)."""
     import lightgbm as lgb
 
-    rng = np.random.default_rng([params.seed, 0x1B6])
+    # The same generator draws the default split and then, if that split leaves one
+    # side empty, the one user who validates.
+    rng = _validation_rng(params)
     unique = np.unique(dataset.users)
     if valid_users is None:
-        valid_users = unique[rng.random(unique.size) < params.ranking_valid_share]
+        valid_users = _draw_validation(unique, params, rng)
     is_valid = np.isin(dataset.users, valid_users)
     if unique.size >= 2 and (is_valid.all() or not is_valid.any()):
         is_valid = dataset.users == unique[rng.integers(0, unique.size)]
