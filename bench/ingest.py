@@ -132,7 +132,10 @@ def _pump(stream: Any, sink: list[str], prefix: str | None) -> None:
 
 
 def run_measured(
-    cmd: Sequence[str | Path], env: dict[str, str], prefix: str | None = "    | "
+    cmd: Sequence[str | Path],
+    env: dict[str, str],
+    prefix: str | None = "    | ",
+    cwd: Path = PROJECT_ROOT,
 ) -> Measured:
     """Run a command and measure its own peak RSS, CPU and wall time.
 
@@ -145,7 +148,8 @@ def run_measured(
     ``weblogs`` checks run in one): the sum of ``VmRSS`` over the whole process tree
     is sampled every 0.1 s too, and the peak reported is the larger of the two.
     Output is echoed live (prefixed) because the CLI's own progress is part of the
-    story, and collected so results can be parsed from it.
+    story, and collected so results can be parsed from it. ``cwd``: the tree whose
+    code runs (a fork server started by the command puts it first on its path).
     """
     out: list[str] = []
     err: list[str] = []
@@ -159,7 +163,7 @@ def run_measured(
     proc = subprocess.Popen(
         argv,
         env=env,
-        cwd=PROJECT_ROOT,
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -576,7 +580,10 @@ def bench_bulk_ingest(
                 cmd.append("--no-process")
             load = load_average()
             say(f"[{variant} code, {fmt}] recsys ingest of {n_events:,} events; load {load}")
-            m = run_measured(cmd, env)
+            # Run from the code's own tree: Python 3.11's fork server (the ingest's
+            # workers) puts its working directory before PYTHONPATH, so the old code
+            # run from here had its workers import this tree's modules.
+            m = run_measured(cmd, env, cwd=code or PROJECT_ROOT)
             figures = _ingest_figures(m)
             runs = _RUN.findall(m.stdout)
             landed_lines = count_lines(home / "lake" / "landing")

@@ -15,12 +15,13 @@ import gzip
 import io
 import json
 import math
+import os
 import random
 import re
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -560,13 +561,16 @@ _CLOCK = re.compile(r"\.\. \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 
 def _ingest_outcome(paths: list[Path], workers: int, block: int) -> dict[str, Any]:
     """``ingest_files`` into a fresh lake: landed bytes per date, quarantine records,
-    the report; and how many blocks landed as the workers validated them."""
+    the report; how many blocks landed as the workers validated them, and how many
+    of those came back through shared memory."""
     from recsys_assets import ingest
 
     prevalidated: list[int] = []
+    shared: list[bool] = []
     land = EventIntake.land_prevalidated
 
     def counted(self: EventIntake, batch: Any, *, sync: bool = True) -> Any:
+        shared.append(all(isinstance(v, memoryview) for v in batch.landed.values()))
         result = land(self, batch, sync=sync)
         prevalidated.append(0 if result is None else result.accepted)
         return result
@@ -588,7 +592,7 @@ def _ingest_outcome(paths: list[Path], workers: int, block: int) -> dict[str, An
     outcome["failed_files"] = report.failed_files
     outcome["rejected_files"] = report.rejected_files
     outcome["days"] = sorted(report.result.days)
-    return {"outcome": outcome, "prevalidated": prevalidated}
+    return {"outcome": outcome, "prevalidated": prevalidated, "shared": shared}
 
 
 def _bulk_file_lines() -> list[bytes]:
@@ -613,16 +617,22 @@ def _bulk_file_lines() -> list[bytes]:
     return lines
 
 
-@pytest.mark.parametrize("kind", ["plain", "gz", "gz-cut"])
+SHARED_MEMORY = hasattr(os, "memfd_create") and Path(f"/proc/{os.getpid()}/fd").is_dir()
+
+
+@pytest.mark.parametrize("kind", ["plain", "gz", "gz-cut", "plain-pickled"])
 def test_a_bulk_ingest_in_worker_processes_lands_what_one_process_lands(
     tmp_path: Path, kind: str
 ) -> None:
     """The same file through the worker pool and through this process: the same
     landed bytes per date, quarantine records, counts, reasons and ``file:line``
-    locators; and most blocks were decided by the workers (not a vacuous pass)."""
+    locators; and most blocks were decided by the workers (not a vacuous pass).
+    Their bytes come back through shared memory, or pickled where there is none."""
+    from recsys_assets import ingest
+
     data = b"\xef\xbb\xbf" + b"\n".join(_bulk_file_lines())
     data += b"\n" + orjson.dumps(base("last-no-newline"))
-    if kind == "plain":
+    if kind.startswith("plain"):
         path = tmp_path / "log.ndjson"
         path.write_bytes(data)
     else:
@@ -630,10 +640,19 @@ def test_a_bulk_ingest_in_worker_processes_lands_what_one_process_lands(
         packed = gzip.compress(data)
         path.write_bytes(packed if kind == "gz" else packed[: len(packed) * 2 // 3])
     serial = _ingest_outcome([path], workers=0, block=16 << 10)
-    pooled = _ingest_outcome([path], workers=2, block=16 << 10)
+    with (
+        mock.patch.object(ingest._Slots, "create", return_value=None)
+        if kind.endswith("pickled")
+        else nullcontext()
+    ):
+        pooled = _ingest_outcome([path], workers=2, block=16 << 10)
     assert pooled["outcome"] == serial["outcome"]
     assert serial["prevalidated"] == []
     landed_by_workers = sum(pooled["prevalidated"])
+    if kind.endswith("pickled") or not SHARED_MEMORY:
+        assert not any(pooled["shared"])
+    else:
+        assert all(pooled["shared"])
     results = pooled["outcome"]["results"][0]
     assert results["rejected"] >= (20 if kind != "gz-cut" else 5) and results["accepted"] > 1_000
     assert landed_by_workers > results["accepted"] // 2
@@ -662,13 +681,13 @@ def test_a_dead_worker_costs_time_not_events(tmp_path: Path) -> None:
     submit = ingest._BlockPool._submit
     calls: list[int] = []
 
-    def flaky(self: Any, block: bytes) -> Any:
+    def flaky(self: Any, block: bytes, slot: Any) -> Any:
         calls.append(len(block))
         if len(calls) == 4:
             lost: Future[Any] = Future()
             lost.set_exception(BrokenProcessPool("a worker died"))
             return lost
-        return submit(self, block)
+        return submit(self, block, slot)
 
     serial = _ingest_outcome([path], workers=0, block=16 << 10)
     with mock.patch.object(ingest._BlockPool, "_submit", flaky):
@@ -757,3 +776,43 @@ def test_a_write_error_stops_the_file_where_it_happens(tmp_path: Path) -> None:
     assert len(calls) == 2
     assert report.failed_files and "No space left" in report.failed_files[0]
     assert report.result.received == calls[0]
+
+
+@pytest.mark.skipif(not SHARED_MEMORY, reason="an anonymous file opened through /proc")
+def test_a_worker_writes_a_block_only_into_the_slot_it_was_given() -> None:
+    """Bytes to land go into the slot's part of the shared file; a slot they do not
+    fit, or a descriptor that is no longer the shared file (the ingest gave the file
+    up and the number was reused), leaves them in the batch, written nowhere."""
+    from recsys_assets import ingest
+    from recsys_serving.events.fastpath import Prevalidated
+
+    def batch() -> Prevalidated:
+        return Prevalidated(2, ["a", "b"], {"2026-01-01": b"one\n", "2026-01-02": b"two\n"})
+
+    slots = ingest._Slots.create(3, 16)
+    assert slots is not None
+    try:
+        first, second = slots.take(), slots.take()
+        assert first is not None and second is not None and first.offset != second.offset
+        placed = ingest._place(batch(), second)
+        assert isinstance(placed, ingest._Placed) and placed.batch.landed == {}
+        landed = slots.landed(placed, second).landed
+        assert {day: bytes(view) for day, view in landed.items()} == batch().landed
+        del landed
+
+        small = ingest._Slot(second.handle, second.inode, first.offset, 7)
+        assert ingest._place(batch(), small) == batch()
+        other = ingest._Slot(second.handle, (-1, -1), first.offset, 16)
+        assert ingest._place(batch(), other) == batch()
+        stale = ingest._Slot("/proc/self/fd/999999", second.inode, first.offset, 16)
+        assert ingest._place(batch(), stale) == batch()
+        with open(second.handle, "rb") as fh:
+            fh.seek(first.offset)
+            assert fh.read(16) == bytes(16)  # nothing written where they pointed
+        slots.give(first)
+        slots.give(second)
+        assert {slots.take(), slots.take(), slots.take(), slots.take()} - {None} == {
+            ingest._Slot(second.handle, second.inode, k * 16, 16) for k in range(3)
+        }
+    finally:
+        slots.close()
