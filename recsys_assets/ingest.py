@@ -548,13 +548,14 @@ class _Slots:
     pickle, then the pipe's copies and wake-ups each 64 KiB). A worker writes its
     block's bytes into the slot the block was sent with; this process writes them to
     the landing segment from the map, and the slot is taken again by a later block.
+    A block inflated here (a .gz) goes to its worker through its slot too.
     Where there is no anonymous file or no ``/proc`` (not Linux), ``create`` gives
     None and the bytes come back pickled, as they always did."""
 
     def __init__(self, fd: int, count: int, size: int) -> None:
         self._fd = fd
         self._size = size
-        self._map = mmap.mmap(fd, count * size, access=mmap.ACCESS_READ)
+        self._map = mmap.mmap(fd, count * size)
         self._view = memoryview(self._map)
         self._free = list(range(count))
         self._handle = f"/proc/{os.getpid()}/fd/{fd}"
@@ -585,6 +586,15 @@ class _Slots:
     def give(self, slot: _Slot | None) -> None:
         if slot is not None:
             self._free.append(slot.offset // self._size)
+
+    def put(self, slot: _Slot, block: bytes) -> _Span | None:
+        """A block inflated here (a .gz), written into its slot for the worker to read
+        as a span of the shared file: it crosses without a pickle or a pipe. None when
+        it does not fit (a line longer than a block): then it is sent pickled."""
+        if len(block) > slot.size:
+            return None
+        self._map[slot.offset : slot.offset + len(block)] = block
+        return _Span(slot.handle, slot.offset, len(block), inode=slot.inode)
 
     def landed(self, placed: _Placed, slot: _Slot) -> fastpath.Prevalidated:
         """The batch with its bytes to land as views of the slot (no copy); they are
@@ -634,16 +644,18 @@ def _prevalidate_block(block: bytes, slot: _Slot | None = None) -> _Outcome:
 
 
 def _prevalidate_span(span: _Span, slot: _Slot | None = None) -> _Outcome:
-    """:func:`_prevalidate_block` for whole lines of a plain file, read here: the
-    ingest process never copies them (read, join, pickle, pipe) unless it must
-    submit them itself."""
+    """:func:`_prevalidate_block` for whole lines read here, from a plain file or
+    from the slot a .gz block was inflated into: the ingest process never pickles
+    them through a pipe (nor, for a plain file, reads them) unless it must submit
+    them itself."""
     return _prevalidate_block(span.read(), slot)
 
 
 @dataclass(frozen=True, slots=True)
 class _Span:
-    """Whole lines of a plain file: ``length`` bytes from ``start``, the last of them a
-    newline (or the file's end, when ``newline`` says one is to be added)."""
+    """Whole lines of a plain file (or of the ingest's shared memory file):
+    ``length`` bytes from ``start``, the last of them a newline (or the file's end,
+    when ``newline`` says one is to be added)."""
 
     path: str
     start: int
@@ -826,7 +838,12 @@ class _BlockPool:
                     failure = exc
                     break
                 slot = slots.take() if slots is not None else None
-                pending.append((block, self._submit(block, slot), slot))
+                shared = (
+                    slots.put(slot, block)
+                    if slot is not None and slots is not None and isinstance(block, bytes)
+                    else None
+                )
+                pending.append((block, self._submit(shared or block, slot), slot))
                 while len(pending) > in_flight:  # and memory bounded
                     land(*pending.popleft())
             while pending:

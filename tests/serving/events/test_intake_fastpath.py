@@ -782,7 +782,8 @@ def test_a_write_error_stops_the_file_where_it_happens(tmp_path: Path) -> None:
 def test_a_worker_writes_a_block_only_into_the_slot_it_was_given() -> None:
     """Bytes to land go into the slot's part of the shared file; a slot they do not
     fit, or a descriptor that is no longer the shared file (the ingest gave the file
-    up and the number was reused), leaves them in the batch, written nowhere."""
+    up and the number was reused), leaves them in the batch, written nowhere. A
+    block to validate crosses the other way through a slot."""
     from recsys_assets import ingest
     from recsys_serving.events.fastpath import Prevalidated
 
@@ -809,6 +810,10 @@ def test_a_worker_writes_a_block_only_into_the_slot_it_was_given() -> None:
         with open(second.handle, "rb") as fh:
             fh.seek(first.offset)
             assert fh.read(16) == bytes(16)  # nothing written where they pointed
+        # A block inflated by the ingest goes to its worker through a slot as well.
+        span = slots.put(first, b"line one\nline 2\n")
+        assert span is not None and span.read() == b"line one\nline 2\n"
+        assert slots.put(first, b"x" * 17) is None  # past the slot: sent pickled
         slots.give(first)
         slots.give(second)
         assert {slots.take(), slots.take(), slots.take(), slots.take()} - {None} == {
