@@ -12,7 +12,7 @@ defaults apply) which is deleted afterwards.
     # issue 13: recsys ingest of a 10M-event log, plain and .gz, this code beside a
     # checkout of the previous one (the log is simulated once and kept in --bulk-files)
     .venv/bin/python bench/ingest.py --only bulk --bulk-files /tmp/bulk10m \\
-        --baseline ../wt-main --out bench/results/ingest-bulk.json
+        --baseline ../wt-main --bulk-repeat 3 --out bench/results/ingest-bulk.json
 
 Results (figures + machine) are written as JSON next to this file; see RESULTS.md.
 """
@@ -28,6 +28,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -555,6 +556,7 @@ def bench_bulk_ingest(
     formats: Sequence[str],
     baseline: Path | None,
     process: bool,
+    repeat: int = 1,
 ) -> list[dict[str, Any]]:
     """``recsys ingest`` of a large simulated log as an operator runs it: the landing
     (validation, quarantine, fsync: the CLI's own "ingested ... in Xs") and, with
@@ -562,6 +564,9 @@ def bench_bulk_ingest(
 
     With ``baseline`` (a checkout of the previous code), every case runs twice in the
     same session: the code of this tree, then the baseline's (``PYTHONPATH``).
+    ``repeat``: each case that many times, the codes taking turns, so a change of the
+    shared host's speed (the same run costs up to ~1.6x the CPU seconds from one
+    minute to the next, load near zero) falls on both; the report gives medians.
     """
     files_dir = files_dir or root / "files"
     files_dir.mkdir(parents=True, exist_ok=True)
@@ -569,8 +574,8 @@ def bench_bulk_ingest(
     rows = []
     for fmt in formats:
         files, _ = bulk_files(files_dir, n_events, gz=fmt == "gz")
-        for variant, code in variants:
-            home = root / f"{variant}-{fmt}"
+        for rep, (variant, code) in [(r, v) for r in range(1, repeat + 1) for v in variants]:
+            home = root / f"{variant}-{fmt}-{rep}"
             home.mkdir(parents=True)
             env = isolated_env(home)
             if code is not None:
@@ -579,7 +584,10 @@ def bench_bulk_ingest(
             if not process:
                 cmd.append("--no-process")
             load = load_average()
-            say(f"[{variant} code, {fmt}] recsys ingest of {n_events:,} events; load {load}")
+            say(
+                f"[{variant} code, {fmt}, run {rep}/{repeat}] recsys ingest of {n_events:,} "
+                f"events; load {load}"
+            )
             # Run from the code's own tree: Python 3.11's fork server (the ingest's
             # workers) puts its working directory before PYTHONPATH, so the old code
             # run from here had its workers import this tree's modules.
@@ -595,6 +603,7 @@ def bench_bulk_ingest(
             row: dict[str, Any] = {
                 "code": variant,
                 "format": fmt,
+                "run": rep,
                 "events": n_events,
                 "landed": figures["landed"],
                 "quarantined": figures["quarantined"],
@@ -625,13 +634,32 @@ def bench_bulk_ingest(
             row["accounting_ok"] = intake_ok and m.returncode == 0
             rows.append(row)
             say(
-                f"[{variant} code, {fmt}] landing {row['landing_events_per_s']:,.0f} events/s "
+                f"[{variant} code, {fmt}, run {rep}/{repeat}] landing "
+                f"{row['landing_events_per_s']:,.0f} events/s "
                 f"({row['landing_s']:.1f}s), whole command {row['wall_events_per_s']:,.0f} "
                 f"events/s ({row['wall_s']:.1f}s), peak RSS {row['peak_rss_mib']:,.0f} MiB, "
                 f"accounting {'ok' if row['accounting_ok'] else 'MISMATCH'}"
             )
             shutil.rmtree(home, ignore_errors=True)
     return rows
+
+
+def bulk_medians(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (code, format): the median of its runs' rates, with their range."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["code"], r["format"]), []).append(r)
+    medians = []
+    for (code, fmt), runs in groups.items():
+        row: dict[str, Any] = {"code": code, "format": fmt, "runs": len(runs)}
+        for key in ("landing_events_per_s", "wall_events_per_s", "landing_s", "run_s", "wall_s"):
+            values = [r[key] for r in runs if key in r]
+            if values:
+                row[key] = statistics.median(values)
+                row[f"{key}_range"] = (min(values), max(values))
+        row["accounting_ok"] = all(r["accounting_ok"] for r in runs)
+        medians.append(row)
+    return medians
 
 
 _PROCESSED = re.compile(
@@ -822,7 +850,7 @@ def report(results: dict[str, Any]) -> str:
     if results.get("bulk"):
         rows = [
             [
-                f"{r['code']} {r['format']}",
+                f"{r['code']} {r['format']} {r.get('run', 1)}",
                 f"{r['landing_events_per_s']:,.0f}",
                 f"{r['landing_s']:.1f}",
                 f"{r.get('run_s', 0):.1f}",
@@ -838,14 +866,36 @@ def report(results: dict[str, Any]) -> str:
         ]
         parts.append(
             _table(
-                f"4. bulk recsys ingest ({results['bulk'][0]['events']:,} events)",
+                f"4. bulk recsys ingest ({results['bulk'][0]['events']:,} events), each run",
                 [
-                    *("code, format", "landing ev/s", "landing s", "run s"),
+                    *("code, format, run", "landing ev/s", "landing s", "run s"),
                     *("whole ev/s", "wall s", "peak RSS MiB", "CPU s (tree)"),
                     "landed+quarantined",
                     *("accounting", "load before"),
                 ],
                 rows,
+            )
+        )
+
+        def spread(m: dict[str, Any], key: str) -> str:
+            low, high = m[f"{key}_range"]
+            return f"{m[key]:,.0f} ({low:,.0f}-{high:,.0f})"
+
+        medians = bulk_medians(results["bulk"])
+        parts.append(
+            _table(
+                "   medians over the runs (lowest-highest)",
+                ["code, format", "runs", "landing ev/s", "whole ev/s", "accounting"],
+                [
+                    [
+                        f"{m['code']} {m['format']}",
+                        str(m["runs"]),
+                        spread(m, "landing_events_per_s"),
+                        spread(m, "wall_events_per_s") if "run_s" in m else "-",
+                        "ok" if m["accounting_ok"] else "MISMATCH",
+                    ]
+                    for m in medians
+                ],
             )
         )
     if results.get("process"):
@@ -907,9 +957,11 @@ def summary_line(results: dict[str, Any]) -> str:
         bits[-1] += f" (target 50k {'met' if best >= COLLECTOR_TARGET else 'MISSED'})"
     if results.get("ingest_file"):
         bits.append(f"ingest {results['ingest_file']['events_per_s']:,.0f} ev/s")
-    for r in results.get("bulk", []):
+    for r in bulk_medians(results.get("bulk", [])):
         bits.append(
-            f"bulk {r['code']} {r['format']}: landing {r['landing_events_per_s']:,.0f} ev/s "
+            f"bulk {r['code']} {r['format']}"
+            + (f" (median of {r['runs']})" if r["runs"] > 1 else "")
+            + f": landing {r['landing_events_per_s']:,.0f} ev/s "
             f"(target 500k {'met' if r['landing_events_per_s'] >= LANDING_TARGET else 'MISSED'})"
             + (
                 f", whole {r['wall_events_per_s']:,.0f} ev/s (target 250k "
@@ -972,6 +1024,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--bulk-no-process", action="store_true", help="bulk: landing only (--no-process)"
+    )
+    parser.add_argument(
+        "--bulk-repeat",
+        type=int,
+        default=1,
+        help="bulk: runs of each case, the codes taking turns; medians reported",
     )
     parser.add_argument(
         "--bulk-files",
@@ -1045,6 +1103,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.bulk_formats,
                     args.baseline,
                     not args.bulk_no_process,
+                    args.bulk_repeat,
                 ),
             )
         )
