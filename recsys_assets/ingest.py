@@ -41,6 +41,7 @@ from isal import igzip
 
 from recsys_serving.events import fastpath
 from recsys_serving.events.intake import EventIntake, IntakeResult, RawEvent
+from recsys_serving.machine import usable_cores
 from recsys_serving.settings import Settings
 
 BATCH = 5_000
@@ -473,10 +474,7 @@ def _workers_for(path: Path, workers: int | None) -> int:
         return max(0, workers)
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return 0  # Windows: validated in this process
-    if hasattr(os, "sched_getaffinity"):
-        cores = len(os.sched_getaffinity(0))  # the CPUs this process may use
-    else:
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     size = path.stat().st_size * (GZIP_RATIO_GUESS if path.suffix == ".gz" else 1)
     return cores if cores > 1 and size >= PARALLEL_MIN_BYTES else 0
 

@@ -12,12 +12,12 @@ benchmark changes a horizon without touching code. It lives in ``recsys_serving`
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ConfigDict
 
+from recsys_serving.machine import usable_cores
 from recsys_serving.policies import knob
 
 # Implicit-feedback strength of each event type (ratings are mapped by value).
@@ -231,7 +231,7 @@ class TrainingParams:
 
     @property
     def resolved_threads(self) -> int:
-        return self.threads if self.threads > 0 else (os.cpu_count() or 1)
+        return self.threads if self.threads > 0 else usable_cores()
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -119,7 +119,8 @@ from recsys_serving.index.base import IndexArtifact, IndexPublisher
 from recsys_serving.lake import Lake
 from recsys_serving.layout import PRODUCTION, partition_days
 from recsys_serving.logging import get_logger
-from recsys_serving.model.answers import ANSWERS_DIR, default_workers, precompute_answers
+from recsys_serving.machine import usable_cores
+from recsys_serving.model.answers import ANSWERS_DIR, precompute_answers
 from recsys_serving.model.bundle import (
     BundleError,
     BundleWriter,
@@ -840,7 +841,7 @@ def write_answers(
             except RankerCompileError as exc:
                 log.warning("recommender_model.answers_uncompiled", reason=exc.reason)
         compile_seconds = time.perf_counter() - started
-    workers = min(params.resolved_threads, default_workers())
+    workers = min(params.resolved_threads, usable_cores())
 
     def progress(done: int, total: int, seconds: float) -> None:
         log.info(
