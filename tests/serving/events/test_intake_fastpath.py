@@ -821,3 +821,54 @@ def test_a_worker_writes_a_block_only_into_the_slot_it_was_given() -> None:
         }
     finally:
         slots.close()
+
+
+def test_the_workers_run_this_code_whatever_the_working_directory_holds(tmp_path: Path) -> None:
+    """``recsys ingest`` run from a directory holding another ``recsys_assets`` (a
+    checkout of another version) validates with the installed code, in its workers
+    too. Python 3.11's fork server puts its working directory first on its path,
+    so anything it imported before the workers took this process's path came from
+    there: here, a package whose workers could not start."""
+    import subprocess
+    import sys
+
+    shadow = tmp_path / "checkout"
+    (shadow / "recsys_assets").mkdir(parents=True)
+    (shadow / "recsys_assets" / "__init__.py").write_text("")
+    (shadow / "recsys_assets" / "ingest.py").write_text("raise ImportError('another checkout')\n")
+    log = tmp_path / "log.ndjson"
+    log.write_bytes(b"".join(orjson.dumps(base(k)) + b"\n" for k in range(3_000)))
+    script = tmp_path / "ingest_here.py"
+    script.write_text(
+        "import os\n"
+        "from pathlib import Path\n"
+        "from unittest import mock\n"
+        "from recsys_assets import ingest\n"
+        "from recsys_serving.events.intake import EventIntake\n"
+        "from recsys_serving.lake import LocalLake\n"
+        "from recsys_serving.settings import Settings\n"
+        "if __name__ == '__main__':\n"
+        "    landed = []\n"
+        "    land = EventIntake.land_prevalidated\n"
+        "    def counted(self, batch, *, sync=True):\n"
+        "        landed.append(batch.received)\n"
+        "        return land(self, batch, sync=sync)\n"
+        f"    intake = EventIntake(LocalLake(Path({str(tmp_path / 'lake')!r})), Settings())\n"
+        "    with mock.patch.object(ingest, 'READ_BLOCK', 16 << 10), "
+        "mock.patch.object(EventIntake, 'land_prevalidated', counted):\n"
+        f"        report = ingest.ingest_files([Path({str(log)!r})], intake, workers=2)\n"
+        "    print(report.result.accepted, sum(landed))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=shadow,
+        env={**env, "RECSYS_HOME": str(tmp_path / "home")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    accepted, by_workers = map(int, done.stdout.split()[-2:])
+    assert accepted == 3_000
+    assert by_workers == 3_000, done.stderr[-2000:]
